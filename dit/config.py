@@ -1,0 +1,209 @@
+"""Model configuration: one typed dataclass and a plain dict of named presets.
+
+Presets that name a published model reproduce its architecture (DiT-S/B/L/XL with patch 2, from
+Peebles & Xie 2023), or its size where only the size is the point (Wan-2.1-1.3B and -14B shapes).
+Fields are plain ``str``/``int``/``float``/``tuple`` so OmegaConf structured configs can hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MLP_KINDS = ("gelu_tanh", "swiglu")
+LAYOUTS = ("full", "factorized")
+POS_EMBEDS = ("rope3d", "sincos3d", "learned")
+MODULATIONS = ("per_block", "shared")
+CONDITIONINGS = ("text", "class", "none")
+BACKENDS = ("sdpa", "flash_attn", "math")
+
+
+@dataclass
+class DiTConfig:
+    """Architecture of a :class:`dit.model.SpacetimeDiT`."""
+
+    in_channels: int = 4
+    """Latent channels of the video/image the model denoises (C in B×C×T×H×W)."""
+    out_channels: int | None = None
+    """Output channels; ``None`` means ``in_channels`` (doubled when ``learn_sigma``)."""
+    learn_sigma: bool = False
+    """Also predict a per-element variance interpolation (DiT / improved DDPM): output is 2×C."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Spacetime patch (pt, ph, pw) in latent units; T, H, W must be divisible by it."""
+    hidden_size: int = 384
+    """Transformer width D."""
+    depth: int = 12
+    """Number of transformer blocks."""
+    num_heads: int = 6
+    """Attention heads; ``hidden_size / num_heads`` is the head dimension."""
+    mlp_ratio: float = 4.0
+    """FFN hidden width as a multiple of ``hidden_size`` (ignored when ``ffn_dim`` is set)."""
+    ffn_dim: int | None = None
+    """Explicit FFN hidden width (Wan uses 8960 for width 1536); overrides ``mlp_ratio``."""
+    mlp: str = "gelu_tanh"
+    """FFN kind: ``gelu_tanh`` (DiT/Wan, two linears) or ``swiglu`` (three linears)."""
+    attention_layout: str = "full"
+    """``full``: joint attention over all T·H·W tokens (Sora/Wan). ``factorized``: blocks
+    alternate spatial attention within a frame and temporal attention across frames (Latte)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before attention (stabilises large models)."""
+    pos_embed: str = "rope3d"
+    """Position encoding: ``rope3d`` (rotary on t/h/w slices of each head), ``sincos3d``
+    (fixed additive, DiT-style), or ``learned`` (additive, separate t/h/w tables)."""
+    max_latent_size: tuple[int, int, int] = (64, 128, 128)
+    """Largest (T, H, W) in patches a ``learned`` position table covers."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    modulation: str = "per_block"
+    """Timestep modulation: ``per_block`` adaLN-Zero (a linear per block, DiT) or ``shared``
+    adaLN-single (one projection for all blocks plus a learned table per block, PixArt-α/Wan)."""
+    conditioning: str = "text"
+    """``text`` (cross-attention to projected text states), ``class`` (label embedding added to
+    the timestep embedding; label ``num_classes`` is the null class for CFG) or ``none``."""
+    text_dim: int = 4096
+    """Width of the text encoder states fed as ``context`` (4096 for T5/UMT5-XXL, 384 MiniLM)."""
+    num_classes: int = 1000
+    """Class count for ``class`` conditioning (the table has one extra null row)."""
+    cond_channels: int = 0
+    """Extra input channels concatenated to ``x`` (I2V first frame + mask, control maps)."""
+    fps_conditioning: bool = False
+    """Add an embedding of the clip's frame rate to the timestep embedding (needs ``fps``)."""
+    cross_attn_norm: bool = True
+    """LayerNorm (with affine) on the residual stream before cross-attention (Wan)."""
+    norm_eps: float = 1e-6
+    """Epsilon of every LayerNorm/RMSNorm."""
+    freq_dim: int = 256
+    """Width of the sinusoidal timestep features before the timestep MLP."""
+    attention_backend: str = "sdpa"
+    """``sdpa`` (default; flash/cuDNN/efficient kernels on CUDA), ``flash_attn`` (the
+    FlashAttention package on CUDA, else SDPA) or ``math`` (reference)."""
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.max_latent_size = tuple(int(p) for p in self.max_latent_size)
+        for name, allowed in (
+            ("mlp", MLP_KINDS),
+            ("attention_layout", LAYOUTS),
+            ("pos_embed", POS_EMBEDS),
+            ("modulation", MODULATIONS),
+            ("conditioning", CONDITIONINGS),
+            ("attention_backend", BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DiTConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"DiTConfig.patch_size={self.patch_size}: expected three positive ints")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"DiTConfig: head_dim={self.head_dim} must be even")
+        if self.pos_embed == "rope3d" and self.head_dim < 6:
+            raise ValueError(f"DiTConfig: rope3d needs head_dim >= 6, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.ffn_dim if self.ffn_dim is not None else int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def out_ch(self) -> int:
+        base = self.out_channels if self.out_channels is not None else self.in_channels
+        return base * 2 if self.learn_sigma else base
+
+    @property
+    def patch_volume(self) -> int:
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw
+
+    def replace(self, **changes) -> DiTConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _dit(hidden: int, depth: int, heads: int) -> DiTConfig:
+    # DiT (Peebles & Xie 2023): class-conditional, adaLN-Zero in every block, learned sigma,
+    # fixed sin-cos positions, GELU-tanh MLP ×4, on 4×32×32 SD-VAE latents with patch 2.
+    return DiTConfig(
+        in_channels=4,
+        learn_sigma=True,
+        patch_size=(1, 2, 2),
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        mlp="gelu_tanh",
+        attention_layout="full",
+        qk_norm=False,
+        pos_embed="sincos3d",
+        modulation="per_block",
+        conditioning="class",
+        num_classes=1000,
+        cross_attn_norm=False,
+    )
+
+
+def _wan(hidden: int, depth: int, heads: int, ffn: int, text_dim: int = 4096, in_ch: int = 16) -> DiTConfig:
+    # Wan-2.1-shaped video model: joint 3D attention with 3D RoPE, qk RMSNorm, adaLN-single,
+    # text cross-attention (UMT5-XXL states, 4096 wide), patch 1×2×2 on 16-channel Wan-VAE latents.
+    return DiTConfig(
+        in_channels=in_ch,
+        patch_size=(1, 2, 2),
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        ffn_dim=ffn,
+        mlp="gelu_tanh",
+        attention_layout="full",
+        qk_norm=True,
+        pos_embed="rope3d",
+        modulation="shared",
+        conditioning="text",
+        text_dim=text_dim,
+        cross_attn_norm=True,
+    )
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "dit-s/2": _dit(384, 12, 6),
+    "dit-b/2": _dit(768, 12, 12),
+    "dit-l/2": _dit(1024, 24, 16),
+    "dit-xl/2": _dit(1152, 28, 16),
+    # The CPU demo: text conditioning on all-MiniLM-L6-v2 states (384 wide).
+    "tiny": _wan(64, 2, 4, 256, text_dim=384, in_ch=4),
+    "video-small": _wan(768, 12, 12, 3072),
+    "video-1b3": _wan(1536, 30, 12, 8960),
+    "video-14b": _wan(5120, 40, 40, 13824),
+}
+
+# Latent (T, H, W) each preset is usually measured at: DiT at 256² images (32² SD-VAE latents),
+# video presets at an 81-frame 480p clip through a 4×8×8 VAE (21×60×104 latents).
+DEFAULT_LATENT_SIZE: dict[str, tuple[int, int, int]] = {
+    "dit-s/2": (1, 32, 32),
+    "dit-b/2": (1, 32, 32),
+    "dit-l/2": (1, 32, 32),
+    "dit-xl/2": (1, 32, 32),
+    "tiny": (4, 8, 8),
+    "video-small": (9, 32, 32),
+    "video-1b3": (21, 60, 104),
+    "video-14b": (21, 60, 104),
+}
+
+
+def get_preset(name: str, **overrides) -> DiTConfig:
+    """A fresh copy of preset ``name`` with ``overrides`` applied.
+
+    Args:
+        name: a key of :data:`PRESETS`.
+        **overrides: DiTConfig fields to change.
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+__all__ = ["DiTConfig", "PRESETS", "DEFAULT_LATENT_SIZE", "get_preset"]

@@ -1,0 +1,159 @@
+"""Patch, timestep, label, text and position embeddings.
+
+Tokens are always ordered (t h w): frame-major, then row, then column. Position encodings are
+computed on the fly from the patch grid (T, H, W), so any size divisible by the patch works and
+nothing needs re-initialising after ``to_empty()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+class PatchEmbed(nn.Module):
+    """Cut B×C×T×H×W into (pt, ph, pw) spacetime patches and project each to width D.
+
+    A linear on flattened patches is a Conv3d with kernel = stride = patch; the flattening order
+    (c pt ph pw) is that of a Conv3d weight, so DiT/Wan conv weights load with a reshape.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * math.prod(patch_size), dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pt, ph, pw = self.patch_size
+        x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        return self.proj(x)  # B, N, D
+
+
+def timestep_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps, DiT's convention (cos, then sin).
+
+    Args:
+        t: any shape; values on the model's time scale (0…1000).
+        dim: even feature width.
+
+    Returns:
+        ``(*t.shape, dim)`` float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[..., None] * freqs  # ..., half
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features → Linear → SiLU → Linear (DiT). Also embeds frame rates."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(freq_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        feats = timestep_features(t, self.freq_dim).to(self.fc1.weight.dtype)
+        return self.fc2(F.silu(self.fc1(feats)))  # *t.shape, D
+
+
+class TextProjection(nn.Module):
+    """Text encoder states (text_dim) → model width: Linear → GELU-tanh → Linear (PixArt-α, Wan)."""
+
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(text_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, context: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(context), approximate="tanh"))  # B, L, D
+
+
+def grid_positions(grid: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
+    """(t, h, w) integer coordinates of every token in (t h w) order: N×3."""
+    t, h, w = grid
+    axes = [torch.arange(n, device=device) for n in (t, h, w)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # N, 3
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of each head given to (t, h, w) rotations: h and w get 2·⌊Dh/6⌋ each, t the rest
+    (Wan's split; for Dh=128 that is 44/42/42)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+class Rope3D(nn.Module):
+    """3D rotary position embedding: each head's channel pairs are split between the t, h and w
+    coordinates. In factorized attention the coordinates shared by a group (the frame, or the pixel)
+    rotate q and k alike and cancel in q·k, so one table serves every layout."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(
+        self, grid: tuple[int, int, int], device: torch.device | str | None = None
+    ) -> tuple[Tensor, Tensor]:
+        pos = grid_positions(grid, device).float()  # N, 3
+        angles = []
+        for axis, dim in enumerate(rope_split(self.head_dim)):
+            inv_freq = self.theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+            angles.append(pos[:, axis, None] * inv_freq)  # N, dim/2
+        angle = torch.cat(angles, dim=-1)  # N, Dh/2
+        return angle.cos(), angle.sin()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate adjacent channel pairs of B×N×H×Dh queries or keys; computed in fp32."""
+    cos, sin = (r[None, :, None, :] for r in rope)  # 1, N, 1, Dh/2
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # B, N, H, Dh/2 each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # B, N, H, Dh/2, 2
+    return out.flatten(-2).type_as(x)
+
+
+def _sincos_1d(pos: Tensor, dim: int) -> Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=pos.device, dtype=torch.float64) / (dim / 2))
+    out = pos.double()[:, None] * omega  # N, dim/2
+    return torch.cat([out.sin(), out.cos()], dim=-1)
+
+
+class SinCos3D(nn.Module):
+    """Fixed additive sin-cos positions (DiT's 2D table extended by a time axis): D is split between
+    t, h and w as :func:`rope_split` splits a head. Parameter-free."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
+        pos = grid_positions(grid, device)  # N, 3
+        parts = rope_split(self.dim)
+        emb = torch.cat([_sincos_1d(pos[:, i], d) for i, d in enumerate(parts)], dim=-1)
+        return emb.float()  # N, D
+
+
+class LearnedPos3D(nn.Module):
+    """Learned additive positions as a sum of per-axis tables, so any (T, H, W) up to
+    ``max_size`` (in patches) works, including sizes never seen in training."""
+
+    def __init__(self, dim: int, max_size: tuple[int, int, int]):
+        super().__init__()
+        self.max_size = max_size
+        self.t = nn.Parameter(torch.empty(max_size[0], dim))
+        self.h = nn.Parameter(torch.empty(max_size[1], dim))
+        self.w = nn.Parameter(torch.empty(max_size[2], dim))
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
+        if any(g > m for g, m in zip(grid, self.max_size, strict=True)):
+            raise ValueError(f"patch grid {grid} exceeds DiTConfig.max_latent_size={self.max_size}")
+        t, h, w = grid
+        emb = self.t[:t, None, None] + self.h[None, :h, None] + self.w[None, None, :w]  # T, H, W, D
+        return emb.reshape(t * h * w, -1)  # N, D

@@ -1,0 +1,148 @@
+"""Building blocks: modulation, MLPs, and the self-/cross-attention modules.
+
+Module and parameter names here are API: tensor-parallel plans and checkpoint converters key on
+them (``attn.q``, ``attn.o``, ``mlp.fc1``, ``mlp.fc2``, ``modulation.linear`` …).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from dit.attention import AttentionCore
+from dit.embeddings import apply_rope
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x * (1 + scale) + shift``, broadcast per sample or per frame.
+
+    Args:
+        x: B×N×D tokens in (t h w) order.
+        shift, scale: B×F×D with F = 1 (one timestep per sample) or F = frames (per-frame timesteps);
+            viewing tokens as B×F×(N/F)×D applies each frame's vector without materialising B×N×D.
+    """
+    b, n, d = x.shape
+    f = shift.shape[1]
+    x = x.view(b, f, n // f, d)  # B, F, N/F, D
+    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, n, d)
+
+
+def gate(x: Tensor, g: Tensor) -> Tensor:
+    """``x * g`` with g B×F×D broadcast per frame, as in :func:`modulate`."""
+    b, n, d = x.shape
+    f = g.shape[1]
+    return (x.view(b, f, n // f, d) * g[:, :, None]).view(b, n, d)
+
+
+class AdaLNModulation(nn.Module):
+    """adaLN-Zero (DiT): each block maps the conditioning vector c to its own ``n`` vectors."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, c: Tensor) -> tuple[Tensor, ...]:
+        return self.linear(F.silu(c)).chunk(self.n, dim=-1)  # n × (B, F, D)
+
+
+class TableModulation(nn.Module):
+    """adaLN-single (PixArt-α, Wan): a learned per-block table added to one shared projection.
+
+    Input is B×F×(k·D) with k = n (the shared projection) or k = 1 (c itself, broadcast to all n;
+    the final layer's convention in Wan).
+    """
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.table = nn.Parameter(torch.empty(n, dim))
+
+    def forward(self, e: Tensor) -> tuple[Tensor, ...]:
+        out = e.unflatten(-1, (-1, self.table.shape[1])) + self.table  # B, F, n, D
+        return out.unbind(dim=-2)
+
+
+class MLP(nn.Module):
+    """GELU-tanh (``fc1 → gelu → fc2``) or SwiGLU (``silu(gate) * fc1 → fc2``)."""
+
+    def __init__(self, dim: int, hidden: int, kind: str = "gelu_tanh"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(dim, hidden) if kind == "swiglu" else None
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)  # B, N, F
+        h = F.silu(self.gate(x)) * h if self.gate is not None else F.gelu(h, approximate="tanh")
+        return self.fc2(h)
+
+
+def _qk_norm(enabled: bool, head_dim: int, eps: float) -> nn.Module:
+    # Per-head RMSNorm (as SD3/Flux): a head's statistics stay on the rank that owns the head under
+    # tensor parallelism, unlike Wan's norm across all heads.
+    return nn.RMSNorm(head_dim, eps=eps) if enabled else nn.Identity()
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the tokens of one axis of the patch grid.
+
+    ``axis='full'`` attends over all T·H·W tokens; ``'space'`` within each frame (frames folded
+    into the batch); ``'time'`` across frames at each spatial position.
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str, axis: str = "full"):
+        super().__init__()
+        self.heads, self.axis = heads, axis
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = _qk_norm(qk_norm, dim // heads, eps)
+        self.norm_k = _qk_norm(qk_norm, dim // heads, eps)
+        self.core = AttentionCore(backend)
+
+    def forward(self, x: Tensor, grid: tuple[int, int, int], rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        b, n, d = x.shape
+        q = self.norm_q(self.q(x).view(b, n, self.heads, -1))  # B, N, H, Dh
+        k = self.norm_k(self.k(x).view(b, n, self.heads, -1))
+        v = self.v(x).view(b, n, self.heads, -1)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        t = grid[0]
+        if self.axis == "space":
+            q, k, v = (rearrange(z, "b (t s) h e -> (b t) s h e", t=t) for z in (q, k, v))
+        elif self.axis == "time":
+            q, k, v = (rearrange(z, "b (t s) h e -> (b s) t h e", t=t) for z in (q, k, v))
+        out = self.core(q, k, v)
+        if self.axis == "space":
+            out = rearrange(out, "(b t) s h e -> b (t s) h e", b=b)
+        elif self.axis == "time":
+            out = rearrange(out, "(b s) t h e -> b (t s) h e", b=b)
+        return self.o(out.reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the video tokens, keys and values from the projected text states."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = _qk_norm(qk_norm, dim // heads, eps)
+        self.norm_k = _qk_norm(qk_norm, dim // heads, eps)
+        self.core = AttentionCore(backend)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        b, n, d = x.shape
+        l = context.shape[1]
+        q = self.norm_q(self.q(x).view(b, n, self.heads, -1))  # B, N, H, Dh
+        k = self.norm_k(self.k(context).view(b, l, self.heads, -1))  # B, L, H, Dh
+        v = self.v(context).view(b, l, self.heads, -1)
+        out = self.core(q, k, v, key_mask=context_mask)  # B, N, H, Dh
+        return self.o(out.reshape(b, n, d))

@@ -1,0 +1,246 @@
+"""SpacetimeDiT: a Diffusion Transformer over 3D latent spacetime patches.
+
+A plain single-device ``nn.Module``: no process groups, no parallel flags. Build it on the meta
+device, parallelize it from outside (``parallel/``), then ``to_empty()`` and ``init_weights()``;
+:func:`build_model` does the single-device version of that.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from dit.config import DiTConfig
+from dit.embeddings import LearnedPos3D, PatchEmbed, Rope3D, SinCos3D, TextProjection, TimestepEmbedder
+from dit.layers import MLP, AdaLNModulation, CrossAttention, SelfAttention, TableModulation, gate, modulate
+
+
+def _modulation(cfg: DiTConfig, n: int) -> nn.Module:
+    return (
+        AdaLNModulation(cfg.hidden_size, n)
+        if cfg.modulation == "per_block"
+        else TableModulation(cfg.hidden_size, n)
+    )
+
+
+def _additive_pos_embed(cfg: DiTConfig) -> nn.Module | None:
+    if cfg.pos_embed == "sincos3d":
+        return SinCos3D(cfg.hidden_size)
+    if cfg.pos_embed == "learned":
+        return LearnedPos3D(cfg.hidden_size, cfg.max_latent_size)
+    return None  # rope3d rotates q and k inside attention instead
+
+
+def block_axes(cfg: DiTConfig) -> list[str]:
+    """Attention axis of each block: all ``full``, or ``space``/``time`` alternating (Latte)."""
+    if cfg.attention_layout == "full":
+        return ["full"] * cfg.depth
+    return ["space" if i % 2 == 0 else "time" for i in range(cfg.depth)]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-modulated self-attention, optional text cross-attention, modulated MLP."""
+
+    def __init__(self, cfg: DiTConfig, axis: str):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.norm_eps
+        self.modulation = _modulation(cfg, 6)
+        self.norm1 = nn.LayerNorm(d, eps=eps, elementwise_affine=False)
+        self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, axis)
+        self.cross_attn = None
+        if cfg.conditioning == "text":
+            self.norm_cross = nn.LayerNorm(d, eps=eps) if cfg.cross_attn_norm else nn.Identity()
+            self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend)
+        self.norm2 = nn.LayerNorm(d, eps=eps, elementwise_affine=False)
+        self.mlp = MLP(d, cfg.ffn_hidden, cfg.mlp)
+
+    def forward(
+        self,
+        x: Tensor,
+        mod: Tensor,
+        grid: tuple[int, int, int],
+        rope: tuple[Tensor, Tensor] | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(mod)  # each B, F, D
+        x = x + gate(self.attn(modulate(self.norm1(x), shift1, scale1), grid, rope), gate1)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+        return x + gate(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm and a linear to one patch of output channels per token."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
+        self.modulation = _modulation(cfg, 2)
+        self.linear = nn.Linear(d, cfg.patch_volume * cfg.out_ch)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c)  # B, F, D each
+        return self.linear(modulate(self.norm(x), shift, scale))  # B, N, p·C_out
+
+
+class SpacetimeDiT(nn.Module):
+    """The video/image DiT (see DESIGN.md §3 for the contract)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.patch_embed = PatchEmbed(cfg.in_channels + cfg.cond_channels, d, cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(d, cfg.freq_dim)
+        self.fps_embedder = TimestepEmbedder(d, cfg.freq_dim) if cfg.fps_conditioning else None
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.conditioning == "class" else None
+        self.text_proj = TextProjection(cfg.text_dim, d) if cfg.conditioning == "text" else None
+        # adaLN-single computes the six modulation vectors once for all blocks; per-block adaLN-Zero
+        # hands every block the conditioning vector itself.
+        self.t_proj = (
+            nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if cfg.modulation == "shared" else nn.Identity()
+        )
+        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta) if cfg.pos_embed == "rope3d" else None
+        self.pos_embed = _additive_pos_embed(cfg)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, axis) for axis in block_axes(cfg))
+        self.final = FinalLayer(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        cond: Tensor | None = None,
+        fps: Tensor | None = None,
+    ) -> Tensor:
+        """Predict the diffusion target for noisy latents.
+
+        Args:
+            x: B×C×T×H×W latents (T = 1 for images); T, H, W divisible by ``patch_size``.
+            t: diffusion time on the model's 0…1000 scale, shape B, or B×T for per-frame timesteps
+                (e.g. t = 0 on a clean conditioning frame); with a temporal patch pt > 1 the first
+                frame of each patch gives the patch's time.
+            context: B×L×text_dim text encoder states (``conditioning='text'``).
+            context_mask: B×L bool, True for real (unpadded) text tokens.
+            labels: B class ids; ``cfg.num_classes`` is the null class (``conditioning='class'``).
+            cond: B×cond_channels×T×H×W extra input channels (I2V first frame + mask, control maps).
+            fps: B frame rates (``fps_conditioning``).
+
+        Returns:
+            B×C_out×T×H×W.
+        """
+        cfg = self.cfg
+        grid = self._grid(x, cond)
+        if cond is not None:
+            x = torch.cat([x, cond], dim=1)  # B, C + Cc, T, H, W
+        h = self.patch_embed(x)  # B, N, D
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(grid, x.device).to(h.dtype)
+        rope = self.rope(grid, x.device) if self.rope is not None else None
+
+        c = self.t_embedder(self._frame_times(t, x))  # B, F, D  (F = 1 or frames)
+        if self.label_embed is not None:
+            if labels is None:
+                raise ValueError("SpacetimeDiT(conditioning='class') needs labels (null class = num_classes)")
+            c = c + self.label_embed(labels)[:, None]
+        if self.fps_embedder is not None:
+            if fps is None:
+                raise ValueError("SpacetimeDiT(fps_conditioning=True) needs fps")
+            c = c + self.fps_embedder(fps)[:, None]
+        if self.text_proj is not None:
+            if context is None:
+                raise ValueError("SpacetimeDiT(conditioning='text') needs context (a null context for CFG)")
+            context = self.text_proj(context)  # B, L, D
+        mod = self.t_proj(c)  # B, F, 6D (shared) or B, F, D (per block)
+
+        for block in self.blocks:
+            h = block(h, mod, grid, rope, context, context_mask)
+        h = self.final(h, c)  # B, N, pt·ph·pw·C_out
+        pt, ph, pw = cfg.patch_size
+        t_, h_, w_ = grid
+        return rearrange(
+            h, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t_, h=h_, w=w_, pt=pt, ph=ph, pw=pw
+        )
+
+    def _grid(self, x: Tensor, cond: Tensor | None) -> tuple[int, int, int]:
+        cfg = self.cfg
+        if x.ndim != 5:
+            raise ValueError(f"x must be B×C×T×H×W, got shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, DiTConfig.in_channels={cfg.in_channels}")
+        got = 0 if cond is None else cond.shape[1]
+        if got != cfg.cond_channels:
+            raise ValueError(f"cond has {got} channels, DiTConfig.cond_channels={cfg.cond_channels}")
+        size = tuple(x.shape[2:])
+        if any(s % p for s, p in zip(size, cfg.patch_size, strict=True)):
+            raise ValueError(f"latent size (T, H, W)={size} is not divisible by patch_size={cfg.patch_size}")
+        return tuple(s // p for s, p in zip(size, cfg.patch_size, strict=True))
+
+    def _frame_times(self, t: Tensor, x: Tensor) -> Tensor:
+        b, frames = x.shape[0], x.shape[2]
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.ndim == 1:
+            return t[:, None]  # B, 1
+        if t.shape != (b, frames):
+            raise ValueError(f"per-frame t must be B×T = {(b, frames)}, got {tuple(t.shape)}")
+        return t[:, :: self.cfg.patch_size[0]]  # B, T/pt
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation (DiT's scheme); call after ``to_empty()``.
+
+        Linears are Xavier-uniform with zero bias; embedding MLPs and tables N(0, 0.02); every
+        modulation, the cross-attention output and the final linear are zero, so each block starts as
+        the identity and the fresh model predicts exactly zero (adaLN-Zero).
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm | nn.RMSNorm) and m.weight is not None:
+                m.reset_parameters()
+        small = [self.t_embedder, self.fps_embedder, self.text_proj, self.label_embed, self.pos_embed]
+        for m in filter(None, small):
+            for name, p in m.named_parameters():
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, std=0.02)
+        zero = [self.t_proj, self.final.modulation, self.final.linear]
+        for block in self.blocks:
+            zero.append(block.modulation)
+            if block.cross_attn is not None:
+                zero.append(block.cross_attn.o)
+        for m in zero:
+            for p in m.parameters():
+                nn.init.zeros_(p)
+
+
+def build_model(cfg: DiTConfig, device: torch.device | str = "cpu", seed: int | None = None) -> SpacetimeDiT:
+    """Single-device build: construct on meta, materialise on ``device``, run ``init_weights``.
+
+    Args:
+        cfg: the architecture.
+        device: where the parameters live.
+        seed: if given, seeds the initialisation (CPU generator) so builds are reproducible.
+    """
+    with torch.device("meta"):
+        model = SpacetimeDiT(cfg)
+    model.to_empty(device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["SpacetimeDiT", "DiTBlock", "FinalLayer", "build_model", "block_axes", "num_params"]
