@@ -14,7 +14,6 @@ B×N×H×Dh tensors in and out.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -24,8 +23,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def _flash_attn_func():
+def _find_flash_attn():
     """FlashAttention-3's ``flash_attn_func`` (Hopper build) if installed, else FlashAttention-2's."""
     try:
         from flash_attn_interface import flash_attn_func  # FlashAttention-3
@@ -41,9 +39,19 @@ def _flash_attn_func():
         return None
 
 
-@functools.cache
-def _warn_once(msg: str) -> None:
-    log.warning(msg)
+# Resolved once, when the first flash_attn AttentionCore is built: imports inside the traced
+# forward would break torch.compile's graph at every attention call.
+_FLASH_ATTN = None
+_FLASH_ATTN_RESOLVED = False
+
+
+def _flash_attn_func():
+    global _FLASH_ATTN, _FLASH_ATTN_RESOLVED
+    if not _FLASH_ATTN_RESOLVED:
+        _FLASH_ATTN, _FLASH_ATTN_RESOLVED = _find_flash_attn(), True
+        if _FLASH_ATTN is None:
+            log.warning("attention backend 'flash_attn': flash-attn is not installed; using SDPA")
+    return _FLASH_ATTN
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -69,21 +77,16 @@ def attention(
             False). A row with no valid key returns zeros rather than NaN.
         backend: ``sdpa`` (torch SDPA; on CUDA it picks flash / cuDNN / memory-efficient kernels),
             ``flash_attn`` (FlashAttention-3 or -2 for unmasked bf16/fp16 CUDA tensors; anything
-            else falls back to SDPA, logged once) or ``math`` (fp32 reference).
+            else, masked cross-attention included, goes to SDPA) or ``math`` (fp32 reference).
 
     Returns:
         B×Nq×H×Dh, in q's dtype.
     """
     if backend == "flash_attn":
-        fn = _flash_attn_func()
         usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_mask is None
-        if fn is not None and usable:
-            out = fn(q, k, v)
+        if _FLASH_ATTN is not None and usable:
+            out = _FLASH_ATTN(q, k, v)
             return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        if fn is None:
-            _warn_once("attention backend 'flash_attn': flash-attn is not installed; using SDPA")
-        elif key_mask is None:
-            _warn_once("attention backend 'flash_attn' needs bf16/fp16 CUDA tensors; using SDPA here")
     elif backend not in ("sdpa", "math"):
         raise ValueError(f"attention backend {backend!r}: expected 'sdpa', 'flash_attn' or 'math'")
 
@@ -110,6 +113,8 @@ class AttentionCore(nn.Module):
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = backend
+        if backend == "flash_attn":
+            _flash_attn_func()
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
         return attention(q, k, v, key_mask=key_mask, backend=self.backend)

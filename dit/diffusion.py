@@ -273,6 +273,8 @@ class DDPM(Objective):
     def sampling_times(self, steps: int, tokens: int | None = None) -> Tensor:
         # "trailing" spacing (Lin et al. 2024): always starts at the last, noisiest step.
         n = self.cfg.num_timesteps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps={steps}: a DDPM grid has 1 to num_timesteps={n} steps")
         t = torch.round(torch.arange(n, 0, -n / steps, dtype=torch.float64)) - 1
         return torch.cat([t, t.new_tensor([-1.0])])
 

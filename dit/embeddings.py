@@ -126,18 +126,22 @@ def _sincos_1d(pos: Tensor, dim: int) -> Tensor:
 
 
 class SinCos3D(nn.Module):
-    """Fixed additive sin-cos positions (DiT's 2D table extended by a time axis): D is split between
-    t, h and w as :func:`rope_split` splits a head. Parameter-free."""
+    """Fixed additive sin-cos positions: exactly DiT's 2D table in space (first half of D encodes
+    the column, second half the row), plus a full-width 1D table of the frame index taken relative
+    to frame 0, so an image (T = 1) and the first frame of a video get DiT's positions. Parameter-free."""
 
     def __init__(self, dim: int):
         super().__init__()
+        if dim % 4:
+            raise ValueError(f"sincos3d needs hidden_size divisible by 4, got {dim}")
         self.dim = dim
 
     def forward(self, grid: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
-        pos = grid_positions(grid, device)  # N, 3
-        parts = rope_split(self.dim)
-        emb = torch.cat([_sincos_1d(pos[:, i], d) for i, d in enumerate(parts)], dim=-1)
-        return emb.float()  # N, D
+        pos = grid_positions(grid, device)  # N, 3 as (t, h, w)
+        half = self.dim // 2
+        space = torch.cat([_sincos_1d(pos[:, 2], half), _sincos_1d(pos[:, 1], half)], dim=-1)  # N, D
+        time = _sincos_1d(pos[:, 0], self.dim) - _sincos_1d(torch.zeros(1, device=device), self.dim)
+        return (space + time).float()  # N, D
 
 
 class LearnedPos3D(nn.Module):

@@ -23,17 +23,18 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
         shift, scale: B×F×D with F = 1 (one timestep per sample) or F = frames (per-frame timesteps);
             viewing tokens as B×F×(N/F)×D applies each frame's vector without materialising B×N×D.
     """
+    # fp32 arithmetic whatever the autocast dtype (as Wan): the shift/scale are small corrections
     b, n, d = x.shape
     f = shift.shape[1]
-    x = x.view(b, f, n // f, d)  # B, F, N/F, D
-    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, n, d)
+    xf = x.float().view(b, f, n // f, d)  # B, F, N/F, D
+    return (xf * (1 + scale.float()[:, :, None]) + shift.float()[:, :, None]).view(b, n, d).to(x.dtype)
 
 
 def gate(x: Tensor, g: Tensor) -> Tensor:
     """``x * g`` with g B×F×D broadcast per frame, as in :func:`modulate`."""
     b, n, d = x.shape
     f = g.shape[1]
-    return (x.view(b, f, n // f, d) * g[:, :, None]).view(b, n, d)
+    return (x.float().view(b, f, n // f, d) * g.float()[:, :, None]).view(b, n, d).to(x.dtype)
 
 
 class AdaLNModulation(nn.Module):
@@ -95,7 +96,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str, axis: str = "full"):
         super().__init__()
-        self.heads, self.axis = heads, axis
+        self.head_dim, self.axis = dim // heads, axis
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -105,10 +106,11 @@ class SelfAttention(nn.Module):
         self.core = AttentionCore(backend)
 
     def forward(self, x: Tensor, grid: tuple[int, int, int], rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        b, n, d = x.shape
-        q = self.norm_q(self.q(x).view(b, n, self.heads, -1))  # B, N, H, Dh
-        k = self.norm_k(self.k(x).view(b, n, self.heads, -1))
-        v = self.v(x).view(b, n, self.heads, -1)
+        # heads = -1: under tensor parallelism a rank holds only its own heads
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x).view(b, n, -1, self.head_dim))  # B, N, H, Dh
+        k = self.norm_k(self.k(x).view(b, n, -1, self.head_dim))
+        v = self.v(x).view(b, n, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         t = grid[0]
@@ -121,7 +123,7 @@ class SelfAttention(nn.Module):
             out = rearrange(out, "(b t) s h e -> b (t s) h e", b=b)
         elif self.axis == "time":
             out = rearrange(out, "(b s) t h e -> b (t s) h e", b=b)
-        return self.o(out.reshape(b, n, d))
+        return self.o(out.reshape(b, n, -1))
 
 
 class CrossAttention(nn.Module):
@@ -129,7 +131,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str):
         super().__init__()
-        self.heads = heads
+        self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -139,10 +141,10 @@ class CrossAttention(nn.Module):
         self.core = AttentionCore(backend)
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
-        b, n, d = x.shape
+        b, n, _ = x.shape
         l = context.shape[1]
-        q = self.norm_q(self.q(x).view(b, n, self.heads, -1))  # B, N, H, Dh
-        k = self.norm_k(self.k(context).view(b, l, self.heads, -1))  # B, L, H, Dh
-        v = self.v(context).view(b, l, self.heads, -1)
+        q = self.norm_q(self.q(x).view(b, n, -1, self.head_dim))  # B, N, H, Dh
+        k = self.norm_k(self.k(context).view(b, l, -1, self.head_dim))  # B, L, H, Dh
+        v = self.v(context).view(b, l, -1, self.head_dim)
         out = self.core(q, k, v, key_mask=context_mask)  # B, N, H, Dh
-        return self.o(out.reshape(b, n, d))
+        return self.o(out.reshape(b, n, -1))

@@ -189,7 +189,12 @@ class SpacetimeDiT(nn.Module):
             return t[:, None]  # B, 1
         if t.shape != (b, frames):
             raise ValueError(f"per-frame t must be B×T = {(b, frames)}, got {tuple(t.shape)}")
-        return t[:, :: self.cfg.patch_size[0]]  # B, T/pt
+        pt = self.cfg.patch_size[0]
+        if pt > 1 and not torch.compiler.is_compiling():
+            per_patch = t.unflatten(1, (-1, pt))  # B, T/pt, pt
+            if not (per_patch == per_patch[:, :, :1]).all():
+                raise ValueError(f"per-frame t must be constant within each temporal patch of pt={pt} frames")
+        return t[:, ::pt]  # B, T/pt
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -46,6 +46,7 @@ def make_predictor(
     uncond: dict | None = None,
     cfg_scale: float = 1.0,
     cond_frames: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Predict:
     """Wrap a network as ``predict(x, t)`` with classifier-free guidance.
 
@@ -57,6 +58,8 @@ def make_predictor(
             ``num_classes``); required when ``cfg_scale != 1``.
         cfg_scale: guidance w: ``uncond + w · (cond - uncond)``; 1 is unguided.
         cond_frames: B×T bool frames held clean (told t = 0 through per-frame timesteps).
+        dtype: the network's input dtype (e.g. bf16); the sampler's state and the returned
+            prediction stay fp32 so the ODE does not accumulate in low precision.
     """
     if cfg_scale != 1.0 and uncond is None:
         raise ValueError("cfg_scale != 1 needs the unconditional inputs (null context or null class)")
@@ -64,15 +67,16 @@ def make_predictor(
 
     def predict(x: Tensor, t: float) -> Tensor:
         c = x.shape[1]
+        x = x.to(dtype) if dtype is not None else x
         net_t = objective.model_time(torch.full((x.shape[0],), float(t), device=x.device))
         if cond_frames is not None:
             net_t = torch.where(cond_frames, torch.zeros_like(net_t[:, None]), net_t[:, None])  # B, T
         if cfg_scale == 1.0:
-            return model(x, net_t, **cond)[:, :c]  # learned-variance channels are not used here
+            return model(x, net_t, **cond)[:, :c].float()  # learned-variance channels are not used here
         if both is not None:  # one batched call for both branches
-            out_c, out_u = model(torch.cat([x, x]), torch.cat([net_t, net_t]), **both)[:, :c].chunk(2)
+            out_c, out_u = model(torch.cat([x, x]), torch.cat([net_t, net_t]), **both)[:, :c].float().chunk(2)
         else:
-            out_c, out_u = model(x, net_t, **cond)[:, :c], model(x, net_t, **uncond)[:, :c]
+            out_c, out_u = model(x, net_t, **cond)[:, :c].float(), model(x, net_t, **uncond)[:, :c].float()
         return out_u + cfg_scale * (out_c - out_u)
 
     return predict
@@ -215,11 +219,12 @@ def sample(
             sampling grid (0 returns the input, 1 ignores it), then denoised.
         tokens: sequence length, for a token-dependent flow shift.
         seed: seeds all randomness; the same seed gives the same output.
+        dtype: the network's input dtype; the sampler integrates in fp32 and returns ``dtype``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
     gen = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
     times = objective.sampling_times(steps, tokens)
     x = noise
     if video is not None:
@@ -228,13 +233,14 @@ def sample(
         keep = round(steps * strength)
         times = times[steps - keep :]
         t_start = times[:1].to(device=device, dtype=torch.float32).expand(shape[0])  # the grid is float64
-        x = objective.add_noise(video.to(device, dtype), noise, t_start).to(dtype)
+        x = objective.add_noise(video.to(device, torch.float32), noise, t_start)
     project, cond_frames, cond = _identity, None, dict(cond)
     if first_frame is not None:
         if first_frame_as not in ("frames", "cond", "both"):
             raise ValueError(f"first_frame_as={first_frame_as!r}: frames|cond|both")
-        clean, mask, channels = i2v_condition(first_frame.to(device, dtype), shape[2])
+        clean, mask, channels = i2v_condition(first_frame.to(device, torch.float32), shape[2])
         if first_frame_as in ("cond", "both"):
+            channels = channels.to(dtype)
             cond["cond"] = channels
             if uncond is not None:
                 uncond = {**uncond, "cond": channels}  # the image conditions both CFG branches
@@ -246,5 +252,5 @@ def sample(
                 return torch.where(keep_mask, clean, z)
 
             x = project(x)
-    predict = make_predictor(model, objective, cond, uncond, cfg_scale, cond_frames)
-    return SAMPLERS[sampler](predict, objective, x, times, project)
+    predict = make_predictor(model, objective, cond, uncond, cfg_scale, cond_frames, dtype)
+    return SAMPLERS[sampler](predict, objective, x, times, project).to(dtype)

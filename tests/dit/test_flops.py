@@ -88,6 +88,7 @@ def test_cli_rejects_sizes_not_divisible_by_the_patch():
 def test_mfu_peaks():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 == peak_flops("NVIDIA H200")
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 NVL") == 835e12
     assert peak_flops("Some CPU") is None and mfu(1e12, device_name="Some CPU") is None
     assert mfu(494.5e12, device_name="NVIDIA H100") == pytest.approx(0.5)
     assert mfu(2e12, peak=4e12) == 0.5

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,36 @@ def test_factorized_attention_does_not_mix_frames_in_space_blocks():
     out2 = model(x2, t)
     assert torch.allclose(out[:, :, 0], out2[:, :, 0], atol=1e-5)
     assert not torch.allclose(out[:, :, 1], out2[:, :, 1], atol=1e-5)
+
+
+def _dit_2d_table(dim: int, size: int) -> np.ndarray:
+    # DiT's get_2d_sincos_pos_embed, restated: meshgrid(w, h) puts the column index in the first half.
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.stack(np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32)), axis=0)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+def test_sincos_positions_reproduce_dit_for_images():
+    from dit.embeddings import SinCos3D
+
+    ours = SinCos3D(1152)((1, 16, 16)).numpy()
+    assert np.allclose(ours, _dit_2d_table(1152, 16), atol=1e-6)
+    video = SinCos3D(1152)((3, 16, 16))
+    assert torch.allclose(video[:256], torch.from_numpy(ours)) and not torch.allclose(
+        video[256:512], video[:256]
+    )
+
+
+def test_per_frame_t_must_be_constant_within_a_temporal_patch():
+    cfg = get_preset("tiny", patch_size=(2, 2, 2))
+    model = random_model(cfg)
+    x, t, kw = inputs(cfg, t=4)
+    frames = t[:, None].repeat(1, 4)
+    assert model(x, frames, **kw).shape == x.shape
+    frames[:, 0] = 0  # only half of the first patch clean: ambiguous
+    with pytest.raises(ValueError, match="temporal patch"):
+        model(x, frames, **kw)

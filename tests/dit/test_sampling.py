@@ -202,3 +202,28 @@ def test_video_to_video_strength():
 def test_ddpm_grid():
     times = DDPM(DiffusionConfig(objective="ddpm")).sampling_times(10)
     assert times[0] == 999 and times[-1] == -1 and len(times) == 11 and (times[1:] < times[:-1]).all()
+
+
+@pytest.mark.parametrize("sampler,objective", [("ddim", "ddpm"), ("dpm++2m", "flow"), ("heun", "flow")])
+def test_low_precision_model_samples_in_fp32_and_returns_its_dtype(sampler, objective):
+    cfg = get_preset("tiny")
+    model = random_model(cfg).to(torch.bfloat16)
+    _, _, kw = inputs(cfg)
+    kw = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in kw.items()}
+    obj = FlowMatching(DiffusionConfig()) if objective == "flow" else DDPM(DiffusionConfig(objective="ddpm"))
+    out = sample(
+        model,
+        obj,
+        (2, 4, 3, 6, 10),
+        kw,
+        sampler=sampler,
+        steps=3,
+        dtype=torch.bfloat16,
+        first_frame=torch.randn(2, 4, 6, 10),
+    )
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_ddpm_grid_rejects_more_steps_than_timesteps():
+    with pytest.raises(ValueError, match="num_timesteps=10"):
+        DDPM(DiffusionConfig(objective="ddpm", num_timesteps=10)).sampling_times(25)
