@@ -1,0 +1,282 @@
+"""The training data loader: ``build_loader(cfg, dp_rank, dp_size)``.
+
+Shards are listed, shuffled per epoch with (seed, epoch), split by *data-parallel* rank (never by
+global rank: tensor- and context-parallel peers must see identical batches, so they pass the same
+dp_rank) and then by DataLoader worker. Each worker runs :func:`data.stream.batches`, a deterministic
+stream, and tags every batch with (worker, index). The loader hands batches out in a fixed
+round-robin order over workers, whatever order they arrive in, and counts what it handed out, so
+its ``state_dict()`` pins the exact position: a resumed loader with the same data-parallel size and
+worker count re-forms (without decoding) and skips what was consumed, then yields exactly the
+batches an uninterrupted run would have. With a different layout it restarts the epoch, and logs it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.buckets import BucketConfig
+from data.stream import Errors, StreamSpec, batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how batches are formed."""
+
+    shards: str = ""
+    """A directory (``{prefix}-*.tar`` inside it), a glob, or comma-separated tar paths."""
+    prefix: str = "train"
+    """Shard name prefix when ``shards`` is a directory (``val`` for held-out shards)."""
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    """Bucket shapes, batch sizes per data-parallel rank, target fps, image:video ratio."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: decode in the training process)."""
+    seed: int = 0
+    """Seeds shard order, shuffling, clip starts and crops."""
+    shuffle_buffer: int = 64
+    """Samples held for shuffling within a worker (0 or 1: no sample shuffling)."""
+    random_crop: bool = False
+    """Random crop position (seeded per sample and epoch) instead of the centre."""
+    error_threshold: float = 0.05
+    """Abort when more than this share of a worker's samples are skipped as bad."""
+    min_samples_for_threshold: int = 50
+    """Samples a worker must have seen before the error threshold applies."""
+    resampled: bool = False
+    """Draw shards with replacement when there are fewer than data-parallel ranks × workers."""
+    allow_pipe: bool = False
+    """Allow ``pipe:`` shard URLs (they run a shell command per shard)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+
+def list_shards(cfg: DataConfig) -> list[str]:
+    """The sorted local shard paths named by ``cfg.shards``; errors name the config field."""
+    spec = cfg.shards.strip()
+    if not spec:
+        raise ValueError("data.shards is empty: set it to a shard directory, glob or list of .tar files")
+    if spec.startswith("pipe:") and not cfg.allow_pipe:
+        raise ValueError(
+            f"data.shards={spec!r}: pipe: URLs run shell commands; set data.allow_pipe=true to allow"
+        )
+    if spec.startswith("pipe:"):
+        raise NotImplementedError("pipe: shards are not supported by this loader yet; copy them locally")
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, f"{cfg.prefix}-*.tar")))
+    elif "," in spec:
+        paths = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        paths = sorted(glob.glob(spec))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"data.shards: {missing[0]} does not exist")
+    if not paths:
+        raise FileNotFoundError(f"data.shards={spec!r}: no shards found")
+    return paths
+
+
+def split_shards(
+    shards: list[str],
+    seed: int,
+    epoch: int,
+    dp_rank: int,
+    dp_size: int,
+    worker: int,
+    num_workers: int,
+    resampled: bool,
+) -> list[str]:
+    """This (data-parallel rank, worker)'s shards for an epoch: disjoint across ranks and workers,
+    together all of them (unless ``resampled``, which draws with replacement)."""
+    streams = dp_size * num_workers
+    stream = dp_rank * num_workers + worker
+    if resampled:
+        rng = np.random.default_rng([seed, epoch, stream, 1])
+        per = max(1, -(-len(shards) // streams))
+        return [shards[i] for i in rng.integers(0, len(shards), per)]
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    mine = order[dp_rank::dp_size][worker::num_workers]
+    return [shards[i] for i in mine]
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of one data-parallel rank; each worker yields ``(worker, index, batch, errors)``."""
+
+    def __init__(
+        self, cfg: DataConfig, shards: list[str], epoch: int, dp_rank: int, dp_size: int, skip: list[int]
+    ):
+        self.cfg, self.shards, self.epoch, self.dp_rank, self.dp_size, self.skip = (
+            cfg,
+            shards,
+            epoch,
+            dp_rank,
+            dp_size,
+            skip,
+        )
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cfg = self.cfg
+        spec = StreamSpec(
+            shards=split_shards(
+                self.shards, cfg.seed, self.epoch, self.dp_rank, self.dp_size, worker, workers, cfg.resampled
+            ),
+            buckets=cfg.buckets,
+            seed=cfg.seed,
+            epoch=self.epoch,
+            stream_id=(self.dp_rank, worker),
+            shuffle_buffer=cfg.shuffle_buffer,
+            random_crop=cfg.random_crop,
+            error_threshold=cfg.error_threshold,
+            min_samples_for_threshold=cfg.min_samples_for_threshold,
+        )
+        errors = Errors()
+        for index, batch in batches(spec, errors, skip=self.skip[worker]):
+            if index >= self.skip[worker]:
+                yield worker, index, batch, errors.summary()
+        yield worker, -1, None, errors.summary()  # end of this worker's epoch
+
+
+class Loader:
+    """Iterable over training batches (epoch after epoch) with exact-resume state."""
+
+    def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int):
+        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+        self.shards = list_shards(cfg)
+        self.workers = max(1, cfg.num_workers)
+        if not cfg.buckets.buckets:
+            raise ValueError("data.buckets: no buckets configured")
+        if not cfg.resampled and len(self.shards) < dp_size * self.workers:
+            raise ValueError(
+                f"data.shards: {len(self.shards)} shards for {dp_size} data-parallel ranks × {self.workers} workers; "
+                "write more (smaller) shards, lower data.num_workers, or set data.resampled=true"
+            )
+        self.epoch = 0
+        self.consumed = [0] * self.workers  # batches handed out, per worker, this epoch
+        self.next_worker = 0
+        self.errors: dict[int, dict] = {}  # latest error summary per worker
+
+    def _digest(self) -> str:
+        return hashlib.sha1("\n".join(os.path.basename(s) for s in self.shards).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "consumed": list(self.consumed),
+            "next_worker": self.next_worker,
+            "dp_size": self.dp_size,
+            "num_workers": self.workers,
+            "seed": self.cfg.seed,
+            "shards": self._digest(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        layout = (state.get("dp_size"), state.get("num_workers"), state.get("seed"), state.get("shards"))
+        if layout == (self.dp_size, self.workers, self.cfg.seed, self._digest()):
+            self.consumed, self.next_worker = list(state["consumed"]), int(state["next_worker"])
+            return
+        log.warning(
+            "data loader state was saved with dp_size=%s, num_workers=%s, seed=%s, shards=%s; now %s, %s, %s, %s: "
+            "restarting epoch %d with the order seeded by (seed, epoch)",
+            *layout,
+            self.dp_size,
+            self.workers,
+            self.cfg.seed,
+            self._digest(),
+            self.epoch,
+        )
+        self.consumed, self.next_worker = [0] * self.workers, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield from self._epoch()
+            self.epoch += 1
+            self.consumed, self.next_worker = [0] * self.workers, 0
+
+    def _epoch(self) -> Iterator[dict]:
+        dataset = _EpochStream(
+            self.cfg, self.shards, self.epoch, self.dp_rank, self.dp_size, list(self.consumed)
+        )
+        if self.cfg.num_workers == 0:
+            source = iter(dataset)
+        else:
+            source = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.workers,
+                    prefetch_factor=self.cfg.prefetch_factor,
+                    persistent_workers=False,
+                )
+            )
+        pending: dict[int, deque] = {w: deque() for w in range(self.workers)}
+        active = set(range(self.workers))
+        for worker, index, batch, errors in source:
+            self.errors[worker] = errors
+            if index < 0:
+                active.discard(worker)
+            else:
+                pending[worker].append((index, batch))
+            yield from self._drain(pending, active)
+        yield from self._drain(pending, active)
+
+    def _drain(self, pending: dict[int, deque], active: set[int]) -> Iterator[dict]:
+        # hand out in round-robin order over workers; a worker that has ended drops out of the cycle
+        while True:
+            w = self.next_worker
+            if pending[w]:
+                index, batch = pending[w].popleft()
+                self.consumed[w] = index + 1
+                self.next_worker = self._advance(w, active, pending)
+                if batch is not None:  # None: every sample of that batch failed to decode
+                    yield batch
+            elif w not in active:
+                if not any(pending.values()) and not active:
+                    return
+                self.next_worker = self._advance(w, active, pending)
+            else:
+                return  # wait for worker w
+
+    def _advance(self, w: int, active: set[int], pending: dict[int, deque]) -> int:
+        for step in range(1, self.workers + 1):
+            nxt = (w + step) % self.workers
+            if nxt in active or pending[nxt]:
+                return nxt
+        return w
+
+    def error_summary(self) -> dict:
+        """Bad samples skipped by reason (with an example shard:key each) and samples filtered out
+        (e.g. shorter than every bucket), summed over this epoch's workers."""
+        total: dict = {"seen": 0, "skipped": {}, "filtered": {}, "examples": {}}
+        for summary in self.errors.values():
+            total["seen"] += summary["seen"]
+            for kind in ("skipped", "filtered"):
+                for reason, n in summary[kind].items():
+                    total[kind][reason] = total[kind].get(reason, 0) + n
+            for reason, where in summary["examples"].items():
+                total["examples"].setdefault(reason, where)
+        return total
+
+
+def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1) -> Loader:
+    """The loader for one data-parallel rank (pass the DP rank/size, not the global ones).
+
+    Args:
+        cfg: data config.
+        dp_rank: this rank's index among data-parallel replicas; all ranks of one tensor/context-parallel
+            group pass the same value and so receive identical batches.
+        dp_size: number of data-parallel replicas.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    return Loader(cfg, dp_rank, dp_size)

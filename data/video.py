@@ -1,0 +1,208 @@
+"""Media probing and decoding with PyAV (videos) and Pillow (stills).
+
+Decoding reads only what a training sample needs: it seeks to the keyframe before the clip start,
+decodes forward, and converts (and resizes) only the frames picked at the target frame rate,
+stopping after the last one. ``decode_all_frames`` is the naive reference (convert every frame, then
+subsample) that ``benchmarks.dataloader`` compares against.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+from PIL import Image
+
+VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class MediaError(ValueError):
+    """A file that cannot be used: ``reason`` is a short machine-readable cause."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class MediaInfo:
+    """What the shard writer records in ``{key}.json``."""
+
+    kind: str  # "video" | "image"
+    frames: int
+    fps: float
+    width: int
+    height: int
+    duration: float
+    codec: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def media_kind(ext: str) -> str | None:
+    ext = ext.lower().lstrip(".")
+    return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
+
+
+def probe_image(data: bytes) -> MediaInfo:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decode fully: a truncated file fails here, not in a training worker
+            w, h, fmt = im.width, im.height, (im.format or "").lower()
+    except Exception as e:  # Pillow raises many types for bad files
+        raise MediaError("undecodable", str(e)) from e
+    if w < 1 or h < 1:
+        raise MediaError("empty", f"{w}×{h} image")
+    return MediaInfo("image", 1, 0.0, w, h, 0.0, fmt)
+
+
+def probe_video(data: bytes) -> MediaInfo:
+    """Container metadata plus a decode of the first frame (so undecodable files fail here)."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise MediaError("no_video_stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            frames = stream.frames
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            else:
+                duration = (container.duration or 0) / av.time_base
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise MediaError("zero_frames")
+            if frames == 0:  # some containers do not store a count; derive it
+                frames = max(1, round(duration * fps))
+            return MediaInfo(
+                "video", int(frames), fps, first.width, first.height, duration, stream.codec_context.name
+            )
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, StopIteration, ValueError) as e:
+        raise MediaError("undecodable", str(e)) from e
+
+
+def probe(data: bytes, ext: str) -> MediaInfo:
+    """Probe the bytes of a file with extension ``ext``; raises :class:`MediaError`."""
+    kind = media_kind(ext)
+    if kind is None:
+        raise MediaError("unknown_extension", ext)
+    if not data:
+        raise MediaError("empty", "zero bytes")
+    return probe_video(data) if kind == "video" else probe_image(data)
+
+
+def resize_crop_size(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) to resize ``src`` to so it covers ``dst`` with the aspect ratio kept."""
+    (sw, sh), (dw, dh) = src, dst
+    scale = max(dw / sw, dh / sh)
+    return max(dw, math.ceil(sw * scale - 1e-6)), max(dh, math.ceil(sh * scale - 1e-6))
+
+
+def crop(frames: np.ndarray, size: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+    """Crop ...×H×W×C arrays to ``size`` = (width, height); ``offset`` in [0, 1] (0.5 = centre)."""
+    h, w = frames.shape[-3:-1]
+    dw, dh = size
+    x = round((w - dw) * offset[0])
+    y = round((h - dh) * offset[1])
+    return frames[..., y : y + dh, x : x + dw, :]
+
+
+def decode_image(data: bytes, size: tuple[int, int], offset=(0.5, 0.5)) -> np.ndarray:
+    """1×H×W×3 uint8: the still resized to cover ``size`` = (width, height), then cropped."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        im = im.resize(resize_crop_size(im.size, size), Image.BICUBIC)
+        arr = np.asarray(im)[None]
+    return crop(arr, size, offset)
+
+
+def frame_times(start: float, num_frames: int, fps: float) -> list[float]:
+    """Presentation times (s) of ``num_frames`` frames from ``start`` at ``fps``."""
+    return [start + i / fps for i in range(num_frames)]
+
+
+def decode_clip(
+    data: bytes, start: float, num_frames: int, fps: float, size: tuple[int, int], offset=(0.5, 0.5)
+) -> np.ndarray:
+    """T×H×W×3 uint8: ``num_frames`` frames from ``start`` s, sampled at ``fps``, resized and cropped.
+
+    Args:
+        data: the encoded video.
+        start: clip start in seconds.
+        num_frames: frames wanted.
+        fps: frame rate to sample at (frames are picked from the source by timestamp, so a 30 fps source
+            sampled at 10 fps keeps every third frame).
+        size: (width, height) of the output.
+        offset: crop position in [0, 1]² (0.5, 0.5 = centre).
+
+    Raises:
+        MediaError: undecodable, or the clip is shorter than asked.
+    """
+    wanted = frame_times(start, num_frames, fps)
+    out: list[np.ndarray] = []
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            tb = stream.time_base or Fraction(1, 1_000_000)
+            if start > 0:
+                container.seek(int(start / tb), stream=stream, backward=True)
+            half = 0.5 / (float(stream.average_rate) if stream.average_rate else fps)
+            scaled = None
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                ts = float(frame.pts * tb)
+                # take the source frame nearest each wanted time (within half a source frame)
+                while len(out) < num_frames and ts >= wanted[len(out)] - half:
+                    if scaled is None:
+                        scaled = resize_crop_size((frame.width, frame.height), size)
+                    rgb = frame.reformat(width=scaled[0], height=scaled[1], format="rgb24").to_ndarray()
+                    out.append(rgb)
+                if len(out) == num_frames:
+                    break
+    except av.error.FFmpegError as e:
+        raise MediaError("undecodable", str(e)) from e
+    if len(out) < num_frames:
+        raise MediaError(
+            "too_short", f"got {len(out)} of {num_frames} frames from t={start:.2f}s at {fps} fps"
+        )
+    return crop(np.stack(out), size, offset)
+
+
+def decode_all_frames(data: bytes) -> tuple[np.ndarray, list[float]]:
+    """Every frame as T×H×W×3 uint8 with its time: the naive reference decoder."""
+    frames, times = [], []
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        tb = stream.time_base
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(float(frame.pts * tb))
+    return np.stack(frames), times
+
+
+def encode_h264(frames: np.ndarray, fps: float, crf: int = 23, gop: int = 12) -> bytes:
+    """Encode T×H×W×3 uint8 frames as an H.264 mp4 (yuv420p; H and W must be even)."""
+    t, h, w, _ = frames.shape
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf), "g": str(gop), "preset": "veryfast"}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
