@@ -157,13 +157,15 @@ class Loader:
             raise ValueError("data.buckets: no buckets configured")
         if not cfg.resampled and len(self.shards) < dp_size * self.workers:
             raise ValueError(
-                f"data.shards: {len(self.shards)} shards for {dp_size} data-parallel ranks × {self.workers} workers; "
-                "write more (smaller) shards, lower data.num_workers, or set data.resampled=true"
+                f"data.shards: {len(self.shards)} shards for {dp_size} data-parallel ranks × "
+                f"{self.workers} workers; write more (smaller) shards, lower data.num_workers, "
+                "or set data.resampled=true"
             )
         self.epoch = 0
         self.consumed = [0] * self.workers  # batches handed out, per worker, this epoch
         self.next_worker = 0
-        self.errors: dict[int, dict] = {}  # latest error summary per worker
+        self.errors: dict[int, dict] = {}  # latest error summary per worker, this epoch
+        self.errors_before: list[dict] = []  # final summaries of finished epochs
 
     def _digest(self) -> str:
         return hashlib.sha1("\n".join(os.path.basename(s) for s in self.shards).encode()).hexdigest()[:16]
@@ -186,8 +188,8 @@ class Loader:
             self.consumed, self.next_worker = list(state["consumed"]), int(state["next_worker"])
             return
         log.warning(
-            "data loader state was saved with dp_size=%s, num_workers=%s, seed=%s, shards=%s; now %s, %s, %s, %s: "
-            "restarting epoch %d with the order seeded by (seed, epoch)",
+            "data loader state was saved with dp_size=%s, num_workers=%s, seed=%s, shards=%s; "
+            "now %s, %s, %s, %s: restarting epoch %d with the order seeded by (seed, epoch)",
             *layout,
             self.dp_size,
             self.workers,
@@ -200,6 +202,8 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         while True:
             yield from self._epoch()
+            self.errors_before.extend(self.errors.values())
+            self.errors = {}
             self.epoch += 1
             self.consumed, self.next_worker = [0] * self.workers, 0
 
@@ -256,9 +260,9 @@ class Loader:
 
     def error_summary(self) -> dict:
         """Bad samples skipped by reason (with an example shard:key each) and samples filtered out
-        (e.g. shorter than every bucket), summed over this epoch's workers."""
+        (e.g. shorter than every bucket), summed over workers and epochs since this loader started."""
         total: dict = {"seen": 0, "skipped": {}, "filtered": {}, "examples": {}}
-        for summary in self.errors.values():
+        for summary in [*self.errors_before, *self.errors.values()]:
             total["seen"] += summary["seen"]
             for kind in ("skipped", "filtered"):
                 for reason, n in summary[kind].items():

@@ -194,7 +194,7 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
         else:
             start = clip_start(a, float(u.random()))
             frames = decode_clip(data, start, b.frames, a.fps, (b.width, b.height), offset)
-        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)  # C, T, H, W
+        video = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)  # C, T, H, W (a writable copy)
         out = {"video": video.float().div_(127.5).sub_(1.0)}
     if "text.npy" in sample:
         out["text_emb"] = torch.from_numpy(_npy(sample, "text.npy"))

@@ -193,13 +193,16 @@ def decode_all_frames(data: bytes) -> tuple[np.ndarray, list[float]]:
 
 
 def encode_h264(frames: np.ndarray, fps: float, crf: int = 23, gop: int = 12) -> bytes:
-    """Encode T×H×W×3 uint8 frames as an H.264 mp4 (yuv420p; H and W must be even)."""
+    """Encode T×H×W×3 uint8 frames as an H.264 mp4 (yuv420p; H and W must be even).
+
+    Single-threaded: multi-threaded x264 is not bit-reproducible, and the synthetic dataset must be.
+    """
     t, h, w, _ = frames.shape
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "g": str(gop), "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "g": str(gop), "preset": "veryfast", "threads": "1"}
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 container.mux(packet)

@@ -81,7 +81,7 @@ def test_synthetic_dataset_is_deterministic_and_described(tmp_path):
 
     a = generate(tmp_path / "a", num=12, seed=3, val_num=2, samples_per_shard=5)
     b = generate(tmp_path / "b", num=12, seed=3, samples_per_shard=5)
-    c = generate(tmp_path / "c", num=12, seed=4, samples_per_shard=5)
+    generate(tmp_path / "c", num=12, seed=4, samples_per_shard=5)
     assert a["samples"] == 12 and (tmp_path / "a" / "val-000000.tar").exists()
     for sa, sb in zip(a["shards"], b["shards"], strict=True):
         assert (tmp_path / "a" / sa["name"]).read_bytes() == (tmp_path / "b" / sb["name"]).read_bytes()
