@@ -68,6 +68,21 @@ class BucketConfig:
                 raise ValueError(f"bucket {b.name}: batch_size={b.batch_size} and sizes must be >= 1")
 
 
+def load_bucket_file(path: str) -> BucketConfig:
+    """A bucket file: JSON ``{"fps": 16, "image_ratio": null, "buckets": [[F, H, W, batch], …]}``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        buckets = [Bucket(*map(int, b)) for b in spec["buckets"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"bucket file {path}: {e} (expected {{'fps', 'buckets': [[F, H, W, batch]]}})"
+        ) from e
+    return BucketConfig(buckets, fps=float(spec.get("fps", 16.0)), image_ratio=spec.get("image_ratio"))
+
+
 def parse_ratio(ratio: str) -> float:
     """'16:9' → 16/9."""
     w, h = ratio.split(":")
@@ -158,6 +173,10 @@ def assign(meta: dict, cfg: BucketConfig) -> Assignment | None:
     frames ≤ what its duration covers at the target rate, among buckets of the nearest aspect ratio; within
     those, the largest area not above the source's (to avoid upscaling), else the smallest.
     """
+    if "bucket" in meta:  # an encoded (latent) sample: its shape is fixed, so only its own bucket fits
+        f, h, w = (int(v) for v in meta["bucket"].split("x"))
+        match = [b for b in cfg.buckets if (b.frames, b.height, b.width) == (f, h, w)]
+        return Assignment(match[0], float(meta.get("fps") or cfg.fps), (0.0, 0.0)) if match else None
     image = meta["kind"] == "image" or meta.get("frames", 1) == 1
     fps = min(cfg.fps, meta.get("fps") or cfg.fps)
     if image:

@@ -57,6 +57,8 @@ class DataConfig:
     """Allow ``pipe:`` shard URLs (they run a shell command per shard)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    naive_decode: bool = False
+    """Benchmark baseline only: decode every frame of a clip, then subsample."""
 
 
 def list_shards(cfg: DataConfig) -> list[str]:
@@ -138,6 +140,7 @@ class _EpochStream(IterableDataset):
             random_crop=cfg.random_crop,
             error_threshold=cfg.error_threshold,
             min_samples_for_threshold=cfg.min_samples_for_threshold,
+            naive_decode=cfg.naive_decode,
         )
         errors = Errors()
         for index, batch in batches(spec, errors, skip=self.skip[worker]):
@@ -269,6 +272,8 @@ class Loader:
                     total[kind][reason] = total[kind].get(reason, 0) + n
             for reason, where in summary["examples"].items():
                 total["examples"].setdefault(reason, where)
+            total["decoded"] = total.get("decoded", 0) + summary["decoded"]
+            total["decode_s"] = total.get("decode_s", 0.0) + summary["decode_s"]
         return total
 
 

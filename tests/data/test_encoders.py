@@ -1,0 +1,170 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data.encoders import DiffusersVAE, PixelCodec, TextEncoder, build_codec
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_vaes():
+    """Random-weight, few-channel versions of the three supported VAEs (built here, never downloaded)."""
+    return {
+        "wan": (
+            diffusers.AutoencoderKLWan(
+                base_dim=8,
+                z_dim=4,
+                dim_mult=[1, 2],
+                num_res_blocks=1,
+                temperal_downsample=[True],
+                latents_mean=[0.1, 0.2, 0.3, 0.4],
+                latents_std=[1.0, 2.0, 3.0, 4.0],
+            ),
+            (2, 2),
+        ),
+        "cogvideox": (
+            diffusers.AutoencoderKLCogVideoX(
+                down_block_types=("CogVideoXDownBlock3D",) * 2,
+                up_block_types=("CogVideoXUpBlock3D",) * 2,
+                block_out_channels=(8, 16),
+                latent_channels=4,
+                layers_per_block=1,
+                norm_num_groups=4,
+                temporal_compression_ratio=2,
+                scaling_factor=0.7,
+            ),
+            (2, 2),
+        ),
+        "hunyuan": (
+            diffusers.AutoencoderKLHunyuanVideo(
+                down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+                block_out_channels=(8, 8, 16),
+                latent_channels=4,
+                layers_per_block=1,
+                norm_num_groups=4,
+                spatial_compression_ratio=4,
+                temporal_compression_ratio=4,
+                scaling_factor=0.5,
+            ),
+            (4, 4),
+        ),
+    }
+
+
+def test_pixel_codec_round_trips_exactly():
+    codec = build_codec("pixel:2,4")
+    video = torch.rand(2, 3, 4, 16, 24) * 2 - 1
+    z = codec.encode(video)
+    assert z.shape == (2, 48 * 2, 2, 4, 6) and codec.latent_channels == 96
+    assert torch.equal(codec.decode(z), video)
+    assert isinstance(build_codec("pixel"), PixelCodec)
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox", "hunyuan"])
+def test_diffusers_vaes_load_locally_with_their_normalisation(name, tmp_path):
+    torch.manual_seed(0)
+    vae, (temporal, spatial) = tiny_vaes()[name]
+    vae.save_pretrained(tmp_path)
+    enc = DiffusersVAE(tmp_path)
+    assert (enc.compression.temporal, enc.compression.spatial) == (temporal, spatial)
+    video = torch.rand(1, 3, 1 + 2 * temporal, 16, 16) * 2 - 1
+    z = enc.encode(video)
+    assert z.shape == (1, 4, 3, 16 // spatial, 16 // spatial)
+    raw = vae.encode(video).latent_dist.mode()
+    expected = (
+        (raw - torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, -1, 1, 1, 1))
+        / torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, -1, 1, 1, 1)
+        if name == "wan"
+        else raw * vae.config.scaling_factor
+    )
+    assert torch.allclose(z, expected, atol=1e-5)
+    assert enc.decode(z).shape == video.shape
+
+
+def test_unknown_vae_class_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "os.system"}))
+    with pytest.raises(ValueError, match="is not one of"):
+        DiffusersVAE(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        DiffusersVAE(tmp_path / "missing")
+
+
+def test_default_text_encoder_is_the_packaged_minilm():
+    enc = TextEncoder(max_length=12)
+    emb, mask = enc(["a red circle moves from left to right on a blue background", "a red circle", ""])
+    assert emb.shape == (3, 12, 384) and enc.dim == 384 and mask.dtype == torch.bool
+    assert mask.sum(1).tolist()[0] == 12 and 2 <= mask.sum(1).tolist()[2] < mask.sum(1).tolist()[1]
+    assert torch.count_nonzero(emb[~mask]) == 0  # padded positions are zero
+    again, _ = enc(["a red circle moves from left to right on a blue background"])
+    assert torch.allclose(again[0], emb[0], atol=1e-5)
+
+
+def _tiny_t5(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moves", "on", "background"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, is_encoder_decoder=True
+    )
+    T5EncoderModel(cfg).save_pretrained(path)
+
+
+def test_t5_encoder_from_a_local_folder(tmp_path):
+    _tiny_t5(tmp_path)
+    enc = TextEncoder(tmp_path, max_length=8)
+    emb, mask = enc(["a red circle", "a blue square moves on a red background"])
+    assert emb.shape == (2, 8, 16) and enc.dim == 16 and mask.sum(1).tolist() == [3, 8]
+
+
+def test_encode_cli_under_torchrun_writes_latent_shards_the_loader_reads(tmp_path):
+    from data.buckets import load_bucket_file
+    from data.pipeline import DataConfig, build_loader
+    from data.synthetic import generate
+
+    generate(tmp_path / "raw", num=16, seed=0, samples_per_shard=4)
+    (tmp_path / "b.json").write_text(
+        json.dumps({"fps": 8, "buckets": [[1, 32, 32, 1], [2, 32, 32, 1], [4, 32, 32, 1]]})
+    )
+    _tiny_t5(tmp_path / "t5")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "data.encode",
+        str(tmp_path / "raw"),
+        str(tmp_path / "lat"),
+        "--buckets",
+        str(tmp_path / "b.json"),
+        "--text-encoder",
+        str(tmp_path / "t5"),
+        "--max-text-len",
+        "8",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = json.loads((tmp_path / "lat" / "index.json").read_text())
+    assert index["samples"] == 16 and {r["rank"] for r in index["ranks"]} == {0, 1}
+    assert all(r["written"] > 0 for r in index["ranks"])  # both ranks did work
+    loader = build_loader(
+        DataConfig(
+            shards=str(tmp_path / "lat"), buckets=load_bucket_file(str(tmp_path / "b.json")), num_workers=0
+        )
+    )
+    batch = next(iter(loader))
+    frames = int(batch["bucket"].split("x")[0])
+    assert batch["latent"].shape == (1, 48, frames, 8, 8) and batch["text_emb"].shape == (1, 8, 16)
+    assert batch["text_mask"].dtype == torch.bool and batch["text"][0]
