@@ -66,12 +66,14 @@ def list_shards(cfg: DataConfig) -> list[str]:
     spec = cfg.shards.strip()
     if not spec:
         raise ValueError("data.shards is empty: set it to a shard directory, glob or list of .tar files")
-    if spec.startswith("pipe:") and not cfg.allow_pipe:
-        raise ValueError(
-            f"data.shards={spec!r}: pipe: URLs run shell commands; set data.allow_pipe=true to allow"
-        )
     if spec.startswith("pipe:"):
-        raise NotImplementedError("pipe: shards are not supported by this loader yet; copy them locally")
+        if not cfg.allow_pipe:
+            raise ValueError(
+                f"data.shards={spec!r}: pipe: URLs run shell commands; set data.allow_pipe=true to allow"
+            )
+        from braceexpand import braceexpand
+
+        return list(braceexpand(spec))  # e.g. "pipe:aws s3 cp s3://b/train-{000000..000099}.tar -"
     if os.path.isdir(spec):
         paths = sorted(glob.glob(os.path.join(spec, f"{cfg.prefix}-*.tar")))
     elif "," in spec:

@@ -11,10 +11,12 @@ Bad input costs only its sample: each skip is counted by reason with its shard a
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import logging
 import re
+import subprocess
 import tarfile
 import time
 import zlib
@@ -100,7 +102,7 @@ def read_shard(path: str, errors: Errors) -> Iterator[dict]:
     seen_keys: set[str] = set()
     shard = path.rsplit("/", 1)[-1]
     try:
-        with open(path, "rb") as f:
+        with _open_shard(path) as f:
             for member in tar_file_iterator(f):
                 prefix, ext = base_plus_ext(member["fname"])
                 if prefix is None:
@@ -125,6 +127,22 @@ def read_shard(path: str, errors: Errors) -> Iterator[dict]:
         return  # the sample being read when the tar broke is incomplete: drop it
     if current is not None and not current.get("__dup__"):
         yield current
+
+
+@contextlib.contextmanager
+def _open_shard(path: str):
+    """A local tar, or the stdout of a ``pipe:`` command (only listed when data.allow_pipe is set)."""
+    if not path.startswith("pipe:"):
+        with open(path, "rb") as f:
+            yield f
+        return
+    proc = subprocess.Popen(path[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 (opted in)
+    try:
+        yield proc.stdout
+    finally:
+        proc.stdout.close()
+        if proc.wait() != 0:
+            raise OSError(f"{path}: command exited with {proc.returncode}")
 
 
 def validate(sample: dict, errors: Errors, seen: set[str]) -> dict | None:

@@ -248,3 +248,26 @@ def test_latent_shards_are_read_directly_without_unpickling(tmp_path):
     assert batches[1]["latent"].shape == (1, 4, 2, 4, 4) and batches[1]["latent"].max() == 1
     assert batches[0]["text_emb"].shape == (1, 5, 8) and batches[0]["text_mask"].dtype == torch.bool
     assert loader.error_summary()["skipped"]["bad_array"] >= 1
+
+
+def test_pipe_shards_only_when_enabled(shards):
+    spec = f"pipe:cat {shards}/train-{{000000..000011}}.tar"
+    with pytest.raises(ValueError, match="allow_pipe"):
+        build_loader(cfg_for(spec))
+    piped = list(itertools.islice(iter(build_loader(cfg_for(spec, allow_pipe=True))), 3))
+    local = list(itertools.islice(iter(build_loader(cfg_for(shards))), 3))
+    assert [b["key"] for b in piped] == [b["key"] for b in local]
+
+
+def test_image_ratio_balances_joint_training(shards):
+    def share(ratio):
+        buckets = BucketConfig([Bucket(1, 32, 32, 1), Bucket(2, 32, 32, 1)], fps=8, image_ratio=ratio)
+        batches, _ = _one_epoch(build_loader(cfg_for(shards, buckets=buckets)))
+        images = [b["video"].shape[2] == 1 for b in batches]
+        return images, sum(images) / len(images)
+
+    natural, natural_share = share(None)
+    assert 0 < natural_share < 0.5  # the synthetic set has ~15% stills
+    balanced, _ = share(0.5)
+    n = 2 * sum(balanced)  # while both kinds last, batches alternate image/video
+    assert abs(sum(balanced[:n]) - n / 2) <= 1 and sorted(balanced) == sorted(natural)
