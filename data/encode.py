@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import webdataset as wds
 
 from data.buckets import assign, load_bucket_file
 from data.encoders import TextEncoder, build_codec
 from data.pipeline import DataConfig, list_shards
+from data.shards import ShardSink
 from data.stream import Errors, StreamSpec, decode_sample, read_shard, validate
 from data.video import MediaError
 
@@ -53,9 +53,9 @@ def encode_shards(
     """Encode ``shards`` into ``out_dir/train-r{rank}-*.tar``; returns counts and skips."""
     buckets = load_bucket_file(bucket_file)
     spec = StreamSpec(shards=shards, buckets=buckets, seed=seed, epoch=0, stream_id=(rank,))
-    errors, seen, written = Errors(), set(), 0
+    errors, seen = Errors(), set()
     pattern = str(out_dir / f"train-r{rank:03d}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0) as sink:
+    with ShardSink(pattern, samples_per_shard, 2**40) as sink:
         for shard in shards:
             for raw in read_shard(shard, errors):
                 sample = validate(raw, errors, seen)
@@ -96,11 +96,7 @@ def encode_shards(
                         "json": json.dumps(meta),
                     }
                 )
-                written += 1
-    for path in out_dir.glob(f"train-r{rank:03d}-*.tar"):
-        if path.stat().st_size <= 1024:  # the writer opened a shard that got no sample
-            path.unlink()
-    return {"rank": rank, "written": written, **errors.summary()}
+    return {"rank": rank, "written": sum(sink.counts.values()), **errors.summary()}
 
 
 def main(argv: list[str] | None = None) -> None:

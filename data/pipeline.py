@@ -146,8 +146,7 @@ class _EpochStream(IterableDataset):
         )
         errors = Errors()
         for index, batch in batches(spec, errors, skip=self.skip[worker]):
-            if index >= self.skip[worker]:
-                yield worker, index, batch, errors.summary()
+            yield worker, index, batch, errors.summary()
         yield worker, -1, None, errors.summary()  # end of this worker's epoch
 
 

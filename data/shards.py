@@ -133,9 +133,7 @@ def write_shards(
     ctx = mp.get_context("spawn")  # no fork: safe with threads in the parent (PyAV, torch)
     with (
         ctx.Pool(processes) if processes > 1 else _Inline() as pool,
-        wds.ShardWriter(
-            pattern, maxcount=max_samples, maxsize=int(max_mb * 2**20), verbose=0, mtime=0
-        ) as sink,
+        ShardSink(pattern, max_samples, int(max_mb * 2**20)) as sink,
     ):
         for item, data, info, reason in pool.imap(_probe_item, items, chunksize=4):
             if reason is not None:
@@ -154,13 +152,10 @@ def write_shards(
             kinds[info["kind"]] += 1
             durations[_duration_bin(info["duration"]) if info["kind"] == "video" else "image"] += 1
             resolutions[f"{info['width']}x{info['height']}"] += 1
-    shards = []
-    for path in sorted(out_dir.glob(f"{prefix}-*.tar")):
-        samples = _count_samples(path)
-        if samples == 0:  # the writer opens a shard before knowing anything will go in it
-            path.unlink()
-            continue
-        shards.append({"name": path.name, "bytes": path.stat().st_size, "samples": samples})
+    shards = [
+        {"name": Path(path).name, "bytes": Path(path).stat().st_size, "samples": n}
+        for path, n in sorted(sink.counts.items())
+    ]
     index = {
         "prefix": prefix,
         "shards": shards,
@@ -178,11 +173,29 @@ def write_shards(
     return index
 
 
-def _count_samples(path: Path) -> int:
-    import tarfile
+class ShardSink:
+    """``webdataset.ShardWriter`` that counts the samples of each shard it writes.
 
-    with tarfile.open(path) as tar:
-        return sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
+    The writer opens its first shard before any sample arrives; if none does, that empty tar is
+    removed on exit. Tars are reproducible (fixed mtime).
+    """
+
+    def __init__(self, pattern: str, max_samples: int, max_bytes: int):
+        self.writer = wds.ShardWriter(pattern, maxcount=max_samples, maxsize=max_bytes, verbose=0, mtime=0)
+        self.counts: collections.Counter = collections.Counter()  # shard path → samples
+
+    def write(self, sample: dict) -> None:
+        self.writer.write(sample)
+        self.counts[self.writer.fname] += 1  # fname is the shard this sample went into
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.writer.close()
+        if not self.counts:
+            Path(self.writer.fname).unlink(missing_ok=True)
+        return False
 
 
 class _Inline:

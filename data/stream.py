@@ -99,7 +99,6 @@ def _key_seed(key: str) -> int:
 def read_shard(path: str, errors: Errors) -> Iterator[dict]:
     """Samples ``{"__key__", "__shard__", ext: bytes, …}`` of one tar; a broken tar ends early."""
     current: dict | None = None
-    seen_keys: set[str] = set()
     shard = path.rsplit("/", 1)[-1]
     try:
         with _open_shard(path) as f:
@@ -112,20 +111,13 @@ def read_shard(path: str, errors: Errors) -> Iterator[dict]:
                 if current is not None and key != current["__key__"]:
                     yield current
                     current = None
-                if current is None:
-                    if key in seen_keys:
-                        errors.add("duplicate_key", shard, key)
-                        current = {"__key__": key, "__shard__": shard, "__dup__": True}
-                        continue
-                    seen_keys.add(key)
+                if current is None:  # a repeated key is caught by validate()
                     current = {"__key__": key, "__shard__": shard}
-                if current.get("__dup__"):
-                    continue
                 current[ext.lower()] = member["data"]
     except (tarfile.TarError, OSError, EOFError) as e:
         errors.add("truncated_tar", shard, f"after {current['__key__'] if current else 'start'} ({e})")
         return  # the sample being read when the tar broke is incomplete: drop it
-    if current is not None and not current.get("__dup__"):
+    if current is not None:
         yield current
 
 
@@ -148,8 +140,6 @@ def _open_shard(path: str):
 def validate(sample: dict, errors: Errors, seen: set[str]) -> dict | None:
     """Metadata + media check; returns the sample with parsed ``meta`` or None (counted)."""
     key, shard = sample["__key__"], sample["__shard__"]
-    if sample.get("__dup__"):
-        return None
     errors.seen += 1
     if not _SAFE_KEY.match(key):
         errors.add("unsafe_key", shard, key[:80])
@@ -284,15 +274,21 @@ class _RatioMixer:
 
 
 def batches(spec: StreamSpec, errors: Errors, skip: int = 0) -> Iterator[tuple[int, dict | None]]:
-    """``(index, batch)`` for every batch this worker forms in the epoch, in order.
+    """``(index, batch)`` for the batches this worker forms in the epoch, in order, from ``skip`` on.
 
-    Batches with ``index < skip`` are formed but not decoded (``batch is None``). A batch whose samples
-    all fail to decode is also None. The error-rate threshold is checked as samples arrive.
+    The first ``skip`` batches are formed from metadata and dropped without decoding (resuming). A
+    batch whose samples all fail to decode is None. The error-rate threshold is checked as samples arrive.
     """
+    for index, (a, members) in enumerate(_formed_batches(spec, errors)):
+        if index >= skip:
+            yield index, _decode_batch(members, a, spec, errors)
+
+
+def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignment, list]]:
+    """``(assignment, [(sample, assignment), …])`` per full bucket: metadata only, nothing decoded."""
     seen: set[str] = set()
     buffers: dict = collections.defaultdict(list)
     mixer = _RatioMixer(spec.buckets.image_ratio)
-    index = 0
 
     def samples() -> Iterator[dict]:
         for shard in spec.shards:
@@ -302,27 +298,21 @@ def batches(spec: StreamSpec, errors: Errors, skip: int = 0) -> Iterator[tuple[i
                 if sample is not None:
                     yield sample
 
-    def emit(group):
-        nonlocal index
-        a, members = group
-        i, index = index, index + 1
-        return i, (None if i < skip else _decode_batch(members, a, spec, errors))
-
     for sample in shuffled(samples(), spec.shuffle_buffer, _rng(spec.seed, spec.epoch, *spec.stream_id)):
-        a = assign(sample["meta"], spec.buckets)
+        meta = sample["meta"]
+        a = assign(meta, spec.buckets)
         if a is None:
-            errors.filter(
-                "shorter_than_any_bucket" if sample["meta"]["kind"] == "video" else "no_image_bucket"
-            )
+            if "bucket" in meta:  # an encoded sample whose bucket is not in this config
+                errors.filter("bucket_not_configured")
+            else:
+                errors.filter("shorter_than_any_bucket" if meta["kind"] == "video" else "no_image_bucket")
             continue
         buf = buffers[a.bucket]
         buf.append((sample, a))
         if len(buf) == a.bucket.batch_size:
             buffers[a.bucket] = []
-            for group in mixer.push(a.bucket.frames == 1, (a, buf)):
-                yield emit(group)
-    for group in mixer.flush():
-        yield emit(group)
+            yield from mixer.push(a.bucket.frames == 1, (a, buf))
+    yield from mixer.flush()
     for buf in buffers.values():  # too few for a full batch this epoch (they are reshuffled next epoch)
         errors.filtered["partial_batch"] += len(buf)
 

@@ -71,12 +71,16 @@ def make_predictor(
         net_t = objective.model_time(torch.full((x.shape[0],), float(t), device=x.device))
         if cond_frames is not None:
             net_t = torch.where(cond_frames, torch.zeros_like(net_t[:, None]), net_t[:, None])  # B, T
+
+        def run(x_in: Tensor, t_in: Tensor, kwargs: dict) -> Tensor:
+            return model(x_in, t_in, **kwargs)[:, :c].float()  # learned-variance channels unused here
+
         if cfg_scale == 1.0:
-            return model(x, net_t, **cond)[:, :c].float()  # learned-variance channels are not used here
+            return run(x, net_t, cond)
         if both is not None:  # one batched call for both branches
-            out_c, out_u = model(torch.cat([x, x]), torch.cat([net_t, net_t]), **both)[:, :c].float().chunk(2)
+            out_c, out_u = run(torch.cat([x, x]), torch.cat([net_t, net_t]), both).chunk(2)
         else:
-            out_c, out_u = model(x, net_t, **cond)[:, :c].float(), model(x, net_t, **uncond)[:, :c].float()
+            out_c, out_u = run(x, net_t, cond), run(x, net_t, uncond)
         return out_u + cfg_scale * (out_c - out_u)
 
     return predict
