@@ -212,14 +212,25 @@ def decode_clip_naive(
 def encode_h264(frames: np.ndarray, fps: float, crf: int = 23, gop: int = 12) -> bytes:
     """Encode T×H×W×3 uint8 frames as an H.264 mp4 (yuv420p; H and W must be even).
 
-    Single-threaded: multi-threaded x264 is not bit-reproducible, and the synthetic dataset must be.
+    Single-threaded, so the decoded frames are reproducible. The bitstream itself may still differ in
+    a few bytes between runs (x264 reads uninitialised frame padding in some searches); compare decoded
+    pixels, not mp4 bytes.
     """
     t, h, w, _ = frames.shape
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "g": str(gop), "preset": "veryfast", "threads": "1"}
+        # PyAV's own thread settings override options["threads"]; set them on the codec context, and
+        # keep x264's lookahead single-threaded too
+        stream.codec_context.thread_count = 1
+        stream.codec_context.thread_type = "NONE"
+        stream.options = {
+            "crf": str(crf),
+            "g": str(gop),
+            "preset": "veryfast",
+            "x264-params": "threads=1:lookahead-threads=1",
+        }
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 container.mux(packet)
