@@ -149,6 +149,9 @@ class TextEncoder:
         dtype: torch.dtype = torch.float32,
     ):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load bar would break the trainer's own progress line
 
         path = Path(path) if path not in (None, "", "minilm") else minilm_path()
         if not (path / "config.json").is_file():

@@ -216,6 +216,11 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
         out["text_mask"] = (
             torch.from_numpy(_npy(sample, "text_mask.npy")).bool() if "text_mask.npy" in sample else None
         )
+    label = sample.get("meta", {}).get("label")
+    if label is not None:
+        if not isinstance(label, int) or label < 0:
+            raise MediaError("bad_label", f"json 'label' must be a non-negative integer, got {label!r}")
+        out["label"] = label
     out.update(text=text, fps=a.fps, key=key)
     return out
 
@@ -240,6 +245,8 @@ def collate(items: list[dict], bucket_name: str) -> dict:
             batch[name] = torch.stack([i[name] for i in items])
     if items[0].get("text_mask") is not None:
         batch["text_mask"] = torch.stack([i["text_mask"] for i in items])
+    if all("label" in i for i in items):
+        batch["label"] = torch.tensor([i["label"] for i in items], dtype=torch.long)
     return batch
 
 

@@ -1,0 +1,139 @@
+"""From a loader batch to the model's inputs: latents, conditioning, the training task of each sample.
+
+Raw batches (``video`` + ``text``) are encoded here with the configured codec and text encoder; latent
+batches (``latent`` + ``text_emb``/``text_mask``) pass through. Every random choice (caption dropout,
+task) is drawn from the generator the caller passes, so a step's draws depend only on (seed, rank,
+step) and resume exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from data.encoders import TextEncoder, build_codec
+from dit.config import DiTConfig
+from launch.config import JobConfig
+
+TASKS = ("t2v", "i2v", "continuation")
+
+
+@dataclass
+class Prepared:
+    x0: Tensor
+    """B×C×T×H×W clean latents."""
+    kwargs: dict
+    """Model keyword arguments (context/context_mask or labels, fps, cond)."""
+    cond_frames: Tensor | None
+    """B×T bool: frames kept clean and left out of the loss (image-to-video, continuation)."""
+    loss_frames: Tensor
+    """B: frames of each sample that count in the loss."""
+
+
+class Conditioner:
+    """Encodes text and video on the training device and applies dropout and tasks."""
+
+    def __init__(self, cfg: JobConfig, device: torch.device):
+        self.cfg, self.arch, self.device = cfg, cfg.model.arch, device
+        self.codec = build_codec(cfg.data.codec, device=str(device))
+        self.text: TextEncoder | None = None  # loaded on first need (latent shards carry embeddings)
+        if hasattr(self.codec, "latent_channels") and self.codec.latent_channels != self.arch.in_channels:
+            raise ValueError(
+                f"data.codec={cfg.data.codec!r} makes {self.codec.latent_channels}-channel latents but "
+                f"model.arch.in_channels={self.arch.in_channels}"
+            )
+        weights = torch.tensor([cfg.train.task_t2v, cfg.train.task_i2v, cfg.train.task_continuation])
+        self.task_probs = weights / weights.sum()
+
+    def encode_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        if self.text is None:
+            self.text = TextEncoder(self.cfg.data.text_encoder, self.cfg.data.max_text_len, str(self.device))
+            if self.text.dim != self.arch.text_dim:
+                raise ValueError(
+                    f"data.text_encoder={self.cfg.data.text_encoder!r} gives {self.text.dim}-wide states but "
+                    f"model.arch.text_dim={self.arch.text_dim}"
+                )
+        return self.text(texts)
+
+    def null_condition(self, b: int, like: dict) -> dict:
+        """The unconditional inputs for classifier-free guidance (zero, fully masked text; null label)."""
+        if self.arch.conditioning == "text":
+            return {
+                "context": torch.zeros_like(like["context"]),
+                "context_mask": torch.zeros_like(like["context_mask"]),
+            }
+        if self.arch.conditioning == "class":
+            return {"labels": torch.full((b,), self.arch.num_classes, dtype=torch.long, device=self.device)}
+        return {}
+
+    def __call__(self, batch: dict, gen: torch.Generator, train: bool = True) -> Prepared:
+        dev = self.device
+        if "latent" in batch:
+            x0 = batch["latent"].to(dev, non_blocking=True).float()
+        else:
+            x0 = self.codec.encode(batch["video"].to(dev, non_blocking=True)).float()
+        b, t = x0.shape[0], x0.shape[2]
+        kwargs = self._condition(batch, b)
+        if self.arch.fps_conditioning:
+            kwargs["fps"] = batch["fps"].to(dev)
+        if train and self.cfg.train.cfg_dropout > 0 and self.arch.conditioning != "none":
+            drop = torch.rand(b, generator=gen) < self.cfg.train.cfg_dropout
+            null = self.null_condition(b, kwargs)
+            for k, v in null.items():
+                mask = drop.to(dev).view(-1, *([1] * (v.ndim - 1)))
+                kwargs[k] = torch.where(mask, v, kwargs[k])
+        cond_frames = self._tasks(x0, kwargs, gen) if train else None
+        frames = torch.full((b,), t, device=dev)
+        if cond_frames is not None:
+            frames = (~cond_frames).sum(1)
+        return Prepared(x0, kwargs, cond_frames, frames)
+
+    def _condition(self, batch: dict, b: int) -> dict:
+        dev, kind = self.device, self.arch.conditioning
+        if kind == "text":
+            if "text_emb" in batch:
+                emb, mask = batch["text_emb"], batch.get("text_mask")
+                mask = mask if mask is not None else torch.ones(emb.shape[:2], dtype=torch.bool)
+            else:
+                emb, mask = self.encode_text(batch["text"])
+            return {"context": emb.to(dev).float(), "context_mask": mask.to(dev)}
+        if kind == "class":
+            if "label" not in batch:
+                raise ValueError(
+                    f"model.arch.conditioning=class but batch {batch['key'][:1]} has no 'label' (an integer "
+                    "'label' in each sample's json)"
+                )
+            return {"labels": batch["label"].to(dev)}
+        return {}
+
+    def _tasks(self, x0: Tensor, kwargs: dict, gen: torch.Generator) -> Tensor | None:
+        """Per-sample task draw → B×T clean-frame mask (None when every sample is text-to-video)."""
+        b, c, t = x0.shape[:3]
+        if t == 1 or self.task_probs[0] == 1:
+            if self.arch.cond_channels:
+                kwargs["cond"] = x0.new_zeros(b, self.arch.cond_channels, *x0.shape[2:])
+            return None
+        task = torch.multinomial(self.task_probs, b, replacement=True, generator=gen)  # B: 0/1/2
+        clean = torch.zeros(b, t, dtype=torch.bool)
+        clean[task == 1, 0] = True
+        clean[task == 2, : min(self.cfg.train.continuation_frames, t - 1)] = True
+        clean = clean.to(x0.device)
+        if self.arch.cond_channels:
+            kwargs["cond"] = cond_channels(x0, clean, self.arch)
+        return clean if clean.any() else None
+
+
+def cond_channels(x0: Tensor, clean: Tensor, arch: DiTConfig) -> Tensor:
+    """Wan-I2V-style ``cond`` input: the clean frames (zeros elsewhere) and a 0/1 mask channel."""
+    if arch.cond_channels != x0.shape[1] + 1:
+        raise ValueError(
+            f"model.arch.cond_channels={arch.cond_channels}: image-to-video conditioning needs "
+            f"in_channels + 1 = {x0.shape[1] + 1}"
+        )
+    b, _, t, h, w = x0.shape
+    keep = clean[:, None, :, None, None]  # B, 1, T, 1, 1
+    return torch.cat(
+        [torch.where(keep, x0, torch.zeros_like(x0)), keep.to(x0.dtype).expand(b, 1, t, h, w)], 1
+    )

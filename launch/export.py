@@ -1,0 +1,66 @@
+"""Export a checkpoint for inference or fine-tuning: ``python -m launch.export CHECKPOINT_OR_RUN OUT_DIR``.
+
+Writes ``model.safetensors``, ``ema.safetensors`` (when the run kept an EMA) and ``config.json`` (the
+architecture, diffusion objective, codec and text encoder: everything ``launch.sample`` and
+``init.from`` need). Reads the DCP checkpoint in one process, whatever world size wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from launch.config import JobConfig, load_config
+from parallel import checkpoint as ckpt
+
+
+def export_config(cfg: JobConfig, step: int, source: Path) -> dict:
+    return {
+        "format": "spacetime-dit",
+        "preset": cfg.model.preset,
+        "arch": dataclasses.asdict(cfg.model.arch),
+        "diffusion": dataclasses.asdict(cfg.diffusion),
+        "codec": cfg.data.codec,
+        "text_encoder": cfg.data.text_encoder,
+        "max_text_len": cfg.data.max_text_len,
+        "sample": dataclasses.asdict(cfg.sample),
+        "step": step,
+        "source": str(source),
+    }
+
+
+def export(src: str | Path, out_dir: str | Path) -> Path:
+    """Export the newest complete checkpoint at ``src`` (a checkpoint, its folder or a run directory)."""
+    path = ckpt.resolve(src)
+    cfg = load_config(path / "config.yaml")
+    state = ckpt.read_full(path, {"model", "ema", "step"})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "step": str(int(state["step"]))}
+    save_file(
+        {k: v.contiguous() for k, v in state["model"].items()}, out / "model.safetensors", metadata=meta
+    )
+    if state.get("ema"):
+        save_file(
+            {k: v.contiguous() for k, v in state["ema"].items()}, out / "ema.safetensors", metadata=meta
+        )
+    config = export_config(cfg, int(state["step"]), path)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="a checkpoint directory, a checkpoints/ folder or a run directory")
+    p.add_argument("out_dir")
+    a = p.parse_args(argv)
+    out = export(a.source, a.out_dir)
+    print(f"exported {ckpt.resolve(a.source)} → {out} ({', '.join(sorted(f.name for f in out.iterdir()))})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Start from existing weights: ``init.from`` (an export or a DCP checkpoint), inflation, freezing.
+
+Only weights are read, never optimizer, scheduler or data-loader state. Where the new model differs
+from the source it is adapted so that, at step 0, it computes what the source computed wherever the
+source is defined:
+
+- more input channels (``cond_channels`` for image-to-video): the source's channels are copied, the
+  new ones start at zero;
+- a temporal patch (image model, pt = 1 → video model, pt > 1): the patch embedding is spread evenly
+  over the pt frames and the output projection repeated for each, so a still clip maps as before;
+- blocks or embedders the source lacks start as the identity (their output projections are zero);
+- a different text width re-initialises only the text projection (``text_proj.*``).
+
+Any other shape mismatch is an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from dit.config import DiTConfig
+from parallel import checkpoint as ckpt
+
+# the last layer of each residual branch or embedder: zero makes a module the source lacks an identity
+_ZERO_WHEN_NEW = ("attn.o.", "cross_attn.o.", "mlp.fc2.", "fps_embedder.fc2.", "label_embed.")
+
+
+@dataclass
+class InitReport:
+    loaded: list[str] = field(default_factory=list)
+    inflated: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    """In the model, not in the source: kept fresh (identity where that applies)."""
+    unexpected: list[str] = field(default_factory=list)
+    """In the source, not in the model: ignored."""
+
+    def summary(self) -> str:
+        parts = [f"{len(self.loaded)} loaded"]
+        for name in ("inflated", "reinitialised", "missing", "unexpected"):
+            items = getattr(self, name)
+            if items:
+                shown = ", ".join(items[:6]) + (" …" if len(items) > 6 else "")
+                parts.append(f"{len(items)} {name} ({shown})")
+        return "; ".join(parts)
+
+
+def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict, dict | None]:
+    """(state dict, source arch as a dict or None) from an export directory or a DCP checkpoint/run."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        name = "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors"
+        meta = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        return load_file(path / name), meta.get("arch")
+    if not path.exists():
+        raise FileNotFoundError(f"init.from={path}: no such file or directory")
+    found = ckpt.resolve(path)
+    state = ckpt.read_full(found, {"model", "ema"})
+    weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
+    arch = None
+    if (found / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        arch = OmegaConf.to_container(OmegaConf.load(found / "config.yaml")).get("model", {}).get("arch")
+    return weights, arch
+
+
+@torch.no_grad()
+def apply_init(model: nn.Module, path: str | Path, arch: DiTConfig, use_ema: bool = True) -> InitReport:
+    """Copy (and adapt) the weights at ``path`` into a freshly initialised ``model``; see the module doc."""
+    source, src_arch = read_weights(path, use_ema)
+    pt_src = (src_arch or {}).get("patch_size", arch.patch_size)[0]
+    report = InitReport()
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name not in source:
+            report.missing.append(name)
+            if any(k in name for k in _ZERO_WHEN_NEW):
+                p.zero_()
+            continue
+        src = source[name].to(p.dtype)
+        if src.shape == p.shape:
+            p.copy_(src)
+            report.loaded.append(name)
+        elif name.startswith("text_proj."):
+            report.reinitialised.append(name)  # a new text encoder width: keep the fresh init
+        elif name == "patch_embed.proj.weight":
+            p.copy_(_inflate_patch_in(src, p, arch, pt_src))
+            report.inflated.append(name)
+        elif name.startswith("final.linear."):
+            p.copy_(_inflate_patch_out(src, p, arch, pt_src))
+            report.inflated.append(name)
+        else:
+            raise ValueError(
+                f"init.from={path}: parameter {name} has shape {tuple(src.shape)} in the source but "
+                f"{tuple(p.shape)} in the model"
+            )
+    report.unexpected = sorted(set(source) - set(params))
+    return report
+
+
+def _inflate_patch_in(src: torch.Tensor, dst: torch.Tensor, arch: DiTConfig, pt_src: int) -> torch.Tensor:
+    """Patch embedding (D, C·pt·ph·pw) from a source with fewer channels and/or pt = 1."""
+    pt, ph, pw = arch.patch_size
+    if pt_src not in (1, pt):
+        raise ValueError(f"patch_embed: source temporal patch {pt_src} → {pt}: only 1 → pt inflates")
+    c_dst = arch.in_channels + arch.cond_channels
+    c_src = src.shape[1] // (pt_src * ph * pw)
+    w = src.view(src.shape[0], c_src, pt_src, ph, pw)
+    if pt_src != pt:  # spread the image kernel over pt frames: a static clip embeds as the image did
+        w = w.expand(-1, -1, pt, -1, -1) / pt
+    out = torch.zeros(dst.shape[0], c_dst, pt, ph, pw, dtype=dst.dtype)
+    out[:, :c_src] = w  # new (conditioning) channels start at zero
+    return out.view_as(dst)
+
+
+def _inflate_patch_out(src: torch.Tensor, dst: torch.Tensor, arch: DiTConfig, pt_src: int) -> torch.Tensor:
+    """Output projection (pt·ph·pw·C, D) or its bias from a pt = 1 source: repeated for each frame."""
+    pt = arch.patch_size[0]
+    if pt_src != 1 or src.shape[0] * pt != dst.shape[0]:
+        raise ValueError(f"final.linear: source rows {src.shape[0]} × pt={pt} != {dst.shape[0]}")
+    return src.repeat(pt, *([1] * (src.ndim - 1)))  # (pt, ph·pw·C) blocks, pt outermost
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> int:
+    """Turn off gradients for parameters whose names match any fnmatch pattern; returns the count."""
+    if not patterns:
+        return 0
+    n = 0
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+            n += 1
+    if n == 0:
+        raise ValueError(f"init.freeze={list(patterns)}: no parameter name matches")
+    return n

@@ -1,0 +1,138 @@
+"""Training metrics: averaged over the steps between logs and across ranks (torchmetrics), written to
+``run.dir/metrics.jsonl`` and tensorboard by rank 0, shown as a progress bar or as plain lines.
+
+Units in a record: ``loss``/``val_loss`` per-sample means; ``tokens_per_s`` latent tokens per second
+summed over ranks; ``step_time``/``data_wait`` seconds per optimizer step; ``tflops_per_device`` model
+TFLOP/s per rank; ``mfu`` a fraction of the device's bf16 peak (null where the peak is unknown, e.g. a
+CPU); ``max_memory`` GiB (peak CUDA allocation, or peak resident memory on a CPU) maximised over ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.aggregation import MaxMetric, MeanMetric, SumMetric
+
+MEAN_KEYS = ("loss", "lr", "grad_norm", "step_time", "data_wait", "tflops_per_device", "mfu")
+
+
+def max_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Progress:
+    """A one-line progress bar on a terminal; nothing between logs otherwise (the log lines suffice)."""
+
+    def __init__(self, total: int, mode: str = "auto", stream=None):
+        self.stream = stream or sys.stderr
+        self.bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
+        self.total, self.started = total, time.perf_counter()
+
+    def update(self, step: int, text: str = "") -> None:
+        if not self.bar:
+            return
+        frac = step / max(1, self.total)
+        filled = int(30 * frac)
+        elapsed = time.perf_counter() - self.started
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} {elapsed:6.0f}s {text}\x1b[K"
+        )
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        if self.bar:
+            self.stream.write("\r\x1b[K")
+        print(text, file=self.stream if self.bar else sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.stream.write("\n")
+
+
+class Metrics:
+    """Accumulates per-step values on every rank; :meth:`log` reduces them and rank 0 writes them."""
+
+    def __init__(self, run_dir: Path, is_main: bool, device: torch.device, tensorboard: bool, progress):
+        self.is_main, self.progress = is_main, progress
+        dev = device if device.type == "cuda" else torch.device("cpu")
+        self.means = {k: MeanMetric(nan_strategy="ignore").to(dev) for k in MEAN_KEYS}
+        self.tokens = SumMetric().to(dev)
+        self.memory = MaxMetric().to(dev)
+        self.window_start = time.perf_counter()
+        # held open for the run (appends survive restarts); closed in close()
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115
+        self.tb = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def update(self, tokens: int, memory_gib: float, **values: float | None) -> None:
+        for k, v in values.items():
+            if v is not None:
+                self.means[k].update(float(v))
+        self.tokens.update(float(tokens))
+        self.memory.update(memory_gib)
+
+    def log(self, step: int, extra: dict | None = None) -> dict:
+        """Reduce over ranks (a collective: every rank calls it), write, reset; returns the record."""
+        elapsed = time.perf_counter() - self.window_start
+        record: dict = {"step": step}
+        for k, m in self.means.items():
+            value = float(m.compute()) if m.update_called else math.nan
+            record[k] = None if math.isnan(value) else value
+        record["tokens_per_s"] = float(self.tokens.compute()) / max(elapsed, 1e-9)
+        record["max_memory"] = float(self.memory.compute())
+        record.update(extra or {})
+        for m in (*self.means.values(), self.tokens, self.memory):
+            m.reset()
+        self.window_start = time.perf_counter()
+        self.write(record)
+        return record
+
+    def write(self, record: dict) -> None:
+        """Rank 0: one JSON line, tensorboard scalars and a progress line."""
+        if not self.is_main:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, record["step"])
+        shown = {k: record[k] for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s") if k in record}
+        text = "  ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None)
+        self.progress.line(f"step {record['step']:>7d}  {text}")
+
+    def video(self, tag: str, frames: np.ndarray, step: int, fps: float) -> None:
+        """An animated GIF of T×H×W×3 uint8 frames in tensorboard's image tab (tensorboard shows
+        encoded GIFs as animations; this avoids add_video's moviepy dependency)."""
+        if self.tb is None:
+            return
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        buf = io.BytesIO()
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(
+            buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0
+        )
+        t, h, w, _ = frames.shape
+        image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
+        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

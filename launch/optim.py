@@ -1,0 +1,93 @@
+"""AdamW with decay/no-decay groups, learning-rate schedules, and an EMA of the weights."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from launch.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases, norms and embedding tables (1-D or
+    named ``*table*``/``*embed*`` vectors), the usual convention from GPT-2 on. Fused kernels on CUDA."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "table" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` for the update made at optimizer step ``step`` (0-based)."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup)
+        progress = min(1.0, (step - cfg.warmup) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # wsd: flat at the peak, then a linear decay over the last ``decay_fraction`` of training
+    decay_steps = max(1, round(cfg.decay_fraction * cfg.steps))
+    start = cfg.steps - decay_steps
+    if step < start:
+        return 1.0
+    return 1.0 - (1 - floor) * min(1.0, (step - start + 1) / decay_steps)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, kept in fp32 next to them (same sharding)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters()]
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # warm up the decay (1 + n) / (10 + n) so early averages are not dominated by the initial weights
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
+
+    def state_dict(self) -> dict:
+        return dict(zip(self.names, self.shadow, strict=True))
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, s in zip(self.names, self.shadow, strict=True):
+                s.copy_(state[name])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily put the EMA weights into the model (for samples and validation)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)

@@ -1,0 +1,194 @@
+"""Generate videos from a checkpoint or an export.
+
+    python -m launch.sample CHECKPOINT_OR_EXPORT --prompt "a red circle moves slowly from left to right" \\
+        [--prompts FILE] [--image FIRST_FRAME] [--video INPUT --strength S] \\
+        [--frames 8 --height 64 --width 64] [--steps 25 --sampler euler --cfg 4 --seed 0] --out OUT.mp4
+
+Text-to-video by default; ``--image`` pins the first frame (image-to-video); ``--video`` noises an input
+clip to ``--strength`` and denoises it (video-to-video). Several prompts (``--prompt`` repeated or one
+per line in ``--prompts``) are sampled in batches and written as ``OUT-0.mp4``, ``OUT-1.mp4`` …
+Latents are decoded through the codec/VAE the model was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from data.encoders import TextEncoder, build_codec
+from data.video import MediaError, decode_clip, decode_image, media_kind, probe
+from dit.config import DiTConfig
+from dit.diffusion import DiffusionConfig, make_objective
+from dit.model import build_model
+from dit.sampling import sample
+from launch.evaluate import to_uint8, write_mp4
+from parallel import checkpoint as ckpt
+
+
+def _dataclass_from(cls, values: dict):
+    """Build a config dataclass from JSON values (lists back to tuples where the field is a tuple)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def load_for_inference(
+    src: str | Path, use_ema: bool = True, device: str = "cpu"
+) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, info with ``arch``, ``diffusion``, ``codec``, ``text_encoder``, ``max_text_len``,
+    ``sample``) from an export directory or a DCP checkpoint / run directory."""
+    src = Path(src)
+    if (src / "model.safetensors").is_file():
+        info = json.loads((src / "config.json").read_text())
+        ema = src / "ema.safetensors"
+        weights = load_file(ema if use_ema and ema.is_file() else src / "model.safetensors")
+    else:
+        path = ckpt.resolve(src)
+        info = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+        info.update(
+            arch=info["model"]["arch"],
+            codec=info["data"]["codec"],
+            text_encoder=info["data"]["text_encoder"],
+            max_text_len=info["data"]["max_text_len"],
+        )
+        state = ckpt.read_full(path, {"model", "ema"})
+        weights = state["ema"] if use_ema and state.get("ema") else state["model"]
+    arch = _dataclass_from(DiTConfig, info["arch"])
+    info["arch"], info["diffusion"] = arch, _dataclass_from(DiffusionConfig, info["diffusion"])
+    model = build_model(arch, device=device)
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), info
+
+
+def _read_prompts(a) -> list[str]:
+    prompts = list(a.prompt or [])
+    if a.prompts:
+        lines = Path(a.prompts).read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit("give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def _pixels(path: str, frames: int, fps: float, size: tuple[int, int]) -> torch.Tensor:
+    """1×3×T×H×W in [-1, 1] from an image (T = 1) or the first ``frames`` frames of a video."""
+    data = Path(path).read_bytes()
+    ext = Path(path).suffix.lower().lstrip(".")
+    try:
+        if media_kind(ext) == "image":
+            arr = decode_image(data, size)
+        else:
+            probe(data, ext)  # names an unknown extension or an undecodable file
+            arr = decode_clip(data, 0.0, frames, fps, size)
+    except (MediaError, OSError) as e:
+        raise SystemExit(f"{path}: cannot use as {'an image' if frames == 1 else 'a video'}: {e}") from e
+    return torch.from_numpy(arr.copy()).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m launch.sample", description="Generate videos.")
+    p.add_argument("source", help="an export directory, a checkpoint or a run directory")
+    p.add_argument("--prompt", action="append", help="a caption (repeatable)")
+    p.add_argument("--prompts", help="a text file with one caption per line")
+    p.add_argument("--image", help="first frame (image-to-video)")
+    p.add_argument("--video", help="input clip (video-to-video)")
+    p.add_argument("--strength", type=float, default=0.6, help="video-to-video: share of the noise grid")
+    p.add_argument("--frames", type=int, help="frames in pixels (default: the run's sample.frames)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--fps", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", choices=("euler", "heun", "ddim", "dpm++2m"))
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA exists")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True, help="output .mp4 (numbered when there are several prompts)")
+    a = p.parse_args(argv)
+    for path in (a.image, a.video, a.prompts):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"{path}: no such file")
+    prompts = _read_prompts(a)
+    model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
+    written = generate(model, info, prompts, a)
+    print("wrote " + ", ".join(str(w) for w in written))
+
+
+def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
+    arch, defaults = info["arch"], info.get("sample", {})
+    frames, height = a.frames or defaults.get("frames", 8), a.height or defaults.get("height", 64)
+    width, fps = a.width or defaults.get("width", 64), a.fps or defaults.get("fps", 8.0)
+    steps, sampler = a.steps or defaults.get("steps", 25), a.sampler or defaults.get("sampler", "euler")
+    cfg_scale = a.cfg if a.cfg is not None else defaults.get("cfg", 4.0)
+    codec = build_codec(info["codec"], device=a.device)
+    comp = codec.compression
+    obj = make_objective(info["diffusion"])
+    text = (
+        TextEncoder(info["text_encoder"], info["max_text_len"], a.device)
+        if arch.conditioning == "text"
+        else None
+    )
+    first = video = None
+    if a.image:
+        first = codec.encode(_pixels(a.image, 1, fps, (width, height)).to(a.device))[:, :, 0]  # 1, C, H, W
+    if a.video:
+        video = codec.encode(_pixels(a.video, frames, fps, (width, height)).to(a.device))
+    out, written = Path(a.out), []
+    for start in range(0, len(prompts), a.batch_size):
+        chunk = prompts[start : start + a.batch_size]
+        b = len(chunk)
+        shape = (
+            b,
+            arch.in_channels,
+            comp.latent_frames(frames),
+            height // comp.spatial,
+            width // comp.spatial,
+        )
+        cond, uncond = {}, None
+        if text is not None:
+            emb, mask = text(chunk)
+            cond = {"context": emb.to(a.device), "context_mask": mask.to(a.device)}
+            uncond = {
+                "context": torch.zeros_like(cond["context"]),
+                "context_mask": torch.zeros_like(cond["context_mask"]),
+            }
+        if arch.fps_conditioning:
+            cond["fps"] = torch.full((b,), float(fps), device=a.device)
+            if uncond is not None:
+                uncond["fps"] = cond["fps"]
+        z = sample(
+            model,
+            obj,
+            shape,
+            cond,
+            uncond if cfg_scale != 1 else None,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=a.seed + start,
+            device=a.device,
+            first_frame=None if first is None else first.expand(b, -1, -1, -1),
+            first_frame_as="cond" if arch.cond_channels else "frames",
+            video=None if video is None else video.expand(b, -1, -1, -1, -1),
+            strength=a.strength,
+        )
+        for i, clip in enumerate(to_uint8(codec.decode(z.float()))):
+            n = start + i
+            path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_mp4(path, clip, fps)
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Train a spacetime DiT: ``python -m launch.train [--config FILE] [key=value ...]``.
+
+Runs as one process (CPU or one GPU) or under ``torchrun``. Rerunning the same command resumes from the
+newest complete checkpoint in ``run.dir``. Read top to bottom: set-up, resume, then the loop
+(batch → encode → loss → backward → agree on finiteness → clip → step → EMA → metrics → eval → samples
+→ checkpoint → preemption check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from data.pipeline import build_loader
+from dit.diffusion import make_objective
+from dit.flops import count, peak_flops
+from dit.model import build_model, num_params
+from launch import evaluate
+from launch.batches import Conditioner
+from launch.config import JobConfig, load_config, save_config, to_yaml
+from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
+from launch.finetune import apply_init, freeze
+from launch.metrics import Metrics, Progress, max_memory_gib
+from launch.optim import EMA, build_optimizer, build_scheduler
+from parallel import checkpoint as ckpt
+from parallel.dims import ParallelDims
+from parallel.parallelize import parallelize
+
+log = logging.getLogger("launch.train")
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches, built once by :func:`setup`."""
+
+    cfg: JobConfig
+    env: DistEnv
+    dims: ParallelDims
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    objective: object
+    cond: Conditioner
+    loader: object
+    run_dir: Path
+    bf16: bool
+    dp_rank: int
+    step: int = 0
+    bad_streak: int = 0
+    skipped: int = 0
+    flops_cache: dict = field(default_factory=dict)
+
+    # ---- checkpoint state ------------------------------------------------------------------------
+    def app_state(self) -> dict:
+        msd, osd = get_state_dict(self.model, self.opt)
+        return {
+            "model": msd,
+            "optim": osd,
+            "sched": self.sched.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else {},
+            "step": torch.tensor(self.step),
+        }
+
+    def rank_state(self) -> dict:
+        np_state = np.random.get_state()
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        return {"rng": rng, "loader": self.loader.state_dict(), "skipped": self.skipped}
+
+    def save(self) -> Path:
+        path = ckpt.save(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.app_state(),
+            self.rank_state(),
+            self.env.rank,
+            files={"config.yaml": to_yaml(self.cfg)},
+            keep=self.cfg.checkpoint.keep,
+        )
+        log.info("saved %s", path)
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = self.app_state()
+        own = ckpt.load(path, state, self.env.rank)
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.sched.load_state_dict(state["sched"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        if own is None:
+            log.warning(
+                "%s has no state for rank %d (world size changed): data order restarts", path, self.env.rank
+            )
+            return
+        rng = own["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"], self.env.device)
+        self.loader.load_state_dict(own["loader"])
+        self.skipped = int(own["skipped"])
+
+    # ---- one optimizer step ----------------------------------------------------------------------
+    def train_step(self, batches) -> dict:
+        """Accumulate ``grad_accum`` batches, agree on finiteness, clip, step. Returns step stats."""
+        cfg, dev = self.cfg, self.env.device
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.env.rank, self.step))
+        loss_sum, samples, tokens, flops, data_wait = 0.0, 0, 0, 0.0, 0.0
+        accum = cfg.train.grad_accum
+        for micro in range(accum):
+            start = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - start
+            prep = self.cond(batch, gen)
+            b, _, t, h, w = prep.x0.shape
+            n_tok = self._tokens(t, h, w)
+            if hasattr(
+                self.model, "set_requires_gradient_sync"
+            ):  # FSDP2: reduce once, on the last micro-step
+                self.model.set_requires_gradient_sync(micro == accum - 1)
+            with self._autocast():
+                out = self.objective.loss(
+                    self.model,
+                    prep.x0,
+                    prep.kwargs,
+                    cond_frames=prep.cond_frames,
+                    tokens=n_tok,
+                    generator=gen,
+                )
+            per_sample = out.per_frame.sum(1) / prep.loss_frames.clamp(min=1)  # B
+            # FSDP averages gradients over data-parallel ranks; scaling by dp makes that a sum, and the
+            # division by the global sample count below makes the step a per-sample mean, however the
+            # samples were split over ranks and micro-steps (decode failures can shorten a batch)
+            (per_sample.sum() * self.dims.dp).backward()
+            loss_sum += float(per_sample.detach().sum())
+            samples += b
+            tokens += b * n_tok
+            flops += self._flops(t, h, w, b, prep.kwargs)
+        total = all_reduce(float(samples), "sum", dev)
+        loss = all_reduce(loss_sum, "sum", dev) / total
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:
+            p.grad.div_(total)
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, clip)))
+        bad = all_reduce(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, "max", dev) > 0
+        lr = self.opt.param_groups[0]["lr"]
+        if bad:
+            self.opt.zero_grad(set_to_none=True)
+            self.bad_streak += 1
+            self.skipped += 1
+            log.warning(
+                "step %d: non-finite loss or gradient; skipped (%d in a row)", self.step + 1, self.bad_streak
+            )
+            if self.bad_streak >= cfg.run.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_streak} consecutive non-finite steps "
+                    f"(run.max_bad_steps={cfg.run.max_bad_steps})"
+                )
+        else:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
+            if self.ema:
+                self.ema.update(self.step)
+            self.bad_streak = 0
+        self.step += 1
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "flops": flops,
+            "data_wait": data_wait,
+        }
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _tokens(self, t: int, h: int, w: int) -> int:
+        pt, ph, pw = self.cfg.model.arch.patch_size
+        return (t // pt) * (h // ph) * (w // pw)
+
+    def _flops(self, t: int, h: int, w: int, b: int, kwargs: dict) -> float:
+        text_len = kwargs["context"].shape[1] if "context" in kwargs else 0
+        key = (t, h, w, text_len)
+        if key not in self.flops_cache:
+            self.flops_cache[key] = count(self.cfg.model.arch, t, h, w, batch=1, text_len=text_len)[
+                "flops_train_step"
+            ]
+        return self.flops_cache[key] * b
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a step's draws (noise, times, dropout, tasks): a function of (seed, rank, step) alone."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _full(x) -> torch.Tensor:
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def setup(cfg: JobConfig) -> Trainer:
+    env = init_distributed(cfg.run.device, cfg.parallel.backend)
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    p = cfg.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, env.world)
+    if p.engine == "deepspeed":
+        raise NotImplementedError(
+            "parallel.engine=deepspeed is not implemented yet; use parallel.engine=fsdp"
+        )
+    mesh = dims.build_mesh(env.device.type)
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.arch, device=env.device, seed=cfg.seed)
+    if cfg.init.from_:
+        report = apply_init(model, cfg.init.from_, cfg.model.arch, use_ema=cfg.init.use_ema)
+        log.info("init.from=%s: %s", cfg.init.from_, report.summary())
+    frozen = freeze(model, cfg.init.freeze)
+    if frozen:
+        log.info("froze %d parameter tensors matching init.freeze", frozen)
+    model = parallelize(model, dims, mesh, bf16 and env.device.type == "cuda")
+    model.train()
+    opt = build_optimizer(model, cfg.train, env.device)
+    dp_rank = dims.dp_rank(mesh)
+    loader = build_loader(cfg.data, dp_rank, dims.dp)
+    trainer = Trainer(
+        cfg=cfg,
+        env=env,
+        dims=dims,
+        model=model,
+        opt=opt,
+        sched=build_scheduler(opt, cfg.train),
+        ema=EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
+        objective=make_objective(cfg.diffusion),
+        cond=Conditioner(cfg, env.device),
+        loader=loader,
+        run_dir=run_dir,
+        bf16=bf16,
+        dp_rank=dp_rank,
+    )
+    found = ckpt.latest(run_dir / "checkpoints")
+    if found is not None:
+        trainer.resume(found)
+        log.info("resumed from %s (step %d)", found, trainer.step)
+    return trainer
+
+
+def run(cfg: JobConfig) -> dict:
+    """Train to ``train.steps`` (or until preempted); returns the last metrics record."""
+    tr = setup(cfg)
+    env, dev = tr.env, tr.env.device
+    progress = Progress(cfg.train.steps, cfg.run.progress if env.is_main else "lines")
+    metrics = Metrics(tr.run_dir, env.is_main, dev, cfg.logging.tensorboard, progress)
+    preempt = Preemption(cfg.run.preempt_signal)
+    if env.is_main:
+        n = num_params(tr.model)
+        progress.line(
+            f"{cfg.model.preset}: {n:,} parameters, {env.world} process(es) on {dev}; run dir {tr.run_dir}"
+        )
+    val_batches = evaluate.held_out_batches(cfg, tr.dp_rank, tr.dims.dp) if cfg.eval.every else []
+    peak = peak_flops() if dev.type == "cuda" else None
+    batches = iter(tr.loader)
+    record: dict = {}
+    last_saved = tr.step if ckpt.latest(tr.run_dir / "checkpoints") else -1
+    while tr.step < cfg.train.steps:
+        start = time.perf_counter()
+        stats = tr.train_step(batches)
+        step_time = time.perf_counter() - start
+        tflops = stats["flops"] / step_time / 1e12
+        metrics.update(
+            stats["tokens"],
+            max_memory_gib(dev),
+            loss=stats["loss"],
+            lr=stats["lr"],
+            grad_norm=stats["grad_norm"],
+            step_time=step_time,
+            data_wait=stats["data_wait"],
+            tflops_per_device=tflops,
+            mfu=tflops * 1e12 / peak if peak else None,
+        )
+        step, last = tr.step, tr.step == cfg.train.steps
+        extra = {}
+        if cfg.eval.every and (step % cfg.eval.every == 0 or last):
+            extra["val_loss"] = _with_ema(
+                tr,
+                lambda: evaluate.validation_loss(tr.model, tr.objective, tr.cond, val_batches, cfg, env.rank),
+            )
+        if step % cfg.logging.every == 0 or last:
+            record = metrics.log(step, extra | {"skipped_steps": tr.skipped})
+        elif extra:
+            metrics.write({"step": step, **extra})
+        progress.update(step, f"loss {stats['loss']:.4f}")
+        if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or last):
+            write_samples(tr, metrics)
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
+            tr.save()
+            last_saved = step
+        if preempt.agreed(dev):
+            if last_saved != step:
+                tr.save()
+            progress.line(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
+            if env.is_main:
+                requeue_slurm_job()
+            break
+    progress.close()
+    metrics.close()
+    preempt.close()
+    if env.is_main and tr.step >= cfg.train.steps:
+        summary = tr.loader.error_summary()
+        progress.line(
+            f"done: {tr.step} steps in {tr.run_dir}  (metrics.jsonl, tb/, checkpoints/, samples/); "
+            f"data: {summary['seen']} samples read, skipped {summary['skipped'] or 'none'}"
+        )
+    shutdown()
+    return record
+
+
+def _with_ema(tr: Trainer, fn):
+    if tr.ema is None:
+        return fn()
+    with tr.ema.swapped_in():
+        return fn()
+
+
+def write_samples(tr: Trainer, metrics: Metrics) -> None:
+    cfg = tr.cfg
+    ctx = tr.ema.swapped_in() if (tr.ema and cfg.sample.use_ema) else contextlib.nullcontext()
+    with ctx:
+        videos = evaluate.draw_samples(tr.model, tr.objective, tr.cond, cfg, seed=cfg.seed)
+    if not tr.env.is_main:
+        return
+    out = tr.run_dir / "samples"
+    out.mkdir(exist_ok=True)
+    for i, frames in enumerate(videos):
+        evaluate.write_mp4(out / f"step-{tr.step:08d}-{i}.mp4", frames, cfg.sample.fps)
+        metrics.video(f"samples/{i}", frames, tr.step, cfg.sample.fps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m launch.train", description="Train a spacetime DiT.")
+    p.add_argument("--config", help="YAML config (default: launch/configs/tiny.yaml)")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 model.arch.depth=4"
+    )
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
