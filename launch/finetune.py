@@ -79,7 +79,14 @@ def apply_init(model: nn.Module, path: str | Path, arch: DiTConfig, use_ema: boo
     pt_src = (src_arch or {}).get("patch_size", arch.patch_size)[0]
     report = InitReport()
     params = dict(model.named_parameters())
+    # a new text encoder width makes the whole text projection new, not just its first layer
+    new_text = any(
+        n.startswith("text_proj.") and n in source and source[n].shape != p.shape for n, p in params.items()
+    )
     for name, p in params.items():
+        if new_text and name.startswith("text_proj."):
+            report.reinitialised.append(name)  # keep the fresh init
+            continue
         if name not in source:
             report.missing.append(name)
             if any(k in name for k in _ZERO_WHEN_NEW):
@@ -89,8 +96,6 @@ def apply_init(model: nn.Module, path: str | Path, arch: DiTConfig, use_ema: boo
         if src.shape == p.shape:
             p.copy_(src)
             report.loaded.append(name)
-        elif name.startswith("text_proj."):
-            report.reinitialised.append(name)  # a new text encoder width: keep the fresh init
         elif name == "patch_embed.proj.weight":
             p.copy_(_inflate_patch_in(src, p, arch, pt_src))
             report.inflated.append(name)

@@ -1,0 +1,115 @@
+"""Export, sampling (T2V, I2V, V2V) and init.from through their CLIs, from a real short run."""
+
+import sys
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from data.video import encode_h264
+from parallel import checkpoint as ckpt
+from tests.launch.conftest import metrics, run, train_cmd
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, overrides):
+    rd = tmp_path_factory.mktemp("run") / "run"
+    proc = run(train_cmd(rd, "train.steps=3", overrides=overrides))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = rd.parent / "export"
+    proc = run([sys.executable, "-m", "launch.export", str(rd), str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return rd, out
+
+
+def _frames(path):
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_export_holds_the_checkpoint_weights(trained):
+    rd, out = trained
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "ema.safetensors", "model.safetensors"]
+    state = ckpt.read_full(ckpt.resolve(rd), {"model", "ema"})
+    for name, weights in (
+        ("model", load_file(out / "model.safetensors")),
+        ("ema", load_file(out / "ema.safetensors")),
+    ):
+        assert weights.keys() == state[name].keys()
+        assert all(torch.equal(weights[k], state[name][k]) for k in weights)
+
+
+def test_sample_text_image_and_video_to_video(trained, tmp_path):
+    _, out = trained
+    base = [
+        sys.executable,
+        "-m",
+        "launch.sample",
+        str(out),
+        "--steps",
+        "3",
+        "--frames",
+        "4",
+        "--height",
+        "32",
+    ]
+    base += ["--width", "32", "--cfg", "2"]
+    proc = run(
+        [*base, "--prompt", "a red circle", "--prompt", "a blue square", "--out", str(tmp_path / "t2v.mp4")]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clips = [_frames(tmp_path / f"t2v-{i}.mp4") for i in range(2)]
+    assert all(c.shape == (4, 32, 32, 3) for c in clips)
+
+    # image-to-video: the first frame is pinned to the (pixel-codec) latent of the image
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16] = (220, 40, 40)
+    image[:, 16:] = (40, 40, 220)
+    Image.fromarray(image).save(tmp_path / "first.png")
+    proc = run(
+        [
+            *base,
+            "--prompt",
+            "a shape",
+            "--image",
+            str(tmp_path / "first.png"),
+            "--out",
+            str(tmp_path / "i2v.mp4"),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = _frames(tmp_path / "i2v.mp4")[0].astype(int)
+    assert np.abs(first - image).mean() < 12  # H.264 is lossy; an unrelated frame is ~100 off
+
+    # video-to-video at strength 0 returns the input clip
+    clip = np.stack([np.roll(image, 4 * i, axis=1) for i in range(8)])
+    (tmp_path / "in.mp4").write_bytes(encode_h264(clip, 8))
+    v2v = [*base, "--prompt", "a shape", "--video", str(tmp_path / "in.mp4"), "--strength", "0", "--fps", "8"]
+    proc = run([*v2v, "--out", str(tmp_path / "v2v.mp4")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.abs(_frames(tmp_path / "v2v.mp4").astype(int) - clip[:4]).mean() < 12
+
+    proc = run(
+        [*base, "--prompt", "x", "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o.mp4")]
+    )
+    assert proc.returncode != 0 and "missing.png: no such file" in proc.stderr
+
+
+def test_init_from_an_export_loads_weights_only(trained, tmp_path, overrides):
+    _, out = trained
+    rd = tmp_path / "finetune"
+    proc = run(
+        train_cmd(rd, "train.steps=2", f"init.from={out}", "init.freeze=[t_embedder.*]", overrides=overrides)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "init.from=" in proc.stderr and "loaded" in proc.stderr and "froze 4 parameter tensors" in proc.stderr
+    )
+    assert [r["step"] for r in metrics(rd) if "loss" in r] == [1, 2]  # a fresh optimizer and schedule
+    tuned = ckpt.read_full(ckpt.resolve(rd), {"model"})["model"]
+    source = load_file(out / "ema.safetensors")  # init.use_ema defaults to true
+    assert torch.equal(tuned["t_embedder.fc1.weight"], source["t_embedder.fc1.weight"])  # frozen
+    assert not torch.equal(tuned["blocks.0.attn.q.weight"], source["blocks.0.attn.q.weight"])  # trained

@@ -1,0 +1,84 @@
+"""init.from: weights only, image→video inflation, new text width, freezing."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dit.config import get_preset
+from dit.model import build_model
+from launch.config import TrainConfig
+from launch.finetune import apply_init, freeze
+from launch.optim import build_optimizer
+
+
+def _export(tmp_path, arch, seed=0):
+    """A source model with every weight non-zero (so identities are not trivially zero), as an export."""
+    model = build_model(arch, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    out = tmp_path / "export"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"arch": dataclasses.asdict(arch)}))
+    return model.eval(), out
+
+
+def test_image_model_initialises_a_video_model_that_computes_the_same_on_a_still_clip(tmp_path):
+    src_arch = get_preset("tiny")  # patch (1, 2, 2): an image model
+    src, export = _export(tmp_path, src_arch)
+    arch = src_arch.replace(patch_size=(2, 2, 2), cond_channels=5, depth=3, fps_conditioning=True)
+    dst = build_model(arch, seed=1)
+    report = apply_init(dst, export, arch)
+    assert {"patch_embed.proj.weight", "final.linear.weight", "final.linear.bias"} <= set(report.inflated)
+    assert any(n.startswith("blocks.2.") for n in report.missing)
+    assert any(n.startswith("fps_embedder.") for n in report.missing) and not report.unexpected
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 4, 1, 8, 8, generator=g)
+    ctx, mask = torch.randn(2, 5, 384, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    t = torch.tensor([100.0, 700.0])
+    want = src(image, t, context=ctx, context_mask=mask)  # 2, 4, 1, 8, 8
+    still = image.repeat(1, 1, 2, 1, 1)  # the image held for two frames
+    got = dst.eval()(
+        still,
+        t,
+        context=ctx,
+        context_mask=mask,
+        cond=torch.randn(2, 5, 2, 8, 8, generator=g),
+        fps=torch.tensor([8.0, 24.0]),
+    )
+    assert want.abs().mean() > 0.01
+    torch.testing.assert_close(got, want.repeat(1, 1, 2, 1, 1), atol=1e-5, rtol=1e-4)
+
+
+def test_new_text_width_reinitialises_only_the_text_projection(tmp_path):
+    src_arch = get_preset("tiny")
+    src, export = _export(tmp_path, src_arch)
+    arch = src_arch.replace(text_dim=768)
+    dst = build_model(arch, seed=1)
+    fresh = build_model(arch, seed=1).state_dict()
+    report = apply_init(dst, export, arch)
+    assert sorted(report.reinitialised) == sorted(n for n in fresh if n.startswith("text_proj."))
+    for name, value in dst.state_dict().items():
+        expected = fresh[name] if name.startswith("text_proj.") else src.state_dict()[name]
+        assert torch.equal(value, expected), name
+
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc1.weight has shape"):
+        apply_init(build_model(src_arch.replace(ffn_dim=128), seed=0), export, src_arch.replace(ffn_dim=128))
+
+
+def test_freeze_by_pattern_keeps_parameters_out_of_the_optimizer():
+    model = build_model(get_preset("tiny"), seed=0)
+    n = freeze(model, ["blocks.0.*", "t_embedder.*"])
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert n == len(frozen) and all(f.startswith(("blocks.0.", "t_embedder.")) for f in frozen)
+    opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in model.parameters() if not p.requires_grad)
+    with pytest.raises(ValueError, match="no parameter name matches"):
+        freeze(model, ["nothing.*"])
