@@ -291,6 +291,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ValueError(f"model.preset={preset!r}: expected one of {', '.join(sorted(PRESETS))}")
     schema = OmegaConf.structured(JobConfig(model=ModelConfig(preset=preset, arch=PRESETS[preset].replace())))
     try:
+        # a ``???`` in the file means "the user must set this"; merging it would keep the schema default
+        missing = sorted(k for k in OmegaConf.missing_keys(file_cfg) if OmegaConf.select(cli_cfg, k) is None)
+        if missing:
+            raise ValueError(f"{path}: set {', '.join(missing)} (marked ??? in the file)")
         merged = OmegaConf.merge(schema, file_cfg, cli_cfg)
         cfg: JobConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

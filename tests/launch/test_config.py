@@ -1,0 +1,69 @@
+"""Structured config: presets, overrides, errors that name the key, round trip; LR schedules."""
+
+import pytest
+
+from dit.config import PRESETS
+from launch.config import CONFIG_DIR, TrainConfig, load_config, save_config
+from launch.optim import lr_factor
+
+REQUIRED = {
+    "video-1b3": ["data.shards=/lat", "data.codec=/vae", "data.text_encoder=/umt5"],
+    "dit-xl-2": ["data.shards=/lat"],
+}
+
+
+@pytest.mark.parametrize("name", ["tiny", "video-1b3", "dit-xl-2", "sweep-base"])
+def test_every_preset_file_loads_on_its_model_preset(name):
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", REQUIRED.get(name, []))
+    base = PRESETS[cfg.model.preset]
+    assert cfg.model.arch.hidden_size == base.hidden_size and cfg.model.arch.depth == base.depth
+    if name in REQUIRED:  # paths marked ??? must be given
+        with pytest.raises(ValueError, match=REQUIRED[name][-1].split("=")[0]):
+            load_config(CONFIG_DIR / f"{name}.yaml", REQUIRED[name][:-1])
+
+
+def test_overrides_preset_edits_and_the_saved_config_round_trips(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "model.preset=video-small",
+            "model.arch.depth=3",
+            "train.lr=3e-4",
+            "init.from=/some/export",
+            "seed=7",
+        ],
+    )
+    assert cfg.model.arch.hidden_size == PRESETS["video-small"].hidden_size and cfg.model.arch.depth == 3
+    assert cfg.train.lr == 3e-4 and cfg.init.from_ == "/some/export" and cfg.seed == 7
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "from: /some/export" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("model.arch.deptx=3", "model.arch.deptx"),
+        ("checkpoint.every=often", "checkpoint.every"),
+        ("parallel.engine=megatron", "parallel.engine"),
+        ("train.schedule=linear", "train.schedule"),
+        ("model.preset=dit-xxl", "model.preset"),
+        ("train.grad_accum=0", "train.grad_accum"),
+    ],
+)
+def test_bad_keys_and_values_are_errors_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_schedules():
+    cos = TrainConfig(steps=100, warmup=10, schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_factor(s, cos) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_factor(10, cos) == pytest.approx(1.0) and lr_factor(55, cos) == pytest.approx(0.55)
+    assert lr_factor(100, cos) == pytest.approx(0.1)
+    wsd = TrainConfig(steps=100, warmup=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0
+    assert lr_factor(89, wsd) == pytest.approx(0.5) and lr_factor(99, wsd) == pytest.approx(0.0)
+    const = TrainConfig(steps=100, warmup=0, schedule="constant")
+    assert {lr_factor(s, const) for s in range(100)} == {1.0}
