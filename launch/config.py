@@ -164,6 +164,9 @@ class LoggingConfig:
     """Also write tensorboard events to ``run.dir/tb``."""
     sample_every: int = 0
     """Write sample videos every N steps and at the end (0: never)."""
+    phase_times: bool = False
+    """On CUDA, synchronise at each phase boundary so forward/backward/optim times are exact (costs
+    throughput; on a CPU the phases are exact anyway)."""
 
 
 @dataclass

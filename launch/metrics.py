@@ -2,7 +2,9 @@
 ``run.dir/metrics.jsonl`` and tensorboard by rank 0, shown as a progress bar or as plain lines.
 
 Units in a record: ``loss``/``val_loss`` per-sample means; ``tokens_per_s`` latent tokens per second
-summed over ranks; ``step_time``/``data_wait`` seconds per optimizer step; ``tflops_per_device`` model
+summed over ranks; ``step_time``/``data_wait`` seconds per optimizer step, and the rest of the step
+split into ``encode_time`` (codec + text encoder), ``forward_time``, ``backward_time`` and ``optim_time``
+(gradient reduction, clipping, step, EMA); ``tflops_per_device`` model
 TFLOP/s per rank; ``mfu`` a fraction of the device's bf16 peak (null where the peak is unknown, e.g. a
 CPU); ``max_memory`` GiB (peak CUDA allocation, or peak resident memory on a CPU) maximised over ranks.
 """
@@ -21,7 +23,19 @@ import numpy as np
 import torch
 from torchmetrics.aggregation import MaxMetric, MeanMetric, SumMetric
 
-MEAN_KEYS = ("loss", "lr", "grad_norm", "step_time", "data_wait", "tflops_per_device", "mfu")
+MEAN_KEYS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "step_time",
+    "data_wait",
+    "encode_time",
+    "forward_time",
+    "backward_time",
+    "optim_time",
+    "tflops_per_device",
+    "mfu",
+)
 
 
 def max_memory_gib(device: torch.device) -> float:

@@ -121,42 +121,18 @@ class Trainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def train_step(self, batches) -> dict:
-        """Accumulate ``grad_accum`` batches, agree on finiteness, clip, step. Returns step stats."""
+        """Accumulate ``grad_accum`` batches, agree on finiteness, clip, step. Returns step stats,
+        including wall time per phase (data_wait, encode, forward, backward, optim)."""
         cfg, dev = self.cfg, self.env.device
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.env.rank, self.step))
-        loss_sum, samples, tokens, flops, data_wait = 0.0, 0, 0, 0.0, 0.0
-        accum = cfg.train.grad_accum
-        for micro in range(accum):
-            start = time.perf_counter()
+        clock = PhaseClock(dev, sync=cfg.logging.phase_times)
+        sums = {"loss_sum": 0.0, "samples": 0, "tokens": 0, "flops": 0.0}
+        for micro in range(cfg.train.grad_accum):
             batch = next(batches)
-            data_wait += time.perf_counter() - start
-            prep = self.cond(batch, gen)
-            b, _, t, h, w = prep.x0.shape
-            n_tok = self._tokens(t, h, w)
-            if hasattr(
-                self.model, "set_requires_gradient_sync"
-            ):  # FSDP2: reduce once, on the last micro-step
-                self.model.set_requires_gradient_sync(micro == accum - 1)
-            with self._autocast():
-                out = self.objective.loss(
-                    self.model,
-                    prep.x0,
-                    prep.kwargs,
-                    cond_frames=prep.cond_frames,
-                    tokens=n_tok,
-                    generator=gen,
-                )
-            per_sample = out.per_frame.sum(1) / prep.loss_frames.clamp(min=1)  # B
-            # FSDP averages gradients over data-parallel ranks; scaling by dp makes that a sum, and the
-            # division by the global sample count below makes the step a per-sample mean, however the
-            # samples were split over ranks and micro-steps (decode failures can shorten a batch)
-            (per_sample.sum() * self.dims.dp).backward()
-            loss_sum += float(per_sample.detach().sum())
-            samples += b
-            tokens += b * n_tok
-            flops += self._flops(t, h, w, b, prep.kwargs)
-        total = all_reduce(float(samples), "sum", dev)
-        loss = all_reduce(loss_sum, "sum", dev) / total
+            clock.lap("data_wait")
+            self._micro_step(batch, gen, micro, sums, clock)
+        total = all_reduce(float(sums["samples"]), "sum", dev)
+        loss = all_reduce(sums["loss_sum"], "sum", dev) / total
         params = [p for p in self.model.parameters() if p.grad is not None]
         for p in params:
             p.grad.div_(total)
@@ -165,17 +141,7 @@ class Trainer:
         bad = all_reduce(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, "max", dev) > 0
         lr = self.opt.param_groups[0]["lr"]
         if bad:
-            self.opt.zero_grad(set_to_none=True)
-            self.bad_streak += 1
-            self.skipped += 1
-            log.warning(
-                "step %d: non-finite loss or gradient; skipped (%d in a row)", self.step + 1, self.bad_streak
-            )
-            if self.bad_streak >= cfg.run.max_bad_steps:
-                raise FloatingPointError(
-                    f"{self.bad_streak} consecutive non-finite steps "
-                    f"(run.max_bad_steps={cfg.run.max_bad_steps})"
-                )
+            self._skip()
         else:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -183,15 +149,45 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.step)
             self.bad_streak = 0
+        clock.lap("optim")
         self.step += 1
-        return {
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": tokens,
-            "flops": flops,
-            "data_wait": data_wait,
-        }
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **sums, **clock.times}
+
+    def _micro_step(self, batch: dict, gen: torch.Generator, micro: int, sums: dict, clock) -> None:
+        prep = self.cond(batch, gen)
+        clock.lap("encode")
+        b, _, t, h, w = prep.x0.shape
+        n_tok = self._tokens(t, h, w)
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce on the last micro-step only
+            self.model.set_requires_gradient_sync(micro == self.cfg.train.grad_accum - 1)
+        with self._autocast():
+            out = self.objective.loss(
+                self.model, prep.x0, prep.kwargs, cond_frames=prep.cond_frames, tokens=n_tok, generator=gen
+            )
+        per_sample = out.per_frame.sum(1) / prep.loss_frames.clamp(min=1)  # B
+        clock.lap("forward")
+        # FSDP averages gradients over data-parallel ranks; scaling by dp makes that a sum, and the
+        # division by the global sample count in train_step makes the step a per-sample mean, however
+        # the samples were split over ranks and micro-steps (decode failures can shorten a batch)
+        (per_sample.sum() * self.dims.dp).backward()
+        clock.lap("backward")
+        sums["loss_sum"] += float(per_sample.detach().sum())
+        sums["samples"] += b
+        sums["tokens"] += b * n_tok
+        sums["flops"] += self._flops(t, h, w, b, prep.kwargs)
+
+    def _skip(self) -> None:
+        max_bad = self.cfg.run.max_bad_steps
+        self.opt.zero_grad(set_to_none=True)
+        self.bad_streak += 1
+        self.skipped += 1
+        log.warning(
+            "step %d: non-finite loss or gradient; skipped (%d in a row)", self.step + 1, self.bad_streak
+        )
+        if self.bad_streak >= max_bad:
+            raise FloatingPointError(
+                f"{self.bad_streak} consecutive non-finite steps (run.max_bad_steps={max_bad})"
+            )
 
     def _autocast(self):
         if self.bf16:
@@ -210,6 +206,23 @@ class Trainer:
                 "flops_train_step"
             ]
         return self.flops_cache[key] * b
+
+
+class PhaseClock:
+    """Wall time of each phase of a step. On CUDA, work is asynchronous: with ``sync`` each boundary
+    waits for the device (exact phases, slower steps); without it the times say where the host waited."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.cuda_sync = sync and device.type == "cuda"
+        self.times = {k: 0.0 for k in ("data_wait", "encode", "forward", "backward", "optim")}
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.cuda_sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[phase] += now - self.last
+        self.last = now
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -287,10 +300,13 @@ def run(cfg: JobConfig) -> dict:
     batches = iter(tr.loader)
     record: dict = {}
     last_saved = tr.step if ckpt.latest(tr.run_dir / "checkpoints") else -1
+    prev = time.perf_counter()
     while tr.step < cfg.train.steps:
-        start = time.perf_counter()
         stats = tr.train_step(batches)
-        step_time = time.perf_counter() - start
+        # a step's time runs from the end of the previous step, so logging, evaluation and checkpoints
+        # in between count (as loop overhead: time in none of the phases)
+        now = time.perf_counter()
+        step_time, prev = now - prev, now
         tflops = stats["flops"] / step_time / 1e12
         metrics.update(
             stats["tokens"],
@@ -300,6 +316,10 @@ def run(cfg: JobConfig) -> dict:
             grad_norm=stats["grad_norm"],
             step_time=step_time,
             data_wait=stats["data_wait"],
+            encode_time=stats["encode"],
+            forward_time=stats["forward"],
+            backward_time=stats["backward"],
+            optim_time=stats["optim"],
             tflops_per_device=tflops,
             mfu=tflops * 1e12 / peak if peak else None,
         )
