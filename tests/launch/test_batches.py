@@ -1,0 +1,62 @@
+"""Model inputs from loader batches: caption dropout, the task mix, I2V conditioning channels."""
+
+import torch
+
+from launch.batches import Conditioner
+from launch.config import load_config
+
+
+def _batch(b=6, t=4):
+    return {
+        "video": torch.rand(b, 3, t, 16, 16) * 2 - 1,
+        "text_emb": torch.randn(b, 5, 384),
+        "text_mask": torch.ones(b, 5, dtype=torch.bool),
+        "fps": torch.full((b,), 8.0),
+        "key": [f"k{i}" for i in range(b)],
+    }
+
+
+def _conditioner(*overrides):
+    return Conditioner(
+        load_config(None, ["model.arch.fps_conditioning=true", *overrides]), torch.device("cpu")
+    )
+
+
+def test_caption_dropout_nulls_whole_captions_at_the_configured_rate():
+    cond = _conditioner("train.cfg_dropout=0.3")
+    dropped = 0
+    for seed in range(20):
+        prep = cond(_batch(), torch.Generator().manual_seed(seed))
+        ctx, mask = prep.kwargs["context"], prep.kwargs["context_mask"]
+        nulled = ~mask.any(1)
+        assert torch.all(ctx[nulled] == 0) and torch.all(mask[~nulled])
+        dropped += int(nulled.sum())
+    assert 0.15 < dropped / 120 < 0.45
+    assert prep.kwargs["fps"].tolist() == [8.0] * 6 and prep.x0.shape == (6, 48, 4, 4, 4)
+    again = cond(_batch(), torch.Generator().manual_seed(19))
+    assert torch.equal(again.kwargs["context_mask"], mask)  # the draw depends on the generator only
+
+
+def test_task_mix_marks_clean_frames_and_builds_cond_channels():
+    cond = _conditioner(
+        "train.cfg_dropout=0",
+        "train.task_t2v=1",
+        "train.task_i2v=1",
+        "train.task_continuation=1",
+        "train.continuation_frames=2",
+        "model.arch.cond_channels=49",
+    )
+    kinds = set()
+    for seed in range(10):
+        prep = cond(_batch(), torch.Generator().manual_seed(seed))
+        clean = prep.cond_frames if prep.cond_frames is not None else torch.zeros(6, 4, dtype=torch.bool)
+        for row, frames, ch in zip(clean, prep.loss_frames, prep.kwargs["cond"], strict=True):
+            n = int(row.sum())
+            assert row[:n].all() and n in (0, 1, 2) and frames == 4 - n  # a clean prefix, out of the loss
+            assert torch.equal(ch[-1, :, 0, 0], row.float())  # mask channel marks the clean frames
+            kinds.add(n)
+        keep = clean[:, None, :, None, None]
+        assert torch.equal(prep.kwargs["cond"][:, :48], torch.where(keep, prep.x0, torch.zeros_like(prep.x0)))
+    assert kinds == {0, 1, 2}
+    image = cond(_batch(t=1), torch.Generator().manual_seed(0))  # stills are always text-to-image
+    assert image.cond_frames is None and torch.all(image.kwargs["cond"] == 0)
