@@ -1,0 +1,105 @@
+"""Preempt-and-requeue through real SLURM daemons on localhost: `python -m launch.slurm submit` →
+train.sbatch → srun → torchrun → 2 gloo ranks of `launch.train`; SIGUSR2 from outside → the ranks
+agree → checkpoint → `scontrol requeue` → the requeued job resumes and finishes.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.config import CONFIG_DIR
+from tests.launch.conftest import ROOT, losses_by_step, metrics, run
+from tests.launch.slurm_cluster import SlurmCluster, start_slurm_cluster
+from tests.launch.test_torchrun import torchrun_cmd
+
+# An override with a space, quotes and shell metacharacters: it must arrive as one argv item.
+TRICKY = 'note=it\'s a $HOME; `true` && "x"'
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    with start_slurm_cluster() as cluster:
+        yield cluster
+
+
+def _wait_for(predicate, what: str, cluster: SlurmCluster, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
+        time.sleep(0.1)
+
+
+def test_usr2_saves_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run(
+    slurm_cluster: SlurmCluster, tmp_path: Path, overrides
+):
+    steps = ["train.steps=30", "checkpoint.every=0"]
+    ref = tmp_path / "ref"
+    proc = run(torchrun_cmd(ref, *steps, overrides=overrides))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = {s: v[0] for s, v in losses_by_step(metrics(ref)).items()}
+
+    # The job inherits this environment (sbatch --export=ALL): the venv's torchrun on PATH, the
+    # project importable, and SLURM_CONF for the trainer's `scontrol requeue`.
+    env = slurm_cluster.env
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "launch.slurm",
+        "submit",
+        str(CONFIG_DIR / "tiny.yaml"),
+        f"run.dir={run_dir}",
+    ]
+    argv += [*overrides, *steps, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2"]
+    argv += ["--time", "10", "--job-name", "requeue-test"]
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    jobid = result.stdout.strip()
+    assert jobid.isdigit(), jobid
+
+    jsonl = run_dir / "metrics.jsonl"
+    _wait_for(lambda: jsonl.is_file() and len(metrics(run_dir)) >= 2, "the first steps", slurm_cluster, 90)
+    # What an admin or a preempting scheduler does; --signal=USR2@lead takes the same path.
+    slurm_cluster.run("scancel", "--signal=USR2", jobid)
+    info = slurm_cluster.wait_for_job(jobid, {"COMPLETED"}, timeout=150)
+    log = (tmp_path / "slurm-logs" / f"requeue-test-{jobid}.log").read_text()
+
+    assert int(info["Restarts"]) == 1, (info, log)
+    # srun reports a task (torchrun) killed by a signal as "task 0: User defined signal 2".
+    assert "User defined signal 2" not in log, log
+    assert "preempted at step" in log and "resumed from" in log and "done: 30 steps" in log, log
+    got = losses_by_step(metrics(run_dir))
+    assert sorted(got) == list(range(1, 31)), log
+    for step, values in got.items():
+        assert all(v == want[step] for v in values), (step, values, want[step])
+
+
+def test_submit_dry_run_builds_sbatch_argv(tmp_path: Path, capsys):
+    from launch.slurm.__main__ import SBATCH_SCRIPT, main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    common = [str(config), "a=1", TRICKY, "--time", "1:00:00", "--dry-run"]
+    assert main(["submit", *common, "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu"]) == 0
+    gpu = shlex.split(capsys.readouterr().out)
+    assert gpu[:4] == ["sbatch", "--parsable", "--nodes=2", "--time=1:00:00"]
+    assert {"--gpus-per-node=8", "--signal=USR2@120", "--partition=gpu", "--job-name=c"} <= set(gpu)
+    assert gpu[-7:] == [str(SBATCH_SCRIPT), "8", "launch.train", "--config", str(config), "a=1", TRICKY]
+
+    assert main(["submit", *common, "--gpus-per-node", "0", "--signal-lead", "300"]) == 0
+    cpu = shlex.split(capsys.readouterr().out)
+    assert not any(arg.startswith(("--gpus", "--gres")) for arg in cpu)
+    assert "--signal=USR2@300" in cpu and cpu[cpu.index(str(SBATCH_SCRIPT)) + 1] == "1"
+
+    with pytest.raises(SystemExit):
+        main(["submit", str(config), "not-an-override", "--gpus-per-node", "0", "--time", "5"])
