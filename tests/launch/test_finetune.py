@@ -82,3 +82,22 @@ def test_freeze_by_pattern_keeps_parameters_out_of_the_optimizer():
     assert not any(id(p) in in_opt for p in model.parameters() if not p.requires_grad)
     with pytest.raises(ValueError, match="no parameter name matches"):
         freeze(model, ["nothing.*"])
+
+
+def test_ema_follows_the_weights_and_swaps_in_temporarily():
+    from launch.optim import EMA
+
+    model = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(step=1000)  # past the warm-up: the decay is 0.9
+    for s, p0, p in zip(ema.shadow, start, model.parameters(), strict=True):
+        torch.testing.assert_close(s, 0.9 * p0 + 0.1 * p.detach())
+    ema.update(step=0)  # the first update uses (1 + 0) / (10 + 0) = 0.1: mostly the current weights
+    trained = [p.detach().clone() for p in model.parameters()]
+    with ema.swapped_in():
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow, strict=True))
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained, strict=True))
