@@ -4,7 +4,7 @@ Trains the ``tiny`` preset with rectified flow on two synthetic latent clips ("a
 left→right on background A", "… right→left on background B"), each paired with a fixed caption
 embedding, with 10% caption dropout; then samples both captions with flow Euler and classifier-free
 guidance and checks that each sample is closer to its own clip than to the other. CPU, ~20 s.
-(The trainer, which will run the demo on the synthetic shards of data/, arrives with launch/.)
+The full demo (synthetic shards, the trainer, checkpoints, samples) is ``python -m launch.train``.
 
     python -m dit.demo [--steps 400] [--seed 0]
 """

@@ -307,22 +307,7 @@ def run(cfg: JobConfig) -> dict:
         # in between count (as loop overhead: time in none of the phases)
         now = time.perf_counter()
         step_time, prev = now - prev, now
-        tflops = stats["flops"] / step_time / 1e12
-        metrics.update(
-            stats["tokens"],
-            max_memory_gib(dev),
-            loss=stats["loss"],
-            lr=stats["lr"],
-            grad_norm=stats["grad_norm"],
-            step_time=step_time,
-            data_wait=stats["data_wait"],
-            encode_time=stats["encode"],
-            forward_time=stats["forward"],
-            backward_time=stats["backward"],
-            optim_time=stats["optim"],
-            tflops_per_device=tflops,
-            mfu=tflops * 1e12 / peak if peak else None,
-        )
+        _update_metrics(metrics, stats, step_time, peak, dev)
         step, last = tr.step, tr.step == cfg.train.steps
         extra = {}
         if cfg.eval.every and (step % cfg.eval.every == 0 or last):
@@ -353,11 +338,31 @@ def run(cfg: JobConfig) -> dict:
     if env.is_main and tr.step >= cfg.train.steps:
         summary = tr.loader.error_summary()
         progress.line(
-            f"done: {tr.step} steps in {tr.run_dir}  (metrics.jsonl, tb/, checkpoints/, samples/); "
-            f"data: {summary['seen']} samples read, skipped {summary['skipped'] or 'none'}"
+            f"done: {tr.step} steps in {tr.run_dir}: metrics.jsonl, checkpoints/, samples/, and "
+            f"tensorboard --logdir {tr.run_dir / 'tb'}; data: {summary['seen']} samples read, "
+            f"skipped {summary['skipped'] or 'none'}"
         )
     shutdown()
     return record
+
+
+def _update_metrics(metrics: Metrics, stats: dict, step_time: float, peak: float | None, dev) -> None:
+    tflops = stats["flops"] / step_time / 1e12
+    metrics.update(
+        stats["tokens"],
+        max_memory_gib(dev),
+        loss=stats["loss"],
+        lr=stats["lr"],
+        grad_norm=stats["grad_norm"],
+        step_time=step_time,
+        data_wait=stats["data_wait"],
+        encode_time=stats["encode"],
+        forward_time=stats["forward"],
+        backward_time=stats["backward"],
+        optim_time=stats["optim"],
+        tflops_per_device=tflops,
+        mfu=tflops * 1e12 / peak if peak else None,
+    )
 
 
 def _with_ema(tr: Trainer, fn):
