@@ -1,6 +1,9 @@
 """Structured config: presets, overrides, errors that name the key, round trip; LR schedules."""
 
+import dataclasses
+
 import pytest
+from omegaconf import OmegaConf
 
 from dit.config import PRESETS
 from launch.config import CONFIG_DIR, TrainConfig, load_config, save_config
@@ -15,16 +18,24 @@ REQUIRED = {
 @pytest.mark.parametrize("name", ["tiny", "video-1b3", "dit-xl-2", "sweep-base"])
 def test_every_preset_file_loads_on_its_model_preset(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml", REQUIRED.get(name, []))
+    edited = OmegaConf.load(CONFIG_DIR / f"{name}.yaml").model.get("arch", {})
     base = PRESETS[cfg.model.preset]
-    assert cfg.model.arch.hidden_size == base.hidden_size and cfg.model.arch.depth == base.depth
+    for f in dataclasses.fields(base):  # the preset, except for the fields the file sets
+        want = (
+            tuple(edited[f.name])
+            if f.name == "patch_size" and f.name in edited
+            else edited.get(f.name, getattr(base, f.name))
+        )
+        assert getattr(cfg.model.arch, f.name) == want, f.name
     if name in REQUIRED:  # paths marked ??? must be given
         with pytest.raises(ValueError, match=REQUIRED[name][-1].split("=")[0]):
             load_config(CONFIG_DIR / f"{name}.yaml", REQUIRED[name][:-1])
 
 
 def test_overrides_preset_edits_and_the_saved_config_round_trips(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  preset: tiny\n")
     cfg = load_config(
-        None,
+        tmp_path / "base.yaml",
         [
             "model.preset=video-small",
             "model.arch.depth=3",
