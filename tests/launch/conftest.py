@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,3 +65,40 @@ def losses_by_step(records):
         if "loss" in r:
             out.setdefault(r["step"], []).append(r["loss"])
     return out
+
+
+def start(cmd, **popen_kw):
+    """Start a CLI in its own session (so a test can signal or kill its whole process group)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **popen_kw)
+
+
+def wait_for(predicate, proc, timeout=180):
+    """Poll until ``predicate()`` holds; False if ``proc`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def reference_losses(cmd, steps):
+    """step → loss of an uninterrupted run of ``cmd`` (which must log every step)."""
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("run.dir="))
+    want = {s: v[0] for s, v in losses_by_step(metrics(run_dir)).items()}
+    assert sorted(want) == list(range(1, steps + 1))
+    return want
+
+
+def assert_same_losses(run_dir, want, context=""):
+    """Every step logged exactly as in the reference, bit for bit, including steps logged twice
+    (once before an interruption and again after the resume)."""
+    got = losses_by_step(metrics(run_dir))
+    assert sorted(got) == sorted(want), context
+    for step, values in got.items():
+        assert all(v == want[step] for v in values), (step, values, want[step])

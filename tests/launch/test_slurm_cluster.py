@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launch.config import CONFIG_DIR
-from tests.launch.conftest import ROOT, losses_by_step, metrics, run
+from tests.launch.conftest import ROOT, assert_same_losses, metrics, reference_losses
 from tests.launch.slurm_cluster import SlurmCluster, start_slurm_cluster
 from tests.launch.test_torchrun import torchrun_cmd
 
@@ -41,10 +41,7 @@ def test_usr2_saves_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run
     slurm_cluster: SlurmCluster, tmp_path: Path, overrides
 ):
     steps = ["train.steps=30", "checkpoint.every=0"]
-    ref = tmp_path / "ref"
-    proc = run(torchrun_cmd(ref, *steps, overrides=overrides))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    want = {s: v[0] for s, v in losses_by_step(metrics(ref)).items()}
+    want = reference_losses(torchrun_cmd(tmp_path / "ref", *steps, overrides=overrides), 30)
 
     # The job inherits this environment (sbatch --export=ALL): the venv's torchrun on PATH, the
     # project importable, and SLURM_CONF for the trainer's `scontrol requeue`.
@@ -78,10 +75,7 @@ def test_usr2_saves_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run
     # srun reports a task (torchrun) killed by a signal as "task 0: User defined signal 2".
     assert "User defined signal 2" not in log, log
     assert "preempted at step" in log and "resumed from" in log and "done: 30 steps" in log, log
-    got = losses_by_step(metrics(run_dir))
-    assert sorted(got) == list(range(1, 31)), log
-    for step, values in got.items():
-        assert all(v == want[step] for v in values), (step, values, want[step])
+    assert_same_losses(run_dir, want, log)
 
 
 def test_submit_dry_run_builds_sbatch_argv(tmp_path: Path, capsys):

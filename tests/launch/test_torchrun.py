@@ -4,10 +4,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.launch.conftest import ROOT, losses_by_step, metrics, run
+from tests.launch.conftest import assert_same_losses, metrics, reference_losses, run, start, wait_for
 
 
 def torchrun_cmd(run_dir, *extra, overrides=()):
@@ -43,28 +42,16 @@ def test_preemption_signal_on_one_rank_saves_the_same_step_everywhere_and_resume
     tmp_path, overrides
 ):
     extra = ["train.steps=12", "checkpoint.every=0"]
-    ref = tmp_path / "ref"
-    proc = run(torchrun_cmd(ref, *extra, overrides=overrides))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    want = {s: v[0] for s, v in losses_by_step(metrics(ref)).items()}
-    assert sorted(want) == list(range(1, 13))
+    want = reference_losses(torchrun_cmd(tmp_path / "ref", *extra, overrides=overrides), 12)
 
     rd = tmp_path / "preempted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    agent = subprocess.Popen(
+    agent = start(
         torchrun_cmd(rd, *extra, overrides=overrides),
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and agent.poll() is None:
-        if (rd / "metrics.jsonl").is_file() and any(r["step"] >= 2 for r in metrics(rd)):
-            break
-        time.sleep(0.05)
+    wait_for(lambda: (rd / "metrics.jsonl").is_file() and any(r["step"] >= 2 for r in metrics(rd)), agent)
     pid = _worker_pid(agent.pid, rank=1)
     assert pid is not None, "rank 1 not found (did the run end early?)"
     os.kill(pid, signal.SIGUSR2)  # only rank 1 is told; rank 0 must learn it at the step boundary
@@ -78,7 +65,4 @@ def test_preemption_signal_on_one_rank_saves_the_same_step_everywhere_and_resume
 
     proc = run(torchrun_cmd(rd, *extra, overrides=overrides))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = losses_by_step(metrics(rd))
-    assert sorted(got) == list(range(1, 13))
-    for step, values in got.items():
-        assert all(v == want[step] for v in values), (step, values, want[step])
+    assert_same_losses(rd, want)

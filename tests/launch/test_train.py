@@ -3,14 +3,22 @@
 import os
 import signal
 import subprocess
-import time
 
 import av
 import pytest
 import torch
 
 from launch.config import load_config
-from tests.launch.conftest import ROOT, losses_by_step, metrics, run, train_cmd
+from tests.launch.conftest import (
+    assert_same_losses,
+    losses_by_step,
+    metrics,
+    reference_losses,
+    run,
+    start,
+    train_cmd,
+    wait_for,
+)
 
 KEYS = {
     "step",
@@ -90,38 +98,17 @@ def test_config_errors_name_the_key(tmp_path):
         assert proc.returncode == 2 and key in proc.stderr, proc.stderr
 
 
-def _wait_for(predicate, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
-
-
 def test_sigkill_after_a_checkpoint_then_rerun_gives_the_same_losses_bit_for_bit(tmp_path, overrides):
     """Exact resume: model, optimizer, scheduler, EMA, RNG and the data workers' position."""
     extra = ["train.steps=14", "checkpoint.every=5", "checkpoint.keep=0"]
-    ref = tmp_path / "ref"
-    proc = run(train_cmd(ref, *extra, overrides=overrides))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    want = {s: v[0] for s, v in losses_by_step(metrics(ref)).items()}
-    assert sorted(want) == list(range(1, 15))
+    want = reference_losses(train_cmd(tmp_path / "ref", *extra, overrides=overrides), 14)
 
     rd = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    killed = subprocess.Popen(
-        train_cmd(rd, *extra, overrides=overrides),
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    killed = start(
+        train_cmd(rd, *extra, overrides=overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     marker = rd / "checkpoints" / "step-00000005" / "COMPLETE"
-    assert _wait_for(marker.is_file, killed), "the run ended before its first checkpoint"
+    assert wait_for(marker.is_file, killed), "the run ended before its first checkpoint"
     os.killpg(killed.pid, signal.SIGKILL)  # the trainer and its data workers, no chance to clean up
     killed.wait()
     assert killed.returncode == -signal.SIGKILL
@@ -130,10 +117,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_same_losses_bit_for_bit
 
     proc = run(train_cmd(rd, *extra, overrides=overrides))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = losses_by_step(metrics(rd))
-    assert sorted(got) == list(range(1, 15))
-    for step, values in got.items():
-        assert all(v == want[step] for v in values), (step, values, want[step])  # exact equality
+    assert_same_losses(rd, want)
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, overrides):
