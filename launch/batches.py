@@ -57,17 +57,6 @@ class Conditioner:
                 )
         return self.text(texts)
 
-    def null_condition(self, b: int, like: dict) -> dict:
-        """The unconditional inputs for classifier-free guidance (zero, fully masked text; null label)."""
-        if self.arch.conditioning == "text":
-            return {
-                "context": torch.zeros_like(like["context"]),
-                "context_mask": torch.zeros_like(like["context_mask"]),
-            }
-        if self.arch.conditioning == "class":
-            return {"labels": torch.full((b,), self.arch.num_classes, dtype=torch.long, device=self.device)}
-        return {}
-
     def __call__(self, batch: dict, gen: torch.Generator, train: bool = True) -> Prepared:
         dev = self.device
         if "latent" in batch:
@@ -80,7 +69,7 @@ class Conditioner:
             kwargs["fps"] = batch["fps"].to(dev)
         if train and self.cfg.train.cfg_dropout > 0 and self.arch.conditioning != "none":
             drop = torch.rand(b, generator=gen) < self.cfg.train.cfg_dropout
-            null = self.null_condition(b, kwargs)
+            null = null_condition(self.arch, kwargs)
             for k, v in null.items():
                 mask = drop.to(dev).view(-1, *([1] * (v.ndim - 1)))
                 kwargs[k] = torch.where(mask, v, kwargs[k])
@@ -123,6 +112,19 @@ class Conditioner:
         if self.arch.cond_channels:
             kwargs["cond"] = cond_channels(x0, clean, self.arch)
         return clean if clean.any() else None
+
+
+def null_condition(arch: DiTConfig, like: dict) -> dict:
+    """The unconditional inputs for classifier-free guidance, shaped like the conditional ``like``:
+    zero, fully masked text states, or the null class label ``num_classes``."""
+    if arch.conditioning == "text":
+        return {
+            "context": torch.zeros_like(like["context"]),
+            "context_mask": torch.zeros_like(like["context_mask"]),
+        }
+    if arch.conditioning == "class":
+        return {"labels": torch.full_like(like["labels"], arch.num_classes)}
+    return {}
 
 
 def cond_channels(x0: Tensor, clean: Tensor, arch: DiTConfig) -> Tensor:

@@ -174,7 +174,7 @@ class SampleConfig:
     """Samples drawn during training (and defaults for ``python -m launch.sample``)."""
 
     prompts: list[str] = field(default_factory=lambda: ["a red circle moves slowly from left to right"])
-    """Captions to sample (one video each)."""
+    """Captions to sample (one video each); class ids such as ``"207"`` for a class-conditional model."""
     frames: int = 8
     """Frames in pixels."""
     height: int = 64

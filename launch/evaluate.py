@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from data.pipeline import build_loader, list_shards
-from data.video import encode_h264
 from dit.diffusion import Objective
-from dit.sampling import sample
 from launch.batches import Conditioner
 from launch.config import JobConfig
 from launch.distributed import all_reduce
+from launch.sample import videos_for
 
 
 def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[dict]:
@@ -73,51 +72,25 @@ def draw_samples(
     model: nn.Module, obj: Objective, cond: Conditioner, cfg: JobConfig, seed: int
 ) -> np.ndarray:
     """Videos for ``sample.prompts``: B×T×H×W×3 uint8 (every rank runs the model; rank 0 writes)."""
-    s, arch = cfg.sample, cfg.model.arch
-    prompts = list(s.prompts)
-    comp = cond.codec.compression
-    latent = (
-        len(prompts),
-        arch.in_channels,
-        comp.latent_frames(s.frames),
-        s.height // comp.spatial,
-        s.width // comp.spatial,
-    )
-    kwargs: dict = {}
-    if arch.conditioning == "text":
-        emb, mask = cond.encode_text(prompts)
-        kwargs = {"context": emb.to(cond.device), "context_mask": mask.to(cond.device)}
-    elif arch.conditioning == "class":
-        kwargs = {"labels": torch.arange(len(prompts), device=cond.device) % arch.num_classes}
-    if arch.fps_conditioning:
-        kwargs["fps"] = torch.full((len(prompts),), s.fps, device=cond.device)
-    uncond = {**kwargs, **cond.null_condition(len(prompts), kwargs)} if s.cfg != 1 else None
+    s = cfg.sample
     was_training = model.training
     model.eval()
-    z = sample(
+    videos = videos_for(
         model,
         obj,
-        latent,
-        kwargs,
-        uncond,
-        sampler=s.sampler,
+        cfg.model.arch,
+        cond.codec,
+        cond.encode_text,
+        list(s.prompts),
+        frames=s.frames,
+        height=s.height,
+        width=s.width,
+        fps=s.fps,
         steps=s.steps,
+        sampler=s.sampler,
         cfg_scale=s.cfg,
         seed=seed,
         device=cond.device,
     )
     model.train(was_training)
-    return to_uint8(cond.codec.decode(z.float()))
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """B×3×T×H×W in [-1, 1] → B×T×H×W×3 uint8."""
-    v = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return v.permute(0, 2, 3, 4, 1).cpu().numpy()
-
-
-def write_mp4(path, frames: np.ndarray, fps: float) -> None:
-    """T×H×W×3 uint8 → H.264 mp4 (odd sizes are cropped by one pixel; yuv420p needs even sizes)."""
-    t, h, w, _ = frames.shape
-    frames = np.ascontiguousarray(frames[:, : h - h % 2, : w - w % 2])
-    path.write_bytes(encode_h264(frames, fps))
+    return videos

@@ -18,7 +18,8 @@ from launch.config import JobConfig, load_config
 from parallel import checkpoint as ckpt
 
 
-def export_config(cfg: JobConfig, step: int, source: Path) -> dict:
+def export_config(cfg: JobConfig, step: int | None, source: Path) -> dict:
+    """What inference and ``init.from`` need to know about a run (``config.json`` of an export)."""
     return {
         "format": "spacetime-dit",
         "preset": cfg.model.preset,

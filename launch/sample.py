@@ -17,17 +17,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from data.encoders import TextEncoder, build_codec
-from data.video import MediaError, decode_clip, decode_image, media_kind, probe
+from data.video import MediaError, decode_clip, decode_image, encode_h264, media_kind, probe
 from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig, make_objective
 from dit.model import build_model
 from dit.sampling import sample
-from launch.evaluate import to_uint8, write_mp4
+from launch.batches import null_condition
+from launch.config import load_config
+from launch.export import export_config
+from launch.finetune import read_weights
 from parallel import checkpoint as ckpt
 
 
@@ -46,21 +48,12 @@ def load_for_inference(
     """(model in eval mode, info with ``arch``, ``diffusion``, ``codec``, ``text_encoder``, ``max_text_len``,
     ``sample``) from an export directory or a DCP checkpoint / run directory."""
     src = Path(src)
-    if (src / "model.safetensors").is_file():
+    weights, _ = read_weights(src, use_ema)
+    if (src / "config.json").is_file():
         info = json.loads((src / "config.json").read_text())
-        ema = src / "ema.safetensors"
-        weights = load_file(ema if use_ema and ema.is_file() else src / "model.safetensors")
     else:
         path = ckpt.resolve(src)
-        info = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
-        info.update(
-            arch=info["model"]["arch"],
-            codec=info["data"]["codec"],
-            text_encoder=info["data"]["text_encoder"],
-            max_text_len=info["data"]["max_text_len"],
-        )
-        state = ckpt.read_full(path, {"model", "ema"})
-        weights = state["ema"] if use_ema and state.get("ema") else state["model"]
+        info = export_config(load_config(path / "config.yaml"), None, path)
     arch = _dataclass_from(DiTConfig, info["arch"])
     info["arch"], info["diffusion"] = arch, _dataclass_from(DiffusionConfig, info["diffusion"])
     model = build_model(arch, device=device)
@@ -127,16 +120,11 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
     arch, defaults = info["arch"], info.get("sample", {})
     frames, height = a.frames or defaults.get("frames", 8), a.height or defaults.get("height", 64)
     width, fps = a.width or defaults.get("width", 64), a.fps or defaults.get("fps", 8.0)
-    steps, sampler = a.steps or defaults.get("steps", 25), a.sampler or defaults.get("sampler", "euler")
-    cfg_scale = a.cfg if a.cfg is not None else defaults.get("cfg", 4.0)
     codec = build_codec(info["codec"], device=a.device)
-    comp = codec.compression
     obj = make_objective(info["diffusion"])
-    text = (
-        TextEncoder(info["text_encoder"], info["max_text_len"], a.device)
-        if arch.conditioning == "text"
-        else None
-    )
+    text = None
+    if arch.conditioning == "text":
+        text = TextEncoder(info["text_encoder"], info["max_text_len"], a.device)
     first = video = None
     if a.image:
         first = codec.encode(_pixels(a.image, 1, fps, (width, height)).to(a.device))[:, :, 0]  # 1, C, H, W
@@ -144,50 +132,113 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
         video = codec.encode(_pixels(a.video, frames, fps, (width, height)).to(a.device))
     out, written = Path(a.out), []
     for start in range(0, len(prompts), a.batch_size):
-        chunk = prompts[start : start + a.batch_size]
-        b = len(chunk)
-        shape = (
-            b,
-            arch.in_channels,
-            comp.latent_frames(frames),
-            height // comp.spatial,
-            width // comp.spatial,
-        )
-        cond, uncond = {}, None
-        if text is not None:
-            emb, mask = text(chunk)
-            cond = {"context": emb.to(a.device), "context_mask": mask.to(a.device)}
-            uncond = {
-                "context": torch.zeros_like(cond["context"]),
-                "context_mask": torch.zeros_like(cond["context_mask"]),
-            }
-        if arch.fps_conditioning:
-            cond["fps"] = torch.full((b,), float(fps), device=a.device)
-            if uncond is not None:
-                uncond["fps"] = cond["fps"]
-        z = sample(
+        clips = videos_for(
             model,
             obj,
-            shape,
-            cond,
-            uncond if cfg_scale != 1 else None,
-            sampler=sampler,
-            steps=steps,
-            cfg_scale=cfg_scale,
+            arch,
+            codec,
+            text,
+            prompts[start : start + a.batch_size],
+            frames=frames,
+            height=height,
+            width=width,
+            fps=fps,
+            steps=a.steps or defaults.get("steps", 25),
+            sampler=a.sampler or defaults.get("sampler", "euler"),
+            cfg_scale=a.cfg if a.cfg is not None else defaults.get("cfg", 4.0),
             seed=a.seed + start,
             device=a.device,
-            first_frame=None if first is None else first.expand(b, -1, -1, -1),
-            first_frame_as="cond" if arch.cond_channels else "frames",
-            video=None if video is None else video.expand(b, -1, -1, -1, -1),
+            first_frame=first,
+            video=video,
             strength=a.strength,
         )
-        for i, clip in enumerate(to_uint8(codec.decode(z.float()))):
-            n = start + i
+        for n, clip in enumerate(clips, start):
             path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
             path.parent.mkdir(parents=True, exist_ok=True)
             write_mp4(path, clip, fps)
             written.append(path)
     return written
+
+
+@torch.no_grad()
+def videos_for(
+    model,
+    obj,
+    arch: DiTConfig,
+    codec,
+    encode_text,
+    prompts: list[str],
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    fps: float,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    device,
+    first_frame: torch.Tensor | None = None,
+    video: torch.Tensor | None = None,
+    strength: float = 1.0,
+) -> np.ndarray:
+    """One video per prompt (class ids as strings for a class-conditional model): B×T×H×W×3 uint8.
+
+    Args:
+        codec: decodes the latents (and set their shape through its compression).
+        encode_text: captions → (states, mask); used by text-conditioned models.
+        frames, height, width: the clip in pixels.
+        first_frame: 1×C×H×W latent for image-to-video; video: 1×C×T×H×W latents for video-to-video.
+    """
+    b, comp = len(prompts), codec.compression
+    shape = (b, arch.in_channels, comp.latent_frames(frames), height // comp.spatial, width // comp.spatial)
+    cond: dict = {}
+    if arch.conditioning == "text":
+        emb, mask = encode_text(prompts)
+        cond = {"context": emb.to(device), "context_mask": mask.to(device)}
+    elif arch.conditioning == "class":
+        cond = {"labels": torch.tensor([_class_id(p, arch) for p in prompts], device=device)}
+    if arch.fps_conditioning:
+        cond["fps"] = torch.full((b,), float(fps), device=device)
+    uncond = {**cond, **null_condition(arch, cond)} if cfg_scale != 1 else None
+    z = sample(
+        model,
+        obj,
+        shape,
+        cond,
+        uncond,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        device=device,
+        first_frame=None if first_frame is None else first_frame.expand(b, -1, -1, -1),
+        first_frame_as="cond" if arch.cond_channels else "frames",
+        video=None if video is None else video.expand(b, -1, -1, -1, -1),
+        strength=strength,
+    )
+    return to_uint8(codec.decode(z.float()))
+
+
+def _class_id(prompt: str, arch: DiTConfig) -> int:
+    if not prompt.strip().isdigit() or int(prompt) >= arch.num_classes:
+        raise ValueError(
+            f"prompt {prompt!r}: a class-conditional model takes class ids 0..{arch.num_classes - 1}"
+        )
+    return int(prompt)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """B×3×T×H×W in [-1, 1] → B×T×H×W×3 uint8."""
+    v = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+    """T×H×W×3 uint8 → H.264 mp4 (odd sizes are cropped by one pixel; yuv420p needs even sizes)."""
+    t, h, w, _ = frames.shape
+    frames = np.ascontiguousarray(frames[:, : h - h % 2, : w - w % 2])
+    path.write_bytes(encode_h264(frames, fps))
 
 
 if __name__ == "__main__":

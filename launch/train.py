@@ -33,6 +33,7 @@ from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed
 from launch.finetune import apply_init, freeze
 from launch.metrics import Metrics, Progress, max_memory_gib
 from launch.optim import EMA, build_optimizer, build_scheduler
+from launch.sample import write_mp4
 from parallel import checkpoint as ckpt
 from parallel.dims import ParallelDims
 from parallel.parallelize import parallelize
@@ -382,7 +383,7 @@ def write_samples(tr: Trainer, metrics: Metrics) -> None:
     out = tr.run_dir / "samples"
     out.mkdir(exist_ok=True)
     for i, frames in enumerate(videos):
-        evaluate.write_mp4(out / f"step-{tr.step:08d}-{i}.mp4", frames, cfg.sample.fps)
+        write_mp4(out / f"step-{tr.step:08d}-{i}.mp4", frames, cfg.sample.fps)
         metrics.video(f"samples/{i}", frames, tr.step, cfg.sample.fps)
 
 

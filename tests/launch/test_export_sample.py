@@ -113,3 +113,22 @@ def test_init_from_an_export_loads_weights_only(trained, tmp_path, overrides):
     source = load_file(out / "ema.safetensors")  # init.use_ema defaults to true
     assert torch.equal(tuned["t_embedder.fc1.weight"], source["t_embedder.fc1.weight"])  # frozen
     assert not torch.equal(tuned["blocks.0.attn.q.weight"], source["blocks.0.attn.q.weight"])  # trained
+
+
+def test_class_conditional_models_sample_from_class_ids():
+    from data.encoders import PixelCodec
+    from dit.config import get_preset
+    from dit.diffusion import DiffusionConfig, make_objective
+    from dit.model import build_model
+    from launch.sample import videos_for
+
+    arch = get_preset("tiny").replace(conditioning="class", num_classes=10, in_channels=48)
+    model = build_model(arch, seed=0).eval()
+    kw = dict(
+        frames=2, height=16, width=16, fps=8, steps=2, sampler="euler", cfg_scale=3.0, seed=0, device="cpu"
+    )
+    obj = make_objective(DiffusionConfig())
+    clips = videos_for(model, obj, arch, PixelCodec(), None, ["3", "7"], **kw)
+    assert clips.shape == (2, 2, 16, 16, 3) and clips.dtype == np.uint8
+    with pytest.raises(ValueError, match="class ids 0..9"):
+        videos_for(model, obj, arch, PixelCodec(), None, ["a cat"], **kw)
