@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.pipeline import DataConfig
 from dit.config import PRESETS, DiTConfig
 from dit.diffusion import DiffusionConfig
+from parallel.config import ParallelConfig, checkpoint_every
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -124,24 +125,6 @@ class EvalConfig:
     """Held-out batches per evaluation (the same ones every time)."""
     timesteps: int = 8
     """Points of the fixed grid t_i = (i + 0.5) / n at which every held-out sample is scored."""
-
-
-@dataclass
-class ParallelConfig:
-    """How ranks split the work. The product ``dp_replicate · dp_shard · cp · tp`` is the world size."""
-
-    dp_shard: int = -1
-    """FSDP2 sharding degree (-1: whatever is left of the world size)."""
-    dp_replicate: int = 1
-    """Replicas of the sharded group (HSDP)."""
-    tp: int = 1
-    """Tensor-parallel degree."""
-    cp: int = 1
-    """Context (sequence) parallel degree."""
-    engine: str = "fsdp"
-    """``fsdp`` (torch FSDP2 / DTensor) or ``deepspeed``."""
-    backend: str = "auto"
-    """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
 
 
 @dataclass
@@ -270,6 +253,11 @@ def validate(cfg: JobConfig) -> None:
             raise ValueError(f"parallel.{key}={getattr(cfg.parallel, key)}: must be at least 1")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ValueError(f"parallel.dp_shard={cfg.parallel.dp_shard}: must be -1 or at least 1")
+    if cfg.parallel.cp_ring < 0:
+        raise ValueError(f"parallel.cp_ring={cfg.parallel.cp_ring}: must be 0 (auto) or at least 1")
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: must be 1, 2 or 3")
+    checkpoint_every(cfg.parallel.activation_checkpointing)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> JobConfig:

@@ -68,7 +68,15 @@ class EMA:
     def update(self, step: int) -> None:
         # warm up the decay (1 + n) / (10 + n) so early averages are not dominated by the initial weights
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
+        # one foreach per mesh: with tensor parallelism, block weights and embeddings live on different
+        # meshes (or are plain tensors), and a foreach op cannot mix them
+        groups: dict = {}
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s_list, p_list = groups.setdefault(getattr(p, "device_mesh", None), ([], []))
+            s_list.append(s)
+            p_list.append(p.detach().float())
+        for s_list, p_list in groups.values():
+            torch._foreach_lerp_(s_list, p_list, 1 - d)
 
     def state_dict(self) -> dict:
         return dict(zip(self.names, self.shadow, strict=True))

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from data.pipeline import build_loader
 from dit.diffusion import make_objective
 from dit.flops import count, peak_flops
-from dit.model import build_model, num_params
+from dit.model import SpacetimeDiT, build_model, num_params
 from launch import evaluate
 from launch.batches import Conditioner
 from launch.config import JobConfig, load_config, save_config, to_yaml
@@ -36,7 +36,8 @@ from launch.optim import EMA, build_optimizer, build_scheduler
 from launch.sample import write_mp4
 from parallel import checkpoint as ckpt
 from parallel.dims import ParallelDims
-from parallel.parallelize import parallelize
+from parallel.grads import clip_grad_norm
+from parallel.parallelize import make_dims, materialize, parallelize
 
 log = logging.getLogger("launch.train")
 
@@ -125,20 +126,21 @@ class Trainer:
         """Accumulate ``grad_accum`` batches, agree on finiteness, clip, step. Returns step stats,
         including wall time per phase (data_wait, encode, forward, backward, optim)."""
         cfg, dev = self.cfg, self.env.device
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.env.rank, self.step))
+        # seeded by the data-parallel rank: the cp/tp ranks that share a batch must draw the same noise
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.dp_rank, self.step))
         clock = PhaseClock(dev, sync=cfg.logging.phase_times)
         sums = {"loss_sum": 0.0, "samples": 0, "tokens": 0, "flops": 0.0}
         for micro in range(cfg.train.grad_accum):
             batch = next(batches)
             clock.lap("data_wait")
             self._micro_step(batch, gen, micro, sums, clock)
-        total = all_reduce(float(sums["samples"]), "sum", dev)
-        loss = all_reduce(sums["loss_sum"], "sum", dev) / total
+        # every sample is counted by each of the dims.copies (cp × tp) ranks that processed it
+        total = all_reduce(float(sums["samples"]), "sum", dev) / self.dims.copies
+        loss = all_reduce(sums["loss_sum"], "sum", dev) / self.dims.copies / total
         params = [p for p in self.model.parameters() if p.grad is not None]
         for p in params:
             p.grad.div_(total)
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, clip)))
+        grad_norm = clip_grad_norm(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
         bad = all_reduce(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, "max", dev) > 0
         lr = self.opt.param_groups[0]["lr"]
         if bad:
@@ -167,15 +169,16 @@ class Trainer:
             )
         per_sample = out.per_frame.sum(1) / prep.loss_frames.clamp(min=1)  # B
         clock.lap("forward")
-        # FSDP averages gradients over data-parallel ranks; scaling by dp makes that a sum, and the
-        # division by the global sample count in train_step makes the step a per-sample mean, however
-        # the samples were split over ranks and micro-steps (decode failures can shorten a batch)
-        (per_sample.sum() * self.dims.dp).backward()
+        # FSDP averages gradients over its ranks; dims.grad_scale makes that a sum, and the division
+        # by the global sample count in train_step makes the step a per-sample mean, however the
+        # samples were split over ranks and micro-steps (decode failures can shorten a batch)
+        (per_sample.sum() * self.dims.grad_scale).backward()
         clock.lap("backward")
         sums["loss_sum"] += float(per_sample.detach().sum())
         sums["samples"] += b
-        sums["tokens"] += b * n_tok
-        sums["flops"] += self._flops(t, h, w, b, prep.kwargs)
+        # a cp × tp group shares the work of its samples: count this rank's share
+        sums["tokens"] += b * n_tok / self.dims.copies
+        sums["flops"] += self._flops(t, h, w, b, prep.kwargs) / self.dims.copies
 
     def _skip(self) -> None:
         max_bad = self.cfg.run.max_bad_steps
@@ -231,10 +234,6 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _full(x) -> torch.Tensor:
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
 def setup(cfg: JobConfig) -> Trainer:
     env = init_distributed(cfg.run.device, cfg.parallel.backend)
     run_dir = Path(cfg.run.dir)
@@ -242,22 +241,22 @@ def setup(cfg: JobConfig) -> Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, env.world)
+    dims = make_dims(p, env.world, cfg.model.arch)
     if p.engine == "deepspeed":
         raise NotImplementedError(
             "parallel.engine=deepspeed is not implemented yet; use parallel.engine=fsdp"
         )
     mesh = dims.build_mesh(env.device.type)
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.arch, device=env.device, seed=cfg.seed)
-    if cfg.init.from_:
-        report = apply_init(model, cfg.init.from_, cfg.model.arch, use_ema=cfg.init.use_ema)
-        log.info("init.from=%s: %s", cfg.init.from_, report.summary())
+    # built on meta and parallelized before any weight exists; rank 0 makes the initial weights
+    with torch.device("meta"):
+        model = SpacetimeDiT(cfg.model.arch)
     frozen = freeze(model, cfg.init.freeze)
     if frozen:
         log.info("froze %d parameter tensors matching init.freeze", frozen)
-    model = parallelize(model, dims, mesh, bf16 and env.device.type == "cuda")
+    parallelize(model, dims, mesh, p, bf16 and env.device.type == "cuda")
+    materialize(model, env.device, mesh, lambda: initial_model(cfg), offload=p.cpu_offload)
+    torch.manual_seed(cfg.seed)  # the same global RNG state on every rank, whoever built the weights
     model.train()
     opt = build_optimizer(model, cfg.train, env.device)
     dp_rank = dims.dp_rank(mesh)
@@ -282,6 +281,15 @@ def setup(cfg: JobConfig) -> Trainer:
         trainer.resume(found)
         log.info("resumed from %s (step %d)", found, trainer.step)
     return trainer
+
+
+def initial_model(cfg: JobConfig) -> torch.nn.Module:
+    """The full initial model on CPU: ``init_weights`` with the job's seed, then ``init.from``."""
+    model = build_model(cfg.model.arch, device="cpu", seed=cfg.seed)
+    if cfg.init.from_:
+        report = apply_init(model, cfg.init.from_, cfg.model.arch, use_ema=cfg.init.use_ema)
+        log.info("init.from=%s: %s", cfg.init.from_, report.summary())
+    return model
 
 
 def run(cfg: JobConfig) -> dict:

@@ -1,36 +1,98 @@
-"""Apply parallelism to a plain single-device model from outside (DESIGN §4's fixed order).
+"""Apply parallelism to a plain SpacetimeDiT from outside, in DESIGN §4's fixed order.
 
-Implemented so far: FSDP2 ``fully_shard`` per block and at the root (HSDP when ``dp_replicate`` > 1).
-Tensor and context parallelism plug in before it, in that order.
+tensor parallel → context parallel hooks → activation checkpointing → per-block torch.compile → FSDP2
+``fully_shard`` per block and at the root (HSDP over dp_replicate × (dp_shard · cp)). The model is
+built on the meta device and only materialised afterwards, so no rank ever holds a full copy, except
+rank 0 while it makes the initial weights (see :func:`materialize`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from parallel.config import ParallelConfig, checkpoint_every
+from parallel.context import apply_context_parallel, check_cp_degrees
 from parallel.dims import ParallelDims
+from parallel.tensor import apply_tensor_parallel, check_tp
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, bf16: bool) -> nn.Module:
-    """Shard ``model`` over the data-parallel mesh dims; a no-op with one process.
+def make_dims(pcfg: ParallelConfig, world: int, arch) -> ParallelDims:
+    """Resolve ``pcfg`` against the world size and the architecture (head splits), with errors
+    naming the config field."""
+    check_tp(arch, pcfg.tp)
+    cp_ring = check_cp_degrees(pcfg.cp, pcfg.cp_ring, arch.num_heads, pcfg.tp)
+    return ParallelDims(pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp, pcfg.tp, world, cp_ring=cp_ring)
+
+
+def parallelize(
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, pcfg: ParallelConfig, bf16: bool = False
+) -> nn.Module:
+    """Apply every enabled kind of parallelism to ``model`` in place (meta or materialised).
 
     Args:
-        bf16: keep bf16 copies of the parameters for compute and reduce gradients in fp32 (CUDA).
+        dims, mesh: from :class:`ParallelDims` (mesh None: one process).
+        pcfg: activation checkpointing, compile and offload choices.
+        bf16: FSDP keeps bf16 copies of the parameters for compute and reduces gradients in fp32 (CUDA).
     """
-    if dims.tp > 1 or dims.cp > 1:
-        raise NotImplementedError(
-            f"parallel.tp={dims.tp}, parallel.cp={dims.cp}: tensor and context parallelism are not "
-            "implemented yet; use data parallelism (parallel.dp_shard / dp_replicate)"
-        )
-    if mesh is None:
-        return model
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mesh": dp_mesh} | ({"mp_policy": mp} if mp else {})
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if dims.cp > 1:
+        ring = mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None
+        ulysses = mesh["cp_ulysses"].get_group() if dims.cp_ulysses > 1 else None
+        apply_context_parallel(model, mesh["cp"].get_group(), ulysses, ring)
+    every = checkpoint_every(pcfg.activation_checkpointing)
+    for i, block in enumerate(model.blocks):
+        # composable checkpoint: no wrapper module, so parameter names (checkpoint keys) stay the same
+        if every and i % every == 0:
+            checkpoint(block)
+        if pcfg.compile:
+            block.compile()
+    if dims.dp * dims.cp > 1:
+        _shard(model, dims, mesh, bf16, pcfg.cpu_offload)
+    return model
+
+
+def _shard(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, bf16: bool, offload: bool) -> None:
+    # cp ranks hold the same parameters and partial gradients (their tokens), so FSDP shards over
+    # them too and its reduce-scatter sums the partial gradients (torchtitan's dp_shard_cp)
+    dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+    kwargs: dict = {"mesh": dp_mesh}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in model.blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    return model
+
+
+def materialize(
+    model: nn.Module,
+    device: torch.device,
+    mesh: DeviceMesh | None,
+    reference: Callable[[], nn.Module],
+    offload: bool = False,
+) -> None:
+    """Allocate ``model``'s (sharded) parameters on ``device`` and fill them with the initial weights.
+
+    ``reference()`` builds the full initialised model on CPU (``init_weights`` with the job's seed, plus
+    any ``init.from`` weights). With several processes only rank 0 calls it, and its state dict is
+    broadcast into every rank's shards: the initial weights are then the same bits whatever the
+    layout, which is what makes every parallel mode comparable to one process (DTensor's own random
+    initialisation is layout-dependent on CPU).
+    """
+    model.to_empty(device="cpu" if offload else device)  # FSDP2 offload keeps shards in host memory
+    if mesh is None:
+        model.load_state_dict(reference().state_dict())
+        return
+    rank0 = torch.distributed.get_rank() == 0
+    full = reference().state_dict() if rank0 else {}
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=opts)

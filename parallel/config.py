@@ -1,0 +1,49 @@
+"""The ``parallel.*`` section of a job config (owned here so parallel/ does not import launch/)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks split the work. The product ``dp_replicate · dp_shard · cp · tp`` is the world size."""
+
+    dp_shard: int = -1
+    """FSDP2 sharding degree (-1: whatever is left of the world size)."""
+    dp_replicate: int = 1
+    """Replicas of the sharded group (HSDP: gradients all-reduced across replicas, sharded within)."""
+    tp: int = 1
+    """Tensor-parallel degree (heads and MLP width are split; keep it within a node)."""
+    cp: int = 1
+    """Context (sequence) parallel degree: each rank holds 1/cp of the tokens of every sample."""
+    cp_ring: int = 0
+    """How many of the cp ranks form a ring: 1 = pure Ulysses (all-to-all; cp must divide
+    heads/tp), cp = pure ring attention, in between = Ulysses inside groups of cp/cp_ring ranks and a
+    ring across them. 0: Ulysses when the heads allow it, else ring."""
+    activation_checkpointing: str = "none"
+    """Recompute block activations in backward: ``none``, ``full`` (every block) or ``every_K``
+    (blocks 0, K, 2K, …: trades memory against the ~1/K of a forward it recomputes)."""
+    compile: bool = False
+    """``torch.compile`` each block (after checkpointing, before FSDP, as torchtitan)."""
+    cpu_offload: bool = False
+    """FSDP2: keep sharded parameters, gradients and optimizer states in host memory."""
+    engine: str = "fsdp"
+    """``fsdp`` (torch FSDP2 / DTensor) or ``deepspeed``."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1, 2 or 3) for ``engine=deepspeed``."""
+    backend: str = "auto"
+    """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
+
+
+def checkpoint_every(mode: str, field: str = "parallel.activation_checkpointing") -> int:
+    """0 for ``none``, 1 for ``full``, K for ``every_K``; a clear error otherwise."""
+    if mode == "none":
+        return 0
+    if mode == "full":
+        return 1
+    m = re.fullmatch(r"every_(\d+)", mode)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"{field}={mode!r}: expected 'none', 'full' or 'every_K' (K ≥ 1)")
+    return int(m.group(1))

@@ -1,0 +1,58 @@
+"""Tensor parallelism with DTensor: a plan keyed by module name (names in ``dit/layers.py`` are API).
+
+Megatron's split: q/k/v, the MLP input (and SwiGLU gate) column-wise, so each rank holds whole heads
+and a slice of the hidden units; the attention output and MLP output row-wise, ending in one
+all-reduce per sub-layer. The per-head qk RMSNorm runs on the local heads: its weight is a replicated
+DTensor whose input is sharded along the head axis (``SequenceParallel(sequence_dim=2)``), so DTensor
+sums its gradient over the ranks. The LayerNorms of the block carry no parameters (adaLN supplies
+scale and shift) and run on the replicated residual stream.
+
+Everything not in the plan (patch and timestep embeddings, modulation, caption projection, the
+final layer) is replicated: its inputs and output gradients are identical on every tensor-parallel
+rank, so its gradients are too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def tp_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    """Module name → DTensor style for every block of ``model``."""
+    plan: dict[str, ParallelStyle] = {}
+    for i, block in enumerate(model.blocks):
+        attns = ["attn"] + (["cross_attn"] if block.cross_attn is not None else [])
+        for a in attns:
+            for name in ("q", "k", "v"):
+                plan[f"blocks.{i}.{a}.{name}"] = ColwiseParallel()
+            plan[f"blocks.{i}.{a}.o"] = RowwiseParallel()
+            if isinstance(getattr(block, a).norm_q, nn.RMSNorm):
+                for norm in ("norm_q", "norm_k"):  # B, N, H/tp, Dh: sharded on the head axis
+                    plan[f"blocks.{i}.{a}.{norm}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan[f"blocks.{i}.mlp.fc1"] = ColwiseParallel()
+        if block.mlp.gate is not None:
+            plan[f"blocks.{i}.mlp.gate"] = ColwiseParallel()
+        plan[f"blocks.{i}.mlp.fc2"] = RowwiseParallel()
+    return plan
+
+
+def check_tp(cfg, tp: int) -> None:
+    """Clear errors for shapes that do not split over ``tp`` ranks."""
+    if cfg.num_heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide model.arch.num_heads={cfg.num_heads}")
+    if cfg.ffn_hidden % tp:
+        raise ValueError(f"parallel.tp={tp} must divide the MLP width {cfg.ffn_hidden} (model.arch.ffn_dim)")
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard ``model``'s blocks over ``tp_mesh`` in place (works on the meta device)."""
+    check_tp(model.cfg, tp_mesh.size())
+    parallelize_module(model, tp_mesh, tp_plan(model))

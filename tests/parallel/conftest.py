@@ -1,0 +1,22 @@
+"""Spawn one gloo process group per world size and run many layout cases in it."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(world: int, worker, cases: list, out_dir) -> dict:
+    """Run ``worker(rank, world, port, cases, out_dir)`` on ``world`` processes; returns what rank 0
+    saved for each case (``{name: result}``)."""
+    args = (world, free_port(), cases, str(out_dir))
+    mp.start_processes(worker, args=args, nprocs=world, start_method="spawn")
+    return {c.name: torch.load(out_dir / f"{c.name}.pt", weights_only=True) for c in cases}
