@@ -84,7 +84,11 @@ class Trainer:
         }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
-        return {"rng": rng, "loader": self.loader.state_dict(), "skipped": self.skipped}
+        return {"rng": rng, "loader": self.loader.state_dict(), "skipped": self.skipped, "layout": self._layout()}
+
+    def _layout(self) -> list[int]:
+        d = self.dims
+        return [d.dp_replicate, d.dp_shard, d.cp, d.cp_ring, d.tp]
 
     def save(self) -> Path:
         path = ckpt.save(
@@ -107,9 +111,12 @@ class Trainer:
         if self.ema:
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
-        if own is None:
+        if own is None or own.get("layout") != self._layout():
+            # the weights and optimizer reshard (DCP); a loader position belongs to one data split
             log.warning(
-                "%s has no state for rank %d (world size changed): data order restarts", path, self.env.rank
+                "%s was saved under another parallel layout: weights and optimizer resharded, data order "
+                "restarts",
+                path,
             )
             return
         rng = own["rng"]

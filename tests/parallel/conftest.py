@@ -14,9 +14,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_group(world: int, worker, cases: list, out_dir) -> dict:
+def run_group(world: int, worker, cases: list, out_dir, names: list[str] | None = None) -> dict:
     """Run ``worker(rank, world, port, cases, out_dir)`` on ``world`` processes; returns what rank 0
-    saved for each case (``{name: result}``)."""
+    saved as ``<name>.pt`` for each case (``{name: result}``; names default to ``case.name``)."""
     args = (world, free_port(), cases, str(out_dir))
     mp.start_processes(worker, args=args, nprocs=world, start_method="spawn")
-    return {c.name: torch.load(out_dir / f"{c.name}.pt", weights_only=True) for c in cases}
+    names = names if names is not None else [c.name for c in cases]
+    return {n: torch.load(out_dir / f"{n}.pt", weights_only=True) for n in names}

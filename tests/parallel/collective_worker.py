@@ -1,0 +1,78 @@
+"""Each collective and distributed attention against the same computation in one process.
+
+Every rank builds the full inputs from one seed, computes the single-process reference itself, runs
+the distributed version on its own chunk, and reports the worst error over all ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dit.attention import AttentionCore, attention
+from parallel.collectives import all_to_all, gather_replicated, local_chunk
+from parallel.context import RingAttention, UlyssesAttention
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def _attention_check(core_fn, group) -> float:
+    """Forward and q/k/v gradients of a distributed core against full SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 4, 8, generator=g, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 16, 4, 8, generator=g)
+    ref = attention(q, k, v)
+    (ref * w).sum().backward()
+    parts = [local_chunk(t.detach(), 1, group).requires_grad_() for t in (q, k, v)]
+    out = core_fn(*parts)
+    (out * local_chunk(w, 1, group)).sum().backward()
+    errs = [_err(out, local_chunk(ref.detach(), 1, group))]
+    errs += [_err(p.grad, local_chunk(t.grad, 1, group)) for p, t in zip(parts, (q, k, v), strict=True)]
+    return max(errs)
+
+
+def checks(group) -> dict[str, float]:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4 * n, 6, generator=g, requires_grad=True)
+    w = torch.randn(2, 4 * n, 6, generator=g)
+    out = {}
+
+    # gather_replicated: forward = the full tensor; backward = this rank's slice of the gradient
+    mine = x.detach().chunk(n, 1)[r].requires_grad_()
+    full = gather_replicated(mine, 1, group)
+    (full * w).sum().backward()
+    out["gather_forward"] = _err(full, x.detach())
+    out["gather_backward"] = _err(mine.grad, w.chunk(n, 1)[r])
+
+    # all_to_all sequence→heads: rank r gets every token of heads r·H/n … ; backward inverts it
+    h = torch.randn(2, 4 * n, 2 * n, 3, generator=g, requires_grad=True)  # B, N, H, Dh
+    wh = torch.randn(2, 4 * n, 2 * n, 3, generator=g)
+    mine = h.detach().chunk(n, 1)[r].requires_grad_()
+    swapped = all_to_all(mine, 2, 1, group)
+    out["all_to_all_forward"] = _err(swapped, h.detach().chunk(n, 2)[r])
+    (swapped * wh.chunk(n, 2)[r]).sum().backward()
+    out["all_to_all_backward"] = _err(mine.grad, wh.chunk(n, 1)[r])
+
+    out["ulysses"] = _attention_check(UlyssesAttention(AttentionCore("sdpa"), group), group)
+    out["ring"] = _attention_check(RingAttention(group), group)
+    return out
+
+
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        errs = checks(dist.group.WORLD)
+        worst = torch.tensor(list(errs.values()))
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            torch.save(dict(zip(errs, worst.tolist(), strict=True)), Path(out_dir) / f"world{world}.pt")
+    finally:
+        dist.destroy_process_group()
