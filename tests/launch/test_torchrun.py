@@ -1,12 +1,22 @@
 """The trainer under torchrun (2 CPU processes, gloo, FSDP2): preemption agreed across ranks, exact resume."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.launch.conftest import assert_same_losses, metrics, reference_losses, run, start, wait_for
+from tests.launch.conftest import (
+    assert_same_losses,
+    losses_by_step,
+    metrics,
+    reference_losses,
+    run,
+    start,
+    train_cmd,
+    wait_for,
+)
 
 
 def torchrun_cmd(run_dir, *extra, overrides=()):
@@ -66,3 +76,29 @@ def test_preemption_signal_on_one_rank_saves_the_same_step_everywhere_and_resume
     proc = run(torchrun_cmd(rd, *extra, overrides=overrides))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_losses(rd, want)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {s: v[-1] for s, v in losses_by_step(metrics(run_dir)).items()}
+
+
+def test_context_and_tensor_parallel_training_matches_one_process_and_reshards_on_resume(tmp_path, overrides):
+    """The trainer under cp=2 and tp=2 logs the single-process losses (the same batch, noise and initial
+    weights on every rank of a group); a cp=2 checkpoint resumes under tp=2 (DCP resharding)."""
+    extra = ["train.steps=3", "checkpoint.every=2", "run.progress=lines"]
+    want = reference_losses(train_cmd(tmp_path / "one", *extra, overrides=overrides), 3)
+    for layout in ("parallel.cp=2", "parallel.tp=2"):
+        rd = tmp_path / layout
+        proc = run(torchrun_cmd(rd, *extra, layout, overrides=overrides))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = _losses(rd)
+        assert got.keys() == want.keys()
+        for step, loss in got.items():
+            assert abs(loss - want[step]) <= 1e-5 * want[step], (layout, step, loss, want[step])
+
+    rd = tmp_path / "parallel.cp=2"
+    shutil.rmtree(rd / "checkpoints" / "step-00000003")
+    proc = run(torchrun_cmd(rd, "train.steps=4", "checkpoint.every=2", "parallel.tp=2", overrides=overrides))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved under another parallel layout" in proc.stderr
+    assert max(r["step"] for r in metrics(rd)) == 4
