@@ -62,6 +62,53 @@ def gather_replicated(x: Tensor, dim: int, group: dist.ProcessGroup | None) -> T
     return _GatherSlice.apply(x, dim, group)
 
 
+class _SplitGatherGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        n, r = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(n, dim=dim)[r].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+def split_full_grad(x: Tensor, dim: int, group: dist.ProcessGroup | None) -> Tensor:
+    """This rank's chunk of a tensor that every rank of ``group`` holds whole; backward all-gathers,
+    so what produced ``x`` gets the whole gradient on every rank (Megatron's scatter to the
+    sequence-parallel region)."""
+    if group_size(group) == 1:
+        return x
+    if x.shape[dim] % group_size(group):
+        raise ValueError(
+            f"cannot split size {x.shape[dim]} (dim {dim}) evenly over {group_size(group)} ranks"
+        )
+    return _SplitGatherGrad.apply(x, dim, group)
+
+
+class _SumGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_grad(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Identity forward; backward sums the gradient over ``group``. For a tensor every rank holds whole
+    but uses only on its own tokens (modulation vectors under sequence parallelism), so each rank's
+    gradient is partial (Megatron's copy to the tensor-parallel region)."""
+    if group_size(group) == 1:
+        return x
+    return _SumGrad.apply(x, group)
+
+
 def _all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> Tensor:
     n = dist.get_world_size(group)
     inputs = [c.contiguous() for c in x.chunk(n, dim=scatter_dim)]

@@ -16,6 +16,10 @@ class ParallelConfig:
     """Replicas of the sharded group (HSDP: gradients all-reduced across replicas, sharded within)."""
     tp: int = 1
     """Tensor-parallel degree (heads and MLP width are split; keep it within a node)."""
+    sequence_parallel: bool = True
+    """With tp > 1, also cut the residual stream along the sequence over the tp ranks between
+    sub-layers (Megatron-SP: all-gather before attention/MLP, reduce-scatter after): the same
+    communication volume as plain TP's all-reduce, 1/tp of the norm/modulation activations."""
     cp: int = 1
     """Context (sequence) parallel degree: each rank holds 1/cp of the tokens of every sample."""
     cp_ring: int = 0

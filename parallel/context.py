@@ -1,4 +1,5 @@
-"""Context (sequence) parallelism for long videos, applied to a plain SpacetimeDiT with hooks.
+"""Context (sequence) parallelism for long videos, and the sequence cut of Megatron-style sequence
+parallelism, applied to a plain SpacetimeDiT with hooks.
 
 The token sequence (``(t h w)`` order) is cut into ``cp`` contiguous chunks right after patch
 embedding, every block runs on its chunk, and the chunks are gathered again after the final layer,
@@ -13,6 +14,11 @@ attention (K/V blocks passed around; any degree), or both (Ulysses inside groups
 ranks, a ring across them). The factorized layout needs no exchange in its spatial blocks (a chunk
 holds whole frames) and the same exchange in its temporal blocks. Cross-attention needs none: every
 rank holds the whole caption, and a query chunk attends to it locally.
+
+With sequence parallelism the chunk of each cp rank is cut again over its tp ranks between
+sub-layers; :mod:`parallel.tensor` gathers it for attention and the MLP. The final layer runs on the
+whole cp chunk, so the loss is replicated and every parameter outside the tensor-parallel plan gets
+the same gradient on each tp rank.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from parallel.collectives import all_to_all, gather_replicated, group_rank, group_size, local_chunk
+from parallel.collectives import (
+    all_to_all,
+    gather_replicated,
+    group_size,
+    local_chunk,
+    split_full_grad,
+    sum_grad,
+)
 from parallel.ring import ring_attention
 
 
@@ -65,72 +78,98 @@ class RingAttention(nn.Module):
 
 @dataclass
 class _Cut:
-    """The current forward's sequence cut, set by the model pre-hook and read by the others."""
+    """The sequence cut: over the cp ranks, then (sequence parallelism) over the tp ranks of each."""
 
-    group: dist.ProcessGroup
+    cp: dist.ProcessGroup | None
+    sp: dist.ProcessGroup | None
     factorized: bool
-    grid: tuple[int, int, int] = (0, 0, 0)
-    frames_local: bool = False
 
-    def rows(self, x: Tensor, dim: int) -> Tensor:
-        return local_chunk(x, dim, self.group)
+    @property
+    def ways(self) -> int:
+        return group_size(self.cp) * group_size(self.sp)
 
-    def frames(self, mod: Tensor) -> Tensor:
-        """B×F×… modulation: one vector for all tokens (F = 1) stays, per-frame vectors are cut."""
-        return self.rows(mod, 1) if mod.shape[1] > 1 else mod
+    def tokens(self, x: Tensor, dim: int) -> Tensor:
+        """This rank's tokens. Over cp by plain slicing: the gradient of what is upstream stays partial
+        (own tokens) and the FSDP reduction, which includes cp, sums it. Over tp with an all-gather in
+        backward: tp ranks are not reduced over, so upstream must get the whole gradient here."""
+        return split_full_grad(local_chunk(x, dim, self.cp), dim, self.sp)
+
+    def frames(self, mod: Tensor, sp: bool = True) -> Tensor:
+        """B×F×D modulation of a sub-layer on this rank's tokens: F = 1 stays, per-frame vectors are cut.
+        Under sequence parallelism the tp ranks use different frames of a vector they all computed, so
+        its gradient is summed over tp before the cut."""
+        if sp:
+            mod = sum_grad(mod, self.sp)
+        if mod.shape[1] == 1:
+            return mod
+        mod = local_chunk(mod, 1, self.cp)
+        return local_chunk(mod, 1, self.sp) if sp else mod
 
 
-def apply_context_parallel(
+def apply_sequence_cut(
     model: nn.Module,
-    cp_group: dist.ProcessGroup,
-    ulysses_group: dist.ProcessGroup | None,
-    ring_group: dist.ProcessGroup | None,
+    cp_group: dist.ProcessGroup | None,
+    ulysses_group: dist.ProcessGroup | None = None,
+    ring_group: dist.ProcessGroup | None = None,
+    sp_group: dist.ProcessGroup | None = None,
 ) -> None:
     """Make ``model`` run on this rank's chunk of the sequence (in place, no parameter changes).
 
     Args:
-        cp_group: all context-parallel ranks, in sequence-chunk order.
+        cp_group: the context-parallel ranks, in sequence-chunk order (None: no context parallel).
         ulysses_group / ring_group: its two factors (``cp_group`` rank = ring rank · |ulysses| +
             ulysses rank); either may be None (degree 1).
+        sp_group: the tensor-parallel ranks when their residual stream is cut along the sequence too
+            (sequence parallelism: :func:`parallel.tensor.tp_plan` gathers it before attention and
+            the MLP and reduce-scatters after); None otherwise.
     """
-    cut = _Cut(cp_group, model.cfg.attention_layout != "full")
+    cut = _Cut(cp_group, sp_group, model.cfg.attention_layout != "full")
     cp = group_size(cp_group)
 
     def check(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        x, cond = args[0], kwargs.get("cond", args[5] if len(args) > 5 else None)
-        cut.grid = grid = mod._grid(x, cond)
+        grid = mod._grid(args[0], kwargs.get("cond"))
         t = kwargs.get("t", args[1] if len(args) > 1 else None)
         per_frame = t is not None and t.ndim == 2
-        n = grid[0] * grid[1] * grid[2]
-        if (cut.factorized or per_frame) and grid[0] % cp:
-            why = "the factorized layout" if cut.factorized else "per-frame timesteps"
+        if cut.factorized and grid[0] % cp:
             raise ValueError(
-                f"context parallel with {why} cuts the sequence at frame boundaries: {grid[0]} latent "
-                f"frames are not divisible by parallel.cp={cp}"
+                f"context parallel with the factorized layout cuts the sequence at frame boundaries: "
+                f"{grid[0]} latent frames are not divisible by parallel.cp={cp}"
             )
-        if n % cp:
-            raise ValueError(f"context parallel: {n} tokens (grid {grid}) not divisible by parallel.cp={cp}")
+        if per_frame and grid[0] % cut.ways:
+            raise ValueError(
+                f"per-frame timesteps need whole frames on each rank: {grid[0]} latent frames are not "
+                f"divisible by parallel.cp={cp} × (sequence-parallel) tp={group_size(sp_group)}"
+            )
+        if (grid[0] * grid[1] * grid[2]) % cut.ways:
+            raise ValueError(
+                f"{grid[0] * grid[1] * grid[2]} tokens (grid {grid}) do not split over parallel.cp={cp} × "
+                f"(sequence-parallel) tp={group_size(sp_group)} ranks"
+            )
 
     model.register_forward_pre_hook(check, with_kwargs=True)
-    model.patch_embed.register_forward_hook(lambda m, a, out: cut.rows(out, 1))  # B, N/cp, D
+    model.patch_embed.register_forward_hook(lambda m, a, out: cut.tokens(out, 1))  # B, N/(cp·sp), D
     if model.pos_embed is not None:
-        model.pos_embed.register_forward_hook(lambda m, a, out: cut.rows(out, -2))  # (…,) N/cp, D
-    if model.rope is not None:
-        model.rope.register_forward_hook(lambda m, a, out: tuple(cut.rows(z, 0) for z in out))  # N/cp, Dh/2
+        model.pos_embed.register_forward_hook(lambda m, a, out: cut.tokens(out, -2))  # N/(cp·sp), D
+    if model.rope is not None:  # used inside attention, which sees the whole cp chunk
+        model.rope.register_forward_hook(lambda m, a, out: tuple(local_chunk(z, 0, cp_group) for z in out))
 
-    def block_inputs(mod: nn.Module, args: tuple) -> tuple:
+    def local_grid(mod: nn.Module, args: tuple) -> tuple:
         h, m, grid, *rest = args
-        local = (grid[0] // cp, grid[1], grid[2]) if grid[0] % cp == 0 else grid
-        return (h, cut.frames(m), local, *rest)
+        return (h, m, (grid[0] // cp, grid[1], grid[2]) if grid[0] % cp == 0 else grid, *rest)
 
     for block in model.blocks:
-        block.register_forward_pre_hook(block_inputs)
-        if block.attn.axis != "space":  # a spatial block attends within frames, which a chunk holds whole
+        block.register_forward_pre_hook(local_grid)
+        block.modulation.register_forward_hook(lambda m, a, out: tuple(cut.frames(z) for z in out))
+        if cp > 1 and block.attn.axis != "space":  # a spatial block attends within frames, held whole
             core = block.attn.core
-            if ring_group is not None and group_size(ring_group) > 1:
+            if group_size(ring_group) > 1:
                 core = RingAttention(ring_group)
             block.attn.core = UlyssesAttention(core, ulysses_group) if group_size(ulysses_group) > 1 else core
-    model.final.register_forward_pre_hook(lambda m, args: (args[0], cut.frames(args[1])))
+    # the final layer and the loss run replicated over tp: gather the sequence-parallel cut first
+    model.final.register_forward_pre_hook(lambda m, args: (gather_replicated(args[0], 1, sp_group), args[1]))
+    model.final.modulation.register_forward_hook(
+        lambda m, a, out: tuple(cut.frames(z, sp=False) for z in out)
+    )
     model.final.register_forward_hook(lambda m, a, out: gather_replicated(out, 1, cp_group))  # B, N, p·C
 
 
@@ -152,4 +191,4 @@ def check_cp_degrees(cp: int, cp_ring: int, heads: int, tp: int) -> int:
     return cp_ring
 
 
-__all__ = ["apply_context_parallel", "check_cp_degrees", "UlyssesAttention", "RingAttention", "group_rank"]
+__all__ = ["apply_sequence_cut", "check_cp_degrees", "UlyssesAttention", "RingAttention"]

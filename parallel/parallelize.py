@@ -1,7 +1,8 @@
 """Apply parallelism to a plain SpacetimeDiT from outside, in DESIGN §4's fixed order.
 
-tensor parallel → context parallel hooks → activation checkpointing → per-block torch.compile → FSDP2
-``fully_shard`` per block and at the root (HSDP over dp_replicate × (dp_shard · cp)). The model is
+tensor parallel → sequence cut (context and sequence parallel hooks) → activation checkpointing →
+per-block torch.compile → FSDP2 ``fully_shard`` per block and at the root (HSDP over
+dp_replicate × (dp_shard · cp)). The model is
 built on the meta device and only materialised afterwards, so no rank ever holds a full copy, except
 rank 0 while it makes the initial weights (see :func:`materialize`).
 """
@@ -18,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from parallel.config import ParallelConfig, checkpoint_every
-from parallel.context import apply_context_parallel, check_cp_degrees
+from parallel.context import apply_sequence_cut, check_cp_degrees
 from parallel.dims import ParallelDims
 from parallel.tensor import apply_tensor_parallel, check_tp
 
@@ -41,12 +42,17 @@ def parallelize(
         pcfg: activation checkpointing, compile and offload choices.
         bf16: FSDP keeps bf16 copies of the parameters for compute and reduces gradients in fp32 (CUDA).
     """
+    sp = dims.tp > 1 and pcfg.sequence_parallel
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
-    if dims.cp > 1:
-        ring = mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None
-        ulysses = mesh["cp_ulysses"].get_group() if dims.cp_ulysses > 1 else None
-        apply_context_parallel(model, mesh["cp"].get_group(), ulysses, ring)
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp)
+    if dims.cp > 1 or sp:
+        apply_sequence_cut(
+            model,
+            cp_group=mesh["cp"].get_group() if dims.cp > 1 else None,
+            ulysses_group=mesh["cp_ulysses"].get_group() if dims.cp_ulysses > 1 else None,
+            ring_group=mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None,
+            sp_group=mesh["tp"].get_group() if sp else None,
+        )
     every = checkpoint_every(pcfg.activation_checkpointing)
     for i, block in enumerate(model.blocks):
         # composable checkpoint: no wrapper module, so parameter names (checkpoint keys) stay the same

@@ -16,31 +16,51 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 
-def tp_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """Module name → DTensor style for every block of ``model``."""
+def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """Module name → DTensor style for every block of ``model``.
+
+    With ``sequence_parallel`` the residual stream arrives cut along the sequence (B×N/tp×D, see
+    :func:`parallel.context.apply_sequence_cut`): each sub-layer all-gathers its input and its
+    row-wise output reduce-scatters back to the cut instead of all-reducing.
+    """
+    seq = Shard(1) if sequence_parallel else Replicate()
     plan: dict[str, ParallelStyle] = {}
     for i, block in enumerate(model.blocks):
         attns = ["attn"] + (["cross_attn"] if block.cross_attn is not None else [])
         for a in attns:
+            if sequence_parallel:  # the input stays a DTensor so the backward reduce-scatters
+                rest = (None, None)  # (grid, rope) or (context, context_mask)
+                plan[f"blocks.{i}.{a}"] = PrepareModuleInput(
+                    input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)
+                )
             for name in ("q", "k", "v"):
                 plan[f"blocks.{i}.{a}.{name}"] = ColwiseParallel()
-            plan[f"blocks.{i}.{a}.o"] = RowwiseParallel()
+            plan[f"blocks.{i}.{a}.o"] = RowwiseParallel(output_layouts=seq)
             if isinstance(getattr(block, a).norm_q, nn.RMSNorm):
                 for norm in ("norm_q", "norm_k"):  # B, N, H/tp, Dh: sharded on the head axis
                     plan[f"blocks.{i}.{a}.{norm}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if sequence_parallel and isinstance(getattr(block, "norm_cross", None), nn.LayerNorm):
+            # affine LayerNorm on a sequence chunk: a replicated DTensor weight sums its gradient
+            plan[f"blocks.{i}.norm_cross"] = SequenceParallel(use_local_output=True)
+        if sequence_parallel:
+            plan[f"blocks.{i}.mlp"] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            )
         plan[f"blocks.{i}.mlp.fc1"] = ColwiseParallel()
         if block.mlp.gate is not None:
             plan[f"blocks.{i}.mlp.gate"] = ColwiseParallel()
-        plan[f"blocks.{i}.mlp.fc2"] = RowwiseParallel()
+        plan[f"blocks.{i}.mlp.fc2"] = RowwiseParallel(output_layouts=seq)
     return plan
 
 
@@ -52,7 +72,7 @@ def check_tp(cfg, tp: int) -> None:
         raise ValueError(f"parallel.tp={tp} must divide the MLP width {cfg.ffn_hidden} (model.arch.ffn_dim)")
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     """Shard ``model``'s blocks over ``tp_mesh`` in place (works on the meta device)."""
     check_tp(model.cfg, tp_mesh.size())
-    parallelize_module(model, tp_mesh, tp_plan(model))
+    parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel))

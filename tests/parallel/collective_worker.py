@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dit.attention import AttentionCore, attention
-from parallel.collectives import all_to_all, gather_replicated, local_chunk
+from parallel.collectives import all_to_all, gather_replicated, local_chunk, split_full_grad, sum_grad
 from parallel.context import RingAttention, UlyssesAttention
 
 
@@ -49,6 +49,17 @@ def checks(group) -> dict[str, float]:
     (full * w).sum().backward()
     out["gather_forward"] = _err(full, x.detach())
     out["gather_backward"] = _err(mine.grad, w.chunk(n, 1)[r])
+
+    # split_full_grad: forward = this rank's chunk; backward = the whole gradient on every rank
+    y = x.detach().clone().requires_grad_()
+    (split_full_grad(y, 1, group) * w.chunk(n, 1)[r] * (r + 1)).sum().backward()
+    out["split_forward"] = _err(split_full_grad(x.detach(), 1, group), x.detach().chunk(n, 1)[r])
+    out["split_backward"] = _err(y.grad, torch.cat([c * (i + 1) for i, c in enumerate(w.chunk(n, 1))], 1))
+
+    # sum_grad: identity forward; backward = the sum of every rank's gradient
+    y = x.detach().clone().requires_grad_()
+    (sum_grad(y, group) * w * (r + 1)).sum().backward()
+    out["sum_grad"] = _err(y.grad, w * sum(range(1, n + 1)))
 
     # all_to_all sequence→heads: rank r gets every token of heads r·H/n … ; backward inverts it
     h = torch.randn(2, 4 * n, 2 * n, 3, generator=g, requires_grad=True)  # B, N, H, Dh

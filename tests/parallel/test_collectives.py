@@ -6,12 +6,22 @@ import pytest
 import torch
 
 from dit.attention import attention
-from parallel.collectives import all_to_all, gather_replicated, local_chunk
+from parallel.collectives import all_to_all, gather_replicated, local_chunk, split_full_grad, sum_grad
 from parallel.ring import ring_attention
 from tests.parallel.collective_worker import worker
 from tests.parallel.conftest import run_group
 
-CHECKS = ["gather_forward", "gather_backward", "all_to_all_forward", "all_to_all_backward", "ulysses", "ring"]
+CHECKS = [
+    "gather_forward",
+    "gather_backward",
+    "split_forward",
+    "split_backward",
+    "sum_grad",
+    "all_to_all_forward",
+    "all_to_all_backward",
+    "ulysses",
+    "ring",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,5 +45,6 @@ def test_one_rank_bypass_is_the_identity():
     assert all_to_all(x, 2, 1, None) is x
     assert gather_replicated(x, 1, None) is x
     assert local_chunk(x, 1, None) is x
+    assert split_full_grad(x, 1, None) is x and sum_grad(x, None) is x
     q, k, v = torch.randn(3, 2, 8, 4, 16).unbind(0)
     assert torch.allclose(ring_attention(q, k, v, None), attention(q, k, v), atol=1e-6)

@@ -14,7 +14,9 @@ from tests.parallel.parity_worker import Case, reference, worker
 CASES_2 = [
     Case("dp_replicate2", {"dp_replicate": 2, "dp_shard": 1}),
     Case("dp_shard2", {"dp_shard": 2}),
-    Case("tp2", {"tp": 2, "dp_shard": 1}),
+    Case("tp2_sequence_parallel", {"tp": 2, "dp_shard": 1}),
+    Case("tp2_no_sequence_parallel", {"tp": 2, "dp_shard": 1, "sequence_parallel": False}),
+    Case("tp2_sp_factorized", {"tp": 2, "dp_shard": 1}, layout="factorized"),
     Case("cp2_ulysses", {"cp": 2, "cp_ring": 1, "dp_shard": 1}),
     Case("cp2_ring", {"cp": 2, "cp_ring": 2, "dp_shard": 1}),
     Case("cp2_ulysses_factorized", {"cp": 2, "cp_ring": 1, "dp_shard": 1}, layout="factorized"),
@@ -27,6 +29,7 @@ CASES_4 = [
     Case("cp4_2d", {"cp": 4, "cp_ring": 2, "dp_shard": 1}),
     Case("hsdp2x2_every2", {"dp_replicate": 2, "dp_shard": 2, "activation_checkpointing": "every_2"}),
     Case("cp2_tp2", {"cp": 2, "tp": 2, "dp_shard": 1}),
+    Case("cp2_ring_tp2_factorized", {"cp": 2, "cp_ring": 2, "tp": 2, "dp_shard": 1}, layout="factorized"),
 ]
 
 
