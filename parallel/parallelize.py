@@ -42,6 +42,10 @@ def parallelize(
         pcfg: activation checkpointing, compile and offload choices.
         bf16: FSDP keeps bf16 copies of the parameters for compute and reduces gradients in fp32 (CUDA).
     """
+    if pcfg.cpu_offload and not torch.cuda.is_available():
+        raise ValueError(
+            "parallel.cpu_offload moves FSDP shards between a GPU and host memory: it needs CUDA"
+        )
     sp = dims.tp > 1 and pcfg.sequence_parallel
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp)

@@ -1,0 +1,65 @@
+"""Layout validation: errors name the config field; the mesh and its flattened views."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dit.config import DiTConfig
+from dit.model import SpacetimeDiT
+from parallel.config import ParallelConfig, checkpoint_every
+from parallel.dims import ParallelDims
+from parallel.parallelize import make_dims, parallelize
+
+ARCH = DiTConfig(hidden_size=64, num_heads=4, depth=2, text_dim=16, ffn_dim=90)
+
+
+def test_dp_shard_takes_what_is_left_and_scales_follow_the_layout():
+    d = make_dims(ParallelConfig(cp=2, tp=2), world=16, arch=ARCH)
+    assert (d.dp_replicate, d.dp_shard, d.cp, d.tp) == (1, 4, 2, 2)
+    assert d.dp == 4 and d.grad_scale == 8 and d.copies == 4
+    assert d.cp_ring == 1 and d.cp_ulysses == 2  # heads/tp = 2 allow Ulysses at cp=2
+
+
+def test_cp_ring_auto_falls_back_to_ring_when_heads_do_not_split():
+    # 4 heads / tp 2 = 2 local heads: Ulysses can not go to degree 4, a ring can
+    assert make_dims(ParallelConfig(cp=4, tp=2), world=8, arch=ARCH).cp_ring == 4
+    assert make_dims(ParallelConfig(cp=4, cp_ring=2, tp=1), world=4, arch=ARCH).cp_ulysses == 2
+
+
+@pytest.mark.parametrize(
+    ("pcfg", "world", "field"),
+    [
+        (ParallelConfig(tp=3), 3, "parallel.tp=3 must divide model.arch.num_heads"),
+        (ParallelConfig(tp=4, dp_shard=1, sequence_parallel=False), 4, "MLP width 90"),
+        (ParallelConfig(cp=4, cp_ring=1, tp=2), 8, "num_heads/tp"),
+        (ParallelConfig(cp=4, cp_ring=3), 4, "parallel.cp_ring=3 must divide parallel.cp=4"),
+        (ParallelConfig(dp_shard=3), 4, "must equal the world size 4"),
+        (ParallelConfig(dp_replicate=3), 4, "not divisible by parallel.dp_replicate"),
+    ],
+)
+def test_impossible_layouts_name_the_field(pcfg, world, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        make_dims(pcfg, world, ARCH)
+
+
+def test_activation_checkpointing_modes():
+    assert [checkpoint_every(m) for m in ("none", "full", "every_3")] == [0, 1, 3]
+    with pytest.raises(ValueError, match="parallel.activation_checkpointing='every_0'"):
+        checkpoint_every("every_0")
+    with pytest.raises(ValueError, match="'sometimes'"):
+        checkpoint_every("sometimes")
+
+
+def test_one_process_has_no_mesh():
+    assert ParallelDims(1, -1, 1, 1, world=1).build_mesh("cpu") is None
+
+
+def test_cpu_offload_without_a_gpu_is_a_config_error():
+    with torch.device("meta"):
+        model = SpacetimeDiT(ARCH)
+    pcfg = ParallelConfig(cpu_offload=True)
+    with pytest.raises(ValueError, match="parallel.cpu_offload"):
+        parallelize(model, make_dims(pcfg, 1, ARCH), None, pcfg)
