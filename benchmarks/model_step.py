@@ -14,6 +14,7 @@ is known, and writes a dated report to ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import report
-from dit.config import DiTConfig, get_preset
+from dit.config import DEFAULT_LATENT_SIZE, DiTConfig, get_preset
 from dit.flops import count, mfu, peak_flops
 from dit.model import build_model, num_params
 
@@ -91,25 +92,62 @@ def _step_fn(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.model_step", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="video-small")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--parallel", action="store_true",
+        help="per-rank time/memory of parallel layouts on CPU (gloo) and Ulysses-vs-ring traffic",
+    )  # fmt: skip
+    mode.add_argument(
+        "--mfu", action="store_true",
+        help="GPU only: MFU over activation-checkpointing modes × torch.compile off/on",
+    )  # fmt: skip
+    p.add_argument(
+        "--preset", help="default: video-small; video-1b3 with --mfu; a 256-wide one with --parallel"
+    )
     p.add_argument("--depth", type=int, help="override the preset's depth (e.g. to fit a CPU run)")
-    p.add_argument("--frames", type=int, default=5, help="latent frames T")
-    p.add_argument("--height", type=int, default=16, help="latent height H")
-    p.add_argument("--width", type=int, default=16, help="latent width W")
+    p.add_argument("--frames", type=int, help="latent frames T (default 5; 8 with --parallel; 21 with --mfu)")
+    p.add_argument("--height", type=int, help="latent height H (default 16; 32; 60)")
+    p.add_argument("--width", type=int, help="latent width W (default 16; 32; 104)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text-len", type=int, default=64)
+    p.add_argument(
+        "--text-len", type=int, help="text tokens (default 64; 32 with --parallel; 512 with --mfu)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=15)
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (--mfu: always)"
+    )
+    p.add_argument("--warmup", type=int, help="default 3 (2 with --parallel)")
+    p.add_argument("--iters", type=int, help="default 15 (7 with --parallel, 10 with --mfu)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block of both models")
     p.add_argument("--no-reference", action="store_true", help="time only SpacetimeDiT")
+    p.add_argument("--worlds", default="2,4", help="--parallel: world sizes to run (2 and/or 4)")
+    p.add_argument("--ac-modes", default="none,full,every_2", help="--mfu: activation-checkpointing modes")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    defaults = {  # mode → (preset, (T, H, W), text_len, warmup, iters)
+        "step": ("video-small", (5, 16, 16), 64, 3, 15),
+        "parallel": (None, (8, 32, 32), 32, 2, 7),
+        "mfu": ("video-1b3", DEFAULT_LATENT_SIZE["video-1b3"], 512, 3, 10),
+    }["parallel" if a.parallel else "mfu" if a.mfu else "step"]
+    preset, (t, h, w), text_len, warmup, iters = defaults
+    for name, value in zip(
+        ("preset", "frames", "height", "width", "text_len", "warmup", "iters"),
+        (preset, t, h, w, text_len, warmup, iters),
+        strict=True,
+    ):
+        if getattr(a, name) is None:
+            setattr(a, name, value)
+    return a
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
+    if a.parallel:
+        from benchmarks.parallel_layouts import main as parallel_main
+
+        return parallel_main(a)
+    if a.mfu:
+        return mfu_main(a)
     device = torch.device(a.device)
     overrides = {"depth": a.depth} if a.depth else {}
     cfg = get_preset(a.preset, **overrides)
@@ -200,6 +238,113 @@ def main(argv: list[str] | None = None) -> dict:
     print(body)
     print(f"report: {path}")
     return result
+
+
+def _recomputed_flops(flops: dict, cfg: DiTConfig, every: int) -> float:
+    """Hardware FLOPs a step adds by recomputing checkpointed blocks (blocks 0, K, 2K, …)."""
+    if not every:
+        return 0.0
+    parts = flops["macs_breakdown"]
+    block_macs = sum(parts[k] for k in ("attn_proj", "attn_scores_values", "cross_attn_proj",
+                                        "cross_attn_scores_values", "mlp"))  # fmt: skip
+    return 2 * block_macs * len(range(0, cfg.depth, every)) / cfg.depth
+
+
+def mfu_case(cfg: DiTConfig, mode: str, compiled: bool, a: argparse.Namespace, device: torch.device) -> dict:
+    """Time one (checkpointing mode, compile) setting of a single-device bf16 training step.
+
+    The model goes through ``parallel.parallelize`` with a one-process layout, so checkpointing and
+    compile are applied exactly as the trainer applies them; bf16 is autocast over fp32 weights, the
+    trainer's single-device precision.
+    """
+    from dit.model import SpacetimeDiT
+    from parallel.config import ParallelConfig, checkpoint_every
+    from parallel.parallelize import make_dims, parallelize
+
+    pcfg = ParallelConfig(activation_checkpointing=mode, compile=compiled)
+    with torch.device("meta"):
+        model = SpacetimeDiT(cfg)
+    parallelize(model, make_dims(pcfg, 1, cfg), None, pcfg)
+    model.to_empty(device=device)
+    _same_init(model, a.seed)
+    g = torch.Generator().manual_seed(a.seed)
+    x = torch.randn(a.batch, cfg.in_channels, a.frames, a.height, a.width, generator=g).to(device)
+    t = (torch.rand(a.batch, generator=g) * 1000).to(device)
+    ctx = torch.randn(a.batch, a.text_len, cfg.text_dim, generator=g).to(device)
+    step = _step_fn(model, lambda m: m(x, t, context=ctx), device, torch.bfloat16)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for _ in range(a.warmup):  # includes compilation when compiled
+            step()
+        sec = statistics.median(step() for _ in range(a.iters))
+    except torch.OutOfMemoryError:
+        return {"activation_checkpointing": mode, "compile": compiled, "step_s (median)": "OOM"}
+    flops = count(cfg, a.frames, a.height, a.width, a.batch, a.text_len)
+    hw = flops["flops_train_step"] + _recomputed_flops(flops, cfg, checkpoint_every(mode))
+    util = mfu(flops["flops_train_step"] / sec, peak=peak_flops() if device.type == "cuda" else None)
+    return {
+        "activation_checkpointing": mode,
+        "compile": compiled,
+        "step_s (median)": f"{sec:.3f}",
+        "tokens/s": f"{a.batch * flops['tokens'] / sec:,.0f}",
+        "model TFLOP/s": f"{flops['flops_train_step'] / sec / 1e12:.1f}",
+        "hardware TFLOP/s": f"{hw / sec / 1e12:.1f}",
+        "MFU": f"{util:.1%}" if util is not None else "n/a",
+        "max_memory_GiB": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
+        if device.type == "cuda"
+        else "n/a",
+    }
+
+
+def _release(device: torch.device) -> None:
+    # each case builds a fresh model: drop the last one's memory and compiled graphs first
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def mfu_main(a: argparse.Namespace) -> dict:
+    """Single-GPU MFU of one preset over activation-checkpointing modes × compile off/on."""
+    device = torch.device(a.device)
+    if device.type != "cuda":
+        raise SystemExit(
+            "--mfu measures MFU against a GPU's dense bf16 peak, so it needs CUDA, and this machine has "
+            f"none (device {a.device!r}, torch.cuda.is_available() = {torch.cuda.is_available()}). "
+            "Run it on a GPU node: python -m benchmarks.model_step --mfu"
+        )
+    cfg = get_preset(a.preset, **({"depth": a.depth} if a.depth else {}))
+    rows = []
+    for mode in a.ac_modes.split(","):
+        for compiled in (False, True):
+            _release(device)
+            rows.append(mfu_case(cfg, mode, compiled, a, device))
+            print(rows[-1], flush=True)
+    flops = count(cfg, a.frames, a.height, a.width, a.batch, a.text_len)
+    body = report.table(rows) + (
+        "\n\nMFU = model FLOPs (3 × forward, dit.flops) per second / the device's dense bf16 peak "
+        f"({(peak_flops() or 0) / 1e12:.0f} TFLOP/s); hardware TFLOP/s adds the recomputed forwards of "
+        "checkpointed blocks. Target (DESIGN §7): ≥ 45% MFU for video-1b3 at ~32k tokens on an H100."
+    )
+    config = {
+        "preset": a.preset,
+        "architecture": cfg,
+        "latent (T,H,W)": (a.frames, a.height, a.width),
+        "batch": a.batch,
+        "text_len": a.text_len,
+        "tokens/sample": flops["tokens"],
+        "dtype": "bf16 autocast, fp32 weights",
+        "model TFLOP per train step": f"{flops['flops_train_step'] / 1e12:.3f}",
+        "warmup/iters": f"{a.warmup}/{a.iters}",
+    }
+    name = f"model_step-mfu-{a.preset.replace('/', '')}-cuda"
+    path = report.write(
+        name, "benchmarks.model_step", f"MFU: {a.preset}, checkpointing × compile", device, config, body
+    )
+    print(body)
+    print(f"report: {path}")
+    return {"rows": rows, "flops": flops}
 
 
 if __name__ == "__main__":

@@ -127,8 +127,9 @@ def apply_sequence_cut(
     cp = group_size(cp_group)
 
     def check(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        grid = mod._grid(args[0], kwargs.get("cond"))
-        t = kwargs.get("t", args[1] if len(args) > 1 else None)
+        x = args[0] if args else kwargs["x"]
+        grid = mod._grid(x, kwargs.get("cond"))
+        t = args[1] if len(args) > 1 else kwargs.get("t")
         per_frame = t is not None and t.ndim == 2
         if cut.factorized and grid[0] % cp:
             raise ValueError(

@@ -1,0 +1,63 @@
+"""The parallel-layout benchmark's measurements: comm formulas against bytes really sent, and
+activation bytes per rank under cp=2 against one process (2 gloo ranks, a tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import model_step
+from benchmarks.comm_volume import attention_comm_bytes
+from benchmarks.parallel_layouts import Layout, Spec, run_group, summarize
+from dit.config import DiTConfig
+
+
+@pytest.fixture(scope="module")
+def cp2(tmp_path_factory):
+    arch = DiTConfig(
+        in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, patch_size=(1, 2, 2),
+        mlp="gelu_tanh", qk_norm=True, pos_embed="rope3d", modulation="shared", conditioning="text",
+    )  # fmt: skip
+    layouts = [
+        Layout("single", None),
+        Layout("ulysses", {"cp": 2, "cp_ring": 1}),
+        Layout("ring", {"cp": 2, "cp_ring": 2}),
+    ]
+    spec = Spec(arch, latent=(4, 8, 8), text_len=8, warmup=0, iters=1, layouts=layouts)
+    ranks = run_group(spec, 2, tmp_path_factory.mktemp("cp2"))
+    return ranks, summarize(spec, ranks)[1]
+
+
+@pytest.mark.parametrize("layout", ["ulysses", "ring"])
+def test_comm_formula_matches_bytes_sent(cp2, layout):
+    ranks, ratios = cp2
+    # 64 tokens × 32 wide over 2 ranks, 2 attention layers, fp32
+    per_layer = attention_comm_bytes(64, 32, 2)
+    for r in ranks:
+        assert r[layout]["comm_fwd"] == 2 * per_layer[f"{layout}_fwd"]
+        assert r[layout]["comm_bwd"] == 2 * per_layer[f"{layout}_bwd"]
+    assert ratios[layout]["comm_matches"] is True
+    assert ranks[0]["single"]["comm_fwd"] == ranks[0]["single"]["comm_bwd"] == 0
+
+
+def test_cp2_halves_activations(cp2):
+    ranks, ratios = cp2
+    for layout in ("ulysses", "ring"):
+        # ≈ 1/2: a little more, since the input latents, gathered output and text states stay whole
+        assert 0.45 < ratios[layout]["activations"] < 0.7, ratios[layout]
+        assert ranks[1][layout]["act_bytes"] == ranks[0][layout]["act_bytes"]
+
+
+def test_ring_backward_sends_fp32_gradients_whatever_the_activation_dtype():
+    b = attention_comm_bytes(tokens=1024, hidden=64, p=4, act_bytes=2)
+    chunk = 256 * 64
+    assert b["ulysses_fwd"] == b["ulysses_bwd"] == 4 * 3 * chunk // 4 * 2
+    assert b["ring_fwd"] == 2 * 3 * chunk * 2
+    assert b["ring_bwd"] == b["ring_fwd"] + 2 * 4 * chunk * 4
+    assert set(attention_comm_bytes(1024, 64, 1).values()) == {0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_mfu_sweep_refuses_cpu():
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        model_step.main(["--mfu"])
