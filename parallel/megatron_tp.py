@@ -1,0 +1,249 @@
+"""Tensor parallelism with megatron-core's linears, swapped into an initialised model from outside.
+
+The same split as :mod:`parallel.tensor` (Megatron's): q/k/v, the MLP input and the SwiGLU gate
+column-wise (each rank holds whole heads and a slice of the hidden units), the attention and MLP
+outputs row-wise (one all-reduce per sub-layer). Everything else stays a plain replicated module.
+This path serves ``parallel.engine=deepspeed``: ZeRO partitions plain tensors and learns which are
+tensor-parallel slices from megatron's parameter attributes and :class:`parallel.zero.DeepSpeedGroups`.
+
+What megatron-core 0.16 needs, found on this machine (CPU, gloo):
+
+- ``ColumnParallelLinear``/``RowParallelLinear`` take an explicit ``tp_group``; with it,
+  ``megatron.core.parallel_state`` is never initialised and no module-level group is created
+  (``get_tensor_model_parallel_group_if_none`` passes the group through).
+- ``use_cpu_initialization=True`` allocates on the CPU without touching CUDA. With
+  ``perform_initialization=False`` megatron leaves the weight uninitialised *and* without its
+  ``tensor_model_parallel``/``partition_dim`` attributes (they are set by its init helper), so they
+  are set here: DeepSpeed's gradient norm counts a parameter on every tp rank only if it carries them.
+- Its weight-gradient path flattens 3-D inputs only (B×N×D here, as every planned linear sees).
+  On CPU it warns that ``CUDA_DEVICE_MAX_CONNECTIONS`` should be 1; that orders its asynchronous
+  all-reduce before the weight-gradient GEMM on a GPU (overlap, not correctness).
+- Megatron sequence parallelism all-gathers and reduce-scatters along dim 0 of ``[s, b, h]``
+  activations and allocates with ``torch.cuda.current_device()``. The DiT's activations are
+  B×N×D, so dim 0 is the batch; it is refused here (use ``parallel.engine=fsdp`` for SP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
+from torch import Tensor, nn
+
+from parallel.collectives import group_rank, group_size, sum_grad
+
+
+def _no_init(weight: Tensor) -> None:
+    """Megatron wants an init method; the weights are copied from the full model instead."""
+
+
+class _Plain:
+    """Mixin for megatron linears: plain-tensor output and ``nn.Linear``'s state-dict keys.
+
+    Megatron returns ``(output, bias)`` and stores an ``_extra_state`` entry (for Transformer
+    Engine) plus a load pre-hook that inserts one; both would change our checkpoint key set.
+    """
+
+    # torch writes ``_extra_state`` only when a class overrides these two
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def _drop_extra_state_hook(self) -> None:
+        self._load_state_dict_pre_hooks.clear()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = super().forward(x)  # bias already added (skip_bias_add=False)
+        return out
+
+
+class TPColumnLinear(_Plain, ColumnParallelLinear):
+    """``ColumnParallelLinear(gather_output=False)`` returning a tensor: this rank's output slice."""
+
+    def __init__(self, full: nn.Linear, config: ModelParallelConfig, tp_group: dist.ProcessGroup):
+        super().__init__(
+            full.in_features, full.out_features, config=config, init_method=_no_init,
+            bias=full.bias is not None, gather_output=False, skip_bias_add=False, tp_group=tp_group,
+        )  # fmt: skip
+        self._drop_extra_state_hook()
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+        n, r = group_size(tp_group), group_rank(tp_group)
+        with torch.no_grad():
+            self.weight.copy_(full.weight.chunk(n, dim=0)[r])
+            if full.bias is not None:
+                self.bias.copy_(full.bias.chunk(n, dim=0)[r])
+
+
+class TPRowLinear(_Plain, RowParallelLinear):
+    """``RowParallelLinear(input_is_parallel=True)`` returning a tensor: the all-reduced output.
+    Its bias is replicated (added after the all-reduce), so it keeps no tp attributes."""
+
+    def __init__(self, full: nn.Linear, config: ModelParallelConfig, tp_group: dist.ProcessGroup):
+        super().__init__(
+            full.in_features, full.out_features, config=config, init_method=_no_init,
+            bias=full.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )  # fmt: skip
+        self._drop_extra_state_hook()
+        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+        n, r = group_size(tp_group), group_rank(tp_group)
+        with torch.no_grad():
+            self.weight.copy_(full.weight.chunk(n, dim=1)[r])
+            if full.bias is not None:
+                self.bias.copy_(full.bias)
+
+
+class TPHeadRMSNorm(nn.RMSNorm):
+    """Per-head qk RMSNorm on this rank's heads. The weight (head_dim) is replicated but each rank
+    only sees its own heads, so its gradient is partial: :func:`parallel.collectives.sum_grad`
+    sums it over the tp group inside backward.
+
+    Summing inside autograd rather than after ``backward()``: under ZeRO-2/3 DeepSpeed reduces each
+    gradient over data parallel ranks from a hook as soon as it is accumulated and then frees
+    ``p.grad``, so there is no "after backward" at which a tp sum could still be applied.
+    """
+
+    def __init__(self, full: nn.RMSNorm, tp_group: dist.ProcessGroup):
+        w = full.weight
+        super().__init__(full.normalized_shape, eps=full.eps, device=w.device, dtype=w.dtype)
+        self.tp_group = tp_group
+        with torch.no_grad():
+            self.weight.copy_(w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, sum_grad(self.weight, self.tp_group), self.eps)
+
+
+def tp_plan(model: nn.Module) -> dict[str, str]:
+    """Module name → ``column``, ``row`` or ``head_norm`` for every block of ``model``."""
+    plan: dict[str, str] = {}
+    for i, block in enumerate(model.blocks):
+        for a in ["attn"] + (["cross_attn"] if block.cross_attn is not None else []):
+            attn = getattr(block, a)
+            for name in ("q", "k", "v"):
+                plan[f"blocks.{i}.{a}.{name}"] = "column"
+            plan[f"blocks.{i}.{a}.o"] = "row"
+            if isinstance(attn.norm_q, nn.RMSNorm):
+                plan[f"blocks.{i}.{a}.norm_q"] = "head_norm"
+                plan[f"blocks.{i}.{a}.norm_k"] = "head_norm"
+        plan[f"blocks.{i}.mlp.fc1"] = "column"
+        if block.mlp.gate is not None:
+            plan[f"blocks.{i}.mlp.gate"] = "column"
+        plan[f"blocks.{i}.mlp.fc2"] = "row"
+    return plan
+
+
+def check_megatron_tp(cfg, tp: int, sequence_parallel: bool, device: torch.device) -> None:
+    """Clear errors, naming the config field, for what this path cannot do."""
+    if cfg.num_heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide model.arch.num_heads={cfg.num_heads}")
+    if cfg.ffn_hidden % tp:
+        raise ValueError(f"parallel.tp={tp} must divide the MLP width {cfg.ffn_hidden} (model.arch.ffn_dim)")
+    if sequence_parallel and device.type != "cuda":
+        raise ValueError(
+            "parallel.sequence_parallel=true with parallel.engine=deepspeed: megatron-core's sequence "
+            "parallelism needs CUDA (its mappings allocate on torch.cuda.current_device()); set "
+            "parallel.sequence_parallel=false"
+        )
+    if sequence_parallel:
+        raise ValueError(
+            "parallel.sequence_parallel=true with parallel.engine=deepspeed: megatron-core's sequence "
+            "parallelism cuts dim 0 of [s, b, h] activations, and the DiT's are B×N×D; set "
+            "parallel.sequence_parallel=false, or use parallel.engine=fsdp for sequence parallelism"
+        )
+
+
+def apply_megatron_tp(
+    model: nn.Module, tp_group: dist.ProcessGroup | None, sequence_parallel: bool = False
+) -> nn.Module:
+    """Replace the planned modules of an initialised full model by their tensor-parallel versions.
+
+    Every rank must hold the same full weights (build them with the same seed); each keeps its slice.
+    Parameter names are unchanged (``blocks.0.attn.q.weight`` …), so :func:`tp_plan` names and
+    state-dict keys match the single-device model. A group of one rank leaves the model as it is.
+
+    Args:
+        model: a :class:`dit.model.SpacetimeDiT` with real (not meta) weights.
+        tp_group: the tensor-parallel process group (None: one rank).
+        sequence_parallel: megatron sequence parallelism; refused (see :func:`check_megatron_tp`).
+
+    Returns:
+        ``model``, changed in place.
+    """
+    tp = group_size(tp_group)
+    device = next(model.parameters()).device
+    check_megatron_tp(model.cfg, tp, sequence_parallel, device)
+    if tp == 1:
+        return model
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,  # no CUDA call while building; moved to `device` below
+        perform_initialization=False,
+        params_dtype=next(model.parameters()).dtype,
+    )
+    for name, kind in tp_plan(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        full = getattr(parent, attr)
+        if kind == "column":
+            new = TPColumnLinear(full, config, tp_group)
+        elif kind == "row":
+            new = TPRowLinear(full, config, tp_group)
+        else:
+            new = TPHeadRMSNorm(full, tp_group)
+        setattr(parent, attr, new.to(device))
+    return model
+
+
+def is_tp_sharded(p: Tensor) -> bool:
+    """Whether ``p`` is a tensor-parallel slice (megatron's attribute, also read by DeepSpeed)."""
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def full_tensor(p: Tensor, tp_group: dist.ProcessGroup | None, like: Tensor | None = None) -> Tensor:
+    """The whole tensor of which ``p`` is this rank's slice (``p`` itself if it is replicated).
+
+    A collective over ``tp_group`` for sliced parameters: every tp rank must call it in the same order.
+
+    Args:
+        p: a parameter, or a gradient (then pass its parameter as ``like`` for the slicing attributes).
+        tp_group: the tensor-parallel group.
+        like: where to read ``tensor_model_parallel``/``partition_dim`` from (default: ``p``).
+    """
+    ref = p if like is None else like
+    n = group_size(tp_group)
+    if n == 1 or not is_tp_sharded(ref):
+        return p.detach()
+    parts = [torch.empty_like(p) for _ in range(n)]
+    dist.all_gather(parts, p.detach().contiguous(), group=tp_group)
+    return torch.cat(parts, dim=ref.partition_dim)
+
+
+def gather_full_state_dict(model: nn.Module, tp_group: dist.ProcessGroup | None) -> dict[str, Tensor]:
+    """The single-device state dict (same keys, whole tensors, on CPU) of a tensor-parallel model.
+
+    A collective over ``tp_group``: every tp rank calls it and gets the whole state dict.
+    """
+    params = dict(model.named_parameters())
+    out = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        p = params.get(key)
+        out[key] = (full_tensor(value, tp_group) if p is not None else value.detach()).cpu().clone()
+    return out
+
+
+__all__ = [
+    "TPColumnLinear",
+    "TPRowLinear",
+    "TPHeadRMSNorm",
+    "tp_plan",
+    "check_megatron_tp",
+    "apply_megatron_tp",
+    "is_tp_sharded",
+    "full_tensor",
+    "gather_full_state_dict",
+]

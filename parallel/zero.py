@@ -1,0 +1,347 @@
+"""The same model under DeepSpeed ZeRO-1/2/3 (``parallel.engine=deepspeed``), optionally with
+megatron-core tensor parallelism (:mod:`parallel.megatron_tp`).
+
+The DeepSpeed config is built here from the job's :class:`~launch.config.TrainConfig` (no JSON
+files). The optimizer and schedule are the caller's, made by ``launch.optim.build_optimizer`` and
+``build_scheduler`` exactly as for FSDP (parallel/ does not import launch/), so hyper-parameters,
+decay groups and the learning-rate curve match the FSDP path. The loss convention matches the FSDP
+trainer's: a step's gradient is that of the per-sample mean over the global batch (:func:`backward`).
+
+What DeepSpeed 0.19 needs on a CPU, found on this machine (torch 2.13 CPU, gloo):
+
+- The accelerator is detected as ``cpu`` without CUDA (``DS_ACCELERATOR=cpu`` only silences the
+  warning); its communication backend is gloo. An existing gloo process group is reused.
+- Creating DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op (used only
+  by inference kernels): 3 minutes on 2 cores in a fresh environment, and one run with it loaded
+  aborted at exit ("terminate called without an active exception"). :func:`build_engine` marks the
+  op incompatible first, in the probe cache that ``deepspeed/ops/__init__.py`` keeps editable.
+- A client ``torch.optim.AdamW`` is accepted by ZeRO 1, 2 and 3 (it is in DeepSpeed's supported
+  list). With optimizer offload DeepSpeed refuses it (``ZeRORuntimeException: You are using
+  ZeRO-Offload with a client provided optimizer``) and wants its ``DeepSpeedCPUAdam`` (a C++ op
+  compiled at first use) unless ``zero_force_ds_cpu_optimizer`` is false; it is false here so the
+  optimizer math stays torch's, as on the FSDP path.
+- ZeRO 1, 2 and 3 train on CPU in fp32 and equal one process (``tests/parallel/test_zero.py``).
+- DeepSpeed keeps the model-parallel unit in a module global (``deepspeed.utils.groups.mpu``) that a
+  later engine without one would inherit, so :func:`build_engine` always passes a
+  :class:`DeepSpeedGroups`, with a one-rank tensor-parallel group when there is no tp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils import safe_get_full_fp32_param
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from parallel import checkpoint as ckpt
+from parallel.collectives import group_rank, group_size
+from parallel.megatron_tp import full_tensor
+
+if TYPE_CHECKING:
+    from launch.config import TrainConfig
+
+# our items inside DeepSpeed's client state (its own keys share that dict)
+_CLIENT_KEY = "spacetime_dit"
+
+
+@dataclass
+class DeepSpeedGroups:
+    """The model-parallel unit (``mpu``) DeepSpeed asks for its groups (Megatron's method names).
+
+    DeepSpeed partitions ZeRO state and reduces gradients over the data-parallel group, and adds the
+    gradient norms of tensor-parallel slices over the tensor-parallel group (counting replicated
+    parameters on tp rank 0 only). No pipeline or sequence parallelism: those methods say one rank.
+    """
+
+    dp_group: dist.ProcessGroup
+    tp_group: dist.ProcessGroup
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return group_rank(self.dp_group)
+
+    def get_data_parallel_world_size(self) -> int:
+        return group_size(self.dp_group)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.dp_group)
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.tp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return group_rank(self.tp_group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return group_size(self.tp_group)
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_process_group_ranks(self.tp_group)[0]
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+def deepspeed_config(
+    train_cfg: TrainConfig, *, zero_stage: int, offload: bool = False, bf16: bool = False
+) -> dict:
+    """The DeepSpeed config dict for a job.
+
+    Args:
+        train_cfg: ``grad_clip`` and ``grad_accum`` are read (the optimizer comes from the caller).
+        zero_stage: 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) partitioned over dp.
+        offload: keep the optimizer state (and its step) in host memory.
+        bf16: bf16 parameters and compute with fp32 master weights in the ZeRO optimizer; gradients
+            are reduced in fp32 (as FSDP's fp32 reduce).
+    """
+    if zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={zero_stage}: must be 1, 2 or 3")
+    zero: dict = {"stage": zero_stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        # batches are ours (variable-size buckets): DeepSpeed uses these only for its sample counters
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        "gradient_clipping": float(train_cfg.grad_clip),  # 0: off, as train.grad_clip
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,  # logging is the trainer's
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+        cfg["communication_data_type"] = "fp32"
+    return cfg
+
+
+def _skip_shm_comm_build() -> None:
+    # see the module docstring: an inference-only op whose JIT build costs minutes on a CPU
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(
+    model: nn.Module,
+    train_cfg: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler_fn: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
+    zero_stage: int,
+    groups: DeepSpeedGroups,
+    offload: bool = False,
+    bf16: bool = False,
+) -> DeepSpeedEngine:
+    """Wrap ``model`` (full weights, already tensor-parallel if tp > 1) in a DeepSpeed engine.
+
+    Every rank must pass the same initial weights (build them with one seed); DeepSpeed broadcasts
+    within each data-parallel group only. The process group must already exist (gloo or nccl).
+
+    Args:
+        model: the model, on its device.
+        train_cfg: the job's train section (see :func:`deepspeed_config`).
+        optimizer: ``launch.optim.build_optimizer(model, train_cfg, device)``, built after any
+            :func:`~parallel.megatron_tp.apply_megatron_tp` (its groups name the final parameters).
+        scheduler_fn: ``lambda opt: launch.optim.build_scheduler(opt, train_cfg)``; DeepSpeed calls
+            it with the optimizer it steps and advances it after each applied update.
+        zero_stage: 1, 2 or 3.
+        groups: data- and tensor-parallel groups (a one-rank tp group without tensor parallelism).
+        offload: optimizer state in host memory (ZeRO-Offload).
+        bf16: see :func:`deepspeed_config`.
+    """
+    _skip_shm_comm_build()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_fn,
+        mpu=groups,
+        config=deepspeed_config(train_cfg, zero_stage=zero_stage, offload=offload, bf16=bf16),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def backward(engine: DeepSpeedEngine, per_sample: Tensor, global_samples: int) -> None:
+    """Backward of one micro-batch with the FSDP trainer's loss convention.
+
+    DeepSpeed averages gradients over its data-parallel ranks; multiplying by their number makes
+    that a sum, and dividing by ``global_samples`` (every sample of the step, all micro-batches and
+    dp ranks, counted once) makes the step's gradient that of the per-sample mean, however samples
+    were split. ``scale_wrt_gas=False``: the division by the count already covers accumulation.
+
+    Args:
+        per_sample: this micro-batch's per-sample losses (B).
+        global_samples: samples in the whole optimizer step (known before its first backward).
+    """
+    engine.backward(per_sample.sum() * (engine.dp_world_size / global_samples), scale_wrt_gas=False)
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    """Global gradient norm before clipping (non-finite for a skipped step)."""
+    applied: bool
+    """False when DeepSpeed skipped the update (non-finite gradients); the schedule did not advance."""
+
+
+def step(engine: DeepSpeedEngine) -> StepResult | None:
+    """DeepSpeed's step after every micro-batch's :func:`backward`: an update (clip, AdamW, schedule)
+    on the last micro-batch of the accumulation, else bookkeeping only (returns None then)."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    if not boundary:
+        return None
+    norm = engine.get_global_grad_norm()
+    return StepResult(float(norm) if norm is not None else float("nan"), engine.was_step_applied())
+
+
+def save_checkpoint(
+    engine: DeepSpeedEngine,
+    root: str | os.PathLike,
+    step_num: int,
+    *,
+    extra: dict | None = None,
+    rank_state: dict | None = None,
+    files: dict[str, str] | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write ``root/step-XXXXXXXX/`` collectively, in :mod:`parallel.checkpoint`'s layout and atomicity
+    (written under ``.tmp-…``, renamed after a ``COMPLETE`` marker), so ``checkpoint.latest`` and
+    ``prune`` work on it.
+
+    DeepSpeed writes the weights, the ZeRO partitions of the optimizer, and the scheduler; ``extra``
+    (step, EMA …, the same on every rank) rides in its client state, ``rank_state`` (RNG, loader
+    position) goes to ``rank-XXXXX.pt`` like the FSDP trainer's.
+    """
+    root, final = Path(root), ckpt.step_dir(root, step_num)
+    tmp_name = f".tmp-{final.name}"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(root / tmp_name, ignore_errors=True)  # left by a crash during an earlier attempt
+        root.mkdir(parents=True, exist_ok=True)
+    ckpt.barrier()
+    client = {_CLIENT_KEY: {"step": step_num, **(extra or {})}}
+    engine.save_checkpoint(str(root), tag=tmp_name, client_state=client, save_latest=False)
+    torch.save(rank_state or {}, root / tmp_name / f"rank-{rank:05d}.pt")
+    ckpt.barrier()
+    if rank == 0:
+        tmp = root / tmp_name
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        with open(tmp / ckpt.MARKER, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step_num, "time": time.time(), "engine": "deepspeed"}))
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt.prune(root, keep)
+    ckpt.barrier()
+    return final
+
+
+def load_checkpoint(engine: DeepSpeedEngine, path: str | os.PathLike) -> tuple[dict, dict | None]:
+    """Restore weights, optimizer partitions and scheduler from :func:`save_checkpoint`'s ``path``
+    (same world size and layout: ZeRO partitions are per rank). Returns ``(extra, rank_state)``:
+    ``extra["step"]`` and what was saved with it, and this rank's own items (None if absent)."""
+    path = Path(path)
+    loaded, client = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if loaded is None:
+        raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint there")
+    own = path / f"rank-{dist.get_rank():05d}.pt"
+    return client[_CLIENT_KEY], (torch.load(own, weights_only=True) if own.is_file() else None)
+
+
+def _whole_master(p: nn.Parameter) -> Tensor:
+    """The fp32 master copy of ``p`` assembled over data parallel ranks (a collective under ZeRO)."""
+    master = safe_get_full_fp32_param(p) if p.requires_grad else None
+    if master is not None:
+        return master
+    # frozen (init.freeze): no optimizer copy to read; ZeRO-3 still partitions the parameter
+    # itself (this rank's ``p`` is an empty placeholder), ZeRO-1/2 keep it whole
+    with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+        return p.detach().float().clone()
+
+
+def full_state_dict(engine: DeepSpeedEngine, tp_group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
+    """Whole fp32 master weights (the optimizer's, not a bf16 copy) under the single-device names,
+    on CPU, on every rank. Collective over the world: call it on all ranks.
+
+    ZeRO partitions are assembled by DeepSpeed (``safe_get_full_fp32_param``, which gathers a
+    ZeRO-3 parameter on its own), then tensor-parallel slices by :func:`~parallel.megatron_tp.full_tensor`;
+    one parameter at a time, so no rank ever holds more than the result.
+    """
+    model = engine.module
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = full_tensor(_whole_master(p), tp_group, like=p).cpu().clone()
+    for name, b in model.named_buffers():
+        out[name] = b.detach().cpu().clone()
+    return {k: out[k] for k in model.state_dict()}
+
+
+def export(
+    engine: DeepSpeedEngine,
+    out_dir: str | os.PathLike,
+    *,
+    step_num: int,
+    tp_group: dist.ProcessGroup | None = None,
+    config: dict | None = None,
+    ema: dict[str, Tensor] | None = None,
+) -> Path:
+    """``model.safetensors`` (and ``ema.safetensors``, ``config.json``) as ``launch.export`` writes
+    them: single-device keys, whole fp32 tensors, metadata ``{"format": "pt", "step": …}``.
+    Collective (see :func:`full_state_dict`); rank 0 writes.
+
+    Args:
+        config: ``launch.export.export_config(cfg, step, source)``, written as ``config.json``.
+        ema: whole EMA weights by name, if the run keeps them.
+    """
+    state = full_state_dict(engine, tp_group)
+    out = Path(out_dir)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "pt", "step": str(step_num)}
+        save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata=meta)
+        if ema:
+            save_file({k: v.contiguous() for k, v in ema.items()}, out / "ema.safetensors", metadata=meta)
+        if config is not None:
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    ckpt.barrier()
+    return out
+
+
+__all__ = [
+    "DeepSpeedGroups",
+    "StepResult",
+    "deepspeed_config",
+    "build_engine",
+    "backward",
+    "step",
+    "save_checkpoint",
+    "load_checkpoint",
+    "full_state_dict",
+    "export",
+]

@@ -1,0 +1,253 @@
+"""DeepSpeed cases run inside one spawned gloo process group per world size, and their one-process
+reference (the FSDP trainer's arithmetic in plain torch).
+
+Every case builds the same full tiny model (one seed) on every rank, optionally swaps in megatron
+tensor parallelism, wraps it with :func:`parallel.zero.build_engine` and takes four steps on one
+fixed global batch with the trainer's loss convention. Rank 0 records the losses, the gathered
+first-step gradients, the final whole weights; with ``resume`` a second engine from other initial
+weights loads the step-2 checkpoint and redoes steps 3 and 4 (two, so that a schedule not restored
+shows: the optimizer state alone carries the next step's learning rate); with ``export`` the
+initial and final weights are exported as safetensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+from torch.distributed.device_mesh import init_device_mesh
+
+from dit.config import DiTConfig
+from dit.diffusion import DiffusionConfig, make_objective
+from launch.config import TrainConfig
+from launch.optim import build_optimizer, build_scheduler
+from parallel import zero
+from parallel.grads import clip_grad_norm
+from parallel.megatron_tp import apply_megatron_tp, full_tensor
+from tests.dit.helpers import random_model
+
+GLOBAL_BATCH = 4
+STEPS = 4
+SAVE_AFTER = 2
+
+
+def arch() -> DiTConfig:
+    return DiTConfig(
+        in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, patch_size=(1, 2, 2),
+        mlp="swiglu", qk_norm=True,
+    )  # fmt: skip
+
+
+@dataclass
+class Case:
+    name: str
+    stage: int
+    tp: int = 1
+    grad_accum: int = 1
+    offload: bool = False
+    bf16: bool = False
+    freeze: bool = False
+    """Freeze the timestep embedder (``init.freeze``): trained by no one, exported all the same."""
+    resume: bool = False
+    export: bool = False
+
+
+def train_cfg(case: Case) -> TrainConfig:
+    # warmup + cosine over 4 steps: lr factors 0.5, 1, 1, 0.55, so a scheduler stepped at the wrong
+    # time shows; grad_clip below the gradient norms (≈0.5), so clipping acts in every step
+    return TrainConfig(
+        steps=STEPS, lr=1e-3, warmup=2, schedule="cosine", weight_decay=0.01, grad_clip=0.2,
+        grad_accum=case.grad_accum,
+    )  # fmt: skip
+
+
+def batch(cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """4 samples of 4×4×8×8 latents with fixed noise and times, one padded caption, and an
+    image-to-video sample (its first frame is clean and out of the loss)."""
+    g = torch.Generator().manual_seed(1)
+    b, t = GLOBAL_BATCH, 4
+    x0 = torch.randn(b, cfg.in_channels, t, 8, 8, generator=g)
+    mask = torch.ones(b, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    cond = torch.zeros(b, t, dtype=torch.bool)
+    cond[2, 0] = True
+    return {
+        "x0": x0,
+        "noise": torch.randn(x0.shape, generator=g),
+        "t": torch.rand(b, generator=g),
+        "context": torch.randn(b, 5, cfg.text_dim, generator=g),
+        "context_mask": mask,
+        "cond_frames": cond,
+    }
+
+
+def per_sample_loss(model, objective, data: dict[str, torch.Tensor], bf16: bool = False) -> torch.Tensor:
+    """The trainer's per-sample loss: mean over the frames that count. The trainer autocasts when
+    bf16 (DeepSpeed's bf16 mode makes the weights bf16, the inputs stay fp32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = objective.loss(
+            model, data["x0"], {"context": data["context"], "context_mask": data["context_mask"]},
+            cond_frames=data["cond_frames"], noise=data["noise"], t=data["t"],
+        )  # fmt: skip
+    return out.per_frame.sum(1) / (~data["cond_frames"]).sum(1).clamp(min=1)
+
+
+def _model(case: Case, seed: int = 0) -> torch.nn.Module:
+    model = random_model(arch(), seed=seed)
+    for p in model.t_embedder.parameters():
+        p.requires_grad_(not case.freeze)
+    return model
+
+
+def reference(case: Case) -> dict:
+    """``STEPS`` steps in one process: the FSDP trainer's optimizer, schedule, clipping and loss."""
+    cfg, tcfg = arch(), train_cfg(case)
+    model = _model(case)
+    opt = build_optimizer(model, tcfg, torch.device("cpu"))
+    sched = build_scheduler(opt, tcfg)
+    objective, data = make_objective(DiffusionConfig()), batch(cfg)
+    losses, norms, grads = [], [], None
+    for step in range(STEPS):
+        per_sample = per_sample_loss(model, objective, data)
+        (per_sample.sum() / GLOBAL_BATCH).backward()
+        losses.append(float(per_sample.detach().sum()) / GLOBAL_BATCH)
+        if step == 0:
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        norms.append(clip_grad_norm([p for p in model.parameters() if p.grad is not None], tcfg.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "grad_norms": norms, "grads": grads, "weights": weights}
+
+
+def _engine(case: Case, world: int, seed: int = 0):
+    mesh = init_device_mesh("cpu", (world // case.tp, case.tp), mesh_dim_names=("dp", "tp"))
+    groups = zero.DeepSpeedGroups(mesh["dp"].get_group(), mesh["tp"].get_group())
+    model = apply_megatron_tp(_model(case, seed), groups.tp_group)
+    tcfg = train_cfg(case)
+    engine = zero.build_engine(
+        model, tcfg, optimizer=build_optimizer(model, tcfg, torch.device("cpu")),
+        scheduler_fn=lambda opt: build_scheduler(opt, tcfg), zero_stage=case.stage, groups=groups,
+        offload=case.offload, bf16=case.bf16,
+    )  # fmt: skip
+    return engine, groups
+
+
+def _full_grads(engine, groups) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in engine.module.named_parameters():  # the same order on every rank: collectives
+        if p.requires_grad:
+            out[name] = full_tensor(safe_get_full_grad(p), groups.tp_group, like=p).cpu().clone()
+    return out
+
+
+def _poisoned_step(engine, groups, case: Case) -> dict:
+    """One step whose loss is NaN on global rank 0 only: every rank must skip it (the FSDP trainer's
+    agreement on finiteness), leaving weights and schedule as they were."""
+    objective, data = make_objective(DiffusionConfig()), batch(arch())
+    before, last = zero.full_state_dict(engine, groups.tp_group), engine.lr_scheduler.last_epoch
+    per = GLOBAL_BATCH // groups.get_data_parallel_world_size()
+    lo = groups.get_data_parallel_rank() * per
+    micro = per // case.grad_accum
+    for m in range(case.grad_accum):
+        mine = {k: v[lo + m * micro : lo + (m + 1) * micro] for k, v in data.items()}
+        per_sample = per_sample_loss(engine, objective, mine, case.bf16)
+        if dist.get_rank() == 0 and m == 0:
+            per_sample = per_sample * float("nan")
+        zero.backward(engine, per_sample, GLOBAL_BATCH)
+        result = zero.step(engine)
+    after = zero.full_state_dict(engine, groups.tp_group)
+    return {
+        "applied": result.applied,
+        "grad_norm": result.grad_norm,
+        "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+        "schedule_unchanged": engine.lr_scheduler.last_epoch == last,
+    }
+
+
+def _steps(engine, groups, case: Case, steps: range, record_grads: bool) -> dict:
+    """Optimizer steps ``steps`` as the trainer would take them: losses, gradient norms and (with
+    ``record_grads``) the gathered gradients of step 0."""
+    objective, data = make_objective(DiffusionConfig()), batch(arch())
+    dp, dp_rank = groups.get_data_parallel_world_size(), groups.get_data_parallel_rank()
+    per = GLOBAL_BATCH // dp
+    micro = per // case.grad_accum
+    losses, norms, grads = [], [], {}
+    for s in steps:
+        loss = torch.zeros(())
+        for m in range(case.grad_accum):
+            lo = dp_rank * per + m * micro
+            mine = {k: v[lo : lo + micro] for k, v in data.items()}
+            per_sample = per_sample_loss(engine, objective, mine, case.bf16)
+            zero.backward(engine, per_sample, GLOBAL_BATCH)
+            loss += per_sample.detach().sum()
+            if record_grads and s == 0 and m == case.grad_accum - 1:
+                grads = _full_grads(engine, groups)
+            result = zero.step(engine)
+            assert (result is not None) == (m == case.grad_accum - 1), "boundary on the last micro-batch"
+        assert result.applied, f"step {s} skipped"
+        dist.all_reduce(loss)
+        losses.append(float(loss) / case.tp / GLOBAL_BATCH)  # tp ranks count their samples again
+        norms.append(result.grad_norm)
+    return {"losses": losses, "grad_norms": norms, "grads": grads}
+
+
+def run_case(case: Case, world: int, out_dir: Path) -> dict:
+    engine, groups = _engine(case, world)
+    q = engine.module.blocks[0].attn.q
+    result = {"keys": list(engine.module.state_dict()), "q_type": type(q).__name__}
+    if case.export:  # before any step: the exported weights are exactly the initial ones
+        zero.export(engine, out_dir / f"{case.name}-export0", step_num=0, tp_group=groups.tp_group)
+    first = _steps(engine, groups, case, range(SAVE_AFTER), record_grads=True)
+    path = zero.save_checkpoint(
+        engine, out_dir / case.name, SAVE_AFTER, extra={"note": "x"}, rank_state={"rank": dist.get_rank()}
+    )
+    rest = _steps(engine, groups, case, range(SAVE_AFTER, STEPS), record_grads=False)
+    result.update(
+        losses=first["losses"] + rest["losses"],
+        grad_norms=first["grad_norms"] + rest["grad_norms"],
+        grads=first["grads"],
+        weights=zero.full_state_dict(engine, groups.tp_group),
+    )
+    if case.export:
+        zero.export(engine, out_dir / f"{case.name}-export", step_num=STEPS, tp_group=groups.tp_group)
+    result["poisoned"] = _poisoned_step(engine, groups, case)
+    if case.resume:
+        engine, groups = _engine(case, world, seed=5)  # other initial weights: the load must replace them
+        extra, own = zero.load_checkpoint(engine, path)
+        resumed = _steps(engine, groups, case, range(SAVE_AFTER, STEPS), record_grads=False)
+        result["resume"] = {
+            "extra": extra,
+            "own_rank": own["rank"],
+            "losses": resumed["losses"],
+            "weights": zero.full_state_dict(engine, groups.tp_group),
+        }
+    return result
+
+
+def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    # a case that fails on one rank must not leave the others waiting for the test's whole timeout
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        for case in cases:
+            try:
+                result = run_case(case, world, Path(out_dir))
+            except Exception:  # recorded for the test to show; the group carries on with the next case
+                result = {"error": traceback.format_exc()}
+                dist.barrier()
+            if rank == 0:
+                torch.save(result, Path(out_dir) / f"{case.name}.pt")
+    finally:
+        dist.destroy_process_group()
