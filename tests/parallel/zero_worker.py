@@ -23,7 +23,6 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from torch.distributed.device_mesh import init_device_mesh
 
-from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig, make_objective
 from launch.config import TrainConfig
 from launch.optim import build_optimizer, build_scheduler
@@ -31,17 +30,10 @@ from parallel import zero
 from parallel.grads import clip_grad_norm
 from parallel.megatron_tp import apply_megatron_tp, full_tensor
 from tests.dit.helpers import random_model
+from tests.parallel.parity_worker import GLOBAL_BATCH, arch, batch
 
-GLOBAL_BATCH = 4
 STEPS = 4
 SAVE_AFTER = 2
-
-
-def arch() -> DiTConfig:
-    return DiTConfig(
-        in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, patch_size=(1, 2, 2),
-        mlp="swiglu", qk_norm=True,
-    )  # fmt: skip
 
 
 @dataclass
@@ -65,26 +57,6 @@ def train_cfg(case: Case) -> TrainConfig:
         steps=STEPS, lr=1e-3, warmup=2, schedule="cosine", weight_decay=0.01, grad_clip=0.2,
         grad_accum=case.grad_accum,
     )  # fmt: skip
-
-
-def batch(cfg: DiTConfig) -> dict[str, torch.Tensor]:
-    """4 samples of 4×4×8×8 latents with fixed noise and times, one padded caption, and an
-    image-to-video sample (its first frame is clean and out of the loss)."""
-    g = torch.Generator().manual_seed(1)
-    b, t = GLOBAL_BATCH, 4
-    x0 = torch.randn(b, cfg.in_channels, t, 8, 8, generator=g)
-    mask = torch.ones(b, 5, dtype=torch.bool)
-    mask[1, 3:] = False
-    cond = torch.zeros(b, t, dtype=torch.bool)
-    cond[2, 0] = True
-    return {
-        "x0": x0,
-        "noise": torch.randn(x0.shape, generator=g),
-        "t": torch.rand(b, generator=g),
-        "context": torch.randn(b, 5, cfg.text_dim, generator=g),
-        "context_mask": mask,
-        "cond_frames": cond,
-    }
 
 
 def per_sample_loss(model, objective, data: dict[str, torch.Tensor], bf16: bool = False) -> torch.Tensor:
