@@ -84,7 +84,12 @@ class Trainer:
         }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
-        return {"rng": rng, "loader": self.loader.state_dict(), "skipped": self.skipped, "layout": self._layout()}
+        return {
+            "rng": rng,
+            "loader": self.loader.state_dict(),
+            "skipped": self.skipped,
+            "layout": self._layout(),
+        }
 
     def _layout(self) -> list[int]:
         d = self.dims
