@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens/s": f"{a.batch * flops['tokens'] / sec:,.0f}",
                 "TFLOP/s": f"{achieved / 1e12:.3f}",
                 "MFU": f"{util:.1%}" if util is not None else "n/a",
-                "max_memory_GiB": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
-                if device.type == "cuda"
-                else "n/a",
+                "max_memory_GiB": _cuda_memory(device),
             }
         )
     result = {"rows": rows, "flops": flops}
@@ -291,10 +289,13 @@ def mfu_case(cfg: DiTConfig, mode: str, compiled: bool, a: argparse.Namespace, d
         "model TFLOP/s": f"{flops['flops_train_step'] / sec / 1e12:.1f}",
         "hardware TFLOP/s": f"{hw / sec / 1e12:.1f}",
         "MFU": f"{util:.1%}" if util is not None else "n/a",
-        "max_memory_GiB": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
-        if device.type == "cuda"
-        else "n/a",
+        "max_memory_GiB": _cuda_memory(device),
     }
+
+
+def _cuda_memory(device: torch.device) -> str:
+    """Peak allocated GiB on CUDA; n/a on a CPU (there is no allocator peak to read)."""
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "n/a"
 
 
 def _release(device: torch.device) -> None:

@@ -140,10 +140,11 @@ def all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.Process
     return _AllToAll.apply(x, scatter_dim, gather_dim, group)
 
 
-def _send_recv_next(x: Tensor, group: dist.ProcessGroup, reverse: bool = False) -> Tensor:
-    """Pass ``x`` one step around the ring (to rank+1, from rank-1; the other way with ``reverse``)."""
+def ring_shift(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Pass ``x`` one step around the ring (to rank+1, from rank-1). Not differentiable: ring
+    attention moves K/V (and, backward, their gradients) explicitly."""
     n, r = dist.get_world_size(group), dist.get_rank(group)
-    to, frm = ((r - 1) % n, (r + 1) % n) if reverse else ((r + 1) % n, (r - 1) % n)
+    to, frm = (r + 1) % n, (r - 1) % n
     out = torch.empty_like(x)
     ops = [
         dist.P2POp(dist.isend, x.contiguous(), dist.get_global_rank(group, to), group),
@@ -152,15 +153,3 @@ def _send_recv_next(x: Tensor, group: dist.ProcessGroup, reverse: bool = False) 
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return out
-
-
-def ring_shift(x: Tensor, group: dist.ProcessGroup, reverse: bool = False) -> Tensor:
-    """Not differentiable: ring attention moves K/V (and, backward, their gradients) explicitly."""
-    return _send_recv_next(x, group, reverse)
-
-
-def sum_over(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """In-place all-reduce sum (not differentiable) with the one-rank bypass."""
-    if group_size(group) > 1:
-        dist.all_reduce(x, group=group)
-    return x

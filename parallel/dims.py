@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 # Mesh dimensions, outermost first. tp is innermost so a tensor-parallel group sits within a node
@@ -84,7 +83,3 @@ class ParallelDims:
     def dp_rank(self, mesh: DeviceMesh | None) -> int:
         """This rank's index among data-parallel replicas (what the data loader is split by)."""
         return 0 if mesh is None else mesh["dp"].get_local_rank()
-
-
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

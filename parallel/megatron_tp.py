@@ -57,6 +57,14 @@ class _Plain:
     def _drop_extra_state_hook(self) -> None:
         self._load_state_dict_pre_hooks.clear()
 
+    @torch.no_grad()
+    def _copy_from(self, full: nn.Linear, tp_group, weight_dim: int, bias_split: bool) -> None:
+        """This rank's slice of the full weight along ``weight_dim``; the bias sliced or whole."""
+        n, r = group_size(tp_group), group_rank(tp_group)
+        self.weight.copy_(full.weight.chunk(n, dim=weight_dim)[r])
+        if full.bias is not None:
+            self.bias.copy_(full.bias.chunk(n, dim=0)[r] if bias_split else full.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         out, _ = super().forward(x)  # bias already added (skip_bias_add=False)
         return out
@@ -72,11 +80,7 @@ class TPColumnLinear(_Plain, ColumnParallelLinear):
         )  # fmt: skip
         self._drop_extra_state_hook()
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
-        n, r = group_size(tp_group), group_rank(tp_group)
-        with torch.no_grad():
-            self.weight.copy_(full.weight.chunk(n, dim=0)[r])
-            if full.bias is not None:
-                self.bias.copy_(full.bias.chunk(n, dim=0)[r])
+        self._copy_from(full, tp_group, weight_dim=0, bias_split=True)
 
 
 class TPRowLinear(_Plain, RowParallelLinear):
@@ -90,11 +94,7 @@ class TPRowLinear(_Plain, RowParallelLinear):
         )  # fmt: skip
         self._drop_extra_state_hook()
         set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
-        n, r = group_size(tp_group), group_rank(tp_group)
-        with torch.no_grad():
-            self.weight.copy_(full.weight.chunk(n, dim=1)[r])
-            if full.bias is not None:
-                self.bias.copy_(full.bias)
+        self._copy_from(full, tp_group, weight_dim=1, bias_split=False)
 
 
 class TPHeadRMSNorm(nn.RMSNorm):

@@ -57,7 +57,7 @@ class _RingAttention(torch.autograd.Function):
         out = lse = None
         kv = (k, v)
         for step in range(group_size(group)):
-            # the next block is requested before this one is used; gloo/nccl overlap it where they can
+            # received before this block is computed: no overlap of communication and compute yet
             nxt = tuple(ring_shift(t, group) for t in kv) if step < group_size(group) - 1 else None
             o_i, lse_i = _block_fwd(q, kv[0], kv[1], scale)
             if out is None:

@@ -6,15 +6,13 @@ the distributed version on its own chunk, and reports the worst error over all r
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
 from dit.attention import AttentionCore, attention
 from parallel.collectives import all_to_all, gather_replicated, local_chunk, split_full_grad, sum_grad
 from parallel.context import RingAttention, UlyssesAttention
+from tests.parallel.group import serve
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,15 +73,12 @@ def checks(group) -> dict[str, float]:
     return out
 
 
+def worst_over_ranks() -> dict[str, float]:
+    errs = checks(dist.group.WORLD)
+    worst = torch.tensor(list(errs.values()))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return dict(zip(errs, worst.tolist(), strict=True))
+
+
 def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        errs = checks(dist.group.WORLD)
-        worst = torch.tensor(list(errs.values()))
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            torch.save(dict(zip(errs, worst.tolist(), strict=True)), Path(out_dir) / f"world{world}.pt")
-    finally:
-        dist.destroy_process_group()
+    serve(rank, world, port, cases, out_dir, lambda c: worst_over_ranks(), name=lambda c: f"world{world}")

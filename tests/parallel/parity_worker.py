@@ -8,10 +8,7 @@ gathered gradients of the first step; :func:`reference` does the same in one pro
 
 from __future__ import annotations
 
-import os
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +21,7 @@ from parallel.config import ParallelConfig
 from parallel.grads import clip_grad_norm
 from parallel.parallelize import make_dims, materialize, parallelize
 from tests.dit.helpers import random_model
+from tests.parallel.group import serve
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -113,17 +111,11 @@ def reference(case: Case) -> dict:
 
 
 def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for case in cases:
-            try:
-                result = train(arch(case.layout), ParallelConfig(**case.parallel), world)
-            except Exception:  # recorded for the test to show; the group carries on with the next case
-                result = {"error": traceback.format_exc()}
-                dist.barrier()
-            if rank == 0:
-                torch.save(result, Path(out_dir) / f"{case.name}.pt")
-    finally:
-        dist.destroy_process_group()
+    serve(
+        rank,
+        world,
+        port,
+        cases,
+        out_dir,
+        lambda c: train(arch(c.layout), ParallelConfig(**c.parallel), world),
+    )

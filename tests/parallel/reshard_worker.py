@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from parallel import checkpoint as ckpt
 from parallel.config import ParallelConfig
 from parallel.parallelize import make_dims, materialize, parallelize
 from tests.dit.helpers import random_model
+from tests.parallel.group import serve
 from tests.parallel.parity_worker import arch, batch
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -36,32 +36,27 @@ def full_state(model, opt) -> tuple[dict, dict]:
     return msd, osd
 
 
+def reshard(case: tuple, world: int, out_dir: Path) -> dict:
+    """Train a step under ``saved``, checkpoint, load under ``loaded``: both full states."""
+    name, saved, loaded = case
+    rank = dist.get_rank()
+    model, opt = build(saved, world, seed=0)
+    data = batch(model.cfg)
+    out = model(data["x0"], data["t"] * 1000, context=data["context"], context_mask=data["context_mask"])
+    out.square().mean().backward()
+    opt.step()  # optimizer moments exist and differ from their initial values
+    msd, osd = get_state_dict(model, opt)
+    path = ckpt.save(out_dir / name, 1, {"model": msd, "optim": osd}, {}, rank)
+    before = full_state(model, opt)
+
+    model2, opt2 = build(loaded, world, seed=1)  # different weights until the load
+    msd2, osd2 = get_state_dict(model2, opt2)
+    state = {"model": msd2, "optim": osd2}
+    ckpt.load(path, state, rank)
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return {"before": before, "after": full_state(model2, opt2)}
+
+
 def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
     """``cases``: (name, layout_saved, layout_loaded) triples."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for name, saved, loaded in cases:
-            model, opt = build(saved, world, seed=0)
-            data = batch(model.cfg)
-            out = model(
-                data["x0"], data["t"] * 1000, context=data["context"], context_mask=data["context_mask"]
-            )
-            out.square().mean().backward()
-            opt.step()  # optimizer moments exist and differ from their initial values
-            msd, osd = get_state_dict(model, opt)
-            root = Path(out_dir) / name
-            path = ckpt.save(root, 1, {"model": msd, "optim": osd}, {}, rank)
-            before = full_state(model, opt)
-
-            model2, opt2 = build(loaded, world, seed=1)  # different weights until the load
-            msd2, osd2 = get_state_dict(model2, opt2)
-            state = {"model": msd2, "optim": osd2}
-            ckpt.load(path, state, rank)
-            set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            after = full_state(model2, opt2)
-            if rank == 0:
-                torch.save({"before": before, "after": after}, Path(out_dir) / f"{name}.pt")
-    finally:
-        dist.destroy_process_group()
+    serve(rank, world, port, cases, out_dir, lambda c: reshard(c, world, Path(out_dir)), name=lambda c: c[0])

@@ -9,7 +9,7 @@ from dit.attention import attention
 from parallel.collectives import all_to_all, gather_replicated, local_chunk, split_full_grad, sum_grad
 from parallel.ring import ring_attention
 from tests.parallel.collective_worker import worker
-from tests.parallel.conftest import run_group
+from tests.parallel.group import run_group
 
 CHECKS = [
     "gather_forward",

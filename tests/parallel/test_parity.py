@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from parallel.config import ParallelConfig
-from tests.parallel.conftest import run_group
+from tests.parallel.group import run_group
 from tests.parallel.parity_worker import Case, arch, reference, train, worker
 
 CASES_2 = [

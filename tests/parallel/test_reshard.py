@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.conftest import run_group
+from tests.parallel.group import run_group
 from tests.parallel.reshard_worker import worker
 
 CASES = [

@@ -12,9 +12,6 @@ initial and final weights are exported as safetensors.
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from parallel import zero
 from parallel.grads import clip_grad_norm
 from parallel.megatron_tp import apply_megatron_tp, full_tensor
 from tests.dit.helpers import random_model
+from tests.parallel.group import serve
 from tests.parallel.parity_worker import GLOBAL_BATCH, arch, batch
 
 STEPS = 4
@@ -205,21 +203,5 @@ def run_case(case: Case, world: int, out_dir: Path) -> dict:
 
 
 def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    # a case that fails on one rank must not leave the others waiting for the test's whole timeout
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        for case in cases:
-            try:
-                result = run_case(case, world, Path(out_dir))
-            except Exception:  # recorded for the test to show; the group carries on with the next case
-                result = {"error": traceback.format_exc()}
-                dist.barrier()
-            if rank == 0:
-                torch.save(result, Path(out_dir) / f"{case.name}.pt")
-    finally:
-        dist.destroy_process_group()
+    env = {"LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"}
+    serve(rank, world, port, cases, out_dir, lambda c: run_case(c, world, Path(out_dir)), env=env)
