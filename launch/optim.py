@@ -63,20 +63,21 @@ class EMA:
         self.names = [n for n, p in model.named_parameters()]
         self.params = [p for p in model.parameters()]
         self.shadow = [p.detach().clone().float() for p in self.params]
+        # one foreach per mesh: with tensor parallelism, block weights and embeddings live on different
+        # meshes (or are plain tensors), and a foreach op cannot mix them
+        by_mesh: dict = {}
+        for s, p in zip(self.shadow, self.params, strict=True):
+            shadows, params = by_mesh.setdefault(getattr(p, "device_mesh", None), ([], []))
+            shadows.append(s)
+            params.append(p)
+        self.groups = list(by_mesh.values())
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         # warm up the decay (1 + n) / (10 + n) so early averages are not dominated by the initial weights
         d = min(self.decay, (1 + step) / (10 + step))
-        # one foreach per mesh: with tensor parallelism, block weights and embeddings live on different
-        # meshes (or are plain tensors), and a foreach op cannot mix them
-        groups: dict = {}
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s_list, p_list = groups.setdefault(getattr(p, "device_mesh", None), ([], []))
-            s_list.append(s)
-            p_list.append(p.detach().float())
-        for s_list, p_list in groups.values():
-            torch._foreach_lerp_(s_list, p_list, 1 - d)
+        for shadows, params in self.groups:
+            torch._foreach_lerp_(shadows, [p.detach().float() for p in params], 1 - d)
 
     def state_dict(self) -> dict:
         return dict(zip(self.names, self.shadow, strict=True))
