@@ -2,7 +2,8 @@
 
 Writes ``model.safetensors``, ``ema.safetensors`` (when the run kept an EMA) and ``config.json`` (the
 architecture, diffusion objective, codec and text encoder: everything ``launch.sample`` and
-``init.from`` need). Reads the DCP checkpoint in one process, whatever world size wrote it.
+``init.from`` need). Reads the checkpoint in one process, whatever world size wrote it: a DCP
+checkpoint's shards, or the whole tensors a DeepSpeed checkpoint carries.
 """
 
 from __future__ import annotations

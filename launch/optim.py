@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from launch.config import TrainConfig
 
@@ -56,13 +57,18 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, kept in fp32 next to them (same sharding)."""
+    """Exponential moving average of the weights, kept in fp32 next to them (same sharding).
 
-    def __init__(self, model: nn.Module, decay: float):
+    ``part(p)`` is the tensor this rank holds of parameter ``p`` (default: ``p`` itself, a DTensor
+    shard under FSDP; the ZeRO-3 partition under DeepSpeed, see ``parallel.zero_parts.local_part``).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, part: Callable[[nn.Parameter], Tensor] | None = None):
         self.decay = decay
+        self.part = part or (lambda p: p)
         self.names = [n for n, p in model.named_parameters()]
         self.params = [p for p in model.parameters()]
-        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.shadow = [self.part(p).detach().clone().float() for p in self.params]
         # one foreach per mesh: with tensor parallelism, block weights and embeddings live on different
         # meshes (or are plain tensors), and a foreach op cannot mix them
         by_mesh: dict = {}
@@ -77,7 +83,7 @@ class EMA:
         # warm up the decay (1 + n) / (10 + n) so early averages are not dominated by the initial weights
         d = min(self.decay, (1 + step) / (10 + step))
         for shadows, params in self.groups:
-            torch._foreach_lerp_(shadows, [p.detach().float() for p in params], 1 - d)
+            torch._foreach_lerp_(shadows, [self.part(p).detach().float() for p in params], 1 - d)
 
     def state_dict(self) -> dict:
         return dict(zip(self.names, self.shadow, strict=True))
@@ -90,13 +96,13 @@ class EMA:
     @contextlib.contextmanager
     def swapped_in(self):
         """Temporarily put the EMA weights into the model (for samples and validation)."""
-        backup = [p.detach().clone() for p in self.params]
+        backup = [self.part(p).detach().clone() for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow, strict=True):
-                p.copy_(s)
+                self.part(p).copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, b in zip(self.params, backup, strict=True):
-                    p.copy_(b)
+                    self.part(p).copy_(b)

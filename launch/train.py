@@ -59,6 +59,8 @@ class Trainer:
     run_dir: Path
     bf16: bool
     dp_rank: int
+    n_params: int = 0
+    """Parameters of the whole model (however they are split over ranks)."""
     step: int = 0
     bad_streak: int = 0
     skipped: int = 0
@@ -124,6 +126,10 @@ class Trainer:
                 path,
             )
             return
+        self.restore_rank_state(own)
+
+    def restore_rank_state(self, own: dict) -> None:
+        """RNG states, loader position and skip count saved by :meth:`rank_state` on this rank."""
         rng = own["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
@@ -141,50 +147,47 @@ class Trainer:
         # seeded by the data-parallel rank: the cp/tp ranks that share a batch must draw the same noise
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.dp_rank, self.step))
         clock = PhaseClock(dev, sync=cfg.logging.phase_times)
+        micro_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
+        clock.lap("data_wait")
+        # the step's global sample count scales every backward (DeepSpeed needs it before the first);
+        # each sample is counted by the dims.copies (cp × tp) ranks that share it
+        local = float(sum(len(b["key"]) for b in micro_batches))
+        total = all_reduce(local, "sum", dev) / self.dims.copies
         sums = {"loss_sum": 0.0, "samples": 0, "tokens": 0, "flops": 0.0}
-        for micro in range(cfg.train.grad_accum):
-            batch = next(batches)
-            clock.lap("data_wait")
-            self._micro_step(batch, gen, micro, sums, clock)
-        # every sample is counted by each of the dims.copies (cp × tp) ranks that processed it
-        total = all_reduce(float(sums["samples"]), "sum", dev) / self.dims.copies
+        for micro, batch in enumerate(micro_batches):
+            self._micro_step(batch, gen, micro, total, sums, clock)
         loss = all_reduce(sums["loss_sum"], "sum", dev) / self.dims.copies / total
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        for p in params:
-            p.grad.div_(total)
-        grad_norm = clip_grad_norm(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
-        bad = all_reduce(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, "max", dev) > 0
-        lr = self.opt.param_groups[0]["lr"]
-        if bad:
-            self._skip()
-        else:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.sched.step()
+        grad_norm, applied, lr = self._update(loss)
+        if applied:
             if self.ema:
                 self.ema.update(self.step)
             self.bad_streak = 0
+        else:
+            self._skip()
         clock.lap("optim")
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **sums, **clock.times}
 
-    def _micro_step(self, batch: dict, gen: torch.Generator, micro: int, sums: dict, clock) -> None:
+    def _micro_step(self, batch: dict, gen: torch.Generator, micro: int, total: float, sums: dict, clock):
         prep = self.cond(batch, gen)
         clock.lap("encode")
         b, _, t, h, w = prep.x0.shape
         n_tok = self._tokens(t, h, w)
+        last = micro == self.cfg.train.grad_accum - 1
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce on the last micro-step only
-            self.model.set_requires_gradient_sync(micro == self.cfg.train.grad_accum - 1)
+            self.model.set_requires_gradient_sync(last)
         with self._autocast():
             out = self.objective.loss(
-                self.model, prep.x0, prep.kwargs, cond_frames=prep.cond_frames, tokens=n_tok, generator=gen
+                self.forward_module(),
+                prep.x0,
+                prep.kwargs,
+                cond_frames=prep.cond_frames,
+                tokens=n_tok,
+                generator=gen,
             )
         per_sample = out.per_frame.sum(1) / prep.loss_frames.clamp(min=1)  # B
         clock.lap("forward")
-        # FSDP averages gradients over its ranks; dims.grad_scale makes that a sum, and the division
-        # by the global sample count in train_step makes the step a per-sample mean, however the
-        # samples were split over ranks and micro-steps (decode failures can shorten a batch)
-        (per_sample.sum() * self.dims.grad_scale).backward()
+        self._backward(per_sample, total, last)
         clock.lap("backward")
         sums["loss_sum"] += float(per_sample.detach().sum())
         sums["samples"] += b
@@ -192,9 +195,33 @@ class Trainer:
         sums["tokens"] += b * n_tok / self.dims.copies
         sums["flops"] += self._flops(t, h, w, b, prep.kwargs) / self.dims.copies
 
+    # the engine-specific part of a step (FSDP2 here; DeepSpeed in launch/train_deepspeed.py)
+    def forward_module(self) -> torch.nn.Module:
+        """What the training forward calls."""
+        return self.model
+
+    def _backward(self, per_sample: torch.Tensor, total: float, last: bool) -> None:
+        # FSDP averages gradients over its ranks; dims.grad_scale makes that a sum, and the division
+        # by the global sample count makes the step a per-sample mean, however the samples were split
+        # over ranks and micro-steps (decode failures can shorten a batch)
+        (per_sample.sum() * (self.dims.grad_scale / total)).backward()
+
+    def _update(self, loss: float) -> tuple[float, bool, float]:
+        """Clip and step unless the loss or a gradient is non-finite on any rank; returns
+        (gradient norm before clipping, whether the update was applied, its learning rate)."""
+        cfg, dev = self.cfg, self.env.device
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = clip_grad_norm(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
+        bad = all_reduce(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, "max", dev) > 0
+        lr = self.opt.param_groups[0]["lr"]
+        if not bad:
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return grad_norm, not bad, lr
+
     def _skip(self) -> None:
         max_bad = self.cfg.run.max_bad_steps
-        self.opt.zero_grad(set_to_none=True)
         self.bad_streak += 1
         self.skipped += 1
         log.warning(
@@ -254,12 +281,29 @@ def setup(cfg: JobConfig) -> Trainer:
         save_config(cfg, run_dir / "config.yaml")
     p = cfg.parallel
     dims = make_dims(p, env.world, cfg.model.arch)
-    if p.engine == "deepspeed":
-        raise NotImplementedError(
-            "parallel.engine=deepspeed is not implemented yet; use parallel.engine=fsdp"
-        )
-    mesh = dims.build_mesh(env.device.type)
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
+    if p.engine == "deepspeed":
+        from launch.train_deepspeed import setup_deepspeed  # imports DeepSpeed: only when asked for
+
+        trainer = setup_deepspeed(cfg, env, dims, run_dir, bf16)
+    else:
+        trainer = _setup_fsdp(cfg, env, dims, run_dir, bf16)
+    found = ckpt.latest(run_dir / "checkpoints")
+    if found is not None:
+        if ckpt.engine_of(found) != p.engine:
+            raise ValueError(
+                f"{found} was written by parallel.engine={ckpt.engine_of(found)}, and this run has "
+                f"parallel.engine={p.engine}: their optimizer states differ. Keep the engine, or start a "
+                f"new run (another run.dir) with init.from={found} (weights only)"
+            )
+        trainer.resume(found)
+        log.info("resumed from %s (step %d)", found, trainer.step)
+    return trainer
+
+
+def _setup_fsdp(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: Path, bf16: bool) -> Trainer:
+    p = cfg.parallel
+    mesh = dims.build_mesh(env.device.type)
     # built on meta and parallelized before any weight exists; rank 0 makes the initial weights
     with torch.device("meta"):
         model = SpacetimeDiT(cfg.model.arch)
@@ -287,11 +331,8 @@ def setup(cfg: JobConfig) -> Trainer:
         run_dir=run_dir,
         bf16=bf16,
         dp_rank=dp_rank,
+        n_params=num_params(model),
     )
-    found = ckpt.latest(run_dir / "checkpoints")
-    if found is not None:
-        trainer.resume(found)
-        log.info("resumed from %s (step %d)", found, trainer.step)
     return trainer
 
 
@@ -312,7 +353,7 @@ def run(cfg: JobConfig) -> dict:
     metrics = Metrics(tr.run_dir, env.is_main, dev, cfg.logging.tensorboard, progress)
     preempt = Preemption(cfg.run.preempt_signal)
     if env.is_main:
-        n = num_params(tr.model)
+        n = tr.n_params
         progress.line(
             f"{cfg.model.preset}: {n:,} parameters, {env.world} process(es) on {dev}; run dir {tr.run_dir}"
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -56,13 +57,43 @@ class _SafeFullPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
     """Rebuilds whole tensors from the metadata (export, fine-tuning): one process, no process group."""
 
 
+# whole-tensor files a DeepSpeed checkpoint carries next to its ZeRO partitions (parallel/zero.py)
+WHOLE_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
+
+
+def engine_of(path: str | os.PathLike) -> str:
+    """``fsdp`` (a DCP checkpoint) or ``deepspeed``: which trainer engine wrote the checkpoint."""
+    return json.loads((Path(path) / MARKER).read_text(encoding="utf-8")).get("engine", "fsdp")
+
+
 def read_full(path: str | os.PathLike, keys: set[str]) -> dict:
-    """The top-level items ``keys`` of a checkpoint as whole (unsharded) tensors, in one process."""
+    """The top-level items ``keys`` of a checkpoint as whole (unsharded) tensors, in one process.
+
+    A DeepSpeed checkpoint answers ``model``, ``ema`` (empty if the run kept none) and ``step`` from
+    its whole-tensor files and marker; its optimizer state exists only as ZeRO partitions."""
+    if engine_of(path) == "deepspeed":
+        return _read_whole_files(Path(path), keys)
     state: dict = {}
     _load_state_dict(
         state, storage_reader=FileSystemReader(str(path)), planner=_SafeFullPlanner(keys=keys), no_dist=True
     )
     return state
+
+
+def _read_whole_files(path: Path, keys: set[str]) -> dict:
+    unknown = keys - {*WHOLE_FILES, "step"}
+    if unknown:
+        raise KeyError(
+            f"{path} is a DeepSpeed checkpoint: it holds whole tensors for model, ema and step only, "
+            f"not {sorted(unknown)} (optimizer state is in ZeRO partitions: resume it with the same layout)"
+        )
+    out: dict = {}
+    for key in keys & WHOLE_FILES.keys():
+        f = path / WHOLE_FILES[key]
+        out[key] = load_file(f) if f.is_file() else {}
+    if "step" in keys:
+        out["step"] = torch.tensor(json.loads((path / MARKER).read_text(encoding="utf-8"))["step"])
+    return out
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:

@@ -19,7 +19,8 @@ class ParallelConfig:
     sequence_parallel: bool = True
     """With tp > 1, also cut the residual stream along the sequence over the tp ranks between
     sub-layers (Megatron-SP: all-gather before attention/MLP, reduce-scatter after): the same
-    communication volume as plain TP's all-reduce, 1/tp of the norm/modulation activations."""
+    communication volume as plain TP's all-reduce, 1/tp of the norm/modulation activations.
+    ``engine=fsdp`` only: megatron-core's version cannot cut B×N×D activations."""
     cp: int = 1
     """Context (sequence) parallel degree: each rank holds 1/cp of the tokens of every sample."""
     cp_ring: int = 0
@@ -30,9 +31,10 @@ class ParallelConfig:
     """Recompute block activations in backward: ``none``, ``full`` (every block) or ``every_K``
     (blocks 0, K, 2K, …: trades memory against the ~1/K of a forward it recomputes)."""
     compile: bool = False
-    """``torch.compile`` each block (after checkpointing, before FSDP, as torchtitan)."""
+    """``torch.compile`` each block (after checkpointing, before FSDP, as torchtitan); ``engine=fsdp``."""
     cpu_offload: bool = False
-    """FSDP2: keep sharded parameters, gradients and optimizer states in host memory."""
+    """FSDP2: keep sharded parameters, gradients and optimizer states in host memory (CUDA);
+    DeepSpeed: ZeRO-Offload of the optimizer state."""
     engine: str = "fsdp"
     """``fsdp`` (torch FSDP2 / DTensor) or ``deepspeed``."""
     zero_stage: int = 2

@@ -21,6 +21,10 @@ What DeepSpeed 0.19 needs on a CPU, found on this machine (torch 2.13 CPU, gloo)
   compiled at first use) unless ``zero_force_ds_cpu_optimizer`` is false; it is false here so the
   optimizer math stays torch's, as on the FSDP path.
 - ZeRO 1, 2 and 3 train on CPU in fp32 and equal one process (``tests/parallel/test_zero.py``).
+- DeepSpeed's checkpoint engine reads its files with ``weights_only=False``. :func:`build_engine`
+  installs :class:`SafeCheckpointEngine`, which reads them with ``weights_only=True`` and allows
+  exactly the three DeepSpeed classes its optimizer files hold (found with
+  ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO-1/2/3 checkpoints, fp32 and bf16).
 - DeepSpeed keeps the model-parallel unit in a module global (``deepspeed.utils.groups.mpu``) that a
   later engine without one would inherit, so :func:`build_engine` always passes a
   :class:`DeepSpeedGroups`, with a one-rank tensor-parallel group when there is no tp.
@@ -40,8 +44,12 @@ from typing import TYPE_CHECKING
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils.tensor_fragment import fragment_address
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -136,6 +144,17 @@ def deepspeed_config(
     return cfg
 
 
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, reading with ``weights_only=True``: a checkpoint file can
+    hold tensors, containers and the listed DeepSpeed records, never a callable or another class."""
+
+    ALLOWED = (LossScaler, ZeroStageEnum, fragment_address)
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(list(self.ALLOWED)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def _skip_shm_comm_build() -> None:
     # see the module docstring: an inference-only op whose JIT build costs minutes on a CPU
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -178,6 +197,7 @@ def build_engine(
         config=deepspeed_config(train_cfg, zero_stage=zero_stage, offload=offload, bf16=bf16),
         dist_init_required=False,
     )
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine
 
 
@@ -223,6 +243,7 @@ def save_checkpoint(
     extra: dict | None = None,
     rank_state: dict | None = None,
     files: dict[str, str] | None = None,
+    tensors: dict[str, dict[str, Tensor]] | None = None,
     keep: int = 0,
 ) -> Path:
     """Write ``root/step-XXXXXXXX/`` collectively, in :mod:`parallel.checkpoint`'s layout and atomicity
@@ -231,7 +252,10 @@ def save_checkpoint(
 
     DeepSpeed writes the weights, the ZeRO partitions of the optimizer, and the scheduler; ``extra``
     (step, EMA …, the same on every rank) rides in its client state, ``rank_state`` (RNG, loader
-    position) goes to ``rank-XXXXX.pt`` like the FSDP trainer's.
+    position) goes to ``rank-XXXXX.pt`` like the FSDP trainer's. ``tensors`` (file name → whole
+    state dict, significant on rank 0 only) are written by rank 0 as safetensors: the trainer puts
+    the whole weights and EMA there (:data:`parallel.checkpoint.WHOLE_FILES`), which is what export
+    and ``init.from`` read.
     """
     root, final = Path(root), ckpt.step_dir(root, step_num)
     tmp_name = f".tmp-{final.name}"
@@ -248,13 +272,15 @@ def save_checkpoint(
         tmp = root / tmp_name
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        with open(tmp / ckpt.MARKER, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step_num, "time": time.time(), "engine": "deepspeed"}))
-            f.flush()
-            os.fsync(f.fileno())
+        meta = {"format": "pt", "step": str(step_num)}
+        for name, state in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / name, metadata=meta)
+        marker = {"step": step_num, "time": time.time(), "engine": "deepspeed"}
+        ckpt._write_synced(tmp / ckpt.MARKER, json.dumps(marker))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        ckpt._fsync_dir(root)
         ckpt.prune(root, keep)
     ckpt.barrier()
     return final
@@ -285,18 +311,26 @@ def _whole_master(p: nn.Parameter) -> Tensor:
         return p.detach().float().clone()
 
 
-def full_state_dict(engine: DeepSpeedEngine, tp_group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
+def full_state_dict(
+    engine: DeepSpeedEngine, tp_group: dist.ProcessGroup | None = None, *, all_ranks: bool = True
+) -> dict[str, Tensor]:
     """Whole fp32 master weights (the optimizer's, not a bf16 copy) under the single-device names,
-    on CPU, on every rank. Collective over the world: call it on all ranks.
+    on CPU, on every rank (``all_ranks=False``: rank 0 only, the others get ``{}``). Collective over
+    the world: call it on all ranks.
 
     ZeRO partitions are assembled by DeepSpeed (``safe_get_full_fp32_param``, which gathers a
     ZeRO-3 parameter on its own), then tensor-parallel slices by :func:`~parallel.megatron_tp.full_tensor`;
     one parameter at a time, so no rank ever holds more than the result.
     """
     model = engine.module
+    keep = all_ranks or dist.get_rank() == 0
     out = {}
     for name, p in model.named_parameters():
-        out[name] = full_tensor(_whole_master(p), tp_group, like=p).cpu().clone()
+        whole = full_tensor(_whole_master(p), tp_group, like=p)
+        if keep:
+            out[name] = whole.cpu().clone()
+    if not keep:
+        return {}
     for name, b in model.named_buffers():
         out[name] = b.detach().cpu().clone()
     return {k: out[k] for k in model.state_dict()}
@@ -319,7 +353,7 @@ def export(
         config: ``launch.export.export_config(cfg, step, source)``, written as ``config.json``.
         ema: whole EMA weights by name, if the run keeps them.
     """
-    state = full_state_dict(engine, tp_group)
+    state = full_state_dict(engine, tp_group, all_ranks=False)
     out = Path(out_dir)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -335,6 +369,7 @@ def export(
 
 __all__ = [
     "DeepSpeedGroups",
+    "SafeCheckpointEngine",
     "StepResult",
     "deepspeed_config",
     "build_engine",

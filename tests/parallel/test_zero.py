@@ -9,6 +9,8 @@ export has the single-device keys and weights. One spawned group per world size 
 from __future__ import annotations
 
 import math
+import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from torch import nn
 from dit.model import build_model
 from parallel import checkpoint as ckpt
 from parallel.megatron_tp import apply_megatron_tp, check_megatron_tp, tp_plan
-from parallel.zero import deepspeed_config
+from parallel.zero import SafeCheckpointEngine, deepspeed_config
 from tests.dit.helpers import random_model
 from tests.parallel.zero_worker import SAVE_AFTER, STEPS, Case, arch, reference, train_cfg, worker
 
@@ -126,6 +128,23 @@ def test_bf16_trains_near_fp32(results):
     assert got["losses"] == pytest.approx(want["losses"], rel=1e-2)
     assert all(v.dtype == torch.float32 for v in got["weights"].values())  # fp32 master weights
     assert _rel(got["weights"]["blocks.0.attn.q.weight"], want["weights"]["blocks.0.attn.q.weight"]) < 1e-2
+
+
+def test_deepspeed_checkpoints_load_with_weights_only(results, tmp_path):
+    """DeepSpeed's own reader unpickles anything; the engine's reader takes the files of real ZeRO-1
+    and ZeRO-3 checkpoints and refuses a file that holds a callable."""
+    reader = SafeCheckpointEngine()
+    for name in ("zero1", "zero3"):
+        result, d = results[name]
+        assert result["checkpoint_engine"] == "SafeCheckpointEngine"
+        files = sorted(ckpt.step_dir(d / name, SAVE_AFTER).glob("*_states.pt"))
+        assert any("optim_states" in f.name for f in files), files
+        for f in files:
+            assert isinstance(reader.load(str(f)), dict)
+    poisoned = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "hook": os.system}, poisoned)
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        reader.load(str(poisoned))
 
 
 def test_deepspeed_config_from_train_config():

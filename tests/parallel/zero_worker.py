@@ -172,7 +172,11 @@ def _steps(engine, groups, case: Case, steps: range, record_grads: bool) -> dict
 def run_case(case: Case, world: int, out_dir: Path) -> dict:
     engine, groups = _engine(case, world)
     q = engine.module.blocks[0].attn.q
-    result = {"keys": list(engine.module.state_dict()), "q_type": type(q).__name__}
+    result = {
+        "keys": list(engine.module.state_dict()),
+        "q_type": type(q).__name__,
+        "checkpoint_engine": type(engine.checkpoint_engine).__name__,
+    }
     if case.export:  # before any step: the exported weights are exactly the initial ones
         zero.export(engine, out_dir / f"{case.name}-export0", step_num=0, tp_group=groups.tp_group)
     first = _steps(engine, groups, case, range(SAVE_AFTER), record_grads=True)
