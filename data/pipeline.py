@@ -205,7 +205,16 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            yield from self._epoch()
+            produced = 0
+            for batch in self._epoch():
+                produced += 1
+                yield batch
+            if produced == 0:  # another epoch would give none either: say so instead of spinning
+                raise ValueError(
+                    f"data.shards={self.cfg.shards!r}: a whole epoch gave no batch for this rank "
+                    f"(dp_rank {self.dp_rank} of {self.dp_size}): no sample fits data.buckets (too short, "
+                    f"or too few for a batch), or every sample failed to decode ({self.error_summary()})"
+                )
             self.errors_before.extend(self.errors.values())
             self.errors = {}
             self.epoch += 1

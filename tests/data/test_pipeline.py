@@ -214,6 +214,13 @@ def test_start_up_checks(tmp_path, shards):
         cfg_for(shards, buckets=BucketConfig([Bucket(1, 32, 32, 0)]))
 
 
+def test_an_epoch_with_no_batch_is_an_error_not_a_hang(shards):
+    # every synthetic clip covers 2 frames at 8 fps: a 64-frame bucket takes none of them
+    loader = build_loader(cfg_for(shards, buckets=BucketConfig([Bucket(64, 32, 32, 2)], fps=8)))
+    with pytest.raises(ValueError, match="data.shards=.*whole epoch gave no batch.*shorter_than_any"):
+        next(iter(loader))
+
+
 def test_latent_shards_are_read_directly_without_unpickling(tmp_path):
     def npy(a):
         buf = io.BytesIO()
