@@ -16,6 +16,7 @@ POS_EMBEDS = ("rope3d", "sincos3d", "learned")
 MODULATIONS = ("per_block", "shared")
 CONDITIONINGS = ("text", "class", "none")
 BACKENDS = ("sdpa", "flash_attn", "math")
+PARAMETRIZATIONS = ("standard", "mup")
 
 
 @dataclass
@@ -77,6 +78,15 @@ class DiTConfig:
     attention_backend: str = "sdpa"
     """``sdpa`` (default; flash/cuDNN/efficient kernels on CUDA), ``flash_attn`` (the
     FlashAttention package on CUDA, else SDPA) or ``math`` (reference)."""
+    parametrization: str = "standard"
+    """``standard`` or ``mup`` (μP, Yang et al. 2022, "Tensor Programs V"): hyper-parameters tuned at
+    ``mup_base_width`` transfer to wider models. μP changes the initialisation of input-side and
+    hidden embedding layers, scales attention logits by 1/head_dim, multiplies the output by
+    base/width, and gives hidden matrices a learning rate × base/width (``dit.mup``)."""
+    mup_base_width: int = 128
+    """μP's base hidden size: at this width the μP model is the standard one, bit for bit."""
+    mup_base_head_dim: int = 0
+    """Head width of the μP base model; 0 means this model's ``head_dim`` (width grows by heads)."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -99,6 +109,12 @@ class DiTConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"DiTConfig: head_dim={self.head_dim} must be even")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"DiTConfig.parametrization={self.parametrization!r}: expected one of {PARAMETRIZATIONS}"
+            )
+        if self.mup_base_width < 1 or self.mup_base_head_dim < 0:
+            raise ValueError("DiTConfig.mup_base_width must be ≥ 1 and mup_base_head_dim ≥ 0")
         if self.pos_embed == "rope3d" and self.head_dim < 6:
             raise ValueError(f"DiTConfig: rope3d needs head_dim >= 6, got {self.head_dim}")
 

@@ -94,9 +94,18 @@ class SelfAttention(nn.Module):
     into the batch); ``'time'`` across frames at each spatial position.
     """
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str, axis: str = "full"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        qk_norm: bool,
+        eps: float,
+        backend: str,
+        axis: str = "full",
+        logit_mult: float = 1.0,
+    ):
         super().__init__()
-        self.head_dim, self.axis = dim // heads, axis
+        self.head_dim, self.axis, self.logit_mult = dim // heads, axis, logit_mult
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -113,6 +122,10 @@ class SelfAttention(nn.Module):
         v = self.v(x).view(b, n, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.logit_mult != 1.0:
+            # μP's logit scale rides on the queries, so every attention core (SDPA, flash, ring,
+            # Ulysses) keeps its own 1/sqrt(head_dim)
+            q = q * self.logit_mult
         t = grid[0]
         if self.axis == "space":
             q, k, v = (rearrange(z, "b (t s) h e -> (b t) s h e", t=t) for z in (q, k, v))
@@ -129,9 +142,11 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from the video tokens, keys and values from the projected text states."""
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str):
+    def __init__(
+        self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str, logit_mult: float = 1.0
+    ):
         super().__init__()
-        self.head_dim = dim // heads
+        self.head_dim, self.logit_mult = dim // heads, logit_mult
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -146,5 +161,7 @@ class CrossAttention(nn.Module):
         q = self.norm_q(self.q(x).view(b, n, -1, self.head_dim))  # B, N, H, Dh
         k = self.norm_k(self.k(context).view(b, l, -1, self.head_dim))  # B, L, H, Dh
         v = self.v(context).view(b, l, -1, self.head_dim)
+        if self.logit_mult != 1.0:
+            q = q * self.logit_mult  # μP (see SelfAttention)
         out = self.core(q, k, v, key_mask=context_mask)  # B, N, H, Dh
         return self.o(out.reshape(b, n, -1))

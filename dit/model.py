@@ -11,6 +11,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from dit import mup
 from dit.config import DiTConfig
 from dit.embeddings import LearnedPos3D, PatchEmbed, Rope3D, SinCos3D, TextProjection, TimestepEmbedder
 from dit.layers import MLP, AdaLNModulation, CrossAttention, SelfAttention, TableModulation, gate, modulate
@@ -47,11 +48,15 @@ class DiTBlock(nn.Module):
         d, eps = cfg.hidden_size, cfg.norm_eps
         self.modulation = _modulation(cfg, 6)
         self.norm1 = nn.LayerNorm(d, eps=eps, elementwise_affine=False)
-        self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, axis)
+        self.attn = SelfAttention(
+            d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, axis, mup.logit_mult(cfg)
+        )
         self.cross_attn = None
         if cfg.conditioning == "text":
             self.norm_cross = nn.LayerNorm(d, eps=eps) if cfg.cross_attn_norm else nn.Identity()
-            self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend)
+            self.cross_attn = CrossAttention(
+                d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, mup.logit_mult(cfg)
+            )
         self.norm2 = nn.LayerNorm(d, eps=eps, elementwise_affine=False)
         self.mlp = MLP(d, cfg.ffn_hidden, cfg.mlp)
 
@@ -80,10 +85,12 @@ class FinalLayer(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
         self.modulation = _modulation(cfg, 2)
         self.linear = nn.Linear(d, cfg.patch_volume * cfg.out_ch)
+        self.output_mult = mup.output_mult(cfg)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c)  # B, F, D each
-        return self.linear(modulate(self.norm(x), shift, scale))  # B, N, p·C_out
+        out = self.linear(modulate(self.norm(x), shift, scale))  # B, N, p·C_out
+        return out * self.output_mult if self.output_mult != 1.0 else out
 
 
 class SpacetimeDiT(nn.Module):
@@ -202,7 +209,8 @@ class SpacetimeDiT(nn.Module):
 
         Linears are Xavier-uniform with zero bias; embedding MLPs and tables N(0, 0.02); every
         modulation, the cross-attention output and the final linear are zero, so each block starts as
-        the identity and the fresh model predicts exactly zero (adaLN-Zero).
+        the identity and the fresh model predicts exactly zero (adaLN-Zero). Under μP the
+        width-dependent layers are then rescaled (:func:`dit.mup.rescale_init`).
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -225,6 +233,8 @@ class SpacetimeDiT(nn.Module):
         for m in zero:
             for p in m.parameters():
                 nn.init.zeros_(p)
+        if mup.enabled(self.cfg):
+            mup.rescale_init(self)
 
 
 def build_model(cfg: DiTConfig, device: torch.device | str = "cpu", seed: int | None = None) -> SpacetimeDiT:

@@ -9,23 +9,38 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dit import mup
 from launch.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases, norms and embedding tables (1-D or
-    named ``*table*``/``*embed*`` vectors), the usual convention from GPT-2 on. Fused kernels on CUDA."""
-    decay, no_decay = [], []
+    named ``*table*``/``*embed*`` vectors), the usual convention from GPT-2 on. Fused kernels on CUDA.
+
+    Under μP (``model.arch.parametrization=mup``) hidden matrices get ``lr × base/width``
+    (:func:`dit.mup.lr_multipliers`); each group records its ``lr_mult``. Weight decay stays coupled
+    to each group's learning rate (torch's AdamW), as in the ``mup`` package's MuAdam.
+    """
+    arch = getattr(model, "cfg", None)
+    mults = mup.lr_multipliers(arch) if arch is not None else {}
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "table" in name else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decay = not (p.ndim < 2 or "table" in name)
+        groups.setdefault((decay, mults.get(name, 1.0)), []).append(p)
+    # groups at the base learning rate first: param_groups[0]["lr"] is what the trainer logs as lr
+    order = sorted(groups, key=lambda k: (abs(math.log(k[1])), not k[0]))
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        [
+            {
+                "params": groups[k],
+                "weight_decay": cfg.weight_decay if k[0] else 0.0,
+                "lr": cfg.lr * k[1],
+                "lr_mult": k[1],
+            }
+            for k in order
+        ],
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
