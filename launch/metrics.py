@@ -6,7 +6,9 @@ summed over ranks; ``step_time``/``data_wait`` seconds per optimizer step, and t
 split into ``encode_time`` (codec + text encoder), ``forward_time``, ``backward_time`` and ``optim_time``
 (gradient reduction, clipping, step, EMA); ``tflops_per_device`` model
 TFLOP/s per rank; ``mfu`` a fraction of the device's bf16 peak (null where the peak is unknown, e.g. a
-CPU); ``max_memory`` GiB (peak CUDA allocation, or peak resident memory on a CPU) maximised over ranks.
+CPU); ``tokens``/``flops`` the latent tokens and model FLOPs of the steps since the previous record,
+summed over ranks; ``max_memory`` GiB (peak CUDA allocation, or peak resident memory on a CPU)
+maximised over ranks.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Metrics:
         dev = device if device.type == "cuda" else torch.device("cpu")
         self.means = {k: MeanMetric(nan_strategy="ignore").to(dev) for k in MEAN_KEYS}
         self.tokens = SumMetric().to(dev)
+        self.flops = SumMetric().to(dev)
         self.memory = MaxMetric().to(dev)
         self.window_start = time.perf_counter()
         # held open for the run (appends survive restarts); closed in close()
@@ -91,11 +94,12 @@ class Metrics:
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
-    def update(self, tokens: int, memory_gib: float, **values: float | None) -> None:
+    def update(self, tokens: int, memory_gib: float, flops: float = 0.0, **values: float | None) -> None:
         for k, v in values.items():
             if v is not None:
                 self.means[k].update(float(v))
         self.tokens.update(float(tokens))
+        self.flops.update(float(flops))
         self.memory.update(memory_gib)
 
     def log(self, step: int, extra: dict | None = None) -> dict:
@@ -106,9 +110,12 @@ class Metrics:
             value = float(m.compute()) if m.update_called else math.nan
             record[k] = None if math.isnan(value) else value
         record["tokens_per_s"] = float(self.tokens.compute()) / max(elapsed, 1e-9)
+        # totals of the steps since the previous record, over all ranks (what a scaling sweep sums)
+        record["tokens"] = float(self.tokens.compute())
+        record["flops"] = float(self.flops.compute())
         record["max_memory"] = float(self.memory.compute())
         record.update(extra or {})
-        for m in (*self.means.values(), self.tokens, self.memory):
+        for m in (*self.means.values(), self.tokens, self.flops, self.memory):
             m.reset()
         self.window_start = time.perf_counter()
         self.write(record)

@@ -413,6 +413,7 @@ def _update_metrics(metrics: Metrics, stats: dict, step_time: float, peak: float
     metrics.update(
         stats["tokens"],
         max_memory_gib(dev),
+        flops=stats["flops"],
         loss=stats["loss"],
         lr=stats["lr"],
         grad_norm=stats["grad_norm"],

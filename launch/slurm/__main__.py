@@ -57,14 +57,21 @@ def sbatch_argv(args: argparse.Namespace) -> list[str]:
     if args.gpus_per_node > 0:
         argv.append(f"--gpus-per-node={args.gpus_per_node}")
     argv += [f"--signal=USR2@{args.signal_lead}", f"--job-name={args.job_name or Path(args.config).stem}"]
-    argv.append(f"--output={args.log_dir.resolve() / '%x-%j.log'}")
+    array = getattr(args, "array", None)
+    if array:  # a job array (benchmarks.sweep): one log per task, %A the array's id, %a the index
+        argv += [f"--array={array}", f"--output={args.log_dir.resolve() / '%x-%A_%a.log'}"]
+    else:
+        argv.append(f"--output={args.log_dir.resolve() / '%x-%j.log'}")
     if args.partition:
         argv.append(f"--partition={args.partition}")
     if args.account:
         argv.append(f"--account={args.account}")
+    argv += [str(SBATCH_SCRIPT), str(procs), args.module]
+    program_args = getattr(args, "program_args", None)
+    if program_args:  # another entry point's own argv (benchmarks.sweep's array task)
+        return argv + list(program_args)
     # The config path is resolved now: the job may start in another working directory after requeue.
-    argv += [str(SBATCH_SCRIPT), str(procs), args.module, "--config", str(Path(args.config).resolve())]
-    return argv + list(args.overrides)
+    return argv + ["--config", str(Path(args.config).resolve()), *args.overrides]
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ agree → checkpoint → `scontrol requeue` → the requeued job resumes and fin
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -97,3 +98,37 @@ def test_submit_dry_run_builds_sbatch_argv(tmp_path: Path, capsys):
 
     with pytest.raises(SystemExit):
         main(["submit", str(config), "not-an-override", "--gpus-per-node", "0", "--time", "5"])
+
+
+def test_a_sweep_runs_as_one_job_array(slurm_cluster: SlurmCluster, tmp_path: Path, overrides):
+    """``benchmarks.sweep run --slurm``: one array, each task one run (under torchrun, as a training job
+    would), then ``collect`` finds them finished with their wall time."""
+    from benchmarks import sweep
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        json.dumps({"overrides": [*overrides, "data.num_workers=1"], "widths": [32], "head_dim": 16,
+                    "budgets": [1.5e9], "lrs": [1e-3, 2e-3]})
+    )  # fmt: skip
+    out = tmp_path / "sweep"
+    runs = sweep.plan(grid, out)["runs"]
+    assert len(runs) == 2 and all(3 <= r["steps"] <= 20 for r in runs), runs
+
+    env = slurm_cluster.env
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "benchmarks.sweep", "run", str(out), "--slurm", "--gpus-per-node", "0"]
+    result = subprocess.run(
+        [*argv, "--time", "10"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    jobid = result.stdout.strip()
+    assert jobid.isdigit(), jobid
+    _wait_for(
+        lambda: all(sweep.status(r)["status"] == "ok" for r in runs), "both array tasks", slurm_cluster, 240
+    )
+    rows = sweep.collect(out)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    _wait_for(lambda: all(r["wall_s"] > 0 for r in sweep.collect(out)), "the attempt records", slurm_cluster)
+    for i in range(2):
+        assert "done:" in (out / "slurm-logs" / f"sweep-sweep-{jobid}_{i}.log").read_text()
