@@ -71,7 +71,11 @@ def _same_init(model: torch.nn.Module, seed: int) -> None:
 
 
 def _step_fn(
-    model, call: Callable, device: torch.device, autocast_dtype: torch.dtype | None
+    model,
+    call: Callable,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Callable[[], float]:
     def step() -> float:
         if device.type == "cuda":
@@ -80,6 +84,8 @@ def _step_fn(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = call(model)
         out.float().pow(2).mean().backward()
+        if optimizer is not None:  # a whole training step (benchmarks.throughput), timed with the rest
+            optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start

@@ -56,6 +56,9 @@ class Grid:
     """Head width: num_heads = width / head_dim."""
     budgets: list[float] = field(default_factory=list)
     """Training compute budgets in model FLOPs (``dit.flops``: 3 × forward per sample)."""
+    steps: list[int] = field(default_factory=list)
+    """Fixed training lengths instead of budgets (for learning-rate transfer: every width trains
+    the same steps on the same data)."""
     lrs: list[float] = field(default_factory=list)
     """Peak learning rates to try (empty: the base config's ``train.lr``)."""
     parametrizations: list[str] = field(default_factory=lambda: ["standard"])
@@ -72,8 +75,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
         grid = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Grid), raw))
     except Exception as e:  # OmegaConf's errors name the key; add the file
         raise ValueError(f"{path}: {e}") from e
-    if not grid.widths or not grid.budgets:
-        raise ValueError(f"{path}: widths and budgets must each list at least one value")
+    if not grid.widths or bool(grid.budgets) == bool(grid.steps):
+        raise ValueError(f"{path}: list widths, and either budgets (FLOPs) or steps")
     for w in grid.widths:
         if w % grid.head_dim:
             raise ValueError(f"{path}: width {w} is not a multiple of head_dim={grid.head_dim}")
@@ -156,10 +159,12 @@ def plan(grid_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
                 arch.append(f"model.arch.mup_base_width={mup_base}")
             cfg = load_config(base, grid.overrides + arch)
             tokens, flops = step_cost(cfg, mix, grid.procs)
-            for budget in grid.budgets:
-                steps = max(1, round(budget / flops))
+            lengths = [(b, max(1, round(b / flops))) for b in grid.budgets]
+            lengths += [(s * flops, s) for s in grid.steps]
+            for budget, steps in lengths:
                 for lr in grid.lrs or [cfg.train.lr]:
-                    name = f"{param}-w{width}-c{budget:.0e}-lr{lr:g}".replace("+", "")
+                    size = f"c{budget:.0e}".replace("+", "") if grid.budgets else f"s{steps}"
+                    name = f"{param}-w{width}-{size}-lr{lr:g}"
                     overrides = grid.overrides + arch + _run_keys(cfg, out / "runs" / name, steps, lr)
                     runs.append(
                         {
