@@ -230,17 +230,49 @@ def status(run: dict) -> dict:
 def collect(out_dir: str | os.PathLike) -> list[dict]:
     """Write ``OUT_DIR/results.jsonl``: one object per planned run, failed ones included (with their
     status; ``benchmarks.scaling`` skips them)."""
-    rows = []
-    for run in read_plan(out_dir)["runs"]:
+    rows, plan_ = [], read_plan(out_dir)
+    for run in plan_["runs"]:
         seen = status(run)
-        row = {k: run[k] for k in ("name", "width", "depth", "parametrization", "lr", "budget", "params")}
+        keys = ("name", "width", "depth", "parametrization", "lr", "budget", "steps", "params")
+        row = {k: run[k] for k in keys}
         row.update(seen)
         if seen["status"] != "ok":  # planned amounts, so the row still says what the run was
             row.update(tokens=run["tokens"], flops=run["flops"])
         rows.append(row)
     path = Path(out_dir) / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if len({r["lr"] for r in rows}) > 1:
+        by = "steps" if plan_["grid"]["steps"] else "budget"
+        (Path(out_dir) / "lr_table.md").write_text(lr_table(rows, by), encoding="utf-8")
     return rows
+
+
+def lr_table(rows: list[dict], by: str = "budget") -> str:
+    """Final validation loss by width × learning rate, one table per parametrisation and ``by``
+    (``budget``, or ``steps`` for a fixed-length grid), the best learning rate of each width in bold:
+    does the optimum stay put as the width grows (μP)?"""
+    out = []
+    for param in sorted({r["parametrization"] for r in rows}):
+        for length in sorted({r[by] for r in rows if r["parametrization"] == param}):
+            mine = [r for r in rows if r["parametrization"] == param and r[by] == length]
+            lrs = sorted({r["lr"] for r in mine})
+            title = f"{length:.3g} FLOPs" if by == "budget" else f"{length} steps"
+            out += [
+                f"### {param}, {title}",
+                "",
+                "| width | " + " | ".join(f"lr {x:g}" for x in lrs) + " | best |",
+            ]
+            out.append("|---" * (len(lrs) + 2) + "|")
+            for width in sorted({r["width"] for r in mine}):
+                by_lr = {r["lr"]: r["loss"] for r in mine if r["width"] == width and r["loss"] is not None}
+                best = min(by_lr, key=by_lr.get) if by_lr else None
+                cells = [
+                    "–" if x not in by_lr else f"**{by_lr[x]:.4f}**" if x == best else f"{by_lr[x]:.4f}"
+                    for x in lrs
+                ]
+                out.append(f"| {width} | {' | '.join(cells)} | {'–' if best is None else f'{best:g}'} |")
+            out.append("")
+    return "\n".join(out)
 
 
 def _value(overrides: list[str], key: str) -> str:

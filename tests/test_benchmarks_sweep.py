@@ -91,6 +91,8 @@ def test_local_sweep_resumes_skips_and_collects_a_failed_run(tmp_path, shards):
     plan = {r["lr"]: r for r in sweep.read_plan(out)["runs"]}
     assert ok["steps_done"] == plan[1e-3]["steps"] and ok["wall_s"] > 0
     assert ok["loss"] > 0 and ok["tokens"] > 0
+    table = (out / "lr_table.md").read_text()  # two learning rates: which one won, per width
+    assert "| 32 | – | **" in table and table.rstrip().endswith("| 0.001 |")
     # the logged FLOPs are the sampled batches' own: near the planned budget, not equal to it
     assert ok["flops"] == pytest.approx(plan[1e-3]["flops"], rel=0.5)
 
