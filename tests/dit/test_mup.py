@@ -56,8 +56,8 @@ def test_parameter_classes_and_learning_rates():
 
 
 def test_mup_initialisation_keeps_input_layers_at_base_scale():
-    base = dict(build_model(_cfg(32, "mup"), seed=0).named_parameters())
-    wide = dict(build_model(_cfg(512, "mup"), seed=0).named_parameters())
+    base = build_model(_cfg(32, "mup"), seed=0).state_dict()
+    wide = build_model(_cfg(512, "mup"), seed=0).state_dict()
     # input layer: width-independent scale; hidden D→D layer: std ∝ 1/sqrt(width)
     embed = "patch_embed.proj.weight"
     assert float(wide[embed].std()) == pytest.approx(float(base[embed].std()), rel=0.1)
