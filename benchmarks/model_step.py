@@ -217,18 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"(≥ 1.0 means ours is at least as fast). Per-iteration times (s): "
             + "; ".join(f"{n}: {', '.join(f'{v:.4f}' for v in ts)}" for n, ts in times.items())
         )
-    config = {
-        "preset": a.preset,
-        "architecture": cfg,
-        "latent (T,H,W)": (a.frames, a.height, a.width),
-        "batch": a.batch,
-        "text_len": a.text_len,
-        "tokens/sample": flops["tokens"],
-        "dtype": a.dtype,
-        "compile": a.compile,
-        "model TFLOP per train step": f"{flops['flops_train_step'] / 1e12:.4f}",
-        "warmup/iters": f"{a.warmup}/{a.iters}",
-    }
+    config = _config(a, cfg, flops, dtype=a.dtype, compile=a.compile)
     name = f"model_step-{a.preset.replace('/', '')}-{device.type}-{a.dtype}"
     path = report.write(
         name,
@@ -242,6 +231,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(body)
     print(f"report: {path}")
     return result
+
+
+def _config(a: argparse.Namespace, cfg: DiTConfig, flops: dict, **extra) -> dict:
+    """The config block of a step or MFU report."""
+    return {
+        "preset": a.preset,
+        "architecture": cfg,
+        "latent (T,H,W)": (a.frames, a.height, a.width),
+        "batch": a.batch,
+        "text_len": a.text_len,
+        "tokens/sample": flops["tokens"],
+        **extra,
+        "model TFLOP per train step": f"{flops['flops_train_step'] / 1e12:.4f}",
+        "warmup/iters": f"{a.warmup}/{a.iters}",
+    }
 
 
 def _recomputed_flops(flops: dict, cfg: DiTConfig, every: int) -> float:
@@ -334,17 +338,7 @@ def mfu_main(a: argparse.Namespace) -> dict:
         f"({(peak_flops() or 0) / 1e12:.0f} TFLOP/s); hardware TFLOP/s adds the recomputed forwards of "
         "checkpointed blocks. Target (DESIGN §7): ≥ 45% MFU for video-1b3 at ~32k tokens on an H100."
     )
-    config = {
-        "preset": a.preset,
-        "architecture": cfg,
-        "latent (T,H,W)": (a.frames, a.height, a.width),
-        "batch": a.batch,
-        "text_len": a.text_len,
-        "tokens/sample": flops["tokens"],
-        "dtype": "bf16 autocast, fp32 weights",
-        "model TFLOP per train step": f"{flops['flops_train_step'] / 1e12:.3f}",
-        "warmup/iters": f"{a.warmup}/{a.iters}",
-    }
+    config = _config(a, cfg, flops, dtype="bf16 autocast, fp32 weights")
     name = f"model_step-mfu-{a.preset.replace('/', '')}-cuda"
     path = report.write(
         name, "benchmarks.model_step", f"MFU: {a.preset}, checkpointing × compile", device, config, body

@@ -339,8 +339,9 @@ def task(out_dir: str | os.PathLike, index: int | None) -> None:
 
     if index is None:
         index = int(os.environ["SLURM_ARRAY_TASK_ID"])
-    run = read_plan(out_dir)["runs"][index]
-    cfg = load_config(read_plan(out_dir)["base_config"], run["overrides"])
+    plan_ = read_plan(out_dir)
+    run = plan_["runs"][index]
+    cfg = load_config(plan_["base_config"], run["overrides"])
     start, code = time.time(), 1
     try:
         train.run(cfg)

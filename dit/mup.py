@@ -63,28 +63,33 @@ def base_config(cfg: DiTConfig) -> DiTConfig:
     return cfg.replace(hidden_size=d0, num_heads=d0 // dh0, ffn_dim=ffn, parametrization="standard")
 
 
-def classify(cfg: DiTConfig) -> dict[str, str]:
-    """Parameter name → ``hidden``, ``input``, ``output`` or ``fixed`` (no dimension grows)."""
-    with torch.device("meta"):
-        from dit.model import SpacetimeDiT  # dit.model imports this module for its multipliers
+def _shapes(cfg: DiTConfig) -> tuple[dict[str, torch.Size], dict[str, torch.Size], set[str]]:
+    """Parameter shapes of the model and of its base-width twin (meta, no memory), and the names of
+    linear-layer weights."""
+    from dit.model import SpacetimeDiT  # dit.model imports this module for its multipliers
 
+    with torch.device("meta"):
         model, base = SpacetimeDiT(cfg), SpacetimeDiT(base_config(cfg))
-    base_shapes = {n: p.shape for n, p in base.named_parameters()}
+    linear = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    return shapes, {n: p.shape for n, p in base.named_parameters()}, linear
+
+
+def _kind(name: str, shape: torch.Size, base: torch.Size, linear: set[str]) -> str:
+    grows = [a != b for a, b in zip(shape, base, strict=True)]
     # a matrix is (fan_out, fan_in) only in a linear layer; tables (modulation, embeddings) are
     # per-coordinate vectors however many rows they have
-    linear = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-    kinds = {}
-    for name, p in model.named_parameters():
-        grows = [a != b for a, b in zip(p.shape, base_shapes[name], strict=True)]
-        if name in linear and grows == [True, True]:
-            kinds[name] = "hidden"
-        elif name in linear and grows == [False, True]:
-            kinds[name] = "output"
-        elif any(grows):
-            kinds[name] = "input"
-        else:
-            kinds[name] = "fixed"
-    return kinds
+    if name in linear and grows == [True, True]:
+        return "hidden"
+    if name in linear and grows == [False, True]:
+        return "output"
+    return "input" if any(grows) else "fixed"
+
+
+def classify(cfg: DiTConfig) -> dict[str, str]:
+    """Parameter name → ``hidden``, ``input``, ``output`` or ``fixed`` (no dimension grows)."""
+    shapes, base, linear = _shapes(cfg)
+    return {n: _kind(n, shape, base[n], linear) for n, shape in shapes.items()}
 
 
 def lr_multipliers(cfg: DiTConfig) -> dict[str, float]:
@@ -92,14 +97,10 @@ def lr_multipliers(cfg: DiTConfig) -> dict[str, float]:
     matrices, 1 for everything else; all 1 under the standard parametrisation."""
     if not enabled(cfg):
         return {}
-    kinds = classify(cfg)
-    with torch.device("meta"):
-        from dit.model import SpacetimeDiT
-
-        base = dict(SpacetimeDiT(base_config(cfg)).named_parameters())
-        model = dict(SpacetimeDiT(cfg).named_parameters())
+    shapes, base, linear = _shapes(cfg)
     return {
-        n: (base[n].shape[1] / model[n].shape[1] if kind == "hidden" else 1.0) for n, kind in kinds.items()
+        n: base[n][1] / shape[1] if _kind(n, shape, base[n], linear) == "hidden" else 1.0
+        for n, shape in shapes.items()
     }
 
 

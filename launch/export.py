@@ -13,8 +13,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from launch.config import JobConfig, load_config
 from parallel import checkpoint as ckpt
 
@@ -42,15 +40,11 @@ def export(src: str | Path, out_dir: str | Path) -> Path:
     state = ckpt.read_full(path, {"model", "ema", "step"})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "step": str(int(state["step"]))}
-    save_file(
-        {k: v.contiguous() for k, v in state["model"].items()}, out / "model.safetensors", metadata=meta
+    step = int(state["step"])
+    ckpt.write_safetensors(
+        out, {"model.safetensors": state["model"], "ema.safetensors": state.get("ema")}, step
     )
-    if state.get("ema"):
-        save_file(
-            {k: v.contiguous() for k, v in state["ema"].items()}, out / "ema.safetensors", metadata=meta
-        )
-    config = export_config(cfg, int(state["step"]), path)
+    config = export_config(cfg, step, path)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -57,13 +57,27 @@ class _SafeFullPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
     """Rebuilds whole tensors from the metadata (export, fine-tuning): one process, no process group."""
 
 
-# whole-tensor files a DeepSpeed checkpoint carries next to its ZeRO partitions (parallel/zero.py)
+# whole-tensor files of an export, and of a DeepSpeed checkpoint next to its ZeRO partitions
 WHOLE_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
+
+
+def marker(path: str | os.PathLike) -> dict:
+    """The ``COMPLETE`` marker of a checkpoint: its step, time and (DeepSpeed) engine."""
+    return json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
 
 
 def engine_of(path: str | os.PathLike) -> str:
     """``fsdp`` (a DCP checkpoint) or ``deepspeed``: which trainer engine wrote the checkpoint."""
-    return json.loads((Path(path) / MARKER).read_text(encoding="utf-8")).get("engine", "fsdp")
+    return marker(path).get("engine", "fsdp")
+
+
+def write_safetensors(out: Path, states: dict[str, dict[str, torch.Tensor] | None], step: int) -> None:
+    """Whole state dicts as safetensors files (file name → state; empty or None ones skipped), with
+    the metadata every export carries."""
+    meta = {"format": "pt", "step": str(step)}
+    for name, state in states.items():
+        if state:
+            save_file({k: v.contiguous() for k, v in state.items()}, out / name, metadata=meta)
 
 
 def read_full(path: str | os.PathLike, keys: set[str]) -> dict:
@@ -92,7 +106,7 @@ def _read_whole_files(path: Path, keys: set[str]) -> dict:
         f = path / WHOLE_FILES[key]
         out[key] = load_file(f) if f.is_file() else {}
     if "step" in keys:
-        out["step"] = torch.tensor(json.loads((path / MARKER).read_text(encoding="utf-8"))["step"])
+        out["step"] = torch.tensor(marker(path)["step"])
     return out
 
 
@@ -159,16 +173,23 @@ def save(
     torch.save(rank_state, tmp / f"rank-{rank:05d}.pt")
     barrier()
     if rank == 0:
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        _write_synced(tmp / MARKER, json.dumps({"step": step, "time": time.time()}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        prune(root, keep)
+        commit(tmp, final, step, files, keep)
     barrier()
     return final
+
+
+def commit(tmp: Path, final: Path, step: int, files: dict[str, str] | None, keep: int, **extra) -> None:
+    """Rank 0, once every rank has written into ``tmp``: the text ``files``, the marker (with
+    ``extra`` items), the rename to ``final`` and retention. The marker is synced before the rename
+    and the rename before pruning, so a crash at any point leaves the newest complete checkpoint."""
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    _write_synced(tmp / MARKER, json.dumps({"step": step, "time": time.time(), **extra}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    prune(final.parent, keep)
 
 
 def load(path: str | os.PathLike, state: dict, rank: int) -> dict | None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,6 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_fp32_param
 from deepspeed.utils.tensor_fragment import fragment_address
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from parallel import checkpoint as ckpt
@@ -269,19 +267,8 @@ def save_checkpoint(
     torch.save(rank_state or {}, root / tmp_name / f"rank-{rank:05d}.pt")
     ckpt.barrier()
     if rank == 0:
-        tmp = root / tmp_name
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        meta = {"format": "pt", "step": str(step_num)}
-        for name, state in (tensors or {}).items():
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / name, metadata=meta)
-        marker = {"step": step_num, "time": time.time(), "engine": "deepspeed"}
-        ckpt._write_synced(tmp / ckpt.MARKER, json.dumps(marker))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpt._fsync_dir(root)
-        ckpt.prune(root, keep)
+        ckpt.write_safetensors(root / tmp_name, tensors or {}, step_num)
+        ckpt.commit(root / tmp_name, final, step_num, files, keep, engine="deepspeed")
     ckpt.barrier()
     return final
 
@@ -357,10 +344,8 @@ def export(
     out = Path(out_dir)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"format": "pt", "step": str(step_num)}
-        save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata=meta)
-        if ema:
-            save_file({k: v.contiguous() for k, v in ema.items()}, out / "ema.safetensors", metadata=meta)
+        whole = {ckpt.WHOLE_FILES["model"]: state, ckpt.WHOLE_FILES["ema"]: ema}
+        ckpt.write_safetensors(out, whole, step_num)
         if config is not None:
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     ckpt.barrier()
