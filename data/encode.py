@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.buckets import assign, load_bucket_file
+from data.buckets import Assignment, assign, load_bucket_file
 from data.encoders import TextEncoder, build_codec
-from data.pipeline import DataConfig, list_shards
+from data.pipeline import DataConfig, limits, list_shards
+from data.reader import Limits, read_shard
 from data.shards import ShardSink
-from data.stream import Errors, StreamSpec, decode_sample, read_shard, validate
-from data.video import MediaError
+from data.stream import Errors, StreamSpec, decode_sample, validate
+from data.video import DEFAULT_MAX_PIXELS, MediaError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def encode_shards(
-    shards: list[str],
+    shards: list,
     out_dir: Path,
     bucket_file: str,
     codec,
@@ -49,54 +50,65 @@ def encode_shards(
     rank: int = 0,
     seed: int = 0,
     samples_per_shard: int = 1000,
+    limits: Limits = Limits(),  # noqa: B008 (frozen dataclass)
 ) -> dict:
-    """Encode ``shards`` into ``out_dir/train-r{rank}-*.tar``; returns counts and skips."""
+    """Encode ``shards`` into ``out_dir/train-r{rank}-*.tar``; returns counts and skips.
+
+    A sample that fails (bad metadata, caption or media, or the encoders on it) is counted and skipped.
+    """
     buckets = load_bucket_file(bucket_file)
-    spec = StreamSpec(shards=shards, buckets=buckets, seed=seed, epoch=0, stream_id=(rank,))
+    spec = StreamSpec(shards=shards, buckets=buckets, seed=seed, epoch=0, stream_id=(rank,), limits=limits)
     errors, seen = Errors(), set()
     pattern = str(out_dir / f"train-r{rank:03d}-%06d.tar")
     with ShardSink(pattern, samples_per_shard, 2**40) as sink:
         for shard in shards:
-            for raw in read_shard(shard, errors):
-                sample = validate(raw, errors, seen)
+            for raw in read_shard(shard, errors, limits):
+                sample = validate(raw, errors, seen, limits)
                 if sample is None:
                     continue
-                a = assign(sample["meta"], buckets)
+                a = assign(sample["__meta__"], buckets)
                 if a is None:
                     errors.filter("no_bucket")
                     continue
                 try:
-                    item = decode_sample(sample, a, spec)
+                    sink.write(_encoded(sample, a, spec, codec, text_encoder))
+                except MemoryError:
+                    raise
                 except MediaError as e:
-                    errors.add(e.reason, sample["__shard__"], sample["__key__"])
-                    continue
-                latent = codec.encode(item["video"][None])[0].numpy().astype(np.float32)  # C, t, h, w
-                emb, mask = text_encoder([item["text"]])
-                b = a.bucket
-                meta = {
-                    "kind": "image" if b.frames == 1 else "video",
-                    "frames": b.frames,
-                    "fps": a.fps,
-                    "width": b.width,
-                    "height": b.height,
-                    "duration": (b.frames - 1) / a.fps if b.frames > 1 else 0.0,
-                    "bucket": b.name,
-                    "latent_shape": list(latent.shape),
-                    "codec": codec.name,
-                    "text_encoder": text_encoder.name,
-                    "source": sample["meta"].get("source", sample["__key__"]),
-                }
-                sink.write(
-                    {
-                        "__key__": sample["__key__"],
-                        "latent.npy": _npy(latent),
-                        "text.npy": _npy(emb[0].numpy()),
-                        "text_mask.npy": _npy(mask[0].numpy()),
-                        "txt": item["text"],
-                        "json": json.dumps(meta),
-                    }
-                )
+                    errors.add(e.reason, sample["__shard__"], sample["__key__"], str(e))
+                except Exception as e:  # noqa: BLE001 (one sample must not end the job)
+                    why = f"{type(e).__name__}: {e}"
+                    errors.add("encode_error", sample["__shard__"], sample["__key__"], why)
     return {"rank": rank, "written": sum(sink.counts.values()), **errors.summary()}
+
+
+def _encoded(sample: dict, a: Assignment, spec: StreamSpec, codec, text_encoder: TextEncoder) -> dict:
+    """The latent-shard members of one validated raw sample."""
+    item = decode_sample(sample, a, spec)
+    latent = codec.encode(item["video"][None])[0].numpy().astype(np.float32)  # C, t, h, w
+    emb, mask = text_encoder([item["text"]])
+    b = a.bucket
+    meta = {
+        "kind": "image" if b.frames == 1 else "video",
+        "frames": b.frames,
+        "fps": a.fps,
+        "width": b.width,
+        "height": b.height,
+        "duration": (b.frames - 1) / a.fps if b.frames > 1 else 0.0,
+        "bucket": b.name,
+        "latent_shape": list(latent.shape),
+        "codec": codec.name,
+        "text_encoder": text_encoder.name,
+        "source": sample["__meta__"].get("source", sample["__key__"]),
+    }
+    return {
+        "__key__": sample["__key__"],
+        "latent.npy": _npy(latent),
+        "text.npy": _npy(emb[0].numpy()),
+        "text_mask.npy": _npy(mask[0].numpy()),
+        "txt": item["text"],
+        "json": json.dumps(meta),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         "--seed", type=int, default=0, help="clip starts and crops (as the raw loader's data.seed)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="as data.max_pixels")
+    p.add_argument("--max-member-mb", type=float, default=1024.0, help="as data.max_member_mb")
+    p.add_argument("--allow-compressed", action="store_true", help="as data.allow_compressed")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -122,12 +137,19 @@ def main(argv: list[str] | None = None) -> None:
     device = a.device
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    shards = list_shards(DataConfig(shards=a.raw_dir))
+    # RAW_DIR's glob or directory listing gives files only: no pipe: entries here (allow_pipe is off)
+    data = DataConfig(
+        shards=a.raw_dir,
+        max_pixels=a.max_pixels,
+        max_member_mb=a.max_member_mb,
+        allow_compressed=a.allow_compressed,
+    )
+    shards, lim = list_shards(data), limits(data)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     codec = build_codec(a.vae, device=device)
     text_encoder = TextEncoder(a.text_encoder, max_length=a.max_text_len, device=device)
     summary = encode_shards(
-        shards[rank::world], a.out_dir, a.buckets, codec, text_encoder, rank, a.seed, a.samples_per_shard
+        shards[rank::world], a.out_dir, a.buckets, codec, text_encoder, rank, a.seed, a.samples_per_shard, lim
     )
     summaries = [summary]
     if world > 1:

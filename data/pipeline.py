@@ -24,7 +24,9 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.buckets import BucketConfig
+from data.reader import Limits, Shard
 from data.stream import Errors, StreamSpec, batches
+from data.video import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -54,42 +56,67 @@ class DataConfig:
     resampled: bool = False
     """Draw shards with replacement when there are fewer than data-parallel ranks × workers."""
     allow_pipe: bool = False
-    """Allow ``pipe:`` shard URLs (they run a shell command per shard)."""
+    """Allow ``pipe:CMD`` entries written in ``shards`` itself (each runs a shell command). Files found
+    by a glob or in a directory are always read as files, whatever their names."""
+    allow_compressed: bool = False
+    """Read gzip/bz2/xz-compressed tars. Off: such a shard is skipped and counted (``compressed_tar``),
+    as a small compressed file can inflate to gigabytes in memory."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest image or video frame (width × height) decoded; checked on the declared size (sidecar
+    json, image header, video stream) before decoding. A larger sample is skipped (``too_many_pixels``)."""
+    max_member_mb: float = 1024.0
+    """Largest tar member (MiB) read into memory; a sample with a larger one is skipped
+    (``member_too_large``) without reading it."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     naive_decode: bool = False
     """Benchmark baseline only: decode every frame of a clip, then subsample."""
 
 
-def list_shards(cfg: DataConfig) -> list[str]:
-    """The sorted local shard paths named by ``cfg.shards``; errors name the config field."""
+def list_shards(cfg: DataConfig) -> list[Shard]:
+    """The shards named by ``cfg.shards``, files sorted; errors name the config field.
+
+    Only an entry of the config string itself that starts with ``pipe:`` and is not an existing file
+    becomes a command (:class:`data.reader.Shard` with ``pipe=True``), and only with ``allow_pipe``.
+    Whatever a glob or a directory listing returns is a file, whatever its name.
+    """
     spec = cfg.shards.strip()
     if not spec:
         raise ValueError("data.shards is empty: set it to a shard directory, glob or list of .tar files")
-    if spec.startswith("pipe:"):
-        if not cfg.allow_pipe:
-            raise ValueError(
-                f"data.shards={spec!r}: pipe: URLs run shell commands; set data.allow_pipe=true to allow"
-            )
-        from braceexpand import braceexpand
-
-        return list(braceexpand(spec))  # e.g. "pipe:aws s3 cp s3://b/train-{000000..000099}.tar -"
+    if spec.startswith("pipe:") and not os.path.exists(spec):
+        return _pipes(spec, cfg.allow_pipe)
     if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, f"{cfg.prefix}-*.tar")))
+        shards = [Shard(p) for p in sorted(glob.glob(os.path.join(glob.escape(spec), f"{cfg.prefix}-*.tar")))]
     elif "," in spec:
-        paths = [p.strip() for p in spec.split(",") if p.strip()]
+        shards = []
+        for entry in (p.strip() for p in spec.split(",")):
+            if entry.startswith("pipe:") and not os.path.isfile(entry):
+                shards += _pipes(entry, cfg.allow_pipe)
+            elif entry:
+                shards.append(Shard(entry))
     else:
-        paths = sorted(glob.glob(spec))
-    missing = [p for p in paths if not os.path.isfile(p)]
+        shards = [Shard(p) for p in sorted(glob.glob(spec))]
+    missing = [s.url for s in shards if not s.pipe and not os.path.isfile(s.url)]
     if missing:
         raise FileNotFoundError(f"data.shards: {missing[0]} does not exist")
-    if not paths:
+    if not shards:
         raise FileNotFoundError(f"data.shards={spec!r}: no shards found")
-    return paths
+    return shards
+
+
+def _pipes(entry: str, allow: bool) -> list[Shard]:
+    """Commands written in data.shards, e.g. ``pipe:aws s3 cp s3://b/train-{000000..000099}.tar -``."""
+    if not allow:
+        raise ValueError(
+            f"data.shards={entry!r}: pipe: URLs run shell commands; set data.allow_pipe=true to allow"
+        )
+    from braceexpand import braceexpand
+
+    return [Shard(url, pipe=True) for url in braceexpand(entry)]
 
 
 def split_shards(
-    shards: list[str],
+    shards: list,
     seed: int,
     epoch: int,
     dp_rank: int,
@@ -97,7 +124,7 @@ def split_shards(
     worker: int,
     num_workers: int,
     resampled: bool,
-) -> list[str]:
+) -> list:
     """This (data-parallel rank, worker)'s shards for an epoch: disjoint across ranks and workers,
     together all of them (unless ``resampled``, which draws with replacement)."""
     streams = dp_size * num_workers
@@ -115,7 +142,7 @@ class _EpochStream(IterableDataset):
     """One epoch of one data-parallel rank; each worker yields ``(worker, index, batch, errors)``."""
 
     def __init__(
-        self, cfg: DataConfig, shards: list[str], epoch: int, dp_rank: int, dp_size: int, skip: list[int]
+        self, cfg: DataConfig, shards: list[Shard], epoch: int, dp_rank: int, dp_size: int, skip: list[int]
     ):
         self.cfg, self.shards, self.epoch, self.dp_rank, self.dp_size, self.skip = (
             cfg,
@@ -143,6 +170,7 @@ class _EpochStream(IterableDataset):
             error_threshold=cfg.error_threshold,
             min_samples_for_threshold=cfg.min_samples_for_threshold,
             naive_decode=cfg.naive_decode,
+            limits=limits(cfg),
         )
         errors = Errors()
         for index, batch in batches(spec, errors, skip=self.skip[worker]):
@@ -159,6 +187,7 @@ class Loader:
         self.workers = max(1, cfg.num_workers)
         if not cfg.buckets.buckets:
             raise ValueError("data.buckets: no buckets configured")
+        limits(cfg)  # range errors at start-up, not in a worker
         if not cfg.resampled and len(self.shards) < dp_size * self.workers:
             raise ValueError(
                 f"data.shards: {len(self.shards)} shards for {dp_size} data-parallel ranks × "
@@ -172,7 +201,7 @@ class Loader:
         self.errors_before: list[dict] = []  # final summaries of finished epochs
 
     def _digest(self) -> str:
-        return hashlib.sha1("\n".join(os.path.basename(s) for s in self.shards).encode()).hexdigest()[:16]
+        return hashlib.sha1("\n".join(s.name for s in self.shards).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
         return {
@@ -205,11 +234,14 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         while True:
+            # resumed after the epoch's last batch (a checkpoint at an epoch end): nothing is left of
+            # it, and that is no error; only a fresh epoch that gives nothing means no data fits
+            resumed = any(self.consumed)
             produced = 0
             for batch in self._epoch():
                 produced += 1
                 yield batch
-            if produced == 0:  # another epoch would give none either: say so instead of spinning
+            if produced == 0 and not resumed:  # another epoch would give none either: say so, not spin
                 raise ValueError(
                     f"data.shards={self.cfg.shards!r}: a whole epoch gave no batch for this rank "
                     f"(dp_rank {self.dp_rank} of {self.dp_size}): no sample fits data.buckets (too short, "
@@ -285,6 +317,15 @@ class Loader:
             total["decoded"] = total.get("decoded", 0) + summary["decoded"]
             total["decode_s"] = total.get("decode_s", 0.0) + summary["decode_s"]
         return total
+
+
+def limits(cfg: DataConfig) -> Limits:
+    """The per-sample and per-shard limits of ``cfg``; errors name the config field."""
+    if cfg.max_pixels < 1:
+        raise ValueError(f"data.max_pixels={cfg.max_pixels}: must be >= 1")
+    if not cfg.max_member_mb > 0:
+        raise ValueError(f"data.max_member_mb={cfg.max_member_mb}: must be > 0")
+    return Limits(cfg.max_pixels, cfg.max_member_mb, cfg.allow_compressed)
 
 
 def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1) -> Loader:

@@ -5,19 +5,16 @@ choice comes from a generator seeded by (seed, epoch, dp_rank, worker) or (seed,
 worker's sequence of batches is a pure function of those numbers, and resuming can re-form and skip the
 batches already consumed without decoding a single frame.
 
-Bad input costs only its sample: each skip is counted by reason with its shard and key.
+Bad input costs only its sample: each skip is counted by reason with its shard and key. Any exception
+while checking or decoding one sample (not KeyboardInterrupt, SystemExit or MemoryError) is such a skip.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
-import json
 import logging
 import re
-import subprocess
-import tarfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -25,9 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.buckets import Assignment, BucketConfig, assign, clip_start
+from data.meta import parse_meta
+from data.reader import Limits, Shard, read_shard
 from data.video import IMAGE_EXTS, VIDEO_EXTS, MediaError, decode_clip, decode_clip_naive, decode_image
 
 log = logging.getLogger(__name__)
@@ -41,7 +39,8 @@ KNOWN_EXTS = set(VIDEO_EXTS) | set(IMAGE_EXTS) | {"txt", "json", "latent.npy", "
 class Errors:
     """Skipped samples by reason, with where they came from."""
 
-    seen: int = 0
+    seen: int = 0  # samples read (each ends delivered, skipped or filtered)
+    skipped_samples: int = 0  # skips that cost a sample (not a shard or a stray member)
     counts: collections.Counter = field(default_factory=collections.Counter)
     filtered: collections.Counter = field(default_factory=collections.Counter)  # fine samples no bucket fits
     by_shard: collections.Counter = field(default_factory=collections.Counter)
@@ -49,11 +48,14 @@ class Errors:
     decoded: int = 0  # samples decoded, and the seconds it took (for benchmarks.dataloader)
     decode_s: float = 0.0
 
-    def add(self, reason: str, shard: str, key: str) -> None:
+    def add(self, reason: str, shard: str, key: str, detail: str = "", sample: bool = True) -> None:
+        """Count a skip. ``sample`` False: what was lost is not one sample (a broken or refused tar, a
+        member with no usable name), so it is not in ``seen``."""
         self.counts[reason] += 1
+        self.skipped_samples += sample
         self.by_shard[shard] += 1
         self.examples.setdefault(reason, f"{shard}:{key}")
-        log.warning("skipping sample %s in %s: %s", key, shard, reason)
+        log.warning("skipping %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
 
     def filter(self, reason: str) -> None:
         self.filtered[reason] += 1  # not bad input: does not count toward the error rate
@@ -64,6 +66,7 @@ class Errors:
     def summary(self) -> dict:
         return {
             "seen": self.seen,
+            "skipped_samples": self.skipped_samples,
             "skipped": dict(self.counts),
             "filtered": dict(self.filtered),
             "examples": dict(self.examples),
@@ -76,7 +79,7 @@ class Errors:
 class StreamSpec:
     """What one worker reads and how: everything that determines its batches."""
 
-    shards: list[str]
+    shards: list[Shard | str]  # a str is always a local file
     buckets: BucketConfig
     seed: int
     epoch: int
@@ -86,6 +89,7 @@ class StreamSpec:
     error_threshold: float = 0.05
     min_samples_for_threshold: int = 50
     naive_decode: bool = False  # decode every frame, then subsample (the benchmark's baseline)
+    limits: Limits = field(default_factory=Limits)  # pixels per picture, bytes per member, compression
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -96,82 +100,53 @@ def _key_seed(key: str) -> int:
     return zlib.crc32(key.encode())
 
 
-def read_shard(path: str, errors: Errors) -> Iterator[dict]:
-    """Samples ``{"__key__", "__shard__", ext: bytes, …}`` of one tar; a broken tar ends early."""
-    current: dict | None = None
-    shard = path.rsplit("/", 1)[-1]
-    try:
-        with _open_shard(path) as f:
-            for member in tar_file_iterator(f):
-                prefix, ext = base_plus_ext(member["fname"])
-                if prefix is None:
-                    errors.add("bad_member_name", shard, member["fname"][:80])
-                    continue
-                key = prefix.rsplit("/", 1)[-1]
-                if current is not None and key != current["__key__"]:
-                    yield current
-                    current = None
-                if current is None:  # a repeated key is caught by validate()
-                    current = {"__key__": key, "__shard__": shard}
-                current[ext.lower()] = member["data"]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        errors.add("truncated_tar", shard, f"after {current['__key__'] if current else 'start'} ({e})")
-        return  # the sample being read when the tar broke is incomplete: drop it
-    if current is not None:
-        yield current
-
-
-@contextlib.contextmanager
-def _open_shard(path: str):
-    """A local tar, or the stdout of a ``pipe:`` command (only listed when data.allow_pipe is set)."""
-    if not path.startswith("pipe:"):
-        with open(path, "rb") as f:
-            yield f
-        return
-    proc = subprocess.Popen(path[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 (opted in)
-    try:
-        yield proc.stdout
-    finally:
-        proc.stdout.close()
-        if proc.wait() != 0:
-            raise OSError(f"{path}: command exited with {proc.returncode}")
-
-
-def validate(sample: dict, errors: Errors, seen: set[str]) -> dict | None:
-    """Metadata + media check; returns the sample with parsed ``meta`` or None (counted)."""
+def validate(sample: dict, errors: Errors, seen: set[str], limits: Limits = Limits()) -> dict | None:  # noqa: B008
+    """Metadata + media check; the sample with ``__meta__`` (schema-checked, :func:`data.meta.parse_meta`)
+    and ``__text__`` (the caption) added, or None (counted with its reason)."""
     key, shard = sample["__key__"], sample["__shard__"]
     errors.seen += 1
+    try:
+        reason, detail = _check(sample, seen, limits)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (one sample's bytes must never stop the stream)
+        reason, detail = "bad_sample", f"{type(e).__name__}: {e}"
+    if reason is not None:
+        errors.add(reason, shard, key[:80], detail)
+        return None
+    return sample
+
+
+def _check(sample: dict, seen: set[str], limits: Limits) -> tuple[str | None, str]:
+    """``(reason, detail)`` why the sample cannot be used, or ``(None, "")`` after adding its fields."""
+    key = sample["__key__"]
+    if "__error__" in sample:  # found while reading the tar (a member over the size limit)
+        return sample["__error__"]
     if not _SAFE_KEY.match(key):
-        errors.add("unsafe_key", shard, key[:80])
-        return None
+        return "unsafe_key", ""
     if key in seen:
-        errors.add("duplicate_key", shard, key)
-        return None
+        return "duplicate_key", ""
     seen.add(key)
     unknown = [e for e in sample if not e.startswith("__") and e not in KNOWN_EXTS]
     media = [e for e in sample if e in VIDEO_EXTS or e in IMAGE_EXTS or e in LATENT_EXTS]
     if not media:
-        errors.add("unknown_extension" if unknown else "missing_media", shard, key)
-        return None
+        return ("unknown_extension" if unknown else "missing_media"), ",".join(unknown)[:80]
     if "json" not in sample:
-        errors.add("missing_metadata", shard, key)
-        return None
+        return "missing_metadata", ""
     try:
-        meta = json.loads(sample["json"])
-        if not isinstance(meta, dict) or meta.get("kind") not in ("video", "image"):
-            raise ValueError("kind must be 'video' or 'image'")
-        int(meta["width"]), int(meta["height"])
-    except (ValueError, KeyError, TypeError) as e:
-        errors.add(f"bad_metadata: {e}"[:60], shard, key)
-        return None
+        meta = parse_meta(sample["json"], limits.max_pixels)
+    except MediaError as e:
+        return e.reason, str(e)
     if "txt" not in sample and "text.npy" not in sample:
-        errors.add("missing_caption", shard, key)
-        return None
-    if meta["kind"] == "video" and int(meta.get("frames", 0)) < 1:
-        errors.add("zero_frames", shard, key)
-        return None
-    sample["meta"], sample["__media__"] = meta, media[0]
-    return sample
+        return "missing_caption", ""
+    try:
+        text = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
+    except UnicodeDecodeError as e:
+        return "bad_caption", f"caption is not UTF-8 ({e})"
+    if meta["kind"] == "video" and meta.get("frames", 0) < 1:
+        return "zero_frames", ""
+    sample["__meta__"], sample["__text__"], sample["__media__"] = meta, text, media[0]
+    return None, ""
 
 
 def shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -193,22 +168,21 @@ def shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> It
 
 
 def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
-    """Decoded tensors of one sample for its bucket; raises MediaError on failure."""
-    key, b = sample["__key__"], a.bucket
+    """Decoded tensors of one :func:`validate`-d sample for its bucket; raises MediaError on failure."""
+    key, b, max_pixels = sample["__key__"], a.bucket, spec.limits.max_pixels
     u = _rng(spec.seed, spec.epoch, _key_seed(key))
     offset = tuple(u.random(2)) if spec.random_crop else (0.5, 0.5)
-    text = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
     ext = sample["__media__"]
     if ext == "latent.npy":
         out = {"latent": torch.from_numpy(_npy(sample, "latent.npy"))}
     else:
         data = sample[ext]
         if ext in IMAGE_EXTS:
-            frames = decode_image(data, (b.width, b.height), offset)
+            frames = decode_image(data, (b.width, b.height), offset, max_pixels)
         else:
             start = clip_start(a, float(u.random()))
             decode = decode_clip_naive if spec.naive_decode else decode_clip
-            frames = decode(data, start, b.frames, a.fps, (b.width, b.height), offset)
+            frames = decode(data, start, b.frames, a.fps, (b.width, b.height), offset, max_pixels)
         video = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)  # C, T, H, W (a writable copy)
         out = {"video": video.float().div_(127.5).sub_(1.0)}
     if "text.npy" in sample:
@@ -216,12 +190,9 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
         out["text_mask"] = (
             torch.from_numpy(_npy(sample, "text_mask.npy")).bool() if "text_mask.npy" in sample else None
         )
-    label = sample.get("meta", {}).get("label")
-    if label is not None:
-        if not isinstance(label, int) or label < 0:
-            raise MediaError("bad_label", f"json 'label' must be a non-negative integer, got {label!r}")
-        out["label"] = label
-    out.update(text=text, fps=a.fps, key=key)
+    if "label" in sample["__meta__"]:  # a non-negative int: the schema checked it
+        out["label"] = sample["__meta__"]["label"]
+    out.update(text=sample["__text__"], fps=a.fps, key=key)
     return out
 
 
@@ -299,14 +270,14 @@ def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignme
 
     def samples() -> Iterator[dict]:
         for shard in spec.shards:
-            for raw in read_shard(shard, errors):
-                sample = validate(raw, errors, seen)
+            for raw in read_shard(shard, errors, spec.limits):
+                sample = validate(raw, errors, seen, spec.limits)
                 _check_rate(errors, spec)
                 if sample is not None:
                     yield sample
 
     for sample in shuffled(samples(), spec.shuffle_buffer, _rng(spec.seed, spec.epoch, *spec.stream_id)):
-        meta = sample["meta"]
+        meta = sample["__meta__"]
         a = assign(meta, spec.buckets)
         if a is None:
             if "bucket" in meta:  # an encoded sample whose bucket is not in this config
@@ -330,8 +301,12 @@ def _decode_batch(members: list, a: Assignment, spec: StreamSpec, errors: Errors
         start = time.perf_counter()
         try:
             items.append(decode_sample(sample, sa, spec))
+        except MemoryError:
+            raise
         except MediaError as e:
-            errors.add(e.reason, sample["__shard__"], sample["__key__"])
+            errors.add(e.reason, sample["__shard__"], sample["__key__"], str(e))
+        except Exception as e:  # noqa: BLE001 (an unforeseen failure of one file is still one sample)
+            errors.add("decode_error", sample["__shard__"], sample["__key__"], f"{type(e).__name__}: {e}")
         errors.decoded += 1
         errors.decode_s += time.perf_counter() - start
     return collate(items, a.bucket.name) if items else None

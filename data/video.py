@@ -8,6 +8,7 @@ subsample) that ``benchmarks.dataloader`` compares against.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from PIL import Image
 
 VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_MAX_PIXELS = 8192 * 8192  # per image or frame: 8K video fits; a 48 KB PNG of 20000² does not
 
 
 class MediaError(ValueError):
@@ -50,25 +52,50 @@ def media_kind(ext: str) -> str | None:
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
-def probe_image(data: bytes) -> MediaInfo:
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse a picture by its declared size, before a single pixel is decoded."""
+    if width * height > max_pixels:
+        raise MediaError("too_many_pixels", f"{width}×{height} > max_pixels={max_pixels}")
+
+
+@contextlib.contextmanager
+def open_image(data: bytes, max_pixels: int):
+    """A Pillow image whose header passed the pixel limit; any Pillow failure is a MediaError."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decode fully: a truncated file fails here, not in a training worker
-            w, h, fmt = im.width, im.height, (im.format or "").lower()
-    except Exception as e:  # Pillow raises many types for bad files
-        raise MediaError("undecodable", str(e)) from e
+            check_pixels(im.width, im.height, max_pixels)  # the header only: nothing decoded yet
+            yield im
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own (larger) limit
+        raise MediaError("too_many_pixels", str(e)) from e
+    except Exception as e:  # Pillow raises many types for bad files (UnidentifiedImageError, OSError, …)
+        raise MediaError("undecodable", f"{type(e).__name__}: {e}") from e
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
+    with open_image(data, max_pixels) as im:
+        im.load()  # decode fully: a truncated file fails here, not in a training worker
+        w, h, fmt = im.width, im.height, (im.format or "").lower()
     if w < 1 or h < 1:
         raise MediaError("empty", f"{w}×{h} image")
     return MediaInfo("image", 1, 0.0, w, h, 0.0, fmt)
 
 
-def probe_video(data: bytes) -> MediaInfo:
+def video_stream(container, max_pixels: int):
+    """The first video stream, its declared frame size checked; an audio-only file is a MediaError."""
+    if not container.streams.video:
+        raise MediaError("no_video_stream")
+    stream = container.streams.video[0]
+    check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
+    return stream
+
+
+def probe_video(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
     """Container metadata plus a decode of the first frame (so undecodable files fail here)."""
     try:
         with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise MediaError("no_video_stream")
-            stream = container.streams.video[0]
+            stream = video_stream(container, max_pixels)
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
             frames = stream.frames
@@ -79,6 +106,7 @@ def probe_video(data: bytes) -> MediaInfo:
             first = next(container.decode(stream), None)
             if first is None:
                 raise MediaError("zero_frames")
+            check_pixels(first.width, first.height, max_pixels)  # when the container did not say
             if frames == 0:  # some containers do not store a count; derive it
                 frames = max(1, round(duration * fps))
             return MediaInfo(
@@ -86,18 +114,18 @@ def probe_video(data: bytes) -> MediaInfo:
             )
     except MediaError:
         raise
-    except (av.error.FFmpegError, StopIteration, ValueError) as e:
+    except (av.error.FFmpegError, StopIteration, ValueError, IndexError) as e:
         raise MediaError("undecodable", str(e)) from e
 
 
-def probe(data: bytes, ext: str) -> MediaInfo:
+def probe(data: bytes, ext: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
     """Probe the bytes of a file with extension ``ext``; raises :class:`MediaError`."""
     kind = media_kind(ext)
     if kind is None:
         raise MediaError("unknown_extension", ext)
     if not data:
         raise MediaError("empty", "zero bytes")
-    return probe_video(data) if kind == "video" else probe_image(data)
+    return probe_video(data, max_pixels) if kind == "video" else probe_image(data, max_pixels)
 
 
 def resize_crop_size(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int]:
@@ -116,9 +144,15 @@ def crop(frames: np.ndarray, size: tuple[int, int], offset: tuple[float, float] 
     return frames[..., y : y + dh, x : x + dw, :]
 
 
-def decode_image(data: bytes, size: tuple[int, int], offset=(0.5, 0.5)) -> np.ndarray:
-    """1×H×W×3 uint8: the still resized to cover ``size`` = (width, height), then cropped."""
-    with Image.open(io.BytesIO(data)) as im:
+def decode_image(
+    data: bytes, size: tuple[int, int], offset=(0.5, 0.5), max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """1×H×W×3 uint8: the still resized to cover ``size`` = (width, height), then cropped.
+
+    Raises:
+        MediaError: undecodable or truncated, or larger than ``max_pixels`` (by its header).
+    """
+    with open_image(data, max_pixels) as im:
         im = im.convert("RGB")
         im = im.resize(resize_crop_size(im.size, size), Image.BICUBIC)
         arr = np.asarray(im)[None]
@@ -131,7 +165,13 @@ def frame_times(start: float, num_frames: int, fps: float) -> list[float]:
 
 
 def decode_clip(
-    data: bytes, start: float, num_frames: int, fps: float, size: tuple[int, int], offset=(0.5, 0.5)
+    data: bytes,
+    start: float,
+    num_frames: int,
+    fps: float,
+    size: tuple[int, int],
+    offset=(0.5, 0.5),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """T×H×W×3 uint8: ``num_frames`` frames from ``start`` s, sampled at ``fps``, resized and cropped.
 
@@ -143,15 +183,17 @@ def decode_clip(
             sampled at 10 fps keeps every third frame).
         size: (width, height) of the output.
         offset: crop position in [0, 1]² (0.5, 0.5 = centre).
+        max_pixels: the largest frame (width × height) decoded; checked on the stream's declared size.
 
     Raises:
-        MediaError: undecodable, or the clip is shorter than asked.
+        MediaError: undecodable, no video stream, frames over ``max_pixels``, or the clip is shorter
+            than asked.
     """
     wanted = frame_times(start, num_frames, fps)
     out: list[np.ndarray] = []
     try:
         with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
+            stream = video_stream(container, max_pixels)
             stream.thread_type = "AUTO"
             tb = stream.time_base or Fraction(1, 1_000_000)
             if start > 0:
@@ -165,6 +207,7 @@ def decode_clip(
                 # take the source frame nearest each wanted time (within half a source frame)
                 while len(out) < num_frames and ts >= wanted[len(out)] - half:
                     if scaled is None:
+                        check_pixels(frame.width, frame.height, max_pixels)
                         scaled = resize_crop_size((frame.width, frame.height), size)
                     rgb = frame.reformat(width=scaled[0], height=scaled[1], format="rgb24").to_ndarray()
                     out.append(rgb)
@@ -179,11 +222,11 @@ def decode_clip(
     return crop(np.stack(out), size, offset)
 
 
-def decode_all_frames(data: bytes) -> tuple[np.ndarray, list[float]]:
+def decode_all_frames(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[float]]:
     """Every frame as T×H×W×3 uint8 with its time: the naive reference decoder."""
     frames, times = [], []
     with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container, max_pixels)
         stream.thread_type = "AUTO"
         tb = stream.time_base
         for frame in container.decode(stream):
@@ -193,10 +236,21 @@ def decode_all_frames(data: bytes) -> tuple[np.ndarray, list[float]]:
 
 
 def decode_clip_naive(
-    data: bytes, start: float, num_frames: int, fps: float, size: tuple[int, int], offset=(0.5, 0.5)
+    data: bytes,
+    start: float,
+    num_frames: int,
+    fps: float,
+    size: tuple[int, int],
+    offset=(0.5, 0.5),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """What :func:`decode_clip` returns, the slow way: convert every frame, then pick and resize."""
-    frames, times = decode_all_frames(data)
+    try:
+        frames, times = decode_all_frames(data, max_pixels)
+    except av.error.FFmpegError as e:
+        raise MediaError("undecodable", str(e)) from e
+    if not times:
+        raise MediaError("zero_frames")
     picked = []
     for t in frame_times(start, num_frames, fps):
         i = min(range(len(times)), key=lambda j: abs(times[j] - t))
