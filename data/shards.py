@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import multiprocessing as mp
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -45,59 +46,150 @@ def sanitize_key(name: str) -> str:
 
 @dataclass
 class SourceItem:
-    """One sample to write: a media file, its caption, an optional clip window."""
+    """One sample to write: a media file, its caption, an optional clip window; or, with ``error``
+    set, a source that cannot be one (a bad manifest row, an unreadable caption), to be reported."""
 
-    path: Path
+    path: Path  # the media file (or, for a bad manifest row, the manifest)
     caption: str | None
     name: str  # path relative to SRC, the basis of the key
     start: float | None = None
     end: float | None = None
-
-
-def _float_or_none(v) -> float | None:
-    return None if v in (None, "") else float(v)
+    error: str | None = None  # "reason: detail" → index.json's skipped, never written
+    line: int | None = None  # 1-based manifest line of the row
 
 
 def list_sources(src: Path) -> list[SourceItem]:
-    """Items from a folder (sidecar captions) or a CSV/JSONL manifest, in a stable order."""
+    """Items from a folder (sidecar captions) or a CSV/JSONL manifest, in a stable order.
+
+    A row or file that cannot become a sample is an item with ``error`` set (reported and skipped by
+    :func:`write_shards`), never an exception: one bad caption must not stop a job of millions.
+    """
     if src.is_dir():
-        items = []
-        for path in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() != ".txt"):
-            side = path.with_suffix(".txt")
-            caption = side.read_text(encoding="utf-8").strip() if side.exists() else None
-            items.append(SourceItem(path, caption, str(path.relative_to(src).with_suffix(""))))
-        return items
-    if src.suffix.lower() == ".csv":
-        with src.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    elif src.suffix.lower() in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
+        return [_folder_item(src, path) for path in sorted(src.rglob("*")) if _is_media_candidate(path)]
+    suffix = src.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
         raise SystemExit(f"{src}: expected a folder, a .csv or a .jsonl manifest")
-    items = []
-    for i, row in enumerate(rows):
-        if "path" not in row:
-            raise SystemExit(f"{src}: row {i + 1} has no 'path' column")
-        path = (src.parent / row["path"]).resolve()
-        start, end = _float_or_none(row.get("start")), _float_or_none(row.get("end"))
-        name = str(Path(row["path"]).with_suffix(""))
-        if start is not None or end is not None:
-            name += f"_{start or 0:g}-{end if end is not None else 'end'}"
-        items.append(SourceItem(path, (row.get("caption") or "").strip() or None, name, start, end))
-    return items
+    try:
+        rows = _csv_rows(src) if suffix == ".csv" else _jsonl_rows(src)
+    except (OSError, csv.Error) as e:
+        raise SystemExit(f"{src}: cannot read the manifest ({e})") from e
+    return [_manifest_item(src, line, row) for line, row in rows]
+
+
+def _is_media_candidate(path: Path) -> bool:
+    # a dangling symlink is neither file nor directory: listed so that it is reported, not lost
+    dangling = path.is_symlink() and not path.exists()
+    return dangling or (path.is_file() and path.suffix.lower() != ".txt")
+
+
+def _folder_item(src: Path, path: Path) -> SourceItem:
+    name = str(path.relative_to(src).with_suffix(""))
+    if not path.exists():
+        return SourceItem(path, None, name, error=f"dangling_symlink: {path} -> {os.readlink(path)}")
+    side = path.with_suffix(".txt")
+    if not side.exists():
+        return SourceItem(path, None, name)  # missing_caption, reported when probed
+    try:
+        caption = side.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        return SourceItem(side, None, name, error=f"bad_caption: {side} is not UTF-8 ({e.reason})")
+    except OSError as e:  # a directory named clip.txt, no permission, …
+        return SourceItem(side, None, name, error=f"unreadable_caption: {side}: {e.strerror or e}")
+    return SourceItem(path, caption, name)
+
+
+def _csv_rows(src: Path) -> list[tuple[int, dict]]:
+    # bytes that are not UTF-8 survive as surrogates, so they cost their row, not the file
+    with src.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise SystemExit(f"{src}: the header has no 'path' column (got {reader.fieldnames})")
+        # line_num after a row is its last physical line: the row's own line unless quoted newlines
+        return [(reader.line_num, row if _utf8(row) else "not UTF-8") for row in reader]
+
+
+def _utf8(row: dict) -> bool:
+    try:
+        for v in row.values():
+            for text in v if isinstance(v, list) else [v]:  # extra cells come as a list
+                if isinstance(text, str):
+                    text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _jsonl_rows(src: Path) -> list[tuple[int, dict | str]]:
+    """``(line, object)`` per non-empty line; a line that does not parse is ``(line, error text)``."""
+    rows: list[tuple[int, dict | str]] = []
+    for line, raw in enumerate(src.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append((line, json.loads(raw.decode("utf-8"))))
+        except UnicodeDecodeError:
+            rows.append((line, "not UTF-8"))
+        except (ValueError, RecursionError) as e:
+            rows.append((line, f"not JSON ({e})"[:200]))
+    return rows
+
+
+def _manifest_item(src: Path, line: int, row) -> SourceItem:
+    """The item of one manifest row; a bad row becomes an item naming ``src`` and its line."""
+    where = f"{src}:{line}"
+    try:
+        if isinstance(row, str):
+            raise ValueError(row)
+        if not isinstance(row, dict):
+            raise ValueError(f"a row must be an object, got {type(row).__name__}")
+        path, caption = row.get("path"), row.get("caption")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"'path' must be a non-empty string, got {path!r}"[:120])
+        if caption is not None and not isinstance(caption, str):
+            raise ValueError(f"'caption' must be a string, got {caption!r}"[:120])
+        start, end = _seconds(row, "start"), _seconds(row, "end")
+    except ValueError as e:
+        return SourceItem(src, None, where, error=f"bad_row: {where}: {e}", line=line)
+    name = str(Path(path).with_suffix(""))
+    if start is not None or end is not None:
+        name += f"_{start or 0:g}-{end if end is not None else 'end'}"
+    return SourceItem(
+        (src.parent / path).resolve(), (caption or "").strip() or None, name, start, end, line=line
+    )
+
+
+def _seconds(row: dict, field: str) -> float | None:
+    v = row.get(field)
+    if v in (None, ""):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError(f"'{field}' must be seconds, got {v!r}"[:120])
+    try:
+        seconds = float(v)
+    except ValueError:
+        raise ValueError(f"'{field}'={v!r} is not a number of seconds"[:120]) from None
+    if not 0 <= seconds < 1e9:  # also NaN and inf
+        raise ValueError(f"'{field}'={v!r} must be finite seconds >= 0"[:120])
+    return seconds
 
 
 def _probe_item(item: SourceItem) -> tuple[SourceItem, bytes | None, dict | None, str | None]:
     """Read and probe one file (runs in a worker process). Returns data + meta, or a skip reason."""
+    if item.error is not None:
+        return item, None, None, item.error
     if not item.caption:
         return item, None, None, "missing_caption"
     try:
         data = item.path.read_bytes()
         info = probe(data, item.path.suffix).to_dict()
     except OSError as e:
-        return item, None, None, f"unreadable: {e.strerror}"
+        return item, None, None, f"unreadable: {e.strerror or e}"
     except MediaError as e:
         return item, None, None, str(e)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a probe bug on one file must not stop the job)
+        return item, None, None, f"undecodable: {type(e).__name__}: {e}"
     if info["kind"] == "video" and info["frames"] < 1:
         return item, None, None, "zero_frames"
     if item.start is not None or item.end is not None:
@@ -138,7 +230,8 @@ def write_shards(
         for item, data, info, reason in pool.imap(_probe_item, items, chunksize=4):
             if reason is not None:
                 kind = reason.split(":")[0]
-                skipped[kind].append({"source": str(item.path), "detail": reason})
+                row = {"source": str(item.path), "detail": reason}
+                skipped[kind].append(row if item.line is None else {**row, "line": item.line})
                 log.warning("skipping %s: %s", item.path, reason)
                 continue
             key = base = sanitize_key(item.name)
