@@ -1,6 +1,6 @@
 """Data loader throughput: seek-and-stride decoding next to a naive decode-everything baseline.
 
-    python -m benchmarks.dataloader --shards DIR [--buckets FILE] [--workers N] [--batches N]
+    python -m benchmarks.dataloader --shards DIR [--buckets FILE] [--workers N] [--batches N] [--no-report]
 
 Runs the real loader twice on the same shards, buckets and seed: once as shipped (seek to the clip
 start, convert only the frames picked at the target fps) and once with ``naive_decode`` (convert
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compression", default="1,4", help="codec temporal,spatial factors for token counts")
     p.add_argument("--patch", default="1,2,2", help="model patch for token counts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-report", action="store_true", help="print the JSON only, write no report file")
     a = p.parse_args(argv)
     buckets = load_bucket_file(a.buckets) if a.buckets else default_buckets()
     t, s = (int(v) for v in a.compression.split(","))
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_decode_ms": naive["decode_ms_per_sample"] / max(ours["decode_ms_per_sample"], 1e-9),
     }
     print(json.dumps(result))
+    if not a.no_report:
+        print(f"report: {_report(a, buckets, ours, naive, result)}", flush=True)
+    return result
+
+
+def _report(a: argparse.Namespace, buckets: BucketConfig, ours: dict, naive: dict, result: dict):
     rows = [
         {
             "decoder": name,
@@ -122,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         body,
         packages=("av", "webdataset"),
     )
-    print(f"report: {path}", flush=True)
-    return result
+    return path
 
 
 if __name__ == "__main__":

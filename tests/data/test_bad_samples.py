@@ -1,0 +1,179 @@
+"""One bad sample costs one sample: every failure to check or decode it is a counted skip (with shard,
+key and reason), never an exception out of the stream; the sidecar json has one schema."""
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from data.buckets import Bucket, BucketConfig, assign, clip_start
+from data.meta import MetaError, parse_meta
+from data.stream import Errors, validate
+from tests.data.conftest import (
+    audio_only_mp4,
+    image_sample,
+    png,
+    stream_epoch,
+    video_sample,
+    write_tar,
+)
+
+BUCKETS = BucketConfig([Bucket(4, 32, 32, 1), Bucket(1, 32, 32, 1)], fps=8)
+BASE = {"kind": "video", "frames": 8, "fps": 8.0, "width": 32, "height": 32, "duration": 1.0}
+DROP = object()  # a field left out
+
+
+def _json(**fields) -> bytes:
+    """BASE with ``fields`` replaced (a value ``RAW:text`` is written as the literal JSON ``text``)."""
+    meta = {**BASE, **fields}
+    text = json.dumps({k: v for k, v in meta.items() if v is not DROP})
+    for v in meta.values():
+        if isinstance(v, str) and v.startswith("RAW:"):
+            text = text.replace(json.dumps(v), v[4:])
+    return text.encode()
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+BAD_JSON = {
+    "frames_abc": _json(frames="abc"),
+    "frames_nan": _json(frames="RAW:NaN"),
+    "frames_1e400": _json(frames="RAW:1e400"),
+    "frames_negative": _json(frames=-3),
+    "frames_fraction": _json(frames=2.5),
+    "frames_bool": _json(frames=True),
+    "fps_fast": _json(fps="fast"),
+    "fps_negative": _json(fps=-8),
+    "fps_inf": _json(fps="RAW:Infinity"),
+    "width_zero": _json(width=0),
+    "height_zero": _json(height=0),
+    "width_negative": _json(width=-32),
+    "height_huge": _json(height=10**12),
+    "width_string": _json(width="32"),
+    "duration_string": _json(duration="long"),
+    "start_string": _json(start="0.5"),
+    "end_list": _json(end=[1]),
+    "bucket_number": _json(bucket=5),
+    "bucket_garbage": _json(bucket="axbxc"),
+    "label_string": _json(label="cat"),
+    "label_negative": _json(label=-1),
+    "label_fraction": _json(label=1.5),
+    "kind_audio": _json(kind="audio"),
+    "kind_missing": _json(kind=DROP),
+    "width_missing": _json(width=DROP),
+    "nested_100k_deep": DEEP,
+    "nested_field": _json(source="RAW:" + DEEP.decode()),
+    "not_utf8": _json(source="cafe").replace(b"cafe", b"caf\xe9"),  # latin-1 bytes
+    "not_an_object": b"[1, 2, 3]",
+    "a_number": b"5",
+    "null": b"null",
+    "empty": b"",
+    "truncated": _json()[:20],
+}
+
+
+def test_the_not_utf8_case_really_is_not_utf8():
+    with pytest.raises(UnicodeDecodeError):
+        BAD_JSON["not_utf8"].decode("utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(BAD_JSON))
+def test_each_bad_sidecar_json_is_one_counted_skip(name):
+    sample = {**video_sample("k"), "__key__": name, "__shard__": "s.tar", "json": BAD_JSON[name]}
+    sample["txt"] = sample["txt"].encode()
+    errors = Errors()
+    assert validate(sample, errors, set()) is None
+    assert dict(errors.counts) == {"bad_metadata": 1} and errors.skipped_samples == 1
+    assert errors.examples["bad_metadata"] == f"s.tar:{name}"
+
+
+def test_schema_gives_downstream_clean_typed_values():
+    meta = parse_meta(_json(frames=24.0, fps=30, start=0, end=2, label=3, extra={"a": 1}), 10**6)
+    assert meta == {**BASE, "frames": 24, "fps": 30.0, "start": 0.0, "end": 2.0, "label": 3}
+    assert type(meta["frames"]) is int and type(meta["fps"]) is float and "extra" not in meta
+    a = assign(meta, BucketConfig([Bucket(4, 32, 32, 1)], fps=8))
+    assert a is not None and 0.0 <= clip_start(a, 0.99) <= 2.0
+    with pytest.raises(MetaError, match="too_many_pixels"):
+        parse_meta(_json(width=100_000, height=100_000), 8192 * 8192)
+
+
+def test_the_stream_survives_every_bad_json_and_counts_each(tmp_path):
+    bad = [{**video_sample(name), "json": raw} for name, raw in BAD_JSON.items()]
+    good = [video_sample("good0"), video_sample("good1")]
+    write_tar(tmp_path / "train-000000.tar", good[:1] + bad + good[1:])
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
+    assert keys == ["good0", "good1"]
+    assert dict(errors.counts) == {"bad_metadata": len(BAD_JSON)}
+
+
+def _truncated_png() -> bytes:
+    data = png(64, 64, 7)
+    return data[: len(data) // 2]
+
+
+def test_bad_media_and_captions_each_cost_one_sample(tmp_path):
+    audio = video_sample("audio_only")
+    audio["mp4"] = audio_only_mp4()
+    latin1 = video_sample("latin1_caption")
+    latin1["txt"] = "café".encode("latin-1")
+    samples = [
+        video_sample("good0"),
+        audio,  # IndexError in PyAV's streams.video[0]
+        image_sample("garbage_png", b"\x89PNG not really" * 20),  # UnidentifiedImageError
+        image_sample("truncated_png", _truncated_png()),  # OSError at load
+        latin1,  # UnicodeDecodeError
+        image_sample("still", png()),
+        video_sample("good1"),
+    ]
+    write_tar(tmp_path / "train-000000.tar", samples)
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
+    assert keys == ["good0", "good1", "still"]
+    assert dict(errors.counts) == {"no_video_stream": 1, "undecodable": 2, "bad_caption": 1}
+    assert errors.examples["bad_caption"] == "train-000000.tar:latin1_caption"
+    assert errors.seen == 7 and errors.skipped_samples == 4
+
+
+def _tar_with_members(path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_same_basename_in_two_directories_is_two_samples_not_one(tmp_path):
+    k, good = video_sample("k"), video_sample("good")
+    _tar_with_members(
+        tmp_path / "train-000000.tar",
+        {
+            "a/k.mp4": k["mp4"],
+            "a/k.json": k["json"].encode(),
+            "c/k.txt": b"a caption from another directory",
+            "c/k.json": k["json"].encode(),
+            "./good.mp4": good["mp4"],  # what `tar -C dir -cf x.tar .` writes: the same key as good
+            "good.json": good["json"].encode(),
+            "good.txt": b"a clip",
+        },
+    )
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
+    assert keys == ["good"]  # a/k's video was never paired with c/k's caption
+    assert dict(errors.counts) == {"unsafe_key": 2}
+    assert errors.examples["unsafe_key"] == "train-000000.tar:a/k"
+
+
+def test_member_names_that_could_overwrite_sample_fields_are_refused(tmp_path):
+    good = video_sample("good")
+    _tar_with_members(
+        tmp_path / "train-000000.tar",
+        {
+            "good.mp4": good["mp4"],
+            "good.__key__": b"../../etc/passwd",
+            "good.json": good["json"].encode(),
+            "good.txt": b"a clip",
+            "noext": b"x",
+            "dot.": b"x",
+        },
+    )
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
+    assert keys == ["good"] and dict(errors.counts) == {"bad_member_name": 3}
+    assert errors.seen == 1 and errors.skipped_samples == 0  # stray members are not samples

@@ -1,0 +1,137 @@
+"""Size limits: decompression bombs, compressed tars and huge members cost their sample (or shard),
+counted, and are refused before they reach memory."""
+
+import collections
+import gzip
+import io
+import tarfile
+import tracemalloc
+
+import pytest
+
+from data.buckets import Bucket, BucketConfig
+from data.pipeline import DataConfig, build_loader
+from data.reader import Limits, read_shard
+from data.shards import list_sources, write_shards
+from data.stream import Errors, validate
+from tests.data.conftest import bomb_png, image_sample, png, stream_epoch, video_sample, write_tar
+
+BUCKETS = BucketConfig([Bucket(4, 32, 32, 1), Bucket(1, 32, 32, 1)], fps=8)
+
+
+def _epoch0(cfg: DataConfig):
+    """Keys of epoch 0 and its skip counts (read once the loader has moved on to epoch 1)."""
+    loader = build_loader(cfg)
+    it = iter(loader)
+    keys = []
+    while True:
+        batch = next(it)
+        if loader.epoch > 0:
+            break
+        keys += batch["key"]
+    skipped = collections.Counter()
+    for summary in loader.errors_before:
+        skipped.update(summary["skipped"])
+    return sorted(keys), dict(skipped), loader.error_summary()["examples"]
+
+
+def test_a_png_decompression_bomb_costs_only_its_sample(tmp_path):
+    bomb = bomb_png(20000, 20000)  # 48 KB on disk, 400 Mpx decoded
+    assert len(bomb) < 64 * 1024
+    samples = [
+        video_sample("good0"),
+        image_sample("honest", bomb, width=20000, height=20000),  # refused from its json
+        image_sample("liar", bomb, width=32, height=32),  # json lies: refused from the PNG header
+        image_sample("still", png()),
+        video_sample("good1"),
+    ]
+    write_tar(tmp_path / "train-000000.tar", samples)
+    keys, skipped, examples = _epoch0(
+        DataConfig(shards=str(tmp_path), buckets=BUCKETS, num_workers=0, error_threshold=1.0)
+    )
+    assert keys == ["good0", "good1", "still"]
+    assert skipped == {"too_many_pixels": 2}
+    assert examples["too_many_pixels"].startswith("train-000000.tar:")
+
+
+def test_video_frames_over_max_pixels_are_refused_before_decoding(tmp_path):
+    write_tar(
+        tmp_path / "train-000000.tar",
+        [
+            video_sample("small"),
+            video_sample("honest", size=64),  # its json says 64×64
+            {**video_sample("liar", size=64), "json": video_sample("x")["json"]},  # json says 32×32
+        ],
+    )
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS, limits=Limits(max_pixels=40 * 40))
+    assert keys == ["small"]
+    assert dict(errors.counts) == {"too_many_pixels": 2}  # one from the json, one from the stream
+
+
+def _gzipped_tar(path, samples):
+    raw = io.BytesIO()
+    write_tar(raw, samples)
+    path.write_bytes(gzip.compress(raw.getvalue()))
+
+
+def test_a_compressed_tar_is_refused_unless_allowed(tmp_path):
+    write_tar(tmp_path / "train-000000.tar", [video_sample("plain0"), video_sample("plain1")])
+    _gzipped_tar(tmp_path / "train-000001.tar", [video_sample("zipped0"), video_sample("zipped1")])
+    assert (tmp_path / "train-000001.tar").read_bytes()[:2] == b"\x1f\x8b"
+    cfg = DataConfig(shards=str(tmp_path), buckets=BUCKETS, num_workers=0, error_threshold=1.0)
+    keys, skipped, examples = _epoch0(cfg)
+    assert keys == ["plain0", "plain1"]
+    assert skipped == {"compressed_tar": 1}
+    assert examples["compressed_tar"] == "train-000001.tar:gzip"
+    cfg.allow_compressed = True
+    keys, skipped, _ = _epoch0(cfg)
+    assert keys == ["plain0", "plain1", "zipped0", "zipped1"] and skipped == {}
+
+
+def test_a_member_over_max_member_mb_costs_its_sample_without_being_read(tmp_path):
+    big = video_sample("big")
+    big["txt"] = "x" * (24 << 20)  # a 24 MiB caption
+    path = tmp_path / "train-000000.tar"
+    write_tar(path, [video_sample("a"), big, video_sample("b")])
+    errors = Errors()
+    tracemalloc.start()
+    try:
+        raw = list(read_shard(str(path), errors, Limits(max_member_mb=1)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # the 24 MiB member never entered memory
+    assert [r["__key__"] for r in raw] == ["a", "big", "b"] and "txt" not in raw[1]
+    kept = [validate(r, errors, set(), Limits(max_member_mb=1)) for r in raw]
+    assert [s["__key__"] for s in kept if s is not None] == ["a", "b"]
+    assert dict(errors.counts) == {"member_too_large": 1} and errors.examples["member_too_large"] == (
+        "train-000000.tar:big"
+    )
+    keys, _ = stream_epoch([path], BUCKETS, limits=Limits(max_member_mb=1))
+    assert keys == ["a", "b"]
+
+
+def test_the_shard_writer_skips_decompression_bombs(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.png").write_bytes(png())
+    (src / "huge.png").write_bytes(bomb_png(20000, 20000))  # past Pillow's own bomb limit
+    (src / "big.png").write_bytes(bomb_png(9000, 9000))  # under Pillow's limit, over max_pixels
+    for name in ("ok", "huge", "big"):
+        (src / f"{name}.txt").write_text(f"{name} image")
+    index = write_shards(list_sources(src), tmp_path / "out")
+    assert index["samples"] == 1
+    assert sorted(s["source"] for s in index["skipped"]["too_many_pixels"]) == [
+        str(src / "big.png"),
+        str(src / "huge.png"),
+    ]
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        assert sorted(tar.getnames()) == ["ok.json", "ok.png", "ok.txt"]
+
+
+@pytest.mark.parametrize("field,value", [("max_pixels", 0), ("max_member_mb", 0.0)])
+def test_limits_are_checked_at_start_up(tmp_path, field, value):
+    write_tar(tmp_path / "train-000000.tar", [video_sample("a")])
+    cfg = DataConfig(shards=str(tmp_path), buckets=BUCKETS, num_workers=0, **{field: value})
+    with pytest.raises(ValueError, match=f"data.{field}="):
+        build_loader(cfg)
