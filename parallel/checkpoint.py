@@ -16,7 +16,6 @@ with ``weights_only=True``, DCP's ``.metadata`` with an allow-list.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,86 +24,38 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint._nested_dict import set_element
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from parallel import checkpoint_safety as safety
-from parallel.checkpoint_safety import CheckpointError, SafeFileSystemReader, load_pt, save_pt
+from parallel.checkpoint_safety import (  # noqa: F401  (CheckpointError, load_pt, marker, … are ours to export)
+    MARKER,
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeFullPlanner,
+    SafeLoadPlanner,
+    load_pt,
+    marker,
+    read_safetensors,
+    save_pt,
+)
 
 # one process without a process group is a supported case here, not a mistake worth a warning
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 log = logging.getLogger("parallel.checkpoint")
 
-MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d{8})$")
-
-__all__ = ["CheckpointError", "SafeFileSystemReader", "SafeLoadPlanner", "load_pt", "save_pt"]
-
-
-class _SafeBytes:
-    """Non-tensor items load with ``weights_only=True`` (DCP's planners unpickle them freely)."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
-    """Loads into an existing state dict (resume)."""
-
-
-class _SafeFullPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
-    """Rebuilds whole tensors from the metadata (export, fine-tuning): one process, no process group."""
 
 
 # whole-tensor files of an export, and of a DeepSpeed checkpoint next to its ZeRO partitions
 WHOLE_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
-
-
-# ---- the marker --------------------------------------------------------------------------------------
-def marker(path: str | os.PathLike) -> dict:
-    """The ``COMPLETE`` marker of a checkpoint: its step, time, world size, (DeepSpeed) engine and, since
-    checksums were added, ``files``: name → ``{"size": bytes, "crc32": hex}``."""
-    f = Path(path) / MARKER
-    try:
-        m = json.loads(f.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: missing (the checkpoint is incomplete)") from None
-    except (ValueError, OSError) as e:  # empty, not JSON, not UTF-8, unreadable
-        raise CheckpointError(f"{f}: empty or invalid marker ({e})") from None
-    if not isinstance(m, dict) or not isinstance(m.get("step"), int):
-        raise CheckpointError(f"{f}: invalid marker (a JSON object with an integer step expected)")
-    if "files" in m and not _valid_file_list(m["files"]):
-        raise CheckpointError(f"{f}: invalid marker (files: name → {{size, crc32}} expected)")
-    return m
-
-
-def _valid_file_list(files) -> bool:
-    """A marker's file list names plain relative paths inside the checkpoint with sizes and checksums."""
-    return isinstance(files, dict) and all(
-        isinstance(name, str)
-        and name
-        and not PurePosixPath(name).is_absolute()
-        and ".." not in PurePosixPath(name).parts
-        and isinstance(v, dict)
-        and isinstance(v.get("size"), int)
-        and isinstance(v.get(safety.CHECKSUM), str)
-        for name, v in files.items()
-    )
 
 
 def engine_of(path: str | os.PathLike) -> str:
@@ -113,8 +64,8 @@ def engine_of(path: str | os.PathLike) -> str:
 
 
 # ---- verification --------------------------------------------------------------------------------------
-# verdicts of this process, by marker identity: resume asks about one checkpoint several times
-# (latest, load, the trainer's own checks) and a 200 GB read should happen once
+# verdicts of this process by checkpoint state (see _identity): resume asks about one checkpoint several
+# times (latest, load, the trainer's own checks) and a 200 GB read should happen once
 _VERDICTS: dict[tuple, str | None] = {}
 _UNKNOWN = object()
 
@@ -137,49 +88,28 @@ def verify(path: str | os.PathLike, *, distributed: bool = False) -> None:
 def _verdict(path: Path, distributed: bool) -> tuple[str | None, bool]:
     """(the problem or None, whether it was found now rather than remembered)."""
     rank, world = _rank_world()
-    key = _marker_key(path)
+    key = _identity(path)
     cached = _VERDICTS.get(key, _UNKNOWN)
     if not distributed or world == 1:
-        verdict = cached if cached is not _UNKNOWN else _check(path, 0, 1)
+        verdict = cached if cached is not _UNKNOWN else safety.check(path, 0, 1)
     else:
         # always the collective (a rank with a cached verdict must not skip it); a cached verdict is whole
-        mine = cached if cached is not _UNKNOWN else _check(path, rank, world)
+        mine = cached if cached is not _UNKNOWN else safety.check(path, rank, world)
         verdict = next((v for v in _gather(mine) if v is not None), None)
     if key is not None:
         _VERDICTS[key] = verdict
     return verdict, cached is _UNKNOWN
 
 
-def _marker_key(path: Path) -> tuple | None:
+def _identity(path: Path) -> tuple | None:
     """What a verdict is remembered by: the directory and the size and time of each of its files (a
     file changed since it was checked is checked again)."""
     try:
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        stats = tuple((p.name, st.st_ino, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+        stats = tuple((str(p), st.st_ino, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
     except OSError:
         return None
     return (str(path.resolve()), stats) if (path / MARKER).is_file() else None
-
-
-def _check(path: Path, rank: int, world: int) -> str | None:
-    """The first problem in this rank's share (every ``world``-th file from ``rank``), or None."""
-    try:
-        m = marker(path)
-    except CheckpointError as e:
-        return str(e)
-    if "files" not in m:
-        if rank == 0:
-            log.warning("%s was written before per-file checksums: loading it unverified", path)
-    else:
-        share = dict(sorted(m["files"].items())[rank::world])
-        problem = safety.check_sizes(path, share) or safety.check_sums(path, share)
-        if problem is not None:
-            return problem
-    # DCP's .metadata through the allow-list (a crafted one is refused here, before DCP reads it) and
-    # the files it points into: cheap, and all an old checkpoint without checksums gets
-    if rank == 0 and m.get("engine", "fsdp") == "fsdp":
-        return safety.check_dcp_structure(path)
-    return None
 
 
 # ---- finding checkpoints ---------------------------------------------------------------------------------
@@ -280,7 +210,7 @@ def read_full(path: str | os.PathLike, keys: set[str]) -> dict:
         _load_state_dict(
             state,
             storage_reader=SafeFileSystemReader(str(path)),
-            planner=_SafeFullPlanner(keys=keys),
+            planner=SafeFullPlanner(keys=keys),
             no_dist=True,
         )
     except CheckpointException as e:
@@ -311,14 +241,6 @@ def _read_whole_files(path: Path, keys: set[str]) -> dict:
     if "step" in keys:
         out["step"] = torch.tensor(marker(path)["step"])
     return out
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file``, with an error naming the file when it is not one."""
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def write_safetensors(out: Path, states: dict[str, dict[str, torch.Tensor] | None], step: int) -> None:
@@ -380,19 +302,19 @@ def write_checkpoint(
     root, final = Path(root), step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
     rank, world = _rank_world()
-    _agree(_attempt(lambda: _fresh_dir(tmp), tmp) if rank == 0 else None, tmp, final)
-    _agree(_attempt(lambda: write(tmp), tmp), tmp, final)
+    _raise_any(_gather(_attempt(lambda: _fresh_dir(tmp), tmp) if rank == 0 else None), tmp, final)
+    _raise_any(_gather(_attempt(lambda: write(tmp), tmp)), tmp, final)
     # every rank's files exist now: each sums a disjoint share, rank 0 gathers them into the marker
     names = safety.files_of(tmp, {MARKER})[rank::world]
     sums: dict = {}
     error = _attempt(lambda: sums.update(safety.sums_of(tmp, names)), tmp)
-    gathered = _gather((error, sums))
-    _agree(next((e for e, _ in gathered if e), None), tmp, final, gathered=True)
+    shares = _gather((error, sums))
+    _raise_any([e for e, _ in shares], tmp, final)
     error = None
     if rank == 0:
-        merged = {k: v for _, s in gathered for k, v in s.items()}
+        merged = {k: v for _, share in shares for k, v in share.items()}
         error = _attempt(lambda: commit(tmp, final, step, files, keep, sums=merged, **extra), tmp)
-    _agree(error, tmp, final)
+    _raise_any(_gather(error), tmp, final)
     return final
 
 
@@ -445,9 +367,8 @@ def _attempt(fn: Callable[[], object], where: Path) -> str | None:
     return None
 
 
-def _agree(error: str | None, tmp: Path, final: Path, gathered: bool = False) -> None:
-    """A collective: if any rank failed, rank 0 removes ``tmp`` and every rank raises the same error."""
-    errors = [error] if gathered or _rank_world()[1] == 1 else _gather(error)
+def _raise_any(errors: list[str | None], tmp: Path, final: Path) -> None:
+    """After a gather of every rank's error: if any failed, rank 0 removes ``tmp`` and all raise it."""
     first = next((e for e in errors if e), None)
     if first is None:
         return

@@ -1,5 +1,6 @@
-"""What :mod:`parallel.checkpoint` needs to read checkpoints it cannot trust: DCP metadata without
-arbitrary unpickling, per-file checksums, and errors that name the file and what is wrong with it.
+"""What :mod:`parallel.checkpoint` needs to read checkpoints it cannot trust: the ``COMPLETE`` marker and
+its per-file checksums, DCP metadata and items without arbitrary unpickling, the check of one checkpoint
+(:func:`check`), and errors that name the file and what is wrong with it.
 
 - ``.metadata``: torch's ``FileSystemReader.read_metadata`` is a plain ``pickle.load``, so a crafted
   checkpoint runs code when it is exported, sampled, fine-tuned from or resumed. :class:`SafeFileSystemReader`
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import os
 import pickle
@@ -26,13 +28,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PosixPath, PurePosixPath
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_fs
 from torch.distributed.checkpoint import metadata as dcp_md
+from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 
 log = logging.getLogger("parallel.checkpoint")
 
+MARKER = "COMPLETE"
 CHECKSUM = "crc32"
 _CHUNK = 16 << 20  # large reads keep a parallel file system streaming; small enough for any host
 _THREADS = 4
@@ -41,6 +49,38 @@ _THREADS = 4
 class CheckpointError(ValueError):
     """A checkpoint (or export) file is damaged, missing, foreign or could not be written; the message
     names the file."""
+
+
+# ---- the marker --------------------------------------------------------------------------------------
+def marker(path: str | os.PathLike) -> dict:
+    """The ``COMPLETE`` marker of a checkpoint: its step, time, world size, (DeepSpeed) engine and, since
+    checksums were added, ``files``: name → ``{"size": bytes, "crc32": hex}``."""
+    f = Path(path) / MARKER
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing (the checkpoint is incomplete)") from None
+    except (ValueError, OSError) as e:  # empty, not JSON, not UTF-8, unreadable
+        raise CheckpointError(f"{f}: empty or invalid marker ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("step"), int):
+        raise CheckpointError(f"{f}: invalid marker (a JSON object with an integer step expected)")
+    if "files" in m and not _valid_file_list(m["files"]):
+        raise CheckpointError(f"{f}: invalid marker (files: name → {{size, crc32}} expected)")
+    return m
+
+
+def _valid_file_list(files) -> bool:
+    """A marker's file list names plain relative paths inside the checkpoint with sizes and checksums."""
+    return isinstance(files, dict) and all(
+        isinstance(name, str)
+        and name
+        and not PurePosixPath(name).is_absolute()
+        and ".." not in PurePosixPath(name).parts
+        and isinstance(v, dict)
+        and isinstance(v.get("size"), int)
+        and isinstance(v.get(CHECKSUM), str)
+        for name, v in files.items()
+    )
 
 
 # ---- DCP metadata without arbitrary unpickling -------------------------------------------------------
@@ -141,6 +181,25 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+class _SafeBytes:
+    """Non-tensor items load with ``weights_only=True`` (DCP's planners unpickle them freely)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
+    """Loads into an existing state dict (resume)."""
+
+
+class SafeFullPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
+    """Rebuilds whole tensors from the metadata (export, fine-tuning): one process, no process group."""
+
+
 def dcp_files_needed(path: Path) -> dict[str, int]:
     """File name → the bytes it must at least hold, from a DCP checkpoint's ``.metadata`` (the check an
     old checkpoint without checksums still gets)."""
@@ -201,7 +260,8 @@ def check_sums(directory: Path, expected: dict[str, dict]) -> str | None:
 
 
 def check_dcp_structure(path: Path) -> str | None:
-    """For a checkpoint without checksums: every file ``.metadata`` points into exists and is long enough."""
+    """``.metadata`` passes the allow-list and every file it points into exists and is long enough (all an
+    old checkpoint without checksums can be checked for)."""
     try:
         need = dcp_files_needed(path)
     except (CheckpointError, OSError) as e:
@@ -212,6 +272,27 @@ def check_dcp_structure(path: Path) -> str | None:
             return f"{f}: missing (.metadata points into it)"
         if f.stat().st_size < size:
             return f"{f}: {f.stat().st_size} bytes, .metadata needs {size} (truncated)"
+    return None
+
+
+def check(path: Path, rank: int, world: int) -> str | None:
+    """The first problem in this rank's share (every ``world``-th file from ``rank``), or None."""
+    try:
+        m = marker(path)
+    except CheckpointError as e:
+        return str(e)
+    if "files" not in m:
+        if rank == 0:
+            log.warning("%s was written before per-file checksums: only its completeness is checked", path)
+    else:
+        share = dict(sorted(m["files"].items())[rank::world])
+        problem = check_sizes(path, share) or check_sums(path, share)
+        if problem is not None:
+            return problem
+    # DCP's .metadata through the allow-list (a crafted one is refused here, before DCP reads it) and
+    # the files it points into: cheap, and all an old checkpoint without checksums gets
+    if rank == 0 and m.get("engine", "fsdp") == "fsdp":
+        return check_dcp_structure(path)
     return None
 
 
@@ -226,6 +307,14 @@ def load_pt(path: Path):
         raise CheckpointError(
             f"{path}: unreadable (truncated or not a torch file): {str(e).splitlines()[0]}"
         ) from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with an error naming the file when it is not one."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def save_pt(obj, path: Path) -> None:
