@@ -1,4 +1,4 @@
-"""Start from existing weights: ``init.from`` (an export or a DCP checkpoint), inflation, freezing.
+"""Start from existing weights: ``init.from`` (an export or a checkpoint), inflation, freezing.
 
 Only weights are read, never optimizer, scheduler or data-loader state. Where the new model differs
 from the source it is adapted so that, at step 0, it computes what the source computed wherever the
@@ -16,16 +16,16 @@ Any other shape mismatch is an error naming the parameter.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from dit.config import DiTConfig
+from launch.export import read_export_config
 from parallel import checkpoint as ckpt
 
 # the last layer of each residual branch or embedder: zero makes a module the source lacks an identity
@@ -53,12 +53,14 @@ class InitReport:
 
 
 def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict, dict | None]:
-    """(state dict, source arch as a dict or None) from an export directory or a DCP checkpoint/run."""
+    """(state dict, source arch as a dict or None) from an export directory or a checkpoint/run (verified,
+    see :mod:`parallel.checkpoint`). A damaged or foreign file is a :class:`CheckpointError` naming it."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
         name = "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors"
-        meta = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        return load_file(path / name), meta.get("arch")
+        config = path / "config.json"
+        arch = read_export_config(config).get("arch") if config.is_file() else None
+        return ckpt.read_safetensors(path / name), dataclasses.asdict(arch) if arch is not None else None
     if not path.exists():
         raise FileNotFoundError(f"init.from={path}: no such file or directory")
     found = ckpt.resolve(path)

@@ -13,8 +13,6 @@ Latents are decoded through the codec/VAE the model was trained with.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,41 +21,43 @@ import torch
 from data.encoders import TextEncoder, build_codec
 from data.video import MediaError, decode_clip, decode_image, encode_h264, media_kind, probe
 from dit.config import DiTConfig
-from dit.diffusion import DiffusionConfig, make_objective
+from dit.diffusion import make_objective
 from dit.model import build_model
 from dit.sampling import sample
 from launch.batches import null_condition
-from launch.config import load_config
-from launch.export import export_config
+from launch.config import SampleConfig, load_config
+from launch.export import export_config, read_export_config
 from launch.finetune import read_weights
 from parallel import checkpoint as ckpt
-
-
-def _dataclass_from(cls, values: dict):
-    """Build a config dataclass from JSON values (lists back to tuples where the field is a tuple)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+from parallel.checkpoint import CheckpointError
 
 
 def load_for_inference(
     src: str | Path, use_ema: bool = True, device: str = "cpu"
 ) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, info with ``arch``, ``diffusion``, ``codec``, ``text_encoder``, ``max_text_len``,
-    ``sample``) from an export directory or a DCP checkpoint / run directory."""
+    ``sample``) from an export directory or a checkpoint / run directory (verified). A damaged or foreign
+    file (weights, ``config.json``) is a :class:`~parallel.checkpoint.CheckpointError` naming it."""
     src = Path(src)
     weights, _ = read_weights(src, use_ema)
     if (src / "config.json").is_file():
-        info = json.loads((src / "config.json").read_text())
+        info = read_export_config(src / "config.json")
     else:
         path = ckpt.resolve(src)
-        info = export_config(load_config(path / "config.yaml"), None, path)
-    arch = _dataclass_from(DiTConfig, info["arch"])
-    info["arch"], info["diffusion"] = arch, _dataclass_from(DiffusionConfig, info["diffusion"])
-    model = build_model(arch, device=device)
-    model.load_state_dict(weights, strict=True)
+        cfg = load_config(path / "config.yaml")
+        info = export_config(cfg, None, path) | {
+            "arch": cfg.model.arch,
+            "diffusion": cfg.diffusion,
+            "sample": cfg.sample,
+        }
+    for key in ("arch", "diffusion"):
+        if key not in info:
+            raise CheckpointError(f"{src / 'config.json'}: no {key!r}: inference needs it")
+    model = build_model(info["arch"], device=device)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # weights of another architecture than config.json says
+        raise CheckpointError(f"{src}: the weights do not fit config.json's arch: {e}") from None
     return model.eval(), info
 
 
@@ -111,15 +111,18 @@ def main(argv: list[str] | None = None) -> None:
         if path and not Path(path).is_file():
             raise SystemExit(f"{path}: no such file")
     prompts = _read_prompts(a)
-    model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
+    try:
+        model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
+    except CheckpointError as e:  # a damaged or foreign file: the message names it
+        raise SystemExit(f"error: {e}") from None
     written = generate(model, info, prompts, a)
     print("wrote " + ", ".join(str(w) for w in written))
 
 
 def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
-    arch, defaults = info["arch"], info.get("sample", {})
-    frames, height = a.frames or defaults.get("frames", 8), a.height or defaults.get("height", 64)
-    width, fps = a.width or defaults.get("width", 64), a.fps or defaults.get("fps", 8.0)
+    arch, defaults = info["arch"], info.get("sample") or SampleConfig()
+    frames, height = a.frames or defaults.frames, a.height or defaults.height
+    width, fps = a.width or defaults.width, a.fps or defaults.fps
     codec = build_codec(info["codec"], device=a.device)
     obj = make_objective(info["diffusion"])
     text = None
@@ -143,9 +146,9 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
             height=height,
             width=width,
             fps=fps,
-            steps=a.steps or defaults.get("steps", 25),
-            sampler=a.sampler or defaults.get("sampler", "euler"),
-            cfg_scale=a.cfg if a.cfg is not None else defaults.get("cfg", 4.0),
+            steps=a.steps or defaults.steps,
+            sampler=a.sampler or defaults.sampler,
+            cfg_scale=a.cfg if a.cfg is not None else defaults.cfg,
             seed=a.seed + start,
             device=a.device,
             first_frame=first,

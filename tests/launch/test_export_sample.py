@@ -1,5 +1,7 @@
 """Export, sampling (T2V, I2V, V2V) and init.from through their CLIs, from a real short run."""
 
+import json
+import os
 import sys
 
 import av
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from data.video import encode_h264
@@ -132,3 +135,55 @@ def test_class_conditional_models_sample_from_class_ids():
     assert clips.shape == (2, 2, 16, 16, 3) and clips.dtype == np.uint8
     with pytest.raises(ValueError, match="class ids 0..9"):
         videos_for(model, obj, arch, PixelCodec(), None, ["a cat"], **kw)
+
+
+def _checkpoint(root, step):
+    """A real DCP checkpoint of the tiny preset, as the trainer lays it out (no training needed)."""
+    from dit.model import build_model
+    from launch.config import load_config, to_yaml
+
+    cfg = load_config()
+    weights = build_model(cfg.model.arch, seed=step).state_dict()
+    state = {"model": weights, "ema": weights, "step": torch.tensor(step)}
+    return ckpt.save(root, step, state, {}, rank=0, files={"config.yaml": to_yaml(cfg)})
+
+
+def test_export_cli_refuses_a_crafted_checkpoint_and_falls_back_from_it(tmp_path):
+    from tests.parallel.test_checkpoint_safety import plant_metadata_payload
+
+    root, target, out = tmp_path / "run" / "checkpoints", tmp_path / "pwned", tmp_path / "out"
+    _checkpoint(root, 1)
+    crafted = _checkpoint(root, 2)
+    plant_metadata_payload(crafted, target)
+    proc = run([sys.executable, "-m", "launch.export", str(crafted), str(out)])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{crafted / '.metadata'}: refused to load pathlib.Path.touch" in proc.stderr
+    assert not target.exists() and not out.exists()
+    # given the run directory, export takes the newest intact checkpoint and says why
+    proc = run([sys.executable, "-m", "launch.export", str(tmp_path / "run"), str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-00000002 is damaged and skipped" in proc.stderr and "falling back to" in proc.stderr
+    assert not target.exists()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "1"
+
+
+def test_sample_cli_names_a_foreign_weights_file(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(os.urandom(4096))
+    (export / "config.json").write_text(json.dumps({"format": "spacetime-dit", "arch": {}}))
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "launch.sample",
+            str(export),
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path / "o.mp4"),
+        ]
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{export / 'model.safetensors'}: not a readable safetensors file" in proc.stderr

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 from dit.config import get_preset
 from dit.model import build_model
 from launch.config import TrainConfig
-from launch.finetune import apply_init, freeze
+from launch.finetune import apply_init, freeze, read_weights
 from launch.optim import build_optimizer
 
 
@@ -101,3 +102,42 @@ def test_ema_follows_the_weights_and_swaps_in_temporarily():
     with ema.swapped_in():
         assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow, strict=True))
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained, strict=True))
+
+
+def _config_with(export, section: str | None, key: str, value):
+    config = json.loads((export / "config.json").read_text())
+    (config[section] if section else config)[key] = value
+    (export / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "said"),
+    [
+        ("arch", "depth", "two", "arch.depth='two' is not <class 'int'>"),
+        ("arch", "patch_size", [1, "x", 2], r"arch.patch_size=\[1, 'x', 2\] is not tuple\[int, int, int\]"),
+        ("arch", "qk_norm", 1, "arch.qk_norm=1 is not <class 'bool'>"),
+        ("arch", "colour", "red", "unknown key arch.colour"),
+        ("arch", "mlp", "relu", "arch: DiTConfig.mlp='relu': expected one of"),  # the dataclass's own check
+        (None, "colour", "red", "unknown key 'colour'"),
+        (None, "diffusion", {"shift": "large"}, "diffusion.shift='large' is not <class 'float'>"),
+        (None, "format", "diffusers", "not a spacetime-dit export"),
+    ],
+)
+def test_export_config_errors_name_the_file_and_the_key(tmp_path, section, key, value, said):
+    from launch.sample import load_for_inference
+    from parallel.checkpoint import CheckpointError
+
+    _, export = _export(tmp_path, get_preset("tiny"))
+    _config_with(export, section, key, value)
+    for read in (read_weights, load_for_inference):  # init.from, launch.sample
+        with pytest.raises(CheckpointError, match=f"{export / 'config.json'}: .*{said}"):
+            read(export)
+
+
+def test_random_bytes_as_weights_are_named(tmp_path):
+    from parallel.checkpoint import CheckpointError
+
+    _, export = _export(tmp_path, get_preset("tiny"))
+    (export / "model.safetensors").write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        read_weights(export)
