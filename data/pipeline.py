@@ -16,6 +16,7 @@ import glob
 import hashlib
 import logging
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,6 +179,15 @@ class _EpochStream(IterableDataset):
         yield worker, -1, None, errors.summary()  # end of this worker's epoch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers ignore SIGINT and SIGTERM: a terminal's Ctrl-C and SLURM's scancel signal every
+    process of the job, and a worker that died of it would crash the trainer before it could save.
+    The trainer decides when to stop; the workers end with their loader (or when it dies, which
+    torch's worker loop watches for)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader:
     """Iterable over training batches (epoch after epoch) with exact-resume state."""
 
@@ -266,6 +276,7 @@ class Loader:
                     num_workers=self.workers,
                     prefetch_factor=self.cfg.prefetch_factor,
                     persistent_workers=False,
+                    worker_init_fn=_ignore_stop_signals,
                 )
             )
         pending: dict[int, deque] = {w: deque() for w in range(self.workers)}
@@ -305,10 +316,13 @@ class Loader:
 
     def error_summary(self) -> dict:
         """Bad samples skipped by reason (with an example shard:key each) and samples filtered out
-        (e.g. shorter than every bucket), summed over workers and epochs since this loader started."""
-        total: dict = {"seen": 0, "skipped": {}, "filtered": {}, "examples": {}}
+        (e.g. shorter than every bucket), summed over workers and epochs since this loader started.
+        ``skipped_samples`` counts the skips that cost a sample: ``seen`` = delivered + that + filtered
+        (over finished epochs)."""
+        total: dict = {"seen": 0, "skipped_samples": 0, "skipped": {}, "filtered": {}, "examples": {}}
         for summary in [*self.errors_before, *self.errors.values()]:
             total["seen"] += summary["seen"]
+            total["skipped_samples"] += summary["skipped_samples"]
             for kind in ("skipped", "filtered"):
                 for reason, n in summary[kind].items():
                     total[kind][reason] = total[kind].get(reason, 0) + n

@@ -10,10 +10,13 @@ instantiated by name: strings select among fixed choices that the code checks.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -220,8 +223,77 @@ def _choice(value: str, choices: tuple, key: str) -> None:
         raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")
 
 
+# (key, lowest, highest, whether each end is excluded): the numeric settings a typo or a NaN would
+# turn into a silently broken run (a learning rate of inf trains to NaN weights)
+_RANGES = (
+    ("train.lr", 0.0, math.inf, True, False),
+    ("train.grad_clip", 0.0, math.inf, False, False),
+    ("train.warmup", 0, math.inf, False, False),
+    ("train.min_lr_ratio", 0.0, 1.0, False, False),
+    ("train.decay_fraction", 0.0, 1.0, False, False),
+    ("train.weight_decay", 0.0, math.inf, False, False),
+    ("train.eps", 0.0, math.inf, True, False),
+    ("train.betas.0", 0.0, 1.0, False, True),
+    ("train.betas.1", 0.0, 1.0, False, True),
+    ("train.continuation_frames", 1, math.inf, False, False),
+    ("data.num_workers", 0, 1024, False, False),
+    ("data.prefetch_factor", 1, math.inf, False, False),
+    ("data.shuffle_buffer", 0, math.inf, False, False),
+    ("data.error_threshold", 0.0, 1.0, False, False),
+    ("data.min_samples_for_threshold", 0, math.inf, False, False),
+    ("data.max_text_len", 1, math.inf, False, False),
+    ("data.buckets.fps", 0.0, math.inf, True, False),
+    ("checkpoint.every", 0, math.inf, False, False),
+    ("checkpoint.keep", 0, math.inf, False, False),
+    ("eval.every", 0, math.inf, False, False),
+    ("eval.batches", 1, math.inf, False, False),
+    ("logging.sample_every", 0, math.inf, False, False),
+    ("sample.steps", 1, math.inf, False, False),
+    ("sample.fps", 0.0, math.inf, True, False),
+    ("diffusion.shift", 0.0, math.inf, True, False),
+    ("diffusion.num_timesteps", 1, math.inf, False, False),
+)
+
+
+def _lookup(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def non_finite(obj, prefix: str = "") -> list[str]:
+    """Dotted keys of every NaN or infinite float in a config (dataclasses, lists, tuples)."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [prefix]
+    if dataclasses.is_dataclass(obj):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    elif isinstance(obj, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(obj))
+    else:
+        return []
+    return [k for name, v in items for k in non_finite(v, f"{prefix}.{name}" if prefix else name)]
+
+
+def _check_numbers(cfg: JobConfig) -> None:
+    bad = non_finite(cfg)
+    if bad:
+        raise ValueError(f"{bad[0]}={_lookup(cfg, bad[0])}: must be a finite number")
+    for key, low, high, open_low, open_high in _RANGES:
+        v = _lookup(cfg, key)
+        if v < low or (open_low and v == low) or v > high or (open_high and v == high):
+            want = f"{'>' if open_low else '>='} {low}"
+            if high != math.inf:
+                want += f" and {'<' if open_high else '<='} {high}"
+            raise ValueError(f"{key}={v}: must be {want}")
+    ratio = cfg.data.buckets.image_ratio
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise ValueError(f"data.buckets.image_ratio={ratio}: must be in [0, 1] (or null)")
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks OmegaConf's types cannot express; each error names the key."""
+    _check_numbers(cfg)
     _choice(cfg.run.device, ("auto", "cuda", "cpu"), "run.device")
     _choice(cfg.run.precision, ("auto", "bf16", "fp32"), "run.precision")
     _choice(cfg.run.progress, ("auto", "bar", "lines"), "run.progress")
@@ -239,8 +311,6 @@ def validate(cfg: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ValueError(f"{key}={value}: must be at least 1")
-    if not cfg.train.lr > 0:
-        raise ValueError(f"train.lr={cfg.train.lr}: must be positive")
     if not 0 <= cfg.train.cfg_dropout < 1:
         raise ValueError(f"train.cfg_dropout={cfg.train.cfg_dropout}: must be in [0, 1)")
     if not 0 <= cfg.train.ema_decay < 1:
@@ -260,6 +330,27 @@ def validate(cfg: JobConfig) -> None:
     checkpoint_every(cfg.parallel.activation_checkpointing)
 
 
+def parse_overrides(overrides: list[str]):
+    """``key=value`` strings as one OmegaConf node; a malformed one is an error that names it.
+
+    Values are YAML, so a value starting with ``*``, ``&``, ``!``, ``[`` or ``{`` must be quoted for
+    YAML as well as for the shell: ``'data.shards="/data/*.tar"'``."""
+    nodes = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"override {item!r}: expected key=value (e.g. train.steps=100)")
+        try:
+            nodes.append(OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0]
+            # a leading * & ! is YAML syntax (alias, anchor, tag), so a glob must be quoted for YAML too
+            quote = f"; quote it inside the shell's quotes: '{key}=\"{value}\"'"
+            hint = quote if value[:1] in "*&!%@`" else ""
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({first}){hint}") from e
+    return OmegaConf.merge(*nodes) if nodes else OmegaConf.create({})
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Schema ← model preset ← YAML ``path`` ← ``key=value`` overrides, checked; returns a JobConfig.
 
@@ -272,9 +363,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise FileNotFoundError(f"--config {path}: no such file")
     try:
         file_cfg = OmegaConf.load(path)
-        cli_cfg = OmegaConf.from_dotlist(list(overrides or []))
-    except OmegaConfBaseException as e:
-        raise ValueError(f"{path} or overrides: {e}") from e
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: not valid YAML: {e}") from e
+    cli_cfg = parse_overrides(overrides or [])
     for node in (file_cfg, cli_cfg):
         _rename_from(node)
     preset = OmegaConf.select(cli_cfg, "model.preset") or OmegaConf.select(file_cfg, "model.preset") or "tiny"
@@ -298,6 +389,41 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg.data.bucket_file = ""  # now inline, so the saved config stands on its own
     validate(cfg)
     return cfg
+
+
+# what a checkpoint's weights and optimizer state mean: resuming with one of these changed would load
+# them into another network, or train them toward another target (that is init.from, not a resume)
+RESUME_FIXED = (
+    "model.arch",
+    "diffusion.objective",
+    "diffusion.prediction",
+    "diffusion.num_timesteps",
+    "diffusion.beta_schedule",
+    "diffusion.beta_start",
+    "diffusion.beta_end",
+    "diffusion.zero_terminal_snr",
+    "data.codec",
+    "data.text_encoder",
+)
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """A nested dict as ``{"a.b.c": leaf}``."""
+    if isinstance(node, dict):
+        return {k: v for name, sub in node.items() for k, v in _flat(sub, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: node}
+
+
+def resume_differences(saved: dict, cfg: JobConfig) -> list[str]:
+    """``key: saved → now`` for every :data:`RESUME_FIXED` setting that differs between a saved
+    config (the plain dict of a run's ``config.yaml``) and ``cfg``. A key the saved config lacks
+    (written by an older version) is not compared."""
+    a, b = _flat(saved), _flat(yaml.safe_load(to_yaml(cfg)))
+
+    def fixed(k: str) -> bool:
+        return any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)
+
+    return [f"{k}: {a[k]!r} → {b[k]!r}" for k in sorted(a.keys() & b.keys()) if fixed(k) and a[k] != b[k]]
 
 
 def to_yaml(cfg: JobConfig) -> str:

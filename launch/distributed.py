@@ -71,11 +71,18 @@ def shutdown() -> None:
 
 
 class Preemption:
-    """A signal handler that only sets a flag; the training loop polls :meth:`agreed` at step boundaries.
+    """Signal handlers that only set a flag; the training loop polls :meth:`agreed` at step boundaries.
 
-    The handler does no I/O (it may interrupt anything); saving happens in the loop, after every rank
-    has seen the flag (an all-reduce of max), so all ranks save the same step.
+    The handlers do no I/O beyond one line on stderr (they may interrupt anything); saving happens in
+    the loop, after every rank has seen the flag (an all-reduce of max), so all ranks save the same
+    step. Three requests, in increasing order of what the loop then does:
+
+    - Ctrl-C (SIGINT): stop at the end of the step, save, exit 0. A second Ctrl-C aborts at once.
+    - SIGTERM (``kill``, ``scancel``, a scheduler's time limit): the same, without a message per signal.
+    - ``preempt_signal`` (SLURM's ``--signal``): the same, and the job asks to be requeued.
     """
+
+    STOP, PREEMPT = 1, 2
 
     def __init__(self, signal_name: str = "SIGUSR2"):
         if signal_name == "SIGUSR1":
@@ -84,18 +91,32 @@ class Preemption:
             self.signum = signal.Signals[signal_name]
         except KeyError as e:
             raise ValueError(f"run.preempt_signal={signal_name!r}: not a signal name") from e
-        self.requested = False
-        self._previous = signal.signal(self.signum, self._handle)
+        self.requested = 0  # 0, STOP or PREEMPT
+        self.received: signal.Signals | None = None
+        self.pid = os.getpid()
+        self._previous = {}
+        for sig in {signal.SIGTERM, signal.SIGINT, self.signum}:
+            self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if os.getpid() != self.pid:
+            return  # a forked data worker inherited this handler: its parent decides when it stops
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT and sig == self.received:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        if sig == signal.SIGINT:
+            os.write(2, b"\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again aborts)\n")
+        self.received = sig
+        self.requested = max(self.requested, self.PREEMPT if sig == self.signum else self.STOP)
 
-    def agreed(self, device: torch.device | None = None) -> bool:
-        """True on every rank if any rank has been signalled (a collective: call it on all ranks)."""
-        return all_reduce(1.0 if self.requested else 0.0, "max", device) > 0
+    def agreed(self, device: torch.device | None = None) -> int:
+        """The strongest request made on any rank (0: none, STOP or PREEMPT): a collective, call it
+        on all ranks."""
+        return int(all_reduce(float(self.requested), "max", device))
 
     def close(self) -> None:
-        signal.signal(self.signum, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def requeue_slurm_job() -> bool:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from data.pipeline import build_loader
 from dit.diffusion import make_objective
@@ -28,11 +30,12 @@ from dit.flops import count, peak_flops
 from dit.model import SpacetimeDiT, build_model, num_params
 from launch import evaluate
 from launch.batches import Conditioner
-from launch.config import JobConfig, load_config, save_config, to_yaml
+from launch.config import JobConfig, load_config, resume_differences, save_config, to_yaml
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
 from launch.finetune import apply_init, freeze
 from launch.metrics import Metrics, Progress, max_memory_gib
 from launch.optim import EMA, build_optimizer, build_scheduler
+from launch.runlock import RunDirLocked, RunLock
 from launch.sample import write_mp4
 from parallel import checkpoint as ckpt
 from parallel.dims import ParallelDims
@@ -65,6 +68,8 @@ class Trainer:
     bad_streak: int = 0
     skipped: int = 0
     flops_cache: dict = field(default_factory=dict)
+    lock: RunLock | None = None
+    """``run.dir``'s lock (rank 0), released by :meth:`close`."""
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def app_state(self) -> dict:
@@ -96,6 +101,31 @@ class Trainer:
     def _layout(self) -> list[int]:
         d = self.dims
         return [d.dp_replicate, d.dp_shard, d.cp, d.cp_ring, d.tp]
+
+    def checkpoint(self) -> Path:
+        """:meth:`save`, after checking that every weight is finite: a NaN state is never written, so
+        the newest checkpoint stays the last good one."""
+        self.check_finite()
+        return self.save()
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if any weight or EMA value on any rank is NaN or infinite (a
+        collective). A step is applied only when its loss and gradients are finite, but the update
+        itself can still overflow (a huge learning rate, a bad restart): this catches the result."""
+        tensors = [*self.model.parameters(), *(self.ema.shadow if self.ema else [])]
+        parts = [t for t in map(_local, tensors) if t.numel()]
+        ok = bool(torch.stack([torch.isfinite(t).all() for t in parts]).all()) if parts else True
+        if all_reduce(0.0 if ok else 1.0, "max", self.env.device) > 0:
+            raise FloatingPointError(
+                f"step {self.step}: the weights are no longer finite after the update (train.lr="
+                f"{self.cfg.train.lr}); nothing was saved. Rerunning resumes from the newest checkpoint "
+                f"in {self.run_dir / 'checkpoints'}; lower train.lr or check the data first"
+            )
+
+    def close(self) -> None:
+        """Release ``run.dir``'s lock (the end of a run, or of a failed one)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def save(self) -> Path:
         path = ckpt.save(
@@ -251,6 +281,13 @@ class Trainer:
         return self.flops_cache[key] * b
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a tensor: its ZeRO-3 partition, DTensor shard, or itself."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 class PhaseClock:
     """Wall time of each phase of a step. On CUDA, work is asynchronous: with ``sync`` each boundary
     waits for the device (exact phases, slower steps); without it the times say where the host waited."""
@@ -273,32 +310,84 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
+class ResumeRefused(ValueError):
+    """The run directory's checkpoint cannot be resumed by this config (another engine, model or
+    objective): a deliberate change is a new run with ``init.from``."""
+
+
 def setup(cfg: JobConfig) -> Trainer:
+    """Process group, run-directory lock, model, optimizer, loader; resumed from the newest intact
+    checkpoint of ``run.dir`` when there is one."""
     env = init_distributed(cfg.run.device, cfg.parallel.backend)
     run_dir = Path(cfg.run.dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    lock = lock_run_dir(run_dir, env)
+    try:
+        found = ckpt.latest(run_dir / "checkpoints")
+        if found is not None:
+            check_resumable(found, cfg, run_dir)
+        if env.is_main:
+            save_config(cfg, run_dir / "config.yaml")  # after the check: the old one may be its reference
+        trainer = _build(cfg, env, run_dir)
+        trainer.lock = lock
+        if found is not None:
+            trainer.resume(found)
+            log.info("resumed from %s (step %d)", found, trainer.step)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return trainer
+
+
+def _build(cfg: JobConfig, env: DistEnv, run_dir: Path) -> Trainer:
     p = cfg.parallel
     dims = make_dims(p, env.world, cfg.model.arch)
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
     if p.engine == "deepspeed":
         from launch.train_deepspeed import setup_deepspeed  # imports DeepSpeed: only when asked for
 
-        trainer = setup_deepspeed(cfg, env, dims, run_dir, bf16)
-    else:
-        trainer = _setup_fsdp(cfg, env, dims, run_dir, bf16)
-    found = ckpt.latest(run_dir / "checkpoints")
-    if found is not None:
-        if ckpt.engine_of(found) != p.engine:
-            raise ValueError(
-                f"{found} was written by parallel.engine={ckpt.engine_of(found)}, and this run has "
-                f"parallel.engine={p.engine}: their optimizer states differ. Keep the engine, or start a "
-                f"new run (another run.dir) with init.from={found} (weights only)"
-            )
-        trainer.resume(found)
-        log.info("resumed from %s (step %d)", found, trainer.step)
-    return trainer
+        return setup_deepspeed(cfg, env, dims, run_dir, bf16)
+    return _setup_fsdp(cfg, env, dims, run_dir, bf16)
+
+
+def lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
+    """Rank 0 takes ``run.dir``'s lock; every rank raises :class:`RunDirLocked` if it could not."""
+    lock, error = None, ""
+    if env.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunDirLocked as e:
+            error = str(e)
+    if all_reduce(1.0 if error else 0.0, "max", env.device) > 0:
+        raise RunDirLocked(error or f"run.dir={run_dir} is in use by another run (see rank 0's error)")
+    return lock
+
+
+def check_resumable(found: Path, cfg: JobConfig, run_dir: Path) -> None:
+    """Refuse to resume ``found`` under another engine, architecture or objective (the checkpoint's
+    own ``config.yaml`` is the reference; the run directory's, for checkpoints written without one)."""
+    engine = ckpt.engine_of(found)
+    if engine != cfg.parallel.engine:
+        raise ResumeRefused(
+            f"{found} was written by parallel.engine={engine}, and this run has "
+            f"parallel.engine={cfg.parallel.engine}: their optimizer states differ. Keep the engine, or "
+            f"start a new run (another run.dir) with init.from={found} (weights only)"
+        )
+    ref = found / "config.yaml" if (found / "config.yaml").is_file() else run_dir / "config.yaml"
+    if not ref.is_file():
+        return
+    try:
+        saved = yaml.safe_load(ref.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ResumeRefused(f"{ref}: unreadable ({e}); cannot tell what {found} was trained as") from e
+    diffs = resume_differences(saved if isinstance(saved, dict) else {}, cfg)
+    if diffs:
+        raise ResumeRefused(
+            f"run.dir={run_dir} holds {found.name}, trained with other settings than this config "
+            f"({'; '.join(diffs)}, per {ref}): resuming would load its weights into another model or "
+            f"objective. Keep those settings to resume, or start a new run (another run.dir) with "
+            f"init.from={found} to train from its weights deliberately"
+        )
 
 
 def _setup_fsdp(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: Path, bf16: bool) -> Trainer:
@@ -346,12 +435,20 @@ def initial_model(cfg: JobConfig) -> torch.nn.Module:
 
 
 def run(cfg: JobConfig) -> dict:
-    """Train to ``train.steps`` (or until preempted); returns the last metrics record."""
+    """Train to ``train.steps`` (or until preempted or stopped); returns the last metrics record."""
     tr = setup(cfg)
-    env, dev = tr.env, tr.env.device
+    try:
+        return _train(tr)
+    finally:
+        tr.close()
+
+
+def _train(tr: Trainer) -> dict:
+    cfg, env = tr.cfg, tr.env
+    dev = env.device
     progress = Progress(cfg.train.steps, cfg.run.progress if env.is_main else "lines")
     metrics = Metrics(tr.run_dir, env.is_main, dev, cfg.logging.tensorboard, progress)
-    preempt = Preemption(cfg.run.preempt_signal)
+    signals = Preemption(cfg.run.preempt_signal)
     if env.is_main:
         n = tr.n_params
         progress.line(
@@ -363,40 +460,46 @@ def run(cfg: JobConfig) -> dict:
     record: dict = {}
     last_saved = tr.step if ckpt.latest(tr.run_dir / "checkpoints") else -1
     prev = time.perf_counter()
-    while tr.step < cfg.train.steps:
-        stats = tr.train_step(batches)
-        # a step's time runs from the end of the previous step, so logging, evaluation and checkpoints
-        # in between count (as loop overhead: time in none of the phases)
-        now = time.perf_counter()
-        step_time, prev = now - prev, now
-        _update_metrics(metrics, stats, step_time, peak, dev)
-        step, last = tr.step, tr.step == cfg.train.steps
-        extra = {}
-        if cfg.eval.every and (step % cfg.eval.every == 0 or last):
-            extra["val_loss"] = _with_ema(
-                tr,
-                lambda: evaluate.validation_loss(tr.model, tr.objective, tr.cond, val_batches, cfg, env.rank),
-            )
-        if step % cfg.logging.every == 0 or last:
-            record = metrics.log(step, extra | {"skipped_steps": tr.skipped})
-        elif extra:
-            metrics.write({"step": step, **extra})
-        progress.update(step, f"loss {stats['loss']:.4f}")
-        if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or last):
-            write_samples(tr, metrics)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            tr.save()
-            last_saved = step
-        if preempt.agreed(dev):
-            if last_saved != step:
-                tr.save()
-            progress.line(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
-            if env.is_main:
-                requeue_slurm_job()
-            break
-    progress.close()
-    metrics.close()
-    preempt.close()
+    try:
+        while tr.step < cfg.train.steps:
+            stats = tr.train_step(batches)
+            # a step's time runs from the end of the previous step, so logging, evaluation and
+            # checkpoints in between count (as loop overhead: time in none of the phases)
+            now = time.perf_counter()
+            step_time, prev = now - prev, now
+            _update_metrics(metrics, stats, step_time, peak, dev)
+            step, last = tr.step, tr.step == cfg.train.steps
+            extra = {}
+            if cfg.eval.every and (step % cfg.eval.every == 0 or last):
+                extra["val_loss"] = _with_ema(
+                    tr,
+                    lambda: evaluate.validation_loss(
+                        tr.model, tr.objective, tr.cond, val_batches, cfg, env.rank
+                    ),
+                )
+            if step % cfg.logging.every == 0 or last:
+                tr.check_finite()  # on the logging schedule, and before every save
+                record = metrics.log(step, extra | {"skipped_steps": tr.skipped})
+                if tr.lock is not None:
+                    tr.lock.touch()
+            elif extra:
+                metrics.write({"step": step, **extra})
+            progress.update(step, f"loss {stats['loss']:.4f}")
+            if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or last):
+                write_samples(tr, metrics)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
+                tr.checkpoint()
+                last_saved = step
+            request = signals.agreed(dev)
+            if request:
+                if last_saved != step:
+                    tr.checkpoint()
+                _stopped(tr, progress, step, request, signals)
+                break
+    finally:
+        progress.close()
+        metrics.close()
+        signals.close()
     if env.is_main and tr.step >= cfg.train.steps:
         summary = tr.loader.error_summary()
         progress.line(
@@ -406,6 +509,17 @@ def run(cfg: JobConfig) -> dict:
         )
     shutdown()
     return record
+
+
+def _stopped(tr: Trainer, progress: Progress, step: int, request: int, signals: Preemption) -> None:
+    """The line (and, on preemption, the SLURM requeue) after the checkpoint of a requested stop."""
+    if request == Preemption.PREEMPT:
+        progress.line(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
+        if tr.env.is_main:
+            requeue_slurm_job()
+        return
+    why = signals.received.name if signals.received else "a stop request on another rank"
+    progress.line(f"stopped at step {step} ({why}): checkpoint saved; rerun the same command to resume")
 
 
 def _update_metrics(metrics: Metrics, stats: dict, step_time: float, peak: float | None, dev) -> None:
@@ -462,7 +576,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-    run(cfg)
+    try:
+        run(cfg)
+    except (RunDirLocked, ResumeRefused) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    except KeyboardInterrupt:
+        print("aborted (second Ctrl-C): nothing saved since the newest checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
