@@ -3,9 +3,9 @@
 Whether a shard is a command is decided once, when ``data.shards`` is listed (:class:`Shard`), and
 never again from the file's name: a file called ``pipe:rm -rf ~ #.tar`` found by a glob is a file.
 The tar is read as a stream, member by member, so a member larger than ``max_member_mb`` is stepped
-over without entering memory, and a compressed tar (which would inflate a small file into gigabytes)
-is refused unless ``allow_compressed``. A sample is every member sharing one full path prefix
-(``a/k.mp4`` and ``c/k.txt`` are two samples, never merged).
+over (in bounded chunks) without entering memory, and a compressed tar (which would inflate a small
+file into gigabytes) is refused unless ``allow_compressed``. A sample is every member sharing one full
+path prefix (``a/k.mp4`` and ``c/k.txt`` are two samples, never merged).
 """
 
 from __future__ import annotations
@@ -111,9 +111,21 @@ def _members(f, mode: str, max_bytes: int) -> Iterator[tuple[str, bytes | None]]
         for info in tar:
             # directories, links and devices carry no sample data, and links are never followed
             if info.isreg() and not _META_MEMBER.match(info.name):
-                # a member over the limit is not read: the stream skips its blocks when moving on
                 yield info.name, (tar.extractfile(info).read() if info.size <= max_bytes else None)
+            _skip_to_next_header(tar)  # past what was not read: a member over the limit, padding
             tar.members = []  # a stream reader keeps every header otherwise
+
+
+def _skip_to_next_header(tar: tarfile.TarFile) -> None:
+    """Read (and drop) up to the next header in 1 MiB steps, ending at the end of the data.
+
+    tarfile's stream reader skips a member 10 KiB at a time even past the end of the file, so a
+    header declaring terabytes (a flipped bit or a malicious shard) would spin for hours.
+    """
+    stream = tar.fileobj
+    while stream.tell() < tar.offset:
+        if not stream.read(min(1 << 20, tar.offset - stream.tell())):
+            raise tarfile.ReadError(f"unexpected end of data (a member declares {tar.offset} bytes)")
 
 
 def _compression(f) -> str | None:

@@ -87,6 +87,8 @@ def video_stream(container, max_pixels: int):
     if not container.streams.video:
         raise MediaError("no_video_stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:  # a codec FFmpeg does not know (or a garbled codec id)
+        raise MediaError("undecodable", "no decoder for the video stream")
     check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
     return stream
 

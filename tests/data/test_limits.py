@@ -4,6 +4,7 @@ counted, and are refused before they reach memory."""
 import collections
 import gzip
 import io
+import signal
 import tarfile
 import tracemalloc
 
@@ -135,3 +136,30 @@ def test_limits_are_checked_at_start_up(tmp_path, field, value):
     cfg = DataConfig(shards=str(tmp_path), buckets=BUCKETS, num_workers=0, **{field: value})
     with pytest.raises(ValueError, match=f"data.{field}="):
         build_loader(cfg)
+
+
+def test_a_member_declaring_exabytes_ends_the_shard_at_once(tmp_path):
+    """tarfile's stream reader steps over a member 10 KiB at a time even past the end of the data: a
+    header declaring 2**70 bytes would spin for centuries. The reader steps in 1 MiB reads and stops
+    at the end of the file."""
+    good = video_sample("good")
+    raw = io.BytesIO()
+    write_tar(raw, [good])
+    header = tarfile.TarInfo("huge.mp4")
+    header.size = 2**70  # GNU base-256 size field
+    data = raw.getvalue().rstrip(b"\0") + bytes(-len(raw.getvalue().rstrip(b"\0")) % 512)
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(data + header.tobuf(tarfile.GNU_FORMAT) + b"\0" * 4096)
+
+    def too_slow(*_):
+        raise TimeoutError("read_shard is still stepping over the huge member")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(30)
+    try:
+        errors = Errors()
+        keys = [s["__key__"] for s in read_shard(str(path), errors)]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert keys == ["good"] and dict(errors.counts) == {"truncated_tar": 1}
