@@ -102,8 +102,9 @@ class DeepSpeedTrainer(Trainer):
         return path
 
     def resume(self, path: Path) -> None:
-        own = path / f"rank-{self.env.rank:05d}.pt"
-        saved = torch.load(own, weights_only=True).get("layout") if own.is_file() else None
+        ckpt.verify(path, distributed=True)  # before any file is read (remembered: read once)
+        own = ckpt.rank_state(path, self.env.rank)  # None: saved by fewer ranks; missing otherwise: an error
+        saved = own.get("layout") if own is not None else None
         if saved != self._layout():
             raise ValueError(
                 f"{path} was written by DeepSpeed under another layout or world size (dp_replicate, "

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,8 +244,9 @@ def save_checkpoint(
     keep: int = 0,
 ) -> Path:
     """Write ``root/step-XXXXXXXX/`` collectively, in :mod:`parallel.checkpoint`'s layout and atomicity
-    (written under ``.tmp-…``, renamed after a ``COMPLETE`` marker), so ``checkpoint.latest`` and
-    ``prune`` work on it.
+    (written under ``.tmp-…``, renamed after a ``COMPLETE`` marker with every file's checksum), so
+    ``checkpoint.latest``, ``verify`` and ``prune`` work on it; a failed write (a full disk) raises
+    ``CheckpointError`` on every rank and leaves the earlier checkpoints.
 
     DeepSpeed writes the weights, the ZeRO partitions of the optimizer, and the scheduler; ``extra``
     (step, EMA …, the same on every rank) rides in its client state, ``rank_state`` (RNG, loader
@@ -255,36 +255,32 @@ def save_checkpoint(
     the whole weights and EMA there (:data:`parallel.checkpoint.WHOLE_FILES`), which is what export
     and ``init.from`` read.
     """
-    root, final = Path(root), ckpt.step_dir(root, step_num)
-    tmp_name = f".tmp-{final.name}"
+    root = Path(root)
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(root / tmp_name, ignore_errors=True)  # left by a crash during an earlier attempt
-        root.mkdir(parents=True, exist_ok=True)
-    ckpt.barrier()
     client = {_CLIENT_KEY: {"step": step_num, **(extra or {})}}
-    engine.save_checkpoint(str(root), tag=tmp_name, client_state=client, save_latest=False)
-    torch.save(rank_state or {}, root / tmp_name / f"rank-{rank:05d}.pt")
-    ckpt.barrier()
-    if rank == 0:
-        ckpt.write_safetensors(root / tmp_name, tensors or {}, step_num)
-        ckpt.commit(root / tmp_name, final, step_num, files, keep, engine="deepspeed")
-    ckpt.barrier()
-    return final
+
+    def write(tmp: Path) -> None:
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state=client, save_latest=False)
+        ckpt.save_pt(rank_state or {}, tmp / f"rank-{rank:05d}.pt")
+        if rank == 0:  # before the checksums, so that the ranks share the summing of these too
+            ckpt.write_safetensors(tmp, tensors or {}, step_num)
+
+    return ckpt.write_checkpoint(root, step_num, write, files, keep, engine="deepspeed")
 
 
 def load_checkpoint(engine: DeepSpeedEngine, path: str | os.PathLike) -> tuple[dict, dict | None]:
     """Restore weights, optimizer partitions and scheduler from :func:`save_checkpoint`'s ``path``
-    (same world size and layout: ZeRO partitions are per rank). Returns ``(extra, rank_state)``:
-    ``extra["step"]`` and what was saved with it, and this rank's own items (None if absent)."""
+    (same world size and layout: ZeRO partitions are per rank), after verifying its checksums (the
+    ranks share the reading). Returns ``(extra, rank_state)``: ``extra["step"]`` and what was saved
+    with it, and this rank's own items (None if the checkpoint had fewer ranks)."""
     path = Path(path)
+    ckpt.verify(path, distributed=True)
     loaded, client = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if loaded is None:
         raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint there")
-    own = path / f"rank-{dist.get_rank():05d}.pt"
-    return client[_CLIENT_KEY], (torch.load(own, weights_only=True) if own.is_file() else None)
+    return client[_CLIENT_KEY], ckpt.rank_state(path, dist.get_rank())
 
 
 def _whole_master(p: nn.Parameter) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import shutil
 import socket
 from pathlib import Path
 
@@ -145,6 +146,40 @@ def test_deepspeed_checkpoints_load_with_weights_only(results, tmp_path):
     torch.save({"module": {}, "hook": os.system}, poisoned)
     with pytest.raises(pickle.UnpicklingError, match="system"):
         reader.load(str(poisoned))
+
+
+def test_deepspeed_checkpoint_is_verified_and_a_damaged_one_skipped(results, tmp_path, caplog):
+    """The marker of a real ZeRO-3 checkpoint (two ranks) lists every file DeepSpeed and we wrote, with
+    checksums; a bit flip in a ZeRO partition is named, and the one before it is taken instead."""
+    import json
+    import logging
+
+    result, d = results["zero3"]
+    saved = ckpt.step_dir(d / "zero3", SAVE_AFTER)
+    marker = json.loads((saved / ckpt.MARKER).read_text())
+    on_disk = sorted(p.name for p in saved.iterdir() if p.name != ckpt.MARKER)
+    assert sorted(marker["files"]) == on_disk and marker["world_size"] == 2
+    assert {"rank-00000.pt", "rank-00001.pt"} <= set(on_disk)
+    assert sum("optim_states" in name for name in on_disk) == 2  # a ZeRO partition per rank
+    root = tmp_path / "checkpoints"
+    older, newer = ckpt.step_dir(root, 1), ckpt.step_dir(root, 2)
+    shutil.copytree(saved, older)
+    shutil.copytree(saved, newer)
+    bad = next(newer.glob("*optim_states.pt"))
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="parallel.checkpoint"):
+        assert ckpt.latest(root) == older
+    assert f"{bad}: crc32" in caplog.text and "falling back to" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match=f"{bad}: crc32"):
+        ckpt.read_full(newer, {"model"})  # export, init.from
+    assert int(ckpt.read_full(older, {"step"})["step"]) == SAVE_AFTER
+    # a rank of the saved world without its file is damage; a rank beyond it is another world size
+    (older / "rank-00001.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"rank-00001\.pt: missing"):
+        ckpt.verify(older)
+    assert ckpt.rank_state(older, 2) is None
 
 
 def test_deepspeed_config_from_train_config():
