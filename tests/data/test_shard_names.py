@@ -69,6 +69,12 @@ def evil_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(autouse=True)
+def no_marker(evil_dir):
+    """Each test starts without the marker, so a marker found is that test's own doing."""
+    (evil_dir / "PWNED").unlink(missing_ok=True)
+
+
 def _read_all(cfg: DataConfig) -> set[str]:
     keys = set()
     for shard in list_shards(cfg):
