@@ -8,7 +8,9 @@ to the file). Each sample becomes ``{key}.{mp4|mov|…|jpg|png|webp}`` (the orig
 re-encoded), ``{key}.txt`` (caption) and ``{key}.json`` (PyAV/Pillow probe: kind, frames, fps, width,
 height, duration, codec; plus source and clip window). ``OUT_DIR/index.json`` lists the shards, the
 sample counts, duration/resolution histograms and every skipped file with its reason. Probing runs in
-``--processes`` worker processes; a bad file is reported and skipped, never fatal.
+``--processes`` worker processes. A bad file (or a bad manifest row, named by file and line; an
+unreadable caption; a dangling symlink; a picture over ``--max-pixels``) is reported and skipped,
+never fatal.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from data.video import MediaError, probe
+from data.video import DEFAULT_MAX_PIXELS, MediaError, probe
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,9 @@ def _seconds(row: dict, field: str) -> float | None:
     return seconds
 
 
-def _probe_item(item: SourceItem) -> tuple[SourceItem, bytes | None, dict | None, str | None]:
+def _probe_item(
+    item: SourceItem, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[SourceItem, bytes | None, dict | None, str | None]:
     """Read and probe one file (runs in a worker process). Returns data + meta, or a skip reason."""
     if item.error is not None:
         return item, None, None, item.error
@@ -181,7 +186,7 @@ def _probe_item(item: SourceItem) -> tuple[SourceItem, bytes | None, dict | None
         return item, None, None, "missing_caption"
     try:
         data = item.path.read_bytes()
-        info = probe(data, item.path.suffix).to_dict()
+        info = probe(data, item.path.suffix, max_pixels).to_dict()
     except OSError as e:
         return item, None, None, f"unreadable: {e.strerror or e}"
     except MediaError as e:
@@ -215,6 +220,7 @@ def write_shards(
     max_samples: int = 1000,
     max_mb: float = 1024.0,
     processes: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Probe ``items`` in parallel and write them to ``out_dir/{prefix}-NNNNNN.tar``; returns the index."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +233,8 @@ def write_shards(
         ctx.Pool(processes) if processes > 1 else _Inline() as pool,
         ShardSink(pattern, max_samples, int(max_mb * 2**20)) as sink,
     ):
-        for item, data, info, reason in pool.imap(_probe_item, items, chunksize=4):
+        probe_one = functools.partial(_probe_item, max_pixels=max_pixels)
+        for item, data, info, reason in pool.imap(probe_one, items, chunksize=4):
             if reason is not None:
                 kind = reason.split(":")[0]
                 row = {"source": str(item.path), "detail": reason}
@@ -314,13 +321,25 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
     w.add_argument("--max-mb", type=float, default=1024.0, help="MiB per shard")
     w.add_argument("--processes", type=int, default=1, help="probe processes")
+    w.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="skip larger images/frames (width × height)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not a.src.exists():
         p.error(f"{a.src} does not exist")
     items = list_sources(a.src)
     index = write_shards(
-        items, a.out_dir, prefix=a.prefix, max_samples=a.max_samples, max_mb=a.max_mb, processes=a.processes
+        items,
+        a.out_dir,
+        prefix=a.prefix,
+        max_samples=a.max_samples,
+        max_mb=a.max_mb,
+        processes=a.processes,
+        max_pixels=a.max_pixels,
     )
     print(
         json.dumps(

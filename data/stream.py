@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 import re
 import time
 import zlib
@@ -197,10 +198,26 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
 
 
 def _npy(sample: dict, ext: str) -> np.ndarray:
+    """The array in a ``.npy`` member: never unpickled, and refused when its header declares more
+    data than the member holds (numpy allocates the declared size before reading any of it)."""
+    data = sample[ext]
+    f = io.BytesIO(data)
     try:
-        return np.load(io.BytesIO(sample[ext]), allow_pickle=False)  # never unpickle shard content
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version}")
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > len(data) - f.tell():
+            raise ValueError(
+                f"shape {shape} of {dtype} needs {declared} bytes; it holds {len(data) - f.tell()}"
+            )
+        return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard content
     except ValueError as e:
-        raise MediaError("bad_array", f"{ext}: {e}") from e
+        raise MediaError("bad_array", f"{ext}: {e}"[:200]) from e
 
 
 def collate(items: list[dict], bucket_name: str) -> dict:
@@ -300,7 +317,7 @@ def _decode_batch(members: list, a: Assignment, spec: StreamSpec, errors: Errors
     for sample, sa in members:
         start = time.perf_counter()
         try:
-            items.append(decode_sample(sample, sa, spec))
+            items.append((sample, decode_sample(sample, sa, spec)))
         except MemoryError:
             raise
         except MediaError as e:
@@ -309,7 +326,31 @@ def _decode_batch(members: list, a: Assignment, spec: StreamSpec, errors: Errors
             errors.add("decode_error", sample["__shard__"], sample["__key__"], f"{type(e).__name__}: {e}")
         errors.decoded += 1
         errors.decode_s += time.perf_counter() - start
+    items = _same_shapes(items, errors)
     return collate(items, a.bucket.name) if items else None
+
+
+def _same_shapes(items: list[tuple[dict, dict]], errors: Errors) -> list[dict]:
+    """The decoded items whose tensor shapes agree with the most common ones (the first on a tie).
+
+    Pixels are decoded to the bucket's shape, but latent shards carry their arrays as they were
+    written: one with another shape would make the whole batch fail to stack.
+    """
+
+    def shapes(item: dict) -> tuple:
+        names = ("video", "latent", "text_emb", "text_mask")
+        return tuple(
+            (n, tuple(item[n].shape), item[n].dtype) if item.get(n) is not None else n for n in names
+        )
+
+    common = collections.Counter(shapes(item) for _, item in items).most_common(1)
+    kept = []
+    for sample, item in items:
+        if shapes(item) == common[0][0]:
+            kept.append(item)
+        else:
+            errors.add("shape_mismatch", sample["__shard__"], sample["__key__"], f"{shapes(item)}"[:200])
+    return kept
 
 
 def _check_rate(errors: Errors, spec: StreamSpec) -> None:

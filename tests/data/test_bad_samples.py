@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pytest
 
 from data.buckets import Bucket, BucketConfig, assign, clip_start
@@ -177,3 +178,41 @@ def test_member_names_that_could_overwrite_sample_fields_are_refused(tmp_path):
     keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
     assert keys == ["good"] and dict(errors.counts) == {"bad_member_name": 3}
     assert errors.seen == 1 and errors.skipped_samples == 0  # stray members are not samples
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _npy_claiming(shape: tuple[int, ...]) -> bytes:
+    """A .npy whose header declares ``shape`` float32 but that holds 16 bytes of data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(16)
+
+
+def test_latent_arrays_that_lie_or_disagree_cost_their_sample(tmp_path):
+    meta = json.dumps({**BASE, "bucket": "8x32x32"})
+
+    def latent(key: str, array: bytes) -> dict:
+        text = _npy(np.ones((5, 8), np.float32))
+        return {"__key__": key, "latent.npy": array, "text.npy": text, "json": meta, "txt": "x"}
+
+    write_tar(
+        tmp_path / "train-000000.tar",
+        [
+            latent("k0", _npy(np.zeros((4, 2, 4, 4), np.float32))),
+            latent("wide", _npy(np.zeros((4, 2, 4, 8), np.float32))),  # would not stack with k0
+            latent("liar", _npy_claiming((2**40,))),  # 4 TiB declared: numpy would allocate it first
+            latent("pickled", _npy(np.array([{"x": 1}], dtype=object))),
+            latent("k1", _npy(np.ones((4, 2, 4, 4), np.float32))),
+        ],
+    )
+    keys, errors = stream_epoch(
+        [tmp_path / "train-000000.tar"], BucketConfig([Bucket(8, 32, 32, 5)], fps=8), shuffle_buffer=0
+    )
+    assert keys == ["k0", "k1"]
+    assert dict(errors.counts) == {"shape_mismatch": 1, "bad_array": 2}
+    assert errors.examples["shape_mismatch"] == "train-000000.tar:wide"
