@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data.buckets import assign
-from data.pipeline import list_shards
+from data.meta import MetaError, parse_meta
+from data.pipeline import limits, list_shards
+from data.reader import read_shard
+from data.stream import Errors
 from dit.flops import count
 from dit.model import SpacetimeDiT
 from launch.config import CONFIG_DIR, JobConfig, load_config
@@ -107,13 +109,17 @@ def bucket_mix(cfg: JobConfig) -> dict[str, float]:
     """Share of optimizer-step batches per bucket, from the training shards' metadata (no decoding)."""
     buckets = cfg.data.buckets
     samples = {b.name: 0 for b in buckets.buckets}
-    for path in list_shards(cfg.data):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    found = assign(json.load(tar.extractfile(member)), buckets)
-                    if found is not None:
-                        samples[found.bucket.name] += 1
+    lim = limits(cfg.data)
+    for shard in list_shards(cfg.data):
+        # the loader's own reader and sidecar schema: the same size limits, no crash on a bad sample
+        for sample in read_shard(shard, Errors(), lim):
+            try:
+                meta = parse_meta(sample["json"], lim.max_pixels) if "json" in sample else None
+            except MetaError:
+                continue
+            found = assign(meta, buckets) if meta else None
+            if found is not None:
+                samples[found.bucket.name] += 1
     batches = {b.name: samples[b.name] / b.batch_size for b in buckets.buckets}
     if buckets.image_ratio is not None:  # the loader holds image batches at this share
         images = {b.name for b in buckets.buckets if b.frames == 1}

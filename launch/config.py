@@ -242,6 +242,8 @@ _RANGES = (
     ("data.error_threshold", 0.0, 1.0, False, False),
     ("data.min_samples_for_threshold", 0, math.inf, False, False),
     ("data.max_text_len", 1, math.inf, False, False),
+    ("data.max_pixels", 1, math.inf, False, False),
+    ("data.max_member_mb", 0.0, math.inf, True, False),
     ("data.buckets.fps", 0.0, math.inf, True, False),
     ("checkpoint.every", 0, math.inf, False, False),
     ("checkpoint.keep", 0, math.inf, False, False),

@@ -115,3 +115,32 @@ def test_slurm_run_is_one_job_array_over_the_unfinished_runs(tmp_path, shards):
     assert argv[0] == "sbatch" and "--array=0,1,2,3%2" in argv
     assert argv[-3:] == ["benchmarks.sweep", "task", str(out.resolve())]
     assert any(a.endswith("%x-%A_%a.log") for a in argv)
+
+
+def test_bucket_mix_reads_shards_as_the_loader_does(tmp_path, shards):
+    """Planning reads the shards' sidecars through the loader's reader and schema: a bad sidecar or
+    a gzip tar costs its sample (or shard), not the plan, and never changes the mix of the good ones."""
+    import gzip
+    import io
+    import shutil
+    import tarfile
+
+    cfg = load_config(None, [
+        f"data.shards={shards}", "data.buckets.fps=8",
+        "data.buckets.buckets=[{frames: 4, height: 32, width: 32, batch_size: 2},"
+        "{frames: 1, height: 32, width: 32, batch_size: 4}]",
+    ])  # fmt: skip
+    clean = sweep.bucket_mix(cfg)
+    dirty = tmp_path / "dirty"
+    shutil.copytree(shards, dirty)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, meta in (("nested", b"[" * 100_000), ("frames", b'{"kind": "video", "frames": "abc"}')):
+            for ext, data in (("json", meta), ("txt", b"x"), ("mp4", b"not a video")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (dirty / "train-999998.tar").write_bytes(buf.getvalue())
+    (dirty / "train-999999.tar").write_bytes(gzip.compress((shards / "train-000000.tar").read_bytes()))
+    cfg.data.shards = str(dirty)
+    assert sweep.bucket_mix(cfg) == clean
