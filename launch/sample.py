@@ -56,8 +56,8 @@ def load_for_inference(
     model = build_model(info["arch"], device=device)
     try:
         model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:  # weights of another architecture than config.json says
-        raise CheckpointError(f"{src}: the weights do not fit config.json's arch: {e}") from None
+    except RuntimeError as e:  # weights of another architecture than the config says
+        raise CheckpointError(f"{src}: the weights do not fit the arch of its config: {e}") from None
     return model.eval(), info
 
 

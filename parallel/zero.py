@@ -25,6 +25,9 @@ What DeepSpeed 0.19 needs on a CPU, found on this machine (torch 2.13 CPU, gloo)
   installs :class:`SafeCheckpointEngine`, which reads them with ``weights_only=True`` and allows
   exactly the three DeepSpeed classes its optimizer files hold (found with
   ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO-1/2/3 checkpoints, fp32 and bf16).
+  Every file ``load_checkpoint`` reads goes through it (read in deepspeed/runtime/engine.py and
+  state_dict_factory.py); only the universal-checkpoint loaders call ``torch.load(weights_only=False)``
+  themselves, and :func:`deepspeed_config` never enables them (no ``checkpoint.load_universal``).
 - DeepSpeed keeps the model-parallel unit in a module global (``deepspeed.utils.groups.mpu``) that a
   later engine without one would inherit, so :func:`build_engine` always passes a
   :class:`DeepSpeedGroups`, with a one-rank tensor-parallel group when there is no tp.
