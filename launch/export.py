@@ -16,6 +16,8 @@ import types
 import typing
 from pathlib import Path
 
+import torch
+
 from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig
 from launch.config import JobConfig, SampleConfig, load_config
@@ -121,6 +123,10 @@ def export(src: str | Path, out_dir: str | Path) -> Path:
     path = ckpt.resolve(src)
     cfg = load_config(path / "config.yaml")
     state = ckpt.read_full(path, {"model", "ema", "step"})
+    for key in ("model", "ema"):
+        bad = [name for name, t in (state.get(key) or {}).items() if not torch.isfinite(t).all()]
+        if bad:  # the trainer never saves such a state: this checkpoint was altered or is foreign
+            raise CheckpointError(f"{path}: {key} weights {', '.join(bad[:3])} hold NaN or inf; not exported")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     step = int(state["step"])
@@ -139,9 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         out = export(a.source, a.out_dir)
-    except (
-        CheckpointError
-    ) as e:  # a damaged or foreign file: the message names it, a traceback would not help
+    except CheckpointError as e:  # a damaged or foreign file: the message names it, a traceback would not
         raise SystemExit(f"error: {e}") from None
     print(f"exported {ckpt.resolve(a.source)} → {out} ({', '.join(sorted(f.name for f in out.iterdir()))})")
 

@@ -322,7 +322,9 @@ def setup(cfg: JobConfig) -> Trainer:
     run_dir = Path(cfg.run.dir)
     lock = lock_run_dir(run_dir, env)
     try:
-        found = ckpt.latest(run_dir / "checkpoints")
+        # the newest intact checkpoint (damaged newer ones are named and skipped); the ranks share
+        # the reading that verifies it
+        found = ckpt.latest(run_dir / "checkpoints", distributed=True)
         if found is not None:
             check_resumable(found, cfg, run_dir)
         if env.is_main:
@@ -458,7 +460,7 @@ def _train(tr: Trainer) -> dict:
     peak = peak_flops() if dev.type == "cuda" else None
     batches = iter(tr.loader)
     record: dict = {}
-    last_saved = tr.step if ckpt.latest(tr.run_dir / "checkpoints") else -1
+    last_saved = tr.step if tr.step else -1  # a resumed run starts at its checkpoint's step
     prev = time.perf_counter()
     try:
         while tr.step < cfg.train.steps:
@@ -578,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from e
     try:
         run(cfg)
-    except (RunDirLocked, ResumeRefused) as e:
+    except (RunDirLocked, ResumeRefused, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except KeyboardInterrupt:

@@ -187,3 +187,22 @@ def test_sample_cli_names_a_foreign_weights_file(tmp_path):
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{export / 'model.safetensors'}: not a readable safetensors file" in proc.stderr
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    """The trainer never saves NaN weights (tests/launch/test_reliability.py); a checkpoint holding
+    them anyway (altered, or written by something else) is not exported."""
+    from dit.model import build_model
+    from launch.config import load_config, to_yaml
+    from launch.export import export
+
+    cfg = load_config()
+    weights = build_model(cfg.model.arch, seed=0).state_dict()
+    ema = {k: v.clone() for k, v in weights.items()}
+    ema["final.linear.weight"][0, 0] = float("nan")
+    root = tmp_path / "run" / "checkpoints"
+    ckpt.save(root, 1, {"model": weights, "ema": ema, "step": torch.tensor(1)}, {}, rank=0,
+              files={"config.yaml": to_yaml(cfg)})  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError, match="ema weights final.linear.weight hold NaN or inf"):
+        export(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
