@@ -183,7 +183,7 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
         else:
             start = clip_start(a, float(u.random()))
             decode = decode_clip_naive if spec.naive_decode else decode_clip
-            frames = decode(data, start, b.frames, a.fps, (b.width, b.height), offset, max_pixels)
+            frames = decode(data, start, b.frames, a.fps, (b.width, b.height), offset, max_pixels, ext)
         video = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)  # C, T, H, W (a writable copy)
         out = {"video": video.float().div_(127.5).sub_(1.0)}
     if "text.npy" in sample:

@@ -20,7 +20,16 @@ from PIL import Image
 
 VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-DEFAULT_MAX_PIXELS = 8192 * 8192  # per image or frame: 8K video fits; a 48 KB PNG of 20000² does not
+# Pillow's hard limit (it refuses more than twice MAX_IMAGE_PIXELS outright and only warns below): a
+# lower default would newly refuse stills Pillow decodes (a 100 MP camera's), a higher one nothing it
+# decodes. 8K video frames fit; a 48 KB PNG of 20000² does not.
+DEFAULT_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # None (disabled by a user): Pillow's default
+# The only decoders shard bytes reach. Without ``formats`` Pillow tries every plugin it has, and its EPS
+# plugin runs Ghostscript on the PostScript inside; MPO (multi-picture JPEG) comes through JPEG's opener.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP")
+# The FFmpeg demuxer of each extension, given to every av.open: autodetection would also accept formats
+# that open files named inside the data (ffconcat, HLS playlists, image2 patterns) or fetch URLs.
+DEMUXERS = {"mp4": "mov", "mov": "mov", "mkv": "matroska", "webm": "matroska", "avi": "avi"}
 
 
 class MediaError(ValueError):
@@ -62,7 +71,7 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
 def open_image(data: bytes, max_pixels: int):
     """A Pillow image whose header passed the pixel limit; any Pillow failure is a MediaError."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
             check_pixels(im.width, im.height, max_pixels)  # the header only: nothing decoded yet
             yield im
     except MediaError:
@@ -71,6 +80,32 @@ def open_image(data: bytes, max_pixels: int):
         raise MediaError("too_many_pixels", str(e)) from e
     except Exception as e:  # Pillow raises many types for bad files (UnidentifiedImageError, OSError, …)
         raise MediaError("undecodable", f"{type(e).__name__}: {e}") from e
+
+
+def demuxer(ext: str | None, data: bytes = b"") -> str:
+    """The FFmpeg demuxer to read a video with: by its extension, or (``ext`` None: a file the user
+    named, not shard data) by its first bytes; never FFmpeg's own autodetection.
+
+    Raises:
+        MediaError: ``unknown_extension``, or ``undecodable`` when the bytes are none of the containers.
+    """
+    if ext is not None:
+        name = DEMUXERS.get(ext.lower().lstrip("."))
+        if name is None:
+            raise MediaError("unknown_extension", ext)
+        return name
+    if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mov"
+    if data[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska and WebM
+        return "matroska"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    raise MediaError("undecodable", "not an mp4/mov, mkv/webm or avi container")
+
+
+def open_video(data: bytes, ext: str | None):
+    """``av.open`` of the bytes with the demuxer of :func:`demuxer` (FFmpeg never picks one itself)."""
+    return av.open(io.BytesIO(data), format=demuxer(ext, data))
 
 
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
@@ -93,10 +128,11 @@ def video_stream(container, max_pixels: int):
     return stream
 
 
-def probe_video(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
-    """Container metadata plus a decode of the first frame (so undecodable files fail here)."""
+def probe_video(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, ext: str | None = None) -> MediaInfo:
+    """Container metadata plus a decode of the first frame (so undecodable files fail here); ``ext``
+    picks the demuxer (:func:`demuxer`)."""
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with open_video(data, ext) as container:
             stream = video_stream(container, max_pixels)
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
@@ -127,7 +163,7 @@ def probe(data: bytes, ext: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaI
         raise MediaError("unknown_extension", ext)
     if not data:
         raise MediaError("empty", "zero bytes")
-    return probe_video(data, max_pixels) if kind == "video" else probe_image(data, max_pixels)
+    return probe_video(data, max_pixels, ext) if kind == "video" else probe_image(data, max_pixels)
 
 
 def resize_crop_size(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int]:
@@ -174,6 +210,7 @@ def decode_clip(
     size: tuple[int, int],
     offset=(0.5, 0.5),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    ext: str | None = None,
 ) -> np.ndarray:
     """T×H×W×3 uint8: ``num_frames`` frames from ``start`` s, sampled at ``fps``, resized and cropped.
 
@@ -186,6 +223,8 @@ def decode_clip(
         size: (width, height) of the output.
         offset: crop position in [0, 1]² (0.5, 0.5 = centre).
         max_pixels: the largest frame (width × height) decoded; checked on the stream's declared size.
+        ext: the file's extension, which picks the demuxer (:func:`demuxer`); always given for shard
+            data. None: by the first bytes (for a file the user names, as ``launch.sample`` does).
 
     Raises:
         MediaError: undecodable, no video stream, frames over ``max_pixels``, or the clip is shorter
@@ -194,7 +233,7 @@ def decode_clip(
     wanted = frame_times(start, num_frames, fps)
     out: list[np.ndarray] = []
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with open_video(data, ext) as container:
             stream = video_stream(container, max_pixels)
             stream.thread_type = "AUTO"
             tb = stream.time_base or Fraction(1, 1_000_000)
@@ -224,10 +263,12 @@ def decode_clip(
     return crop(np.stack(out), size, offset)
 
 
-def decode_all_frames(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[float]]:
+def decode_all_frames(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, ext: str | None = None
+) -> tuple[np.ndarray, list[float]]:
     """Every frame as T×H×W×3 uint8 with its time: the naive reference decoder."""
     frames, times = [], []
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data, ext) as container:
         stream = video_stream(container, max_pixels)
         stream.thread_type = "AUTO"
         tb = stream.time_base
@@ -245,10 +286,11 @@ def decode_clip_naive(
     size: tuple[int, int],
     offset=(0.5, 0.5),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    ext: str | None = None,
 ) -> np.ndarray:
     """What :func:`decode_clip` returns, the slow way: convert every frame, then pick and resize."""
     try:
-        frames, times = decode_all_frames(data, max_pixels)
+        frames, times = decode_all_frames(data, max_pixels, ext)
     except av.error.FFmpegError as e:
         raise MediaError("undecodable", str(e)) from e
     if not times:

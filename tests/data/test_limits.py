@@ -7,14 +7,18 @@ import io
 import signal
 import tarfile
 import tracemalloc
+import warnings
 
 import pytest
+from PIL import Image
 
 from data.buckets import Bucket, BucketConfig
+from data.meta import parse_meta
 from data.pipeline import DataConfig, build_loader
 from data.reader import Limits, read_shard
 from data.shards import list_sources, write_shards
 from data.stream import Errors, validate
+from data.video import DEFAULT_MAX_PIXELS, MediaError, open_image
 from tests.data.conftest import bomb_png, image_sample, png, stream_epoch, video_sample, write_tar
 
 BUCKETS = BucketConfig([Bucket(4, 32, 32, 1), Bucket(1, 32, 32, 1)], fps=8)
@@ -120,7 +124,7 @@ def test_the_shard_writer_skips_decompression_bombs(tmp_path):
     (src / "big.png").write_bytes(bomb_png(9000, 9000))  # under Pillow's limit, over max_pixels
     for name in ("ok", "huge", "big"):
         (src / f"{name}.txt").write_text(f"{name} image")
-    index = write_shards(list_sources(src), tmp_path / "out")
+    index = write_shards(list_sources(src), tmp_path / "out", max_pixels=8192 * 8192)
     assert index["samples"] == 1
     assert sorted(s["source"] for s in index["skipped"]["too_many_pixels"]) == [
         str(src / "big.png"),
@@ -128,6 +132,22 @@ def test_the_shard_writer_skips_decompression_bombs(tmp_path):
     ]
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
         assert sorted(tar.getnames()) == ["ok.json", "ok.png", "ok.txt"]
+
+
+def test_the_default_max_pixels_refuses_nothing_pillow_would_decode():
+    """The default is Pillow's own hard limit: a 108 MP still (a 100 MP camera's) passes the header
+    check it failed under the old 8192² default; a square just past Pillow's limit does not."""
+    assert DEFAULT_MAX_PIXELS == 2 * Image.MAX_IMAGE_PIXELS == 178_956_970
+    camera = bomb_png(12000, 9000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow warns above half its limit
+        with open_image(camera, DEFAULT_MAX_PIXELS) as im:
+            assert im.size == (12000, 9000)
+        meta = image_sample("camera", camera, width=12000, height=9000)["json"].encode()
+        assert parse_meta(meta, DEFAULT_MAX_PIXELS)["width"] == 12000
+        past = bomb_png(13378, 13378)  # 178,970,884 pixels
+        with pytest.raises(MediaError, match="too_many_pixels"), open_image(past, DEFAULT_MAX_PIXELS):
+            pass
 
 
 @pytest.mark.parametrize("field,value", [("max_pixels", 0), ("max_member_mb", 0.0)])
