@@ -151,14 +151,26 @@ def _manifest_item(src: Path, line: int, row) -> SourceItem:
         if caption is not None and not isinstance(caption, str):
             raise ValueError(f"'caption' must be a string, got {caption!r}"[:120])
         start, end = _seconds(row, "start"), _seconds(row, "end")
+        media, name = _row_path(src, path)
     except ValueError as e:
         return SourceItem(src, None, where, error=f"bad_row: {where}: {e}", line=line)
-    name = str(Path(path).with_suffix(""))
     if start is not None or end is not None:
         name += f"_{start or 0:g}-{end if end is not None else 'end'}"
-    return SourceItem(
-        (src.parent / path).resolve(), (caption or "").strip() or None, name, start, end, line=line
-    )
+    return SourceItem(media, (caption or "").strip() or None, name, start, end, line=line)
+
+
+def _row_path(src: Path, path: str) -> tuple[Path, str]:
+    """``(file, key basis)`` of a manifest row's ``path``; ValueError for one that names no file
+    (``/``, ``.``, ``..``, a trailing ``/``) or holds a NUL, which pathlib and the OS reject."""
+    if "\0" in path:
+        raise ValueError(f"'path' holds a NUL byte: {path!r}"[:120])
+    if path.endswith("/") or Path(path).name in ("", ".", ".."):
+        raise ValueError(f"'path'={path!r} names a directory, not a file"[:120])
+    try:
+        media = (src.parent / path).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ValueError(f"'path'={path!r}: {e}"[:120]) from None
+    return media, str(Path(path).with_suffix(""))
 
 
 def _seconds(row: dict, field: str) -> float | None:

@@ -96,3 +96,32 @@ def test_bad_jsonl_rows_are_skipped_with_their_own_line(tmp_path):
     assert index["samples"] == 2
     assert _rows(index) == [(str(manifest), n) for n in (2, 4, 5, 6, 7)]
     assert all(f"{manifest}:{row['line']}" in row["detail"] for row in index["skipped"]["bad_row"])
+
+
+def test_manifest_rows_naming_no_file_are_skipped_through_the_cli(tmp_path):
+    """``/``, ``.``, ``..``, a trailing ``/``, a NUL byte and a symlink loop each cost their row (named
+    by file and line), in JSONL and CSV alike; pathlib and the OS raising on them never ends the job."""
+    (tmp_path / "a.mp4").write_bytes(encode_h264(gradient_clip(8, 32, 32), fps=8))
+    (tmp_path / "loop.mp4").symlink_to("loop.mp4")
+    bad = ["/", ".", "..", "clips/", "a\0.mp4", "loop.mp4"]
+    rows = [{"path": "a.mp4", "caption": "one"}] + [{"path": p, "caption": "bad"} for p in bad]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,caption\n" + "".join(f'"{r["path"]}",{r["caption"]}\n' for r in rows))
+    for manifest in (jsonl, csv):
+        out = tmp_path / f"out-{manifest.suffix[1:]}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "data.shards", "write", str(manifest), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        index = json.loads((out / "index.json").read_text())
+        assert index["samples"] == 1 and _names(out, index) == ["a.json", "a.mp4", "a.txt"]
+        first = 1 if manifest is jsonl else 2  # the CSV's line 1 is its header
+        assert _rows(index) == [(str(manifest), first + n) for n in range(1, len(bad) + 1)]
+        details = [row["detail"] for row in index["skipped"]["bad_row"]]
+        assert "NUL" in details[4] and "directory" in details[3]
+        assert "symlink loop" in details[5].lower() or "too many levels" in details[5].lower()
