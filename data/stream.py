@@ -354,9 +354,11 @@ def _same_shapes(items: list[tuple[dict, dict]], errors: Errors) -> list[dict]:
 
 
 def _check_rate(errors: Errors, spec: StreamSpec) -> None:
+    """Abort past ``error_threshold`` skipped samples per sample seen. Shard-level skips (a compressed
+    or truncated tar, a stray member) are reported but not counted: they are not among ``seen``."""
     if errors.seen < spec.min_samples_for_threshold:
         return
-    rate = errors.total() / max(errors.seen, 1)
+    rate = errors.skipped_samples / max(errors.seen, 1)
     if rate > spec.error_threshold:
         worst = ", ".join(f"{s} ({n})" for s, n in errors.by_shard.most_common(3))
         raise RuntimeError(

@@ -216,3 +216,38 @@ def test_latent_arrays_that_lie_or_disagree_cost_their_sample(tmp_path):
     assert keys == ["k0", "k1"]
     assert dict(errors.counts) == {"shape_mismatch": 1, "bad_array": 2}
     assert errors.examples["shape_mismatch"] == "train-000000.tar:wide"
+
+
+def _rate_epoch(tmp_path, shards: list[list[dict] | bytes]) -> tuple[list[str], Errors]:
+    """One epoch with the default 5% threshold from the 4th sample on; a shard is samples or raw bytes."""
+    from data.stream import StreamSpec, batches
+
+    paths = []
+    tmp_path.mkdir(exist_ok=True)
+    for i, shard in enumerate(shards):
+        paths.append(str(tmp_path / f"train-{i:06d}.tar"))
+        if isinstance(shard, bytes):
+            (tmp_path / f"train-{i:06d}.tar").write_bytes(shard)
+        else:
+            write_tar(paths[-1], shard)
+    spec = StreamSpec(paths, BUCKETS, 0, 0, (0,), shuffle_buffer=0, min_samples_for_threshold=4)
+    errors = Errors()
+    keys = [k for _, b in batches(spec, errors) if b is not None for k in b["key"]]
+    return keys, errors
+
+
+def test_broken_shards_do_not_count_toward_the_per_sample_error_rate(tmp_path):
+    import gzip
+
+    good = [[image_sample(f"s{i}_{j}", png()) for j in range(3)] for i in range(4)]
+    raw = io.BytesIO()
+    write_tar(raw, [image_sample("lost", png())])
+    shards = [good[0], gzip.compress(raw.getvalue()), good[1], raw.getvalue()[:700], good[2], good[3]]
+    keys, errors = _rate_epoch(tmp_path, shards)  # 2 of 6 shards broken, no sample skipped
+    assert len(keys) == 12 and errors.seen == 12 and errors.skipped_samples == 0
+    assert dict(errors.counts) == {"compressed_tar": 1, "truncated_tar": 1}
+    bad = [*good[0][:2], image_sample("broken", b"\x89PNG not really"), *good[1]]
+    with pytest.raises(
+        RuntimeError, match=r"error rate 2\d\.\d% over 4 samples"
+    ):  # 1 of 4 samples: still trips
+        _rate_epoch(tmp_path / "bad", [bad])
