@@ -26,14 +26,13 @@ import torch
 
 from data.buckets import Assignment, BucketConfig, assign, clip_start
 from data.meta import parse_meta
-from data.reader import Limits, Shard, read_shard
+from data.reader import KNOWN_EXTS, Limits, Shard, read_shard
 from data.video import IMAGE_EXTS, VIDEO_EXTS, MediaError, decode_clip, decode_clip_naive, decode_image
 
 log = logging.getLogger(__name__)
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 LATENT_EXTS = ("latent.npy",)
-KNOWN_EXTS = set(VIDEO_EXTS) | set(IMAGE_EXTS) | {"txt", "json", "latent.npy", "text.npy", "text_mask.npy"}
 
 
 @dataclass

@@ -3,6 +3,7 @@ key and reason), never an exception out of the stream; the sidecar json has one 
 
 import io
 import json
+import subprocess
 import tarfile
 
 import numpy as np
@@ -143,7 +144,7 @@ def _tar_with_members(path, members: dict[str, bytes]) -> None:
 
 
 def test_same_basename_in_two_directories_is_two_samples_not_one(tmp_path):
-    k, good = video_sample("k"), video_sample("good")
+    k, good, other = video_sample("k"), video_sample("good"), video_sample("a__k")
     _tar_with_members(
         tmp_path / "train-000000.tar",
         {
@@ -154,12 +155,52 @@ def test_same_basename_in_two_directories_is_two_samples_not_one(tmp_path):
             "./good.mp4": good["mp4"],  # what `tar -C dir -cf x.tar .` writes: the same key as good
             "good.json": good["json"].encode(),
             "good.txt": b"a clip",
+            "a__k.mp4": other["mp4"],  # another path, the same key as a/k
+            "a__k.json": other["json"].encode(),
+            "a__k.txt": b"a clip",
         },
     )
     keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
     assert keys == ["good"]  # a/k's video was never paired with c/k's caption
-    assert dict(errors.counts) == {"unsafe_key": 2}
-    assert errors.examples["unsafe_key"] == "train-000000.tar:a/k"
+    assert dict(errors.counts) == {"missing_caption": 1, "missing_media": 1, "duplicate_key": 1}
+    assert errors.examples["missing_caption"] == "train-000000.tar:a__k"
+    assert errors.examples["missing_media"] == "train-000000.tar:c__k"
+
+
+def test_samples_under_a_directory_load_with_the_path_in_their_keys(tmp_path):
+    """``tar --sort=name -cf x.tar imgs/`` and ``… -C dir -cf x.tar .`` (the real GNU tar; sorted, as
+    webdataset needs a sample's members together) make valid shards: the directories are part of each
+    key, joined by ``__``."""
+    src = tmp_path / "src"
+    (src / "imgs").mkdir(parents=True)
+    (src / "clips" / "b").mkdir(parents=True)
+    for i in (1, 2):
+        sample = image_sample(f"k{i}", png(value=40 * i))
+        for ext in ("png", "json", "txt"):
+            data = sample[ext]
+            (src / "imgs" / f"k{i}.{ext}").write_bytes(data if isinstance(data, bytes) else data.encode())
+    clip = video_sample("c")
+    for ext in ("mp4", "json", "txt"):
+        data = clip[ext]
+        (src / "clips" / "b" / f"c.{ext}").write_bytes(data if isinstance(data, bytes) else data.encode())
+    tar = ["tar", "--sort=name", "-cf"]
+    subprocess.run([*tar, str(tmp_path / "train-000000.tar"), "imgs/"], cwd=src, check=True)
+    subprocess.run([*tar, str(tmp_path / "train-000001.tar"), "-C", str(src), "."], check=True)
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
+    assert keys == ["imgs__k1", "imgs__k2"] and dict(errors.counts) == {}
+    keys, errors = stream_epoch([tmp_path / "train-000001.tar"], BUCKETS)
+    assert keys == ["clips__b__c", "imgs__k1", "imgs__k2"] and dict(errors.counts) == {}
+
+
+@pytest.mark.parametrize("path", ["../x", "/abs/x", "a//x", "a/../x", "a/.hidden/x", "./../x", "x y/k"])
+def test_paths_with_no_safe_key_are_unsafe_key(tmp_path, path):
+    k, good = video_sample("k"), video_sample("good")
+    members = {f"{path}.mp4": k["mp4"], f"{path}.json": k["json"].encode(), f"{path}.txt": b"a clip"}
+    members.update({"good.mp4": good["mp4"], "good.json": good["json"].encode(), "good.txt": b"a clip"})
+    _tar_with_members(tmp_path / "train-000000.tar", members)
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
+    assert keys == ["good"] and dict(errors.counts) == {"unsafe_key": 1}
+    assert errors.seen == 2 and errors.skipped_samples == 1
 
 
 def test_member_names_that_could_overwrite_sample_fields_are_refused(tmp_path):

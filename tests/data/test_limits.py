@@ -183,3 +183,87 @@ def test_a_member_declaring_exabytes_ends_the_shard_at_once(tmp_path):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert keys == ["good"] and dict(errors.counts) == {"truncated_tar": 1}
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes, **pax) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.pax_headers = len(data), pax
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sample_members(tar: tarfile.TarFile, key: str, **extra: bytes) -> None:
+    for ext, data in {**video_sample(key), **extra}.items():
+        if ext != "__key__":
+            _member(tar, f"{key}.{ext}", data if isinstance(data, bytes) else data.encode())
+
+
+def test_extended_headers_whole_samples_and_unknown_members_are_bounded(tmp_path):
+    """Before any member is seen, tarfile reads a PAX header's or a GNU long name's whole payload; a
+    sample could hold any number of members each under max_member_mb; a member of an extension no
+    decoder reads was read anyway. With max_member_mb=1 none of the 40 MiB here enters memory."""
+    mib = 2**20
+    path = tmp_path / "train-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        _sample_members(tar, "a")
+        _member(tar, "pax.txt", b"abc", comment="x" * (40 * mib))  # a 3-byte member, a 40 MiB header
+        _sample_members(tar, "pax")
+        big = {ext: bytes(9 * mib // 10) for ext in ("mov", "mkv", "webm", "avi", "jpg", "png")}
+        _sample_members(tar, "many", **big)  # 5.4 MiB in members of 0.9 MiB
+        odd = {f"bin{i}": bytes(9 * mib // 10) for i in range(8)}
+        _sample_members(tar, "odd", **odd)  # a good clip and 7.2 MiB nobody decodes
+        _sample_members(tar, "b")
+    gnu = tmp_path / "train-000001.tar"
+    with tarfile.open(gnu, "w", format=tarfile.GNU_FORMAT) as tar:
+        _member(tar, "long." + "x" * (40 * mib), b"abc")  # a GNU long-name header of 40 MiB
+        _sample_members(tar, "long")
+        _sample_members(tar, "c")
+    limits, errors, raw = Limits(max_member_mb=1), Errors(), []
+    tracemalloc.start()
+    try:
+        for shard in (path, gnu):
+            for sample in read_shard(str(shard), errors, limits):
+                unread = sorted(k for k, v in sample.items() if v is None)
+                raw.append((sample["__key__"], sample.get("__error__", ("", "")), unread))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * mib, f"peak {peak / mib:.1f} MiB"
+    assert [(key, why[0], unread) for key, why, unread in raw] == [
+        ("a", "", []),
+        ("pax", "member_too_large", []),
+        ("many", "sample_too_large", []),
+        ("odd", "", sorted(odd)),
+        ("b", "", []),
+        ("long", "member_too_large", []),
+        ("c", "", []),
+    ]
+    assert raw[1][1][1].startswith("pax.txt: a PAX header of 4194") and "GNU long-name" in raw[5][1][1]
+    keys, errors = stream_epoch([path, gnu], BUCKETS, limits=limits)
+    assert keys == ["a", "b", "c", "odd"]
+    assert dict(errors.counts) == {"member_too_large": 2, "sample_too_large": 1}
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_members_are_refused_without_reading_their_maps(tmp_path, fmt):
+    """GNU tar's --sparse (an 'S' header with extension blocks, or PAX GNU.sparse 1.0): tarfile keeps
+    every block of the map in memory; no webdataset writer makes them, so they cost their sample."""
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for key in ("good", "sparse"):
+        for ext, data in video_sample(key).items():
+            if ext != "__key__":
+                (src / f"{key}.{ext}").write_bytes(data if isinstance(data, bytes) else data.encode())
+    with open(src / "sparse.mp4", "r+b") as f:  # 40 data runs between holes: a map past one block
+        for i in range(40):
+            f.seek(i * 65536)
+            f.write(b"run %02d" % i)
+    tar = tmp_path / "train-000000.tar"
+    cmd = ["tar", "--sparse", f"--format={fmt}", "--sort=name", "-cf", str(tar), "-C", str(src), "."]
+    subprocess.run(cmd, check=True)
+    with tarfile.open(tar) as t:
+        assert len(t.getmember("./sparse.mp4").sparse) >= 40  # really sparse, as tarfile reads it
+    keys, errors = stream_epoch([tar], BUCKETS)
+    assert keys == ["good"] and dict(errors.counts) == {"unsupported_member": 1}
+    assert errors.examples["unsupported_member"] == "train-000000.tar:sparse"
