@@ -7,7 +7,7 @@
 Each raw sample is assigned to its bucket (the same rules and seed as the raw loader), decoded to the
 bucket's shape, encoded, and written as ``{key}.latent.npy`` (C×t×h×w float32), ``{key}.text.npy``
 (L×D), ``{key}.text_mask.npy`` (L bool), ``{key}.txt`` and ``{key}.json`` (the bucket, fps, latent
-shape, codec and text encoder). Rank r writes ``OUT_DIR/train-r{r:03d}-NNNNNN.tar``; rank 0 writes
+and text shapes, codec and text encoder). Rank r writes ``OUT_DIR/train-r{r:03d}-NNNNNN.tar``; rank 0 writes
 ``index.json``. Train on the result with the same bucket file: ``data.shards=OUT_DIR``.
 """
 
@@ -97,6 +97,7 @@ def _encoded(sample: dict, a: Assignment, spec: StreamSpec, codec, text_encoder:
         "duration": (b.frames - 1) / a.fps if b.frames > 1 else 0.0,
         "bucket": b.name,
         "latent_shape": list(latent.shape),
+        "text_shape": list(emb.shape[1:]),
         "codec": codec.name,
         "text_encoder": text_encoder.name,
         "source": sample["__meta__"].get("source", sample["__key__"]),

@@ -46,7 +46,8 @@ SCHEMA: dict[str, Field] = {
     "end": Field(float, 0, _BIG),
     "bucket": Field(str),  # latent shards: "FxHxW"
     "label": Field(int, 0, (1 << 31) - 1),
-    "latent_shape": Field(list, 1, 1 << 20),
+    "latent_shape": Field(list, 1, 1 << 20),  # latent shards: C, t, h, w
+    "text_shape": Field(list, 1, 1 << 20),  # latent shards: L, D of text.npy
     "codec": Field(str),
     "source": Field(str),
     "text_encoder": Field(str),

@@ -145,7 +145,29 @@ def _check(sample: dict, seen: set[str], limits: Limits) -> tuple[str | None, st
         return "bad_caption", f"caption is not UTF-8 ({e})"
     if meta["kind"] == "video" and meta.get("frames", 0) < 1:
         return "zero_frames", ""
+    if media[0] == "latent.npy":
+        reason, detail = _check_latent_meta(meta)
+        if reason is not None:
+            return reason, detail
     sample["__meta__"], sample["__text__"], sample["__media__"] = meta, text, media[0]
+    return None, ""
+
+
+def _check_latent_meta(meta: dict) -> tuple[str | None, str]:
+    """A latent sample's json must declare its bucket and a C×t×h×w ``latent_shape`` (data.encode
+    writes both) that some codec could make of that bucket: one integer spatial factor for height and
+    width, no more latent frames than pixel frames, one for a still. The array is held to that shape
+    when decoded, so a single sample can never bring a latent of another size into a batch."""
+    shape = meta.get("latent_shape")
+    if "bucket" not in meta or shape is None:
+        return "bad_metadata", "a latent sample's json must declare 'bucket' and 'latent_shape'"
+    if len(shape) != 4:
+        return "shape_mismatch", f"latent_shape {shape} is not C×t×h×w"
+    f, h, w = (int(v) for v in meta["bucket"].split("x"))
+    _, lt, lh, lw = shape
+    factor = h // lh
+    if factor < 1 or (lh * factor, lw * factor) != (h, w) or lt > f or (f == 1 and lt != 1):
+        return "shape_mismatch", f"latent_shape {shape} is no codec's latent of bucket {meta['bucket']}"
     return None, ""
 
 
@@ -174,7 +196,8 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
     offset = tuple(u.random(2)) if spec.random_crop else (0.5, 0.5)
     ext = sample["__media__"]
     if ext == "latent.npy":
-        out = {"latent": torch.from_numpy(_npy(sample, "latent.npy"))}
+        shape = tuple(sample["__meta__"]["latent_shape"])  # validate() checked it against the bucket
+        out = {"latent": torch.from_numpy(_npy(sample, "latent.npy", shape))}
     else:
         data = sample[ext]
         if ext in IMAGE_EXTS:
@@ -186,19 +209,23 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
         video = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)  # C, T, H, W (a writable copy)
         out = {"video": video.float().div_(127.5).sub_(1.0)}
     if "text.npy" in sample:
-        out["text_emb"] = torch.from_numpy(_npy(sample, "text.npy"))
-        out["text_mask"] = (
-            torch.from_numpy(_npy(sample, "text_mask.npy")).bool() if "text_mask.npy" in sample else None
-        )
+        declared = sample["__meta__"].get("text_shape")  # L, D (data.encode writes it)
+        emb = _npy(sample, "text.npy", tuple(declared) if declared else 2)
+        out["text_emb"] = torch.from_numpy(emb)
+        out["text_mask"] = None
+        if "text_mask.npy" in sample:
+            out["text_mask"] = torch.from_numpy(_npy(sample, "text_mask.npy", emb.shape[:1])).bool()
     if "label" in sample["__meta__"]:  # a non-negative int: the schema checked it
         out["label"] = sample["__meta__"]["label"]
     out.update(text=sample["__text__"], fps=a.fps, key=key)
     return out
 
 
-def _npy(sample: dict, ext: str) -> np.ndarray:
-    """The array in a ``.npy`` member: never unpickled, and refused when its header declares more
-    data than the member holds (numpy allocates the declared size before reading any of it)."""
+def _npy(sample: dict, ext: str, want: tuple[int, ...] | int) -> np.ndarray:
+    """The array in a ``.npy`` member: never unpickled, refused when its header declares more data than
+    the member holds (numpy allocates the declared size before reading any of it), and a
+    ``shape_mismatch`` (found from the header, before reading) unless its shape is ``want`` (a tuple)
+    or has ``want`` dimensions (an int)."""
     data = sample[ext]
     f = io.BytesIO(data)
     try:
@@ -209,12 +236,17 @@ def _npy(sample: dict, ext: str) -> np.ndarray:
             np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         )
         shape, _, dtype = read(f)
+        if shape != want if isinstance(want, tuple) else len(shape) != want:
+            expected = want if isinstance(want, tuple) else f"{want}-D"
+            raise MediaError("shape_mismatch", f"{ext} is {shape}, not {expected}")
         declared = math.prod(shape) * dtype.itemsize
         if declared > len(data) - f.tell():
             raise ValueError(
                 f"shape {shape} of {dtype} needs {declared} bytes; it holds {len(data) - f.tell()}"
             )
         return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard content
+    except MediaError:  # a ValueError too, with its own reason
+        raise
     except ValueError as e:
         raise MediaError("bad_array", f"{ext}: {e}"[:200]) from e
 

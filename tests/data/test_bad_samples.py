@@ -234,21 +234,32 @@ def _npy_claiming(shape: tuple[int, ...]) -> bytes:
     return buf.getvalue() + bytes(16)
 
 
+def _latent(key: str, latent=None, text=None, mask=None, **meta) -> dict:
+    """A latent-shard sample of bucket 8x32x32 (4×2×4×4 latent, 5×8 text states, as ``data.encode``
+    writes it); arrays given as ndarrays are saved, bytes are used as they are, and ``meta`` fields
+    override (None drops one)."""
+    arrays = {
+        "latent.npy": np.zeros((4, 2, 4, 4), np.float32) if latent is None else latent,
+        "text.npy": np.ones((5, 8), np.float32) if text is None else text,
+        "text_mask.npy": np.ones(5, bool) if mask is None else mask,
+    }
+    fields = {**BASE, "bucket": "8x32x32", "latent_shape": [4, 2, 4, 4], "text_shape": [5, 8], **meta}
+    sample = {"__key__": key, "json": json.dumps({k: v for k, v in fields.items() if v is not None})}
+    sample.update({ext: a if isinstance(a, bytes) else _npy(a) for ext, a in arrays.items()})
+    return {**sample, "txt": "x"}
+
+
 def test_latent_arrays_that_lie_or_disagree_cost_their_sample(tmp_path):
-    meta = json.dumps({**BASE, "bucket": "8x32x32"})
-
-    def latent(key: str, array: bytes) -> dict:
-        text = _npy(np.ones((5, 8), np.float32))
-        return {"__key__": key, "latent.npy": array, "text.npy": text, "json": meta, "txt": "x"}
-
     write_tar(
         tmp_path / "train-000000.tar",
         [
-            latent("k0", _npy(np.zeros((4, 2, 4, 4), np.float32))),
-            latent("wide", _npy(np.zeros((4, 2, 4, 8), np.float32))),  # would not stack with k0
-            latent("liar", _npy_claiming((2**40,))),  # 4 TiB declared: numpy would allocate it first
-            latent("pickled", _npy(np.array([{"x": 1}], dtype=object))),
-            latent("k1", _npy(np.ones((4, 2, 4, 4), np.float32))),
+            _latent("k0"),
+            _latent("wide", np.zeros((4, 2, 4, 8), np.float32)),  # not the shape its json declares
+            _latent(
+                "liar", text=_npy_claiming((2**20, 2**20)), text_shape=None
+            ),  # 4 TiB: numpy allocates first
+            _latent("pickled", np.array([{"i": f"{i:040d}"} for i in range(128)]).reshape(4, 2, 4, 4)),
+            _latent("k1", np.ones((4, 2, 4, 4), np.float32)),
         ],
     )
     keys, errors = stream_epoch(
@@ -257,6 +268,33 @@ def test_latent_arrays_that_lie_or_disagree_cost_their_sample(tmp_path):
     assert keys == ["k0", "k1"]
     assert dict(errors.counts) == {"shape_mismatch": 1, "bad_array": 2}
     assert errors.examples["shape_mismatch"] == "train-000000.tar:wide"
+
+
+def test_each_latent_is_held_to_its_bucket_even_alone_in_its_batch(tmp_path):
+    """With batch size 1 there is nothing to compare with: the json's latent_shape must be a codec's
+    latent of the bucket, the array must be that shape, and the text states their declared L×D."""
+    f32 = np.float32
+    samples = [
+        _latent("good"),
+        _latent("huge", np.zeros((16, 5, 64, 64), f32), latent_shape=[16, 5, 64, 64]),  # h, w > the bucket's
+        _latent("stretched", np.zeros((4, 2, 4, 8), f32), latent_shape=[4, 2, 4, 8]),  # 8× tall, 4× wide
+        _latent("long", np.zeros((4, 9, 4, 4), f32), latent_shape=[4, 9, 4, 4]),  # 9 latent frames of 8
+        _latent("flat", np.zeros((4, 4, 4), f32), latent_shape=[4, 4, 4]),
+        _latent("liar", np.zeros((4, 2, 8, 8), f32)),  # declares 4×2×4×4
+        _latent("channels", np.zeros((6, 2, 4, 4), f32)),
+        _latent("text_width", text=np.ones((5, 16), f32)),  # declares 5×8
+        _latent("text_3d", text=np.ones((1, 5, 8), f32), text_shape=None),  # nothing declared: L×D
+        _latent("mask_length", mask=np.ones(6, bool)),
+        _latent("undeclared", latent_shape=None),
+        _latent("good2", text=np.ones((7, 8), f32), mask=np.ones(7, bool), text_shape=None),
+    ]
+    write_tar(tmp_path / "train-000000.tar", samples)
+    keys, errors = stream_epoch(
+        [tmp_path / "train-000000.tar"], BucketConfig([Bucket(8, 32, 32, 1)], fps=8), shuffle_buffer=0
+    )
+    assert keys == ["good", "good2"]
+    assert dict(errors.counts) == {"shape_mismatch": 9, "bad_metadata": 1}
+    assert errors.seen == 12 and errors.skipped_samples == 10
 
 
 def _rate_epoch(tmp_path, shards: list[list[dict] | bytes]) -> tuple[list[str], Errors]:

@@ -227,7 +227,8 @@ def test_latent_shards_are_read_directly_without_unpickling(tmp_path):
         np.save(buf, a)
         return buf.getvalue()
 
-    meta = json.dumps({"kind": "video", "frames": 8, "fps": 8.0, "width": 32, "height": 32, "duration": 1.0})
+    meta = {"kind": "video", "frames": 8, "fps": 8.0, "width": 32, "height": 32, "duration": 1.0}
+    meta = json.dumps({**meta, "bucket": "8x32x32", "latent_shape": [4, 2, 4, 4], "text_shape": [5, 8]})
     samples = [
         {
             "__key__": f"k{i}",
@@ -239,7 +240,8 @@ def test_latent_shards_are_read_directly_without_unpickling(tmp_path):
         for i in range(2)
     ]
     evil = io.BytesIO()
-    np.save(evil, np.array([{"x": 1}], dtype=object), allow_pickle=True)  # an object array needs pickle
+    objects = np.array([{"i": f"{i:040d}"} for i in range(128)]).reshape(4, 2, 4, 4)  # the declared shape
+    np.save(evil, objects, allow_pickle=True)  # an object array needs pickle
     samples.append({**samples[0], "__key__": "evil", "latent.npy": evil.getvalue()})
     _write_tar(tmp_path / "train-000000.tar", samples)
     loader = build_loader(
