@@ -16,7 +16,6 @@ import glob
 import hashlib
 import logging
 import os
-import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from data.buckets import BucketConfig
 from data.reader import Limits, Shard
 from data.stream import Errors, StreamSpec, batches
 from data.video import DEFAULT_MAX_PIXELS
+from data.worker_signals import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +179,6 @@ class _EpochStream(IterableDataset):
         yield worker, -1, None, errors.summary()  # end of this worker's epoch
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers ignore SIGINT and SIGTERM: a terminal's Ctrl-C and SLURM's scancel signal every
-    process of the job, and a worker that died of it would crash the trainer before it could save.
-    The trainer decides when to stop; the workers end with their loader (or when it dies, which
-    torch's worker loop watches for)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class Loader:
     """Iterable over training batches (epoch after epoch) with exact-resume state."""
 
@@ -266,6 +257,7 @@ class Loader:
         dataset = _EpochStream(
             self.cfg, self.shards, self.epoch, self.dp_rank, self.dp_size, list(self.consumed)
         )
+        stop = StopFlag()  # workers ignore stop signals unless this epoch's loader is ending them
         if self.cfg.num_workers == 0:
             source = iter(dataset)
         else:
@@ -276,9 +268,15 @@ class Loader:
                     num_workers=self.workers,
                     prefetch_factor=self.cfg.prefetch_factor,
                     persistent_workers=False,
-                    worker_init_fn=_ignore_stop_signals,
+                    worker_init_fn=stop.worker_init_fn(),
                 )
             )
+        try:
+            yield from self._hand_out(source)
+        finally:
+            stop.set()
+
+    def _hand_out(self, source) -> Iterator[dict]:
         pending: dict[int, deque] = {w: deque() for w in range(self.workers)}
         active = set(range(self.workers))
         for worker, index, batch, errors in source:

@@ -293,12 +293,23 @@ def _check_numbers(cfg: JobConfig) -> None:
         raise ValueError(f"data.buckets.image_ratio={ratio}: must be in [0, 1] (or null)")
 
 
+def _check_preempt_signal(name: str) -> None:
+    import signal
+
+    if name not in signal.Signals.__members__:
+        raise ValueError(f"run.preempt_signal={name!r}: not a signal name (e.g. SIGUSR2)")
+    if name in ("SIGUSR1", "SIGTERM", "SIGINT", "SIGKILL", "SIGSTOP"):
+        why = "NCCL uses it" if name == "SIGUSR1" else "it cannot mean 'save, exit and requeue'"
+        raise ValueError(f"run.preempt_signal={name}: {why}; use one only the scheduler sends, e.g. SIGUSR2")
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks OmegaConf's types cannot express; each error names the key."""
     _check_numbers(cfg)
     _choice(cfg.run.device, ("auto", "cuda", "cpu"), "run.device")
     _choice(cfg.run.precision, ("auto", "bf16", "fp32"), "run.precision")
     _choice(cfg.run.progress, ("auto", "bar", "lines"), "run.progress")
+    _check_preempt_signal(cfg.run.preempt_signal)
     _choice(cfg.train.schedule, SCHEDULES, "train.schedule")
     _choice(cfg.parallel.engine, ENGINES, "parallel.engine")
     _choice(cfg.parallel.backend, ("auto", "nccl", "gloo"), "parallel.backend")
@@ -409,6 +420,25 @@ RESUME_FIXED = (
 )
 
 
+_DDPM = {"diffusion.objective": "ddpm"}
+# settings that mean something only in some configurations (compared only when they do in the saved
+# config or in this one), and one that never changes what the weights compute
+_ONLY_WHEN = {
+    "diffusion.num_timesteps": _DDPM,
+    "diffusion.beta_schedule": _DDPM,
+    "diffusion.beta_start": _DDPM,
+    "diffusion.beta_end": _DDPM,
+    "diffusion.zero_terminal_snr": _DDPM,
+    "diffusion.prediction": _DDPM,
+    "model.arch.max_latent_size": {"model.arch.pos_embed": "learned"},
+    "model.arch.num_classes": {"model.arch.conditioning": "class"},
+    "model.arch.text_dim": {"model.arch.conditioning": "text"},
+    "model.arch.mup_base_width": {"model.arch.parametrization": "mup"},
+    "model.arch.mup_base_head_dim": {"model.arch.parametrization": "mup"},
+}
+_NEVER = ("model.arch.attention_backend",)  # sdpa, flash_attn and math compute the same attention
+
+
 def _flat(node, prefix: str = "") -> dict:
     """A nested dict as ``{"a.b.c": leaf}``."""
     if isinstance(node, dict):
@@ -423,7 +453,10 @@ def resume_differences(saved: dict, cfg: JobConfig) -> list[str]:
     a, b = _flat(saved), _flat(yaml.safe_load(to_yaml(cfg)))
 
     def fixed(k: str) -> bool:
-        return any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)
+        if k in _NEVER or not any(k == f or k.startswith(f + ".") for f in RESUME_FIXED):
+            return False
+        when = _ONLY_WHEN.get(k, {})
+        return all(a.get(w) == v or b.get(w) == v for w, v in when.items())
 
     return [f"{k}: {a[k]!r} → {b[k]!r}" for k in sorted(a.keys() & b.keys()) if fixed(k) and a[k] != b[k]]
 

@@ -77,7 +77,9 @@ class Preemption:
     the loop, after every rank has seen the flag (an all-reduce of max), so all ranks save the same
     step. Three requests, in increasing order of what the loop then does:
 
-    - Ctrl-C (SIGINT): stop at the end of the step, save, exit 0. A second Ctrl-C aborts at once.
+    - Ctrl-C (SIGINT): stop at the end of the step, save, exit 0. A second Ctrl-C kills the process
+      at once (by SIGINT: exit status 130 in a shell); ``run.dir``'s lock is then left behind and
+      taken over as stale by the next run.
     - SIGTERM (``kill``, ``scancel``, a scheduler's time limit): the same, without a message per signal.
     - ``preempt_signal`` (SLURM's ``--signal``): the same, and the job asks to be requeued.
     """
@@ -86,7 +88,14 @@ class Preemption:
 
     def __init__(self, signal_name: str = "SIGUSR2"):
         if signal_name == "SIGUSR1":
-            raise ValueError("run.preempt_signal=SIGUSR1: NCCL uses SIGUSR1; use SIGUSR2 or SIGTERM")
+            raise ValueError("run.preempt_signal=SIGUSR1: NCCL uses SIGUSR1; use SIGUSR2 (the default)")
+        if signal_name in ("SIGTERM", "SIGINT"):
+            # these also mean "stop for good" (scancel, kill, Ctrl-C): requeueing on them would bring
+            # a cancelled job back forever
+            raise ValueError(
+                f"run.preempt_signal={signal_name}: {signal_name} already stops the run (save, exit, no "
+                "requeue); the preemption signal must be one only the scheduler sends, e.g. SIGUSR2"
+            )
         try:
             self.signum = signal.Signals[signal_name]
         except KeyError as e:
@@ -103,7 +112,12 @@ class Preemption:
             return  # a forked data worker inherited this handler: its parent decides when it stops
         sig = signal.Signals(signum)
         if sig == signal.SIGINT and sig == self.received:
-            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+            # the second Ctrl-C: abort now, even from inside a blocking C call (a collective, a
+            # kernel), where a Python exception would only be raised once it returned
+            os.write(2, b"\naborted (second Ctrl-C): nothing saved since the newest checkpoint\n")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
         if sig == signal.SIGINT:
             os.write(2, b"\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again aborts)\n")
         self.received = sig

@@ -8,8 +8,9 @@ time, the SLURM job) and is removed on exit. A lock left by a process that died 
 - same host, and that pid is gone (or is now another process: its start time differs);
 - same SLURM job id and a lower restart count: the job was requeued, so the old holder is dead.
 
-A lock from another host and another job cannot be checked from here: it is refused, and the message
-says when the owner last showed life (the trainer touches the file as it logs) and how to remove it.
+A lock from another host (or container) and another job cannot be checked from here, nor can an
+unreadable one: it is refused, and the message says when the owner last showed life (the trainer
+touches the file as it logs) and how to remove it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LOCK = "LOCK"
+
+
+def _parse(text: str) -> dict:
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 class RunDirLocked(RuntimeError):
@@ -51,16 +60,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> int | None:
+    """The pid namespace's inode: containers on one host (one hostname) can have separate pids."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _me() -> dict:
     pid = os.getpid()
     return {
         "host": socket.gethostname(),
         "pid": pid,
+        "pidns": _pid_namespace(),
         "start": _start_time(pid),
         "slurm_job": os.environ.get("SLURM_JOB_ID"),
-        "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "slurm_restart": _int(os.environ.get("SLURM_RESTART_COUNT")),
         "since": time.time(),
     }
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def _is_me(owner: dict, me: dict) -> bool:
+    return all(owner.get(k) == me[k] for k in ("host", "pid", "pidns", "start"))
 
 
 def _stale(owner: dict, me: dict) -> str | None:
@@ -69,8 +98,8 @@ def _stale(owner: dict, me: dict) -> str | None:
     same_job = owner.get("slurm_job") and owner["slurm_job"] == me["slurm_job"]
     if same_job and isinstance(restart, int) and restart < me["slurm_restart"]:
         return f"left by SLURM job {owner['slurm_job']} before its requeue #{me['slurm_restart']}"
-    if owner.get("host") != me["host"]:
-        return None
+    if owner.get("host") != me["host"] or owner.get("pidns") != me["pidns"]:
+        return None  # another machine or container: its pids mean nothing here
     pid = owner.get("pid")
     if not isinstance(pid, int) or not _alive(pid):
         return f"pid {pid} on {owner.get('host')} is gone"
@@ -90,33 +119,62 @@ class RunLock:
         """Take the lock, taking over a stale one; raises :class:`RunDirLocked` if a writer is live."""
         me = _me()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a stale lock removed between our checks is retried, not an error
+        for _ in range(5):  # a lock that vanishes or is taken over between our steps: look again
+            if self._create(me):
+                self.held = True
+                return self
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue
+            owner = _parse(text)
+            if owner and _is_me(owner, me):
+                self.held = True  # this process already holds it (a second setup in one process)
+                return self
+            reason = _stale(owner, me) if owner else None
+            if reason is None:
+                raise RunDirLocked(self._refusal(owner))
+            if self._take_over(text):
+                log.warning("run.dir lock %s is stale (%s): taking it over", self.path, reason)
+        raise RunDirLocked(f"{self.path}: could not take the lock (other processes keep taking it)")
+
+    def _create(self, me: dict) -> bool:
+        # the owner is written to a private file and linked into place, so the lock never exists
+        # without its contents (nobody can judge a half-written lock to be unreadable, hence stale)
+        tmp = self.path.with_name(f"{LOCK}.{me['host']}.{me['pid']}")
+        tmp.write_text(json.dumps(me), encoding="utf-8")
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create, then write
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
-                    self.held = True  # this process already holds it (a second setup in one process)
-                    return self
-                reason = _stale(owner, me) if owner else "unreadable lock file"
-                if reason is None:
-                    raise RunDirLocked(self._refusal(owner)) from None
-                log.warning("run.dir lock %s is stale (%s): taking it over", self.path, reason)
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-                continue
+                return False
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
-            self.held = True
-            return self
-        raise RunDirLocked(f"{self.path}: could not take the lock (another process keeps taking it)")
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def _owner(self) -> dict:
+    def _take_over(self, judged: str) -> bool:
+        # moved aside, then checked to be the lock we judged stale: two processes that judged the
+        # same dead owner must not both remove "the" lock (the second would remove the first's)
+        aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
         try:
-            owner = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return owner if isinstance(owner, dict) else {}
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            if aside.read_text(encoding="utf-8") != judged:  # a live lock taken meanwhile: restore it
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)
+                return False
+            return True
+        finally:
+            aside.unlink(missing_ok=True)
 
     def _refusal(self, owner: dict) -> str:
         try:
@@ -124,8 +182,9 @@ class RunLock:
         except OSError:
             quiet = float("nan")
         job = f", SLURM job {owner['slurm_job']}" if owner.get("slurm_job") else ""
+        who = f"pid {owner.get('pid')} on {owner.get('host')}{job}" if owner else "an unreadable lock"
         return (
-            f"run.dir={self.path.parent} is in use by pid {owner.get('pid')} on {owner.get('host')}{job} "
+            f"run.dir={self.path.parent} is in use by {who} "
             f"(lock {self.path}, last touched {quiet:.0f} s ago). Wait for that run, stop it, or choose "
             f"another run.dir; if it is certainly dead, delete {self.path}"
         )
@@ -140,7 +199,10 @@ class RunLock:
         if not self.held:
             return
         self.held = False
-        owner = self._owner()
+        try:
+            owner = _parse(self.path.read_text(encoding="utf-8"))
+        except OSError:
+            return
         if owner.get("pid") == os.getpid():  # never remove a lock someone took over from us
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()

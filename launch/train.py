@@ -360,6 +360,8 @@ def lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
             lock = RunLock(run_dir).acquire()
         except RunDirLocked as e:
             error = str(e)
+        except OSError as e:  # not a directory, read-only, full: the other ranks must hear of it too
+            error = f"run.dir={run_dir}: cannot create its lock file ({e})"
     if all_reduce(1.0 if error else 0.0, "max", env.device) > 0:
         raise RunDirLocked(error or f"run.dir={run_dir} is in use by another run (see rank 0's error)")
     return lock
@@ -583,8 +585,8 @@ def main(argv: list[str] | None = None) -> None:
     except (RunDirLocked, ResumeRefused, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-    except KeyboardInterrupt:
-        print("aborted (second Ctrl-C): nothing saved since the newest checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before the loop installed its handler
+        print("aborted: nothing saved since the newest checkpoint", file=sys.stderr)
         raise SystemExit(130) from None
 
 

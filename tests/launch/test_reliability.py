@@ -52,6 +52,24 @@ def test_resume_with_another_model_or_objective_is_refused_naming_the_keys(tmp_p
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
 
 
+def test_resume_compares_only_what_changes_the_weights_meaning():
+    import yaml
+
+    from launch.config import resume_differences, to_yaml
+
+    def diffs(before, after):
+        return resume_differences(
+            yaml.safe_load(to_yaml(load_config(None, before))), load_config(None, after)
+        )
+
+    assert diffs([], ["model.arch.attention_backend=math"]) == []  # the same attention, computed otherwise
+    assert diffs([], ["diffusion.num_timesteps=500"]) == []  # a DDPM setting, in a flow run
+    assert diffs([], ["model.arch.max_latent_size=[8,8,8]"]) == []  # only sizes a learned table
+    ddpm = ["diffusion.objective=ddpm"]
+    assert diffs(ddpm, [*ddpm, "diffusion.num_timesteps=500"]) == ["diffusion.num_timesteps: 1000 → 500"]
+    assert diffs([], ["model.arch.text_dim=128"]) == ["model.arch.text_dim: 384 → 128"]
+
+
 # ---- 8: non-finite weights are never saved; numeric config is checked --------------------------
 @pytest.mark.parametrize(
     "bad, key",
@@ -123,9 +141,19 @@ def test_a_second_run_on_the_same_directory_is_refused_and_the_first_is_untouche
     assert not (rd / LOCK).exists()  # released on exit
 
 
+def test_a_run_dir_that_cannot_hold_a_lock_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = run(train_cmd(tmp_path / "afile" / "run", "train.steps=1"))
+    assert proc.returncode == 2 and "cannot create its lock file" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def _write_lock(path, **owner):
+    from launch.runlock import _pid_namespace
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"host": socket.gethostname(), "slurm_job": None, **owner}))
+    mine = {"host": socket.gethostname(), "pidns": _pid_namespace(), "slurm_job": None}
+    path.write_text(json.dumps({**mine, **owner}))
 
 
 def _start_time(pid):
@@ -150,6 +178,14 @@ def test_lock_owners_that_are_certainly_dead_are_taken_over_and_live_ones_refuse
         _write_lock(lock, pid=dead.pid, host="elsewhere", start=None)
         with pytest.raises(RunDirLocked, match="on elsewhere"):
             RunLock(tmp_path).acquire()
+        # the same host name in another pid namespace (a container): its pids mean nothing here
+        _write_lock(lock, pid=dead.pid, pidns=1, start=None)
+        with pytest.raises(RunDirLocked, match=f"pid {dead.pid}"):
+            RunLock(tmp_path).acquire()
+        # unreadable: nothing says its owner is dead
+        lock.write_text("")
+        with pytest.raises(RunDirLocked, match="unreadable lock"):
+            RunLock(tmp_path).acquire()
         # a dead pid, and a live pid whose start time says it is another process now: taken over
         for owner in ({"pid": dead.pid, "start": None}, {"pid": live.pid, "start": "1"}):
             _write_lock(lock, **owner)
@@ -168,6 +204,23 @@ def test_lock_owners_that_are_certainly_dead_are_taken_over_and_live_ones_refuse
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_stale_lock_judged_by_two_starters_is_taken_by_one(tmp_path):
+    """Two processes that judged the same dead owner: the first takes the lock over; the second,
+    acting on its stale verdict, must not remove the first's fresh lock."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(tmp_path / LOCK, pid=dead.pid, start=None)
+    judged = (tmp_path / LOCK).read_text()
+    first = RunLock(tmp_path).acquire()  # takes over the dead owner's lock
+    fresh = (tmp_path / LOCK).read_text()
+    assert fresh != judged
+    late = RunLock(tmp_path)
+    assert late._take_over(judged) is False  # the verdict was about another lock: it is put back
+    assert (tmp_path / LOCK).read_text() == fresh
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK]  # nothing left aside
+    first.release()
 
 
 # ---- 11: SIGTERM and Ctrl-C stop at a step boundary with a checkpoint -----------------------------
@@ -219,27 +272,39 @@ def test_sigterm_and_ctrl_c_save_at_the_step_boundary_and_resume_exactly(
     assert_same_losses(rd, uninterrupted)
 
 
-def test_ctrl_c_asks_once_then_a_second_ctrl_c_aborts(capfd):
-    """The handler itself, signalled for real in this process: the first Ctrl-C is a stop request
-    with one line of explanation, the second raises KeyboardInterrupt (``launch.train`` exits 130);
-    SIGTERM is a stop request and the preemption signal a requeue request."""
-    from launch.distributed import Preemption
+CTRL_C_TWICE = """
+import os, signal, time
+from launch.distributed import Preemption
 
-    signals = Preemption("SIGUSR2")
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert signals.agreed() == Preemption.STOP and signals.received == signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGUSR2)
-        assert signals.agreed() == Preemption.PREEMPT
-        os.kill(os.getpid(), signal.SIGINT)
-        assert signals.agreed() == Preemption.PREEMPT  # the strongest request stands
-        assert capfd.readouterr().err.count("Ctrl-C: stopping after this step") == 1
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a C call: the handler has run after it
-    finally:
-        signals.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+signals = Preemption("SIGUSR2")
+os.kill(os.getpid(), signal.SIGTERM)
+assert signals.agreed() == Preemption.STOP and signals.received == signal.SIGTERM
+os.kill(os.getpid(), signal.SIGUSR2)
+assert signals.agreed() == Preemption.PREEMPT
+os.kill(os.getpid(), signal.SIGINT)
+assert signals.agreed() == Preemption.PREEMPT  # the strongest request stands
+print("first Ctrl-C handled", flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(60)  # blocked in C, as in a collective: the second Ctrl-C must still end the process
+print("still alive", flush=True)
+"""
+
+
+def test_ctrl_c_asks_once_then_a_second_ctrl_c_kills_at_once():
+    """The handler itself, signalled for real: SIGTERM is a stop request, the preemption signal a
+    requeue request, the first Ctrl-C a stop request with one line of explanation, and the second
+    ends the process by SIGINT at once, even inside a blocking call."""
+    proc = run([sys.executable, "-c", CTRL_C_TWICE], timeout=50)
+    assert proc.returncode == -signal.SIGINT, proc.stderr[-3000:]
+    assert "first Ctrl-C handled" in proc.stdout and "still alive" not in proc.stdout
+    assert proc.stderr.count("Ctrl-C: stopping after this step") == 1
+    assert "aborted (second Ctrl-C)" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGUSR1", "SIGFOO"])
+def test_a_preemption_signal_that_also_means_stop_is_refused(name):
+    with pytest.raises(ValueError, match="run.preempt_signal"):
+        load_config(None, [f"run.preempt_signal={name}"])
 
 
 # ---- 12: malformed overrides name the override -------------------------------------------------
