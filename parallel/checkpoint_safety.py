@@ -2,10 +2,8 @@
 its per-file checksums, DCP metadata and items without arbitrary unpickling, the check of one checkpoint
 (:func:`check`), and errors that name the file and what is wrong with it.
 
-- ``.metadata``: torch's ``FileSystemReader.read_metadata`` is a plain ``pickle.load``, so a crafted
-  checkpoint runs code when it is exported, sampled, fine-tuned from or resumed. :class:`SafeFileSystemReader`
-  unpickles it with an allow-list: DCP's metadata classes, ``torch.Size``, dtypes, layouts and paths
-  (the globals our real ``.metadata`` files hold, listed with a logging ``find_class``), nothing else.
+- ``.metadata``: torch's ``FileSystemReader.read_metadata`` is a plain ``pickle.load``;
+  :mod:`parallel.checkpoint_metadata` reads it without effects (:class:`SafeFileSystemReader`).
   Everything else DCP reads is already safe: tensors are read with ``weights_only=True`` by torch,
   non-tensor items by our planners (``SafeLoadPlanner``).
 - Checksums: CRC-32 (``zlib.crc32``), not SHA-256. They guard against accidental damage (bit rot, a
@@ -25,18 +23,22 @@ import os
 import pickle
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PosixPath, PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import filesystem as dcp_fs
-from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+
+from parallel.checkpoint_metadata import (  # noqa: F401  (ours to export)
+    CheckpointError,
+    SafeFileSystemReader,
+    check_dcp_structure,
+    load_metadata,
+)
 
 log = logging.getLogger("parallel.checkpoint")
 
@@ -44,11 +46,6 @@ MARKER = "COMPLETE"
 CHECKSUM = "crc32"
 _CHUNK = 16 << 20  # large reads keep a parallel file system streaming; small enough for any host
 _THREADS = 4
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (or export) file is damaged, missing, foreign or could not be written; the message
-    names the file."""
 
 
 # ---- the marker --------------------------------------------------------------------------------------
@@ -83,104 +80,6 @@ def _valid_file_list(files) -> bool:
     )
 
 
-# ---- DCP metadata without arbitrary unpickling -------------------------------------------------------
-_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", c.__name__): c
-    for c in (
-        dcp_md.Metadata,
-        dcp_md.TensorStorageMetadata,
-        dcp_md.BytesStorageMetadata,
-        dcp_md.ChunkStorageMetadata,
-        dcp_md.TensorProperties,
-        dcp_md._MEM_FORMAT_ENCODING,
-        dcp_md.MetadataIndex,
-        dcp_md.StorageMeta,
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_fs._StorageInfo,
-    ("torch", "Size"): torch.Size,
-    # a layout pickles as ``_get_layout("torch.strided")``: a lookup among torch's layouts
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    # StorageMeta.checkpoint_id is the path the checkpoint was written to
-    ("pathlib", "PosixPath"): PosixPath,
-    ("pathlib", "PurePosixPath"): PurePosixPath,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice,
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only the allow-listed globals (exact module and name: a dotted name such as
-    ``Size.__init__`` is not in the list) and torch's dtypes."""
-
-    def __init__(self, file, name: str):
-        super().__init__(file)
-        self.name = name
-
-    def find_class(self, module: str, name: str):
-        found = _METADATA_CLASSES.get((module, name))
-        if found is None and module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):
-            found = torch.__dict__[name]
-        if found is None:
-            raise CheckpointError(
-                f"{self.name}: refused to load {module}.{name}: DCP metadata holds only checkpoint "
-                f"metadata classes, and unpickling anything else could run code (a crafted file?)"
-            )
-        return found
-
-
-def load_metadata(data: bytes, name: str) -> dcp_md.Metadata:
-    """A DCP ``Metadata`` from the bytes of a ``.metadata`` file, checked to point only at files inside
-    its own checkpoint.
-
-    Args:
-        name: the file, for errors.
-    """
-    try:
-        md = _MetadataUnpickler(io.BytesIO(data), name).load()
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated or not a pickle at all
-        raise CheckpointError(f"{name}: not a DCP metadata file ({type(e).__name__}: {e})") from None
-    if not isinstance(md, dcp_md.Metadata) or not isinstance(md.storage_data, dict):
-        raise CheckpointError(f"{name}: not a DCP metadata file (holds a {type(md).__name__})")
-    for info in md.storage_data.values():
-        _check_storage_info(info, name)
-    return md
-
-
-def _check_storage_info(info, name: str) -> None:
-    """Each item lies in a plain file of the checkpoint (no path out of it) at a sane offset, untransformed
-    (we write no compression or other stream transforms)."""
-    ok = (
-        isinstance(info, dcp_fs._StorageInfo)
-        and isinstance(info.relative_path, str)
-        and info.relative_path not in ("", ".", "..")
-        and "/" not in info.relative_path
-        and "\\" not in info.relative_path
-        and all(isinstance(v, int) and v >= 0 for v in (info.offset, info.length))
-        and not getattr(info, "transform_descriptors", None)
-    )
-    if not ok:
-        raise CheckpointError(f"{name}: a storage entry is not a plain file of this checkpoint: {info}")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """torch's DCP file reader with :func:`load_metadata` in place of ``pickle.load``."""
-
-    def read_metadata(self, *args, **kwargs) -> dcp_md.Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = load_metadata(f.read(), str(path))
-        # as FileSystemReader.read_metadata does
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp_md.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
 class _SafeBytes:
     """Non-tensor items load with ``weights_only=True`` (DCP's planners unpickle them freely)."""
 
@@ -198,16 +97,6 @@ class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
 
 class SafeFullPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
     """Rebuilds whole tensors from the metadata (export, fine-tuning): one process, no process group."""
-
-
-def dcp_files_needed(path: Path) -> dict[str, int]:
-    """File name → the bytes it must at least hold, from a DCP checkpoint's ``.metadata`` (the check an
-    old checkpoint without checksums still gets)."""
-    md = load_metadata((path / ".metadata").read_bytes(), str(path / ".metadata"))
-    need: dict[str, int] = {}
-    for info in md.storage_data.values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    return need
 
 
 # ---- checksums -----------------------------------------------------------------------------------------
@@ -230,48 +119,54 @@ def files_of(directory: Path, skip: set[str]) -> list[str]:
 
 def sums_of(directory: Path, names: list[str]) -> dict[str, dict]:
     """:func:`file_sum` of each name, a few files at a time."""
+    return dict(zip(names, _each_file(file_sum, directory, names), strict=True))
+
+
+def _each_file(fn, directory: Path, names: list[str]) -> list:
     with ThreadPoolExecutor(min(_THREADS, max(1, len(names)))) as pool:
-        return dict(zip(names, pool.map(lambda n: file_sum(directory / n), names), strict=True))
+        return list(pool.map(lambda n: fn(directory / n), names))
+
+
+def _unreadable(f: Path, e: OSError) -> str:
+    return f"{f}: unreadable ({e.strerror or e})"
 
 
 def check_sizes(directory: Path, expected: dict[str, dict]) -> str | None:
-    """The first missing or wrongly sized file (cheap: no reading), or None."""
+    """The first missing, unreadable or wrongly sized file (cheap: no reading), or None. An I/O error is
+    damage like any other (returned, never raised: the other ranks wait for this rank's verdict)."""
     for name, want in expected.items():
         f = directory / name
-        if not f.is_file():
-            return f"{f}: missing (the marker lists it)"
-        size = f.stat().st_size
+        try:
+            if not f.is_file():
+                return f"{f}: missing (the marker lists it)"
+            size = f.stat().st_size
+        except OSError as e:  # EIO, EACCES, or removed since is_file
+            return _unreadable(f, e)
         if size != want["size"]:
             return f"{f}: {size} bytes, the marker says {want['size']} (truncated or overwritten)"
     return None
 
 
+def _sum_or_error(f: Path) -> dict | str:
+    try:
+        return file_sum(f)
+    except OSError as e:
+        return _unreadable(f, e)
+
+
 def check_sums(directory: Path, expected: dict[str, dict]) -> str | None:
-    """The first file whose content does not match its checksum (reads every byte), or None."""
+    """The first unreadable file or file whose content does not match its checksum (reads every byte), or
+    None (an I/O error is returned, as in :func:`check_sizes`)."""
     names = sorted(expected)
-    for name, got in sums_of(directory, names).items():
+    for name, got in zip(names, _each_file(_sum_or_error, directory, names), strict=True):
         want = expected[name]
+        if isinstance(got, str):
+            return got
         if got != {"size": want["size"], CHECKSUM: want.get(CHECKSUM)}:
             return (
                 f"{directory / name}: {CHECKSUM} {got[CHECKSUM]}, the marker says {want.get(CHECKSUM)} "
                 f"(the file is damaged)"
             )
-    return None
-
-
-def check_dcp_structure(path: Path) -> str | None:
-    """``.metadata`` passes the allow-list and every file it points into exists and is long enough (all an
-    old checkpoint without checksums can be checked for)."""
-    try:
-        need = dcp_files_needed(path)
-    except (CheckpointError, OSError) as e:
-        return str(e)
-    for name, size in sorted(need.items()):
-        f = path / name
-        if not f.is_file():
-            return f"{f}: missing (.metadata points into it)"
-        if f.stat().st_size < size:
-            return f"{f}: {f.stat().st_size} bytes, .metadata needs {size} (truncated)"
     return None
 
 
@@ -336,7 +231,7 @@ _NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk qu
 
 def describe_write_error(e: BaseException, where: Path) -> str:
     """One line for a failed checkpoint write: the cause (a full disk above all) and the path."""
-    cause = _os_error_in(e)
+    cause = os_error_in(e)
     if cause is not None:
         target = cause.filename or where
         if cause.errno in _NO_SPACE:
@@ -348,7 +243,7 @@ def describe_write_error(e: BaseException, where: Path) -> str:
     return f"{type(e).__name__} while writing {where}: {last[0]}"
 
 
-def _os_error_in(e: BaseException | None, depth: int = 0) -> OSError | None:
+def os_error_in(e: BaseException | None, depth: int = 0) -> OSError | None:
     """The first ``OSError`` in ``e``, its causes, or the rank failures of a DCP ``CheckpointException``."""
     if e is None or depth > 8:
         return None
@@ -356,7 +251,7 @@ def _os_error_in(e: BaseException | None, depth: int = 0) -> OSError | None:
         return e
     inner = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else []
     for nxt in [*inner, e.__cause__, e.__context__]:
-        found = _os_error_in(nxt, depth + 1)
+        found = os_error_in(nxt, depth + 1)
         if found is not None:
             return found
     return None

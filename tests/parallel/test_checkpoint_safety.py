@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -233,6 +234,65 @@ def test_kill_during_retention_never_leaves_a_marked_incomplete_checkpoint(tmp_p
         assert ckpt.latest(root) == root / "step-00000002"
         ckpt.prune(root, keep=1)  # the next retention removes what the killed one left
         assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+
+
+def _in_child_as_nobody(fn) -> dict:
+    """``fn()`` in a forked child that runs as user ``nobody`` when this process is root (root opens any
+    file whatever its mode); its JSON result, or ``{"error": repr}``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns to pytest
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            out = fn()
+        except BaseException as e:  # noqa: BLE001 (reported to the parent)
+            out = {"error": repr(e)}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def test_unreadable_file_is_damage_named_and_skipped():
+    """A file the reader may not open (EACCES: a checkpoint copied by another user with mode 0600, the
+    same path as EIO) is damage like any other, never an exception of the one rank that reads it."""
+    base = Path(
+        tempfile.mkdtemp(prefix="ckpt-unreadable-")
+    )  # outside pytest's 0700 folder: nobody reaches it
+    try:
+        base.chmod(0o755)
+        root = base / "checkpoints"
+        for step in (1, 2):
+            _save(root, step)
+        bad = root / "step-00000002" / "__0_0.distcp"
+        bad.chmod(0)
+
+        def child() -> dict:
+            said: list[str] = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = lambda record: said.append(record.getMessage())
+            logging.getLogger("parallel.checkpoint").addHandler(handler)
+            found = ckpt.latest(root)
+            try:
+                ckpt.verify(root / "step-00000002")
+                verdict = None
+            except CheckpointError as e:
+                verdict = str(e)
+            return {"found": found.name, "said": said, "verdict": verdict}
+
+        got = _in_child_as_nobody(child)
+    finally:
+        shutil.rmtree(base)
+    assert "error" not in got, got.get("error")
+    assert got["found"] == "step-00000001"
+    assert any(f"{bad}: unreadable (Permission denied)" in line for line in got["said"]), got["said"]
+    assert f"{bad}: unreadable (Permission denied)" in got["verdict"]
 
 
 # ---- 3. a full disk ---------------------------------------------------------------------------------------

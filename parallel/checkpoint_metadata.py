@@ -1,0 +1,465 @@
+"""DCP's ``.metadata`` read without effects: no code runs, no object outside the file changes, and memory
+and allocations stay proportional to the files of the checkpoint.
+
+torch's ``FileSystemReader.read_metadata`` is a plain ``pickle.load``, so a crafted checkpoint runs code when
+it is exported, sampled, fine-tuned from or resumed. An allow-list of globals alone is not enough: the
+pickle machinery also calls, constructs and sets attributes on what it finds (``BUILD`` on an allowed
+*class* sets class attributes, so one refused file could leave ``pathlib.PosixPath`` broken for the rest
+of the process), and allowed constructors copy memoized data on every call (a 0.37 MB file of
+``torch.Size`` calls over one memoized list took 392 MB). So :func:`load_metadata` unpickles with
+:class:`_Unpickler`, Python's own pure-Python unpickler with the opcodes that have effects replaced:
+
+- globals: DCP's metadata dataclasses, ``torch.Size``, dtypes, layouts (``_get_layout``), DCP's memory
+  format enum and ``PosixPath`` (the globals real ``.metadata`` files hold; listed with ``pickletools`` on
+  trainer checkpoints: no sets, complex numbers or slices);
+- calls (``REDUCE``): those constructors only, with their arguments checked (``torch.Size``: at most
+  :data:`MAX_NDIM` non-negative ints; a path: a few short strings; what they copy is charged against
+  the file's own size, so memoized arguments cannot multiply it);
+- ``NEWOBJ``: a metadata dataclass without arguments (an empty new instance), and ``BUILD`` only once on
+  such a fresh instance, with that dataclass's fields as state: never a class, a function or a shared
+  object (an enum member, a layout);
+- ``APPEND``/``SETITEM`` on real lists and dicts only (no ``append``/``__setitem__`` of other objects),
+  dict keys of plain types; no sets, persistent ids, extension codes, ``INST``/``OBJ``; the file at most
+  :data:`MAX_METADATA_BYTES`, checked before it is read.
+
+torch's own weights-only unpickler (``torch.load(weights_only=True)``) restricts ``BUILD`` the same way,
+but reads pickle protocol 2 only; DCP writes protocol 4 (``FRAME``, ``STACK_GLOBAL``, ``MEMOIZE``). A pure
+Python unpickler costs ~0.5 s per MB of ``.metadata`` here (4x ``pickle.load``): seconds for a large
+run's file, once per resume, export or sampling, next to reading and checksumming the checkpoint itself.
+
+What the file describes is then checked (:func:`check_metadata`, :func:`check_storage`): field types,
+every tensor's size equal to the extent of its chunks, each chunk no larger than its stored bytes, each
+storage entry a plain file of the checkpoint, and the entries of a file no longer than the file, so the
+tensors DCP allocates from the sizes (``torch.empty(size)`` when exporting) fit in the data on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import pickle
+from pathlib import Path, PosixPath, PurePosixPath
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import filesystem as dcp_fs
+from torch.distributed.checkpoint import metadata as dcp_md
+
+# A real .metadata holds ~140 bytes per tensor chunk (each rank's shard of each tensor: the chunk, its
+# index and its storage entry; names are memoized once) and ~1.2 KB per chunk once read. A 14B model
+# (~1000 parameter tensors) with AdamW's two moments and an EMA has ~4000 sharded tensors: 1 GiB holds
+# them sharded over ~1900 ranks, beyond any run we plan (and ~9 GB on every rank once read). The cap
+# bounds what a crafted file can cost: reading any pickle holds at most ~70 bytes per byte of it (a
+# 1-byte opcode makes an empty dict), no more here, where nothing copies memoized data.
+MAX_METADATA_BYTES = 1 << 30
+MAX_NDIM = 64  # torch.Size length: real tensors have a handful of dimensions
+_MAX_PATH_CHARS = 4096  # PATH_MAX
+_MAX_PATH_PARTS = 256
+
+_DATACLASSES = (
+    dcp_md.Metadata,
+    dcp_md.TensorStorageMetadata,
+    dcp_md.BytesStorageMetadata,
+    dcp_md.ChunkStorageMetadata,
+    dcp_md.TensorProperties,
+    dcp_md.MetadataIndex,
+    dcp_md.StorageMeta,
+    dcp_fs._StorageInfo,
+)
+_FIELDS = {cls: frozenset(f.name for f in dataclasses.fields(cls)) for cls in _DATACLASSES}
+_REQUIRED = {
+    cls: frozenset(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    for cls in _DATACLASSES
+}
+_MEM_FORMAT = dcp_md._MEM_FORMAT_ENCODING
+_GLOBALS = {(c.__module__, c.__name__): c for c in _DATACLASSES} | {
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): _MEM_FORMAT,
+    ("torch", "Size"): torch.Size,
+    # a layout pickles as ``_get_layout("torch.strided")``: a lookup among torch's layouts
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    # StorageMeta.checkpoint_id is the path the checkpoint was written to
+    ("pathlib", "PosixPath"): PosixPath,
+    ("pathlib", "PurePosixPath"): PurePosixPath,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or export) file is damaged, missing, foreign or could not be written; the message
+    names the file."""
+
+
+class _Refused(Exception):
+    """Something a real ``.metadata`` never holds (the message says what)."""
+
+
+class _Dispatch(dict):
+    def __missing__(self, op: int):
+        raise _Refused(f"pickle opcode {bytes([op])!r} is not used by DCP metadata")
+
+
+def _is_index(v) -> bool:
+    return type(v) is int and 0 <= v < 1 << 63
+
+
+class _Unpickler(pickle._Unpickler):
+    """See the module docstring. ``budget``: elements the constructors may still copy (the file's size)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.budget = len(data)
+        self.fresh: dict[int, object] = {}  # id → an instance NEWOBJ made and BUILD has not yet filled
+
+    def find_class(self, module: str, name: str):
+        found = _GLOBALS.get((module, name))
+        if found is None and module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):
+            found = torch.__dict__[name]
+        if found is None:
+            raise _Refused(
+                f"refused to load {module[:100]}.{name[:100]}: DCP metadata holds only checkpoint metadata "
+                f"classes, and unpickling anything else could run code (a crafted file?)"
+            )
+        return found
+
+    def _charge(self, n: int) -> None:
+        self.budget -= n
+        if self.budget < 0:
+            raise _Refused("its constructors copy more data than the file holds (a crafted file?)")
+
+    def _call(self, func, args: tuple):
+        if func is torch.Size:
+            (seq,) = args
+            if type(seq) not in (tuple, list) or len(seq) > MAX_NDIM or not all(map(_is_index, seq)):
+                raise _Refused(f"torch.Size of more than {MAX_NDIM} non-negative ints or of other values")
+            self._charge(len(seq) + 1)
+            return torch.Size(seq)
+        if func is PosixPath or func is PurePosixPath:
+            short = len(args) <= _MAX_PATH_PARTS and all(type(a) is str for a in args)
+            if not short or sum(map(len, args)) > _MAX_PATH_CHARS:
+                raise _Refused("a path of other values than a few strings")
+            self._charge(sum(map(len, args)) + len(args) + 1)
+            return func(*args)
+        if func is torch.serialization._get_layout and len(args) == 1 and type(args[0]) is str:
+            return func(*args)  # a lookup: a layout, or KeyError
+        if func is _MEM_FORMAT and len(args) == 1 and type(args[0]) is int:
+            return func(*args)  # a lookup: a member, or ValueError
+        raise _Refused(
+            f"a call of {type(func).__name__} {getattr(func, '__name__', '')!r} (not a constructor)"
+        )
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        if type(args) is not tuple:
+            raise _Refused("REDUCE arguments that are not a tuple")
+        self.stack[-1] = self._call(self.stack[-1], args)
+
+    def load_newobj(self):
+        args, cls = self.stack.pop(), self.stack.pop()
+        if not any(cls is c for c in _DATACLASSES) or args != ():
+            raise _Refused(f"NEWOBJ of {getattr(cls, '__name__', type(cls).__name__)} (not a metadata class)")
+        inst = object.__new__(cls)
+        self.fresh[id(inst)] = inst  # kept alive here, so its id stays its own
+        self.append(inst)
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if self.fresh.pop(id(inst), None) is not inst:
+            # a class, function or shared object: setting attributes on it would change the process
+            raise _Refused(f"BUILD on a {type(inst).__name__} that is not a new metadata instance")
+        cls = type(inst)
+        if cls is dcp_md.TensorProperties:
+            ok = (
+                type(state) is tuple
+                and len(state) == 5
+                and isinstance(state[0], torch.dtype)
+                and isinstance(state[1], torch.layout)
+                and type(state[2]) is bool
+                and type(state[3]) is _MEM_FORMAT
+                and type(state[4]) is bool
+            )
+            if not ok:
+                raise _Refused("TensorProperties state of other values than DCP writes")
+            inst.__setstate__(state)
+            return
+        if type(state) is not dict or not all(type(k) is str and k in _FIELDS[cls] for k in state):
+            raise _Refused(f"{cls.__name__} state with other keys than its fields")
+        inst.__dict__.update(state)
+
+    def load_append(self):
+        value = self.stack.pop()
+        self._list().append(value)
+
+    def load_appends(self):
+        items = self.pop_mark()
+        self._list().extend(items)
+
+    def _list(self) -> list:
+        if type(self.stack[-1]) is not list:
+            raise _Refused("APPEND to something other than a list")
+        return self.stack[-1]
+
+    def load_setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        self._dict_for([key])[key] = value
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        d = self._dict_for(items[::2])
+        for i in range(0, len(items), 2):
+            d[items[i]] = items[i + 1]
+
+    def _dict_for(self, keys: list) -> dict:
+        """The dict on the stack, after checking that hashing ``keys`` runs no deep recursion."""
+        if type(self.stack[-1]) is not dict:
+            raise _Refused("SETITEM on something other than a dict")
+        for k in keys:
+            if type(k) in (str, int):
+                continue
+            if type(k) is dcp_md.MetadataIndex and _flat_index(k):
+                continue
+            raise _Refused(f"a dict key of type {type(k).__name__}")
+        return self.stack[-1]
+
+    _OPS = (
+        "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 "
+        "BINFLOAT SHORT_BINUNICODE BINUNICODE SHORT_BINBYTES BINBYTES EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 "
+        "TUPLE3 EMPTY_LIST EMPTY_DICT BINGET LONG_BINGET BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL"
+    )
+    dispatch = _Dispatch(
+        {getattr(pickle, op)[0]: pickle._Unpickler.dispatch[getattr(pickle, op)[0]] for op in _OPS.split()}
+    )
+    dispatch |= {
+        pickle.REDUCE[0]: load_reduce,
+        pickle.NEWOBJ[0]: load_newobj,
+        pickle.BUILD[0]: load_build,
+        pickle.APPEND[0]: load_append,
+        pickle.APPENDS[0]: load_appends,
+        pickle.SETITEM[0]: load_setitem,
+        pickle.SETITEMS[0]: load_setitems,
+    }
+
+
+def _flat_index(k: dcp_md.MetadataIndex) -> bool:
+    """A MetadataIndex whose hash is that of a string and a flat torch.Size (its fields are checked
+    before it is used as a dict key: a nested tuple would make hashing recurse without bound)."""
+    state = vars(k)
+    return type(state.get("fqn")) is str and type(state.get("offset")) in (torch.Size, type(None))
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+def read_capped(path: str | os.PathLike, stream=None) -> bytes:
+    """The bytes of a ``.metadata`` file (from ``stream`` if given), refused unread beyond
+    :data:`MAX_METADATA_BYTES`."""
+    if stream is None:
+        with open(path, "rb") as f:
+            return read_capped(path, f)
+    try:
+        size = os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):  # not a plain file: the read is capped
+        size = 0
+    data = stream.read(MAX_METADATA_BYTES + 1) if size <= MAX_METADATA_BYTES else b""
+    if size > MAX_METADATA_BYTES or len(data) > MAX_METADATA_BYTES:
+        raise CheckpointError(
+            f"{path}: {max(size, len(data))} bytes, more than the {MAX_METADATA_BYTES >> 20} MiB of DCP "
+            f"metadata any run we plan writes (a crafted or foreign file?)"
+        )
+    return data
+
+
+def load_metadata(data: bytes, name: str) -> dcp_md.Metadata:
+    """A DCP ``Metadata`` from the bytes of a ``.metadata`` file, unpickled without effects and checked
+    (:func:`check_metadata`).
+
+    Args:
+        name: the file, for errors.
+    """
+    if len(data) > MAX_METADATA_BYTES:
+        raise CheckpointError(
+            f"{name}: larger than {MAX_METADATA_BYTES >> 20} MiB (a crafted or foreign file?)"
+        )
+    try:
+        md = _Unpickler(data).load()
+    except _Refused as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    except Exception as e:  # truncated, not a pickle at all, a failed lookup
+        raise CheckpointError(
+            f"{name}: not a DCP metadata file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    problem = check_metadata(md)
+    if problem is not None:
+        raise CheckpointError(f"{name}: {problem}")
+    return md
+
+
+def _short(s: str) -> str:
+    return repr(s if len(s) <= 120 else s[:120] + "…")
+
+
+def _complete(obj) -> bool:
+    """``obj`` is one of the metadata dataclasses with its required fields set and no other attributes."""
+    cls = type(obj)
+    if cls not in _FIELDS:
+        return False
+    names = vars(obj).keys()
+    return names <= _FIELDS[cls] and _REQUIRED[cls] <= names
+
+
+# ---- what the metadata says ------------------------------------------------------------------------------
+def check_metadata(md) -> str | None:
+    """The first thing in ``md`` that DCP's writer never produces, or None: wrong types, a storage entry
+    outside the checkpoint's plain files, a chunk outside its tensor or larger than its stored bytes, a
+    tensor larger than its chunks (DCP allocates a whole tensor from its size when exporting)."""
+    if type(md) is not dcp_md.Metadata or not _complete(md):
+        return f"not a DCP metadata file (holds a {type(md).__name__})"
+    sdm, storage = md.state_dict_metadata, md.storage_data
+    if type(sdm) is not dict or type(storage) is not dict:
+        return "not a DCP metadata file (state_dict_metadata and storage_data are not dicts)"
+    for key, info in storage.items():
+        if not (type(key) is dcp_md.MetadataIndex and _complete(key) and _flat_index(key)):
+            return "a storage key that is not the index of a named tensor or item"
+        if not (key.index is None or _is_index(key.index)):
+            return f"the storage key of {_short(key.fqn)} has an index that is not a count"
+        if not _plain_entry(info):
+            return f"the storage entry of {_short(key.fqn)} is not a plain file of this checkpoint"
+    for fqn, item in sdm.items():
+        if type(fqn) is not str:
+            return "a state dict key that is not a string"
+        if type(item) is dcp_md.BytesStorageMetadata and _complete(item):
+            continue
+        problem = _tensor_problem(fqn, item, storage)
+        if problem is not None:
+            return f"tensor {_short(fqn)}: {problem}"
+    return _planner_problem(md.planner_data, len(sdm)) or _storage_meta_problem(md.storage_meta)
+
+
+def _plain_entry(info) -> bool:
+    """Each item lies in a plain file of the checkpoint (no path out of it) at a sane offset, untransformed
+    (we write no compression or other stream transforms)."""
+    return (
+        type(info) is dcp_fs._StorageInfo
+        and _complete(info)
+        and type(info.relative_path) is str
+        and info.relative_path not in ("", ".", "..")
+        and "/" not in info.relative_path
+        and "\\" not in info.relative_path
+        and _is_index(info.offset)
+        and _is_index(info.length)
+        and not info.transform_descriptors
+    )
+
+
+def _tensor_problem(fqn: str, item, storage: dict) -> str | None:
+    if type(item) is not dcp_md.TensorStorageMetadata or not _complete(item):
+        return "neither tensor nor bytes metadata"
+    props, size, chunks = item.properties, item.size, item.chunks
+    if type(props) is not dcp_md.TensorProperties or not _complete(props):
+        return "its properties are not DCP's"
+    if type(size) is not torch.Size or type(chunks) is not list:
+        return "its size or chunk list are not DCP's"
+    covered, seen = 0, set()
+    for c in chunks:
+        dims_ok = type(c) is dcp_md.ChunkStorageMetadata and _complete(c)
+        dims_ok = dims_ok and type(c.offsets) is torch.Size and type(c.sizes) is torch.Size
+        if not dims_ok or len(c.offsets) != len(size) or len(c.sizes) != len(size):
+            return f"a chunk that is not offsets and sizes in the tensor's {len(size)} dimensions"
+        where = f"the chunk at {tuple(c.offsets)} of {tuple(c.sizes)}"
+        if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size, strict=True)):
+            return f"{where} lies outside its size {tuple(size)}"
+        if c.offsets in seen:  # counted twice, a chunk would cover a tensor larger than its data
+            return f"{where} is listed twice"
+        seen.add(c.offsets)
+        info = storage.get(dcp_md.MetadataIndex(fqn, c.offsets))
+        if info is None:
+            return f"{where} has no storage entry"
+        nbytes = math.prod(c.sizes) * props.dtype.itemsize
+        if nbytes > info.length:
+            return f"{where} declares {nbytes} bytes, its storage entry holds {info.length}"
+        covered += math.prod(c.sizes)
+    if math.prod(size) > covered:
+        return (
+            f"its size {tuple(size)} ({math.prod(size)} elements) is larger than its chunks ({covered} "
+            f"elements): a crafted file?"
+        )
+    return None
+
+
+def _planner_problem(planner_data, n_items: int) -> str | None:
+    """``planner_data``: each flattened key's path in the nested state dict (a list index in a path is
+    below the number of items: a larger one would make DCP grow a list to it)."""
+    if planner_data is None:
+        return None
+    if type(planner_data) is not dict:
+        return "planner_data is not a dict"
+    for key, path in planner_data.items():
+        ok = type(key) is str and type(path) is tuple and 1 <= len(path) <= MAX_NDIM
+        if not ok or not all(type(p) is str or (type(p) is int and 0 <= p < n_items) for p in path):
+            return f"planner_data of {_short(str(key))} is not a short path of names and list indices"
+    return None
+
+
+def _storage_meta_problem(sm) -> str | None:
+    if sm is None:
+        return None
+    ok = type(sm) is dcp_md.StorageMeta and _complete(sm)
+    ok = ok and type(sm.checkpoint_id) in (str, PosixPath, PurePosixPath, type(None))
+    ok = ok and all(type(v) in (str, type(None)) for v in (sm.save_id, sm.load_id))
+    ok = ok and type(sm.modules) is list and all(type(m) is str for m in sm.modules)
+    return None if ok else "storage_meta is not DCP's"
+
+
+def check_storage(md: dcp_md.Metadata, directory: Path) -> str | None:
+    """The first data file that is missing or cannot hold the entries ``.metadata`` places in it (each one
+    inside it, and all together no longer than it: DCP writes them one after another), or None. With
+    :func:`check_metadata`, every tensor DCP allocates fits in the data files on disk."""
+    per_file: dict[str, tuple[int, int]] = {}
+    for info in md.storage_data.values():
+        total, end = per_file.get(info.relative_path, (0, 0))
+        per_file[info.relative_path] = (total + info.length, max(end, info.offset + info.length))
+    for name, (total, end) in sorted(per_file.items()):
+        f = directory / name
+        try:
+            if not f.is_file():
+                return f"{f}: missing (.metadata points into it)"
+            size = f.stat().st_size
+        except OSError as e:
+            return f"{f}: unreadable ({e})"
+        if end > size:
+            return f"{f}: {size} bytes, .metadata needs {end} (truncated)"
+        if total > size:
+            return f"{f}: .metadata places {total} bytes of entries in its {size} bytes (a crafted file?)"
+    return None
+
+
+def check_dcp_structure(path: Path) -> str | None:
+    """``.metadata`` passes :func:`load_metadata` and every file it points into can hold its entries (all
+    an old checkpoint without checksums can be checked for), or the problem."""
+    name = path / ".metadata"
+    try:
+        md = load_metadata(read_capped(name), str(name))
+    except (CheckpointError, OSError) as e:
+        return str(e)
+    return check_storage(md, path)
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """torch's DCP file reader with :func:`load_metadata` in place of ``pickle.load`` and
+    :func:`check_storage` on what it read."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_md.Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = load_metadata(read_capped(path, f), str(path))
+        problem = check_storage(metadata, Path(self.path))
+        if problem is not None:
+            raise CheckpointError(problem)
+        # as FileSystemReader.read_metadata does
+        if metadata.storage_meta is None:
+            metadata.storage_meta = dcp_md.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

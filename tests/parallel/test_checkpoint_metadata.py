@@ -1,0 +1,279 @@
+"""A crafted DCP ``.metadata`` has no effect on the process that reads it: no attribute of a class, function
+or shared object changes (the reading falls back to an older checkpoint in the same process), no memory is
+multiplied, and no tensor larger than the checkpoint's data is allocated. Real checkpoints written by DCP,
+payloads assembled opcode by opcode; the effects are looked for in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel import checkpoint as ckpt
+from parallel.checkpoint import CheckpointError
+from parallel.checkpoint_metadata import MAX_METADATA_BYTES, SafeFileSystemReader, check_dcp_structure
+from parallel.checkpoint_safety import file_sum
+
+
+def _save(root, step: int) -> Path:
+    state = {"model": {"w": torch.full((64,), float(step))}, "step": torch.tensor(step)}
+    return ckpt.save(root, step, state, {"own": step}, rank=0)
+
+
+def _replace_metadata(path: Path, data: bytes) -> None:
+    """Put ``data`` in a checkpoint's ``.metadata`` and fix the marker's checksum, as an attacker would."""
+    (path / ".metadata").write_bytes(data)
+    m = json.loads((path / ckpt.MARKER).read_text())
+    m["files"][".metadata"] = file_sum(path / ".metadata")
+    (path / ckpt.MARKER).write_text(json.dumps(m))
+
+
+def _run(script: str, *args) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- opcodes (pickletools names) -------------------------------------------------------------------------
+def _global(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def _str(s: str) -> bytes:
+    data = s.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _int(i: int) -> bytes:
+    return b"J" + struct.pack("<i", i)
+
+
+NONE, EMPTY_DICT, EMPTY_LIST, SETITEM, TUPLE1, TUPLE2 = b"N", b"}", b"]", b"s", b"\x85", b"\x86"
+BUILD, REDUCE, APPEND, MARK, APPENDS, STOP, PROTO2 = b"b", b"R", b"a", b"(", b"e", b".", b"\x80\x02"
+
+
+def _put(i: int) -> bytes:
+    return b"r" + struct.pack("<I", i)
+
+
+def _get(i: int) -> bytes:
+    return b"j" + struct.pack("<I", i)
+
+
+def _slot_state(**attrs) -> bytes:
+    """``(None, {name: value})``: BUILD sets these with ``setattr`` on whatever is below on the stack."""
+    items = b"".join(_str(k) + v + SETITEM for k, v in attrs.items())
+    return NONE + EMPTY_DICT + items + TUPLE2
+
+
+def _dict_state(**attrs) -> bytes:
+    return EMPTY_DICT + b"".join(_str(k) + v + SETITEM for k, v in attrs.items())
+
+
+MD = "torch.distributed.checkpoint.metadata"
+# BUILD on objects that exist before the file is read: an allow-listed class, a function, an enum member
+POISON = {
+    "class": _global("pathlib", "PosixPath") + _slot_state(__truediv__=_str("poisoned")) + BUILD,
+    "dataclass": _global(MD, "ChunkStorageMetadata") + _slot_state(__repr__=_str("poisoned")) + BUILD,
+    "function": _global("torch.serialization", "_get_layout")
+    + _dict_state(cache=EMPTY_DICT + _str("torch.strided") + _str("poisoned") + SETITEM)
+    + BUILD,
+    "enum_member": _global(MD, "_MEM_FORMAT_ENCODING")
+    + _int(0)
+    + TUPLE1
+    + REDUCE
+    + _dict_state(_value_=_int(7))
+    + BUILD,
+}
+
+_POISON_CHILD = """
+import json, logging, sys
+from pathlib import Path, PosixPath
+import torch
+from torch.distributed.checkpoint import metadata as md
+from parallel import checkpoint as ckpt
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+root = Path(sys.argv[1])
+out = {}
+for case in sys.argv[2:]:
+    found = ckpt.latest(root / case)  # skips the crafted step 2 for step 1, in this same process
+    error = ""
+    try:
+        ckpt.verify(root / case / "step-00000002")
+    except ckpt.CheckpointError as e:
+        error = str(e)
+    out[case] = {
+        "found": found.name,
+        "error": error,
+        "weights": ckpt.read_full(found, {"model"})["model"]["w"].tolist()[:2],
+        "path_ok": Path("/tmp") / "a" == PosixPath("/tmp/a"),
+        "repr_ok": callable(md.ChunkStorageMetadata.__repr__),
+        "layout_ok": torch.serialization._get_layout("torch.strided") is torch.strided,
+        "enum_ok": md._MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT.value == 0,
+    }
+print(json.dumps(out))
+"""
+
+
+def test_build_on_existing_objects_is_refused_and_changes_nothing(tmp_path):
+    template = tmp_path / "template"
+    for step in (1, 2):
+        _save(template, step)
+    for case, payload in POISON.items():
+        shutil.copytree(template, tmp_path / case)
+        _replace_metadata(tmp_path / case / "step-00000002", PROTO2 + payload + STOP)
+    got = _run(_POISON_CHILD, tmp_path, *POISON)
+    for case, r in got.items():
+        assert r["found"] == "step-00000001" and r["weights"] == [1.0, 1.0], case
+        assert str(tmp_path / case / "step-00000002" / ".metadata") in r["error"], case
+        assert "BUILD on a" in r["error"] and "not a new metadata instance" in r["error"], case
+        assert r["path_ok"] and r["repr_ok"] and r["layout_ok"] and r["enum_ok"], (case, r)
+
+
+# ---- memory ----------------------------------------------------------------------------------------------
+def _amplifier(module: str, name: str, n: int = 20_000, calls: int = 1000) -> bytes:
+    """A list of ``n`` ints, memoized once, passed to ``module.name`` ``calls`` times (each result kept):
+    an unpickler that lets the call copy its argument holds ``n * calls`` items from ``5 n`` bytes."""
+    ints = EMPTY_LIST + MARK + b"".join(_int(1000 + i) for i in range(n)) + APPENDS
+    call = _get(0) + _get(1) + TUPLE1 + REDUCE + APPEND
+    return PROTO2 + _global(module, name) + _put(0) + ints + _put(1) + EMPTY_LIST + call * calls + STOP
+
+
+_MEMORY_CHILD = """
+import json, resource, sys
+from parallel.checkpoint import CheckpointError
+from parallel.checkpoint_metadata import load_metadata
+files = sys.argv[1:]
+datas = [open(f, "rb").read() for f in files]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+errors = []
+for f, data in zip(files, datas):
+    try:
+        load_metadata(data, f)
+        errors.append("")
+    except CheckpointError as e:
+        errors.append(str(e))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"increase": (peak - before) * 1024, "errors": errors}))
+"""
+
+
+def test_constructors_cannot_multiply_memoized_data(tmp_path):
+    """torch.Size (and sets, which real metadata never holds) over one memoized list, a thousand times:
+    refused, and the reading process's peak memory grows by no more than a small multiple of the files."""
+    files = []
+    for module, name in (("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset")):
+        f = tmp_path / f"{name}.metadata"
+        f.write_bytes(_amplifier(module, name))
+        files.append(f)
+    got = _run(_MEMORY_CHILD, *files)
+    total = sum(f.stat().st_size for f in files)
+    assert all(str(f) in e for f, e in zip(files, got["errors"], strict=True)), got["errors"]
+    assert "torch.Size of more than 64" in got["errors"][0]
+    assert "refused to load builtins.set" in got["errors"][1]
+    assert got["increase"] < (16 << 20) + 10 * total, f"peak memory grew by {got['increase'] >> 20} MiB"
+
+
+def test_metadata_larger_than_the_cap_is_refused_unread(tmp_path):
+    path = _save(tmp_path / "c", 1)
+    with open(path / ".metadata", "r+b") as f:
+        f.truncate(MAX_METADATA_BYTES + 1)  # sparse: no disk, and never read
+    said = rf"{path / '.metadata'}: \d+ bytes, more than the 1024 MiB"
+    with pytest.raises(CheckpointError, match=said):
+        SafeFileSystemReader(str(path)).read_metadata()  # what DCP reads through
+    assert re.match(said, check_dcp_structure(path))  # what verification reads through
+
+
+# ---- sizes that the data cannot hold ---------------------------------------------------------------------
+def _alter(path: Path, change) -> None:
+    md = pickle.loads((path / ".metadata").read_bytes())  # our own file, written by this test
+    change(md)
+    _replace_metadata(path, pickle.dumps(md))
+
+
+def _huge_tensor(md) -> None:
+    md.state_dict_metadata["model.w"].size = torch.Size([2**40])
+
+
+def _huge_chunk(md) -> None:
+    w = md.state_dict_metadata["model.w"]
+    w.size = w.chunks[0].sizes = torch.Size([2**20, 2**20])
+    w.chunks[0].offsets = torch.Size([0, 0])
+    (key,) = [k for k in md.storage_data if k.fqn == "model.w"]
+    md.storage_data[type(key)("model.w", torch.Size([0, 0]))] = md.storage_data.pop(key)
+
+
+def _huge_entry(md) -> None:
+    _huge_chunk(md)
+    md.storage_data[next(k for k in md.storage_data if k.fqn == "model.w")].length = 2**42
+
+
+def _repeated_chunk(md) -> None:
+    """One chunk listed a thousand times: a tensor a thousand times its stored data."""
+    w = md.state_dict_metadata["model.w"]
+    w.chunks = w.chunks * 1000
+    w.size = torch.Size([64 * 1000])
+
+
+def _shared_entry(md) -> None:
+    """Many tensors, each within its own chunk and entry, all pointing at the same bytes of the file."""
+    w = md.state_dict_metadata["model.w"]
+    (key,) = [k for k in md.storage_data if k.fqn == "model.w"]
+    for i in range(1000):
+        md.state_dict_metadata[f"model.w{i}"] = w
+        md.storage_data[type(key)(f"model.w{i}", key.offset)] = md.storage_data[key]
+
+
+HUGE = {
+    "tensor_beyond_its_chunks": (
+        _huge_tensor,
+        r"\.metadata: tensor 'model\.w': its size \(1099511627776,\)",
+    ),
+    "chunk_beyond_its_entry": (
+        _huge_chunk,
+        r"\.metadata: tensor 'model\.w': the chunk at .* declares 4398046511104 bytes",
+    ),
+    "chunk_listed_twice": (
+        _repeated_chunk,
+        r"\.metadata: tensor 'model\.w': the chunk at \(0,\) of \(64,\) is listed twice",
+    ),
+    "entry_beyond_its_file": (_huge_entry, r"__0_0\.distcp: \d+ bytes, \.metadata needs \d+"),
+    "entries_sharing_bytes": (
+        _shared_entry,
+        r"__0_0\.distcp: \.metadata places \d+ bytes of entries in its \d+",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", HUGE)
+def test_tensor_sizes_the_data_cannot_hold_are_refused(kind, tmp_path):
+    """Exporting allocates every tensor whole from its declared size (``torch.empty(size)``): a 2^40-element
+    tensor, or a thousand tensors on the same bytes, is refused first, naming the file."""
+    change, what = HUGE[kind]
+    path = _save(tmp_path / "c", 1)
+    _alter(path, change)
+    with pytest.raises(CheckpointError, match=what):
+        ckpt.read_full(path, {"model"})  # export, init.from
+    with pytest.raises(CheckpointError, match=what):
+        ckpt.verify(path)  # resume: refused before DCP reads it
+
+
+def test_real_metadata_reads_as_pickle_does(tmp_path):
+    path = _save(tmp_path / "c", 3)
+    from parallel.checkpoint_metadata import load_metadata
+
+    data = (path / ".metadata").read_bytes()
+    assert load_metadata(data, "m") == pickle.loads(data)  # our own file
+    assert ckpt.read_full(path, {"model"})["model"]["w"].tolist() == [3.0] * 64
