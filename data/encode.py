@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="as data.max_pixels")
     p.add_argument("--max-member-mb", type=float, default=1024.0, help="as data.max_member_mb")
+    p.add_argument("--max-sample-mb", type=float, default=None, help="as data.max_sample_mb")
     p.add_argument("--allow-compressed", action="store_true", help="as data.allow_compressed")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         shards=a.raw_dir,
         max_pixels=a.max_pixels,
         max_member_mb=a.max_member_mb,
+        max_sample_mb=a.max_sample_mb,
         allow_compressed=a.allow_compressed,
     )
     shards, lim = list_shards(data), limits(data)

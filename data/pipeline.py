@@ -68,6 +68,9 @@ class DataConfig:
     max_member_mb: float = 1024.0
     """Largest tar member (MiB) read into memory; a sample with a larger one is skipped
     (``member_too_large``) without reading it."""
+    max_sample_mb: float | None = None
+    """Largest sum of one sample's members (MiB) read into memory; a sample past it is skipped
+    (``sample_too_large``) and its remaining members are not read. None: twice ``max_member_mb``."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     naive_decode: bool = False
@@ -337,7 +340,9 @@ def limits(cfg: DataConfig) -> Limits:
         raise ValueError(f"data.max_pixels={cfg.max_pixels}: must be >= 1")
     if not cfg.max_member_mb > 0:
         raise ValueError(f"data.max_member_mb={cfg.max_member_mb}: must be > 0")
-    return Limits(cfg.max_pixels, cfg.max_member_mb, cfg.allow_compressed)
+    if cfg.max_sample_mb is not None and not cfg.max_sample_mb > 0:
+        raise ValueError(f"data.max_sample_mb={cfg.max_sample_mb}: must be > 0 (or null: 2 × max_member_mb)")
+    return Limits(cfg.max_pixels, cfg.max_member_mb, cfg.allow_compressed, cfg.max_sample_mb)
 
 
 def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1) -> Loader:

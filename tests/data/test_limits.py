@@ -15,6 +15,7 @@ from PIL import Image
 from data.buckets import Bucket, BucketConfig
 from data.meta import parse_meta
 from data.pipeline import DataConfig, build_loader
+from data.pipeline import limits as config_limits
 from data.reader import Limits, read_shard
 from data.shards import list_sources, write_shards
 from data.stream import Errors, validate
@@ -150,7 +151,7 @@ def test_the_default_max_pixels_refuses_nothing_pillow_would_decode():
             pass
 
 
-@pytest.mark.parametrize("field,value", [("max_pixels", 0), ("max_member_mb", 0.0)])
+@pytest.mark.parametrize("field,value", [("max_pixels", 0), ("max_member_mb", 0.0), ("max_sample_mb", 0.0)])
 def test_limits_are_checked_at_start_up(tmp_path, field, value):
     write_tar(tmp_path / "train-000000.tar", [video_sample("a")])
     cfg = DataConfig(shards=str(tmp_path), buckets=BUCKETS, num_workers=0, **{field: value})
@@ -241,6 +242,9 @@ def test_extended_headers_whole_samples_and_unknown_members_are_bounded(tmp_path
     keys, errors = stream_epoch([path, gnu], BUCKETS, limits=limits)
     assert keys == ["a", "b", "c", "odd"]
     assert dict(errors.counts) == {"member_too_large": 2, "sample_too_large": 1}
+    roomier = config_limits(DataConfig(max_member_mb=1, max_sample_mb=8))  # data.max_sample_mb
+    keys, errors = stream_epoch([path], BUCKETS, limits=roomier)
+    assert keys == ["a", "b", "many", "odd"] and dict(errors.counts) == {"member_too_large": 1}
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "posix"])
