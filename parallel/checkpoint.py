@@ -10,12 +10,16 @@ mid-save costs that save, never an older checkpoint). The marker, written last, 
 and each file's size and CRC-32 (:mod:`parallel.checkpoint_safety` says why CRC-32); every read path
 verifies them first, and :func:`latest` skips a damaged checkpoint for the newest intact one, saying so.
 Retention deletes a checkpoint's marker before its data, so a kill mid-deletion leaves a directory that
-is ignored, never one that looks complete. Nothing is unpickled freely: tensors and non-tensor items
-with ``weights_only=True``, DCP's ``.metadata`` with an allow-list.
+is ignored, never one that looks complete; it never deletes the checkpoint just written, and what it
+cannot delete is a warning (the save succeeded). A trainer resuming past a damaged checkpoint moves it
+aside to ``damaged-step-…`` (``latest(quarantine=True)``), out of retention's ranking. Nothing is
+unpickled freely: tensors and non-tensor items with ``weights_only=True``, DCP's ``.metadata`` through
+:mod:`parallel.checkpoint_metadata`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -91,14 +95,24 @@ def _verdict(path: Path, distributed: bool) -> tuple[str | None, bool]:
     key = _identity(path)
     cached = _VERDICTS.get(key, _UNKNOWN)
     if not distributed or world == 1:
-        verdict = cached if cached is not _UNKNOWN else safety.check(path, 0, 1)
+        verdict = cached if cached is not _UNKNOWN else _check(path, 0, 1)
     else:
         # always the collective (a rank with a cached verdict must not skip it); a cached verdict is whole
-        mine = cached if cached is not _UNKNOWN else safety.check(path, rank, world)
+        mine = cached if cached is not _UNKNOWN else _check(path, rank, world)
         verdict = next((v for v in _gather(mine) if v is not None), None)
     if key is not None:
         _VERDICTS[key] = verdict
     return verdict, cached is _UNKNOWN
+
+
+def _check(path: Path, rank: int, world: int) -> str | None:
+    """:func:`safety.check`; anything it raises is this rank's verdict too (a rank that raised instead
+    would leave the others waiting in the gather of verdicts)."""
+    try:
+        return safety.check(path, rank, world)
+    except Exception as e:
+        log.debug("checking %s failed", path, exc_info=True)
+        return f"{path}: could not be checked ({type(e).__name__}: {e})"
 
 
 def _identity(path: Path) -> tuple | None:
@@ -130,7 +144,7 @@ def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest(root: str | os.PathLike, *, distributed: bool = False) -> Path | None:
+def latest(root: str | os.PathLike, *, distributed: bool = False, quarantine: bool = False) -> Path | None:
     """The newest intact checkpoint under ``root``, or None if there is none at all.
 
     A damaged newer one is skipped with a warning naming it and its bad file. If every checkpoint is
@@ -138,23 +152,50 @@ def latest(root: str | os.PathLike, *, distributed: bool = False) -> Path | None
 
     Args:
         distributed: a collective over the default group sharing the reading (see :func:`verify`).
+        quarantine: for the trainer's resume: on a fallback, rank 0 renames each damaged newer checkpoint
+            to ``damaged-step-XXXXXXXX`` (kept for inspection; neither resumed nor counted by retention,
+            which would otherwise keep it, ranked by step, over the run's new saves), once every rank has
+            the verdicts. Export, sampling and ``init.from`` only read (the default).
     """
-    damaged, news = [], False
+    damaged: list[tuple[Path, str]] = []
+    news = False
+    rank = _rank_world()[0]
     for _, p in reversed(complete_checkpoints(root)):
         problem, new = _verdict(p, distributed)
         if problem is None:
-            if news and _rank_world()[0] == 0:
+            if news and rank == 0:
                 log.warning("falling back to %s, the newest intact checkpoint", p)
+            if quarantine and rank == 0:
+                for bad, why in damaged:
+                    _move_aside(bad, why)
             return p
-        damaged.append(f"{p.name}: {problem}")
+        damaged.append((p, problem))
         news |= new
-        if new and _rank_world()[0] == 0:  # said once per process, however often it is asked
+        if new and rank == 0:  # said once per process, however often it is asked
             log.warning("checkpoint %s is damaged and skipped: %s", p, problem)
     if damaged:
+        said = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
         raise CheckpointError(
-            f"{root}: no intact checkpoint ({'; '.join(damaged)}). Repair or move them away to start afresh"
+            f"{root}: no intact checkpoint ({said}). Repair or move them away to start afresh"
         )
     return None
+
+
+def _move_aside(path: Path, problem: str) -> None:
+    """Rename a damaged checkpoint to ``damaged-<name>`` (``-2``, ``-3`` … if taken), saying so."""
+    target, n = path.with_name(f"damaged-{path.name}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"damaged-{path.name}-{n}")
+    try:
+        os.rename(path, target)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        log.warning("could not move the damaged checkpoint %s aside (%s); it stays in place", path, e)
+        return
+    log.warning(
+        "moved the damaged checkpoint %s aside to %s (%s); delete it when inspected", path, target, problem
+    )
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -344,11 +385,22 @@ def commit(
     record |= {"checksum": safety.CHECKSUM, "files": dict(sorted(sums.items()))}
     _write_synced(tmp / MARKER, json.dumps(record, indent=1))
     _fsync_dir(tmp)
-    if final.exists():
-        _remove_checkpoint(final)  # an earlier save of this step (a rerun after a resume)
+    if final.exists():  # an earlier save of this step (a rerun after a resume)
+        _, problems = _remove_checkpoint(final)
+        if problems:
+            raise OSError(f"cannot replace the earlier {final.name}: {'; '.join(problems)}")
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    prune(final.parent, keep)
+    # the checkpoint is saved: what fails from here on is a warning, not a failed save
+    try:
+        _fsync_dir(final.parent)
+    except OSError as e:
+        log.warning(
+            "saved %s, but syncing its folder failed (a power loss may undo the rename): %s", final, e
+        )
+    try:
+        prune(final.parent, keep, protect=final)
+    except OSError as e:
+        log.warning("saved %s, but retention failed: %s", final, e)
 
 
 def _fresh_dir(path: Path) -> None:
@@ -381,31 +433,77 @@ def _raise_any(errors: list[str | None], tmp: Path, final: Path) -> None:
 
 
 # ---- retention -------------------------------------------------------------------------------------------
-def prune(root: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (0: keep all); returns what went.
+def prune(root: str | os.PathLike, keep: int, *, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (0: keep all), never ``protect``; returns
+    what went.
 
     Each goes marker first (synced), then its data: a kill in between leaves a directory without a
-    marker, which is ignored and removed by the next prune, never one that looks complete."""
+    marker, which is ignored and removed by the next prune, never one that looks complete. What cannot
+    be deleted is named in a warning and left (a checkpoint whose marker cannot go stays whole).
+
+    Args:
+        protect: the checkpoint just committed. Steps rank checkpoints, and a newer one may be damaged (a
+            resume fell back past it without moving it aside, see :func:`latest`): the run's own new
+            save must not be what goes.
+    """
     found = complete_checkpoints(root)
     if keep <= 0 or not found:
         return []
-    gone = [p for _, p in found[:-keep]]  # never the newest: keep >= 1 here
-    for p in gone:
-        _remove_checkpoint(p)
-    oldest_kept = found[-keep:][0][0]
+    kept = {p for _, p in found[-keep:]} | ({Path(protect)} if protect is not None else set())
+    gone: list[Path] = []
+    failed: list[str] = []
+    doomed = [p for _, p in found[:-keep] if p not in kept]  # never the newest: keep >= 1 here
+    for p in doomed:
+        unmarked, problems = _remove_checkpoint(p)
+        failed += problems
+        if unmarked:
+            gone.append(p)
+    oldest_kept = min(s for s, p in found if p in kept)
     for p in Path(root).iterdir():
         m = _STEP.match(p.name)
-        if m and int(m.group(1)) < oldest_kept and p.is_dir() and not (p / MARKER).exists():
-            shutil.rmtree(p, ignore_errors=True)  # the rest of a deletion that was cut short
+        if (
+            m
+            and int(m.group(1)) < oldest_kept
+            and p not in doomed
+            and p.is_dir()
+            and not (p / MARKER).exists()
+        ):
+            failed += _rmtree(p)  # the rest of a deletion that was cut short
+    if failed:
+        log.warning(
+            "retention could not delete %s; delete by hand what is no longer wanted", "; ".join(failed)
+        )
     return gone
 
 
-def _remove_checkpoint(path: Path) -> None:
+def _remove_checkpoint(path: Path) -> tuple[bool, list[str]]:
+    """Remove a checkpoint, marker first: (whether its marker is gone, what could not be removed as
+    ``"<path>: <reason>"``). Its data goes only once the marker's removal is synced."""
     m = path / MARKER
-    if m.exists():
-        m.unlink()
+    try:
+        if m.exists():
+            m.unlink()
+    except OSError as e:
+        return False, [f"{m}: {e.strerror or e} (the checkpoint is left whole)"]
+    try:
         _fsync_dir(path)  # the marker is gone for good before any data file goes
-    shutil.rmtree(path, ignore_errors=True)
+    except OSError as e:
+        return True, [f"{path}: {e.strerror or e} (syncing the removal of its marker; its data is left)"]
+    return True, _rmtree(path)
+
+
+def _rmtree(path: Path) -> list[str]:
+    """``shutil.rmtree``, going on past what cannot be removed; that, as ``"<path>: <reason>"``."""
+    failed: list[str] = []
+
+    def note(_fn, where, exc_info) -> None:
+        e = exc_info[1]
+        if failed and getattr(e, "errno", None) == errno.ENOTEMPTY:
+            return  # a directory left non-empty by a file already named
+        failed.append(f"{where}: {getattr(e, 'strerror', None) or e}")
+
+    shutil.rmtree(path, onerror=note)
+    return failed
 
 
 # ---- process group and file system helpers ---------------------------------------------------------------

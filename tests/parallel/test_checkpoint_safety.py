@@ -386,7 +386,7 @@ def _two_ranks(case: str, out_dir: Path) -> dict:
     if rank == 0:
         _flip(root / "step-00000002" / "__1_0.distcp")  # rank 1's shard
     dist.barrier()
-    found = ckpt.latest(root, distributed=True)
+    found = ckpt.latest(root, distributed=True, quarantine=True)  # rank 0 moves step 2 aside
     target = {"w": distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)])}
     own = ckpt.load(found, target, rank)
     # a fault on one rank only: its rank file passes a file-size limit (RLIMIT_FSIZE, soft, per process)
@@ -434,10 +434,10 @@ def test_two_ranks_share_verification_and_agree_on_failures(tmp_path):
         "rank-00000.pt",
         "rank-00001.pt",
     ]
-    # rank 1's damaged shard sent both ranks back to step 1, whole
+    # rank 1's damaged shard sent both ranks back to step 1, whole (step 2 moved aside by rank 0)
     assert got["found"] == "step-00000001" and got["own"] == {"rank": 0}
     assert torch.equal(got["w"], torch.arange(64.0).reshape(8, 8))
     # rank 1 alone failed to write: both ranks raised the same error, nothing was committed
     assert got["errors"][0] == got["errors"][1] and "rank-00001.pt" in got["errors"][0]
     assert "step-00000003 not saved: file too large" in got["errors"][0]
-    assert got["listing"] == ["step-00000001", "step-00000002"]
+    assert got["listing"] == ["damaged-step-00000002", "step-00000001"]
