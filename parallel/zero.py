@@ -28,6 +28,10 @@ What DeepSpeed 0.19 needs on a CPU, found on this machine (torch 2.13 CPU, gloo)
   Every file ``load_checkpoint`` reads goes through it (read in deepspeed/runtime/engine.py and
   state_dict_factory.py); only the universal-checkpoint loaders call ``torch.load(weights_only=False)``
   themselves, and :func:`deepspeed_config` never enables them (no ``checkpoint.load_universal``).
+- DeepSpeed's ``save_checkpoint`` writes between collectives (a barrier, ZeRO-3's all-gather of
+  persistent parameters, a closing barrier): a rank raising from a failed write would leave the others
+  waiting there. :class:`SafeCheckpointEngine` keeps the failure until the save is over, and
+  :func:`save_checkpoint` then raises it on every rank (``tests/parallel/test_zero.py``).
 - DeepSpeed keeps the model-parallel unit in a module global (``deepspeed.utils.groups.mpu``) that a
   later engine without one would inherit, so :func:`build_engine` always passes a
   :class:`DeepSpeedGroups`, with a one-rank tensor-parallel group when there is no tp.
@@ -35,6 +39,7 @@ What DeepSpeed 0.19 needs on a CPU, found on this machine (torch 2.13 CPU, gloo)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -54,6 +59,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from torch import Tensor, nn
 
 from parallel import checkpoint as ckpt
+from parallel.checkpoint_safety import os_error_in
 from parallel.collectives import group_rank, group_size
 from parallel.megatron_tp import full_tensor
 
@@ -146,13 +152,49 @@ def deepspeed_config(
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, reading with ``weights_only=True``: a checkpoint file can
-    hold tensors, containers and the listed DeepSpeed records, never a callable or another class."""
+    hold tensors, containers and the listed DeepSpeed records, never a callable or another class.
+
+    A failed write does not raise inside DeepSpeed's save: it is kept (:attr:`failure`) and every later
+    write of that save skipped, so the rank goes on through the save's remaining collectives (ZeRO-3's
+    all-gather of persistent parameters, the closing barrier) in step with the others, and
+    :func:`save_checkpoint` raises it afterwards. Raised inside, the rank would wait in the exchange of
+    errors while the others wait in DeepSpeed's barrier, until the process group's timeout.
+    """
 
     ALLOWED = (LossScaler, ZeroStageEnum, fragment_address)
+    failure: BaseException | None = None
+    phase = "idle"
+    """``writing`` between DeepSpeed's ``create`` (after its opening barrier) and ``commit`` (before its
+    closing barrier)."""
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(list(self.ALLOWED)):
             return torch.load(path, map_location=map_location, weights_only=True)
+
+    def create(self, info) -> None:
+        self.phase, self.failure = "writing", None
+        super().create(info)
+
+    def commit(self, info) -> bool:
+        self.phase = "committed"
+        return super().commit(info)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.failure is not None:
+            return  # this save has failed already: nothing more goes into its directory
+        try:
+            # opened here, so a failed write is an OSError naming the file (torch's own writer reports
+            # ``unexpected pos``, the OSError only as its context), and synced as our own files are
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:
+            cause = os_error_in(e)
+            self.failure = e
+            if cause is not None:
+                self.failure = OSError(cause.errno, cause.strerror, path)
+                self.failure.__cause__ = e
 
 
 def _skip_shm_comm_build() -> None:
@@ -263,12 +305,37 @@ def save_checkpoint(
     client = {_CLIENT_KEY: {"step": step_num, **(extra or {})}}
 
     def write(tmp: Path) -> None:
-        engine.save_checkpoint(str(root), tag=tmp.name, client_state=client, save_latest=False)
+        _deepspeed_save(engine, root, tmp.name, client)
         ckpt.save_pt(rank_state or {}, tmp / f"rank-{rank:05d}.pt")
         if rank == 0:  # before the checksums, so that the ranks share the summing of these too
             ckpt.write_safetensors(tmp, tensors or {}, step_num)
 
     return ckpt.write_checkpoint(root, step_num, write, files, keep, engine="deepspeed")
+
+
+def _deepspeed_save(engine: DeepSpeedEngine, root: Path, tag: str, client: dict) -> None:
+    """``engine.save_checkpoint`` with every rank in the same collectives, whichever rank fails to write.
+
+    A failed write of DeepSpeed's checkpoint engine raises after the save (see
+    :class:`SafeCheckpointEngine`). Anything else a rank raises between the engine's ``create`` and
+    ``commit`` (DeepSpeed's copy of its recovery script, on rank 0) skips the closing ``dist.barrier()``
+    the other ranks wait in: the rank calls it here before raising (under ZeRO-3 with persistent
+    parameters an all-gather precedes that barrier, so only the engine's own writes are certain to
+    keep every rank in step).
+    """
+    writer = engine.checkpoint_engine
+    writer.phase = "idle"
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    except Exception:
+        if getattr(writer, "phase", None) == "writing":
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                dist.barrier()  # DeepSpeed's closing one, where the other ranks are
+        raise
+    failure = getattr(writer, "failure", None)
+    if failure is not None:
+        writer.failure = None
+        raise failure
 
 
 def load_checkpoint(engine: DeepSpeedEngine, path: str | os.PathLike) -> tuple[dict, dict | None]:

@@ -27,7 +27,16 @@ from parallel import checkpoint as ckpt
 from parallel.megatron_tp import apply_megatron_tp, check_megatron_tp, tp_plan
 from parallel.zero import SafeCheckpointEngine, deepspeed_config
 from tests.dit.helpers import random_model
-from tests.parallel.zero_worker import SAVE_AFTER, STEPS, Case, arch, reference, train_cfg, worker
+from tests.parallel.zero_worker import (
+    SAVE_AFTER,
+    STEPS,
+    Case,
+    arch,
+    reference,
+    train_cfg,
+    worker,
+    write_failure_worker,
+)
 
 CASES_2 = [
     Case("zero1", 1, resume=True, export=True),
@@ -210,3 +219,23 @@ def test_megatron_plan_names_and_errors():
         check_megatron_tp(arch().replace(ffn_dim=101), 2, False, torch.device("cpu"))
     with pytest.raises(ValueError, match="parallel.sequence_parallel.*CUDA"):
         apply_megatron_tp(model, None, sequence_parallel=True)
+
+
+def test_a_failed_write_on_one_rank_is_one_error_on_every_rank(tmp_path):
+    """DeepSpeed's save ends in collectives (ZeRO-3's all-gather of persistent parameters, a barrier): a
+    rank whose ZeRO partition cannot be written (a real file-size limit in that rank) must still pass
+    them, then both ranks raise the same error naming the file, and the earlier checkpoint is kept. The
+    group's 30 s timeout makes a rank left waiting fail the test rather than hang it."""
+    from tests.parallel.group import free_port
+
+    mp.start_processes(
+        write_failure_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    got = torch.load(tmp_path / "write_failure.pt", weights_only=True)
+    first, second = got["errors"]
+    assert first == second and first is not None
+    assert "checkpoint step-00000002 not saved: file too large" in first
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in first
+    # (DeepSpeed also copies its conversion scripts next to the checkpoints)
+    assert [n for n in got["listing"] if "step" in n] == ["step-00000001"]
+    assert got["latest"] == "step-00000001"

@@ -12,6 +12,10 @@ initial and final weights are exported as safetensors.
 
 from __future__ import annotations
 
+import datetime
+import os
+import resource
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from dit.diffusion import DiffusionConfig, make_objective
 from launch.config import TrainConfig
 from launch.optim import build_optimizer, build_scheduler
+from parallel import checkpoint as ckpt
 from parallel import zero
 from parallel.grads import clip_grad_norm
 from parallel.megatron_tp import apply_megatron_tp, full_tensor
@@ -209,3 +214,41 @@ def run_case(case: Case, world: int, out_dir: Path) -> dict:
 def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
     env = {"LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"}
     serve(rank, world, port, cases, out_dir, lambda c: run_case(c, world, Path(out_dir)), env=env)
+
+
+def write_failure_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """ZeRO-3 on ``world`` ranks saving twice; in the second save rank 1's ZeRO partition passes a file
+    size limit (RLIMIT_FSIZE, set in that process alone: a real failed write, EFBIG). The process group's
+    timeout is short, so a rank left waiting in a collective fails the test instead of hanging it. Rank 0
+    saves what each rank raised and what the checkpoint folder holds as ``write_failure.pt``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        case = Case("zero3_write_failure", 3)
+        engine, groups = _engine(case, world)
+        _steps(engine, groups, case, range(1), record_grads=False)  # optimizer moments to save
+        root = Path(out_dir) / "checkpoints"
+        zero.save_checkpoint(engine, root, 1, rank_state={"rank": rank})
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if rank == 1:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        try:
+            zero.save_checkpoint(engine, root, 2, rank_state={"rank": rank})
+            error = None
+        except ckpt.CheckpointError as e:
+            error = str(e)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        errors: list = [None] * world
+        dist.all_gather_object(errors, error)
+        if rank == 0:
+            found = ckpt.latest(root)
+            result = {"errors": errors, "listing": sorted(os.listdir(root)), "latest": found.name}
+            torch.save(result, Path(out_dir) / "write_failure.pt")
+    finally:
+        dist.destroy_process_group()
