@@ -206,3 +206,27 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="ema weights final.linear.weight hold NaN or inf"):
         export(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_tensor_the_checkpoint_cannot_hold(tmp_path):
+    """Export allocates every tensor whole from the size ``.metadata`` declares: a 2^40-element one is
+    refused naming the file, before any allocation, and a run directory falls back from it."""
+    import pickle
+
+    from launch.export import export
+    from tests.parallel.test_checkpoint_metadata import _replace_metadata
+
+    root = tmp_path / "run" / "checkpoints"
+    _checkpoint(root, 1)
+    crafted = _checkpoint(root, 2)
+    md = pickle.loads((crafted / ".metadata").read_bytes())  # our own file, written by this test
+    md.state_dict_metadata["ema.final.linear.bias"].size = torch.Size([2**40])
+    _replace_metadata(crafted, pickle.dumps(md))
+    with pytest.raises(
+        ckpt.CheckpointError, match=rf"{crafted / '.metadata'}: tensor 'ema\.final\.linear\.bias'"
+    ):
+        export(crafted, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    out = export(tmp_path / "run", tmp_path / "out")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "1"
