@@ -317,9 +317,9 @@ def setup(cfg: JobConfig) -> Trainer:
     run_dir = Path(cfg.run.dir)
     lock = lock_run_dir(run_dir, env)
     try:
-        # the newest intact checkpoint (damaged newer ones are named and skipped); the ranks share
-        # the reading that verifies it
-        found = ckpt.latest(run_dir / "checkpoints", distributed=True)
+        # the newest intact checkpoint; damaged newer ones are named and moved aside (so retention
+        # never counts them); the ranks share the reading that verifies it
+        found = ckpt.latest(run_dir / "checkpoints", distributed=True, quarantine=True)
         if found is not None:
             check_resumable(found, cfg, run_dir)
         if env.is_main:
