@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -112,6 +113,19 @@ def _encoded(sample: dict, a: Assignment, spec: StreamSpec, codec, text_encoder:
     }
 
 
+def _positive(kind: type):
+    """An argparse type: a finite number > 0 (``inf`` would cost every shard, see data.max_sample_mb)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid float value"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m data.encode", description=__doc__.splitlines()[0])
     p.add_argument("raw_dir")
@@ -125,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         "--seed", type=int, default=0, help="clip starts and crops (as the raw loader's data.seed)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="as data.max_pixels")
-    p.add_argument("--max-member-mb", type=float, default=1024.0, help="as data.max_member_mb")
-    p.add_argument("--max-sample-mb", type=float, default=None, help="as data.max_sample_mb")
+    p.add_argument("--max-pixels", type=_positive(int), default=DEFAULT_MAX_PIXELS, help="as data.max_pixels")
+    p.add_argument("--max-member-mb", type=_positive(float), default=1024.0, help="as data.max_member_mb")
+    p.add_argument("--max-sample-mb", type=_positive(float), default=None, help="as data.max_sample_mb")
     p.add_argument("--allow-compressed", action="store_true", help="as data.allow_compressed")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

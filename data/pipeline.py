@@ -335,13 +335,8 @@ class Loader:
 
 
 def limits(cfg: DataConfig) -> Limits:
-    """The per-sample and per-shard limits of ``cfg``; errors name the config field."""
-    if cfg.max_pixels < 1:
-        raise ValueError(f"data.max_pixels={cfg.max_pixels}: must be >= 1")
-    if not cfg.max_member_mb > 0:
-        raise ValueError(f"data.max_member_mb={cfg.max_member_mb}: must be > 0")
-    if cfg.max_sample_mb is not None and not cfg.max_sample_mb > 0:
-        raise ValueError(f"data.max_sample_mb={cfg.max_sample_mb}: must be > 0 (or null: 2 × max_member_mb)")
+    """The per-sample and per-shard limits of ``cfg``; errors name the config field (each size a
+    finite number > 0, see :class:`data.reader.Limits`)."""
     return Limits(cfg.max_pixels, cfg.max_member_mb, cfg.allow_compressed, cfg.max_sample_mb)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import numbers
 import re
 import subprocess
 import tarfile
@@ -69,6 +71,16 @@ class Limits:
     max_sample_mb: float | None = None
     """Largest sum of one sample's members read into memory (MiB); None: twice ``max_member_mb`` (the
     media plus its small sidecars, or a latent plus its text states)."""
+
+    def __post_init__(self) -> None:
+        # an infinite size would reach int() in every shard (an OverflowError costing each whole shard)
+        checks = [("max_pixels", self.max_pixels, ">= 1"), ("max_member_mb", self.max_member_mb, "> 0")]
+        if self.max_sample_mb is not None:
+            checks.append(("max_sample_mb", self.max_sample_mb, "> 0 (or null: 2 × max_member_mb)"))
+        for name, value, rule in checks:
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and (value >= 1 if name == "max_pixels" else value > 0)):
+                raise ValueError(f"data.{name}={value}: must be a finite number {rule}")
 
     @property
     def max_member_bytes(self) -> int:

@@ -4,6 +4,7 @@ counted, and are refused before they reach memory."""
 import collections
 import gzip
 import io
+import math
 import signal
 import tarfile
 import tracemalloc
@@ -151,12 +152,38 @@ def test_the_default_max_pixels_refuses_nothing_pillow_would_decode():
             pass
 
 
-@pytest.mark.parametrize("field,value", [("max_pixels", 0), ("max_member_mb", 0.0), ("max_sample_mb", 0.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_pixels", 0),
+        ("max_pixels", math.inf),
+        ("max_member_mb", 0.0),
+        ("max_member_mb", math.inf),
+        ("max_sample_mb", 0.0),
+        ("max_sample_mb", math.inf),  # int(inf * 2**20) raised in every shard: each one was bad_tar
+        ("max_sample_mb", math.nan),
+    ],
+)
 def test_limits_are_checked_at_start_up(tmp_path, field, value):
     write_tar(tmp_path / "train-000000.tar", [video_sample("a")])
     cfg = DataConfig(shards=str(tmp_path), buckets=BUCKETS, num_workers=0, **{field: value})
-    with pytest.raises(ValueError, match=f"data.{field}="):
+    with pytest.raises(ValueError, match=f"data.{field}=.*must be a finite number"):
         build_loader(cfg)
+    with pytest.raises(ValueError, match=f"data.{field}="):
+        Limits(**{field: value})  # used directly (data.encode, benchmarks) it is checked too
+
+
+@pytest.mark.parametrize("option", ["--max-sample-mb", "--max-member-mb", "--max-pixels"])
+def test_encode_refuses_an_infinite_limit_naming_the_option(tmp_path, capsys, option):
+    from data.encode import main
+
+    write_tar(tmp_path / "train-000000.tar", [video_sample("a")])
+    (tmp_path / "b.json").write_text('{"fps": 8, "buckets": [[1, 32, 32, 1]]}')
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), str(tmp_path / "out"), "--buckets", str(tmp_path / "b.json"), option, "inf"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and "'inf'" in err  # (an int option: "invalid int value")
 
 
 def test_a_member_declaring_exabytes_ends_the_shard_at_once(tmp_path):
