@@ -263,14 +263,17 @@ class _BoundedTarInfo(tarfile.TarInfo):
         self.refused = _sparse(self)
         return self
 
-    # PAX-described sparse files (GNU formats 0.0, 0.1, 1.0): refused before their maps are parsed
-    def _proc_gnusparse_00(self, member, pax_headers, buf):
+    # PAX-described sparse files (GNU formats 0.0, 0.1, 1.0): refused before their maps are parsed.
+    # Only the member is used: what CPython passes after it differs between releases (0.0 gets the
+    # raw headers instead of the header block since the CVE-2024-6232 fix), and a mismatch would be a
+    # TypeError costing the rest of the shard.
+    def _proc_gnusparse_00(self, member, *_):
         member.refused = _sparse(member)
 
-    def _proc_gnusparse_01(self, member, pax_headers):
+    def _proc_gnusparse_01(self, member, *_):
         member.refused = _sparse(member)
 
-    def _proc_gnusparse_10(self, member, pax_headers, tarfile_):
+    def _proc_gnusparse_10(self, member, *_):
         member.refused = _sparse(member)
 
 

@@ -274,27 +274,115 @@ def test_extended_headers_whole_samples_and_unknown_members_are_bounded(tmp_path
     assert keys == ["a", "b", "many", "odd"] and dict(errors.counts) == {"member_too_large": 1}
 
 
-@pytest.mark.parametrize("fmt", ["gnu", "posix"])
-def test_sparse_members_are_refused_without_reading_their_maps(tmp_path, fmt):
-    """GNU tar's --sparse (an 'S' header with extension blocks, or PAX GNU.sparse 1.0): tarfile keeps
-    every block of the map in memory; no webdataset writer makes them, so they cost their sample."""
+def _sparse_tar(tmp_path, fmt: str, version: str | None):
+    """A shard made by GNU tar --sparse: ``good`` and ``then`` (real clips) around ``sparse`` (an mp4
+    with 40 data runs between holes: a map past one block)."""
     import subprocess
 
     src = tmp_path / "src"
     src.mkdir()
-    for key in ("good", "sparse"):
+    for key in ("good", "sparse", "then"):
         for ext, data in video_sample(key).items():
             if ext != "__key__":
                 (src / f"{key}.{ext}").write_bytes(data if isinstance(data, bytes) else data.encode())
-    with open(src / "sparse.mp4", "r+b") as f:  # 40 data runs between holes: a map past one block
+    with open(src / "sparse.mp4", "r+b") as f:
         for i in range(40):
             f.seek(i * 65536)
             f.write(b"run %02d" % i)
     tar = tmp_path / "train-000000.tar"
-    cmd = ["tar", "--sparse", f"--format={fmt}", "--sort=name", "-cf", str(tar), "-C", str(src), "."]
+    versions = [f"--sparse-version={version}"] if version else []
+    cmd = [
+        "tar",
+        "--sparse",
+        *versions,
+        f"--format={fmt}",
+        "--sort=name",
+        "-cf",
+        str(tar),
+        "-C",
+        str(src),
+        ".",
+    ]
     subprocess.run(cmd, check=True)
     with tarfile.open(tar) as t:
-        assert len(t.getmember("./sparse.mp4").sparse) >= 40  # really sparse, as tarfile reads it
+        member = t.getmember("./sparse.mp4")
+        assert len(member.sparse) >= 40  # really sparse, as tarfile reads it
+        pax = "GNU.sparse.map" if version == "0.1" else "GNU.sparse.offset" if version == "0.0" else ""
+        assert not pax or pax in member.pax_headers  # the PAX sparse format asked for
+    return tar
+
+
+@pytest.mark.parametrize("fmt,version", [("gnu", None), ("posix", "0.0"), ("posix", "0.1"), ("posix", "1.0")])
+def test_sparse_members_are_refused_without_reading_their_maps(tmp_path, fmt, version):
+    """GNU tar's --sparse (an 'S' header with extension blocks, or PAX GNU.sparse 0.0, 0.1, 1.0):
+    tarfile keeps every block of the map in memory; no webdataset writer makes them, so they cost
+    their sample."""
+    tar = _sparse_tar(tmp_path, fmt, version)
     keys, errors = stream_epoch([tar], BUCKETS)
-    assert keys == ["good"] and dict(errors.counts) == {"unsupported_member": 1}
+    assert keys == ["good", "then"] and dict(errors.counts) == {"unsupported_member": 1}
     assert errors.examples["unsupported_member"] == "train-000000.tar:sparse"
+
+
+# Run by another CPython, which may lack PyAV, numpy and Pillow: the reader takes only these three
+# constants from data.video, so they stand in for it; everything else is the real reader and tarfile.
+_READ_SHARD = """
+import json, sys, types
+sys.path.insert(0, sys.argv[1])
+video = types.ModuleType("data.video")
+video.DEFAULT_MAX_PIXELS, video.IMAGE_EXTS, video.VIDEO_EXTS = json.loads(sys.argv[3])
+sys.modules["data.video"] = video
+from data.reader import read_shard
+
+class Errors:
+    reasons = []
+    def add(self, reason, shard, key, detail="", sample=True):
+        self.reasons.append(reason)
+
+errors = Errors()
+samples = [(s["__key__"], s.get("__error__", [""])[0]) for s in read_shard(sys.argv[2], errors)]
+print(json.dumps({"samples": samples, "shard_errors": errors.reasons}))
+"""
+
+
+def _python_with_new_sparse_call() -> str | None:
+    """An installed CPython whose tarfile calls ``_proc_gnusparse_00(next, raw_headers)`` (two
+    arguments: the CVE-2024-6232 fix, in 3.13 and the 3.12.6 / 3.11.10 releases), if any."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    found = [shutil.which(f"python3.{minor}") for minor in range(11, 16)]
+    found += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    probe = (
+        "import inspect, tarfile as t; print(len(inspect.signature(t.TarInfo._proc_gnusparse_00).parameters))"
+    )
+    for exe in [sys.executable, *filter(None, found)]:
+        proc = subprocess.run([exe, "-c", probe], capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0 and proc.stdout.strip() == "3":  # self, next, raw_headers
+            return exe
+    return None
+
+
+def test_a_pax_0_0_sparse_member_costs_one_sample_on_pythons_with_the_new_tarfile_call(tmp_path):
+    """CPython releases with the CVE-2024-6232 fix pass ``_proc_gnusparse_00`` two arguments: an
+    override taking three raised TypeError there, and the whole rest of the shard was lost (bad_tar)."""
+    import json
+    import os
+    import subprocess
+
+    from data.video import IMAGE_EXTS, VIDEO_EXTS
+
+    exe = _python_with_new_sparse_call()
+    if exe is None:
+        pytest.skip("no installed CPython with the two-argument _proc_gnusparse_00")
+    tar = _sparse_tar(tmp_path, "posix", "0.0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    constants = json.dumps([DEFAULT_MAX_PIXELS, IMAGE_EXTS, VIDEO_EXTS])
+    proc = subprocess.run([exe, "-c", _READ_SHARD, root, str(tar), constants], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {
+        "samples": [["good", ""], ["sparse", "unsupported_member"], ["then", ""]],
+        "shard_errors": [],
+    }
