@@ -13,13 +13,15 @@ of the process), and allowed constructors copy memoized data on every call (a 0.
   format enum and ``PosixPath`` (the globals real ``.metadata`` files hold; listed with ``pickletools`` on
   trainer checkpoints: no sets, complex numbers or slices);
 - calls (``REDUCE``): those constructors only, with their arguments checked (``torch.Size``: at most
-  :data:`MAX_NDIM` non-negative ints; a path: a few short strings; what they copy is charged against
+  :data:`MAX_NDIM` ints in [0, 2^61 - 1); a path: a few short strings; what they copy is charged against
   the file's own size, so memoized arguments cannot multiply it);
 - ``NEWOBJ``: a metadata dataclass without arguments (an empty new instance), and ``BUILD`` only once on
   such a fresh instance, with that dataclass's fields as state: never a class, a function or a shared
   object (an enum member, a layout);
 - ``APPEND``/``SETITEM`` on real lists and dicts only (no ``append``/``__setitem__`` of other objects),
-  dict keys of plain types; no sets, persistent ids, extension codes, ``INST``/``OBJ``; the file at most
+  dict keys only strings and flat ``MetadataIndex`` objects, at most 8 keys with one hash (colliding keys
+  make inserting quadratic: ints hash modulo 2^61 - 1, and a tuple's hash can be solved for); no sets,
+  persistent ids, extension codes, ``INST``/``OBJ``; the file at most
   :data:`MAX_METADATA_BYTES`, checked before it is read.
 
 torch's own weights-only unpickler (``torch.load(weights_only=True)``) restricts ``BUILD`` the same way,
@@ -40,6 +42,7 @@ import io
 import math
 import os
 import pickle
+import sys
 from pathlib import Path, PosixPath, PurePosixPath
 
 import torch
@@ -103,8 +106,16 @@ class _Dispatch(dict):
         raise _Refused(f"pickle opcode {bytes([op])!r} is not used by DCP metadata")
 
 
+# CPython hashes an int modulo 2^61 - 1: below it, distinct ints hash apart (larger ones, k * (2^61 - 1),
+# would all collide); sizes, offsets and lengths of real tensors are far below it
+_HASH_MODULUS = sys.hash_info.modulus
+# dict keys sharing one hash: a real file's MetadataIndex keys collide by chance (< 1e-6 for a pair among
+# millions), a crafted one's by design (a tuple's hash can be solved for): n of them make inserting O(n^2)
+_MAX_SAME_HASH = 8
+
+
 def _is_index(v) -> bool:
-    return type(v) is int and 0 <= v < 1 << 63
+    return type(v) is int and 0 <= v < _HASH_MODULUS
 
 
 class _Unpickler(pickle._Unpickler):
@@ -114,6 +125,7 @@ class _Unpickler(pickle._Unpickler):
         super().__init__(io.BytesIO(data))
         self.budget = len(data)
         self.fresh: dict[int, object] = {}  # id → an instance NEWOBJ made and BUILD has not yet filled
+        self.key_hashes: dict[int, int] = {}  # hash of a MetadataIndex dict key → how many keys have it
 
     def find_class(self, module: str, name: str):
         found = _GLOBALS.get((module, name))
@@ -135,7 +147,7 @@ class _Unpickler(pickle._Unpickler):
         if func is torch.Size:
             (seq,) = args
             if type(seq) not in (tuple, list) or len(seq) > MAX_NDIM or not all(map(_is_index, seq)):
-                raise _Refused(f"torch.Size of more than {MAX_NDIM} non-negative ints or of other values")
+                raise _Refused(f"torch.Size of more than {MAX_NDIM} ints below 2^61 - 1 or of other values")
             self._charge(len(seq) + 1)
             return torch.Size(seq)
         if func is PosixPath or func is PurePosixPath:
@@ -215,15 +227,21 @@ class _Unpickler(pickle._Unpickler):
             d[items[i]] = items[i + 1]
 
     def _dict_for(self, keys: list) -> dict:
-        """The dict on the stack, after checking that hashing ``keys`` runs no deep recursion."""
+        """The dict on the stack, after checking that ``keys`` are what real metadata keys its dicts by
+        (names, and MetadataIndex in ``storage_data``; listed on trainer checkpoints): hashing them runs
+        no deep recursion and no more than :data:`_MAX_SAME_HASH` of them share a hash, so inserting costs
+        O(1) each (str hashes are keyed per process; int keys, which real files never hold, are refused)."""
         if type(self.stack[-1]) is not dict:
             raise _Refused("SETITEM on something other than a dict")
         for k in keys:
-            if type(k) in (str, int):
+            if type(k) is str:
                 continue
-            if type(k) is dcp_md.MetadataIndex and _flat_index(k):
-                continue
-            raise _Refused(f"a dict key of type {type(k).__name__}")
+            if type(k) is not dcp_md.MetadataIndex or not _flat_index(k):
+                raise _Refused(f"a dict key of type {type(k).__name__}")
+            h = hash(k)  # 64 bits: at most 5 such ints share a hash (mod 2^61 - 1) in key_hashes in turn
+            n = self.key_hashes[h] = self.key_hashes.get(h, 0) + 1
+            if n > _MAX_SAME_HASH:
+                raise _Refused(f"more than {_MAX_SAME_HASH} dict keys with the same hash (a crafted file?)")
         return self.stack[-1]
 
     _OPS = (
@@ -371,12 +389,13 @@ def _tensor_problem(fqn: str, item, storage: dict) -> str | None:
         where = f"the chunk at {tuple(c.offsets)} of {tuple(c.sizes)}"
         if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size, strict=True)):
             return f"{where} lies outside its size {tuple(size)}"
-        if c.offsets in seen:  # counted twice, a chunk would cover a tensor larger than its data
-            return f"{where} is listed twice"
-        seen.add(c.offsets)
+        # the entry first: ``seen`` then holds only offsets of storage keys, whose hashes were bounded
         info = storage.get(dcp_md.MetadataIndex(fqn, c.offsets))
         if info is None:
             return f"{where} has no storage entry"
+        if c.offsets in seen:  # counted twice, a chunk would cover a tensor larger than its data
+            return f"{where} is listed twice"
+        seen.add(c.offsets)
         nbytes = math.prod(c.sizes) * props.dtype.itemsize
         if nbytes > info.length:
             return f"{where} declares {nbytes} bytes, its storage entry holds {info.length}"

@@ -5,6 +5,7 @@ payloads assembled opcode by opcode; the effects are looked for in a fresh inter
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -140,6 +141,108 @@ def test_build_on_existing_objects_is_refused_and_changes_nothing(tmp_path):
         assert str(tmp_path / case / "step-00000002" / ".metadata") in r["error"], case
         assert "BUILD on a" in r["error"] and "not a new metadata instance" in r["error"], case
         assert r["path_ok"] and r["repr_ok"] and r["layout_ok"] and r["enum_ok"], (case, r)
+
+
+# ---- hash collisions -------------------------------------------------------------------------------------
+_M64 = (1 << 64) - 1
+_XX1, _XX2, _XX5 = 11400714785074694791, 14029467366897019727, 2870177450012600261  # CPython's tuple hash
+_MOD = (1 << 61) - 1  # the modulus of CPython's int hash: the ints k * _MOD all hash to 0
+N_KEYS = 20_000
+MEMOIZE, EMPTY_TUPLE, NEWOBJ, SETITEMS, POP, PROTO4 = b"\x94", b")", b"\x81", b"u", b"0", b"\x80\x04"
+
+
+def _first_lane(a: int) -> int:
+    """CPython's tuple hash accumulator after a first element that hashes to ``a``."""
+    acc = (_XX5 + a * _XX2) & _M64
+    return (((acc << 31) | (acc >> 33)) & _M64) * _XX1 & _M64
+
+
+def _colliding_offsets(n: int) -> list[tuple[int, int]]:
+    """``n`` 2-d offsets ``(a, b)``, every int below 2^61 - 1 (so it hashes to itself), whose tuples hash
+    alike: ``b`` is solved for from ``a`` so that the accumulators meet after the second element."""
+    inv, target, out, a = pow(_XX2, -1, 1 << 64), _first_lane(0), [], 0
+    while len(out) < n:
+        b = (target - _first_lane(a)) * inv & _M64
+        if b < _MOD:
+            out.append((a, b))
+        a += 1
+    return out
+
+
+def _long(i: int) -> bytes:
+    data = i.to_bytes((i.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data  # LONG1
+
+
+def _dict_of(keys: list[bytes], prelude: bytes = b"") -> bytes:
+    """A dict of ``keys`` (each the opcodes pushing one key) to None, in SETITEMS of 1000 as pickle writes."""
+    batches = (keys[i : i + 1000] for i in range(0, len(keys), 1000))
+    body = b"".join(MARK + b"".join(k + NONE for k in batch) + SETITEMS for batch in batches)
+    return PROTO4 + prelude + EMPTY_DICT + body + STOP
+
+
+def _index_keys(offsets: list[tuple[int, ...]]) -> bytes:
+    """A dict of MetadataIndex keys of one tensor at ``offsets``, built as DCP pickles them."""
+    prelude = _global(MD, "MetadataIndex") + MEMOIZE + _global("torch", "Size") + MEMOIZE  # memo 0, 1
+    prelude += _str("w") + MEMOIZE + _str("fqn") + MEMOIZE + _str("offset") + MEMOIZE + POP  # 2, 3, 4
+
+    def key(offset) -> bytes:
+        size = _get(1) + EMPTY_LIST + MARK + b"".join(map(_long, offset)) + APPENDS + TUPLE1 + REDUCE
+        state = EMPTY_DICT + _get(3) + _get(2) + SETITEM + _get(4) + size + SETITEM
+        return _get(0) + EMPTY_TUPLE + NEWOBJ + state + BUILD
+
+    return _dict_of([key(o) for o in offsets], prelude)
+
+
+COLLIDING = {
+    "int_keys": ([k * _MOD for k in range(1, N_KEYS + 1)], "a dict key of type int"),
+    # 7-d offsets of multiples of the modulus below the old bound of 2^63: 5^7 of them, all hashing alike
+    "offsets_beyond_the_hash_modulus": (
+        [
+            tuple(k * _MOD for k in ks)
+            for ks in itertools.islice(itertools.product(range(5), repeat=7), N_KEYS)
+        ],
+        "torch.Size of more than 64 ints below 2^61 - 1",
+    ),
+    "colliding_index_keys": (_colliding_offsets(N_KEYS), "more than 8 dict keys with the same hash"),
+}
+
+
+class _Quadratic(BaseException):
+    """Past the key comparisons only a quadratic insertion makes (escapes the reader's ``except
+    Exception``, so an unprotected reader fails here in seconds, not after minutes)."""
+
+
+@pytest.mark.parametrize("kind", COLLIDING)
+def test_keys_whose_hashes_collide_are_refused_before_insertion(kind, tmp_path, monkeypatch):
+    """CPython hashes ints modulo 2^61 - 1 and tuples with a hash that can be solved for: n dict keys with
+    one hash make inserting them O(n^2) (20000 int keys, a 259 kB file, took 2.2 s; a 13 MB file ~1.5 h).
+    Refused for what is wrong with them; the deterministic measure of the work is the count of key
+    comparisons (calls of MetadataIndex.__eq__), at most 8 per key."""
+    from torch.distributed.checkpoint import metadata as dcp_md
+
+    from parallel.checkpoint_metadata import load_metadata
+
+    keys, reason = COLLIDING[kind]
+    if kind == "int_keys":
+        data = _dict_of([_long(k) for k in keys])
+    else:  # the test's own premise: these keys do share one hash
+        assert len({hash(dcp_md.MetadataIndex("w", torch.Size(o))) for o in keys}) == 1
+        data = _index_keys(keys)
+    compared, eq = [0], dcp_md.MetadataIndex.__eq__
+
+    def counting_eq(a, b):
+        compared[0] += 1
+        if compared[0] > 8 * N_KEYS:
+            raise _Quadratic(f"{compared[0]} key comparisons for {N_KEYS} keys")
+        return eq(a, b)
+
+    monkeypatch.setattr(dcp_md.MetadataIndex, "__eq__", counting_eq)
+    f = tmp_path / ".metadata"
+    with pytest.raises(CheckpointError, match=re.escape(reason)) as e:
+        load_metadata(data, str(f))
+    assert str(e.value).startswith(f"{f}: ")
+    assert compared[0] <= 8 * N_KEYS
 
 
 # ---- memory ----------------------------------------------------------------------------------------------
