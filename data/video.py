@@ -30,6 +30,14 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 # The FFmpeg demuxer of each extension, given to every av.open: autodetection would also accept formats
 # that open files named inside the data (ffconcat, HLS playlists, image2 patterns) or fetch URLs.
 DEMUXERS = {"mp4": "mov", "mov": "mov", "mkv": "matroska", "webm": "matroska", "avi": "avi"}
+# The top-level boxes an mp4/mov may start with (its type is bytes 4-8, after the size): ISO/IEC
+# 14496-12's ftyp, styp (a segment), sidx (a segment index), moov (QuickTime without ftyp), mdat,
+# free, skip and uuid, and QuickTime's wide, pnot (a preview) and junk.
+# fmt: off
+MOV_FIRST_BOXES = (
+    b"ftyp", b"styp", b"sidx", b"moov", b"mdat", b"free", b"skip", b"uuid", b"wide", b"pnot", b"junk",
+)
+# fmt: on
 
 
 class MediaError(ValueError):
@@ -94,7 +102,7 @@ def demuxer(ext: str | None, data: bytes = b"") -> str:
         if name is None:
             raise MediaError("unknown_extension", ext)
         return name
-    if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+    if data[4:8] in MOV_FIRST_BOXES:
         return "mov"
     if data[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska and WebM
         return "matroska"
@@ -224,7 +232,7 @@ def decode_clip(
         offset: crop position in [0, 1]² (0.5, 0.5 = centre).
         max_pixels: the largest frame (width × height) decoded; checked on the stream's declared size.
         ext: the file's extension, which picks the demuxer (:func:`demuxer`); always given for shard
-            data. None: by the first bytes (for a file the user names, as ``launch.sample`` does).
+            data and by ``launch.sample``. None: by the first bytes.
 
     Raises:
         MediaError: undecodable, no video stream, frames over ``max_pixels``, or the clip is shorter

@@ -80,7 +80,7 @@ def _pixels(path: str, frames: int, fps: float, size: tuple[int, int]) -> torch.
             arr = decode_image(data, size)
         else:
             probe(data, ext)  # names an unknown extension or an undecodable file
-            arr = decode_clip(data, 0.0, frames, fps, size)
+            arr = decode_clip(data, 0.0, frames, fps, size, ext=ext)  # the demuxer probe() used
     except (MediaError, OSError) as e:
         raise SystemExit(f"{path}: cannot use as {'an image' if frames == 1 else 'a video'}: {e}") from e
     return torch.from_numpy(arr.copy()).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
