@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from data.video import MediaError
+from data.video import MediaError, video_pixels
 
 MAX_JSON_BYTES = 1 << 20  # a sidecar is a few hundred bytes; more is not metadata
 _BUCKET = re.compile(r"^[1-9][0-9]{0,5}x[1-9][0-9]{0,5}x[1-9][0-9]{0,5}$")
@@ -59,7 +59,8 @@ def parse_meta(data: bytes, max_pixels: int) -> dict:
 
     Args:
         data: the raw bytes of ``{key}.json``.
-        max_pixels: the largest ``width × height`` a sample may declare (``data.max_pixels``).
+        max_pixels: the largest ``width × height`` a sample may declare (``data.max_pixels``; a video
+            at most :data:`data.video.MAX_VIDEO_PIXELS`).
 
     Returns:
         A dict of the known fields present, with Python values of the schema's types.
@@ -88,10 +89,10 @@ def parse_meta(data: bytes, max_pixels: int) -> dict:
         raise MetaError("bad_metadata", f"'kind' must be 'video' or 'image', got {meta['kind'][:40]!r}")
     if "bucket" in meta and not _BUCKET.match(meta["bucket"]):
         raise MetaError("bad_metadata", f"'bucket' must look like 8x256x256, got {meta['bucket'][:40]!r}")
-    if meta["width"] * meta["height"] > max_pixels:
-        raise MetaError(
-            "too_many_pixels", f"{meta['width']}×{meta['height']} declared; data.max_pixels={max_pixels}"
-        )
+    limit = video_pixels(max_pixels) if meta["kind"] == "video" else max_pixels
+    if meta["width"] * meta["height"] > limit:
+        bound = f"data.max_pixels={max_pixels}" if limit == max_pixels else f"video frames at most {limit}"
+        raise MetaError("too_many_pixels", f"{meta['width']}×{meta['height']} declared; {bound}")
     return meta
 
 

@@ -64,7 +64,8 @@ class DataConfig:
     as a small compressed file can inflate to gigabytes in memory."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Largest image or video frame (width × height) decoded; checked on the declared size (sidecar
-    json, image header, video stream) before decoding. A larger sample is skipped (``too_many_pixels``)."""
+    json, image header, video stream) before decoding. A larger sample is skipped (``too_many_pixels``).
+    Video frames are held to at most 16384 × 8704 (``data.video.MAX_VIDEO_PIXELS``) even above it."""
     max_member_mb: float = 1024.0
     """Largest tar member (MiB) read into memory; a sample with a larger one is skipped
     (``member_too_large``) without reading it."""

@@ -63,7 +63,7 @@ class Limits:
     """What one shard or sample may cost before it is refused (``data.max_pixels`` etc.)."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
-    """Largest picture (width × height) decoded."""
+    """Largest picture (width × height) decoded (a video frame: at most ``MAX_VIDEO_PIXELS``)."""
     max_member_mb: float = 1024.0
     """Largest tar member read into memory (MiB)."""
     allow_compressed: bool = False

@@ -24,6 +24,12 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # lower default would newly refuse stills Pillow decodes (a 100 MP camera's), a higher one nothing it
 # decodes. 8K video frames fit; a 48 KB PNG of 20000² does not.
 DEFAULT_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # None (disabled by a user): Pillow's default
+# Video frames are held to at most 16384 × 8704 = 142,606,336 pixels whatever max_pixels says: the
+# largest frame any codec level defines (AV1's level 7; its level 6 and the top levels of H.264, HEVC
+# and VP9 stop at 35,651,584, e.g. 8192 × 4352), so no conforming stream is refused. A decoder keeps
+# several frames of the declared size (H.264 up to 16 references), so a frame bound costs a video more
+# than a still, and a larger declared frame is a crafted header, not footage.
+MAX_VIDEO_PIXELS = 16384 * 8704
 # The only decoders shard bytes reach. Without ``formats`` Pillow tries every plugin it has, and its EPS
 # plugin runs Ghostscript on the PostScript inside; MPO (multi-picture JPEG) comes through JPEG's opener.
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -69,10 +75,18 @@ def media_kind(ext: str) -> str | None:
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
-def check_pixels(width: int, height: int, max_pixels: int) -> None:
-    """Refuse a picture by its declared size, before a single pixel is decoded."""
-    if width * height > max_pixels:
-        raise MediaError("too_many_pixels", f"{width}×{height} > max_pixels={max_pixels}")
+def video_pixels(max_pixels: int) -> int:
+    """The largest video frame decoded under ``max_pixels`` (``data.max_pixels``): at most
+    :data:`MAX_VIDEO_PIXELS`."""
+    return min(max_pixels, MAX_VIDEO_PIXELS)
+
+
+def check_pixels(width: int, height: int, max_pixels: int, video: bool = False) -> None:
+    """Refuse a picture (a video frame: ``video``) by its declared size, before a pixel is decoded."""
+    limit = video_pixels(max_pixels) if video else max_pixels
+    if width * height > limit:
+        bound = f"max_pixels={max_pixels}" if limit == max_pixels else f"video frames at most {limit}"
+        raise MediaError("too_many_pixels", f"{width}×{height} > {bound}")
 
 
 @contextlib.contextmanager
@@ -126,13 +140,14 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
 
 
 def video_stream(container, max_pixels: int):
-    """The first video stream, its declared frame size checked; an audio-only file is a MediaError."""
+    """The first video stream, its declared frame size checked (:func:`video_pixels`); an audio-only
+    file is a MediaError."""
     if not container.streams.video:
         raise MediaError("no_video_stream")
     stream = container.streams.video[0]
     if stream.codec_context is None:  # a codec FFmpeg does not know (or a garbled codec id)
         raise MediaError("undecodable", "no decoder for the video stream")
-    check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
+    check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels, video=True)
     return stream
 
 
@@ -152,7 +167,7 @@ def probe_video(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, ext: str | No
             first = next(container.decode(stream), None)
             if first is None:
                 raise MediaError("zero_frames")
-            check_pixels(first.width, first.height, max_pixels)  # when the container did not say
+            check_pixels(first.width, first.height, max_pixels, video=True)  # the container may not say
             if frames == 0:  # some containers do not store a count; derive it
                 frames = max(1, round(duration * fps))
             return MediaInfo(
@@ -230,7 +245,8 @@ def decode_clip(
             sampled at 10 fps keeps every third frame).
         size: (width, height) of the output.
         offset: crop position in [0, 1]² (0.5, 0.5 = centre).
-        max_pixels: the largest frame (width × height) decoded; checked on the stream's declared size.
+        max_pixels: the largest frame (width × height) decoded, at most :data:`MAX_VIDEO_PIXELS`;
+            checked on the stream's declared size.
         ext: the file's extension, which picks the demuxer (:func:`demuxer`); always given for shard
             data and by ``launch.sample``. None: by the first bytes.
 
@@ -256,7 +272,7 @@ def decode_clip(
                 # take the source frame nearest each wanted time (within half a source frame)
                 while len(out) < num_frames and ts >= wanted[len(out)] - half:
                     if scaled is None:
-                        check_pixels(frame.width, frame.height, max_pixels)
+                        check_pixels(frame.width, frame.height, max_pixels, video=True)
                         scaled = resize_crop_size((frame.width, frame.height), size)
                     rgb = frame.reformat(width=scaled[0], height=scaled[1], format="rgb24").to_ndarray()
                     out.append(rgb)

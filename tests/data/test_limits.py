@@ -6,10 +6,12 @@ import gzip
 import io
 import math
 import signal
+import struct
 import tarfile
 import tracemalloc
 import warnings
 
+import av
 import pytest
 from PIL import Image
 
@@ -20,8 +22,16 @@ from data.pipeline import limits as config_limits
 from data.reader import Limits, read_shard
 from data.shards import list_sources, write_shards
 from data.stream import Errors, validate
-from data.video import DEFAULT_MAX_PIXELS, MediaError, open_image
-from tests.data.conftest import bomb_png, image_sample, png, stream_epoch, video_sample, write_tar
+from data.video import DEFAULT_MAX_PIXELS, MAX_VIDEO_PIXELS, MediaError, open_image, probe
+from tests.data.conftest import (
+    bomb_png,
+    gradient_clip,
+    image_sample,
+    png,
+    stream_epoch,
+    video_sample,
+    write_tar,
+)
 
 BUCKETS = BucketConfig([Bucket(4, 32, 32, 1), Bucket(1, 32, 32, 1)], fps=8)
 
@@ -73,6 +83,58 @@ def test_video_frames_over_max_pixels_are_refused_before_decoding(tmp_path):
     keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS, limits=Limits(max_pixels=40 * 40))
     assert keys == ["small"]
     assert dict(errors.counts) == {"too_many_pixels": 2}  # one from the json, one from the stream
+
+
+def _webm_declaring(side: int) -> bytes:
+    """A real VP8 WebM of 8 frames of 256², whose track header (PixelWidth/PixelHeight) and first
+    keyframe header both declare side × side: FFmpeg reports that size without decoding a frame."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="webm") as c:
+        stream = c.add_stream("libvpx", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for arr in gradient_clip(8, 256, 256):
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        c.mux(stream.encode())
+    data = bytearray(buf.getvalue())
+    for element in (b"\xb0\x82", b"\xba\x82"):  # 2-byte PixelWidth, PixelHeight = 256
+        at = data.index(element + b"\x01\x00") + 2
+        data[at : at + 2] = struct.pack(">H", side)
+    at = data.index(b"\x9d\x01\x2a") + 3  # the keyframe start code, then 14-bit width and height
+    assert struct.unpack("<HH", data[at : at + 4]) == (256, 256)
+    data[at : at + 4] = struct.pack("<HH", side, side)
+    return bytes(data)
+
+
+def test_video_frames_have_their_own_bound_under_the_default_max_pixels(tmp_path):
+    """The default max_pixels is Pillow's limit for stills (178,956,970); a video frame is held to
+    MAX_VIDEO_PIXELS (16384 × 8704 = 142,606,336) as well, on its json and on its stream."""
+    side = 12_000  # 144,000,000 pixels: a still Pillow decodes, no codec level's frame
+    assert MAX_VIDEO_PIXELS < side * side < DEFAULT_MAX_PIXELS
+    huge = _webm_declaring(side)
+    with av.open(io.BytesIO(huge), format="matroska") as c:
+        assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (
+            side,
+            side,
+        )
+    with pytest.raises(MediaError, match="too_many_pixels.*video frames at most 142606336"):
+        probe(huge, "webm")  # the shard writer's check
+    small = video_sample("small")
+    write_tar(
+        tmp_path / "train-000000.tar",
+        [
+            video_sample("good"),
+            {"__key__": "liar", "webm": huge, "json": small["json"], "txt": "x"},  # json: 32×32
+            video_sample("declared", width=side, height=side),  # its json says 12000×12000
+        ],
+    )
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS)
+    assert keys == ["good"] and dict(errors.counts) == {"too_many_pixels": 2}
+    still = image_sample("still", png(), width=side, height=side)["json"].encode()
+    assert parse_meta(still, DEFAULT_MAX_PIXELS)["width"] == side  # stills keep Pillow's limit
+    lower = Limits(max_pixels=16 * 16)  # a lower data.max_pixels is the bound for videos too
+    keys, errors = stream_epoch([tmp_path / "train-000000.tar"], BUCKETS, limits=lower)
+    assert keys == [] and dict(errors.counts) == {"too_many_pixels": 3}
 
 
 def _gzipped_tar(path, samples):
