@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.buckets import BucketConfig
 from data.reader import Limits, Shard
-from data.stream import Errors, StreamSpec, batches
+from data.stream import Errors, StreamSpec, batches, check_shard_rate
 from data.video import DEFAULT_MAX_PIXELS
 from data.worker_signals import StopFlag
 
@@ -51,7 +51,9 @@ class DataConfig:
     random_crop: bool = False
     """Random crop position (seeded per sample and epoch) instead of the centre."""
     error_threshold: float = 0.05
-    """Abort when more than this share of a worker's samples are skipped as bad."""
+    """Abort when more than this share of a worker's samples are skipped as bad, or of the shards a
+    rank opened in an epoch are refused or broken (counted over at least
+    ``data.stream.MIN_SHARDS_FOR_THRESHOLD`` = 20 shards: one lost shard alone stays under 5%)."""
     min_samples_for_threshold: int = 50
     """Samples a worker must have seen before the error threshold applies."""
     resampled: bool = False
@@ -285,6 +287,8 @@ class Loader:
         active = set(range(self.workers))
         for worker, index, batch, errors in source:
             self.errors[worker] = errors
+            where = f"dp_rank {self.dp_rank}, epoch {self.epoch}"
+            check_shard_rate(list(self.errors.values()), self.cfg.error_threshold, where)
             if index < 0:
                 active.discard(worker)
             else:
@@ -320,11 +324,13 @@ class Loader:
         """Bad samples skipped by reason (with an example shard:key each) and samples filtered out
         (e.g. shorter than every bucket), summed over workers and epochs since this loader started.
         ``skipped_samples`` counts the skips that cost a sample: ``seen`` = delivered + that + filtered
-        (over finished epochs)."""
+        (over finished epochs). ``shards`` counts the shards opened, ``shards_lost`` those refused or
+        broken."""
         total: dict = {"seen": 0, "skipped_samples": 0, "skipped": {}, "filtered": {}, "examples": {}}
+        total.update(shards=0, shards_lost=0)
         for summary in [*self.errors_before, *self.errors.values()]:
-            total["seen"] += summary["seen"]
-            total["skipped_samples"] += summary["skipped_samples"]
+            for count in ("seen", "skipped_samples", "shards", "shards_lost"):
+                total[count] += summary[count]
             for kind in ("skipped", "filtered"):
                 for reason, n in summary[kind].items():
                     total[kind][reason] = total[kind].get(reason, 0) + n

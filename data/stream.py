@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 LATENT_EXTS = ("latent.npy",)
+# what costs a whole shard (or its rest): refused unread, or broken while reading
+SHARD_LOSSES = ("compressed_tar", "truncated_tar", "bad_tar")
+# The share of lost shards is taken over at least this many, so that one lost shard alone stays under
+# the default 5% (1/20) wherever it falls in the order, while two lost among a few shards do not.
+MIN_SHARDS_FOR_THRESHOLD = 20
 
 
 @dataclass
@@ -47,6 +52,9 @@ class Errors:
     examples: dict = field(default_factory=dict)  # reason → "shard:key" of the first one
     decoded: int = 0  # samples decoded, and the seconds it took (for benchmarks.dataloader)
     decode_s: float = 0.0
+    shards: int = 0  # shards opened
+    shards_lost: int = 0  # of them refused or broken (SHARD_LOSSES)
+    lost: dict = field(default_factory=dict)  # shard → reason, the first few lost
 
     def add(self, reason: str, shard: str, key: str, detail: str = "", sample: bool = True) -> None:
         """Count a skip. ``sample`` False: what was lost is not one sample (a broken or refused tar, a
@@ -54,6 +62,10 @@ class Errors:
         self.counts[reason] += 1
         self.skipped_samples += sample
         self.by_shard[shard] += 1
+        if reason in SHARD_LOSSES:
+            self.shards_lost += 1
+            if len(self.lost) < 8:  # enough to name in an abort; the summary travels with every batch
+                self.lost[shard] = reason
         self.examples.setdefault(reason, f"{shard}:{key}")
         log.warning("skipping %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
 
@@ -72,6 +84,9 @@ class Errors:
             "examples": dict(self.examples),
             "decoded": self.decoded,
             "decode_s": self.decode_s,
+            "shards": self.shards,
+            "shards_lost": self.shards_lost,
+            "lost": dict(self.lost),
         }
 
 
@@ -318,6 +333,7 @@ def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignme
 
     def samples() -> Iterator[dict]:
         for shard in spec.shards:
+            errors.shards += 1
             for raw in read_shard(shard, errors, spec.limits):
                 sample = validate(raw, errors, seen, spec.limits)
                 _check_rate(errors, spec)
@@ -386,7 +402,8 @@ def _same_shapes(items: list[tuple[dict, dict]], errors: Errors) -> list[dict]:
 
 def _check_rate(errors: Errors, spec: StreamSpec) -> None:
     """Abort past ``error_threshold`` skipped samples per sample seen. Shard-level skips (a compressed
-    or truncated tar, a stray member) are reported but not counted: they are not among ``seen``."""
+    or truncated tar, a stray member) are not among ``seen``: lost shards have their own rate
+    (:func:`check_shard_rate`)."""
     if errors.seen < spec.min_samples_for_threshold:
         return
     rate = errors.skipped_samples / max(errors.seen, 1)
@@ -396,3 +413,25 @@ def _check_rate(errors: Errors, spec: StreamSpec) -> None:
             f"data error rate {rate:.1%} over {errors.seen} samples exceeds data.error_threshold="
             f"{spec.error_threshold:.0%}; worst shards: {worst}; reasons: {dict(errors.counts)}"
         )
+
+
+def check_shard_rate(summaries: list[dict], threshold: float, where: str) -> None:
+    """Abort when more than ``threshold`` of the shards opened (by the workers whose
+    :meth:`Errors.summary` are given) were refused or broken, counting over at least
+    :data:`MIN_SHARDS_FOR_THRESHOLD`. Their samples never reach the per-sample rate: without this, a
+    run with half its shards compressed would train on half its data, only warned."""
+    opened = sum(s["shards"] for s in summaries)
+    lost = sum(s["shards_lost"] for s in summaries)
+    if lost <= threshold * max(opened, MIN_SHARDS_FOR_THRESHOLD):
+        return
+    named = list({shard: why for s in summaries for shard, why in s["lost"].items()}.items())[:8]
+    names = ", ".join(f"{shard} ({why})" for shard, why in named)
+    if lost > len(named):
+        names += f" and {lost - len(named)} more"
+    reasons = collections.Counter()
+    for s in summaries:
+        reasons.update({r: n for r, n in s["skipped"].items() if r in SHARD_LOSSES})
+    raise RuntimeError(
+        f"data shard error rate {lost / max(opened, 1):.1%} over {opened} shards ({where}) exceeds "
+        f"data.error_threshold={threshold:.0%}; refused or broken: {names}; reasons: {dict(reasons)}"
+    )

@@ -329,3 +329,45 @@ def test_broken_shards_do_not_count_toward_the_per_sample_error_rate(tmp_path):
     # 1 skipped of 4 samples still trips it
     with pytest.raises(RuntimeError, match=r"error rate 25\.0% over 4 samples"):
         _rate_epoch(tmp_path / "bad", [bad])
+
+
+def _loader_epoch(tmp_path, shards: list[list[dict] | bytes], workers: int = 2) -> tuple[list[str], dict]:
+    """Keys of epoch 0 of a real loader (its workers, the default 5% threshold) and its error summary."""
+    from data.pipeline import DataConfig, build_loader
+
+    tmp_path.mkdir()
+    for i, shard in enumerate(shards):
+        path = tmp_path / f"train-{i:06d}.tar"
+        path.write_bytes(shard) if isinstance(shard, bytes) else write_tar(path, shard)
+    cfg = DataConfig(shards=str(tmp_path), buckets=BUCKETS, num_workers=workers, shuffle_buffer=0)
+    loader, keys = build_loader(cfg), []
+    for batch in loader:
+        if loader.epoch > 0:
+            break
+        keys += batch["key"]
+    loader.errors = {}  # epoch 0 only (its summaries are in errors_before once epoch 1 began)
+    return sorted(keys), loader.error_summary()
+
+
+def _gzipped(samples: list[dict]) -> bytes:
+    import gzip
+
+    raw = io.BytesIO()
+    write_tar(raw, samples)
+    return gzip.compress(raw.getvalue())
+
+
+def test_a_loader_aborts_when_many_of_its_shards_are_lost_naming_them(tmp_path):
+    """Refused and broken shards are not samples, so the per-sample rate cannot see them: half the
+    shards compressed meant training on half the data, only warned. The shards have their own rate."""
+    shards = [[image_sample(f"s{i}_{j}", png()) for j in range(2)] for i in range(8)]
+    half = [_gzipped(s) if i % 2 else s for i, s in enumerate(shards)]
+    with pytest.raises(RuntimeError, match=r"data shard error rate .* exceeds data.error_threshold=5%") as e:
+        _loader_epoch(tmp_path / "half", half)
+    named = {f"train-{i:06d}.tar (compressed_tar)" for i in (1, 3, 5, 7)}
+    assert sum(name in str(e.value) for name in named) >= 2  # those seen when it stopped, by name
+    assert "train-000000.tar" not in str(e.value)
+    one = [_gzipped(s) if i == 5 else s for i, s in enumerate(shards)]  # one lost shard: reported
+    keys, summary = _loader_epoch(tmp_path / "one", one)
+    assert len(keys) == 14 and summary["skipped"] == {"compressed_tar": 1}
+    assert (summary["shards"], summary["shards_lost"]) == (8, 1)
