@@ -13,8 +13,8 @@ of the process), and allowed constructors copy memoized data on every call (a 0.
   format enum and ``PosixPath`` (the globals real ``.metadata`` files hold; listed with ``pickletools`` on
   trainer checkpoints: no sets, complex numbers or slices);
 - calls (``REDUCE``): those constructors only, with their arguments checked (``torch.Size``: at most
-  :data:`MAX_NDIM` ints in [0, 2^61 - 1); a path: a few short strings; what they copy is charged against
-  the file's own size, so memoized arguments cannot multiply it);
+  :data:`MAX_NDIM` ints in [0, 2^61 - 1); a path: a few short strings; what they copy is charged to the
+  memory budget below, so memoized arguments cannot multiply it);
 - ``NEWOBJ``: a metadata dataclass without arguments (an empty new instance), and ``BUILD`` only once on
   such a fresh instance, with that dataclass's fields as state: never a class, a function or a shared
   object (an enum member, a layout);
@@ -22,7 +22,11 @@ of the process), and allowed constructors copy memoized data on every call (a 0.
   dict keys only strings and flat ``MetadataIndex`` objects, at most 8 keys with one hash (colliding keys
   make inserting quadratic: ints hash modulo 2^61 - 1, and a tuple's hash can be solved for); no sets,
   persistent ids, extension codes, ``INST``/``OBJ``; the file at most
-  :data:`MAX_METADATA_BYTES`, checked before it is read.
+  :data:`MAX_METADATA_BYTES`, checked before it is read;
+- memory: each opcode is charged what it may add to memory (``_COST``), at most :data:`MEMORY_PER_BYTE`
+  bytes per byte of the file in all (a real file needs at most ~26 by this count; Python's own
+  unpickler holds up to ~100 for a file of 1-byte opcodes that each make an empty dict or a memo entry);
+  the memo is a list (DCP memoizes with ``MEMOIZE`` only), not a dict of ~100 bytes per entry.
 
 torch's own weights-only unpickler (``torch.load(weights_only=True)``) restricts ``BUILD`` the same way,
 but reads pickle protocol 2 only; DCP writes protocol 4 (``FRAME``, ``STACK_GLOBAL``, ``MEMOIZE``). A pure
@@ -50,12 +54,11 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_fs
 from torch.distributed.checkpoint import metadata as dcp_md
 
-# A real .metadata holds ~140 bytes per tensor chunk (each rank's shard of each tensor: the chunk, its
-# index and its storage entry; names are memoized once) and ~1.2 KB per chunk once read. A 14B model
-# (~1000 parameter tensors) with AdamW's two moments and an EMA has ~4000 sharded tensors: 1 GiB holds
-# them sharded over ~1900 ranks, beyond any run we plan (and ~9 GB on every rank once read). The cap
-# bounds what a crafted file can cost: reading any pickle holds at most ~70 bytes per byte of it (a
-# 1-byte opcode makes an empty dict), no more here, where nothing copies memoized data.
+# A real .metadata holds ~131 bytes per tensor chunk (each rank's shard of each tensor: the chunk, its
+# index and its storage entry; names are memoized once) and ~1.1 KB per chunk once read. The 14B preset
+# (1095 parameter tensors) with AdamW's two moments and an EMA has 4380 sharded tensors: 1 GiB holds them
+# sharded over ~1870 ranks, beyond any run we plan (a file pickled as DCP does, sharded 64 ways: 36 MiB).
+# With MEMORY_PER_BYTE, the cap bounds what a crafted file can cost every rank that reads it.
 MAX_METADATA_BYTES = 1 << 30
 MAX_NDIM = 64  # torch.Size length: real tensors have a handful of dimensions
 _MAX_PATH_CHARS = 4096  # PATH_MAX
@@ -114,16 +117,40 @@ _HASH_MODULUS = sys.hash_info.modulus
 _MAX_SAME_HASH = 8
 
 
+# What an opcode may add to the memory of the reading process, in bytes (CPython 3.11, 64 bits; measured
+# with tracemalloc on files of one opcode repeated, and sys.getsizeof, rounded up): the object it makes
+# and its stack slot; any other opcode 8 (a slot of the stack, or of the memo: a list here, where a dict
+# memo takes ~100 bytes per 1-byte MEMOIZE). NEWOBJ: an instance and its entry in ``fresh``; BUILD: the
+# instance's attribute dict. Charged on top (``_charge``): per pair set in a dict 40 (an entry of a large
+# dict, with its share of a resize) and 168 for a dict's first (its table of 5 entries); per item
+# appended to a list and per element a torch.Size copies 8; a path 200; a count per MetadataIndex key
+# 100. An opcode's own data (a string's characters, UCS-4 at worst; the frame being read) adds at most 5
+# bytes per byte of the file.
+_OP_COST = dict(
+    MARK=64, EMPTY_DICT=72, EMPTY_LIST=64, TUPLE=56, TUPLE1=48, TUPLE2=56, TUPLE3=64, NEWOBJ=184, BUILD=168,
+    REDUCE=64, BININT=40, BININT2=40, LONG1=40, BINFLOAT=32, SHORT_BINUNICODE=80, BINUNICODE=80,
+    SHORT_BINBYTES=48, BINBYTES=48,
+)  # fmt: skip
+_COST = [next((c for op, c in _OP_COST.items() if getattr(pickle, op)[0] == i), 8) for i in range(256)]
+_PAIR, _FIRST_PAIR, _SLOT, _PATH, _KEY_COUNT = 40, 168, 8, 200, 100
+# What all opcodes of a file may take together, per byte of it: 1.5x what real .metadata files take by
+# this count (up to 22 for trainer checkpoints, 25.5 for the 14B preset's state pickled as DCP does,
+# sharded 64 ways; its peak measured with tracemalloc: 15). Files of 1-byte opcodes that each make an
+# empty dict, a list or a memo entry took 72 to 103 before this budget (tracemalloc), 86 in RSS.
+MEMORY_PER_BYTE = 40
+
+
 def _is_index(v) -> bool:
     return type(v) is int and 0 <= v < _HASH_MODULUS
 
 
 class _Unpickler(pickle._Unpickler):
-    """See the module docstring. ``budget``: elements the constructors may still copy (the file's size)."""
+    """See the module docstring. ``left``: the memory (bytes) the rest of the file may still take."""
 
     def __init__(self, data: bytes):
         super().__init__(io.BytesIO(data))
-        self.budget = len(data)
+        self.left = MEMORY_PER_BYTE * len(data)
+        self.memo: list = []  # DCP's pickles memoize with MEMOIZE only: a list suffices
         self.fresh: dict[int, object] = {}  # id → an instance NEWOBJ made and BUILD has not yet filled
         self.key_hashes: dict[int, int] = {}  # hash of a MetadataIndex dict key → how many keys have it
 
@@ -138,23 +165,62 @@ class _Unpickler(pickle._Unpickler):
             )
         return found
 
+    def load(self):
+        """``pickle._Unpickler.load``, charging each opcode the memory it may take (:data:`_COST`)."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)
+        self.read, self.readline = self._unframer.read, self._unframer.readline
+        self.readinto = self._unframer.readinto
+        self.metastack, self.stack = [], []
+        self.append = self.stack.append
+        self.proto = 0
+        read, dispatch, cost = self.read, self.dispatch, _COST
+        try:
+            while key := read(1):
+                self.left -= cost[key[0]]  # inline, not _charge: one call less per opcode is 15% faster
+                if self.left < 0:
+                    raise self._too_much()
+                dispatch[key[0]](self)
+            raise EOFError
+        except pickle._Stop as stop:
+            return stop.value
+
     def _charge(self, n: int) -> None:
-        self.budget -= n
-        if self.budget < 0:
-            raise _Refused("its constructors copy more data than the file holds (a crafted file?)")
+        self.left -= n
+        if self.left < 0:
+            raise self._too_much()
+
+    def _too_much(self) -> _Refused:
+        return _Refused(
+            f"reading it would take more than {MEMORY_PER_BYTE} bytes of memory per byte of the file, more "
+            f"than DCP metadata takes (a crafted file?)"
+        )
+
+    def load_memoize(self):
+        self.memo.append(self.stack[-1])
+
+    def load_binget(self):
+        self._recall(self.read(1)[0])
+
+    def load_long_binget(self):
+        self._recall(int.from_bytes(self.read(4), "little"))
+
+    def _recall(self, i: int) -> None:
+        if i >= len(self.memo):
+            raise _Refused(f"memo entry {i} recalled before it was stored")
+        self.append(self.memo[i])
 
     def _call(self, func, args: tuple):
         if func is torch.Size:
             (seq,) = args
             if type(seq) not in (tuple, list) or len(seq) > MAX_NDIM or not all(map(_is_index, seq)):
                 raise _Refused(f"torch.Size of more than {MAX_NDIM} ints below 2^61 - 1 or of other values")
-            self._charge(len(seq) + 1)
+            self._charge(_SLOT * len(seq))
             return torch.Size(seq)
         if func is PosixPath or func is PurePosixPath:
             short = len(args) <= _MAX_PATH_PARTS and all(type(a) is str for a in args)
             if not short or sum(map(len, args)) > _MAX_PATH_CHARS:
                 raise _Refused("a path of other values than a few strings")
-            self._charge(sum(map(len, args)) + len(args) + 1)
+            self._charge(_PATH + 4 * sum(map(len, args)))
             return func(*args)
         if func is torch.serialization._get_layout and len(args) == 1 and type(args[0]) is str:
             return func(*args)  # a lookup: a layout, or KeyError
@@ -205,10 +271,12 @@ class _Unpickler(pickle._Unpickler):
 
     def load_append(self):
         value = self.stack.pop()
+        self._charge(_SLOT)
         self._list().append(value)
 
     def load_appends(self):
         items = self.pop_mark()
+        self._charge(_SLOT * len(items))
         self._list().extend(items)
 
     def _list(self) -> list:
@@ -231,23 +299,26 @@ class _Unpickler(pickle._Unpickler):
         (names, and MetadataIndex in ``storage_data``; listed on trainer checkpoints): hashing them runs
         no deep recursion and no more than :data:`_MAX_SAME_HASH` of them share a hash, so inserting costs
         O(1) each (str hashes are keyed per process; int keys, which real files never hold, are refused)."""
-        if type(self.stack[-1]) is not dict:
+        d = self.stack[-1]
+        if type(d) is not dict:
             raise _Refused("SETITEM on something other than a dict")
+        self._charge(_PAIR * len(keys) + (0 if d else _FIRST_PAIR))
         for k in keys:
             if type(k) is str:
                 continue
             if type(k) is not dcp_md.MetadataIndex or not _flat_index(k):
                 raise _Refused(f"a dict key of type {type(k).__name__}")
+            self._charge(_KEY_COUNT)
             h = hash(k)  # 64 bits: at most 5 such ints share a hash (mod 2^61 - 1) in key_hashes in turn
             n = self.key_hashes[h] = self.key_hashes.get(h, 0) + 1
             if n > _MAX_SAME_HASH:
                 raise _Refused(f"more than {_MAX_SAME_HASH} dict keys with the same hash (a crafted file?)")
-        return self.stack[-1]
+        return d
 
     _OPS = (
         "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 "
         "BINFLOAT SHORT_BINUNICODE BINUNICODE SHORT_BINBYTES BINBYTES EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 "
-        "TUPLE3 EMPTY_LIST EMPTY_DICT BINGET LONG_BINGET BINPUT LONG_BINPUT MEMOIZE GLOBAL STACK_GLOBAL"
+        "TUPLE3 EMPTY_LIST EMPTY_DICT GLOBAL STACK_GLOBAL"
     )
     dispatch = _Dispatch(
         {getattr(pickle, op)[0]: pickle._Unpickler.dispatch[getattr(pickle, op)[0]] for op in _OPS.split()}
@@ -260,6 +331,9 @@ class _Unpickler(pickle._Unpickler):
         pickle.APPENDS[0]: load_appends,
         pickle.SETITEM[0]: load_setitem,
         pickle.SETITEMS[0]: load_setitems,
+        pickle.MEMOIZE[0]: load_memoize,
+        pickle.BINGET[0]: load_binget,
+        pickle.LONG_BINGET[0]: load_long_binget,
     }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import pickle
 import re
@@ -63,10 +64,6 @@ def _int(i: int) -> bytes:
 
 NONE, EMPTY_DICT, EMPTY_LIST, SETITEM, TUPLE1, TUPLE2 = b"N", b"}", b"]", b"s", b"\x85", b"\x86"
 BUILD, REDUCE, APPEND, MARK, APPENDS, STOP, PROTO2 = b"b", b"R", b"a", b"(", b"e", b".", b"\x80\x02"
-
-
-def _put(i: int) -> bytes:
-    return b"r" + struct.pack("<I", i)
 
 
 def _get(i: int) -> bytes:
@@ -251,7 +248,7 @@ def _amplifier(module: str, name: str, n: int = 20_000, calls: int = 1000) -> by
     an unpickler that lets the call copy its argument holds ``n * calls`` items from ``5 n`` bytes."""
     ints = EMPTY_LIST + MARK + b"".join(_int(1000 + i) for i in range(n)) + APPENDS
     call = _get(0) + _get(1) + TUPLE1 + REDUCE + APPEND
-    return PROTO2 + _global(module, name) + _put(0) + ints + _put(1) + EMPTY_LIST + call * calls + STOP
+    return PROTO4 + _global(module, name) + MEMOIZE + ints + MEMOIZE + EMPTY_LIST + call * calls + STOP
 
 
 _MEMORY_CHILD = """
@@ -287,6 +284,69 @@ def test_constructors_cannot_multiply_memoized_data(tmp_path):
     assert "torch.Size of more than 64" in got["errors"][0]
     assert "refused to load builtins.set" in got["errors"][1]
     assert got["increase"] < (16 << 20) + 10 * total, f"peak memory grew by {got['increase'] >> 20} MiB"
+
+
+@pytest.mark.parametrize("kind", ["MEMOIZE", "EMPTY_DICT", "MARK"])
+def test_files_of_one_byte_allocations_stay_within_a_memory_budget(kind, tmp_path):
+    """Every rank reads .metadata: a file of 1-byte opcodes that each make an object took 72 to 86 bytes
+    of memory (RSS) per byte of it (a 19 MiB MEMOIZE file: +1.3 GiB; one at the 1 GiB cap: ~86 GiB on
+    every rank). Here the memo is a list (8 bytes per entry) and every opcode is charged what it may
+    take, at most 40 bytes per byte of the file: refused naming the file, the peak measured in a fresh
+    interpreter."""
+    f = tmp_path / f"{kind}.metadata"
+    op = {"MEMOIZE": NONE + MEMOIZE, "EMPTY_DICT": EMPTY_DICT, "MARK": MARK}[kind]
+    f.write_bytes(PROTO4 + op * 2_800_000 + STOP)  # just past a resize of a dict memo: 2/3 of 2^22
+    got = _run(_MEMORY_CHILD, f)
+    ratio = got["increase"] / f.stat().st_size  # 60 to 63 before the budget, 2 to 33 with it
+    assert ratio < 48, f"peak memory grew by {ratio:.0f} bytes per byte of the file"
+    (error,) = got["errors"]
+    assert error.startswith(f"{f}: "), error
+    if kind != "MEMOIZE":  # memo entries fit the budget: refused for what the file holds (None)
+        assert "more than 40 bytes of memory per byte of the file" in error
+
+
+def _sharded_metadata(ways: int) -> bytes:
+    """DCP's metadata for 100 tensors of a model, AdamW's two moments and an EMA (2-d, 1-d and scalar),
+    each sharded ``ways`` ways along dim 0 as FSDP does, pickled as DCP's writer pickles it."""
+    from torch.distributed.checkpoint import metadata as md
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    sdm, storage, planner, ends = {}, {}, {}, [0] * ways
+    props = md.TensorProperties(dtype=torch.float32)
+    shapes = [(1024, 64), (1024,), ()] * 33 + [(64, 16, 2, 2, 2)]
+    for i, shape in enumerate(shapes):
+        for prefix in ("model", "ema", "optim.state.model.exp_avg", "optim.state.model.exp_avg_sq"):
+            fqn, chunks = f"{prefix}.blocks.{i // 3}.param{i % 3}", []
+            shards = [((), ())] if not shape else []  # a scalar is one chunk
+            for r in range(ways if shape else 0):
+                lo, hi = r * shape[0] // ways, (r + 1) * shape[0] // ways
+                shards.append(((lo,) + (0,) * (len(shape) - 1), (hi - lo, *shape[1:])))
+            for r, (offsets, sizes) in enumerate(shards):
+                offsets, sizes = torch.Size(offsets), torch.Size(sizes)
+                n = 4 * math.prod(sizes)
+                storage[md.MetadataIndex(fqn, offsets, len(chunks))] = _StorageInfo(
+                    f"__{r}_0.distcp", ends[r], n
+                )
+                chunks.append(md.ChunkStorageMetadata(offsets, sizes))
+                ends[r] += n
+            sdm[fqn] = md.TensorStorageMetadata(props, torch.Size(shape), chunks)
+            planner[fqn] = tuple(fqn.split(".", 1))
+    meta = md.StorageMeta(checkpoint_id=Path("/runs/a/checkpoints/.tmp-step-00000001"), save_id="s")
+    return pickle.dumps(md.Metadata(sdm, planner, storage, storage_meta=meta))
+
+
+@pytest.mark.parametrize("ways", [1, 16])
+def test_real_metadata_fits_the_memory_budget_with_a_margin(ways):
+    """The budget is 1.5x what real files take (chunks are what large files hold): a model's state
+    sharded 1 and 16 ways reads as pickle reads it, within 70% of the budget."""
+    from parallel.checkpoint_metadata import MEMORY_PER_BYTE, _Unpickler, load_metadata
+
+    data = _sharded_metadata(ways)
+    assert load_metadata(data, "m") == pickle.loads(data)  # our own file
+    reader = _Unpickler(data)
+    reader.load()
+    used = MEMORY_PER_BYTE - reader.left / len(data)
+    assert used < 0.7 * MEMORY_PER_BYTE, f"{used:.1f} bytes per byte of {len(data)} bytes"
 
 
 def test_metadata_larger_than_the_cap_is_refused_unread(tmp_path):
