@@ -8,7 +8,8 @@ A snapshot is written into ``.tmp-step-…`` and renamed once every rank has fin
 in place, so a directory named ``step-…`` with a marker is complete; anything else is ignored (a crash
 mid-save costs that save, never an older checkpoint). The marker, written last, records the world size
 and each file's size and CRC-32 (:mod:`parallel.checkpoint_safety` says why CRC-32); every read path
-verifies them first, and :func:`latest` skips a damaged checkpoint for the newest intact one, saying so.
+verifies them first, and :func:`latest` skips a damaged checkpoint for the newest intact one, saying so
+(a file that cannot be read, EIO or EACCES, is an error on every rank, not damage: nothing is skipped).
 Retention deletes a checkpoint's marker before its data, so a kill mid-deletion leaves a directory that
 is ignored, never one that looks complete; it never deletes the checkpoint just written, and what it
 cannot delete is a warning (the save succeeded). A trainer resuming past a damaged checkpoint moves it
@@ -41,6 +42,7 @@ from parallel import checkpoint_safety as safety
 from parallel.checkpoint_safety import (  # noqa: F401  (CheckpointError, load_pt, marker, … are ours to export)
     MARKER,
     CheckpointError,
+    CheckpointUnreadable,
     SafeFileSystemReader,
     SafeFullPlanner,
     SafeLoadPlanner,
@@ -68,29 +70,46 @@ def engine_of(path: str | os.PathLike) -> str:
 
 
 # ---- verification --------------------------------------------------------------------------------------
+# A verdict: None (intact), or (DAMAGED, problem): a definite finding (a missing, resized or altered file,
+# a bad marker, refused metadata), or (UNCHECKED, error): a file could not be read (EIO, ESTALE, EACCES,
+# no memory …), which says nothing of the checkpoint: never a fallback past it nor a reason to move it.
+DAMAGED, UNCHECKED = "damaged", "unchecked"
 # verdicts of this process by checkpoint state (see _identity): resume asks about one checkpoint several
-# times (latest, load, the trainer's own checks) and a 200 GB read should happen once
-_VERDICTS: dict[tuple, str | None] = {}
+# times (latest, load, the trainer's own checks) and a 200 GB read should happen once; an UNCHECKED one
+# is not kept (the next call reads again)
+_VERDICTS: dict[tuple, tuple[str, str] | None] = {}
 _UNKNOWN = object()
 
 
 def verify(path: str | os.PathLike, *, distributed: bool = False) -> None:
     """Raise :class:`CheckpointError` naming the file if the checkpoint at ``path`` is damaged: a missing,
-    resized or altered file, an empty or invalid marker. A checkpoint written before checksums is
-    accepted with a warning after a size check of its DCP files.
+    resized or altered file, an empty or invalid marker; :class:`CheckpointUnreadable` if a file could
+    not be read (an I/O error other than its absence: a transient storage fault, a permission). A
+    checkpoint written before checksums is accepted with a warning after a size check of its DCP files.
 
     Args:
         distributed: every rank of the default process group calls this (a collective); each reads a
             disjoint share of the files and the verdicts are combined, so a resume reads the checkpoint
-            once in all, not once per rank.
+            once in all, not once per rank. Every rank raises the same error.
     """
-    problem, _ = _verdict(Path(path), distributed)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    verdict, _ = _verdict(Path(path), distributed)
+    _raise_unchecked(path, verdict)
+    if verdict is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {verdict[1]}")
 
 
-def _verdict(path: Path, distributed: bool) -> tuple[str | None, bool]:
-    """(the problem or None, whether it was found now rather than remembered)."""
+def _raise_unchecked(path, verdict: tuple[str, str] | None) -> None:
+    if verdict is not None and verdict[0] == UNCHECKED:
+        raise CheckpointUnreadable(
+            f"checkpoint {path} could not be checked: {verdict[1]}. Nothing was skipped or moved: run again "
+            f"once the storage answers (or the file is readable)"
+        )
+
+
+def _verdict(path: Path, distributed: bool) -> tuple[tuple[str, str] | None, bool]:
+    """(the verdict, whether it was found now rather than remembered). Over ranks, a damaged share
+    makes the checkpoint damaged whatever the others could read; else one unread share leaves it
+    unchecked."""
     rank, world = _rank_world()
     key = _identity(path)
     cached = _VERDICTS.get(key, _UNKNOWN)
@@ -99,20 +118,25 @@ def _verdict(path: Path, distributed: bool) -> tuple[str | None, bool]:
     else:
         # always the collective (a rank with a cached verdict must not skip it); a cached verdict is whole
         mine = cached if cached is not _UNKNOWN else _check(path, rank, world)
-        verdict = next((v for v in _gather(mine) if v is not None), None)
-    if key is not None:
+        found = [v for v in _gather(mine) if v is not None]
+        verdict = next((v for v in found if v[0] == DAMAGED), found[0] if found else None)
+    if key is not None and (verdict is None or verdict[0] == DAMAGED):
         _VERDICTS[key] = verdict
     return verdict, cached is _UNKNOWN
 
 
-def _check(path: Path, rank: int, world: int) -> str | None:
-    """:func:`safety.check`; anything it raises is this rank's verdict too (a rank that raised instead
-    would leave the others waiting in the gather of verdicts)."""
+def _check(path: Path, rank: int, world: int) -> tuple[str, str] | None:
+    """:func:`safety.check` as a verdict. What it raises is this rank's verdict too (a rank that raised
+    instead would leave the others waiting in the gather of verdicts): an unreadable file, no memory or
+    anything unexpected is UNCHECKED, never damage."""
     try:
-        return safety.check(path, rank, world)
-    except Exception as e:
+        problem = safety.check(path, rank, world)
+    except CheckpointUnreadable as e:
+        return UNCHECKED, str(e)
+    except Exception as e:  # MemoryError included: the state of this process, not of the checkpoint
         log.debug("checking %s failed", path, exc_info=True)
-        return f"{path}: could not be checked ({type(e).__name__}: {e})"
+        return UNCHECKED, f"{path}: {type(e).__name__} while checking it: {str(e)[:500]}"
+    return None if problem is None else (DAMAGED, problem)
 
 
 def _identity(path: Path) -> tuple | None:
@@ -148,7 +172,10 @@ def latest(root: str | os.PathLike, *, distributed: bool = False, quarantine: bo
     """The newest intact checkpoint under ``root``, or None if there is none at all.
 
     A damaged newer one is skipped with a warning naming it and its bad file. If every checkpoint is
-    damaged this raises rather than returning None, which a trainer would take for a fresh start.
+    damaged this raises rather than returning None, which a trainer would take for a fresh start. If a
+    file of one could not be read (see :func:`verify`), this raises :class:`CheckpointUnreadable` naming
+    the checkpoint, the file and the error, before skipping or moving anything: whether it is damaged is
+    unknown, and a run resumed from an older one would lose the steps in between for a transient fault.
 
     Args:
         distributed: a collective over the default group sharing the reading (see :func:`verify`).
@@ -161,18 +188,19 @@ def latest(root: str | os.PathLike, *, distributed: bool = False, quarantine: bo
     news = False
     rank = _rank_world()[0]
     for _, p in reversed(complete_checkpoints(root)):
-        problem, new = _verdict(p, distributed)
-        if problem is None:
+        verdict, new = _verdict(p, distributed)
+        _raise_unchecked(p, verdict)  # on every rank: the verdict was exchanged
+        if verdict is None:
             if news and rank == 0:
                 log.warning("falling back to %s, the newest intact checkpoint", p)
             if quarantine and rank == 0:
                 for bad, why in damaged:
                     _move_aside(bad, why)
             return p
-        damaged.append((p, problem))
+        damaged.append((p, verdict[1]))
         news |= new
         if new and rank == 0:  # said once per process, however often it is asked
-            log.warning("checkpoint %s is damaged and skipped: %s", p, problem)
+            log.warning("checkpoint %s is damaged and skipped: %s", p, verdict[1])
     if damaged:
         said = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
         raise CheckpointError(

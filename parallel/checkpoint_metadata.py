@@ -42,6 +42,7 @@ tensors DCP allocates from the sizes (``torch.empty(size)`` when exporting) fit 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import math
 import os
@@ -98,6 +99,27 @@ _GLOBALS = {(c.__module__, c.__name__): c for c in _DATACLASSES} | {
 class CheckpointError(ValueError):
     """A checkpoint (or export) file is damaged, missing, foreign or could not be written; the message
     names the file."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A file of a checkpoint could not be read: an I/O error that does not say it is absent (EIO, ESTALE,
+    EACCES, EMFILE …), or no memory left. Nothing is known of its content, so the checkpoint is neither
+    intact nor damaged: no fallback, nothing moved aside (a retry, once the storage answers, may find it
+    whole). EACCES too: a permission is no transient fault, but it says nothing of the content either
+    (a copy by another user with mode 0600): after a chmod the run resumes from its newest checkpoint,
+    where a fallback would have lost the steps since the older one. The message names the file and the
+    error."""
+
+
+_ABSENT = (errno.ENOENT, errno.ENOTDIR)  # the file is not there: a definite finding
+
+
+def absent_or_unreadable(f: Path, e: OSError, absent: str) -> str:
+    """``"<f>: <absent>"`` when ``e`` says that ``f`` is not there (damage: returned); any other I/O error
+    is raised as :class:`CheckpointUnreadable`."""
+    if e.errno in _ABSENT:
+        return f"{f}: {absent}"
+    raise CheckpointUnreadable(f"{f}: could not be read ({e.strerror or e})") from e
 
 
 class _Refused(Exception):
@@ -379,6 +401,8 @@ def load_metadata(data: bytes, name: str) -> dcp_md.Metadata:
         md = _Unpickler(data).load()
     except _Refused as e:
         raise CheckpointError(f"{name}: {e}") from None
+    except MemoryError:  # this process's state, not the file's: found under the budget, as by any reader
+        raise
     except Exception as e:  # truncated, not a pickle at all, a failed lookup
         raise CheckpointError(
             f"{name}: not a DCP metadata file ({type(e).__name__}: {str(e)[:200]})"
@@ -521,7 +545,7 @@ def check_storage(md: dcp_md.Metadata, directory: Path) -> str | None:
                 return f"{f}: missing (.metadata points into it)"
             size = f.stat().st_size
         except OSError as e:
-            return f"{f}: unreadable ({e})"
+            return absent_or_unreadable(f, e, "missing (.metadata points into it)")
         if end > size:
             return f"{f}: {size} bytes, .metadata needs {end} (truncated)"
         if total > size:
@@ -531,12 +555,17 @@ def check_storage(md: dcp_md.Metadata, directory: Path) -> str | None:
 
 def check_dcp_structure(path: Path) -> str | None:
     """``.metadata`` passes :func:`load_metadata` and every file it points into can hold its entries (all
-    an old checkpoint without checksums can be checked for), or the problem."""
+    an old checkpoint without checksums can be checked for), or the problem. Raises
+    :class:`CheckpointUnreadable` when a file could not be read (see :func:`absent_or_unreadable`)."""
     name = path / ".metadata"
     try:
         md = load_metadata(read_capped(name), str(name))
-    except (CheckpointError, OSError) as e:
+    except CheckpointUnreadable:
+        raise
+    except CheckpointError as e:
         return str(e)
+    except OSError as e:
+        return absent_or_unreadable(name, e, "missing")
     return check_storage(md, path)
 
 

@@ -35,7 +35,9 @@ from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 
 from parallel.checkpoint_metadata import (  # noqa: F401  (ours to export)
     CheckpointError,
+    CheckpointUnreadable,
     SafeFileSystemReader,
+    absent_or_unreadable,
     check_dcp_structure,
     load_metadata,
 )
@@ -55,10 +57,12 @@ def marker(path: str | os.PathLike) -> dict:
     f = Path(path) / MARKER
     try:
         m = json.loads(f.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: missing (the checkpoint is incomplete)") from None
-    except (ValueError, OSError) as e:  # empty, not JSON, not UTF-8, unreadable
+    except ValueError as e:  # empty, not JSON, not UTF-8
         raise CheckpointError(f"{f}: empty or invalid marker ({e})") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{f}: a directory, not a marker") from None
+    except OSError as e:  # missing: damage; any other error: CheckpointUnreadable
+        raise CheckpointError(absent_or_unreadable(f, e, "missing (the checkpoint is incomplete)")) from None
     if not isinstance(m, dict) or not isinstance(m.get("step"), int):
         raise CheckpointError(f"{f}: invalid marker (a JSON object with an integer step expected)")
     if "files" in m and not _valid_file_list(m["files"]):
@@ -127,21 +131,17 @@ def _each_file(fn, directory: Path, names: list[str]) -> list:
         return list(pool.map(lambda n: fn(directory / n), names))
 
 
-def _unreadable(f: Path, e: OSError) -> str:
-    return f"{f}: unreadable ({e.strerror or e})"
-
-
 def check_sizes(directory: Path, expected: dict[str, dict]) -> str | None:
-    """The first missing, unreadable or wrongly sized file (cheap: no reading), or None. An I/O error is
-    damage like any other (returned, never raised: the other ranks wait for this rank's verdict)."""
+    """The first missing or wrongly sized file (cheap: no reading), or None. Any other I/O error says
+    nothing about the file (EIO, ESTALE, EACCES …): raised as :class:`CheckpointUnreadable`."""
     for name, want in expected.items():
         f = directory / name
         try:
             if not f.is_file():
                 return f"{f}: missing (the marker lists it)"
             size = f.stat().st_size
-        except OSError as e:  # EIO, EACCES, or removed since is_file
-            return _unreadable(f, e)
+        except OSError as e:  # removed since is_file: missing; EIO, EACCES …: raised
+            return absent_or_unreadable(f, e, "missing (the marker lists it)")
         if size != want["size"]:
             return f"{f}: {size} bytes, the marker says {want['size']} (truncated or overwritten)"
     return None
@@ -151,12 +151,12 @@ def _sum_or_error(f: Path) -> dict | str:
     try:
         return file_sum(f)
     except OSError as e:
-        return _unreadable(f, e)
+        return absent_or_unreadable(f, e, "missing (the marker lists it)")
 
 
 def check_sums(directory: Path, expected: dict[str, dict]) -> str | None:
-    """The first unreadable file or file whose content does not match its checksum (reads every byte), or
-    None (an I/O error is returned, as in :func:`check_sizes`)."""
+    """The first missing file or file whose content does not match its checksum (reads every byte), or
+    None (other I/O errors raised, as in :func:`check_sizes`)."""
     names = sorted(expected)
     for name, got in zip(names, _each_file(_sum_or_error, directory, names), strict=True):
         want = expected[name]
@@ -171,9 +171,13 @@ def check_sums(directory: Path, expected: dict[str, dict]) -> str | None:
 
 
 def check(path: Path, rank: int, world: int) -> str | None:
-    """The first problem in this rank's share (every ``world``-th file from ``rank``), or None."""
+    """The first problem in this rank's share (every ``world``-th file from ``rank``), or None: a definite
+    finding (a missing, resized or altered file, a bad marker, refused metadata). A file that could not
+    be read is no finding: :class:`CheckpointUnreadable` is raised."""
     try:
         m = marker(path)
+    except CheckpointUnreadable:
+        raise
     except CheckpointError as e:
         return str(e)
     if "files" not in m:

@@ -21,7 +21,8 @@ import torch
 
 from launch.finetune import read_weights
 from parallel import checkpoint as ckpt
-from parallel.checkpoint import CheckpointError
+from parallel import checkpoint_safety as safety
+from parallel.checkpoint import CheckpointError, CheckpointUnreadable
 from parallel.checkpoint_safety import file_sum
 
 
@@ -259,9 +260,10 @@ def _in_child_as_nobody(fn) -> dict:
     return json.loads(data)
 
 
-def test_unreadable_file_is_damage_named_and_skipped():
-    """A file the reader may not open (EACCES: a checkpoint copied by another user with mode 0600, the
-    same path as EIO) is damage like any other, never an exception of the one rank that reads it."""
+def test_unreadable_file_is_an_error_not_damage():
+    """A file the reader may not open (EACCES: a checkpoint copied by another user with mode 0600) says
+    nothing of its content: an error naming the checkpoint, the file and the error, no fallback to an
+    older step (a chmod, and the run resumes from its newest)."""
     base = Path(
         tempfile.mkdtemp(prefix="ckpt-unreadable-")
     )  # outside pytest's 0700 folder: nobody reaches it
@@ -274,25 +276,81 @@ def test_unreadable_file_is_damage_named_and_skipped():
         bad.chmod(0)
 
         def child() -> dict:
-            said: list[str] = []
-            handler = logging.Handler(logging.WARNING)
-            handler.emit = lambda record: said.append(record.getMessage())
-            logging.getLogger("parallel.checkpoint").addHandler(handler)
-            found = ckpt.latest(root)
-            try:
-                ckpt.verify(root / "step-00000002")
-                verdict = None
-            except CheckpointError as e:
-                verdict = str(e)
-            return {"found": found.name, "said": said, "verdict": verdict}
+            said = {}
+            for name, call in (
+                ("latest", lambda: ckpt.latest(root, quarantine=True)),
+                ("verify", lambda: ckpt.verify(root / "step-00000002")),
+            ):
+                try:
+                    said[name] = f"returned {call()}"
+                except CheckpointUnreadable as e:
+                    said[name] = str(e)
+            return said
 
         got = _in_child_as_nobody(child)
+        listing = sorted(os.listdir(root))
     finally:
         shutil.rmtree(base)
     assert "error" not in got, got.get("error")
-    assert got["found"] == "step-00000001"
-    assert any(f"{bad}: unreadable (Permission denied)" in line for line in got["said"]), got["said"]
-    assert f"{bad}: unreadable (Permission denied)" in got["verdict"]
+    for said in got.values():
+        assert f"checkpoint {root / 'step-00000002'} could not be checked" in said, said
+        assert f"{bad}: could not be read (Permission denied)" in said, said
+    assert listing == ["step-00000001", "step-00000002"]
+
+
+def _fail_reads(path: Path, name: str) -> None:
+    """Make reading file ``name`` of the checkpoint at ``path`` fail with a real EIO from the kernel: a
+    symlink to /proc/self/mem (the reading process's memory, whose offset 0 is never mapped), which the
+    marker lists with the size stat gives it, as a file on failing storage keeps its size."""
+    f = path / name
+    f.unlink()
+    f.symlink_to("/proc/self/mem")
+    files = json.loads((path / ckpt.MARKER).read_text())["files"]
+    files[name] = {"size": 0, "crc32": "00000000"}
+    _rewrite_marker(path, files=files)
+
+
+@pytest.mark.parametrize("fault", ["EIO", "MemoryError"])
+def test_a_file_that_cannot_be_read_stops_the_resume_and_moves_nothing(fault, tmp_path, monkeypatch):
+    """A transient fault while verifying the newest checkpoint (EIO, ESTALE, no memory) must not send the
+    run back to an older step nor move the newest aside: an error naming the checkpoint, the file and the
+    error; once the storage answers, the newest is resumed. EIO is real (see :func:`_fail_reads`); a
+    MemoryError is injected into the checksumming (a real one needs an address-space limit under which
+    torch itself cannot run)."""
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        _save(root, step)
+    newest = root / "step-00000002"
+    kept = tmp_path / "kept"
+    shutil.copytree(newest, kept)
+    f = newest / "__0_0.distcp"
+    if fault == "EIO":
+        _fail_reads(newest, f.name)
+        said = f"{f}: could not be read (Input/output error)"
+    else:
+        real_sum = safety.file_sum
+
+        def no_memory(p):
+            if p == f:
+                raise MemoryError
+            return real_sum(p)
+
+        monkeypatch.setattr(safety, "file_sum", no_memory)
+        said = f"{newest}: MemoryError while checking it"
+    for attempt in (
+        lambda: ckpt.latest(root, quarantine=True),  # the trainer's resume
+        lambda: ckpt.latest(root),  # export, sampling of a run directory
+        lambda: ckpt.load(newest, _state(0), rank=0),
+        lambda: read_weights(newest),  # init.from
+    ):
+        with pytest.raises(CheckpointUnreadable) as e:
+            attempt()
+        assert f"checkpoint {newest} could not be checked: {said}" in str(e.value)
+        assert sorted(os.listdir(root)) == ["step-00000001", "step-00000002"]  # nothing moved aside
+    monkeypatch.undo()
+    shutil.rmtree(newest)
+    shutil.copytree(kept, newest)  # the storage answers again
+    assert ckpt.latest(root, quarantine=True) == newest  # the fault was not remembered as damage
 
 
 # ---- 3. a full disk ---------------------------------------------------------------------------------------
@@ -375,6 +433,8 @@ def _two_ranks(case: str, out_dir: Path) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    if case == "unreadable":
+        return _two_ranks_unreadable(out_dir)
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (2,))
     root = out_dir / "c"
@@ -414,6 +474,32 @@ def _two_ranks(case: str, out_dir: Path) -> dict:
     }
 
 
+def _two_ranks_unreadable(out_dir: Path) -> dict:
+    """A file of rank 1's share of the newest checkpoint (``rank-00000.pt``: a data file would also look
+    truncated to rank 0, which checks ``.metadata`` against the sizes) fails with EIO: both ranks raise."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rank, mesh, root = dist.get_rank(), init_device_mesh("cpu", (2,)), out_dir / "u"
+    for step in (1, 2):
+        w = distribute_tensor(torch.full((8, 8), float(step)), mesh, [Shard(0)])
+        ckpt.save(root, step, {"w": w}, {"rank": rank}, rank)
+    dist.barrier()
+    if rank == 0:
+        _fail_reads(root / "step-00000002", "rank-00000.pt")
+    dist.barrier()
+    try:
+        ckpt.latest(root, distributed=True, quarantine=True)
+        error = None
+    except CheckpointUnreadable as e:
+        error = str(e)
+    errors: list = [None, None]
+    dist.all_gather_object(errors, error)
+    dist.barrier()
+    return {"errors": errors, "listing": sorted(os.listdir(root))}
+
+
 def _two_rank_worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
     from tests.parallel.group import serve
 
@@ -423,7 +509,18 @@ def _two_rank_worker(rank: int, world: int, port: int, cases: list, out_dir: str
 def test_two_ranks_share_verification_and_agree_on_failures(tmp_path):
     from tests.parallel.group import run_group
 
-    got = run_group(2, _two_rank_worker, ["two_ranks"], tmp_path, names=["two_ranks"])["two_ranks"]
+    cases = ["two_ranks", "unreadable"]
+    results = run_group(2, _two_rank_worker, cases, tmp_path, names=cases)
+    # rank 1 alone could not read its share of the newest checkpoint: both raised, nothing moved aside
+    unreadable = results["unreadable"]
+    assert "error" not in unreadable, unreadable.get("error")
+    newest = tmp_path / "u" / "step-00000002"
+    first, second = unreadable["errors"]
+    assert first == second and f"checkpoint {newest} could not be checked" in first
+    assert f"{newest / 'rank-00000.pt'}: could not be read (Input/output error)" in first
+    assert unreadable["listing"] == ["step-00000001", "step-00000002"]
+
+    got = results["two_ranks"]
     assert "error" not in got, got.get("error")
     m = got["files"]
     assert m["world_size"] == 2
