@@ -310,13 +310,13 @@ def _fail_reads(path: Path, name: str) -> None:
     _rewrite_marker(path, files=files)
 
 
-@pytest.mark.parametrize("fault", ["EIO", "MemoryError"])
+@pytest.mark.parametrize("fault", ["EIO", "MemoryError summing", "MemoryError unpickling"])
 def test_a_file_that_cannot_be_read_stops_the_resume_and_moves_nothing(fault, tmp_path, monkeypatch):
     """A transient fault while verifying the newest checkpoint (EIO, ESTALE, no memory) must not send the
     run back to an older step nor move the newest aside: an error naming the checkpoint, the file and the
     error; once the storage answers, the newest is resumed. EIO is real (see :func:`_fail_reads`); a
-    MemoryError is injected into the checksumming (a real one needs an address-space limit under which
-    torch itself cannot run)."""
+    MemoryError is injected into the checksumming or the reading of ``.metadata`` (a real one needs an
+    address-space limit under which torch itself cannot run)."""
     root = tmp_path / "checkpoints"
     for step in (1, 2):
         _save(root, step)
@@ -327,7 +327,7 @@ def test_a_file_that_cannot_be_read_stops_the_resume_and_moves_nothing(fault, tm
     if fault == "EIO":
         _fail_reads(newest, f.name)
         said = f"{f}: could not be read (Input/output error)"
-    else:
+    elif fault == "MemoryError summing":
         real_sum = safety.file_sum
 
         def no_memory(p):
@@ -336,6 +336,14 @@ def test_a_file_that_cannot_be_read_stops_the_resume_and_moves_nothing(fault, tm
             return real_sum(p)
 
         monkeypatch.setattr(safety, "file_sum", no_memory)
+        said = f"{newest}: MemoryError while checking it"
+    else:
+        from parallel import checkpoint_metadata
+
+        def no_memory(self):
+            raise MemoryError
+
+        monkeypatch.setattr(checkpoint_metadata._Unpickler, "load", no_memory)
         said = f"{newest}: MemoryError while checking it"
     for attempt in (
         lambda: ckpt.latest(root, quarantine=True),  # the trainer's resume
