@@ -23,7 +23,32 @@ import signal
 # trainer's own handlers are inherited and do nothing in a worker; under spawn or forkserver, the
 # default on newer Pythons, a worker would start with the default action: terminate.)
 _IGNORED = (signal.SIGINT, signal.SIGUSR2, signal.SIGHUP)
+# signals whose handling a worker keeps: crashes, job control, child reaping (SIG_IGN on SIGCHLD
+# would break waiting for a shard's pipe: command), and SIGTERM (below)
+_LEFT_ALONE = {
+    signal.SIGTERM, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+    signal.SIGABRT, signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP, signal.SIGTTIN,
+    signal.SIGTTOU, signal.SIGWINCH, signal.SIGURG, signal.SIGPIPE,
+}  # fmt: skip
 _LIVE: set[StopFlag] = set()
+
+
+def _handler(sig: signal.Signals):
+    try:
+        return signal.getsignal(sig)
+    except (ValueError, OSError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    # not os.getppid(): under forkserver (newer Pythons' default) a worker's parent is the server
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StopFlag:
@@ -38,16 +63,21 @@ class StopFlag:
         _LIVE.discard(self)
 
     def worker_init_fn(self):
-        """The ``worker_init_fn`` for a DataLoader whose workers follow this flag."""
-        return functools.partial(_install, self.value, os.getpid())
+        """The ``worker_init_fn`` for a DataLoader whose workers follow this flag. Besides
+        :data:`_IGNORED`, workers ignore every signal the trainer handles at this moment (its
+        ``run.preempt_signal``, whatever it is) other than SIGTERM and those in :data:`_LEFT_ALONE`."""
+        handled = {s for s in signal.Signals if s not in _LEFT_ALONE and callable(_handler(s))}
+        ignored = tuple(sorted({*_IGNORED, *handled} - {signal.SIGTERM}))
+        return functools.partial(_install, self.value, os.getpid(), ignored)
 
 
-def _install(value, parent: int, worker_id: int) -> None:
-    for sig in _IGNORED:
+def _install(value, parent: int, ignored: tuple[int, ...], worker_id: int) -> None:
+    signal.set_wakeup_fd(-1)  # a forked worker must not write into the trainer's Ctrl-C counter
+    for sig in ignored:
         signal.signal(sig, signal.SIG_IGN)
 
     def on_sigterm(signum, frame):
-        if value.value or os.getppid() != parent:  # our loader is shutting us down, or is gone
+        if value.value or not _alive(parent):  # our loader is shutting us down, or is gone
             os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -73,28 +75,26 @@ def shutdown() -> None:
 class Preemption:
     """Signal handlers that only set a flag; the training loop polls :meth:`agreed` at step boundaries.
 
-    The handlers do no I/O beyond one line on stderr (they may interrupt anything); saving happens in
-    the loop, after every rank has seen the flag (an all-reduce of max), so all ranks save the same
-    step. Three requests, in increasing order of what the loop then does:
+    The handlers do no I/O (they may interrupt anything); saving happens in the loop, after every rank
+    has seen the flag (an all-reduce of max), so all ranks save the same step. Three requests, in
+    increasing order of what the loop then does:
 
-    - Ctrl-C (SIGINT): stop at the end of the step, save, exit 0. A second Ctrl-C kills the process
-      at once (by SIGINT: exit status 130 in a shell); ``run.dir``'s lock is then left behind and
-      taken over as stale by the next run.
-    - SIGTERM (``kill``, ``scancel``, a scheduler's time limit): the same, without a message per signal.
+    - Ctrl-C (SIGINT): stop at the end of the step, save, exit 0. A second Ctrl-C ends the process at
+      once (exit status 130), even while it is blocked in a collective (see :class:`_CtrlC`);
+      ``run.dir``'s lock is then left behind, unheld, and the next run takes it over.
+    - SIGTERM (``kill``, ``scancel``, a scheduler's time limit): the same, without a message.
     - ``preempt_signal`` (SLURM's ``--signal``): the same, and the job asks to be requeued.
     """
 
     STOP, PREEMPT = 1, 2
 
     def __init__(self, signal_name: str = "SIGUSR2"):
-        if signal_name == "SIGUSR1":
-            raise ValueError("run.preempt_signal=SIGUSR1: NCCL uses SIGUSR1; use SIGUSR2 (the default)")
-        if signal_name in ("SIGTERM", "SIGINT"):
-            # these also mean "stop for good" (scancel, kill, Ctrl-C): requeueing on them would bring
-            # a cancelled job back forever
+        if signal_name in ("SIGUSR1", "SIGTERM", "SIGINT"):
+            # NCCL uses SIGUSR1; the other two also mean "stop for good" (scancel, kill, Ctrl-C), and
+            # requeueing on them would bring a cancelled job back forever
             raise ValueError(
-                f"run.preempt_signal={signal_name}: {signal_name} already stops the run (save, exit, no "
-                "requeue); the preemption signal must be one only the scheduler sends, e.g. SIGUSR2"
+                f"run.preempt_signal={signal_name}: the preemption signal must be one only the "
+                "scheduler sends for a preemption, e.g. SIGUSR2 (the default)"
             )
         try:
             self.signum = signal.Signals[signal_name]
@@ -106,20 +106,12 @@ class Preemption:
         self._previous = {}
         for sig in {signal.SIGTERM, signal.SIGINT, self.signum}:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._ctrl_c = _CtrlC()
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
             return  # a forked data worker inherited this handler: its parent decides when it stops
         sig = signal.Signals(signum)
-        if sig == signal.SIGINT and sig == self.received:
-            # the second Ctrl-C: abort now, even from inside a blocking C call (a collective, a
-            # kernel), where a Python exception would only be raised once it returned
-            os.write(2, b"\naborted (second Ctrl-C): nothing saved since the newest checkpoint\n")
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-            return
-        if sig == signal.SIGINT:
-            os.write(2, b"\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again aborts)\n")
         self.received = sig
         self.requested = max(self.requested, self.PREEMPT if sig == self.signum else self.STOP)
 
@@ -129,8 +121,53 @@ class Preemption:
         return int(all_reduce(float(self.requested), "max", device))
 
     def close(self) -> None:
+        self._ctrl_c.close()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+class _CtrlC:
+    """Counts Ctrl-Cs as they arrive and acts on them from a thread: the first gets a one-line
+    notice, the second ends the process.
+
+    A Python signal handler runs only when the main thread is between bytecodes, not while it is
+    blocked in a collective or a kernel (exactly when a user presses Ctrl-C twice), and two signals
+    pending at once run it only once. ``signal.set_wakeup_fd`` makes the C-level handler write one
+    byte per signal to a pipe the moment it arrives, whatever the main thread is doing; this thread
+    reads them.
+    """
+
+    def __init__(self):
+        self.read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        self.previous = signal.set_wakeup_fd(self.write, warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self._watch, name="ctrl-c", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        first = None
+        while True:
+            data = os.read(self.read, 64)
+            if not data or 0 in data:  # close() writes a 0 (forked workers keep the pipe open: no EOF)
+                return
+            if signal.SIGINT not in data:
+                continue
+            now = time.monotonic()
+            # one press signals every process of the terminal's group at once, and a data worker
+            # forked a moment ago may still share this pipe: bytes within 20 ms are one press
+            if first is None:
+                first = now
+                os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint (again: abort)\n")
+            elif now - first > 0.02:
+                os.write(2, b"\naborted (second Ctrl-C): nothing saved since the newest checkpoint\n")
+                os._exit(130)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self.previous)
+        os.write(self.write, b"\0")
+        self.thread.join()
+        os.close(self.write)
+        os.close(self.read)
 
 
 def requeue_slurm_job() -> bool:

@@ -6,11 +6,15 @@ process group), but still obeys the SIGTERM its own loader sends when shutting i
 stuck in a slow read cannot keep the trainer from exiting."""
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,3 +60,40 @@ def test_a_worker_blocked_in_a_read_does_not_keep_the_trainer_from_exiting(tmp_p
             os.killpg(proc.pid, signal.SIGKILL)  # the orphaned `sleep`, whatever happened
     assert "got a batch" in out.read_text(), err.read_text()[-3000:]
     assert proc.returncode == 0, err.read_text()[-3000:]
+
+
+def _worker(init, ready):
+    init(0)  # what torch's worker loop does with worker_init_fn, in the worker
+    ready.set()
+    time.sleep(60)
+    os._exit(3)  # never reached unless every signal below was ignored
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_workers_ignore_job_wide_signals_under_every_start_method(method):
+    """Under spawn and forkserver (newer Pythons' default) a worker inherits no handler and its parent
+    is not the trainer: it still ignores the trainer's preemption signal (here a custom one), Ctrl-C
+    and a job-wide SIGTERM, and still obeys SIGTERM once its loader is shutting it down."""
+    from data.worker_signals import StopFlag
+    from launch.distributed import Preemption
+
+    signals = Preemption("SIGPWR")  # the trainer's handlers, installed before the loader's workers start
+    try:
+        flag = StopFlag()
+        ctx = multiprocessing.get_context(method)
+        ready = ctx.Event()
+        proc = ctx.Process(target=_worker, args=(flag.worker_init_fn(), ready))
+        proc.start()
+        assert ready.wait(60)
+        for sig in (signal.SIGPWR, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(proc.pid, sig)
+        proc.join(1)  # a worker that obeyed any of them would have exited by now
+        assert proc.exitcode is None
+        flag.set()  # the loader shuts its workers down: SIGTERM now ends the worker
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(60)
+        assert proc.exitcode == 0
+    finally:
+        signals.close()
+        if proc.is_alive():
+            proc.kill()
