@@ -13,6 +13,7 @@ Nothing is downloaded: every loader passes ``local_files_only=True`` and require
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -54,6 +55,45 @@ def _vae_classes() -> dict:
     }
 
 
+def _vae_config(path: Path) -> tuple[str, dict]:
+    """``(class name, config)`` of the diffusers VAE folder ``path``: its ``config.json`` over the
+    class's own defaults (as ``from_pretrained`` fills them); the class must be on the allow-list."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--vae {path}: no config.json (expected a diffusers save_pretrained folder)")
+    config = json.loads(config_file.read_text())
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    classes = _vae_classes()
+    if name not in classes:
+        raise ValueError(f"--vae {path}: _class_name={name!r} is not one of {sorted(classes)}")
+    init = inspect.signature(classes[name].__init__).parameters.values()
+    defaults = {p.name: p.default for p in init if p.default is not inspect.Parameter.empty}
+    return name, {**defaults, **config}
+
+
+def _vae_geometry(name: str, cfg) -> tuple[Compression, int]:
+    """``(compression, latent channels)`` of a VAE of class ``name`` from its config (a dict or the
+    model's own ``config``)."""
+    if name == "AutoencoderKLWan":
+        spatial = 2 ** (len(cfg["dim_mult"]) - 1)
+        return Compression(2 ** sum(cfg["temperal_downsample"]), spatial, causal=True), cfg["z_dim"]
+    if name == "AutoencoderKLHunyuanVideo":
+        spatial = cfg["spatial_compression_ratio"]
+    else:
+        spatial = 2 ** (len(cfg["block_out_channels"]) - 1)
+    temporal = int(cfg["temporal_compression_ratio"])
+    return Compression(temporal, int(spatial), causal=True), cfg["latent_channels"]
+
+
+def codec_geometry(spec: str) -> tuple[Compression, int]:
+    """``(compression, latent channels)`` of the codec :func:`build_codec` makes of ``spec``, from its
+    config alone: no VAE weights are loaded (the same arithmetic as the loaded codec's)."""
+    if spec == "pixel" or spec.startswith("pixel:"):
+        codec = build_codec(spec)  # space-to-depth has no weights
+        return codec.compression, codec.latent_channels
+    return _vae_geometry(*_vae_config(Path(spec)))
+
+
 class DiffusersVAE:
     """A diffusers video VAE from a local directory, returning normalised latents.
 
@@ -66,39 +106,20 @@ class DiffusersVAE:
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, sample: bool = False
     ):
         path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"--vae {path}: no config.json (expected a diffusers save_pretrained folder)"
-            )
-        config = json.loads(config_file.read_text())
-        name = config.get("_class_name")
-        classes = _vae_classes()
-        if name not in classes:
-            raise ValueError(f"--vae {path}: _class_name={name!r} is not one of {sorted(classes)}")
-        self.vae = classes[name].from_pretrained(
+        name, _ = _vae_config(path)
+        self.vae = _vae_classes()[name].from_pretrained(
             path, local_files_only=True, use_safetensors=True, torch_dtype=dtype
         )
         self.vae.to(device).eval().requires_grad_(False)
         self.kind, self.device, self.dtype, self.sample = name, device, dtype, sample
         self.name = f"{name}:{path.name}"
         cfg = self.vae.config
+        self.compression, self.latent_channels = _vae_geometry(name, cfg)
         if name == "AutoencoderKLWan":
-            self.compression = Compression(
-                2 ** sum(cfg.temperal_downsample), 2 ** (len(cfg.dim_mult) - 1), causal=True
-            )
-            self.latent_channels = cfg.z_dim
             shape = (1, -1, 1, 1, 1)
             self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape)
             self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape)
         else:
-            spatial = (
-                cfg.spatial_compression_ratio
-                if name == "AutoencoderKLHunyuanVideo"
-                else 2 ** (len(cfg.block_out_channels) - 1)
-            )
-            self.compression = Compression(int(cfg.temporal_compression_ratio), int(spatial), causal=True)
-            self.latent_channels = cfg.latent_channels
             self.mean, self.std = torch.zeros(1), torch.full((1,), 1.0 / cfg.scaling_factor)
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.buckets import BucketConfig
 from data.reader import Limits, Shard
-from data.stream import Errors, StreamSpec, batches, check_shard_rate
+from data.stream import Errors, Expect, StreamSpec, batches, check_shard_rate
 from data.video import DEFAULT_MAX_PIXELS
 from data.worker_signals import StopFlag
 
@@ -148,17 +148,9 @@ def split_shards(
 class _EpochStream(IterableDataset):
     """One epoch of one data-parallel rank; each worker yields ``(worker, index, batch, errors)``."""
 
-    def __init__(
-        self, cfg: DataConfig, shards: list[Shard], epoch: int, dp_rank: int, dp_size: int, skip: list[int]
-    ):
-        self.cfg, self.shards, self.epoch, self.dp_rank, self.dp_size, self.skip = (
-            cfg,
-            shards,
-            epoch,
-            dp_rank,
-            dp_size,
-            skip,
-        )
+    def __init__(self, loader: Loader, skip: list[int]):
+        self.cfg, self.shards, self.epoch, self.skip = loader.cfg, loader.shards, loader.epoch, skip
+        self.dp_rank, self.dp_size, self.expect = loader.dp_rank, loader.dp_size, loader.expect
 
     def __iter__(self):
         info = get_worker_info()
@@ -178,6 +170,7 @@ class _EpochStream(IterableDataset):
             min_samples_for_threshold=cfg.min_samples_for_threshold,
             naive_decode=cfg.naive_decode,
             limits=limits(cfg),
+            expect=self.expect,
         )
         errors = Errors()
         for index, batch in batches(spec, errors, skip=self.skip[worker]):
@@ -188,8 +181,8 @@ class _EpochStream(IterableDataset):
 class Loader:
     """Iterable over training batches (epoch after epoch) with exact-resume state."""
 
-    def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int):
-        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+    def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int, expect: Expect | None = None):
+        self.cfg, self.dp_rank, self.dp_size, self.expect = cfg, dp_rank, dp_size, expect
         self.shards = list_shards(cfg)
         self.workers = max(1, cfg.num_workers)
         if not cfg.buckets.buckets:
@@ -260,9 +253,7 @@ class Loader:
             self.consumed, self.next_worker = [0] * self.workers, 0
 
     def _epoch(self) -> Iterator[dict]:
-        dataset = _EpochStream(
-            self.cfg, self.shards, self.epoch, self.dp_rank, self.dp_size, list(self.consumed)
-        )
+        dataset = _EpochStream(self, list(self.consumed))
         stop = StopFlag()  # workers ignore stop signals unless this epoch's loader is ending them
         if self.cfg.num_workers == 0:
             source = iter(dataset)
@@ -347,7 +338,7 @@ def limits(cfg: DataConfig) -> Limits:
     return Limits(cfg.max_pixels, cfg.max_member_mb, cfg.allow_compressed, cfg.max_sample_mb)
 
 
-def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1) -> Loader:
+def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, expect: Expect | None = None) -> Loader:
     """The loader for one data-parallel rank (pass the DP rank/size, not the global ones).
 
     Args:
@@ -355,7 +346,10 @@ def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1) -> Loader:
         dp_rank: this rank's index among data-parallel replicas; all ranks of one tensor/context-parallel
             group pass the same value and so receive identical batches.
         dp_size: number of data-parallel replicas.
+        expect: what the model takes from latent shards (channels, the codec's compression, text
+            width; ``launch.batches.expect_for`` makes it from a job config): a latent sample that
+            differs is a counted ``shape_mismatch`` skip. None: each latent is held to its own json.
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-    return Loader(cfg, dp_rank, dp_size)
+    return Loader(cfg, dp_rank, dp_size, expect)

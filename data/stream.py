@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data.buckets import Assignment, BucketConfig, assign, clip_start
+from data.buckets import Assignment, BucketConfig, Compression, assign, clip_start
 from data.meta import parse_meta
 from data.reader import KNOWN_EXTS, Limits, Shard, read_shard
 from data.video import IMAGE_EXTS, VIDEO_EXTS, MediaError, decode_clip, decode_clip_naive, decode_image
@@ -90,6 +90,41 @@ class Errors:
         }
 
 
+@dataclass(frozen=True)
+class Expect:
+    """What the model takes from a latent shard. Given to :func:`data.pipeline.build_loader` (see
+    ``launch.batches.expect_for``), every latent sample must match it exactly for its bucket F×H×W, or
+    it is a ``shape_mismatch`` skip naming what differs; a field left None is not checked. Without
+    it, a foreign latent (another VAE's channels, another text encoder's width) that agrees with its
+    own json reaches the model and stops the run."""
+
+    channels: int | None = None
+    """Latent channels C (``model.arch.in_channels``)."""
+    compression: Compression | None = None
+    """The codec's compression: t = ``compression.latent_frames(F)`` (1 + (F-1)/temporal for a causal
+    VAE), h = H / spatial, w = W / spatial."""
+    text_dim: int | None = None
+    """Width D of the text states (``model.arch.text_dim``, when the model conditions on text)."""
+
+    def differences(self, bucket: str, shape: list[int], text_shape: list[int] | None) -> list[str]:
+        """What of a latent sample's declared ``latent_shape`` (C, t, h, w) and ``text_shape`` (L, D)
+        differs from what the model takes for ``bucket`` ("FxHxW")."""
+        f, h, w = (int(v) for v in bucket.split("x"))
+        want: dict[str, int | str | None] = {"C": self.channels}
+        if self.compression is not None:
+            s = self.compression.spatial
+            want["t"] = self.compression.latent_frames(f)
+            want["h"] = h // s if h % s == 0 else f"{h}/{s}"  # no whole latent: nothing matches
+            want["w"] = w // s if w % s == 0 else f"{w}/{s}"
+        out = []
+        for name, value in zip("Cthw", shape, strict=True):
+            if want.get(name) is not None and want[name] != value:
+                out.append(f"{name}={value} (expected {want[name]})")
+        if self.text_dim is not None and text_shape and text_shape[-1] != self.text_dim:
+            out.append(f"text width {text_shape[-1]} (expected {self.text_dim})")
+        return out
+
+
 @dataclass
 class StreamSpec:
     """What one worker reads and how: everything that determines its batches."""
@@ -105,6 +140,7 @@ class StreamSpec:
     min_samples_for_threshold: int = 50
     naive_decode: bool = False  # decode every frame, then subsample (the benchmark's baseline)
     limits: Limits = field(default_factory=Limits)  # pixels per picture, bytes per member, compression
+    expect: Expect | None = None  # what the model takes from a latent sample (None: its json's word)
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -115,13 +151,20 @@ def _key_seed(key: str) -> int:
     return zlib.crc32(key.encode())
 
 
-def validate(sample: dict, errors: Errors, seen: set[str], limits: Limits = Limits()) -> dict | None:  # noqa: B008
+def validate(
+    sample: dict,
+    errors: Errors,
+    seen: set[str],
+    limits: Limits = Limits(),  # noqa: B008 (frozen dataclass)
+    expect: Expect | None = None,
+) -> dict | None:
     """Metadata + media check; the sample with ``__meta__`` (schema-checked, :func:`data.meta.parse_meta`)
-    and ``__text__`` (the caption) added, or None (counted with its reason)."""
+    and ``__text__`` (the caption) added, or None (counted with its reason). A latent sample is held to
+    its json and its bucket, and to ``expect`` when given."""
     key, shard = sample["__key__"], sample["__shard__"]
     errors.seen += 1
     try:
-        reason, detail = _check(sample, seen, limits)
+        reason, detail = _check(sample, seen, limits, expect)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 (one sample's bytes must never stop the stream)
@@ -132,7 +175,7 @@ def validate(sample: dict, errors: Errors, seen: set[str], limits: Limits = Limi
     return sample
 
 
-def _check(sample: dict, seen: set[str], limits: Limits) -> tuple[str | None, str]:
+def _check(sample: dict, seen: set[str], limits: Limits, expect: Expect | None) -> tuple[str | None, str]:
     """``(reason, detail)`` why the sample cannot be used, or ``(None, "")`` after adding its fields."""
     key = sample["__key__"]
     if "__error__" in sample:  # found while reading the tar (a member over the size limit)
@@ -161,18 +204,19 @@ def _check(sample: dict, seen: set[str], limits: Limits) -> tuple[str | None, st
     if meta["kind"] == "video" and meta.get("frames", 0) < 1:
         return "zero_frames", ""
     if media[0] == "latent.npy":
-        reason, detail = _check_latent_meta(meta)
+        reason, detail = _check_latent_meta(meta, expect)
         if reason is not None:
             return reason, detail
     sample["__meta__"], sample["__text__"], sample["__media__"] = meta, text, media[0]
     return None, ""
 
 
-def _check_latent_meta(meta: dict) -> tuple[str | None, str]:
+def _check_latent_meta(meta: dict, expect: Expect | None = None) -> tuple[str | None, str]:
     """A latent sample's json must declare its bucket and a C×t×h×w ``latent_shape`` (data.encode
     writes both) that some codec could make of that bucket: one integer spatial factor for height and
-    width, no more latent frames than pixel frames, one for a still. The array is held to that shape
-    when decoded, so a single sample can never bring a latent of another size into a batch."""
+    width, no more latent frames than pixel frames, one for a still; with ``expect``, exactly the shape
+    (and text width) the model takes. The array is held to that shape when decoded, so a single sample
+    can never bring a latent of another size into a batch."""
     shape = meta.get("latent_shape")
     if "bucket" not in meta or shape is None:
         return "bad_metadata", "a latent sample's json must declare 'bucket' and 'latent_shape'"
@@ -183,6 +227,9 @@ def _check_latent_meta(meta: dict) -> tuple[str | None, str]:
     factor = h // lh
     if factor < 1 or (lh * factor, lw * factor) != (h, w) or lt > f or (f == 1 and lt != 1):
         return "shape_mismatch", f"latent_shape {shape} is no codec's latent of bucket {meta['bucket']}"
+    wrong = expect.differences(meta["bucket"], shape, meta.get("text_shape")) if expect else []
+    if wrong:
+        return "shape_mismatch", f"latent_shape {shape} of bucket {meta['bucket']}: {', '.join(wrong)}"
     return None, ""
 
 
@@ -226,6 +273,9 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
     if "text.npy" in sample:
         declared = sample["__meta__"].get("text_shape")  # L, D (data.encode writes it)
         emb = _npy(sample, "text.npy", tuple(declared) if declared else 2)
+        width = spec.expect.text_dim if spec.expect is not None else None
+        if width is not None and emb.shape[-1] != width:  # none declared, or a raw sample's states
+            raise MediaError("shape_mismatch", f"text.npy is {emb.shape}, text width {width} expected")
         out["text_emb"] = torch.from_numpy(emb)
         out["text_mask"] = None
         if "text_mask.npy" in sample:
@@ -335,7 +385,7 @@ def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignme
         for shard in spec.shards:
             errors.shards += 1
             for raw in read_shard(shard, errors, spec.limits):
-                sample = validate(raw, errors, seen, spec.limits)
+                sample = validate(raw, errors, seen, spec.limits, spec.expect)
                 _check_rate(errors, spec)
                 if sample is not None:
                     yield sample

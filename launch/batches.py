@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from data.encoders import TextEncoder, build_codec
+from data.encoders import TextEncoder, build_codec, codec_geometry
+from data.stream import Expect
 from dit.config import DiTConfig
 from launch.config import JobConfig
 
@@ -30,6 +31,16 @@ class Prepared:
     """B×T bool: frames kept clean and left out of the loss (image-to-video, continuation)."""
     loss_frames: Tensor
     """B: frames of each sample that count in the loss."""
+
+
+def expect_for(cfg: JobConfig) -> Expect:
+    """What the model of ``cfg`` takes from latent shards, for ``build_loader(..., expect=...)``:
+    ``model.arch.in_channels`` channels at ``data.codec``'s compression (from the codec's config, no
+    weights loaded: the geometry :class:`Conditioner`'s codec has) and, with text conditioning,
+    ``model.arch.text_dim``-wide text states. Raw-video samples are not affected."""
+    compression, _ = codec_geometry(cfg.data.codec)  # its channels: Conditioner checks them
+    arch = cfg.model.arch
+    return Expect(arch.in_channels, compression, arch.text_dim if arch.conditioning == "text" else None)
 
 
 class Conditioner:

@@ -16,7 +16,7 @@ from torch import nn
 
 from data.pipeline import build_loader, list_shards
 from dit.diffusion import Objective
-from launch.batches import Conditioner
+from launch.batches import Conditioner, expect_for
 from launch.config import JobConfig
 from launch.distributed import all_reduce
 from launch.sample import videos_for
@@ -32,7 +32,8 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[dict]:
     )
     # fewer held-out shards than ranks: every rank still needs batches, so draw shards (seeded)
     val.resampled = val.resampled or len(list_shards(val)) < dp_size
-    return list(itertools.islice(iter(build_loader(val, dp_rank, dp_size)), cfg.eval.batches))
+    loader = build_loader(val, dp_rank, dp_size, expect=expect_for(cfg))
+    return list(itertools.islice(iter(loader), cfg.eval.batches))
 
 
 def grid_times(obj: Objective, cfg: JobConfig, b: int, i: int, device) -> torch.Tensor:

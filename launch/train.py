@@ -28,7 +28,7 @@ from dit.diffusion import make_objective
 from dit.flops import count, peak_flops
 from dit.model import SpacetimeDiT, build_model, num_params
 from launch import evaluate
-from launch.batches import Conditioner
+from launch.batches import Conditioner, expect_for
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
 from launch.finetune import apply_init, freeze
@@ -362,7 +362,7 @@ def _setup_fsdp(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: Path,
     model.train()
     opt = build_optimizer(model, cfg.train, env.device)
     dp_rank = dims.dp_rank(mesh)
-    loader = build_loader(cfg.data, dp_rank, dims.dp)
+    loader = build_loader(cfg.data, dp_rank, dims.dp, expect=expect_for(cfg))
     trainer = Trainer(
         cfg=cfg,
         env=env,

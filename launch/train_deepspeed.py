@@ -37,7 +37,7 @@ from torch.distributed._composable import checkpoint as checkpoint_block
 from data.pipeline import build_loader
 from dit.diffusion import make_objective
 from dit.model import num_params
-from launch.batches import Conditioner
+from launch.batches import Conditioner, expect_for
 from launch.config import JobConfig, to_yaml
 from launch.distributed import DistEnv
 from launch.finetune import freeze
@@ -186,7 +186,7 @@ def setup_deepspeed(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: P
         ema=EMA(engine.module, cfg.train.ema_decay, part=local_part) if cfg.train.ema_decay > 0 else None,
         objective=make_objective(cfg.diffusion),
         cond=Conditioner(cfg, env.device),
-        loader=build_loader(cfg.data, dp_rank, dims.dp),
+        loader=build_loader(cfg.data, dp_rank, dims.dp, expect=expect_for(cfg)),
         run_dir=run_dir,
         bf16=bf16,
         dp_rank=dp_rank,

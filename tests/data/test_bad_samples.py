@@ -371,3 +371,46 @@ def test_a_loader_aborts_when_many_of_its_shards_are_lost_naming_them(tmp_path):
     keys, summary = _loader_epoch(tmp_path / "one", one)
     assert len(keys) == 14 and summary["skipped"] == {"compressed_tar": 1}
     assert (summary["shards"], summary["shards_lost"]) == (8, 1)
+
+
+def test_latents_are_held_to_what_the_model_takes_even_alone_in_their_batch(tmp_path, caplog):
+    """Each of these agrees with its own json and with its bucket, so without an expectation it is
+    delivered, alone in its batch, and the model fails on it; with one it costs one sample, named."""
+    from data.buckets import Compression
+    from data.pipeline import DataConfig, build_loader
+    from data.stream import Expect
+
+    f32 = np.float32
+    foreign = {  # key → the sample, and what its skip names
+        "channels": (_latent("channels", np.zeros((16, 2, 4, 4), f32), latent_shape=[16, 2, 4, 4]), "C=16"),
+        "frames": (_latent("frames", np.zeros((4, 8, 4, 4), f32), latent_shape=[4, 8, 4, 4]), "t=8"),
+        "spatial": (_latent("spatial", np.zeros((4, 2, 2, 2), f32), latent_shape=[4, 2, 2, 2]), "h=2"),
+        "text": (_latent("text", text=np.ones((5, 16), f32), text_shape=[5, 16]), "text width 16"),
+        "text_undeclared": (
+            _latent("text_undeclared", text=np.ones((5, 16), f32), text_shape=None),
+            "(5, 16)",
+        ),
+    }
+    good = [_latent("good"), _latent("good2", np.ones((4, 2, 4, 4), f32))]
+    write_tar(tmp_path / "train-000000.tar", [good[0], *(s for s, _ in foreign.values()), good[1]])
+    buckets = BucketConfig([Bucket(8, 32, 32, 1)], fps=8)
+    cfg = DataConfig(shards=str(tmp_path), buckets=buckets, num_workers=0, shuffle_buffer=0)
+
+    def epoch(expect):
+        loader, keys = build_loader(cfg, expect=expect), []
+        for batch in loader:
+            if loader.epoch > 0:
+                break
+            keys += batch["key"]
+        return sorted(keys), loader.errors_before[0]
+
+    keys, _ = epoch(None)
+    assert keys == sorted(["good", "good2", *foreign])  # each agrees with its json and its bucket
+    expect = Expect(channels=4, compression=Compression(4, 8, causal=True), text_dim=8)  # 8x32x32 → 4×2×4×4
+    caplog.clear()
+    keys, summary = epoch(expect)
+    assert keys == ["good", "good2"] and summary["skipped"] == {"shape_mismatch": 5}
+    assert summary["seen"] == 7 and summary["skipped_samples"] == 5
+    skips = {r.args[0]: r.args[-1] for r in caplog.records if r.msg.startswith("skipping")}
+    for key, (_, named) in foreign.items():
+        assert named in skips[key], (key, skips[key])  # the skip names what differs

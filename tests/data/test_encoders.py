@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from data.encoders import DiffusersVAE, PixelCodec, TextEncoder, build_codec
+from data.encoders import DiffusersVAE, PixelCodec, TextEncoder, build_codec, codec_geometry
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -71,9 +71,12 @@ def test_diffusers_vaes_load_locally_with_their_normalisation(name, tmp_path):
     vae.save_pretrained(tmp_path)
     enc = DiffusersVAE(tmp_path)
     assert (enc.compression.temporal, enc.compression.spatial) == (temporal, spatial)
+    # what the loader holds latent shards to, from config.json alone: the loaded VAE's own geometry
+    assert codec_geometry(str(tmp_path)) == (enc.compression, enc.latent_channels)
     video = torch.rand(1, 3, 1 + 2 * temporal, 16, 16) * 2 - 1
     z = enc.encode(video)
     assert z.shape == (1, 4, 3, 16 // spatial, 16 // spatial)
+    assert z.shape[2] == enc.compression.latent_frames(video.shape[2])
     raw = vae.encode(video).latent_dist.mode()
     expected = (
         (raw - torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, -1, 1, 1, 1))
