@@ -40,8 +40,8 @@ def _handler(sig: signal.Signals):
         return None
 
 
-def _alive(pid: int) -> bool:
-    # not os.getppid(): under forkserver (newer Pythons' default) a worker's parent is the server
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (also when another user owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +77,8 @@ def _install(value, parent: int, ignored: tuple[int, ...], worker_id: int) -> No
         signal.signal(sig, signal.SIG_IGN)
 
     def on_sigterm(signum, frame):
-        if value.value or not _alive(parent):  # our loader is shutting us down, or is gone
+        # the trainer's pid, not os.getppid(): under forkserver a worker's parent is the server
+        if value.value or not pid_alive(parent):  # our loader is shutting us down, or is gone
             os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)

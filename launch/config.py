@@ -20,9 +20,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.pipeline import DataConfig
+from data.pipeline import DataConfig, limits
 from dit.config import PRESETS, DiTConfig
 from dit.diffusion import DiffusionConfig
+from launch.distributed import preempt_signum
 from parallel.config import ParallelConfig, checkpoint_every
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -242,8 +243,6 @@ _RANGES = (
     ("data.error_threshold", 0.0, 1.0, False, False),
     ("data.min_samples_for_threshold", 0, math.inf, False, False),
     ("data.max_text_len", 1, math.inf, False, False),
-    ("data.max_pixels", 1, math.inf, False, False),
-    ("data.max_member_mb", 0.0, math.inf, True, False),
     ("data.buckets.fps", 0.0, math.inf, True, False),
     ("checkpoint.every", 0, math.inf, False, False),
     ("checkpoint.keep", 0, math.inf, False, False),
@@ -293,23 +292,14 @@ def _check_numbers(cfg: JobConfig) -> None:
         raise ValueError(f"data.buckets.image_ratio={ratio}: must be in [0, 1] (or null)")
 
 
-def _check_preempt_signal(name: str) -> None:
-    import signal
-
-    if name not in signal.Signals.__members__:
-        raise ValueError(f"run.preempt_signal={name!r}: not a signal name (e.g. SIGUSR2)")
-    if name in ("SIGUSR1", "SIGTERM", "SIGINT", "SIGKILL", "SIGSTOP"):
-        why = "NCCL uses it" if name == "SIGUSR1" else "it cannot mean 'save, exit and requeue'"
-        raise ValueError(f"run.preempt_signal={name}: {why}; use one only the scheduler sends, e.g. SIGUSR2")
-
-
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks OmegaConf's types cannot express; each error names the key."""
     _check_numbers(cfg)
     _choice(cfg.run.device, ("auto", "cuda", "cpu"), "run.device")
     _choice(cfg.run.precision, ("auto", "bf16", "fp32"), "run.precision")
     _choice(cfg.run.progress, ("auto", "bar", "lines"), "run.progress")
-    _check_preempt_signal(cfg.run.preempt_signal)
+    preempt_signum(cfg.run.preempt_signal)
+    limits(cfg.data)  # the loader's own check of its size limits (finite, positive), at load time
     _choice(cfg.train.schedule, SCHEDULES, "train.schedule")
     _choice(cfg.parallel.engine, ENGINES, "parallel.engine")
     _choice(cfg.parallel.backend, ("auto", "nccl", "gloo"), "parallel.backend")

@@ -72,6 +72,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def preempt_signum(name: str) -> signal.Signals:
+    """The signal ``run.preempt_signal`` names; a ValueError naming the key if it cannot be one."""
+    if name not in signal.Signals.__members__:
+        raise ValueError(f"run.preempt_signal={name!r}: not a signal name (e.g. SIGUSR2)")
+    if name in ("SIGUSR1", "SIGTERM", "SIGINT", "SIGKILL", "SIGSTOP"):
+        # NCCL uses SIGUSR1; SIGTERM and SIGINT already mean "stop for good" (scancel, kill, Ctrl-C),
+        # and requeueing on them would bring a cancelled job back forever; the last two cannot be caught
+        why = "NCCL uses it" if name == "SIGUSR1" else "it cannot mean 'save, exit and requeue'"
+        raise ValueError(f"run.preempt_signal={name}: {why}; use one only the scheduler sends, e.g. SIGUSR2")
+    return signal.Signals[name]
+
+
 class Preemption:
     """Signal handlers that only set a flag; the training loop polls :meth:`agreed` at step boundaries.
 
@@ -89,17 +101,7 @@ class Preemption:
     STOP, PREEMPT = 1, 2
 
     def __init__(self, signal_name: str = "SIGUSR2"):
-        if signal_name in ("SIGUSR1", "SIGTERM", "SIGINT"):
-            # NCCL uses SIGUSR1; the other two also mean "stop for good" (scancel, kill, Ctrl-C), and
-            # requeueing on them would bring a cancelled job back forever
-            raise ValueError(
-                f"run.preempt_signal={signal_name}: the preemption signal must be one only the "
-                "scheduler sends for a preemption, e.g. SIGUSR2 (the default)"
-            )
-        try:
-            self.signum = signal.Signals[signal_name]
-        except KeyError as e:
-            raise ValueError(f"run.preempt_signal={signal_name!r}: not a signal name") from e
+        self.signum = preempt_signum(signal_name)
         self.requested = 0  # 0, STOP or PREEMPT
         self.received: signal.Signals | None = None
         self.pid = os.getpid()

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from data.worker_signals import pid_alive
+
 log = logging.getLogger(__name__)
 
 LOCK = "LOCK"
@@ -55,16 +57,6 @@ def _start_time(pid: int) -> str | None:
         return None
     # field 22, counted after the command name, which is in parentheses and may contain spaces
     return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _pid_namespace() -> int | None:
@@ -108,7 +100,7 @@ def _stale(owner: dict, me: dict) -> str | None:
     if owner.get("host") != me["host"] or owner.get("pidns") != me["pidns"]:
         return None  # another machine or container: its pids mean nothing here
     pid = owner.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid):
         return f"pid {pid} on {owner.get('host')} is gone"
     if owner.get("start") is not None and _start_time(pid) != owner["start"]:
         return f"pid {pid} on {owner.get('host')} is now another process"

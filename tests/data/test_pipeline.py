@@ -8,13 +8,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from data.buckets import Bucket, BucketConfig
 from data.pipeline import DataConfig, build_loader, split_shards
 from data.synthetic import generate
 from data.video import encode_h264
-from tests.data.conftest import gradient_clip
+from tests.data.conftest import gradient_clip, write_tar
 
 # Every synthetic clip (≥ 8 frames at ≤ 30 fps) covers 2 frames at 8 fps.
 BUCKETS = [Bucket(1, 32, 32, 2), Bucket(2, 32, 32, 2), Bucket(4, 32, 32, 2)]
@@ -129,12 +128,6 @@ def test_changed_data_parallel_size_restarts_the_epoch(shards, caplog):
     assert _keys(iter(fresh), 5) == _keys(iter(fresh_ref), 5)
 
 
-def _write_tar(path, samples):
-    with wds.TarWriter(str(path)) as w:
-        for s in samples:
-            w.write(s)
-
-
 def _sample(key, frames=8, caption="ok", ext="mp4", meta_frames=None):
     data = encode_h264(gradient_clip(frames, 32, 32), fps=8)
     meta = {
@@ -153,14 +146,14 @@ def _sample(key, frames=8, caption="ok", ext="mp4", meta_frames=None):
 
 def test_each_bad_input_is_skipped_and_counted(tmp_path):
     good = [_sample(f"good{i}") for i in range(6)]
-    _write_tar(
+    write_tar(
         tmp_path / "train-000000.tar",
         good[:3] + [_sample("nocap", caption=None), _sample("zero", meta_frames=0)],
     )
-    _write_tar(tmp_path / "train-000001.tar", good[3:] + [_sample("weird", ext="gif"), _sample("good0")])
+    write_tar(tmp_path / "train-000001.tar", good[3:] + [_sample("weird", ext="gif"), _sample("good0")])
     broken = _sample("broken")
     broken["mp4"] = b"\x00" * 500
-    _write_tar(tmp_path / "train-000002.tar", [broken, _sample("tail")])
+    write_tar(tmp_path / "train-000002.tar", [broken, _sample("tail")])
     with tarfile.open(tmp_path / "train-000002.tar") as tar:
         cut = next(m.offset_data for m in tar.getmembers() if m.name == "tail.mp4") + 100
     data = (tmp_path / "train-000002.tar").read_bytes()
@@ -185,8 +178,8 @@ def test_each_bad_input_is_skipped_and_counted(tmp_path):
 
 
 def test_error_rate_threshold_aborts_naming_the_worst_shard(tmp_path):
-    _write_tar(tmp_path / "train-000000.tar", [_sample(f"g{i}") for i in range(8)])
-    _write_tar(tmp_path / "train-000001.tar", [_sample(f"b{i}", caption=None) for i in range(4)])
+    write_tar(tmp_path / "train-000000.tar", [_sample(f"g{i}") for i in range(8)])
+    write_tar(tmp_path / "train-000001.tar", [_sample(f"b{i}", caption=None) for i in range(4)])
     cfg = cfg_for(
         tmp_path,
         buckets=BucketConfig([Bucket(4, 32, 32, 1)], fps=8),
@@ -243,7 +236,7 @@ def test_latent_shards_are_read_directly_without_unpickling(tmp_path):
     objects = np.array([{"i": f"{i:040d}"} for i in range(128)]).reshape(4, 2, 4, 4)  # the declared shape
     np.save(evil, objects, allow_pickle=True)  # an object array needs pickle
     samples.append({**samples[0], "__key__": "evil", "latent.npy": evil.getvalue()})
-    _write_tar(tmp_path / "train-000000.tar", samples)
+    write_tar(tmp_path / "train-000000.tar", samples)
     loader = build_loader(
         cfg_for(
             tmp_path,
