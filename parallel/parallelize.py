@@ -75,7 +75,11 @@ def _shard(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, bf16: bool, o
     dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
     kwargs: dict = {"mesh": dp_mesh}
     if bf16:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: the diffusion time (0…1000), fps and RoPE tables must reach the
+        # model in fp32 as they do on one GPU (bf16 rounds t=999.3 to 1000); autocast casts the matmuls
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in model.blocks:
