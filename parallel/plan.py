@@ -1,0 +1,581 @@
+"""Will it fit, and how fast: per-GPU memory and a roofline step time for a layout, before a job runs.
+
+Pure arithmetic over :class:`dit.config.DiTConfig` and :mod:`dit.flops` (no process group, no GPU):
+:func:`plan` predicts the peak memory of one GPU by category, the FLOPs and communication bytes of one
+optimizer step, and a step time and MFU from a roofline. ``python -m benchmarks.plan`` is the CLI and
+``benchmarks/plan_validate.py`` checks the memory model against FSDP2's memory tracker and real runs.
+
+Memory (bytes per GPU; P = parameters this rank holds after tensor parallelism, S = dp_shard · cp, the
+FSDP shard degree, replicated over dp_replicate):
+
+- FSDP2 (bf16): fp32 params, grads, Adam m and v, EMA, each sharded: 4 + 4 + 8 + 4 bytes · P / S.
+  Gradients are reduce-scattered every micro-step, so grad_accum adds no unsharded fp32 gradient.
+  ``fsdp_buffers``: the bf16 unsharded weights of the running block and the prefetched next one, the
+  unsharded bf16 gradient of the block in backward and its fp32 copy for the fp32 reduce-scatter
+  (2 + 2 + 2 + 4 bytes per block parameter), plus the root's non-block weights in bf16, which FSDP2
+  keeps unsharded from forward to backward. ``cpu_offload`` moves the sharded states to host memory.
+- DeepSpeed (``torch_autocast``: fp32 module weights, bf16 compute): fp32 params (partitioned at
+  stage 3), fp32 grads (partitioned at stage ≥ 2), Adam m, v partitioned; no separate master copy.
+  Buffers: the reduce bucket (5e8 elements fp32, DeepSpeed's default) at stage ≥ 2, the live gathered
+  parameters (two blocks fp32) at stage 3. Autocast saves the bf16 cast of every weight a linear uses
+  for backward: 2 bytes per block parameter of activations without checkpointing.
+- Activations: what autograd saves in a block under bf16 autocast, term by term (:func:`block_terms`:
+  the residual stream is bf16, LayerNorm and the adaLN ``modulate``/``gate`` arithmetic are fp32, and
+  each of q/k/v (and fc1, gate) saves its own bf16 cast of the fp32 modulated input, since autocast
+  caches only weight casts). Context parallel divides tokens by cp; tensor parallel divides heads
+  and the MLP width by tp and, with sequence parallelism, the residual stream too. ``full`` keeps each
+  block's input; ``every_K`` does that for blocks 0, K, 2K…; ``selective`` keeps the input and the
+  attention outputs with their log-sum-exp. With cp and no sequence parallelism the local chunk is a
+  view of the patch embedding's full-sequence output, which block 0 keeps alive (term ``patch_embed_full``).
+- Temporaries: one block recomputed in backward (checkpointing) plus the backward working set of a
+  block (gradients of its widest tensors), see :func:`_temporaries`.
+
+Time (per GPU, per optimizer step = grad_accum micro-steps):
+
+- Matmuls at :data:`MATMUL_EFF` of the dense bf16 peak (large cuBLAS GEMMs reach 70–85% in
+  microbenchmarks; 0.70 on Hopper/Blackwell, whose peak is harder to reach, 0.80 on A100).
+- Attention at its own efficiency (:data:`ATTENTION_EFF`, forward and backward: SDPA's FlashAttention-2
+  / cuDNN kernels, or FlashAttention-3 with ``attention_backend=flash_attn`` on Hopper); backward counts
+  2× the forward FLOPs, the kernel's recompute of QKᵀ is in its lower efficiency.
+- Element-wise work from HBM bytes (:data:`ELEMENTWISE_BYTES` per token per block, eager PyTorch, no
+  fusion) at :data:`HBM_EFF` of the bandwidth; the optimizer, EMA and clipping likewise.
+- Communication: bytes per GPU over the group's link: NVLink when the group's ranks lie within one node
+  (``gpus_per_node`` consecutive ranks; mesh order dp_replicate, dp_shard, cp, tp with tp innermost),
+  else InfiniBand, at :data:`LINK_EFF`. FSDP's gathers and reduce-scatters overlap compute except the
+  first gather and the last reduce-scatter; Ulysses all-to-alls and tensor-parallel collectives are on
+  the critical path; ring attention's K/V passes overlap its attention.
+
+These are predictions, validated so far only against FSDP2's fake-tensor memory tracker and CPU runs
+(``benchmarks/results/2026-12-01-plan-validation.md``); no GPU has run them. Step times are a roofline
+with stated efficiencies, not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from dit.config import DiTConfig
+from dit.flops import macs_breakdown
+from dit.model import block_axes
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU type. Bandwidths are GB/s (10⁹ bytes) per GPU and direction; HBM in TB/s."""
+
+    name: str
+    memory_gib: float
+    """Device memory as the driver reports it (GiB)."""
+    bf16_tflops: float
+    """Dense bf16 tensor-core peak (no sparsity)."""
+    hbm_tbps: float
+    intra_node_gbps: float
+    """NVLink, per GPU per direction."""
+    inter_node_gbps: float
+    """InfiniBand/RoCE per GPU (one NIC per GPU, as DGX/HGX nodes)."""
+
+
+GPUS: dict[str, GPU] = {
+    "h100": GPU("H100 SXM 80GB", 79.6, 989.0, 3.35, 450.0, 50.0),  # NDR 400 Gb/s per GPU
+    "h200": GPU("H200 SXM 141GB", 140.4, 989.0, 4.8, 450.0, 50.0),
+    "a100": GPU("A100 SXM 80GB", 80.0, 312.0, 2.04, 300.0, 25.0),  # HDR 200 Gb/s per GPU
+    "b200": GPU("B200 HGX 180GB", 179.1, 2250.0, 8.0, 900.0, 50.0),
+}
+
+MATMUL_EFF = {"h100": 0.70, "h200": 0.70, "a100": 0.80, "b200": 0.70}
+# (forward, backward) fraction of peak for attention; key (gpu, attention_backend)
+ATTENTION_EFF = {
+    ("a100", "sdpa"): (0.65, 0.50),
+    ("a100", "flash_attn"): (0.70, 0.55),
+    ("h100", "sdpa"): (0.45, 0.35),
+    ("h100", "flash_attn"): (0.70, 0.50),
+    ("h200", "sdpa"): (0.45, 0.35),
+    ("h200", "flash_attn"): (0.70, 0.50),
+    ("b200", "sdpa"): (0.50, 0.40),
+    ("b200", "flash_attn"): (0.50, 0.40),
+}
+HBM_EFF = 0.7  # unfused eager element-wise kernels
+LINK_EFF = 0.8  # NCCL bus bandwidth over the link's
+OVERHEAD_GIB = 2.5  # CUDA context, NCCL buffers, cuBLAS workspaces: outside the tensor terms
+FRAGMENTATION = 0.08  # fraction of the device the caching allocator may lose to fragmentation
+DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+AC_MODES = "none | full | every_K | selective"
+
+
+def _elementwise_bytes(d: int, f: int, swiglu: bool) -> int:
+    """HBM bytes read + written by the element-wise ops of one block's forward, per token: LayerNorms,
+    modulate/gate in fp32, autocast casts, qk-norm, RoPE in fp32, residual adds, the MLP activation."""
+    return 150 * d + (12 if swiglu else 4) * f
+
+
+ELEMENTWISE_BYTES = _elementwise_bytes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of a layout; their product is the GPU count (mesh order as :mod:`parallel.dims`)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """``"dp_shard=8,cp=8[,tp=2,dp_replicate=2]"``; degrees not named are 1."""
+        names = {f for f in cls.__dataclass_fields__}
+        values: dict[str, int] = {}
+        for part in (p.strip() for p in text.split(",")):
+            m = re.fullmatch(r"(\w+)=(\d+)", part)
+            if not m:
+                raise ValueError(f"layout part {part!r}: expected name=int with name in {sorted(names)}")
+            name, value = m.group(1), int(m.group(2))
+            if name not in names:
+                raise ValueError(f"layout part {part!r}: unknown degree {name!r}; expected {sorted(names)}")
+            if name in values:
+                raise ValueError(f"layout part {part!r}: {name} given twice")
+            if value < 1:
+                raise ValueError(f"layout part {part!r}: {name} must be ≥ 1")
+            values[name] = value
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def checkpoint_blocks(ac: str, depth: int) -> tuple[str, int]:
+    """(kind, number of checkpointed blocks) for an ``ac`` mode; kind is ``none|input|selective``."""
+    if ac == "none":
+        return "none", 0
+    if ac == "full":
+        return "input", depth
+    if ac == "selective":
+        return "selective", depth
+    m = re.fullmatch(r"every_(\d+)", ac)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"ac={ac!r}: expected {AC_MODES} (K ≥ 1)")
+    return "input", math.ceil(depth / int(m.group(1)))  # blocks 0, K, 2K, …
+
+
+_PARAMS: dict[str, dict[str, int]] = {}
+
+
+def param_counts(arch: DiTConfig) -> dict[str, int]:
+    """Parameters: ``total``, per ``block``, and ``block_tp_split`` (the part tensor parallel divides)."""
+    key = repr(arch)
+    if key not in _PARAMS:
+        _PARAMS[key] = _count_params(arch)
+    return _PARAMS[key]
+
+
+def _count_params(arch: DiTConfig) -> dict[str, int]:
+    import torch
+
+    from dit.model import SpacetimeDiT
+
+    with torch.device("meta"):
+        model = SpacetimeDiT(arch)
+    total = sum(p.numel() for p in model.parameters())
+    block = model.blocks[0]
+    in_block = sum(p.numel() for p in block.parameters())
+    # what tensor parallelism splits (parallel.tensor.tp_plan): q/k/v/fc1/gate weight and bias
+    # column-wise, o/fc2 weights row-wise (their biases stay replicated)
+    split = 0
+    for name, p in block.named_parameters():
+        leaf, _, kind = name.rpartition(".")
+        if leaf.split(".")[-1] in ("q", "k", "v", "fc1", "gate") or (
+            leaf.split(".")[-1] in ("o", "fc2") and kind == "weight"
+        ):
+            split += p.numel()
+    return {"total": total, "block": in_block, "block_tp_split": split}
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """How this rank's share of one micro-batch is cut."""
+
+    n: int  # tokens of this rank's cp chunk, all samples of the micro-batch: B·N/cp
+    ns: int  # residual-stream tokens on this rank: n / tp under sequence parallelism, else n
+    l: int  # text tokens of the micro-batch: B·L (0 without text conditioning)
+    tp: int
+    cp_kind: str  # "none", "ulysses" or "ring"
+
+
+def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
+    """Bytes autograd saves in one block's forward under bf16 autocast, by what saves them.
+
+    Args:
+        arch: the architecture.
+        cut: this rank's tokens (see :class:`_Cut`).
+    """
+    n, ns, t, d, f, h = cut.n, cut.ns, cut.tp, arch.hidden_size, arch.ffn_hidden, arch.num_heads
+    qk = arch.qk_norm
+    swiglu = arch.mlp == "swiglu"
+    ln = lambda tokens: 2 * tokens * d + 8 * tokens  # noqa: E731  bf16 input + fp32 mean, rstd
+    terms = {
+        "residual_in": ln(ns),  # norm1's input: the block input (what `full` checkpointing keeps)
+        "modulate_attn": 4 * ns * d,  # fp32 LayerNorm output, saved by the × (1 + scale)
+        "qkv_in": 3 * 2 * n * d,  # one bf16 cast each (gathered over tp under sequence parallelism)
+        "qk_norm": (2 * 2 * n * d + 2 * 4 * n * h) // t if qk else 0,  # RMSNorm input + rstd
+        "attn_qkv_out": (4 * 2 * n * d + 4 * n * h) // t,  # the kernel's q, k, v, output, fp32 LSE
+        "ulysses_out": 2 * n * d // t if cut.cp_kind == "ulysses" else 0,  # o's input: all-to-all result
+        "gate_attn": 4 * ns * d,  # fp32 attention output, saved by × gate
+    }
+    if arch.conditioning == "text":
+        terms |= {
+            "cross_norm_in": ln(ns),
+            "cross_q_in": 2 * n * d,
+            "cross_q_norm": (2 * n * d + 4 * n * h) // t if qk else 0,
+            "cross_attn_q_out": (2 * 2 * n * d + 4 * n * h) // t,
+            "cross_kv": (3 if qk else 2) * 2 * cut.l * d // t,
+            "cross_o_in": 2 * n * d // t,  # output × has-caption mask, a new tensor
+        }
+    terms |= {
+        "mlp_norm_in": ln(ns),
+        "modulate_mlp": 4 * ns * d,
+        "mlp_in": (2 if swiglu else 1) * 2 * n * d,
+        "mlp_hidden": (8 if swiglu else 4) * n * f // t,  # gelu input + fc2 input (SwiGLU: four)
+        "gate_mlp": 4 * ns * d,
+    }
+    return terms
+
+
+def selective_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
+    """What ``selective`` checkpointing keeps of a block: its input and each attention's output + LSE."""
+    n, t, d, h = cut.n, cut.tp, arch.hidden_size, arch.num_heads
+    kept = {"residual_in": 2 * cut.ns * d, "attn_out": (2 * n * d + 4 * n * h) // t}
+    if arch.conditioning == "text":
+        kept["cross_attn_out"] = (2 * n * d + 4 * n * h) // t
+    return kept
+
+
+def outside_terms(arch: DiTConfig, cut: _Cut, batch: int, tokens: int, cp: int, sp: bool) -> dict[str, int]:
+    """Saved bytes outside the blocks: the full-sequence patch embedding kept alive by block 0's
+    chunk view (cp without sequence parallelism), the final layer, the caption projection, the loss."""
+    n, d = cut.n, arch.hidden_size
+    out_ch = arch.patch_volume * arch.out_ch
+    return {
+        "patch_embed_full": 2 * batch * tokens * d - 2 * n * d if cp > 1 and not sp else 0,
+        "final_layer": 2 * n * d + 8 * n + 4 * n * d + 2 * n * d,
+        "text_proj": cut.l * (2 * arch.text_dim + 2 * 2 * d) if arch.conditioning == "text" else 0,
+        "loss": batch * tokens * out_ch * (2 + 4),  # gathered bf16 prediction, fp32 difference
+    }
+
+
+def activation_bytes(arch: DiTConfig, cut: _Cut, ac: str, outside: dict[str, int]) -> dict[str, int]:
+    """Saved activations at the end of forward (``saved``) and the extra peak of a block's backward
+    (``recompute``: the block recomputed under checkpointing; ``working``: its gradient buffers)."""
+    kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
+    full = block_terms(arch, cut)
+    per_block = sum(full.values())
+    kept = {"none": per_block, "input": 2 * cut.ns * arch.hidden_size}
+    kept["selective"] = sum(selective_terms(arch, cut).values())
+    saved = n_ckpt * kept[kind] + (arch.depth - n_ckpt) * per_block + sum(outside.values())
+    n, t, d, f = cut.n, cut.tp, arch.hidden_size, arch.ffn_hidden
+    working = 2 * 2 * n * f // t + 3 * 4 * cut.ns * d  # grads of the MLP hidden pair, fp32 residual grads
+    if cut.cp_kind == "ulysses":
+        working += 3 * 2 * n * d // t  # all-to-all chunks, outputs and their concatenation
+    elif cut.cp_kind == "ring":
+        working += (2 * 2 * 2 + 2 * 4) * n * d // t  # K/V send + receive blocks, fp32 dK/dV accumulators
+    recompute = per_block - kept[kind] if n_ckpt else 0
+    return {"saved": saved, "per_block": per_block, "recompute": recompute, "working": working}
+
+
+def state_bytes(
+    arch: DiTConfig, layout: Layout, engine: str, zero_stage: int, ema: bool, offload: bool
+) -> dict[str, int]:
+    """Per-GPU bytes of parameters, gradients, optimizer state, EMA and the sharding engine's buffers
+    (see the module docstring), and ``host`` bytes moved off the GPU by ``offload``."""
+    pc = param_counts(arch)
+    t = layout.tp
+    block = pc["block"] - pc["block_tp_split"] * (t - 1) // t  # one block's parameters on this tp rank
+    root = pc["total"] - arch.depth * pc["block"]  # embeddings, final layer: replicated over tp
+    local = arch.depth * block + root
+    s = layout.dp_shard * layout.cp  # what FSDP / ZeRO shard over
+    if engine == "fsdp" and layout.dp_replicate * s > 1:
+        sharded = 4 * local // s
+        out = {"params": sharded, "grads": sharded, "optimizer": 2 * sharded, "ema": sharded if ema else 0}
+        out["fsdp_buffers"] = (2 + 2 + 2 + 4) * block + 2 * root
+        out["weight_casts"] = 0  # FSDP's mixed precision hands bf16 weights to autocast: no casts saved
+    else:  # DeepSpeed, or one FSDP rank (plain fp32 module under autocast)
+        z = s if engine == "deepspeed" else 1
+        stage = zero_stage if engine == "deepspeed" else 0
+        out = {
+            "params": 4 * local // (z if stage >= 3 else 1),
+            "grads": 4 * local // (z if stage >= 2 else 1),
+            "optimizer": 8 * local // z,
+            "ema": (4 * local // (z if stage >= 3 else 1)) if ema else 0,
+        }
+        bucket = 4 * min(DS_BUCKET, local) if stage >= 2 else 0
+        out["fsdp_buffers"] = bucket + (2 * 4 * block if stage >= 3 else 0)
+        out["weight_casts"] = 2 * block  # autocast's bf16 copy of each weight, saved for backward
+    host = 0
+    if offload:  # FSDP2 CPUOffloadPolicy: all sharded states; DeepSpeed ZeRO-Offload: the optimizer
+        moved = ("params", "grads", "optimizer", "ema") if engine == "fsdp" else ("optimizer",)
+        host = sum(out[k] for k in moved)
+        out |= {k: 0 for k in moved}
+    return out | {"host": host, "local_params": local, "block_params": block, "root_params": root}
+
+
+def _span_bw(gpu: GPU, span: int, gpus_per_node: int) -> float:
+    """Bytes/s per GPU for a group over ``span`` consecutive ranks."""
+    return 1e9 * LINK_EFF * (gpu.intra_node_gbps if span <= gpus_per_node else gpu.inter_node_gbps)
+
+
+def comm_bytes(
+    arch: DiTConfig, layout: Layout, cut: _Cut, states: dict, engine: str, zero_stage: int, ac: str
+) -> dict[str, float]:
+    """Bytes one GPU sends per micro-step, by kind (``fsdp``, ``hsdp``, ``cp``, ``tp``); ``fsdp_edge``
+    is the part that cannot overlap (the first gather and the last reduce-scatter)."""
+    s, r, p, t = layout.dp_shard * layout.cp, layout.dp_replicate, layout.cp, layout.tp
+    local, block, root = states["local_params"], states["block_params"], states["root_params"]
+    frac = (s - 1) / s
+    if engine == "fsdp":
+        # gather bf16 (forward, again for backward except the root), reduce-scatter fp32
+        fsdp = frac * (2 * local + 2 * (local - root) + 4 * local) if s > 1 else 0.0
+        edge = frac * (2 * (root + block) + 4 * block) if s > 1 else 0.0
+    else:
+        gathers = 2 if zero_stage >= 3 else 0  # fp32 module weights, forward and backward
+        fsdp = frac * 4 * local * (gathers + 1) + (frac * 4 * local if zero_stage < 3 else 0)
+        edge = frac * 4 * (block if zero_stage >= 3 else local)  # stage 1/2 gather after the step
+    hsdp = 2 * 4 * (local / s) * (r - 1) / r if engine == "fsdp" else 0.0
+    kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
+    rc = n_ckpt / arch.depth  # fraction of blocks whose forward runs again in backward
+    chunk = cut.n * arch.hidden_size // t  # elements of one rank's q (or k, v, out)
+    n_cp_blocks = sum(axis != "space" for axis in block_axes(arch))
+    if cut.cp_kind == "ulysses":  # benchmarks.comm_volume.attention_comm_bytes, bf16
+        fwd = 4 * (p - 1) * (chunk // p) * 2
+        cp = n_cp_blocks * fwd * (2 + (rc if kind == "input" else 0.75 * rc))
+    elif cut.cp_kind == "ring":
+        fwd = 2 * (p - 1) * chunk * 2
+        cp = n_cp_blocks * (2 * fwd + 2 * p * chunk * 4 + (fwd * rc if kind == "input" else 0))
+    else:
+        cp = 0.0
+    # tensor parallel, per sub-layer: all-gather of the fp32 modulated input and reduce-scatter of the
+    # bf16 output (or their all-reduce without sequence parallelism), the reverse in backward
+    sub = 3 if arch.conditioning == "text" else 2
+    tp = arch.depth * sub * (t - 1) / t * cut.n * arch.hidden_size * (12 + 6 * rc) if t > 1 else 0.0
+    return {"fsdp": fsdp, "hsdp": hsdp, "cp": cp, "tp": tp, "fsdp_edge": edge}
+
+
+def flops(
+    arch: DiTConfig, tokens_thw: tuple[int, int, int], batch: int, text_len: int, layout: Layout, ac: str
+):
+    """Per-GPU FLOPs of one micro-step: ``model`` (6 × forward MACs × 2 of this GPU's share of the
+    global batch, what MFU credits) and the hardware work by kind (``matmul``, ``attention_fwd``,
+    ``attention_bwd``), which counts replicated embedding work and checkpoint recomputation."""
+    parts = macs_breakdown(arch, *tokens_thw, batch=batch, text_len=text_len)
+    cp, t = layout.cp, layout.tp
+    l = text_len if arch.conditioning == "text" else 0
+    d = arch.hidden_size
+    text_kv = arch.depth * 2 * l * d * d * batch  # cross-attention k/v of the caption: every cp rank
+    block_mm = (parts["attn_proj"] + parts["mlp"] + parts["cross_attn_proj"] - text_kv) / (
+        cp * t
+    ) + text_kv / t
+    attn = (parts["attn_scores_values"] + parts["cross_attn_scores_values"]) / (cp * t)
+    replicated = sum(
+        parts[k] for k in ("patch_embed", "timestep_embed", "fps_embed", "text_proj", "modulation")
+    )
+    other = replicated + parts["final_linear"] / cp
+    kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
+    rc = n_ckpt / arch.depth
+    recompute_mm = rc * block_mm if kind != "none" else 0.0
+    recompute_attn = rc * attn if kind == "input" else 0.0
+    return {
+        "model": 6 * sum(parts.values()) / (cp * t),
+        "matmul": 2 * (3 * (block_mm + other) + recompute_mm),
+        "attention_fwd": 2 * (attn + recompute_attn),
+        "attention_bwd": 2 * 2 * attn,
+    }
+
+
+def _check(
+    arch: DiTConfig,
+    thw: tuple[int, int, int],
+    layout: Layout,
+    gpu: str,
+    engine: str,
+    zero_stage: int,
+    batch: int,
+    grad_accum: int,
+) -> int:
+    """Raise naming the argument for what cannot run; returns the tokens per sample."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu={gpu!r}: expected one of {sorted(GPUS)}")
+    if engine not in ("fsdp", "deepspeed"):
+        raise ValueError(f"engine={engine!r}: expected 'fsdp' or 'deepspeed'")
+    if engine == "deepspeed" and zero_stage not in (1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage}: expected 1, 2 or 3")
+    if engine == "deepspeed" and layout.dp_replicate > 1:
+        raise ValueError("layout dp_replicate > 1 needs engine=fsdp (DeepSpeed shards over dp_shard·cp)")
+    if batch < 1 or grad_accum < 1:
+        raise ValueError(f"batch={batch} and grad_accum={grad_accum} must be ≥ 1")
+    for name, v, p in zip(("frames", "height", "width"), thw, arch.patch_size, strict=True):
+        if v < 1 or v % p:
+            raise ValueError(f"{name}={v} (latent) is not a positive multiple of the patch size {p}")
+    if arch.num_heads % layout.tp or arch.ffn_hidden % layout.tp:
+        raise ValueError(f"layout tp={layout.tp} must divide num_heads={arch.num_heads} and the MLP width")
+    tokens = math.prod(v // p for v, p in zip(thw, arch.patch_size, strict=True))
+    if tokens % layout.cp:
+        raise ValueError(f"layout cp={layout.cp} must divide the {tokens} tokens of a sample")
+    if arch.attention_layout == "factorized" and (thw[0] // arch.patch_size[0]) % layout.cp:
+        raise ValueError(f"layout cp={layout.cp} must divide the latent frames (factorized attention)")
+    return tokens
+
+
+def plan(
+    arch: DiTConfig,
+    frames: int,
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    text_len: int = 512,
+    gpu: str = "h100",
+    layout: Layout = Layout(),
+    ac: str = "none",
+    grad_accum: int = 1,
+    engine: str = "fsdp",
+    zero_stage: int = 2,
+    ema: bool = True,
+    cpu_offload: bool = False,
+    gpus_per_node: int = 8,
+    sequence_parallel: bool = True,
+) -> dict:
+    """Predict one GPU's peak memory, and the step time and MFU, of a training job.
+
+    Args:
+        arch: the architecture.
+        frames, height, width: LATENT T, H, W (as :mod:`dit.flops`).
+        batch: samples per data-parallel rank per micro-step.
+        text_len: caption tokens.
+        gpu: a key of :data:`GPUS`.
+        layout: degrees; their product is the GPU count.
+        ac: activation checkpointing, ``none | full | every_K | selective``.
+        grad_accum: micro-steps per optimizer step.
+        engine, zero_stage: ``fsdp`` or ``deepspeed`` (ZeRO stage 1–3).
+        ema: an fp32 EMA of the weights is kept (sharded like them).
+        cpu_offload: FSDP2 CPU offload of the sharded states / DeepSpeed optimizer offload.
+        gpus_per_node: consecutive ranks sharing NVLink.
+        sequence_parallel: with tp > 1 on FSDP, cut the residual stream over tp too.
+
+    Returns:
+        A JSON-serialisable dict (see ``plan_api`` in the module docstring): ``memory_gib``,
+        ``capacity_gib``, ``fits``, ``memory_breakdown_gib``, ``tokens``, ``flops``, ``comm_bytes``,
+        ``step_s``, ``mfu``, ``time_breakdown_s``, ``layout`` and the details behind them.
+    """
+    thw = (frames, height, width)
+    tokens = _check(arch, thw, layout, gpu, engine, zero_stage, batch, grad_accum)
+    checkpoint_blocks(ac, arch.depth)
+    g = GPUS[gpu]
+    sp = sequence_parallel and layout.tp > 1 and engine == "fsdp"
+    local_heads = arch.num_heads // layout.tp
+    cp_kind = "none" if layout.cp == 1 else ("ulysses" if local_heads % layout.cp == 0 else "ring")
+    l = batch * text_len if arch.conditioning == "text" else 0
+    n = batch * tokens // layout.cp
+    cut = _Cut(n=n, ns=n // layout.tp if sp else n, l=l, tp=layout.tp, cp_kind=cp_kind)
+    states = state_bytes(arch, layout, engine, zero_stage, ema, cpu_offload)
+    outside = outside_terms(arch, cut, batch, tokens, layout.cp, sp)
+    act = activation_bytes(arch, cut, ac, outside)
+    casts = states["weight_casts"]
+    saved = act["saved"] + (casts * arch.depth if ac == "none" else 0)
+    temporaries = act["recompute"] + act["working"] + (casts if ac != "none" else 0)
+    mem = {k: states[k] for k in ("params", "grads", "optimizer", "ema")}
+    mem |= {"activations": saved, "fsdp_buffers": states["fsdp_buffers"], "temporaries": temporaries}
+    total = sum(mem.values())
+    usable = g.memory_gib * (1 - FRAGMENTATION) - OVERHEAD_GIB
+    fl = flops(arch, thw, batch, text_len, layout, ac)
+    comm = comm_bytes(arch, layout, cut, states, engine, zero_stage, ac)
+    times = _times(arch, g, gpu, layout, cut, fl, comm, states, ac, gpus_per_node, engine)
+    step = grad_accum * times["micro_step"] + times["optimizer"]
+    model_flops = grad_accum * fl["model"]
+    hw = grad_accum * (fl["matmul"] + fl["attention_fwd"] + fl["attention_bwd"])
+    breakdown = {k: grad_accum * times[k] for k in ("attention", "matmuls", "elementwise", "communication")}
+    breakdown["elementwise"] += times["optimizer"]
+    return {
+        "memory_gib": total / GIB,
+        "capacity_gib": g.memory_gib,
+        "usable_gib": usable,
+        "fits": total / GIB <= usable,
+        "memory_breakdown_gib": {k: v / GIB for k, v in mem.items()},
+        "host_memory_gib": states["host"] / GIB,
+        "activation_detail_gib": {
+            "per_block_uncheckpointed": act["per_block"] / GIB,
+            "recompute": act["recompute"] / GIB,
+            "backward_working": act["working"] / GIB,
+            **{f"outside_{k}": v / GIB for k, v in outside.items()},
+        },
+        "tokens": {"per_sample": tokens, "per_gpu_micro_step": n, "text_len": text_len},
+        "params": {"total": param_counts(arch)["total"], "per_gpu_unsharded": states["local_params"]},
+        "flops": {"model_per_step": model_flops, "hardware_per_step": hw},
+        "comm_bytes": {k: grad_accum * comm[k] for k in ("fsdp", "cp", "tp")}
+        | {"hsdp": grad_accum * comm["hsdp"]},
+        "step_s": step,
+        "mfu": model_flops / (step * g.bf16_tflops * 1e12),
+        "time_breakdown_s": breakdown,
+        "layout": asdict(layout) | {"world": layout.world, "cp_kind": cp_kind, "sequence_parallel": sp},
+        "settings": {
+            "gpu": gpu,
+            "ac": ac,
+            "grad_accum": grad_accum,
+            "engine": engine,
+            "batch": batch,
+            "zero_stage": zero_stage if engine == "deepspeed" else None,
+            "ema": ema,
+            "cpu_offload": cpu_offload,
+            "gpus_per_node": gpus_per_node,
+        },
+    }
+
+
+def _times(
+    arch,
+    g: GPU,
+    gpu: str,
+    layout: Layout,
+    cut: _Cut,
+    fl: dict,
+    comm: dict,
+    states: dict,
+    ac: str,
+    gpus_per_node: int,
+    engine: str,
+) -> dict[str, float]:
+    """Roofline seconds of one micro-step by kind (exposed communication only) and of the optimizer."""
+    peak = g.bf16_tflops * 1e12
+    eff_f, eff_b = ATTENTION_EFF[(gpu, "flash_attn" if arch.attention_backend == "flash_attn" else "sdpa")]
+    matmuls = fl["matmul"] / (peak * MATMUL_EFF[gpu])
+    attention = fl["attention_fwd"] / (peak * eff_f) + fl["attention_bwd"] / (peak * eff_b)
+    kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
+    passes = 3 + (n_ckpt / arch.depth if kind != "none" else 0)  # forward, backward (2×), recompute
+    ew = arch.depth * cut.ns * _elementwise_bytes(arch.hidden_size, arch.ffn_hidden, arch.mlp == "swiglu")
+    elementwise = passes * ew / (g.hbm_tbps * 1e12 * HBM_EFF)
+    compute = matmuls + attention + elementwise
+    t = layout.tp
+    fsdp_bw = _span_bw(g, layout.dp_shard * layout.cp * t, gpus_per_node)
+    fsdp_total = comm["fsdp"] / fsdp_bw
+    edge = comm["fsdp_edge"] / fsdp_bw
+    exposed = edge + max(0.0, fsdp_total - edge - compute)
+    exposed += max(0.0, comm["hsdp"] / _span_bw(g, layout.world, gpus_per_node) - compute)
+    cp_s = comm["cp"] / _span_bw(g, layout.cp * t, gpus_per_node)
+    exposed += cp_s if cut.cp_kind == "ulysses" else max(0.0, cp_s - attention)
+    exposed += comm["tp"] / _span_bw(g, t, gpus_per_node)
+    # fused AdamW (p, g, m, v read; p, m, v written), EMA lerp, clipping: fp32 on the local shard
+    shard = (states["params"] + states["grads"]) / 8 if states["params"] else 0
+    optimizer = 52 * shard / (g.hbm_tbps * 1e12 * HBM_EFF)
+    return {
+        "attention": attention,
+        "matmuls": matmuls,
+        "elementwise": elementwise,
+        "communication": exposed,
+        "micro_step": compute + exposed,
+        "optimizer": optimizer,
+    }
