@@ -210,21 +210,26 @@ class _Cut:
 
 
 def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
-    """Bytes autograd saves in one block's forward under bf16 autocast, by what saves them.
+    """Bytes autograd saves in one block's forward under bf16 autocast on CUDA, by what saves them.
+
+    The residual stream is fp32 (:class:`dit.model.DiTBlock`); LayerNorm and RMSNorm run in fp32
+    (CUDA autocast's fp32 list; RMSNorm's fused kernel saves its fp32 input and rstd); ``modulate``
+    saves its fp32 LayerNorm output and hands one bf16 copy to q, k and v; ``gated_residual`` saves the
+    sub-layer output in fp32.
 
     Args:
         arch: the architecture.
         cut: this rank's tokens (see :class:`_Cut`).
     """
-    n, ns, t, d, f, h = cut.n, cut.ns, cut.tp, arch.hidden_size, arch.ffn_hidden, arch.num_heads
+    n, ns, l, t = cut.n, cut.ns, cut.l, cut.tp
+    d, f, h = arch.hidden_size, arch.ffn_hidden, arch.num_heads
     qk = arch.qk_norm
-    swiglu = arch.mlp == "swiglu"
-    ln = lambda tokens: 2 * tokens * d + 8 * tokens  # noqa: E731  bf16 input + fp32 mean, rstd
+    ln = lambda tokens: 4 * tokens * d + 8 * tokens  # noqa: E731  fp32 input + fp32 mean, rstd
     terms = {
         "residual_in": ln(ns),  # norm1's input: the block input (what `full` checkpointing keeps)
         "modulate_attn": 4 * ns * d,  # fp32 LayerNorm output, saved by the × (1 + scale)
-        "qkv_in": 3 * 2 * n * d,  # one bf16 cast each (gathered over tp under sequence parallelism)
-        "qk_norm": (2 * 2 * n * d + 2 * 4 * n * h) // t if qk else 0,  # RMSNorm input + rstd
+        "qkv_in": 2 * n * d,  # the bf16 modulated input (all-gathered over tp under sequence parallelism)
+        "qk_norm": 2 * (4 * n * d + 4 * n * h) // t if qk else 0,  # fp32 RMSNorm inputs + rstd
         "attn_qkv_out": (4 * 2 * n * d + 4 * n * h) // t,  # the kernel's q, k, v, output, fp32 LSE
         "ulysses_out": 2 * n * d // t if cut.cp_kind == "ulysses" else 0,  # o's input: all-to-all result
         "gate_attn": 4 * ns * d,  # fp32 attention output, saved by × gate
@@ -233,16 +238,16 @@ def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
         terms |= {
             "cross_norm_in": ln(ns),
             "cross_q_in": 2 * n * d,
-            "cross_q_norm": (2 * n * d + 4 * n * h) // t if qk else 0,
+            "cross_q_norm": (4 * n * d + 4 * n * h) // t if qk else 0,
             "cross_attn_q_out": (2 * 2 * n * d + 4 * n * h) // t,
-            "cross_kv": (3 if qk else 2) * 2 * cut.l * d // t,
+            "cross_kv": ((4 * l * d + 4 * l * h if qk else 0) + 2 * 2 * l * d) // t,
             "cross_o_in": 2 * n * d // t,  # output × has-caption mask, a new tensor
         }
     terms |= {
         "mlp_norm_in": ln(ns),
         "modulate_mlp": 4 * ns * d,
-        "mlp_in": (2 if swiglu else 1) * 2 * n * d,
-        "mlp_hidden": (8 if swiglu else 4) * n * f // t,  # gelu input + fc2 input (SwiGLU: four)
+        "mlp_in": 2 * n * d,
+        "mlp_hidden": (8 if arch.mlp == "swiglu" else 4) * n * f // t,  # gelu in + fc2 in (SwiGLU: four)
         "gate_mlp": 4 * ns * d,
     }
     return terms
@@ -251,22 +256,25 @@ def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
 def selective_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
     """What ``selective`` checkpointing keeps of a block: its input and each attention's output + LSE."""
     n, t, d, h = cut.n, cut.tp, arch.hidden_size, arch.num_heads
-    kept = {"residual_in": 2 * cut.ns * d, "attn_out": (2 * n * d + 4 * n * h) // t}
+    kept = {"residual_in": 4 * cut.ns * d, "attn_out": (2 * n * d + 4 * n * h) // t}
     if arch.conditioning == "text":
         kept["cross_attn_out"] = (2 * n * d + 4 * n * h) // t
     return kept
 
 
-def outside_terms(arch: DiTConfig, cut: _Cut, batch: int, tokens: int, cp: int, sp: bool) -> dict[str, int]:
-    """Saved bytes outside the blocks: the full-sequence patch embedding kept alive by block 0's
-    chunk view (cp without sequence parallelism), the final layer, the caption projection, the loss."""
+def outside_terms(arch: DiTConfig, cut: _Cut, batch: int, tokens: int) -> dict[str, int]:
+    """Saved bytes outside the blocks: the patch embedding's input (full sequence on every cp rank),
+    the RoPE tables (full sequence: a rank's are a view), the caption projection and its output (shared
+    by every block's k/v), the final layer in fp32 on the cp chunk, the loss."""
     n, d = cut.n, arch.hidden_size
     out_ch = arch.patch_volume * arch.out_ch
+    in_ch = (arch.in_channels + arch.cond_channels) * arch.patch_volume
     return {
-        "patch_embed_full": 2 * batch * tokens * d - 2 * n * d if cp > 1 and not sp else 0,
-        "final_layer": 2 * n * d + 8 * n + 4 * n * d + 2 * n * d,
-        "text_proj": cut.l * (2 * arch.text_dim + 2 * 2 * d) if arch.conditioning == "text" else 0,
-        "loss": batch * tokens * out_ch * (2 + 4),  # gathered bf16 prediction, fp32 difference
+        "patch_embed_in": 2 * batch * tokens * in_ch,
+        "rope": 4 * tokens * arch.head_dim if arch.pos_embed == "rope3d" else 0,
+        "text_proj": cut.l * (2 * arch.text_dim + 6 * d) if arch.conditioning == "text" else 0,
+        "final_layer": 12 * n * d + 8 * n,  # fp32 norm input, modulate input, linear input
+        "loss": batch * tokens * out_ch * (4 + 4),  # gathered fp32 prediction, fp32 difference
     }
 
 
@@ -276,7 +284,7 @@ def activation_bytes(arch: DiTConfig, cut: _Cut, ac: str, outside: dict[str, int
     kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
     full = block_terms(arch, cut)
     per_block = sum(full.values())
-    kept = {"none": per_block, "input": 2 * cut.ns * arch.hidden_size}
+    kept = {"none": per_block, "input": 4 * cut.ns * arch.hidden_size}
     kept["selective"] = sum(selective_terms(arch, cut).values())
     saved = n_ckpt * kept[kind] + (arch.depth - n_ckpt) * per_block + sum(outside.values())
     n, t, d, f = cut.n, cut.tp, arch.hidden_size, arch.ffn_hidden
@@ -483,7 +491,7 @@ def plan(
     n = batch * tokens // layout.cp
     cut = _Cut(n=n, ns=n // layout.tp if sp else n, l=l, tp=layout.tp, cp_kind=cp_kind)
     states = state_bytes(arch, layout, engine, zero_stage, ema, cpu_offload)
-    outside = outside_terms(arch, cut, batch, tokens, layout.cp, sp)
+    outside = outside_terms(arch, cut, batch, tokens)
     act = activation_bytes(arch, cut, ac, outside)
     casts = states["weight_casts"]
     saved = act["saved"] + (casts * arch.depth if ac == "none" else 0)
@@ -511,6 +519,7 @@ def plan(
             "per_block_uncheckpointed": act["per_block"] / GIB,
             "recompute": act["recompute"] / GIB,
             "backward_working": act["working"] / GIB,
+            "weight_casts": (casts * arch.depth if ac == "none" else 0) / GIB,
             **{f"outside_{k}": v / GIB for k, v in outside.items()},
         },
         "tokens": {"per_sample": tokens, "per_gpu_micro_step": n, "text_len": text_len},
