@@ -4,6 +4,13 @@ Each is an autograd Function whose backward is the matching collective, plus a o
 group of one is the identity, so single-process code paths stay free of communication). Each is
 tested against a single-process reference in ``tests/parallel/test_collectives.py``.
 
+They communicate through torch's functional collectives (``torch.distributed._functional_collectives``:
+ops that return a new tensor instead of filling one in place), which dynamo traces: a
+``torch.compile``d block that calls them stays one graph (tested with ``fullgraph=True``). The
+all-to-all needs no Function of its own: the functional ``all_to_all_single`` has its backward (the
+all-to-all with the split sizes swapped) registered. :func:`ring_shift` stays point-to-point (ring
+attention runs outside the compiled graph, see :mod:`parallel.ring`).
+
 Convention for sequence (context) parallelism: activations are split by plain slicing, whose backward
 pads the gradient with zeros. Each rank's parameter gradients are therefore *partial* (its own tokens'
 contribution), and the data-parallel reduction, which includes the cp ranks, sums them.
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -34,10 +42,13 @@ def local_chunk(x: Tensor, dim: int, group: dist.ProcessGroup | None) -> Tensor:
     return x.chunk(n, dim=dim)[group_rank(group)]
 
 
+def _waited(t: Tensor) -> Tensor:
+    # eager functional collectives return a tensor that waits on first use; a plain one leaves the Function
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
 def _all_gather(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return _waited(funcol.all_gather_single(x.contiguous(), dim, group))  # chunks in rank order along dim
 
 
 class _GatherSlice(torch.autograd.Function):
@@ -95,9 +106,7 @@ class _SumGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _waited(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
 
 
 def sum_grad(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -109,35 +118,27 @@ def sum_grad(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return _SumGrad.apply(x, group)
 
 
-def _all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> Tensor:
-    n = dist.get_world_size(group)
-    inputs = [c.contiguous() for c in x.chunk(n, dim=scatter_dim)]
-    outputs = [torch.empty_like(c) for c in inputs]
-    dist.all_to_all(outputs, inputs, group=group)
-    return torch.cat(outputs, dim=gather_dim)
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> Tensor:
-        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
-        return _all_to_all(x, scatter_dim, gather_dim, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
-
-
 def all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup | None) -> Tensor:
     """Split ``x`` along ``scatter_dim`` over the ranks and concatenate what arrives along ``gather_dim``
-    (Ulysses: B×N/P×H×Dh → B×N×H/P×Dh with scatter 2, gather 1). Backward: the inverse all-to-all."""
-    if group_size(group) == 1:
+    (Ulysses: B×N/P×H×Dh → B×N×H/P×Dh with scatter 2, gather 1). Backward: the inverse all-to-all.
+
+    One functional ``all_to_all_single`` (a traceable op with its own backward, the all-to-all with the
+    split sizes swapped), so ``torch.compile`` keeps a block that calls it in one graph.
+    """
+    n = group_size(group)
+    if n == 1:
         return x
-    n = dist.get_world_size(group)
     if x.shape[scatter_dim] % n:
         raise ValueError(f"all_to_all: size {x.shape[scatter_dim]} (dim {scatter_dim}) not divisible by {n}")
-    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+    scatter_dim, gather_dim = scatter_dim % x.ndim, gather_dim % x.ndim
+    send = x.movedim(scatter_dim, 0).contiguous()  # S, <other dims>: rows i·S/n… go to rank i
+    recv = funcol.all_to_all_single_autograd(send, None, None, group)  # rows j·S/n… came from rank j
+    recv = recv.reshape(n, send.shape[0] // n, *send.shape[1:])  # n, S/n, <other dims>
+    recv = recv.movedim(1, scatter_dim + 1).movedim(0, gather_dim)  # x's dims, n just before gather_dim
+    shape = list(x.shape)
+    shape[scatter_dim] //= n
+    shape[gather_dim] *= n
+    return recv.reshape(shape)  # the n received chunks concatenated along gather_dim, rank order
 
 
 def ring_shift(x: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -1,7 +1,8 @@
 """Each collective and distributed attention against the same computation in one process.
 
 Every rank builds the full inputs from one seed, computes the single-process reference itself, runs
-the distributed version on its own chunk, and reports the worst error over all ranks.
+the distributed version on its own chunk, and reports the worst error over all ranks. Yes/no checks
+report 0 (holds) or 1 (fails) the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dit.attention import AttentionCore, attention
 from parallel.collectives import all_to_all, gather_replicated, local_chunk, split_full_grad, sum_grad
 from parallel.context import RingAttention, UlyssesAttention
 from tests.parallel.group import serve
+from tests.parallel.op_recorder import OpRecorder
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,6 +34,60 @@ def _attention_check(core_fn, group) -> float:
     errs = [_err(out, local_chunk(ref.detach(), 1, group))]
     errs += [_err(p.grad, local_chunk(t.grad, 1, group)) for p, t in zip(parts, (q, k, v), strict=True)]
     return max(errs)
+
+
+def _ring_autocast(group) -> dict[str, float]:
+    """Ring attention under CPU autocast (bf16, standing in for CUDA's) and single-device SDPA under
+    the same autocast, each against fp32 full attention (output and q/k/v gradients); the ring's
+    output bf16, its merge and gradient sums fp32, no B×H×Nq×Nk tensor."""
+    n, per = dist.get_world_size(group), 32  # tokens per rank; head dim 8, so scores would be 4x out
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, per * n, 4, 8, generator=g, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, per * n, 4, 8, generator=g)
+    ref = attention(q, k, v)
+    want = [ref.detach(), *torch.autograd.grad((ref * w).sum(), (q, k, v))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sdpa = attention(q, k, v)
+    sdpa_errs = [
+        _err(a.float(), b)
+        for a, b in zip(
+            [sdpa.detach(), *torch.autograd.grad(sdpa, (q, k, v), w.to(sdpa.dtype))], want, strict=True
+        )
+    ]
+    parts = [local_chunk(t.detach(), 1, group).requires_grad_() for t in (q, k, v)]
+    with OpRecorder() as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = RingAttention(group)(*parts)
+        grads = torch.autograd.grad(out, parts, local_chunk(w, 1, group).to(out.dtype))
+    got = [out.detach().float(), *grads]
+    return {
+        "ring_autocast": max(_err(a, local_chunk(b, 1, group)) for a, b in zip(got, want, strict=True)),
+        "sdpa_autocast": max(sdpa_errs),
+        "ring_autocast_bf16_out": float(out.dtype != torch.bfloat16),
+        "ring_autocast_fp32_sums": float(rec.accumulator_dtypes() != {torch.float32}),
+        "ring_autocast_no_scores": float(rec.largest() >= 2 * 4 * per * per),
+    }
+
+
+def _compiled(group) -> dict[str, float]:
+    """``torch.compile(fullgraph=True)`` (raises at any graph break) of Ulysses attention followed by
+    the other named collectives, forward and backward, against eager. aot_eager: dynamo and AOT
+    autograd, the parts a graph break comes from, without inductor's C++ build."""
+    core = UlyssesAttention(AttentionCore("sdpa"), group)
+
+    def f(q, k, v):
+        out = core(q, k, v)  # B, N/P, H, Dh
+        return sum_grad(split_full_grad(gather_replicated(out, 1, group), 1, group), group)
+
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(2, 8, 4, 8, generator=g) for _ in range(3)]
+    w = torch.randn(2, 8, 4, 8, generator=g)
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*xs)
+        results.append([out.detach(), *torch.autograd.grad((out * w).sum(), xs)])
+    return {"compiled_fullgraph": max(_err(c, e) for e, c in zip(*results, strict=True))}
 
 
 def checks(group) -> dict[str, float]:
@@ -70,6 +126,9 @@ def checks(group) -> dict[str, float]:
 
     out["ulysses"] = _attention_check(UlyssesAttention(AttentionCore("sdpa"), group), group)
     out["ring"] = _attention_check(RingAttention(group), group)
+    out.update(_ring_autocast(group))
+    if n == 2:  # one world size is enough for the graph, and compiling costs seconds
+        out.update(_compiled(group))
     return out
 
 

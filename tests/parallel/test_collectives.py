@@ -1,4 +1,5 @@
-"""The named collectives and distributed attention cores against one process (gloo, 2 and 4 ranks)."""
+"""The named collectives and distributed attention cores against one process (gloo, 2 and 4 ranks),
+ring attention under (CPU) autocast, and Ulysses compiled into one graph."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ CHECKS = [
 ]
 
 
+# yes/no checks (0 = holds): the ring's output is in autocast's dtype, its merge and gradient sums in
+# fp32, and no op made a B×H×Nq×Nk tensor
+FLAGS = ["ring_autocast_bf16_out", "ring_autocast_fp32_sums", "ring_autocast_no_scores"]
+
+
 @pytest.fixture(scope="module")
 def worst(tmp_path_factory):
     out = {}
@@ -37,7 +43,27 @@ def worst(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("check", CHECKS)
 def test_collective_matches_single_process(worst, world, check):
+    assert "error" not in worst[world], worst[world]["error"]
     assert worst[world][check] < 1e-6, (world, check, worst[world][check])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_under_autocast_matches_single_device_to_bf16(worst, world):
+    """The CUDA autocast path emulated on CPU: kernels in bf16, merge in fp32. Against fp32 attention
+    (output and gradients) the ring is within 1.5x of what single-device SDPA under the same autocast
+    gets (the bf16 rounding of its inputs and outputs, about 1e-2 of the largest value here)."""
+    got = worst[world]
+    assert "error" not in got, got["error"]
+    assert 1e-4 < got["ring_autocast"] < 1.5 * got["sdpa_autocast"] + 1e-3, got  # > 1e-4: it ran in bf16
+    for flag in FLAGS:
+        assert got[flag] == 0, (world, flag)
+
+
+def test_ulysses_compiles_into_one_graph(worst):
+    """fullgraph=True raises at the first graph break: the functional all-to-all and the named
+    collectives' functional forward/backward keep a compiled block whole (2 gloo ranks)."""
+    assert "error" not in worst[2], worst[2]["error"]
+    assert worst[2]["compiled_fullgraph"] < 1e-6
 
 
 def test_one_rank_bypass_is_the_identity():
