@@ -23,6 +23,8 @@ the same gradient on each tp rank.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -37,6 +39,8 @@ from parallel.collectives import (
     sum_grad,
 )
 from parallel.ring import ring_attention
+
+log = logging.getLogger(__name__)
 
 
 class UlyssesAttention(nn.Module):
@@ -175,13 +179,24 @@ def apply_sequence_cut(
 
 
 def check_cp_degrees(cp: int, cp_ring: int, heads: int, tp: int) -> int:
-    """The ring degree to use (``cp_ring = 0``: Ulysses if the heads allow it, else ring); raises with
-    the config field to change when the split is impossible."""
+    """The ring degree to use; raises with the config field to change when the split is impossible.
+
+    ``cp_ring = 0`` (auto) takes the largest Ulysses degree u dividing both cp and the heads of a
+    tensor-parallel rank, and a ring of cp/u across those groups: pure Ulysses when the heads allow it
+    (its all-to-alls move less than a ring's K/V turns, and its attention is one local kernel call),
+    else as much Ulysses as they allow (cp=8, 12 heads: Ulysses 4 × ring 2), a pure ring only when
+    heads and cp share no factor.
+    """
     if cp == 1:
         return 1
     local_heads = heads // tp
     if cp_ring == 0:
-        cp_ring = 1 if local_heads % cp == 0 else cp
+        ulysses = math.gcd(cp, local_heads)
+        cp_ring = cp // ulysses
+        log.info(
+            "parallel.cp_ring=0: context parallel cp=%d runs as Ulysses %d × ring %d (%d heads per tp rank)",
+            cp, ulysses, cp_ring, local_heads,
+        )  # fmt: skip
     if cp % cp_ring:
         raise ValueError(f"parallel.cp_ring={cp_ring} must divide parallel.cp={cp}")
     if local_heads % (cp // cp_ring):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from dit.config import DiTConfig
 from dit.model import SpacetimeDiT
 from parallel.config import ParallelConfig, checkpoint_every
+from parallel.context import check_cp_degrees
 from parallel.dims import ParallelDims
 from parallel.parallelize import make_dims, parallelize
 
@@ -23,10 +25,44 @@ def test_dp_shard_takes_what_is_left_and_scales_follow_the_layout():
     assert d.cp_ring == 1 and d.cp_ulysses == 2  # heads/tp = 2 allow Ulysses at cp=2
 
 
-def test_cp_ring_auto_falls_back_to_ring_when_heads_do_not_split():
-    # 4 heads / tp 2 = 2 local heads: Ulysses can not go to degree 4, a ring can
-    assert make_dims(ParallelConfig(cp=4, tp=2), world=8, arch=ARCH).cp_ring == 4
+def _largest_ulysses(cp: int, local_heads: int) -> int:
+    # the definition, by enumeration: the largest degree dividing both
+    return max(u for u in range(1, cp + 1) if cp % u == 0 and local_heads % u == 0)
+
+
+def test_cp_ring_auto_takes_as_much_ulysses_as_the_heads_allow():
+    # 4 heads / tp 2 = 2 local heads: Ulysses 2 inside, a ring of 2 across
+    d = make_dims(ParallelConfig(cp=4, tp=2), world=8, arch=ARCH)
+    assert (d.cp_ulysses, d.cp_ring) == (2, 2)
     assert make_dims(ParallelConfig(cp=4, cp_ring=2, tp=1), world=4, arch=ARCH).cp_ulysses == 2
+
+
+@pytest.mark.parametrize(
+    ("cp", "heads", "tp", "ulysses", "ring"),
+    [
+        (8, 12, 1, 4, 2),  # the example: 12 heads do not split 8 ways, 4 × 2 does
+        (8, 40, 1, 8, 1),  # 40 heads split 8 ways: pure Ulysses
+        (4, 6, 1, 2, 2),
+        (4, 24, 2, 4, 1),  # 12 heads per tp rank
+        (8, 24, 2, 4, 2),
+        (6, 16, 1, 2, 3),
+        (5, 12, 1, 1, 5),  # no common factor: pure ring
+        (3, 3, 3, 1, 3),  # one head per tp rank
+    ],
+)
+def test_cp_ring_auto_split(cp, heads, tp, ulysses, ring, caplog):
+    assert ulysses == _largest_ulysses(cp, heads // tp) and ulysses * ring == cp  # the table itself
+    with caplog.at_level(logging.INFO, logger="parallel.context"):
+        assert check_cp_degrees(cp, 0, heads, tp) == ring
+    assert f"Ulysses {ulysses} × ring {ring}" in caplog.text
+
+
+def test_cp_ring_auto_is_the_largest_ulysses_degree():
+    for cp in range(2, 17):
+        for local_heads in (1, 2, 3, 5, 6, 12, 16, 20, 24, 40):
+            ring = check_cp_degrees(cp, 0, local_heads, 1)
+            assert ring == cp // _largest_ulysses(cp, local_heads), (cp, local_heads)
+            assert check_cp_degrees(cp, ring, local_heads, 1) == ring  # the explicit setting is accepted
 
 
 @pytest.mark.parametrize(
