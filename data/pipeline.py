@@ -181,8 +181,16 @@ class _EpochStream(IterableDataset):
 class Loader:
     """Iterable over training batches (epoch after epoch) with exact-resume state."""
 
-    def __init__(self, cfg: DataConfig, dp_rank: int, dp_size: int, expect: Expect | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        dp_rank: int,
+        dp_size: int,
+        expect: Expect | None = None,
+        pin_memory: bool = False,
+    ):
         self.cfg, self.dp_rank, self.dp_size, self.expect = cfg, dp_rank, dp_size, expect
+        self.pin_memory = pin_memory
         self.shards = list_shards(cfg)
         self.workers = max(1, cfg.num_workers)
         if not cfg.buckets.buckets:
@@ -255,17 +263,21 @@ class Loader:
     def _epoch(self) -> Iterator[dict]:
         dataset = _EpochStream(self, list(self.consumed))
         stop = StopFlag()  # workers ignore stop signals unless this epoch's loader is ending them
-        if self.cfg.num_workers == 0:
+        if self.cfg.num_workers == 0 and not self.pin_memory:
             source = iter(dataset)
         else:
+            # pinned batches: the DataLoader copies each into page-locked memory (in a thread beside the
+            # workers, or inline with none), so the trainer's .to(device, non_blocking=True) is async
+            workers = {} if self.cfg.num_workers == 0 else {"prefetch_factor": self.cfg.prefetch_factor}
             source = iter(
                 DataLoader(
                     dataset,
                     batch_size=None,
-                    num_workers=self.workers,
-                    prefetch_factor=self.cfg.prefetch_factor,
+                    num_workers=self.cfg.num_workers,
+                    pin_memory=self.pin_memory,
                     persistent_workers=False,
                     worker_init_fn=stop.worker_init_fn(),
+                    **workers,
                 )
             )
         try:
@@ -338,7 +350,13 @@ def limits(cfg: DataConfig) -> Limits:
     return Limits(cfg.max_pixels, cfg.max_member_mb, cfg.allow_compressed, cfg.max_sample_mb)
 
 
-def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, expect: Expect | None = None) -> Loader:
+def build_loader(
+    cfg: DataConfig,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    expect: Expect | None = None,
+    pin_memory: bool = False,
+) -> Loader:
     """The loader for one data-parallel rank (pass the DP rank/size, not the global ones).
 
     Args:
@@ -349,7 +367,10 @@ def build_loader(cfg: DataConfig, dp_rank: int = 0, dp_size: int = 1, expect: Ex
         expect: what the model takes from latent shards (channels, the codec's compression, text
             width; ``launch.batches.expect_for`` makes it from a job config): a latent sample that
             differs is a counted ``shape_mismatch`` skip. None: each latent is held to its own json.
+        pin_memory: hand out batches in page-locked host memory (the DataLoader's ``pin_memory``), so
+            that copies to the GPU with ``non_blocking=True`` overlap compute. Pass
+            ``device.type == "cuda"``; without an accelerator torch warns and leaves batches unpinned.
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-    return Loader(cfg, dp_rank, dp_size, expect)
+    return Loader(cfg, dp_rank, dp_size, expect, pin_memory)
