@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 import re
 from dataclasses import dataclass
 
@@ -28,8 +30,11 @@ class ParallelConfig:
     heads/tp), cp = pure ring attention, in between = Ulysses inside groups of cp/cp_ring ranks and a
     ring across them. 0: Ulysses when the heads allow it, else ring."""
     activation_checkpointing: str = "none"
-    """Recompute block activations in backward: ``none``, ``full`` (every block) or ``every_K``
-    (blocks 0, K, 2K, …: trades memory against the ~1/K of a forward it recomputes)."""
+    """Recompute block activations in backward: ``none``, ``full`` (every block), ``every_K``
+    (blocks 0, K, 2K, …: trades memory against the ~1/K of a forward it recomputes) or
+    ``selective`` (every block, keeping the attention kernels' outputs and log-sum-exp: backward
+    recomputes only the linears and element-wise work, not attention, the larger part of the FLOPs of
+    long videos; saves a little less memory than ``full``)."""
     compile: bool = False
     """``torch.compile`` each block (after checkpointing, before FSDP, as torchtitan); ``engine=fsdp``."""
     cpu_offload: bool = False
@@ -40,16 +45,38 @@ class ParallelConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (1, 2 or 3) for ``engine=deepspeed``."""
     backend: str = "auto"
-    """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
+    """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``. With
+    ``cpu_offload`` on CUDA, a gloo backend for CPU tensors is added (``cuda:nccl,cpu:gloo``)."""
+    timeout_minutes: float = 30.0
+    """How long a collective may wait for the other ranks before the job fails. Generous by default:
+    rank 0 builds the initial weights on CPU while the others wait in a broadcast (minutes for a
+    14B model), and checkpoints are written between collectives."""
 
 
 def checkpoint_every(mode: str, field: str = "parallel.activation_checkpointing") -> int:
-    """0 for ``none``, 1 for ``full``, K for ``every_K``; a clear error otherwise."""
+    """Which blocks are checkpointed: 0 for ``none``, 1 for ``full`` and ``selective`` (every block;
+    what a selective one keeps is :func:`is_selective`'s business), K for ``every_K``; a clear error
+    otherwise."""
     if mode == "none":
         return 0
-    if mode == "full":
+    if mode in ("full", "selective"):
         return 1
     m = re.fullmatch(r"every_(\d+)", mode)
     if not m or int(m.group(1)) < 1:
-        raise ValueError(f"{field}={mode!r}: expected 'none', 'full' or 'every_K' (K ≥ 1)")
+        raise ValueError(f"{field}={mode!r}: expected 'none', 'full', 'selective' or 'every_K' (K ≥ 1)")
     return int(m.group(1))
+
+
+def is_selective(mode: str) -> bool:
+    """Whether checkpointed blocks keep their attention outputs (``selective``) instead of recomputing
+    everything (``full``, ``every_K``)."""
+    return mode == "selective"
+
+
+def timeout(minutes: float, field: str = "parallel.timeout_minutes") -> datetime.timedelta:
+    """The collective timeout; a ValueError naming ``field`` unless it is a finite number > 0."""
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float):
+        raise ValueError(f"{field}={minutes!r}: expected a number of minutes")
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"{field}={minutes}: must be a finite number of minutes > 0")
+    return datetime.timedelta(minutes=minutes)

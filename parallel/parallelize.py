@@ -9,6 +9,7 @@ rank 0 while it makes the initial weights (see :func:`materialize`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -17,8 +18,9 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from parallel.config import ParallelConfig, checkpoint_every
+from parallel.config import ParallelConfig, checkpoint_every, is_selective
 from parallel.context import apply_sequence_cut, check_cp_degrees
 from parallel.dims import ParallelDims
 from parallel.tensor import apply_tensor_parallel, check_tp
@@ -57,16 +59,67 @@ def parallelize(
             ring_group=mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None,
             sp_group=mesh["tp"].get_group() if sp else None,
         )
-    every = checkpoint_every(pcfg.activation_checkpointing)
-    for i, block in enumerate(model.blocks):
-        # composable checkpoint: no wrapper module, so parameter names (checkpoint keys) stay the same
-        if every and i % every == 0:
-            checkpoint(block)
-        if pcfg.compile:
+    apply_activation_checkpointing(model, pcfg.activation_checkpointing)
+    if pcfg.compile:
+        for block in model.blocks:
             block.compile()
     if dims.dp * dims.cp > 1:
         _shard(model, dims, mesh, bf16, pcfg.cpu_offload)
     return model
+
+
+def _attention_ops() -> set:
+    """The attention kernels whose outputs (and log-sum-exp) selective checkpointing keeps: every
+    fused SDPA kernel (torch's own and the CPU one, also called by :mod:`parallel.ring`) and the
+    ``flash_attn`` packages' ops when they are installed and registered as torch ops. Resolved when
+    used, after :mod:`dit.attention` has imported flash-attn. A kernel not registered as a torch op
+    (an old flash-attn build) is invisible to the policy and recomputed, as under ``full``."""
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    for namespace, name in (("flash_attn", "_flash_attn_forward"), ("flash_attn_3", "fwd")):
+        packet = getattr(getattr(torch.ops, namespace), name, None)  # None unless registered
+        if packet is not None:
+            ops.update(getattr(packet, o) for o in packet.overloads())
+    return ops
+
+
+def _selective_context(ops: set):
+    """``context_fn`` for checkpoint: keep the outputs of ``ops``, recompute everything else."""
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Checkpoint ``model.blocks`` as ``parallel.activation_checkpointing`` says (in place).
+
+    torch's composable ``checkpoint`` (module hooks, no wrapper), so parameter names and checkpoint
+    keys are those of the plain model. ``selective`` checkpoints every block with a policy that keeps
+    the attention kernels' outputs and log-sum-exp (:func:`_attention_ops`): the backward recomputes
+    the linears, norms and element-wise work of the block, not attention, the dominant cost of long
+    sequences. Call it after tensor and context parallelism (the recomputed forward includes their
+    hooks and collectives) and before ``torch.compile`` and FSDP.
+
+    Args:
+        model: a SpacetimeDiT (anything with ``.blocks``).
+        mode: ``none``, ``full``, ``every_K`` or ``selective``.
+    """
+    every = checkpoint_every(mode)
+    kwargs = {"context_fn": _selective_context(_attention_ops())} if is_selective(mode) else {}
+    for i, block in enumerate(model.blocks):
+        if every and i % every == 0:
+            checkpoint(block, **kwargs)
 
 
 def _shard(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, bf16: bool, offload: bool) -> None:
