@@ -6,6 +6,7 @@ Works the same as a plain ``python -m launch.train`` (one process, no process gr
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from parallel.config import timeout
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,20 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto", backend: str = "auto") -> DistEnv:
-    """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+def init_distributed(
+    device: str = "auto", backend: str = "auto", cpu_offload: bool = False, timeout_minutes: float = 30.0
+) -> DistEnv:
+    """Pick the device and, under torchrun, join the process group.
+
+    Args:
+        device: ``run.device`` (``auto``: CUDA when visible).
+        backend: ``parallel.backend``, resolved by :func:`process_group_backend`.
+        cpu_offload: ``parallel.cpu_offload``: CPU tensors then take part in collectives.
+        timeout_minutes: ``parallel.timeout_minutes``, for every collective of the default group.
+    """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = collective_timeout(timeout_minutes)  # checked with one process too
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -43,13 +56,50 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistEnv:
             raise RuntimeError("run.device=cuda but no CUDA device is visible")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
+        enable_tf32()
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        backend = process_group_backend(dev.type, backend, cpu_offload)
+        dist.init_process_group(backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank, world, local_rank, dev)
+
+
+def process_group_backend(device_type: str, backend: str = "auto", cpu_offload: bool = False) -> str:
+    """The ``init_process_group`` backend for ``parallel.backend`` on this device type.
+
+    ``auto`` is nccl on CUDA and gloo on CPU. With ``parallel.cpu_offload`` on CUDA, FSDP2's
+    gradients and optimizer states live in host memory and the gradient-norm reduction, the
+    finiteness checks and checkpointing run collectives on CPU tensors, which nccl cannot: a gloo
+    backend is added for them (``cuda:nccl,cpu:gloo``, as torchtitan). Not otherwise: gloo connects
+    every pair of ranks when the group is made, a cost (and thousands of sockets per process) that
+    grows with the square of the world size and buys nothing when every collective is on the GPU.
+    """
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"parallel.backend={backend!r}: expected 'auto', 'nccl' or 'gloo'")
+    if device_type != "cuda":
+        if backend == "nccl":
+            raise ValueError("parallel.backend=nccl needs CUDA devices (run.device is cpu): use gloo or auto")
+        return "gloo"
+    if backend == "gloo":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+
+
+def collective_timeout(minutes: float) -> datetime.timedelta:
+    """``parallel.timeout_minutes`` as a timedelta; a ValueError naming the key unless it is a finite
+    number > 0."""
+    return timeout(minutes, "parallel.timeout_minutes")
+
+
+def enable_tf32() -> None:
+    """Let fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation):
+    torch's default is full fp32, about 8× slower on A100/H100. Under bf16 autocast this touches only what
+    runs outside it; with ``run.precision=fp32`` the model's matmuls run in TF32. cuDNN convolutions
+    already allow TF32 by default. ``set_float32_matmul_precision`` rather than the per-backend
+    ``fp32_precision`` flags, which torch refuses to mix with the older ``allow_tf32`` ones."""
+    torch.set_float32_matmul_precision("high")
+    log.info("CUDA: TF32 enabled for fp32 matmuls (torch.set_float32_matmul_precision('high'))")
 
 
 def all_reduce(value: float, op: str = "sum", device: torch.device | None = None) -> float:

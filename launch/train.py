@@ -314,7 +314,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def setup(cfg: JobConfig) -> Trainer:
     """Process group, run-directory lock, model, optimizer, loader; resumed from the newest intact
     checkpoint of ``run.dir`` when there is one."""
-    env = init_distributed(cfg.run.device, cfg.parallel.backend)
+    env = init_distributed(
+        cfg.run.device, cfg.parallel.backend, cfg.parallel.cpu_offload, cfg.parallel.timeout_minutes
+    )
     run_dir = Path(cfg.run.dir)
     lock = lock_run_dir(run_dir, env)
     try:
