@@ -13,9 +13,15 @@ from dit import mup
 from launch.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None
+) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases, norms and embedding tables (1-D or
-    named ``*table*``/``*embed*`` vectors), the usual convention from GPT-2 on. Fused kernels on CUDA.
+    named ``*table*``/``*embed*`` vectors), the usual convention from GPT-2 on.
+
+    ``fused`` (default: on CUDA) runs one kernel per parameter group over its whole list of tensors:
+    the tensors of a group must then be all plain or all DTensors (with tensor parallelism,
+    :mod:`parallel.tensor` makes every parameter a DTensor for this reason).
 
     Under μP (``model.arch.parametrization=mup``) hidden matrices get ``lr × base/width``
     (:func:`dit.mup.lr_multipliers`); each group records its ``lr_mult``. Weight decay stays coupled
@@ -44,7 +50,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
-        fused=device.type == "cuda",
+        fused=device.type == "cuda" if fused is None else fused,
     )
 
 
@@ -84,8 +90,8 @@ class EMA:
         self.names = [n for n, p in model.named_parameters()]
         self.params = [p for p in model.parameters()]
         self.shadow = [self.part(p).detach().clone().float() for p in self.params]
-        # one foreach per mesh: with tensor parallelism, block weights and embeddings live on different
-        # meshes (or are plain tensors), and a foreach op cannot mix them
+        # one foreach per mesh: a foreach op cannot mix meshes, or DTensors and plain tensors (see
+        # parallel.grads for when a model's parameters do)
         by_mesh: dict = {}
         for s, p in zip(self.shadow, self.params, strict=True):
             shadows, params = by_mesh.setdefault(getattr(p, "device_mesh", None), ([], []))

@@ -1,8 +1,10 @@
 """Gradient-norm clipping over parameters that live on different meshes.
 
-With tensor parallelism and FSDP, block weights are DTensors on the (dp, tp) mesh while embeddings
-are on the dp mesh alone (or plain tensors with tp only); ``torch.nn.utils.clip_grad_norm_`` stacks
-the per-tensor norms and cannot mix them. Norms are summed per mesh here and combined as floats.
+:mod:`parallel.tensor` puts every parameter on the tp mesh (sharded or replicated), so under FSDP they
+share the (dp, tp) mesh; but a list may still mix meshes or DTensors and plain tensors (a model
+parallelized another way, DeepSpeed's plain parameters), and ``torch.nn.utils.clip_grad_norm_``
+stacks the per-tensor norms and cannot mix them. Norms are summed per mesh here and combined as
+floats. A replicated DTensor's norm is taken once (torch reduces only sharded placements).
 """
 
 from __future__ import annotations

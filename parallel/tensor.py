@@ -9,14 +9,19 @@ scale and shift) and run on the replicated residual stream.
 
 Everything not in the plan (patch and timestep embeddings, modulation, caption projection, the
 final layer) is replicated: its inputs and output gradients are identical on every tensor-parallel
-rank, so its gradients are too.
+rank, so its gradients are too. Its parameters become ``Replicate`` DTensors on the same mesh
+(:class:`ReplicateParallel`), so that every parameter of the model is a DTensor: a fused or foreach
+optimizer step (one kernel over a list of tensors) refuses a list that mixes DTensors and plain
+tensors, and with FSDP all of them then shard over the same 2-D (dp, tp) mesh. These modules still
+compute on plain tensors; their gradients, already whole on every rank, are taken as they are: no
+collective is added, so nothing is summed twice.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -25,6 +30,47 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+from torch.utils._pytree import tree_map
+
+
+class ReplicateParallel(ParallelStyle):
+    """A module whose parameters are ``Replicate`` DTensors but which computes on this rank's plain
+    tensors: inputs are wrapped as replicated DTensors (no communication), outputs unwrapped.
+
+    For modules whose inputs, and whose outputs' gradients, are already the same on every rank of
+    the mesh: the gradient each rank computes is then the whole gradient, and the unwrapping declares
+    it replicated, so DTensor sums nothing (torchtitan's ``NoParallel``).
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def wrap(t):
+            if isinstance(t, Tensor) and not isinstance(t, DTensor):
+                return DTensor.from_local(t, device_mesh, [Replicate()], run_check=False)
+            return t
+
+        def unwrap(t):
+            return t.to_local(grad_placements=[Replicate()]) if isinstance(t, DTensor) else t
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            return tree_map(wrap, args), tree_map(wrap, kwargs)
+
+        # default partition_fn: every parameter of the module becomes a Replicate DTensor
+        distribute_module(module, device_mesh)
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+        module.register_forward_hook(lambda mod, args, out: tree_map(unwrap, out))
+        return module
+
+
+def replicate_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """:class:`ReplicateParallel` for every module outside ``plan`` (and outside the modules it
+    names) that holds parameters of its own: the leaves of the embeddings, modulation and final layer."""
+    plan_names = tuple(plan)
+    out: dict[str, ParallelStyle] = {}
+    for name, module in model.named_modules():
+        covered = any(name == p or name.startswith(p + ".") for p in plan_names)
+        if not covered and any(True for _ in module.parameters(recurse=False)):
+            out[name] = ReplicateParallel()
+    return out
 
 
 def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
@@ -73,6 +119,13 @@ def check_tp(cfg, tp: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
-    """Shard ``model``'s blocks over ``tp_mesh`` in place (works on the meta device)."""
+    """Shard ``model``'s blocks over ``tp_mesh`` in place (works on the meta device); every other
+    parameter becomes a replicated DTensor on the same mesh (see the module docstring)."""
     check_tp(model.cfg, tp_mesh.size())
-    parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # init.freeze
+    plan = tp_plan(model, sequence_parallel)
+    parallelize_module(model, tp_mesh, plan | replicate_plan(model, plan))
+    # torch's styles register new nn.Parameters, trainable whatever the old ones were
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
