@@ -43,15 +43,41 @@ def _find_flash_attn():
 # forward would break torch.compile's graph at every attention call.
 _FLASH_ATTN = None
 _FLASH_ATTN_RESOLVED = False
+NOT_INSTALLED = "flash-attn is not installed"
+_FALLBACKS_LOGGED: set[str] = set()
 
 
 def _flash_attn_func():
     global _FLASH_ATTN, _FLASH_ATTN_RESOLVED
     if not _FLASH_ATTN_RESOLVED:
         _FLASH_ATTN, _FLASH_ATTN_RESOLVED = _find_flash_attn(), True
-        if _FLASH_ATTN is None:
-            log.warning("attention backend 'flash_attn': flash-attn is not installed; using SDPA")
+    if _FLASH_ATTN is None:
+        _log_fallback(NOT_INSTALLED)
     return _FLASH_ATTN
+
+
+def flash_attn_fallback(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> str | None:
+    """Why ``backend='flash_attn'`` cannot take these inputs (None: it can)."""
+    if _FLASH_ATTN is None:
+        return NOT_INSTALLED
+    if not q.is_cuda:
+        return f"the tensors are on {q.device.type}, FlashAttention needs CUDA"
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    if len(dtypes) > 1 or q.dtype not in (torch.float16, torch.bfloat16):
+        names = "/".join(str(z.dtype).removeprefix("torch.") for z in (q, k, v))
+        return f"q/k/v are {names}, FlashAttention takes one of float16/bfloat16"
+    if key_mask is not None:
+        return "a key mask is given (padded text keys), which flash_attn_func does not take"
+    return None
+
+
+@torch.compiler.disable
+def _log_fallback(reason: str) -> None:
+    # once per reason; kept out of compiled graphs (a logging call breaks them), and the caller's
+    # membership test makes dynamo guard on the set, so a block recompiles once after the warning
+    if reason not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(reason)
+        log.warning("attention backend 'flash_attn' not used (%s): using SDPA", reason)
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -77,16 +103,19 @@ def attention(
             False). A row with no valid key returns zeros rather than NaN.
         backend: ``sdpa`` (torch SDPA; on CUDA it picks flash / cuDNN / memory-efficient kernels),
             ``flash_attn`` (FlashAttention-3 or -2 for unmasked bf16/fp16 CUDA tensors; anything
-            else, masked cross-attention included, goes to SDPA) or ``math`` (fp32 reference).
+            else, masked cross-attention included, goes to SDPA, with a warning logged once per
+            reason: :func:`flash_attn_fallback`) or ``math`` (fp32 reference).
 
     Returns:
         B×Nq×H×Dh, in q's dtype.
     """
     if backend == "flash_attn":
-        usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_mask is None
-        if _FLASH_ATTN is not None and usable:
+        reason = flash_attn_fallback(q, k, v, key_mask)
+        if reason is None:
             out = _FLASH_ATTN(q, k, v)
             return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        if reason not in _FALLBACKS_LOGGED:
+            _log_fallback(reason)
     elif backend not in ("sdpa", "math"):
         raise ValueError(f"attention backend {backend!r}: expected 'sdpa', 'flash_attn' or 'math'")
 

@@ -13,6 +13,31 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.amp.autocast_mode import is_autocast_available
+
+
+def autocast_on(x: Tensor) -> bool:
+    """Whether autocast is on for x's device (False for devices without autocast, such as meta)."""
+    dev = x.device.type
+    return is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+
+
+class Fp32Linear(nn.Linear):
+    """A linear computed in fp32 whatever autocast or the parameter dtype say (FSDP's bf16 copies are
+    upcast for the call): the timestep embedding, the modulation vectors and the output head, as Wan
+    runs them under ``autocast(float32)``. These act on B×F rows (and the head on a few channels per
+    token), so fp32 costs nothing measurable; bf16 would round t = 999.3 and the adaLN scales.
+
+    A subclass rather than a function so that hooks on the module still fire (ZeRO-3 gathers a
+    module's parameters in its own pre-forward hook); state-dict keys are ``nn.Linear``'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        if not autocast_on(x):
+            return F.linear(x.float(), self.weight.float(), bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), bias)
 
 
 class PatchEmbed(nn.Module):
@@ -50,16 +75,18 @@ def timestep_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tenso
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features → Linear → SiLU → Linear (DiT). Also embeds frame rates."""
+    """Sinusoidal features → Linear → SiLU → Linear (DiT), all in fp32 (Wan's time embedding runs
+    under ``autocast(float32)``): the output is the fp32 conditioning vector every modulation starts
+    from. Also embeds frame rates."""
 
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.fc1 = nn.Linear(freq_dim, dim)
-        self.fc2 = nn.Linear(dim, dim)
+        self.fc1 = Fp32Linear(freq_dim, dim)
+        self.fc2 = Fp32Linear(dim, dim)
 
     def forward(self, t: Tensor) -> Tensor:
-        feats = timestep_features(t, self.freq_dim).to(self.fc1.weight.dtype)
+        feats = timestep_features(t, self.freq_dim)  # *t.shape, freq_dim; fp32
         return self.fc2(F.silu(self.fc1(feats)))  # *t.shape, D
 
 

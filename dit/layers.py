@@ -12,48 +12,64 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dit.attention import AttentionCore
-from dit.embeddings import apply_rope
+from dit.embeddings import Fp32Linear, apply_rope, autocast_on
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's for x's device when it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if autocast_on(x) else x.dtype
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """adaLN: ``x * (1 + scale) + shift``, broadcast per sample or per frame.
 
     Args:
         x: B×N×D tokens in (t h w) order.
         shift, scale: B×F×D with F = 1 (one timestep per sample) or F = frames (per-frame timesteps);
             viewing tokens as B×F×(N/F)×D applies each frame's vector without materialising B×N×D.
+        dtype: of the result; default :func:`compute_dtype` of x. Under autocast the next linears
+            would cast it anyway, once each: casting here once shares one bf16 copy between q, k and
+            v (the one saved for backward) and halves the sequence-parallel all-gather.
     """
     # fp32 arithmetic whatever the autocast dtype (as Wan): the shift/scale are small corrections
     b, n, d = x.shape
     f = shift.shape[1]
     xf = x.float().view(b, f, n // f, d)  # B, F, N/F, D
-    return (xf * (1 + scale.float()[:, :, None]) + shift.float()[:, :, None]).view(b, n, d).to(x.dtype)
+    out = (xf * (1 + scale.float()[:, :, None]) + shift.float()[:, :, None]).view(b, n, d)
+    return out.to(dtype if dtype is not None else compute_dtype(x))
 
 
-def gate(x: Tensor, g: Tensor) -> Tensor:
-    """``x * g`` with g B×F×D broadcast per frame, as in :func:`modulate`."""
-    b, n, d = x.shape
+def gated_residual(x: Tensor, y: Tensor, g: Tensor) -> Tensor:
+    """The residual update ``x + y * g`` (g B×F×D broadcast per frame, as in :func:`modulate`).
+
+    Computed in fp32 and returned in x's dtype: under mixed precision x is the fp32 residual stream
+    and y a bf16 sub-layer output, added without rounding the update to bf16 first (Wan 2.1's
+    ``x + y * e`` under ``autocast(float32)``); a model cast to one dtype keeps it.
+    """
+    b, n, d = y.shape
     f = g.shape[1]
-    return (x.float().view(b, f, n // f, d) * g.float()[:, :, None]).view(b, n, d).to(x.dtype)
+    update = y.float().view(b, f, n // f, d) * g.float()[:, :, None]  # B, F, N/F, D
+    return (x.float() + update.view(b, n, d)).to(x.dtype)
 
 
 class AdaLNModulation(nn.Module):
-    """adaLN-Zero (DiT): each block maps the conditioning vector c to its own ``n`` vectors."""
+    """adaLN-Zero (DiT): each block maps the conditioning vector c to its own ``n`` vectors (fp32)."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
         self.n = n
-        self.linear = nn.Linear(dim, n * dim)
+        self.linear = Fp32Linear(dim, n * dim)
 
     def forward(self, c: Tensor) -> tuple[Tensor, ...]:
-        return self.linear(F.silu(c)).chunk(self.n, dim=-1)  # n × (B, F, D)
+        return self.linear(F.silu(c.float())).chunk(self.n, dim=-1)  # n × (B, F, D)
 
 
 class TableModulation(nn.Module):
     """adaLN-single (PixArt-α, Wan): a learned per-block table added to one shared projection.
 
     Input is B×F×(k·D) with k = n (the shared projection) or k = 1 (c itself, broadcast to all n;
-    the final layer's convention in Wan).
+    the final layer's convention in Wan). The sum is fp32 (Wan's ``modulation + e`` under
+    ``autocast(float32)``), whatever dtype FSDP gives the table.
     """
 
     def __init__(self, dim: int, n: int):
@@ -62,7 +78,7 @@ class TableModulation(nn.Module):
         self.table = nn.Parameter(torch.empty(n, dim))
 
     def forward(self, e: Tensor) -> tuple[Tensor, ...]:
-        out = e.unflatten(-1, (-1, self.table.shape[1])) + self.table  # B, F, n, D
+        out = e.float().unflatten(-1, (-1, self.table.shape[1])) + self.table.float()  # B, F, n, D
         return out.unbind(dim=-2)
 
 
@@ -126,6 +142,9 @@ class SelfAttention(nn.Module):
             # μP's logit scale rides on the queries, so every attention core (SDPA, flash, ring,
             # Ulysses) keeps its own 1/sqrt(head_dim)
             q = q * self.logit_mult
+        # under autocast the RMSNorm (and the fp32 RoPE) return fp32 while v is bf16: one compute dtype
+        # for the core, so flash-attn takes them, SDPA gets no mixed dtypes and Ulysses sends bf16
+        q, k = q.to(v.dtype), k.to(v.dtype)
         t = grid[0]
         if self.axis == "space":
             q, k, v = (rearrange(z, "b (t s) h e -> (b t) s h e", t=t) for z in (q, k, v))
@@ -163,5 +182,6 @@ class CrossAttention(nn.Module):
         v = self.v(context).view(b, l, -1, self.head_dim)
         if self.logit_mult != 1.0:
             q = q * self.logit_mult  # μP (see SelfAttention)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # the RMSNorm's fp32 under autocast (see SelfAttention)
         out = self.core(q, k, v, key_mask=context_mask)  # B, N, H, Dh
         return self.o(out.reshape(b, n, -1))

@@ -13,8 +13,26 @@ from torch import Tensor, nn
 
 from dit import mup
 from dit.config import DiTConfig
-from dit.embeddings import LearnedPos3D, PatchEmbed, Rope3D, SinCos3D, TextProjection, TimestepEmbedder
-from dit.layers import MLP, AdaLNModulation, CrossAttention, SelfAttention, TableModulation, gate, modulate
+from dit.embeddings import (
+    Fp32Linear,
+    LearnedPos3D,
+    PatchEmbed,
+    Rope3D,
+    SinCos3D,
+    TextProjection,
+    TimestepEmbedder,
+    autocast_on,
+)
+from dit.layers import (
+    MLP,
+    AdaLNModulation,
+    CrossAttention,
+    SelfAttention,
+    TableModulation,
+    compute_dtype,
+    gated_residual,
+    modulate,
+)
 
 
 def _modulation(cfg: DiTConfig, n: int) -> nn.Module:
@@ -41,7 +59,12 @@ def block_axes(cfg: DiTConfig) -> list[str]:
 
 
 class DiTBlock(nn.Module):
-    """adaLN-modulated self-attention, optional text cross-attention, modulated MLP."""
+    """adaLN-modulated self-attention, optional text cross-attention, modulated MLP.
+
+    Under autocast the residual stream x is fp32 and each sub-layer computes in bf16 (Wan 2.1's
+    split): the modulation vectors are fp32, the sub-layer inputs are cast to bf16 once, and their
+    outputs are added to x in fp32.
+    """
 
     def __init__(self, cfg: DiTConfig, axis: str):
         super().__init__()
@@ -70,26 +93,28 @@ class DiTBlock(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(mod)  # each B, F, D
-        x = x + gate(self.attn(modulate(self.norm1(x), shift1, scale1), grid, rope), gate1)
+        x = gated_residual(x, self.attn(modulate(self.norm1(x), shift1, scale1), grid, rope), gate1)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
-        return x + gate(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
+            # x + bf16 stays fp32 under autocast (type promotion), bf16 in a model cast to bf16
+            x = x + self.cross_attn(self.norm_cross(x).to(compute_dtype(x)), context, context_mask)
+        return gated_residual(x, self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
 
 
 class FinalLayer(nn.Module):
-    """Modulated LayerNorm and a linear to one patch of output channels per token."""
+    """Modulated LayerNorm and a linear to one patch of output channels per token, in fp32 (Wan's
+    head runs under ``autocast(float32)``; it is D × p·C, a sliver of the compute)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.hidden_size
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
         self.modulation = _modulation(cfg, 2)
-        self.linear = nn.Linear(d, cfg.patch_volume * cfg.out_ch)
+        self.linear = Fp32Linear(d, cfg.patch_volume * cfg.out_ch)
         self.output_mult = mup.output_mult(cfg)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.modulation(c)  # B, F, D each
-        out = self.linear(modulate(self.norm(x), shift, scale))  # B, N, p·C_out
+        out = self.linear(modulate(self.norm(x), shift, scale, torch.float32))  # B, N, p·C_out
         return out * self.output_mult if self.output_mult != 1.0 else out
 
 
@@ -108,7 +133,7 @@ class SpacetimeDiT(nn.Module):
         # adaLN-single computes the six modulation vectors once for all blocks; per-block adaLN-Zero
         # hands every block the conditioning vector itself.
         self.t_proj = (
-            nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if cfg.modulation == "shared" else nn.Identity()
+            nn.Sequential(nn.SiLU(), Fp32Linear(d, 6 * d)) if cfg.modulation == "shared" else nn.Identity()
         )
         self.rope = Rope3D(cfg.head_dim, cfg.rope_theta) if cfg.pos_embed == "rope3d" else None
         self.pos_embed = _additive_pos_embed(cfg)
@@ -146,6 +171,10 @@ class SpacetimeDiT(nn.Module):
         if cond is not None:
             x = torch.cat([x, cond], dim=1)  # B, C + Cc, T, H, W
         h = self.patch_embed(x)  # B, N, D
+        if autocast_on(h):
+            # mixed precision: the residual stream is fp32 from here on (as Wan 2.1 keeps it); every
+            # block adds its bf16 sub-layer outputs to it in fp32
+            h = h.float()
         if self.pos_embed is not None:
             h = h + self.pos_embed(grid, x.device).to(h.dtype)
         rope = self.rope(grid, x.device) if self.rope is not None else None
