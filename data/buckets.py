@@ -98,6 +98,54 @@ def latent_tokens(
     return math.ceil(lt / pt) * (height // comp.spatial // ph) * (width // comp.spatial // pw)
 
 
+def latent_size(bucket: Bucket, comp: Compression) -> tuple[int, int, int]:
+    """Latent (t, h, w) of a ``bucket`` clip after the codec (exact only when :func:`check_bucket`
+    finds nothing: a causal VAE keeps 1 + (F-1)//temporal frames of any F, and h, w round down)."""
+    return comp.latent_frames(bucket.frames), bucket.height // comp.spatial, bucket.width // comp.spatial
+
+
+def _neighbours(value: int, step: int, offset: int = 0) -> str:
+    """The valid values around ``value`` on the grid ``offset + k·step`` (k ≥ 0 above offset)."""
+    below = offset + (value - offset) // step * step
+    return " or ".join(str(v) for v in (below, below + step) if v > offset or (offset and v == offset))
+
+
+def check_bucket(bucket: Bucket, comp: Compression, patch: tuple[int, int, int]) -> list[str]:
+    """Why ``bucket`` does not suit a codec of compression ``comp`` and a model with spacetime patch
+    ``patch`` (pt, ph, pw): one sentence per problem, each naming the bucket; empty when it suits.
+
+    The codec must take the clip whole: a causal VAE encodes 1 + k·temporal frames (it would
+    silently drop the rest), a non-causal codec k·temporal (so a single frame only when temporal is
+    1). The latent height and width must be whole and divisible by the patch (H, W multiples of
+    spatial × patch), and so must the latent frames.
+    """
+    pt, ph, pw = patch
+    f, s, t = bucket.frames, comp.spatial, comp.temporal
+    out = []
+    if comp.causal and (f - 1) % t:
+        out.append(
+            f"bucket {bucket.name}: {f} frames: the causal codec (temporal {t}) encodes 1 + {t}k frames "
+            f"and would silently keep {1 + (f - 1) // t * t} (use {_neighbours(f, t, offset=1)})"
+        )
+    elif not comp.causal and f % t:
+        out.append(
+            f"bucket {bucket.name}: {f} frame{'s' if f > 1 else ''} is not a multiple of the codec's "
+            f"temporal compression {t} (use {_neighbours(f, t)})"
+        )
+    elif comp.latent_frames(f) % pt:
+        out.append(
+            f"bucket {bucket.name}: {comp.latent_frames(f)} latent frames are not divisible by the "
+            f"temporal patch {pt} (model.arch.patch_size)"
+        )
+    for side, size, p in (("height", bucket.height, ph), ("width", bucket.width, pw)):
+        if size % (s * p):
+            out.append(
+                f"bucket {bucket.name}: {side} {size} is not a multiple of {s * p} (codec spatial {s} × "
+                f"patch {p}; use {_neighbours(size, s * p)})"
+            )
+    return out
+
+
 def buckets_from_budget(
     token_budget: int,
     resolutions: tuple[int, ...] = (256, 512),

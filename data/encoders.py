@@ -1,6 +1,8 @@
 """Video codecs (pixels ↔ latents) and text encoders, all loaded from local files.
 
 - :class:`PixelCodec`: space-to-depth, no weights (the demo's default): ``pixel`` or ``pixel:T,S``.
+- :class:`DeclaredLatents`: ``latents:C,T,S[,causal]``, the geometry of latent shards made by a codec
+  this framework does not load (DiT's SD image VAE: ``latents:4,1,8``); it neither encodes nor decodes.
 - :class:`DiffusersVAE`: ``AutoencoderKLWan`` / ``AutoencoderKLCogVideoX`` / ``AutoencoderKLHunyuanVideo``
   from a local directory (``save_pretrained`` layout), with each model's latent normalisation. The
   class comes from an allow-list keyed by the config's ``_class_name``; nothing else is instantiated.
@@ -43,6 +45,53 @@ class PixelCodec:
     def decode(self, latent: Tensor) -> Tensor:
         t, s = self.temporal, self.spatial
         return rearrange(latent, "b (c pt ps qs) t h w -> b c (t pt) (h ps) (w qs)", c=3, pt=t, ps=s, qs=s)
+
+
+class DeclaredLatents:
+    """A codec that only declares its geometry: latent shards were made elsewhere with C channels at
+    T× temporal and S× spatial compression (``latents:C,T,S``, ``,causal`` for a 1 + T·k-frame video
+    VAE). Enough to train on latent shards and to check buckets and channels against the model;
+    encoding raw video and decoding samples are refused with an error naming the spec, since there
+    is no network behind it (keep ``logging.sample_every=0``; sample elsewhere with the real VAE)."""
+
+    decodes = False
+    """Whether :meth:`decode` can run (the other codecs have no such attribute: they all can)."""
+
+    def __init__(self, channels: int, temporal: int = 1, spatial: int = 8, causal: bool = False):
+        self.compression = Compression(temporal, spatial, causal=causal)
+        self.latent_channels = channels
+        self.name = f"latents:{channels},{temporal},{spatial}" + (",causal" if causal else "")
+
+    def encode(self, video: Tensor) -> Tensor:
+        raise ValueError(
+            f"data.codec={self.name!r} only declares the geometry of latent shards: it cannot encode raw "
+            "video (train on latent shards, or set data.codec to pixel or a local VAE folder)"
+        )
+
+    def decode(self, latent: Tensor) -> Tensor:
+        raise ValueError(
+            f"data.codec={self.name!r} only declares the geometry of latent shards: it cannot decode "
+            "samples (set logging.sample_every=0 and decode with the VAE the latents were made with)"
+        )
+
+
+def _ints(spec: str, form: str, count: int, suffix: str = "") -> list[int]:
+    """The ``count`` positive integers after ``name:`` in ``spec`` (less an optional ``suffix``), or
+    a ValueError naming the spec and its form."""
+    body = spec.split(":", 1)[1].removesuffix(suffix)
+    try:
+        values = [int(v) for v in body.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or min(values) < 1:
+        raise ValueError(f"data.codec={spec!r}: expected {form} with positive integers")
+    return values
+
+
+def _declared(spec: str) -> DeclaredLatents:
+    causal = spec.endswith(",causal")
+    c, t, s = _ints(spec, "latents:C,T,S or latents:C,T,S,causal", 3, ",causal" if causal else "")
+    return DeclaredLatents(c, t, s, causal=causal)
 
 
 def _vae_classes() -> dict:
@@ -88,8 +137,8 @@ def _vae_geometry(name: str, cfg) -> tuple[Compression, int]:
 def codec_geometry(spec: str) -> tuple[Compression, int]:
     """``(compression, latent channels)`` of the codec :func:`build_codec` makes of ``spec``, from its
     config alone: no VAE weights are loaded (the same arithmetic as the loaded codec's)."""
-    if spec == "pixel" or spec.startswith("pixel:"):
-        codec = build_codec(spec)  # space-to-depth has no weights
+    if spec == "pixel" or spec.startswith(("pixel:", "latents:")):
+        codec = build_codec(spec)  # no weights behind either
         return codec.compression, codec.latent_channels
     return _vae_geometry(*_vae_config(Path(spec)))
 
@@ -136,12 +185,13 @@ class DiffusersVAE:
 
 
 def build_codec(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """``pixel``, ``pixel:T,S`` or a local VAE directory."""
-    if spec == "pixel" or spec.startswith("pixel:"):
-        if spec == "pixel":
-            return PixelCodec()
-        t, s = (int(v) for v in spec.split(":", 1)[1].split(","))
-        return PixelCodec(t, s)
+    """``pixel``, ``pixel:T,S``, ``latents:C,T,S[,causal]`` (geometry only) or a local VAE directory."""
+    if spec == "pixel":
+        return PixelCodec()
+    if spec.startswith("pixel:"):
+        return PixelCodec(*_ints(spec, "pixel:T,S", 2))
+    if spec.startswith("latents:"):
+        return _declared(spec)
     return DiffusersVAE(spec, device=device, dtype=dtype)
 
 
