@@ -71,8 +71,10 @@ class TrainData(DataConfig):
     val_shards: str = ""
     """Held-out shards for the validation loss (directory, glob or list; ``val-*.tar`` in a directory)."""
     codec: str = "pixel"
-    """Pixels ↔ latents for raw shards and samples: ``pixel`` (space-to-depth, no weights) or a local
-    diffusers VAE directory (Wan / CogVideoX / HunyuanVideo)."""
+    """Pixels ↔ latents for raw shards and samples: ``pixel`` (space-to-depth, no weights), a local
+    diffusers VAE directory (Wan / CogVideoX / HunyuanVideo), or ``latents:C,T,S[,causal]``: only the
+    geometry of latent shards made by another codec (C channels, T× temporal, S× spatial; DiT's SD
+    image VAE is ``latents:4,1,8``), which trains on latent shards but cannot encode or decode."""
     text_encoder: str = "minilm"
     """Caption encoder for raw shards and samples: ``minilm`` (bundled) or a local transformers folder."""
     max_text_len: int = 32
@@ -292,6 +294,24 @@ def _check_numbers(cfg: JobConfig) -> None:
         raise ValueError(f"data.buckets.image_ratio={ratio}: must be in [0, 1] (or null)")
 
 
+def cross_field_errors(cfg: JobConfig) -> list[str]:
+    """Settings that contradict each other, found from the config alone (no file is read), one
+    sentence naming the keys for each; ``python -m launch.train --dry-run`` checks what needs the
+    codec's files, the world size and the planner."""
+    errors = []
+    if cfg.eval.every > 0 and not cfg.data.val_shards:
+        errors.append(
+            f"eval.every={cfg.eval.every} scores held-out shards, but data.val_shards is empty: set it "
+            "(a directory, glob or list of val-*.tar) or eval.every=0"
+        )
+    if cfg.logging.sample_every > 0 and cfg.data.codec.startswith("latents:"):
+        errors.append(
+            f"logging.sample_every={cfg.logging.sample_every}: data.codec={cfg.data.codec!r} only declares "
+            "the latents' geometry and cannot decode samples: set logging.sample_every=0"
+        )
+    return errors
+
+
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks OmegaConf's types cannot express; each error names the key."""
     _check_numbers(cfg)
@@ -331,6 +351,9 @@ def validate(cfg: JobConfig) -> None:
     if cfg.parallel.zero_stage not in (1, 2, 3):
         raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: must be 1, 2 or 3")
     checkpoint_every(cfg.parallel.activation_checkpointing)
+    errors = cross_field_errors(cfg)
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 def parse_overrides(overrides: list[str]):

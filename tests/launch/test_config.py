@@ -9,13 +9,11 @@ from dit.config import PRESETS
 from launch.config import CONFIG_DIR, TrainConfig, load_config, save_config
 from launch.optim import lr_factor
 
-REQUIRED = {
-    "video-1b3": ["data.shards=/lat", "data.codec=/vae", "data.text_encoder=/umt5"],
-    "dit-xl-2": ["data.shards=/lat"],
-}
+WAN = ["data.shards=/lat", "data.val_shards=/val", "data.codec=/vae", "data.text_encoder=/umt5"]
+REQUIRED = {"video-1b3": WAN, "video-14b": WAN, "dit-xl-2": ["data.shards=/lat"]}
 
 
-@pytest.mark.parametrize("name", ["tiny", "video-1b3", "dit-xl-2", "sweep-base"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_every_preset_file_loads_on_its_model_preset(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml", REQUIRED.get(name, []))
     edited = OmegaConf.load(CONFIG_DIR / f"{name}.yaml").model.get("arch", {})
@@ -66,6 +64,21 @@ def test_overrides_preset_edits_and_the_saved_config_round_trips(tmp_path):
 def test_bad_keys_and_values_are_errors_naming_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_settings_that_contradict_each_other_fail_at_load_naming_both_keys():
+    # a real start fails here, before any process group or GPU: not at the first evaluation
+    with pytest.raises(ValueError, match=r"eval\.every=200 .*data\.val_shards is empty"):
+        load_config(None, ["data.val_shards=''"])
+    assert load_config(None, ["data.val_shards=''", "eval.every=0"]).eval.every == 0
+    # a codec that only declares latent geometry cannot decode samples
+    declared = ["model.arch.in_channels=4", "data.codec=latents:4,1,8"]
+    with pytest.raises(ValueError, match=r"logging\.sample_every=300: data\.codec='latents:4,1,8'"):
+        load_config(None, declared)
+    assert load_config(None, [*declared, "logging.sample_every=0"]).data.codec == "latents:4,1,8"
+    # both at once: one error naming each
+    with pytest.raises(ValueError, match=r"eval\.every=200 .*; logging\.sample_every=300"):
+        load_config(None, [*declared, "data.val_shards=''"])
 
 
 def test_schedules():
