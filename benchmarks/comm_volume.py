@@ -13,6 +13,8 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import report
 
@@ -44,35 +46,38 @@ def attention_comm_bytes(
     return {"ulysses_fwd": ulysses, "ulysses_bwd": ulysses, "ring_fwd": ring_fwd, "ring_bwd": ring_bwd}
 
 
-class CommCounter:
-    """Counts the bytes this rank sends through ``dist.all_to_all`` and ``dist.batch_isend_irecv``,
-    by phase (set :attr:`phase` to ``"fwd"``/``"bwd"``). Those are the only calls Ulysses and ring
-    attention make; FSDP, tensor parallel and the final gather use others, so they are not counted.
-
-    Patches the ``torch.distributed`` attributes, which ``parallel.collectives`` looks up at call
-    time; use as a context manager.
-    """
+class CommCounter(TorchDispatchMode):
+    """Counts the bytes this rank sends to other ranks through the functional all-to-all (Ulysses,
+    forward and its registered backward) and ``dist.batch_isend_irecv`` (ring), by phase (set
+    :attr:`phase` to ``"fwd"``/``"bwd"``). Those are the only calls Ulysses and ring attention make;
+    FSDP, tensor parallel and the final gather use others, so they are not counted. Use as a context
+    manager (a dispatch mode, plus a patch of ``dist.batch_isend_irecv``, which ``parallel.collectives``
+    looks up at call time)."""
 
     def __init__(self):
+        super().__init__()
         self.phase = "fwd"
         self.sent: dict[str, int] = defaultdict(int)
 
-    def _all_to_all(self, outputs, inputs, group=None, async_op=False):
-        me = dist.get_rank(group)
-        self.sent[self.phase] += sum(t.nbytes for i, t in enumerate(inputs) if i != me)
-        return self._orig[0](outputs, inputs, group=group, async_op=async_op)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops._c10d_functional.all_to_all_single.default:
+            x, _, input_splits, group_name = args
+            me = dist.get_rank(_resolve_process_group(group_name))
+            row = x.nbytes // max(x.shape[0], 1)  # bytes per row of dim 0, the split dimension
+            self.sent[self.phase] += row * sum(s for i, s in enumerate(input_splits) if i != me)
+        return func(*args, **(kwargs or {}))
 
     def _batch_isend_irecv(self, ops):
         self.sent[self.phase] += sum(op.tensor.nbytes for op in ops if op.op is dist.isend)
-        return self._orig[1](ops)
+        return self._orig(ops)
 
     def __enter__(self) -> CommCounter:
-        self._orig = (dist.all_to_all, dist.batch_isend_irecv)
-        dist.all_to_all, dist.batch_isend_irecv = self._all_to_all, self._batch_isend_irecv
-        return self
+        self._orig, dist.batch_isend_irecv = dist.batch_isend_irecv, self._batch_isend_irecv
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
-        dist.all_to_all, dist.batch_isend_irecv = self._orig
+        dist.batch_isend_irecv = self._orig
+        return super().__exit__(*exc)
 
 
 def _mib(n: float) -> str:

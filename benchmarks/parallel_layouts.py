@@ -405,7 +405,7 @@ run whole on every rank at once, so it sees the same machine load as the paralle
   gradients, temporaries and FSDP/communication buffers; sampled, so a lower bound on the true peak.
   (`ru_maxrss` cannot be reset and would include model building, so it is not used.)
 - **params**: bytes of the parameters this rank holds (FSDP/TP shards), the static part of memory.
-- **attn KiB sent per layer**: bytes this rank sent through `all_to_all` (Ulysses) and
+- **attn KiB sent per layer**: bytes this rank sent through the functional `all_to_all_single` (Ulysses) and
   `batch_isend_irecv` (ring) in one step, divided by the number of attention layers; checked
   against the formulas below. Tensor-parallel (DTensor) collectives are not counted.
 
