@@ -365,7 +365,9 @@ def _setup_fsdp(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: Path,
     model.train()
     opt = build_optimizer(model, cfg.train, env.device)
     dp_rank = dims.dp_rank(mesh)
-    loader = build_loader(cfg.data, dp_rank, dims.dp, expect=expect_for(cfg))
+    loader = build_loader(
+        cfg.data, dp_rank, dims.dp, expect=expect_for(cfg), pin_memory=env.device.type == "cuda"
+    )
     trainer = Trainer(
         cfg=cfg,
         env=env,
