@@ -9,12 +9,15 @@ forward, recomputation not credited), hardware TFLOP/s (plus the recomputed forw
 blocks), MFU against the device's peak and peak CUDA memory. The peak is the dense bf16 figure of
 ``dit.flops.PEAK_TFLOPS_BF16`` on a known GPU, else the best of a few large matmuls timed in this
 process (labelled "measured"). A case that cannot run (a backend missing, a kernel refusing the
-inputs, out of memory) is listed with its reason instead of stopping the sweep.
+inputs, out of memory, a checkpointing mode ``parallel`` does not know) is listed with its reason
+instead of stopping the sweep. ``--json FILE`` also writes the result as JSON (``benchmarks/gpu_check.sh``
+runs one case per process and assembles the JSON files).
 
     python -m benchmarks.throughput                                  # CPU: tiny, 4x8x8 and 5x16x16
     python -m benchmarks.throughput --presets tiny --shapes 4x8x8 --depth 2 --iters 3 --warmup 1
     python -m benchmarks.throughput --device cuda --presets video-1b3 --shapes 21x60x104 \\
-        --backends sdpa:flash,sdpa:cudnn,flash_attn --ac none,every_2,full --compile off,on
+        --backends sdpa:flash,sdpa:cudnn,flash_attn --ac none,every_2,full,selective --compile off,on
+    python -m benchmarks.throughput --device cuda --no-train --backends sdpa:cudnn --attn-shapes 12x128x32760
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -31,7 +35,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import report
-from benchmarks.model_step import _cuda_memory, _recomputed_flops, _release, _same_init, _step_fn
+from benchmarks.model_step import _cuda_memory, _release, _step_fn
 from dit.attention import _find_flash_attn, _flash_attn_func, attention
 from dit.config import PRESETS, get_preset
 from dit.flops import count, peak_flops
@@ -115,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shapes", type=_csv(lambda s: _ints(s, 3, "a T×H×W latent")), help="latent T×H×W list")
     p.add_argument("--backends", type=_csv(_one_of(BACKENDS, "attention backend")), help="attention backends")
-    p.add_argument("--ac", type=_csv(_ac), default=["none", "full", "every_2"], help="none, full, every_K")
+    p.add_argument(
+        "--ac", type=_csv(_ac), default=["none", "full", "every_2"], help="none, full, every_K, selective"
+    )
     p.add_argument(
         "--compile", type=_csv(_one_of(("off", "on"), "setting")), help="off,on: torch.compile each block"
     )
@@ -128,12 +134,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the peak MFU is relative to (default: the table's dense bf16 figure for a known GPU, else "
+        "measured with large matmuls)",
+    )
+    p.add_argument(
+        "--train", action=argparse.BooleanOptionalAction, default=True, help="time whole training steps"
+    )
+    p.add_argument(
         "--attention", action=argparse.BooleanOptionalAction, default=True, help="time attention alone"
     )
     p.add_argument(
         "--attn-shapes", type=_csv(lambda s: _ints(s, 3, "H×Dh×N")), help="heads×head_dim×tokens list"
     )
     p.add_argument("--out", default="", help="suffix of the report's name")
+    p.add_argument("--json", help="also write the result (rows, attention, skipped, peak) to this file")
+    p.add_argument(
+        "--report", action=argparse.BooleanOptionalAction, default=True, help="write the dated report"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -154,13 +173,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args([*DEFAULTS[kind].split(), *argv])  # the later occurrence of a flag wins
     a.compile_default = not any(arg.startswith("--compile") for arg in argv)
     a.compile = [c == "on" for c in a.compile]
-    for preset in a.presets:
+    if not (a.train or a.attention):
+        p.error("--no-train --no-attention leaves nothing to measure")
+    for preset in a.presets if a.train else []:
         patch = get_preset(preset).patch_size
         for shape in a.shapes:
             if any(n % k for n, k in zip(shape, patch, strict=True)):
                 p.error(f"--shapes {_x(shape)}: not divisible by preset {preset}'s patch {_x(patch)}")
     if min(a.iters, a.batch, a.depth or 1, a.threads or 1) < 1 or a.warmup < 0:
         p.error("--iters, --batch, --depth and --threads must be ≥ 1 and --warmup ≥ 0")
+    if a.peak_tflops is not None and not 0 < a.peak_tflops < float("inf"):
+        p.error(f"--peak-tflops={a.peak_tflops}: expected a positive number of TFLOP/s")
     return a
 
 
@@ -210,13 +233,51 @@ def _measured_peak(device: torch.device, dtype: torch.dtype, size: int) -> float
     return 2 * size**3 / min(_times(lambda: x @ y, device, 1, 5))
 
 
-def _device_peak(device: torch.device, dtype: str) -> tuple[float, str]:
+def _device_peak(device: torch.device, dtype: str, given: float | None = None) -> tuple[float, str]:
     """The peak FLOP/s that MFU is relative to, and where it comes from."""
+    if given:
+        return given * 1e12, "given by --peak-tflops"
     table = peak_flops() if device.type == "cuda" else None
     if table:
         return table, f"{torch.cuda.get_device_name(device)}: dense bf16, dit.flops.PEAK_TFLOPS_BF16"
     size = MATMUL_SIZE[device.type]
     return _measured_peak(device, DTYPES[dtype], size), f"measured: fastest of 5 {size}³ {dtype} matmuls"
+
+
+# forward MACs of one block's parts (dit.flops' breakdown); the attention kernels are the *_scores_values
+LINEAR_PARTS = ("attn_proj", "cross_attn_proj", "mlp")
+ATTENTION_PARTS = ("attn_scores_values", "cross_attn_scores_values")
+
+
+def recomputed_flops(flops: dict, depth: int, ac: str) -> float:
+    """Hardware FLOPs a training step adds by recomputing forward work in backward.
+
+    ``full`` / ``every_K`` recompute the whole forward of blocks 0, K, 2K, …; ``selective`` keeps the
+    attention kernels' outputs and recomputes every block's linears (element-wise work is not counted
+    by ``dit.flops``).
+
+    Args:
+        flops: ``dit.flops.count`` of the case.
+        depth: the model's number of blocks.
+        ac: the activation-checkpointing mode.
+    """
+    parts = flops["macs_breakdown"]
+    if ac == "selective":
+        return 2 * sum(parts[k] for k in LINEAR_PARTS)
+    every = checkpoint_every(ac)
+    if not every:
+        return 0.0
+    block_macs = sum(parts[k] for k in (*LINEAR_PARTS, *ATTENTION_PARTS))  # all blocks together
+    return 2 * block_macs * len(range(0, depth, every)) / depth
+
+
+def _random_init(model: torch.nn.Module, seed: int, device: torch.device) -> None:
+    # N(0, 0.02) everywhere (no all-zero gates a kernel could shortcut), drawn on the device: a CPU
+    # draw of video-1b3's 1.4B weights would add seconds to every case and change nothing timed
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
 
 
 def step_case(preset: str, shape: tuple, backend: str, ac: str, compiled: bool, a) -> dict:
@@ -234,7 +295,7 @@ def step_case(preset: str, shape: tuple, backend: str, ac: str, compiled: bool, 
         model = SpacetimeDiT(cfg)
     parallelize(model, make_dims(pcfg, 1, cfg), None, pcfg)  # checkpoint and compile as the trainer does
     model.to_empty(device=device)
-    _same_init(model, a.seed)
+    _random_init(model, a.seed, device)
     g = torch.Generator().manual_seed(a.seed)
     x = torch.randn(a.batch, cfg.in_channels, *shape, generator=g).to(device)
     t = (torch.rand(a.batch, generator=g) * 1000).to(device)
@@ -252,7 +313,7 @@ def step_case(preset: str, shape: tuple, backend: str, ac: str, compiled: bool, 
         sec = statistics.median(step() for _ in range(a.iters))
     flops = count(cfg, *shape, batch=a.batch, text_len=a.text_len)
     model_flops = flops["flops_train_step"]
-    hardware_flops = model_flops + _recomputed_flops(flops, cfg, checkpoint_every(ac))
+    hardware_flops = model_flops + recomputed_flops(flops, cfg.depth, ac)
     return {
         "preset": preset,
         "latent T×H×W": _x(shape),
@@ -335,7 +396,7 @@ def _runnable_backends(a, device: torch.device, skipped: list[dict]) -> list[str
             skipped.append({"case": f"backend {backend} (every case)", "reason": reason})
         else:
             backends.append(backend)
-    if a.compile_default and device.type == "cpu":
+    if a.train and a.compile_default and device.type == "cpu":
         why = "not in the CPU default: inductor's C++ build of each block takes minutes on a small machine"
         skipped.append({"case": "compile=on (every case)", "reason": f"{why}; ask with --compile off,on"})
     return backends
@@ -354,9 +415,8 @@ def sweep(a, skipped: list[dict]) -> tuple[list[dict], list[dict]]:
     device = torch.device(a.device)
     backends = _runnable_backends(a, device, skipped)
     rows, attn = [], []
-    for preset, shape, backend, ac, compiled in itertools.product(
-        a.presets, a.shapes, backends, a.ac, a.compile
-    ):
+    cases = itertools.product(a.presets, a.shapes, backends, a.ac, a.compile) if a.train else ()
+    for preset, shape, backend, ac, compiled in cases:
         label = f"{preset} {_x(shape)} {backend} ac={ac} compile={'on' if compiled else 'off'}"
         row = _attempt(step_case, (preset, shape, backend, ac, compiled, a), label, skipped, device)
         if row:
@@ -393,8 +453,8 @@ def _body(rows: list[dict], attn: list[dict], skipped: list[dict], peak: float, 
         report.table(list(map(_cells, rows))) if rows else "(no case ran)",
         f"Peak: {peak / 1e12:.4g} TFLOP/s ({peak_label}). Model FLOPs = 3 × forward (dit.flops); "
         "MFU = model FLOP/s / peak, so recomputation is not credited; hardware TFLOP/s adds one "
-        "forward per checkpointed block. Max memory: torch.cuda.max_memory_allocated over the timed "
-        "steps (n/a on CPU).",
+        "forward per checkpointed block (selective: every block's linears). Max memory: "
+        "torch.cuda.max_memory_allocated over the timed steps (n/a on CPU).",
     ]
     if attn:
         parts += [
@@ -430,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(a: argparse.Namespace) -> dict:
     device = torch.device(a.device)
-    peak, peak_label = _device_peak(device, a.dtype)
+    peak, peak_label = _device_peak(device, a.dtype, a.peak_tflops)
     print(f"peak {peak / 1e12:.4g} TFLOP/s ({peak_label})", flush=True)
     skipped: list[dict] = []
     rows, attn = sweep(a, skipped)
@@ -444,7 +504,9 @@ def _run(a: argparse.Namespace) -> dict:
         r["fwd % of peak"] = r["fwd TFLOP/s"] * 1e12 / peak
     body = _body(rows, attn, skipped, peak, peak_label)
     config = {
-        "presets": ", ".join(a.presets) + (f" (depth overridden to {a.depth})" if a.depth else ""),
+        "presets": ", ".join(a.presets) + (f" (depth overridden to {a.depth})" if a.depth else "")
+        if a.train
+        else "off (--no-train)",
         "latent shapes (T×H×W)": ", ".join(map(_x, a.shapes)),
         "batch": a.batch,
         "text_len": a.text_len,
@@ -457,13 +519,24 @@ def _run(a: argparse.Namespace) -> dict:
         "peak": f"{peak / 1e12:.4g} TFLOP/s ({peak_label})",
         "attention shapes (H×Dh×N)": ", ".join(map(_x, a.attn_shapes)) if a.attention else "off",
     }
-    name = f"throughput-{device.type}-{a.dtype}" + (f"-{a.out.replace('/', '')}" if a.out else "")
-    title = f"Throughput sweep on {device.type}"
-    path = report.write(name, "benchmarks.throughput", title, device, config, body)
+    path = None
+    if a.report:
+        name = f"throughput-{device.type}-{a.dtype}" + (f"-{a.out.replace('/', '')}" if a.out else "")
+        title = f"Throughput sweep on {device.type}"
+        path = report.write(name, "benchmarks.throughput", title, device, config, body)
     print(body)
-    print(f"report: {path}")
     peak_info = {"flops": peak, "label": peak_label}
-    return {"rows": rows, "attention": attn, "skipped": skipped, "peak": peak_info, "report": path}
+    result = {"rows": rows, "attention": attn, "skipped": skipped, "peak": peak_info, "report": path}
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            case_args = {
+                k: getattr(a, k) for k in ("presets", "shapes", "depth", "text_len", "batch", "dtype")
+            }
+            extra = {"report": path and str(path), "config": config, "args": case_args}
+            json.dump({**result, **extra}, f, indent=1)
+    if path:
+        print(f"report: {path}")
+    return result
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ from dit.flops import count
 
 ARGS = [
     "--presets", "tiny", "--shapes", "4x8x8", "--depth", "2", "--backends", "sdpa,math",
-    "--ac", "none,full", "--compile", "off", "--iters", "2", "--warmup", "1", "--text-len", "8",
+    "--ac", "none,full,selective", "--compile", "off", "--iters", "2", "--warmup", "1", "--text-len", "8",
     "--attn-shapes", "2x16x64", "--device", "cpu", "--dtype", "fp32", "--threads", "1", "--out", "test",
 ]  # fmt: skip
 BLOCK_PARTS = ("attn_proj", "attn_scores_values", "cross_attn_proj", "cross_attn_scores_values", "mlp")
@@ -46,7 +47,9 @@ def test_one_row_per_case(run):
         for r in result["rows"]
     ]
     assert sorted(cases) == sorted(
-        ("tiny", "4x8x8", backend, ac, False) for backend in ("sdpa", "math") for ac in ("none", "full")
+        ("tiny", "4x8x8", backend, ac, False)
+        for backend in ("sdpa", "math")
+        for ac in ("none", "full", "selective")
     )
     assert result["skipped"] == []
     assert [r["backend"] for r in result["attention"]] == ["sdpa", "math"]
@@ -70,13 +73,13 @@ def test_mfu_is_model_flops_over_the_measured_peak(run):
 
 def test_recomputation_counts_as_hardware_flops_only(run, flops):
     block_flops = 2 * sum(flops["macs_breakdown"][k] for k in BLOCK_PARTS)  # one forward of both blocks
+    # selective keeps the attention kernels' outputs: it recomputes the linears, not QKᵀ and PV
+    linear_flops = 2 * sum(flops["macs_breakdown"][k] for k in ("attn_proj", "cross_attn_proj", "mlp"))
+    extra = {"none": 0, "full": block_flops, "selective": linear_flops}
     for r in run[0]["rows"]:
         ratio = r["hardware TFLOP/s"] / r["model TFLOP/s"]
-        if r["checkpointing"] == "full":
-            assert r["hardware TFLOP/s"] > r["model TFLOP/s"]
-            assert ratio == pytest.approx(1 + block_flops / flops["flops_train_step"], rel=1e-9)
-        else:
-            assert ratio == pytest.approx(1.0, rel=1e-12)
+        assert ratio == pytest.approx(1 + extra[r["checkpointing"]] / flops["flops_train_step"], rel=1e-9)
+    assert 0 < linear_flops < block_flops
 
 
 def test_attention_rows_count_qk_and_pv(run):
@@ -98,6 +101,29 @@ def test_report_has_tables_and_command(run):
     assert "| backend | B | H | Dh | N | fwd FLOPs |" in text
     assert f"python -m benchmarks.throughput {' '.join(ARGS)}" in text
     assert "measured: fastest of 5 2048³ fp32 matmuls before the sweep and 5 after" in text
+
+
+def test_json_without_a_markdown_report(tmp_path):
+    """``--json`` writes the rows, the arguments and the given peak; ``--no-report`` writes no .md."""
+    out = tmp_path / "case.json"
+    args = [*ARGS, "--ac", "every_2", "--backends", "sdpa", "--no-attention", "--peak-tflops", "2"]
+    result = _main([*args, "--json", str(out), "--no-report"], tmp_path / "results")
+    assert result["report"] is None and not (tmp_path / "results").exists()
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert (row["checkpointing"], row["attention"], data["attention"]) == ("every_2", "sdpa", [])
+    assert row["MFU"] == pytest.approx(row["model TFLOP/s"] / 2, rel=1e-9)
+    assert data["peak"] == {"flops": 2e12, "label": "given by --peak-tflops"}
+    assert data["args"] == {
+        "presets": ["tiny"], "shapes": [[4, 8, 8]], "depth": 2, "text_len": 8, "batch": 1, "dtype": "fp32"
+    }  # fmt: skip
+
+
+def test_attention_alone(tmp_path):
+    args = [*ARGS, "--no-train", "--backends", "math", "--attn-shapes", "2x16x64,1x8x32", "--no-report"]
+    result = _main(args, tmp_path)
+    assert result["rows"] == [] and result["skipped"] == []
+    assert [(r["H"], r["Dh"], r["N"]) for r in result["attention"]] == [(2, 16, 64), (1, 8, 32)]
 
 
 def test_unavailable_and_failing_cases_are_listed(tmp_path, monkeypatch):
@@ -122,6 +148,8 @@ def test_unavailable_and_failing_cases_are_listed(tmp_path, monkeypatch):
         (["--shapes", "4x8x7"], "--shapes", "not divisible by preset tiny's patch 1x2x2"),
         (["--ac", "every_0"], "--ac", "every_K"),
         (["--backends", "sdpa,xformers"], "--backends", "unknown attention backend 'xformers'"),
+        (["--peak-tflops", "0"], "--peak-tflops", "expected a positive number"),
+        (["--no-train", "--no-attention"], "--no-train --no-attention", "nothing to measure"),
     ],
 )
 def test_bad_flags_exit_naming_the_flag(args, flag, detail, capsys):
