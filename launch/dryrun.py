@@ -15,12 +15,18 @@ worse, silently train on something else) minutes into a job on many GPUs:
   the DeepSpeed engine's own constraints, and every bucket's (and the samples') tokens against the
   context-parallel cut: tokens divisible by cp (× tp under sequence parallelism), whole latent frames
   per rank for the factorized layout and for per-frame timesteps (image-to-video, continuation);
-- the memory plan (:func:`parallel.plan.plan`) of the bucket with the most tokens per batch on
-  ``--gpu``: not fitting is a warning carrying the planner's suggestion.
+- the memory plan (:func:`parallel.plan.plan`) of every valid bucket on ``--gpu`` under the config's
+  layout, checkpointing, grad_accum, engine, EMA and offload: the report carries the full plan of the
+  bucket predicted to need the most memory (usually the one with the most tokens per batch; caption
+  tokens count too); a bucket not fitting is a warning with what the planner predicts would fit.
 
-Prints one JSON object on stdout (tokens and FLOPs per bucket, model FLOPs per step, the plan, and
-every error and warning) and returns the exit code: 0, or 2 when anything is wrong, with the errors
-also on stderr. Nothing is written (``run.dir`` is not touched) and nothing is downloaded.
+Prints one JSON object on stdout: ``ok``, ``errors``, ``warnings``, ``preset``, ``params``,
+``world_size``, ``gpu``, ``layout``, ``codec``, ``buckets`` (each: pixel and latent sizes, batch size,
+``tokens`` per sample, ``tokens_per_batch``, ``flops_train_step`` of the batch, ``memory_gib``,
+``fits``), ``largest_bucket`` (most tokens per batch) and ``flops_per_step`` (its model FLOPs per
+optimizer step per data-parallel rank, × grad_accum), ``plan_bucket`` and ``plan``. Returns the exit
+code: 0, or 2 when anything is wrong, with the errors also on stderr. Nothing is written (``run.dir``
+is not touched) and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ def dry_run(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> int:
     object) on stdout and the errors on stderr; return the exit code (0 ok, 2 errors)."""
     # libraries imported on the way (DeepSpeed's accelerator notice) print on stdout: keep it JSON only
     with contextlib.redirect_stdout(sys.stderr):
-        report = inspect(cfg, world_size, gpu)
+        report = check(cfg, world_size, gpu)
     print(json.dumps(report))
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -57,7 +63,7 @@ def dry_run(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> int:
     return 0 if report["ok"] else 2
 
 
-def inspect(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> dict:
+def check(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> dict:
     """The dry run's report as a dict (see the module doc); every check runs, whatever fails first.
 
     Args:
