@@ -62,6 +62,10 @@ def init_distributed(
     if world > 1 and not dist.is_initialized():
         backend = process_group_backend(dev.type, backend, cpu_offload)
         dist.init_process_group(backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+        # groups made later (the DeviceMesh's, DeepSpeed's) take torch's module-level default, not
+        # the default group's timeout (read when each group is made): FSDP's collectives run on them
+        dist.distributed_c10d.default_pg_timeout = timeout
+        dist.distributed_c10d.default_pg_nccl_timeout = timeout
     return DistEnv(rank, world, local_rank, dev)
 
 

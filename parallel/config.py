@@ -48,9 +48,10 @@ class ParallelConfig:
     """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``. With
     ``cpu_offload`` on CUDA, a gloo backend for CPU tensors is added (``cuda:nccl,cpu:gloo``)."""
     timeout_minutes: float = 30.0
-    """How long a collective may wait for the other ranks before the job fails. Generous by default:
-    rank 0 builds the initial weights on CPU while the others wait in a broadcast (minutes for a
-    14B model), and checkpoints are written between collectives."""
+    """How long a collective may wait for the other ranks before the job fails (every process group:
+    the default one and the mesh's). Generous by default: rank 0 builds the initial weights on CPU
+    while the others wait in a broadcast (minutes for a 14B model), and checkpoints are written
+    between collectives. torch's own default is 10 minutes for nccl."""
 
 
 def checkpoint_every(mode: str, field: str = "parallel.activation_checkpointing") -> int:

@@ -1,5 +1,6 @@
 """Process-group set-up: the backend chosen per device (the CUDA branch as a pure function), the
-collective timeout from ``parallel.timeout_minutes`` on a real gloo group, TF32 on CUDA.
+collective timeout from ``parallel.timeout_minutes`` on a real gloo group and the DeviceMesh groups
+made after it, TF32 on CUDA.
 
 Only a GPU run confirms that nccl with a gloo side-backend (``cuda:nccl,cpu:gloo``) initialises with
 ``device_id`` and carries FSDP2's CPU-offloaded collectives; here the choice is checked as a decision,
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch.distributed import collective_timeout, enable_tf32, init_distributed, process_group_backend
+from parallel.dims import ParallelDims
 from tests.parallel.group import free_port
 
 
@@ -85,6 +87,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         "device": str(env.device),
         "precision_unchanged": torch.get_float32_matmul_precision() == precision,
     }
+    # a group made afterwards, as the DeviceMesh makes its sub-groups (here a 1-rank tp group)
+    mesh = ParallelDims(1, 2, 1, 1, world).build_mesh("cpu")
+    sub = mesh["tp"].get_group()._get_backend(torch.device("cpu"))
+    result["subgroup_timeout_ms"] = sub.options._timeout / datetime.timedelta(milliseconds=1)
     dist.barrier()
     if rank == 0:
         # rank 1 never joins this one: it must fail by the configured timeout, not the default
@@ -106,5 +112,6 @@ def test_gloo_group_has_the_configured_timeout(tmp_path):
     got = torch.load(tmp_path / "result.pt", weights_only=True)
     assert got["backend"] == "gloo" and got["device"] == "cpu"  # no side backend without CUDA
     assert got["timeout_ms"] == pytest.approx(MINUTES * 60_000)
+    assert got["subgroup_timeout_ms"] == pytest.approx(MINUTES * 60_000)
     assert "Timed out" in got["error"] and "1200ms" in got["error"], got["error"]
     assert got["precision_unchanged"]  # TF32 only on CUDA
