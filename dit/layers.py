@@ -52,6 +52,17 @@ def gated_residual(x: Tensor, y: Tensor, g: Tensor) -> Tensor:
     return (x.float() + update.view(b, n, d)).to(x.dtype)
 
 
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the parameter dtype (Wan's ``WanLayerNorm``): an affine
+    norm of the fp32 residual stream, whose weight FSDP hands over as a bf16 copy (CUDA autocast would
+    upcast it; CPU's does not run layer_norm in fp32 and refuses the mix)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
 class AdaLNModulation(nn.Module):
     """adaLN-Zero (DiT): each block maps the conditioning vector c to its own ``n`` vectors (fp32)."""
 

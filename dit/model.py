@@ -27,6 +27,7 @@ from dit.layers import (
     MLP,
     AdaLNModulation,
     CrossAttention,
+    Fp32LayerNorm,
     SelfAttention,
     TableModulation,
     compute_dtype,
@@ -76,7 +77,7 @@ class DiTBlock(nn.Module):
         )
         self.cross_attn = None
         if cfg.conditioning == "text":
-            self.norm_cross = nn.LayerNorm(d, eps=eps) if cfg.cross_attn_norm else nn.Identity()
+            self.norm_cross = Fp32LayerNorm(d, eps=eps) if cfg.cross_attn_norm else nn.Identity()
             self.cross_attn = CrossAttention(
                 d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, mup.logit_mult(cfg)
             )
