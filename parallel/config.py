@@ -28,7 +28,8 @@ class ParallelConfig:
     cp_ring: int = 0
     """How many of the cp ranks form a ring: 1 = pure Ulysses (all-to-all; cp must divide
     heads/tp), cp = pure ring attention, in between = Ulysses inside groups of cp/cp_ring ranks and a
-    ring across them. 0: Ulysses when the heads allow it, else ring."""
+    ring across them. 0 (auto): the largest Ulysses degree dividing both cp and num_heads/tp, a ring
+    across the rest (cp=8 with 12 heads: Ulysses 4 × ring 2)."""
     activation_checkpointing: str = "none"
     """Recompute block activations in backward: ``none``, ``full`` (every block), ``every_K``
     (blocks 0, K, 2K, …: trades memory against the ~1/K of a forward it recomputes) or
