@@ -67,7 +67,8 @@ class TrainData(DataConfig):
 
     bucket_file: str = ""
     """JSON bucket file (``{"fps", "image_ratio", "buckets": [[F, H, W, batch], ...]}``); replaces
-    ``buckets`` when set."""
+    ``buckets`` when set, unless a ``key=value`` override sets ``data.buckets.buckets`` and not this
+    (an override is the last word: the file's buckets are then not used)."""
     val_shards: str = ""
     """Held-out shards for the validation loss (directory, glob or list; ``val-*.tar`` in a directory)."""
     codec: str = "pixel"
@@ -408,6 +409,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ValueError(f"config key {key}: {e.msg if hasattr(e, 'msg') else e}") from e
+    inline = OmegaConf.select(cli_cfg, "data.buckets.buckets") is not None
+    if inline and OmegaConf.select(cli_cfg, "data.bucket_file") is None:
+        cfg.data.bucket_file = ""  # the file's bucket_file would silently replace the override
     if cfg.data.bucket_file:
         from data.buckets import load_bucket_file
 

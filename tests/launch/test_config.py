@@ -81,6 +81,19 @@ def test_settings_that_contradict_each_other_fail_at_load_naming_both_keys():
         load_config(None, [*declared, "data.val_shards=''"])
 
 
+def test_a_bucket_override_wins_over_the_files_bucket_file():
+    cfg = load_config(CONFIG_DIR / "video-1b3.yaml", WAN)
+    assert len(cfg.data.buckets.buckets) == 25 and cfg.data.buckets.fps == 16  # wan-256px.json
+    one = "data.buckets.buckets=[{frames: 17, height: 256, width: 256, batch_size: 2}]"
+    cfg = load_config(CONFIG_DIR / "video-1b3.yaml", [*WAN, one])
+    assert [b.name for b in cfg.data.buckets.buckets] == ["17x256x256"] and cfg.data.bucket_file == ""
+    # both on the command line: the file, as before
+    cfg = load_config(
+        CONFIG_DIR / "tiny.yaml", [one, f"data.bucket_file={CONFIG_DIR / 'buckets' / 'pixel-64px.json'}"]
+    )
+    assert len(cfg.data.buckets.buckets) == 20 and cfg.data.buckets.fps == 8
+
+
 def test_schedules():
     cos = TrainConfig(steps=100, warmup=10, schedule="cosine", min_lr_ratio=0.1)
     assert [lr_factor(s, cos) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]

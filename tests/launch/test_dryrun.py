@@ -143,15 +143,15 @@ def test_480p_buckets_and_dit_flops_are_the_published_arithmetic(folders, tmp_pa
     assert b["flops_train_step"] == pytest.approx(6 * 118.64e9 * b["batch_size"], rel=1e-3)
 
 
-ONE = "data.bucket_file=''", "data.buckets.buckets=[{frames: %d, height: %d, width: %d, batch_size: 1}]"
+ONE = "data.buckets.buckets=[{frames: %d, height: %d, width: %d, batch_size: 1}]"  # replaces the file's
 DEFECTS = [
-    ("8-frame bucket", "video-1b3", [*ONE[:1], ONE[1] % (8, 256, 256)], ["bucket 8x256x256", "keep 5"]),
-    ("width not /16", "video-1b3", [*ONE[:1], ONE[1] % (81, 480, 840)],
+    ("8-frame bucket", "video-1b3", [ONE % (8, 256, 256)], ["bucket 8x256x256", "keep 5"]),
+    ("width not /16", "video-1b3", [ONE % (81, 480, 840)],
      ["bucket 81x480x840", "width 840", "832 or 848"]),
     ("4-channel model", "video-1b3", ["model.arch.in_channels=4"],
      ["model.arch.in_channels=4", "16-channel"]),
     ("cp=8 on 6 GPUs", "video-14b", ["--world-size", "6"], ["--world-size 6", "cp"]),
-    ("cp cuts a frame", "video-1b3", ["--world-size", "2", "parallel.cp=2", *ONE[:1], ONE[1] % (9, 32, 32)],
+    ("cp cuts a frame", "video-1b3", ["--world-size", "2", "parallel.cp=2", ONE % (9, 32, 32)],
      ["bucket 9x32x32", "per-frame timesteps", "parallel.cp=2"]),
     ("text width", "video-1b3", ["model.arch.text_dim=2048"], ["model.arch.text_dim=2048", "4096-wide"]),
 ]  # fmt: skip
@@ -170,14 +170,8 @@ def test_each_seeded_defect_is_exit_2_naming_it(name, config, extra, named, fold
 
 def test_all_defects_are_reported_together(folders, tmp_path, capsys):
     config = CONFIG_DIR / "video-1b3.yaml"
-    buckets = "[{frames: 8, height: 256, width: 256, batch_size: 1}, {frames: 17, height: 480, width: 840}]"
-    buckets = buckets.replace("840}", "840, batch_size: 1}")
-    args = [
-        *required(config, folders),
-        *ONE[:1],
-        f"data.buckets.buckets={buckets}",
-        "model.arch.in_channels=4",
-    ]
+    two = (ONE % (8, 256, 256))[:-1] + ", " + (ONE % (17, 480, 840)).split("=[", 1)[1]
+    args = [*required(config, folders), two, "model.arch.in_channels=4"]
     code, report, _ = dry_in_process(capsys, config, *args, "--world-size", "3", "parallel.tp=2")
     assert code == 2
     text = "\n".join(report["errors"])
