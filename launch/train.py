@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import random
@@ -542,12 +543,14 @@ def main(argv: list[str] | None = None) -> None:
         "--world-size", type=int, help="--dry-run: the number of GPUs the job will run on (default: 1)"
     )
     p.add_argument("--gpu", default="h100", help="--dry-run: GPU type for the plan (h100, h200, a100, b200)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # options may follow the overrides: ... key=value --world-size 8
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(a.config, a.overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
+        if a.dry_run:  # the dry run's contract: one JSON object on stdout, whatever went wrong
+            print(json.dumps({"ok": False, "errors": [f"config: {e}"], "warnings": []}))
         raise SystemExit(2) from e
     if a.dry_run:
         from launch.dryrun import dry_run  # the planner: only when asked for
