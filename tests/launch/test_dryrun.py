@@ -182,7 +182,9 @@ def test_all_defects_are_reported_together(folders, tmp_path, capsys):
 def test_eval_without_val_shards_and_the_48_channel_pixel_codec(tmp_path):
     # the eval check is the config's own (a real start fails the same way): one line naming both keys
     code, report, err = dry(CONFIG_DIR / "tiny.yaml", "data.val_shards=''", tmp_path=tmp_path)
-    assert code == 2 and report is None and "eval.every=200" in err and "data.val_shards" in err
+    assert code == 2 and "eval.every=200" in err and "data.val_shards" in err
+    # still one JSON object on stdout: scripts that parse the dry run get the error, not nothing
+    assert report["ok"] is False and "eval.every=200" in report["errors"][0]
     # the DiT preset as it was shipped: the default pixel codec makes 48 channels for a 4-channel model
     code, report, err = dry(
         CONFIG_DIR / "dit-xl-2.yaml", "data.shards=/l", "data.codec=pixel", tmp_path=tmp_path
@@ -242,3 +244,15 @@ def test_declared_latents_train_on_latent_batches_and_refuse_pixels_naming_the_s
         cond(raw, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"cannot decode samples"):
         cond.codec.decode(latent)
+
+
+def test_options_may_follow_the_overrides(folders, capsys):
+    """``… key=value --world-size 6`` (the order people type) is parsed, not an argparse error: world 6
+    with video-14b's cp=8 is then the layout error it should be."""
+    config = CONFIG_DIR / "video-14b.yaml"
+    overrides = [a for a in required(config, folders) if "=" in a]
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(config), "--dry-run", *overrides, "--world-size", "6", "--gpu", "h200"])
+    report = json.loads(capsys.readouterr().out)
+    assert stop.value.code == 2 and report["world_size"] == 6
+    assert any("parallel.cp=8" in e or "world size 6" in e for e in report["errors"]), report["errors"]
