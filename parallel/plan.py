@@ -5,30 +5,34 @@ Pure arithmetic over :class:`dit.config.DiTConfig` and :mod:`dit.flops` (no proc
 optimizer step, and a step time and MFU from a roofline. ``python -m benchmarks.plan`` is the CLI and
 ``benchmarks/plan_validate.py`` checks the memory model against FSDP2's memory tracker and real runs.
 
-Memory (bytes per GPU; P = parameters this rank holds after tensor parallelism, S = dp_shard · cp, the
-FSDP shard degree, replicated over dp_replicate):
+Memory: the peak of one GPU, early in backward (every saved activation still alive, one block
+recomputed and differentiated), or at the optimizer step if larger. P = parameters this rank holds
+after tensor parallelism, S = dp_shard · cp (FSDP's shard degree; dp_replicate holds copies).
 
-- FSDP2 (bf16): fp32 params, grads, Adam m and v, EMA, each sharded: 4 + 4 + 8 + 4 bytes · P / S.
-  Gradients are reduce-scattered every micro-step, so grad_accum adds no unsharded fp32 gradient.
-  ``fsdp_buffers``: the bf16 unsharded weights of the running block and the prefetched next one, the
-  unsharded bf16 gradient of the block in backward and its fp32 copy for the fp32 reduce-scatter
-  (2 + 2 + 2 + 4 bytes per block parameter), plus the root's non-block weights in bf16, which FSDP2
-  keeps unsharded from forward to backward. ``cpu_offload`` moves the sharded states to host memory.
+- FSDP2 (bf16): fp32 params, Adam m and v, EMA, sharded: 4 + 8 + 4 bytes · P / S. Gradients (fp32,
+  sharded) are allocated block by block in backward: at the peak only the final layer's and a
+  block's, all of them from the second micro-step on; reduce-scattered every micro-step, so
+  grad_accum adds no unsharded gradient. ``fsdp_buffers``: the running block's bf16 weights, the
+  prefetched next block's all-gather buffer, the previous block's fp32 reduce-scatter input (2 + 2 + 4
+  bytes per block parameter), and the root's bf16 weights, unsharded from forward to backward.
+  ``cpu_offload`` moves the sharded states to host memory.
 - DeepSpeed (``torch_autocast``: fp32 module weights, bf16 compute): fp32 params (partitioned at
   stage 3), fp32 grads (partitioned at stage ≥ 2), Adam m, v partitioned; no separate master copy.
   Buffers: the reduce bucket (5e8 elements fp32, DeepSpeed's default) at stage ≥ 2, the live gathered
-  parameters (two blocks fp32) at stage 3. Autocast saves the bf16 cast of every weight a linear uses
-  for backward: 2 bytes per block parameter of activations without checkpointing.
-- Activations: what autograd saves in a block under bf16 autocast, term by term (:func:`block_terms`:
-  the residual stream is bf16, LayerNorm and the adaLN ``modulate``/``gate`` arithmetic are fp32, and
-  each of q/k/v (and fc1, gate) saves its own bf16 cast of the fp32 modulated input, since autocast
-  caches only weight casts). Context parallel divides tokens by cp; tensor parallel divides heads
-  and the MLP width by tp and, with sequence parallelism, the residual stream too. ``full`` keeps each
-  block's input; ``every_K`` does that for blocks 0, K, 2K…; ``selective`` keeps the input and the
-  attention outputs with their log-sum-exp. With cp and no sequence parallelism the local chunk is a
-  view of the patch embedding's full-sequence output, which block 0 keeps alive (term ``patch_embed_full``).
-- Temporaries: one block recomputed in backward (checkpointing) plus the backward working set of a
-  block (gradients of its widest tensors), see :func:`_temporaries`.
+  parameters (two blocks fp32) at stage 3.
+- Activations: what autograd saves under bf16 autocast on CUDA, term by term (:func:`block_terms`):
+  the residual stream is fp32, LayerNorm and RMSNorm run in fp32 (CUDA autocast's fp32 list),
+  ``modulate`` hands q, k and v one bf16 copy, ``gated_residual`` saves the sub-layer output in fp32.
+  Context parallel divides tokens by cp; tensor parallel divides heads and the MLP width by tp and,
+  with sequence parallelism, the residual stream too. ``full`` keeps each block's fp32 input;
+  ``every_K`` does that for blocks 0, K, 2K…; ``selective`` keeps the input and the attention outputs
+  with their log-sum-exp. Weight copies saved for backward: autocast's bf16 casts of fp32 weights
+  (DeepSpeed, one GPU) or ``Fp32Linear``'s fp32 copies of FSDP's bf16 weights (timestep embedding,
+  modulation, head: 0.7 GB for 14B), in checkpointed blocks only while recomputed.
+- Temporaries: one block recomputed in backward (checkpointing) and the working set of its backward
+  (:func:`activation_bytes`).
+- Not counted: the CUDA context, NCCL and cuBLAS workspaces (:data:`OVERHEAD_GIB`) and the caching
+  allocator's fragmentation (:data:`FRAGMENTATION`), both taken off the device before ``fits``.
 
 Time (per GPU, per optimizer step = grad_accum micro-steps):
 
@@ -37,7 +41,7 @@ Time (per GPU, per optimizer step = grad_accum micro-steps):
 - Attention at its own efficiency (:data:`ATTENTION_EFF`, forward and backward: SDPA's FlashAttention-2
   / cuDNN kernels, or FlashAttention-3 with ``attention_backend=flash_attn`` on Hopper); backward counts
   2× the forward FLOPs, the kernel's recompute of QKᵀ is in its lower efficiency.
-- Element-wise work from HBM bytes (:data:`ELEMENTWISE_BYTES` per token per block, eager PyTorch, no
+- Element-wise work from HBM bytes (:func:`elementwise_bytes` per token per block, eager PyTorch, no
   fusion) at :data:`HBM_EFF` of the bandwidth; the optimizer, EMA and clipping likewise.
 - Communication: bytes per GPU over the group's link: NVLink when the group's ranks lie within one node
   (``gpus_per_node`` consecutive ranks; mesh order dp_replicate, dp_shard, cp, tp with tp innermost),
@@ -52,6 +56,7 @@ with stated efficiencies, not a measurement.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -106,13 +111,11 @@ DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 AC_MODES = "none | full | every_K | selective"
 
 
-def _elementwise_bytes(d: int, f: int, swiglu: bool) -> int:
-    """HBM bytes read + written by the element-wise ops of one block's forward, per token: LayerNorms,
-    modulate/gate in fp32, autocast casts, qk-norm, RoPE in fp32, residual adds, the MLP activation."""
-    return 150 * d + (12 if swiglu else 4) * f
-
-
-ELEMENTWISE_BYTES = _elementwise_bytes
+def elementwise_bytes(d: int, f: int, swiglu: bool) -> int:
+    """HBM bytes read + written per token by the element-wise ops of one block's forward, counted op by
+    op: fp32 LayerNorms and modulate/gated-residual arithmetic, casts, fp32 qk-norm and RoPE (≈ 90 D of
+    the 250 D), the MLP activation."""
+    return 250 * d + (12 if swiglu else 4) * f
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,21 @@ def _count_params(arch: DiTConfig) -> dict[str, int]:
             leaf.split(".")[-1] in ("o", "fc2") and kind == "weight"
         ):
             split += p.numel()
-    return {"total": total, "block": in_block, "block_tp_split": split}
+    # dit.embeddings.Fp32Linear (timestep embedding, modulation, output head) upcasts its weight for
+    # the call: under FSDP's bf16 weights the fp32 copy is saved for backward
+    fp32 = getattr(importlib.import_module("dit.embeddings"), "Fp32Linear", None)
+
+    def fp32_weights(mod: torch.nn.Module) -> int:
+        return sum(m.weight.numel() for m in mod.modules() if fp32 is not None and isinstance(m, fp32))
+
+    fp32_block = fp32_weights(block)
+    return {
+        "total": total,
+        "block": in_block,
+        "block_tp_split": split,
+        "fp32_block": fp32_block,
+        "fp32_root": fp32_weights(model) - arch.depth * fp32_block,
+    }
 
 
 @dataclass(frozen=True)
@@ -280,7 +297,9 @@ def outside_terms(arch: DiTConfig, cut: _Cut, batch: int, tokens: int) -> dict[s
 
 def activation_bytes(arch: DiTConfig, cut: _Cut, ac: str, outside: dict[str, int]) -> dict[str, int]:
     """Saved activations at the end of forward (``saved``) and the extra peak of a block's backward
-    (``recompute``: the block recomputed under checkpointing; ``working``: its gradient buffers)."""
+    (``recompute``: the block recomputed under checkpointing; ``working``: its gradient buffers).
+    Context-parallel buffers (all-to-all, ring K/V) live in the attention's backward, after the MLP's
+    activations are freed, and stay under that peak."""
     kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
     full = block_terms(arch, cut)
     per_block = sum(full.values())
@@ -288,11 +307,10 @@ def activation_bytes(arch: DiTConfig, cut: _Cut, ac: str, outside: dict[str, int
     kept["selective"] = sum(selective_terms(arch, cut).values())
     saved = n_ckpt * kept[kind] + (arch.depth - n_ckpt) * per_block + sum(outside.values())
     n, t, d, f = cut.n, cut.tp, arch.hidden_size, arch.ffn_hidden
-    working = 2 * 2 * n * f // t + 3 * 4 * cut.ns * d  # grads of the MLP hidden pair, fp32 residual grads
-    if cut.cp_kind == "ulysses":
-        working += 3 * 2 * n * d // t  # all-to-all chunks, outputs and their concatenation
-    elif cut.cp_kind == "ring":
-        working += (2 * 2 * 2 + 2 * 4) * n * d // t  # K/V send + receive blocks, fp32 dK/dV accumulators
+    # the peak of a block's backward comes in its MLP: the bf16 gradients of the MLP output and hidden
+    # layer and of the fc weight (unsharded), while the fp32 residual-stream gradient takes the place of
+    # the gated residual's fp32 tensor, already freed (checked against FSDPMemTracker, 14B)
+    working = 2 * n * d + 2 * n * f // t + 2 * d * f // t
     recompute = per_block - kept[kind] if n_ckpt else 0
     return {"saved": saved, "per_block": per_block, "recompute": recompute, "working": working}
 
@@ -311,8 +329,9 @@ def state_bytes(
     if engine == "fsdp" and layout.dp_replicate * s > 1:
         sharded = 4 * local // s
         out = {"params": sharded, "grads": sharded, "optimizer": 2 * sharded, "ema": sharded if ema else 0}
-        out["fsdp_buffers"] = (2 + 2 + 2 + 4) * block + 2 * root
-        out["weight_casts"] = 0  # FSDP's mixed precision hands bf16 weights to autocast: no casts saved
+        out["fsdp_buffers"] = (2 + 2 + 4) * block + 2 * root
+        # FSDP's mixed precision hands bf16 weights to autocast (no casts), but Fp32Linear's copies
+        out["casts_block"], out["casts_root"] = 4 * pc["fp32_block"], 4 * pc["fp32_root"]
     else:  # DeepSpeed, or one FSDP rank (plain fp32 module under autocast)
         z = s if engine == "deepspeed" else 1
         stage = zero_stage if engine == "deepspeed" else 0
@@ -324,7 +343,9 @@ def state_bytes(
         }
         bucket = 4 * min(DS_BUCKET, local) if stage >= 2 else 0
         out["fsdp_buffers"] = bucket + (2 * 4 * block if stage >= 3 else 0)
-        out["weight_casts"] = 2 * block  # autocast's bf16 copy of each weight, saved for backward
+        # autocast's bf16 copy of each weight a linear saves for backward (Fp32Linear needs none)
+        out["casts_block"] = 2 * (block - pc["fp32_block"])
+        out["casts_root"] = 2 * (root - pc["fp32_root"])
     host = 0
     if offload:  # FSDP2 CPUOffloadPolicy: all sharded states; DeepSpeed ZeRO-Offload: the optimizer
         moved = ("params", "grads", "optimizer", "ema") if engine == "fsdp" else ("optimizer",)
@@ -405,27 +426,38 @@ def flops(
     }
 
 
+def _memory(arch, states: dict, act: dict, ac: str, grad_accum: int, engine: str, layout: Layout):
+    """The breakdown at the backward peak (early in backward: every saved activation, one block being
+    recomputed and differentiated), and the optimizer step's peak (all gradients, no activations)."""
+    n_ckpt = checkpoint_blocks(ac, arch.depth)[1]
+    casts = states["casts_root"] + states["casts_block"] * (arch.depth - n_ckpt)
+    mem = {k: states[k] for k in ("params", "grads", "optimizer", "ema")}
+    if engine == "fsdp" and grad_accum == 1:
+        # FSDP2 allocates sharded gradients block by block in backward (zero_grad sets them to None):
+        # at the peak, those of the final layer and a block; a later micro-step holds them all
+        s = layout.dp_shard * layout.cp
+        mem["grads"] = min(states["grads"], 4 * (states["root_params"] + states["block_params"]) // s)
+    mem["activations"] = act["saved"] + casts
+    mem["fsdp_buffers"] = states["fsdp_buffers"]
+    mem["temporaries"] = act["recompute"] + act["working"] + (states["casts_block"] if n_ckpt else 0)
+    step_peak = sum(states[k] for k in ("params", "grads", "optimizer", "ema"))
+    return mem, step_peak
+
+
 def _check(
-    arch: DiTConfig,
-    thw: tuple[int, int, int],
-    layout: Layout,
-    gpu: str,
-    engine: str,
-    zero_stage: int,
-    batch: int,
-    grad_accum: int,
-) -> int:
+    arch: DiTConfig, thw: tuple, layout: Layout, gpu: str, engine: str, stage: int, batch: int, ga: int
+):
     """Raise naming the argument for what cannot run; returns the tokens per sample."""
     if gpu not in GPUS:
         raise ValueError(f"gpu={gpu!r}: expected one of {sorted(GPUS)}")
     if engine not in ("fsdp", "deepspeed"):
         raise ValueError(f"engine={engine!r}: expected 'fsdp' or 'deepspeed'")
-    if engine == "deepspeed" and zero_stage not in (1, 2, 3):
-        raise ValueError(f"zero_stage={zero_stage}: expected 1, 2 or 3")
+    if engine == "deepspeed" and stage not in (1, 2, 3):
+        raise ValueError(f"zero_stage={stage}: expected 1, 2 or 3")
     if engine == "deepspeed" and layout.dp_replicate > 1:
         raise ValueError("layout dp_replicate > 1 needs engine=fsdp (DeepSpeed shards over dp_shard·cp)")
-    if batch < 1 or grad_accum < 1:
-        raise ValueError(f"batch={batch} and grad_accum={grad_accum} must be ≥ 1")
+    if batch < 1 or ga < 1:
+        raise ValueError(f"batch={batch} and grad_accum={ga} must be ≥ 1")
     for name, v, p in zip(("frames", "height", "width"), thw, arch.patch_size, strict=True):
         if v < 1 or v % p:
             raise ValueError(f"{name}={v} (latent) is not a positive multiple of the patch size {p}")
@@ -493,16 +525,12 @@ def plan(
     states = state_bytes(arch, layout, engine, zero_stage, ema, cpu_offload)
     outside = outside_terms(arch, cut, batch, tokens)
     act = activation_bytes(arch, cut, ac, outside)
-    casts = states["weight_casts"]
-    saved = act["saved"] + (casts * arch.depth if ac == "none" else 0)
-    temporaries = act["recompute"] + act["working"] + (casts if ac != "none" else 0)
-    mem = {k: states[k] for k in ("params", "grads", "optimizer", "ema")}
-    mem |= {"activations": saved, "fsdp_buffers": states["fsdp_buffers"], "temporaries": temporaries}
-    total = sum(mem.values())
+    mem, step_peak = _memory(arch, states, act, ac, grad_accum, engine, layout)
+    total = max(sum(mem.values()), step_peak)
     usable = g.memory_gib * (1 - FRAGMENTATION) - OVERHEAD_GIB
     fl = flops(arch, thw, batch, text_len, layout, ac)
     comm = comm_bytes(arch, layout, cut, states, engine, zero_stage, ac)
-    times = _times(arch, g, gpu, layout, cut, fl, comm, states, ac, gpus_per_node, engine)
+    times = _times(arch, gpu, layout, cut, fl, comm, states["optimizer"] // 8, ac, gpus_per_node)
     step = grad_accum * times["micro_step"] + times["optimizer"]
     model_flops = grad_accum * fl["model"]
     hw = grad_accum * (fl["matmul"] + fl["attention_fwd"] + fl["attention_bwd"])
@@ -510,6 +538,7 @@ def plan(
     breakdown["elementwise"] += times["optimizer"]
     return {
         "memory_gib": total / GIB,
+        "peak_at": "backward" if sum(mem.values()) >= step_peak else "optimizer step",
         "capacity_gib": g.memory_gib,
         "usable_gib": usable,
         "fits": total / GIB <= usable,
@@ -519,7 +548,7 @@ def plan(
             "per_block_uncheckpointed": act["per_block"] / GIB,
             "recompute": act["recompute"] / GIB,
             "backward_working": act["working"] / GIB,
-            "weight_casts": (casts * arch.depth if ac == "none" else 0) / GIB,
+            "weight_casts": (mem["activations"] - act["saved"]) / GIB,
             **{f"outside_{k}": v / GIB for k, v in outside.items()},
         },
         "tokens": {"per_sample": tokens, "per_gpu_micro_step": n, "text_len": text_len},
@@ -531,55 +560,36 @@ def plan(
         "mfu": model_flops / (step * g.bf16_tflops * 1e12),
         "time_breakdown_s": breakdown,
         "layout": asdict(layout) | {"world": layout.world, "cp_kind": cp_kind, "sequence_parallel": sp},
-        "settings": {
-            "gpu": gpu,
-            "ac": ac,
-            "grad_accum": grad_accum,
-            "engine": engine,
-            "batch": batch,
-            "zero_stage": zero_stage if engine == "deepspeed" else None,
-            "ema": ema,
-            "cpu_offload": cpu_offload,
-            "gpus_per_node": gpus_per_node,
-        },
+        "settings": dict(gpu=gpu, ac=ac, grad_accum=grad_accum, engine=engine, batch=batch, ema=ema)
+        | dict(zero_stage=zero_stage if engine == "deepspeed" else None, cpu_offload=cpu_offload),
     }
 
 
 def _times(
-    arch,
-    g: GPU,
-    gpu: str,
-    layout: Layout,
-    cut: _Cut,
-    fl: dict,
-    comm: dict,
-    states: dict,
-    ac: str,
-    gpus_per_node: int,
-    engine: str,
-) -> dict[str, float]:
+    arch, gpu: str, layout: Layout, cut: _Cut, fl: dict, comm: dict, opt_elems: int, ac: str, per_node: int
+):
     """Roofline seconds of one micro-step by kind (exposed communication only) and of the optimizer."""
+    g = GPUS[gpu]
     peak = g.bf16_tflops * 1e12
     eff_f, eff_b = ATTENTION_EFF[(gpu, "flash_attn" if arch.attention_backend == "flash_attn" else "sdpa")]
     matmuls = fl["matmul"] / (peak * MATMUL_EFF[gpu])
     attention = fl["attention_fwd"] / (peak * eff_f) + fl["attention_bwd"] / (peak * eff_b)
     kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
     passes = 3 + (n_ckpt / arch.depth if kind != "none" else 0)  # forward, backward (2×), recompute
-    ew = arch.depth * cut.ns * _elementwise_bytes(arch.hidden_size, arch.ffn_hidden, arch.mlp == "swiglu")
+    ew = arch.depth * cut.ns * elementwise_bytes(arch.hidden_size, arch.ffn_hidden, arch.mlp == "swiglu")
     elementwise = passes * ew / (g.hbm_tbps * 1e12 * HBM_EFF)
     compute = matmuls + attention + elementwise
     t = layout.tp
-    fsdp_bw = _span_bw(g, layout.dp_shard * layout.cp * t, gpus_per_node)
+    fsdp_bw = _span_bw(g, layout.dp_shard * layout.cp * t, per_node)
     fsdp_total = comm["fsdp"] / fsdp_bw
     edge = comm["fsdp_edge"] / fsdp_bw
     exposed = edge + max(0.0, fsdp_total - edge - compute)
-    exposed += max(0.0, comm["hsdp"] / _span_bw(g, layout.world, gpus_per_node) - compute)
-    cp_s = comm["cp"] / _span_bw(g, layout.cp * t, gpus_per_node)
+    exposed += max(0.0, comm["hsdp"] / _span_bw(g, layout.world, per_node) - compute)
+    cp_s = comm["cp"] / _span_bw(g, layout.cp * t, per_node)
     exposed += cp_s if cut.cp_kind == "ulysses" else max(0.0, cp_s - attention)
-    exposed += comm["tp"] / _span_bw(g, t, gpus_per_node)
-    # fused AdamW (p, g, m, v read; p, m, v written), EMA lerp, clipping: fp32 on the local shard
-    shard = (states["params"] + states["grads"]) / 8 if states["params"] else 0
-    optimizer = 52 * shard / (g.hbm_tbps * 1e12 * HBM_EFF)
+    exposed += comm["tp"] / _span_bw(g, t, per_node)
+    # fused AdamW (p, g, m, v read; p, m, v written), EMA lerp, clipping: fp32, on the GPU's share
+    optimizer = 52 * opt_elems / (g.hbm_tbps * 1e12 * HBM_EFF)
     return {
         "attention": attention,
         "matmuls": matmuls,

@@ -1,0 +1,165 @@
+"""The memory and step-time planner (parallel.plan) and its CLI (python -m benchmarks.plan).
+
+Memory terms must scale as the layout says; the CLI prints one JSON object and ``--fit`` ranks what
+fits; bad layouts are errors naming the part. One real CPU forward measures activation bytes against
+the prediction. What only a GPU can confirm (allocator fragmentation, CUDA kernels' own workspaces,
+the step time) is not tested here: see benchmarks/results/2026-12-01-plan-validation.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import plan as cli
+from benchmarks.comm_volume import attention_comm_bytes
+from dit.config import get_preset
+from parallel.plan import GIB, Layout, _Cut, block_terms, plan
+
+ARCH = get_preset("video-1b3")
+THW = (21, 60, 104)  # 81 frames at 480p: 21·30·52 = 32760 tokens
+
+
+def _mem(**kw) -> dict:
+    return plan(ARCH, *THW, **kw)["memory_breakdown_gib"]
+
+
+def test_sharded_states_divide_by_the_fsdp_shard_degree():
+    # dp_shard · cp is what FSDP shards over; dp_replicate holds copies
+    a = _mem(layout=Layout(dp_shard=2), grad_accum=2)
+    b = _mem(layout=Layout(dp_shard=4, cp=2), grad_accum=2)
+    c = _mem(layout=Layout(dp_replicate=4, dp_shard=2), grad_accum=2)
+    for key in ("params", "grads", "optimizer", "ema"):
+        assert b[key] == pytest.approx(a[key] / 4, rel=1e-6), key
+        assert c[key] == pytest.approx(a[key], rel=1e-6), key
+    assert a["optimizer"] == pytest.approx(2 * a["params"], rel=1e-6)  # Adam m and v, fp32
+
+
+def test_activations_divide_by_cp():
+    n = 32760
+    one = block_terms(ARCH, _Cut(n=n, ns=n, l=512, tp=1, cp_kind="none"))
+    four = block_terms(ARCH, _Cut(n=n // 4, ns=n // 4, l=512, tp=1, cp_kind="ulysses"))
+    # everything is per token except the caption's k/v (every cp rank holds the whole caption) and
+    # Ulysses' extra copy of the attention output
+    per_token = sum(v for k, v in one.items() if k != "cross_kv")
+    assert sum(v for k, v in four.items() if k not in ("cross_kv", "ulysses_out")) == pytest.approx(
+        per_token / 4, rel=1e-6
+    )
+    a = _mem(layout=Layout(dp_shard=8), ac="none")["activations"]
+    b = _mem(layout=Layout(dp_shard=2, cp=4), ac="none")["activations"]
+    assert a / 4.5 < b < a / 3.5
+
+
+def test_checkpointing_order():
+    acts = {ac: _mem(layout=Layout(dp_shard=8), ac=ac)["activations"] for ac in ("none", "every_2", "full")}
+    acts["selective"] = _mem(layout=Layout(dp_shard=8), ac="selective")["activations"]
+    assert acts["full"] < acts["selective"] < acts["every_2"] < acts["none"]
+    # every_2 checkpoints blocks 0, 2, 4…: half the blocks keep everything
+    assert acts["every_2"] == pytest.approx((acts["none"] + acts["full"]) / 2, rel=0.02)
+
+
+def test_grad_accum_does_not_grow_gradients_or_activations():
+    # FSDP2 reduce-scatters every micro-step: sharded fp32 gradients only, whatever grad_accum
+    two, eight = (_mem(layout=Layout(dp_shard=8), ac="full", grad_accum=g) for g in (2, 8))
+    assert two == eight
+    p = plan(ARCH, *THW, layout=Layout(dp_shard=8), ac="full", grad_accum=4)
+    assert p["memory_breakdown_gib"]["grads"] == pytest.approx(p["memory_breakdown_gib"]["params"])
+    one = plan(ARCH, *THW, layout=Layout(dp_shard=8), ac="full", grad_accum=1)
+    assert p["flops"]["model_per_step"] == 4 * one["flops"]["model_per_step"]
+    assert 3.9 * one["step_s"] < p["step_s"] < 4 * one["step_s"]  # the optimizer runs once
+
+
+def test_ulysses_bytes_match_the_comm_volume_benchmark():
+    layout = Layout(dp_shard=2, cp=4)
+    p = plan(ARCH, *THW, layout=layout, ac="none")
+    per_layer = attention_comm_bytes(32760, ARCH.hidden_size, 4, act_bytes=2)
+    assert p["layout"]["cp_kind"] == "ulysses"
+    assert p["comm_bytes"]["cp"] == ARCH.depth * (per_layer["ulysses_fwd"] + per_layer["ulysses_bwd"])
+
+
+def _run(capsys, *args) -> dict:
+    cli.main(list(args))
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one JSON object on one line
+    return json.loads(out)
+
+
+def test_cli_prints_one_plan(capsys):
+    p = _run(
+        capsys, "video-1b3", "--gpus", "16", "--layout", "dp_shard=4,cp=4", "--ac", "full", "--gpu", "a100"
+    )
+    for key in (
+        "memory_gib",
+        "fits",
+        "step_s",
+        "mfu",
+        "memory_breakdown_gib",
+        "time_breakdown_s",
+        "comm_bytes",
+    ):
+        assert key in p
+    assert set(p["time_breakdown_s"]) == {"attention", "matmuls", "elementwise", "communication"}
+    assert p["memory_gib"] == pytest.approx(sum(p["memory_breakdown_gib"].values()))
+    assert 0 < p["mfu"] < 1 and p["fits"] is True
+
+
+def test_cli_fit_ranks_what_fits(capsys):
+    r = _run(
+        capsys, "video-14b", "--frames", "21", "--height", "90", "--width", "160", "--gpus", "64", "--fit"
+    )
+    rows = r["ranked"]
+    assert rows and r["fitting"] >= len(rows)
+    assert [x["step_s"] for x in rows] == sorted(x["step_s"] for x in rows)
+    arch = get_preset("video-14b")
+    for row in rows:
+        layout = Layout.parse(row["layout"])
+        assert layout.world == 64
+        again = plan(arch, 21, 90, 160, layout=layout, ac=row["ac"], grad_accum=row["grad_accum"])
+        assert again["fits"] and again["step_s"] == pytest.approx(row["step_s"])
+        assert layout.dp_replicate * layout.dp_shard * row["grad_accum"] == r["global_batch"]
+    # 75.6k tokens of a 14B model do not fit one H100 without checkpointing and context parallelism
+    assert not any(row["ac"] == "none" and Layout.parse(row["layout"]).cp == 1 for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("layout", "needle"),
+    [
+        ("dp_shard=8,cq=8", "'cq'"),
+        ("dp_shard=x", "'dp_shard=x'"),
+        ("dp_shard=0,cp=64", "≥ 1"),
+        ("cp", "'cp'"),
+    ],
+)
+def test_cli_bad_layout_names_the_part(capsys, layout, needle):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["video-14b", "--gpus", "64", "--layout", layout])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--layout" in err and needle in err
+
+
+def test_cli_layout_must_cover_the_gpus(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["video-14b", "--gpus", "64", "--layout", "dp_shard=8,cp=4"])
+    err = capsys.readouterr().err
+    assert "32 GPUs" in err and "--gpus=64" in err
+
+
+def test_cli_infeasible_split_names_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["video-14b", "--gpus", "48", "--layout", "dp_shard=16,tp=3"])  # 40 heads
+    assert "--layout tp=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_activation_bytes_match_a_real_cpu_run(ac):
+    """A real forward under bf16 autocast on CPU (norms in fp32 as CUDA autocast runs them), bytes
+    alive at the end of forward (torch's MemTracker) against the planner: within 15%."""
+    from benchmarks.plan_validate import measure_activations
+
+    arch = get_preset("tiny")
+    thw, text_len = (8, 16, 16), 16
+    got = measure_activations(arch, thw, text_len, ac)["activations"]
+    want = plan(arch, *thw, text_len=text_len, ac=ac)["memory_breakdown_gib"]["activations"] * GIB
+    assert want == pytest.approx(got, rel=0.15)
