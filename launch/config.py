@@ -24,7 +24,7 @@ from data.pipeline import DataConfig, limits
 from dit.config import PRESETS, DiTConfig
 from dit.diffusion import DiffusionConfig
 from launch.distributed import preempt_signum
-from parallel.config import ParallelConfig, checkpoint_every
+from parallel.config import ParallelConfig, checkpoint_every, timeout
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -352,6 +352,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.parallel.zero_stage not in (1, 2, 3):
         raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: must be 1, 2 or 3")
     checkpoint_every(cfg.parallel.activation_checkpointing)
+    timeout(cfg.parallel.timeout_minutes)  # at load time, not after the job has its nodes
     errors = cross_field_errors(cfg)
     if errors:
         raise ValueError("; ".join(errors))

@@ -59,6 +59,9 @@ def test_overrides_preset_edits_and_the_saved_config_round_trips(tmp_path):
         ("train.schedule=linear", "train.schedule"),
         ("model.preset=dit-xxl", "model.preset"),
         ("train.grad_accum=0", "train.grad_accum"),
+        ("parallel.timeout_minutes=0", "parallel.timeout_minutes"),
+        ("parallel.timeout_minutes=.nan", "parallel.timeout_minutes"),
+        ("parallel.activation_checkpointing=selectiv", "parallel.activation_checkpointing"),
     ],
 )
 def test_bad_keys_and_values_are_errors_naming_the_key(override, key):
