@@ -181,9 +181,8 @@ def _layout(layout) -> str:
 def _plan_text(p: dict) -> str:
     """One line of a plan: memory against capacity, fit, step time, MFU."""
     text = f"{_f(p.get('memory_gib'), '.1f')} of {_f(p.get('capacity_gib'), '.0f')} GiB/GPU"
-    return (
-        text + f", fits: {p.get('fits')}, step {_f(p.get('step_s'), '.3g')} s, MFU {_f(p.get('mfu'), '.1%')}"
-    )
+    text += f", fits: {p.get('fits')}, step {_f(p.get('step_s'), '.3g')} s, MFU {_f(p.get('mfu'), '.1%')}"
+    return text + (f" ({p['settings']['ac']} checkpointing)" if "settings" in p else "")
 
 
 def _dry_run_text(data: dict) -> str:
@@ -203,8 +202,10 @@ def _dry_run_text(data: dict) -> str:
     if "ranked" in data:
         bits.append(f"{data.get('fitting')} of {data.get('tried')} (layout, checkpointing) fit")
         best = (data["ranked"] or [None])[0]
-        if best:
-            bits.append(f"best: {best['layout']} ac={best['ac']}, {_plan_text(best)}")
+        if best:  # the whole plan of the best is in "best"; the ranked rows are short
+            bits.append(f"best: {best['layout']} ac={best['ac']}: {_plan_text(data.get('best') or best)}")
+            rest = "; ".join(f"{r['layout']} ac={r['ac']} {_f(r['mfu'], '.1%')}" for r in data["ranked"][1:4])
+            bits.append(f"next: {rest}" if rest else "no other")
     return ", ".join(bits)
 
 
@@ -387,9 +388,9 @@ def _environment(out: Path, env: dict) -> str:
         if devices
         else "none"
     )
-    plan_gpu = env.get("plan_gpu", "?") + (
-        "" if env.get("gpu") else " (GPU not in the planner's table: planned as h100)"
-    )
+    plan_gpu = env.get("plan_gpu", "?")
+    if not env.get("gpu"):
+        plan_gpu += " (not in the planner's table: planned as h100)" if env.get("gpu_name") else " (no GPU)"
     lines = [
         f"- mode: {env.get('mode', '?')}; command: `{env.get('command', '?')}`; commit: {env.get('commit')}",
         f"- GPU (torch): {gpu}; planner GPU: {plan_gpu}",
