@@ -43,24 +43,51 @@ def expect_for(cfg: JobConfig) -> Expect:
     return Expect(arch.in_channels, compression, arch.text_dim if arch.conditioning == "text" else None)
 
 
+def run_bf16(cfg: JobConfig, device: torch.device | str) -> bool:
+    """Whether the run computes in bf16 on ``device`` (autocast over fp32 weights): ``run.precision=bf16``,
+    or ``auto`` on CUDA. Training, validation and samples all follow it."""
+    precision = cfg.run.precision
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
 class Conditioner:
-    """Encodes text and video on the training device and applies dropout and tasks."""
+    """Encodes text and video on the training device and applies dropout and tasks.
+
+    The codec (VAE) and the text encoder are frozen and load on first use, in bf16 on CUDA when the run
+    is bf16: with latent shards (which carry text states) a rank that never decodes samples never
+    loads either (see :func:`launch.evaluate.draw_samples`).
+    """
 
     def __init__(self, cfg: JobConfig, device: torch.device):
         self.cfg, self.arch, self.device = cfg, cfg.model.arch, device
-        self.codec = build_codec(cfg.data.codec, device=str(device))
-        self.text: TextEncoder | None = None  # loaded on first need (latent shards carry embeddings)
-        if hasattr(self.codec, "latent_channels") and self.codec.latent_channels != self.arch.in_channels:
+        cuda_bf16 = torch.device(device).type == "cuda" and run_bf16(cfg, device)
+        self.encoder_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        # the codec's geometry from its config alone: no weights loaded until something is encoded
+        self.compression, channels = codec_geometry(cfg.data.codec)
+        self._codec = None
+        self.text: TextEncoder | None = None
+        if channels != self.arch.in_channels:
             raise ValueError(
-                f"data.codec={cfg.data.codec!r} makes {self.codec.latent_channels}-channel latents but "
+                f"data.codec={cfg.data.codec!r} makes {channels}-channel latents but "
                 f"model.arch.in_channels={self.arch.in_channels}"
             )
         weights = torch.tensor([cfg.train.task_t2v, cfg.train.task_i2v, cfg.train.task_continuation])
         self.task_probs = weights / weights.sum()
 
+    @property
+    def codec(self):
+        """The ``data.codec`` codec or VAE, built on first use (in :attr:`encoder_dtype`)."""
+        if self._codec is None:
+            self._codec = build_codec(self.cfg.data.codec, device=str(self.device), dtype=self.encoder_dtype)
+        return self._codec
+
     def encode_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Captions → (B×L×D fp32 states, B×L bool mask) on the CPU."""
         if self.text is None:
-            self.text = TextEncoder(self.cfg.data.text_encoder, self.cfg.data.max_text_len, str(self.device))
+            data = self.cfg.data
+            self.text = TextEncoder(
+                data.text_encoder, data.max_text_len, str(self.device), self.encoder_dtype
+            )
             if self.text.dim != self.arch.text_dim:
                 raise ValueError(
                     f"data.text_encoder={self.cfg.data.text_encoder!r} gives {self.text.dim}-wide states but "
@@ -73,11 +100,12 @@ class Conditioner:
         if "latent" in batch:
             x0 = batch["latent"].to(dev, non_blocking=True).float()
         else:
-            x0 = self.codec.encode(batch["video"].to(dev, non_blocking=True)).float()
+            # the codecs return their latents on the CPU (DiffusersVAE moves them there)
+            x0 = self.codec.encode(batch["video"].to(dev, non_blocking=True)).to(dev).float()
         b, t = x0.shape[0], x0.shape[2]
         kwargs = self._condition(batch, b)
         if self.arch.fps_conditioning:
-            kwargs["fps"] = batch["fps"].to(dev)
+            kwargs["fps"] = batch["fps"].to(dev, non_blocking=True)
         if train and self.cfg.train.cfg_dropout > 0 and self.arch.conditioning != "none":
             drop = torch.rand(b, generator=gen) < self.cfg.train.cfg_dropout
             null = null_condition(self.arch, kwargs)
@@ -98,14 +126,18 @@ class Conditioner:
                 mask = mask if mask is not None else torch.ones(emb.shape[:2], dtype=torch.bool)
             else:
                 emb, mask = self.encode_text(batch["text"])
-            return {"context": emb.to(dev).float(), "context_mask": mask.to(dev)}
+            # loader tensors may be pinned: copies overlap with the host's work
+            return {
+                "context": emb.to(dev, non_blocking=True).float(),
+                "context_mask": mask.to(dev, non_blocking=True),
+            }
         if kind == "class":
             if "label" not in batch:
                 raise ValueError(
                     f"model.arch.conditioning=class but batch {batch['key'][:1]} has no 'label' (an integer "
                     "'label' in each sample's json)"
                 )
-            return {"labels": batch["label"].to(dev)}
+            return {"labels": batch["label"].to(dev, non_blocking=True)}
         return {}
 
     def _tasks(self, x0: Tensor, kwargs: dict, gen: torch.Generator) -> Tensor | None:

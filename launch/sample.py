@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA exists")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="the DiT under bf16 autocast (fp32 weights), as the run trained; auto: bf16 on CUDA. On CUDA "
+        "the text encoder and VAE then load in bf16 too",
+    )
     p.add_argument("--out", required=True, help="output .mp4 (numbered when there are several prompts)")
     a = p.parse_args(argv)
     for path in (a.image, a.video, a.prompts):
@@ -123,11 +130,13 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
     arch, defaults = info["arch"], info.get("sample") or SampleConfig()
     frames, height = a.frames or defaults.frames, a.height or defaults.height
     width, fps = a.width or defaults.width, a.fps or defaults.fps
-    codec = build_codec(info["codec"], device=a.device)
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and torch.device(a.device).type == "cuda")
+    enc_dtype = torch.bfloat16 if bf16 and torch.device(a.device).type == "cuda" else torch.float32
+    codec = build_codec(info["codec"], device=a.device, dtype=enc_dtype)
     obj = make_objective(info["diffusion"])
     text = None
     if arch.conditioning == "text":
-        text = TextEncoder(info["text_encoder"], info["max_text_len"], a.device)
+        text = TextEncoder(info["text_encoder"], info["max_text_len"], a.device, enc_dtype)
     first = video = None
     if a.image:
         first = codec.encode(_pixels(a.image, 1, fps, (width, height)).to(a.device))[:, :, 0]  # 1, C, H, W
@@ -154,6 +163,7 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
             first_frame=first,
             video=video,
             strength=a.strength,
+            bf16=bf16,
         )
         for n, clip in enumerate(clips, start):
             path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
@@ -164,11 +174,24 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
 
 
 @torch.no_grad()
-def videos_for(
+def videos_for(model, obj, arch: DiTConfig, codec, encode_text, prompts: list[str], **kw) -> np.ndarray:
+    """One video per prompt, decoded: B×T×H×W×3 uint8 (see :func:`latents_for` for the arguments;
+    ``codec`` decodes the latents and sets their shape through its compression)."""
+    z = latents_for(model, obj, arch, codec.compression, encode_text, prompts, **kw)
+    return decode(codec, z)
+
+
+def decode(codec, z: torch.Tensor) -> np.ndarray:
+    """Latents → B×T×H×W×3 uint8 through ``codec`` (its own dtype: bf16 VAE weights on CUDA)."""
+    return to_uint8(codec.decode(z.float()))
+
+
+@torch.no_grad()
+def latents_for(
     model,
     obj,
     arch: DiTConfig,
-    codec,
+    compression,
     encode_text,
     prompts: list[str],
     *,
@@ -184,16 +207,19 @@ def videos_for(
     first_frame: torch.Tensor | None = None,
     video: torch.Tensor | None = None,
     strength: float = 1.0,
-) -> np.ndarray:
-    """One video per prompt (class ids as strings for a class-conditional model): B×T×H×W×3 uint8.
+    bf16: bool = False,
+) -> torch.Tensor:
+    """Sampled latents, one per prompt (class ids as strings for a class-conditional model).
 
     Args:
-        codec: decodes the latents (and set their shape through its compression).
+        compression: the codec's :class:`~data.buckets.Compression`, for the latent shape.
         encode_text: captions → (states, mask); used by text-conditioned models.
         frames, height, width: the clip in pixels.
         first_frame: 1×C×H×W latent for image-to-video; video: 1×C×T×H×W latents for video-to-video.
+        bf16: run the model under bf16 autocast (the training precision; the weights stay as they
+            are, the sampler integrates in fp32).
     """
-    b, comp = len(prompts), codec.compression
+    b, comp = len(prompts), compression
     shape = (b, arch.in_channels, comp.latent_frames(frames), height // comp.spatial, width // comp.spatial)
     cond: dict = {}
     if arch.conditioning == "text":
@@ -204,23 +230,26 @@ def videos_for(
     if arch.fps_conditioning:
         cond["fps"] = torch.full((b,), float(fps), device=device)
     uncond = {**cond, **null_condition(arch, cond)} if cfg_scale != 1 else None
-    z = sample(
-        model,
-        obj,
-        shape,
-        cond,
-        uncond,
-        sampler=sampler,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        seed=seed,
-        device=device,
-        first_frame=None if first_frame is None else first_frame.expand(b, -1, -1, -1),
-        first_frame_as="cond" if arch.cond_channels else "frames",
-        video=None if video is None else video.expand(b, -1, -1, -1, -1),
-        strength=strength,
-    )
-    return to_uint8(codec.decode(z.float()))
+    # no weight-cast cache across the sampler's steps: under ZeRO-3 it would hold a bf16 copy of every
+    # weight for the whole loop; recasting each step costs little next to the matmuls
+    dev = torch.device(device).type
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        return sample(
+            model,
+            obj,
+            shape,
+            cond,
+            uncond,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            device=device,
+            first_frame=None if first_frame is None else first_frame.expand(b, -1, -1, -1),
+            first_frame_as="cond" if arch.cond_channels else "frames",
+            video=None if video is None else video.expand(b, -1, -1, -1, -1),
+            strength=strength,
+        )
 
 
 def _class_id(prompt: str, arch: DiTConfig) -> int:

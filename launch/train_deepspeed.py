@@ -18,8 +18,9 @@ What differs from the FSDP2 trainer, and why:
   ``model.safetensors`` and ``ema.safetensors`` gathered to rank 0, so ``launch.export`` and
   ``init.from`` read it in one process as they read DCP checkpoints (and a run under another layout
   can start from it with ``init.from``).
-- The EMA averages the weights the module computes with (the bf16 copy under ``run.precision=bf16``;
-  the fp32 masters are inside the ZeRO optimizer), each rank over its part: a ZeRO-3 partition or a
+- bf16 is DeepSpeed's ``torch_autocast`` (:func:`parallel.zero.deepspeed_config`): the module's
+  weights stay fp32 and are the master weights, the engine's forward runs under bf16 autocast.
+- The EMA averages the module's (fp32) weights, each rank over its part: a ZeRO-3 partition or a
   tensor-parallel slice.
 """
 
@@ -61,6 +62,9 @@ class DeepSpeedTrainer(Trainer):
 
     def forward_module(self) -> nn.Module:
         return self.engine
+
+    def _autocast(self):
+        return zero.autocast(self.env.device.type, self.bf16)  # no weight-cast cache (ZeRO-3)
 
     def _backward(self, per_sample: torch.Tensor, total: float, last: bool) -> None:
         zero.backward(self.engine, per_sample, total)

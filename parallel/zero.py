@@ -21,6 +21,16 @@ What DeepSpeed 0.19 needs on a CPU, found on this machine (torch 2.13 CPU, gloo)
   compiled at first use) unless ``zero_force_ds_cpu_optimizer`` is false; it is false here so the
   optimizer math stays torch's, as on the FSDP path.
 - ZeRO 1, 2 and 3 train on CPU in fp32 and equal one process (``tests/parallel/test_zero.py``).
+- bf16 is DeepSpeed's ``torch_autocast`` (fp32 module weights, bf16 autocast compute), not its ``bf16``
+  section. With the ``bf16`` section the module's weights are bf16 and DeepSpeed's forward, finding
+  an outer ``torch.autocast`` (``torch.is_autocast_enabled()``, i.e. CUDA's) while its own
+  ``torch_autocast`` is off, *disables* it: the trainer's fp32 latents meet bf16 weights on a GPU
+  ("mat1 and mat2 must have the same dtype"), and so does every call of ``engine.module`` outside the
+  engine (validation, samples). With ``torch_autocast`` the forward runs under autocast with or
+  without an outer one, and ``engine.module`` takes fp32 inputs anywhere. On CPU the question never
+  arises (CPU autocast is not what ``torch.is_autocast_enabled()`` asks about), so the tests raise
+  CUDA's autocast flag beside CPU autocast to take the GPU's branch
+  (``tests/launch/test_deepspeed_bf16.py``).
 - DeepSpeed's checkpoint engine reads its files with ``weights_only=False``. :func:`build_engine`
   installs :class:`SafeCheckpointEngine`, which reads them with ``weights_only=True`` and allows
   exactly the three DeepSpeed classes its optimizer files hold (found with
@@ -126,8 +136,10 @@ def deepspeed_config(
         train_cfg: ``grad_clip`` and ``grad_accum`` are read (the optimizer comes from the caller).
         zero_stage: 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) partitioned over dp.
         offload: keep the optimizer state (and its step) in host memory.
-        bf16: bf16 parameters and compute with fp32 master weights in the ZeRO optimizer; gradients
-            are reduced in fp32 (as FSDP's fp32 reduce).
+        bf16: DeepSpeed's ``torch_autocast``: the module's weights stay fp32 (they are the master
+            weights; no bf16 copy), its forward runs under bf16 autocast, gradients are fp32 and
+            reduced in fp32 (FSDP's ``reduce_dtype``). See :func:`build_engine` for why not DeepSpeed's
+            ``bf16`` section.
     """
     if zero_stage not in (1, 2, 3):
         raise ValueError(f"parallel.zero_stage={zero_stage}: must be 1, 2 or 3")
@@ -145,9 +157,28 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     }
     if bf16:
-        cfg["bf16"] = {"enabled": True}
+        cfg["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            # no module is "lower-precision safe": DeepSpeed would tag their parameters to reduce
+            # gradients (and, at stage 3, gather weights) in bf16; fp32 keeps the sums over ranks exact
+            # to fp32 as on the FSDP path, at 2x the bytes of a bf16 ZeRO-3 all-gather
+            "lower_precision_safe_modules": [],
+        }
         cfg["communication_data_type"] = "fp32"
     return cfg
+
+
+def autocast(device_type: str, bf16: bool):
+    """The trainer's autocast around the engine's forward (DeepSpeed's ``torch_autocast`` enters its
+    own inside, inheriting these settings), without autocast's weight-cast cache.
+
+    ZeRO-3 gathers a module's weights for its forward and frees them after, and DeepSpeed's linear
+    (which replaces ``F.linear`` under ZeRO-3) saves the fp32 parameter, not a bf16 copy, for backward.
+    The cache would keep the bf16 copy of every weight until the autocast region ends: the whole model
+    per rank during the forward. Each weight is used once per forward here, so nothing is recast.
+    """
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
@@ -423,6 +454,7 @@ __all__ = [
     "SafeCheckpointEngine",
     "StepResult",
     "deepspeed_config",
+    "autocast",
     "build_engine",
     "backward",
     "step",

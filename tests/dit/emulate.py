@@ -27,7 +27,8 @@ from torch.overrides import TorchFunctionMode
 
 
 @contextlib.contextmanager
-def _cuda_flag(dtype: torch.dtype) -> Iterator[None]:
+def cuda_autocast_flag(dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+    """CUDA's autocast flag (and dtype) raised for this thread, restored after."""
     prev = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     torch.set_autocast_enabled("cuda", True)
     torch.set_autocast_dtype("cuda", dtype)
@@ -87,12 +88,12 @@ def fake_cuda(dtype: torch.dtype | None = torch.bfloat16) -> Iterator[FakeTensor
         if dtype is None:
             yield mode
             return
-        with _cuda_flag(dtype):
+        with cuda_autocast_flag(dtype):
             yield mode
 
 
 @contextlib.contextmanager
 def gpu_like_autocast(dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
     """CPU autocast in ``dtype`` that code checking CUDA's autocast flag also sees as on."""
-    with torch.autocast("cpu", dtype=dtype), _cuda_flag(dtype):
+    with torch.autocast("cpu", dtype=dtype), cuda_autocast_flag(dtype):
         yield

@@ -199,7 +199,13 @@ def test_deepspeed_config_from_train_config():
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "bf16" not in cfg
-    assert deepspeed_config(tcfg, zero_stage=1, bf16=True)["bf16"] == {"enabled": True}
+    bf16 = deepspeed_config(tcfg, zero_stage=1, bf16=True)
+    assert "bf16" not in bf16  # DeepSpeed's bf16 section disables an outer autocast (parallel.zero)
+    assert bf16["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
     with pytest.raises(ValueError, match="parallel.zero_stage=4"):
         deepspeed_config(tcfg, zero_stage=4)
 

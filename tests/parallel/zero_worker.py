@@ -12,6 +12,7 @@ initial and final weights are exported as safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import resource
@@ -31,6 +32,7 @@ from parallel import checkpoint as ckpt
 from parallel import zero
 from parallel.grads import clip_grad_norm
 from parallel.megatron_tp import apply_megatron_tp, full_tensor
+from tests.dit.emulate import cuda_autocast_flag
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
 from tests.parallel.parity_worker import GLOBAL_BATCH, arch, batch
@@ -63,9 +65,10 @@ def train_cfg(case: Case) -> TrainConfig:
 
 
 def per_sample_loss(model, objective, data: dict[str, torch.Tensor], bf16: bool = False) -> torch.Tensor:
-    """The trainer's per-sample loss: mean over the frames that count. The trainer autocasts when
-    bf16 (DeepSpeed's bf16 mode makes the weights bf16, the inputs stay fp32)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    """The trainer's per-sample loss: mean over the frames that count. Under bf16 inside the DeepSpeed
+    trainer's autocast with CUDA's autocast flag raised, which is what DeepSpeed's forward checks on a
+    GPU (the weights stay fp32: DeepSpeed's torch_autocast)."""
+    with zero.autocast("cpu", bf16), cuda_autocast_flag() if bf16 else contextlib.nullcontext():
         out = objective.loss(
             model, data["x0"], {"context": data["context"], "context_mask": data["context_mask"]},
             cond_frames=data["cond_frames"], noise=data["noise"], t=data["t"],
