@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from data.buckets import check_bucket
 from data.encoders import TextEncoder, build_codec, codec_geometry
 from data.stream import Expect
 from dit.config import DiTConfig
@@ -40,6 +41,14 @@ def expect_for(cfg: JobConfig) -> Expect:
     ``model.arch.text_dim``-wide text states. Raw-video samples are not affected."""
     compression, _ = codec_geometry(cfg.data.codec)  # its channels: Conditioner checks them
     arch = cfg.model.arch
+    # a bucket the codec would truncate or the patch not divide trains on something else than it says
+    # (raw video) or never matches a latent sample: refuse it at start-up, as --dry-run does
+    problems = [p for b in cfg.data.buckets.buckets for p in check_bucket(b, compression, arch.patch_size)]
+    if problems:
+        raise ValueError(
+            f"data.buckets (data.codec={cfg.data.codec!r}, model.arch.patch_size={tuple(arch.patch_size)}): "
+            + "; ".join(problems)
+        )
     return Expect(arch.in_channels, compression, arch.text_dim if arch.conditioning == "text" else None)
 
 

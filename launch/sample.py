@@ -133,6 +133,11 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
     bf16 = a.precision == "bf16" or (a.precision == "auto" and torch.device(a.device).type == "cuda")
     enc_dtype = torch.bfloat16 if bf16 and torch.device(a.device).type == "cuda" else torch.float32
     codec = build_codec(info["codec"], device=a.device, dtype=enc_dtype)
+    if not getattr(codec, "decodes", True):  # before any sampling, not after it
+        raise SystemExit(
+            f"error: the run's data.codec={info['codec']!r} only declares latent geometry and cannot decode "
+            "samples; decode the latents with the VAE they were made with"
+        )
     obj = make_objective(info["diffusion"])
     text = None
     if arch.conditioning == "text":

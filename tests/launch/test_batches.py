@@ -60,3 +60,27 @@ def test_task_mix_marks_clean_frames_and_builds_cond_channels():
     assert kinds == {0, 1, 2}
     image = cond(_batch(t=1), torch.Generator().manual_seed(0))  # stills are always text-to-image
     assert image.cond_frames is None and torch.all(image.kwargs["cond"] == 0)
+
+
+def test_a_real_start_refuses_buckets_the_codec_would_truncate_or_the_patch_not_divide(tmp_path):
+    """The trainers and the held-out loader build their expectations with ``expect_for``: a bucket that
+    --dry-run calls an error stops a real start too, naming the bucket (the tiny config's pixel codec:
+    4× spatial, patch 1, so H and W must be multiples of 4; a causal 4× VAE needs 1 + 4k frames)."""
+    import json
+
+    import pytest
+
+    from launch.batches import expect_for
+
+    good = "data.buckets.buckets=[{frames: 4, height: 32, width: 32, batch_size: 2}]"
+    cfg = load_config(None, [good])
+    assert expect_for(cfg).channels == cfg.model.arch.in_channels
+    bad = "data.buckets.buckets=[{frames: 4, height: 32, width: 34, batch_size: 2}]"
+    with pytest.raises(ValueError, match=r"data\.buckets .*bucket 4x32x34: width 34 is not a multiple of 4"):
+        expect_for(load_config(None, [bad]))
+    wan = tmp_path / "vae"
+    wan.mkdir()
+    (wan / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "z_dim": 4}))
+    eight = "data.buckets.buckets=[{frames: 8, height: 64, width: 64, batch_size: 1}]"
+    with pytest.raises(ValueError, match=r"bucket 8x64x64: 8 frames: the causal codec .* silently keep 5"):
+        expect_for(load_config(None, [eight, f"data.codec={wan}"]))

@@ -59,3 +59,20 @@ def test_conditioner_checks_channels_without_loading_the_codec():
         ValueError, match=r"data.codec='pixel' makes 48-channel latents but model.arch.in_channels=4"
     ):
         Conditioner(load_config(None, ["model.arch.in_channels=4"]), torch.device("cpu"))
+
+
+def test_sampling_a_model_whose_codec_cannot_decode_stops_before_the_model_runs(tmp_path):
+    """DiT-XL/2's ``data.codec=latents:4,1,8`` declares geometry only: ``launch.sample`` says so up front
+    instead of after every denoising step has run."""
+    arch = get_preset("tiny").replace(conditioning="class", num_classes=10, in_channels=4)
+    model = random_model(arch).eval()
+    calls = []
+    model.register_forward_hook(lambda m, a, out: calls.append(1))
+    info = {"arch": arch, "diffusion": DiffusionConfig(), "codec": "latents:4,1,8", "sample": SampleConfig()}
+    args = argparse.Namespace(
+        frames=1, height=16, width=16, fps=8.0, steps=2, sampler="euler", cfg=2.0, seed=0, batch_size=4,
+        device="cpu", precision="fp32", image=None, video=None, strength=0.6, out=str(tmp_path / "s.mp4"),
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match=r"latents:4,1,8.* cannot decode"):
+        generate(model, info, ["3"], args)
+    assert calls == [] and not (tmp_path / "s.mp4").exists()
