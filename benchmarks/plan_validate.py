@@ -16,7 +16,10 @@ makes the CPU runs follow CUDA's rule, so what is measured is what a GPU would s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
+import json
 import time
 import types
 from pathlib import Path
@@ -94,11 +97,9 @@ def _loss(model, kwargs: dict, target: torch.Tensor) -> torch.Tensor:
 
 
 def measure_activations(arch, thw, text_len: int, ac: str, batch: int = 1) -> dict:
-    """A real CPU forward + backward of ``arch`` on one process under bf16 autocast (fp32 weights, as one
-    GPU without FSDP runs it): bytes alive at the end of forward that forward allocated
-    (``activations``: saved tensors, autocast's bf16 weight copies, the output and loss) and the peak
-    during backward of activations, temporaries and gradients (``backward_peak``).
-    """
+    """A real CPU forward of ``arch`` on one process under bf16 autocast (fp32 weights, as one GPU
+    without FSDP runs it), then its backward: bytes alive at the end of forward that forward allocated
+    (``activations``: saved tensors, autocast's bf16 weight copies, the output and loss)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from dit.model import build_model
@@ -118,10 +119,8 @@ def measure_activations(arch, thw, text_len: int, ac: str, batch: int = 1) -> di
     with mt:
         loss = _loss(model, kwargs, target)
         acts = sum(snap.get("Activation", 0) for snap in mt.get_tracker_snapshot("current").values())
-        loss.backward()
-    peak = mt.get_tracker_snapshot("peak")
-    keys = ("Activation", "Temp", "Gradient")
-    return {"activations": acts, "backward_peak": sum(s.get(k, 0) for s in peak.values() for k in keys)}
+        loss.backward()  # the checkpointed recomputation must run as it was saved
+    return {"activations": acts}
 
 
 def activation_rows(cases: list[tuple], text_len: int = 64) -> list[dict]:
@@ -132,7 +131,7 @@ def activation_rows(cases: list[tuple], text_len: int = 64) -> list[dict]:
         t0 = time.perf_counter()
         got = measure_activations(arch, thw, text_len, ac, batch)
         p = plan(arch, *thw, batch=batch, text_len=text_len, layout=Layout(), ac=ac)
-        pred = predicted_activations(p)
+        pred = p["activation_detail_gib"]["after_forward"] * GIB
         rows.append(
             {
                 "preset": preset,
@@ -146,11 +145,6 @@ def activation_rows(cases: list[tuple], text_len: int = 64) -> list[dict]:
             }
         )
     return rows
-
-
-def predicted_activations(p: dict) -> float:
-    """The planner's saved activations, in bytes."""
-    return p["memory_breakdown_gib"]["activations"] * GIB
 
 
 def fake_fsdp_run(
@@ -251,3 +245,223 @@ def _warm_optimizer(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 def _snapshot(tracker, kind: str) -> dict[str, int]:
     snap = next(iter(tracker.get_tracker_snapshot(kind).values()))
     return {str(getattr(k, "value", k)): int(v) for k, v in snap.items() if v}
+
+
+FAKE_CASES = [  # (preset, latent T×H×W, layout, ac): the target first
+    ("video-14b", (21, 90, 160), "dp_shard=8,cp=8", "full"),
+    ("video-14b", (21, 90, 160), "dp_shard=8,cp=8", "selective"),
+    ("video-1b3", (21, 60, 104), "dp_shard=8", "none"),
+    ("video-1b3", (21, 60, 104), "dp_shard=2,cp=4", "every_2"),
+    ("video-1b3", (21, 60, 104), "dp_shard=4,tp=2", "full"),
+]
+CPU_CASES = [  # (preset, latent T×H×W, ac, batch)
+    *[("tiny", (8, 32, 32), ac, 1) for ac in ("none", "full", "every_2", "selective")],
+    ("tiny", (4, 16, 16), "none", 2),
+    *[("video-small", (5, 32, 32), ac, 1) for ac in ("none", "full", "selective")],
+]
+
+
+def fake_rows(cases=FAKE_CASES, text_len: int = 512) -> list[dict]:
+    """(a) for each case: the tracker's peak against the planner's (EMA left out: the tracker does not
+    see it), activations after forward against the planner's, and the categories of both."""
+    rows = []
+    for preset, thw, layout, ac in cases:
+        got = fake_fsdp_run(preset, thw, text_len, Layout.parse(layout), ac)
+        p = plan(get_preset(preset), *thw, text_len=text_len, layout=Layout.parse(layout), ac=ac, ema=False)
+        peak, pred = got["peak"]["Total"], p["memory_gib"] * GIB
+        acts = got["after_forward"].get("Activation", 0)
+        rows.append(
+            {
+                "preset": preset,
+                "latent": "×".join(map(str, thw)),
+                "layout": layout,
+                "ac": ac,
+                "measured_gib": peak / GIB,
+                "predicted_gib": pred / GIB,
+                "ratio": pred / peak,
+                "acts_measured_gib": acts / GIB,
+                "acts_predicted_gib": p["activation_detail_gib"]["after_forward"],
+                "tracker": {k: v / GIB for k, v in got["peak"].items()},
+                "plan": p["memory_breakdown_gib"],
+                "seconds": got["seconds"],
+            }
+        )
+    return rows
+
+
+NOTES = """\
+- What (a) confirms: which tensors the real model code allocates and keeps, at what size and for how
+  long, once FSDP2 (bf16 parameters, fp32 reduce), Ulysses or tensor parallelism, and checkpointing
+  are applied, as a dispatch-level tracker sees them on rank 0 of the real mesh. That is the planner's
+  accounting: parameters, gradients, optimizer state, FSDP's unsharded weights and all-gather /
+  reduce-scatter buffers, activations and backward temporaries at the peak.
+- What (a) cannot confirm, and only a GPU can: the CUDA caching allocator's rounding and
+  fragmentation, the CUDA context, NCCL and cuBLAS workspaces (the planner takes
+  `OVERHEAD_GIB` and `FRAGMENTATION` off the device before `fits`: assumptions, not measured); the
+  CUDA attention kernels (the CPU run uses `_scaled_dot_product_flash_attention_for_cpu`; CUDA's flash
+  and cuDNN kernels also save output + log-sum-exp, its masked cross-attention runs the
+  memory-efficient kernel); autocast's CUDA op lists (the runs emulate the two that matter here:
+  LayerNorm and RMSNorm in fp32, RMSNorm saving what the fused CUDA kernel saves); FSDP2's stream
+  semantics (on a GPU a buffer is freed when its collective finishes on the communication stream,
+  so overlap may keep one more block's buffers alive for a while).
+- The mesh is on CPU: a CPU build of torch cannot hand FSDP2 CUDA streams and events for fake CUDA
+  tensors. The fake process group makes every collective a no-op of the right shape.
+- The tracker's module tracker holds, with its default multi-gradient hook ("all"), each block's
+  input gradient until the gradients of the inputs every block shares (modulation vectors, caption)
+  are complete at the end of backward: one fp32 B×N×D per block, 7.4 GiB of "Temp" for 14B that a
+  real step frees as soon as the previous block has used it (found by recording which tensors
+  outlive their block: `aten.add` results, the residual-stream gradients). The runs use the hook's
+  "any" mode; the raw tool's number is given for the target.
+- AdamW: the fake run uses the single-tensor implementation (one parameter's temporaries at a time,
+  nearest the fused CUDA kernel the trainer uses, which has none); its state is created before the
+  measured step, as in any step after the first. The EMA (4 bytes per sharded parameter) is not seen
+  by the tracker: the planner's numbers in (a) leave it out; in a run it adds 0.83 GiB for 14B.
+- (b) runs one process with fp32 weights under bf16 autocast (one GPU without FSDP: autocast's bf16
+  weight copies are part of the activations); FSDP's bf16 weights are covered by (a).
+- `selective` checkpointing is the one in `parallel/parallelize.py` (a torch selective-checkpoint
+  policy keeping the attention kernels' outputs): measured in (a) and (b), not only derived.
+- Step time and MFU are not validated: a roofline with the constants above, no GPU run in this task.
+  Next: `python -m benchmarks.plan` against a measured step on 8 and 64 H100s, and
+  `torch.cuda.max_memory_allocated` against `memory_gib` for the same layouts."""
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+    body = "".join("| " + " | ".join(format(r[c[0]], c[2]) for c in cols) + " |\n" for r in rows)
+    return head + body
+
+
+def _categories(row: dict) -> str:
+    tr, pl = row["tracker"], row["plan"]
+    pairs = [
+        ("params (Sharded Param)", tr.get("Sharded Param", 0), pl["params"]),
+        ("grads (Sharded Grad)", tr.get("Sharded Grad", 0), pl["grads"]),
+        ("optimizer (OptState)", tr.get("OptState", 0), pl["optimizer"]),
+        (
+            "fsdp_buffers (Unsharded Param + All Gather + Reduce Scatter)",
+            sum(tr.get(k, 0) for k in ("Unsharded Param", "All Gather", "Reduce Scatter")),
+            pl["fsdp_buffers"],
+        ),
+        (
+            "activations + temporaries (Activation + Temp)",
+            tr.get("Activation", 0) + tr.get("Temp", 0),
+            pl["activations"] + pl["temporaries"],
+        ),
+        ("inputs (Inputs; not in the plan)", tr.get("Inputs", 0), 0.0),
+    ]
+    rows = [{"what": w, "tracker": a, "plan": b} for w, a, b in pairs]
+    return _table(
+        rows, [("what", "category", "s"), ("tracker", "tracker GiB", ".3f"), ("plan", "planner GiB", ".3f")]
+    )
+
+
+def _mfu_section() -> str:
+    from parallel import plan as model
+
+    p = plan(get_preset("video-14b"), 21, 90, 160, layout=Layout(dp_shard=8, cp=8), ac="full", gpu="h100")
+    step = p["step_s"]
+    rows = [{"kind": k, "s": v, "pct": 100 * v / step} for k, v in p["time_breakdown_s"].items()]
+    consts = (
+        f"matmul efficiency {model.MATMUL_EFF['h100']}, attention (SDPA) forward/backward "
+        f"{model.ATTENTION_EFF[('h100', 'sdpa')]}, HBM {model.HBM_EFF} of 3.35 TB/s, links {model.LINK_EFF} "
+        f"of 450 GB/s NVLink / 50 GB/s InfiniBand per GPU, 989 TFLOP/s dense bf16"
+    )
+    return (
+        f"Predicted peak {p['memory_gib']:.2f} GiB per GPU (EMA included) of {p['usable_gib']:.1f} usable: "
+        f"fits = {p['fits']}. Step {step:.2f} s, MFU {100 * p['mfu']:.1f}% "
+        f"(model FLOPs {p['flops']['model_per_step']:.3e} per GPU per step, hardware "
+        f"{p['flops']['hardware_per_step']:.3e} with the recomputation). Exposed time by kind:\n\n"
+        + _table(rows, [("kind", "kind", "s"), ("s", "seconds", ".3f"), ("pct", "% of step", ".1f")])
+        + f"\nCommunication per GPU per step: FSDP {p['comm_bytes']['fsdp'] / 1e9:.1f} GB (overlapped but "
+        f"for the first gather and last reduce-scatter), Ulysses {p['comm_bytes']['cp'] / 1e9:.1f} GB "
+        f"(exposed, NVLink). Constants: {consts}.\n"
+    )
+
+
+def write_report(fake: list[dict], cpu: list[dict], raw: dict | None, path: Path) -> None:
+    """The dated markdown report: commands, both tables, the target by category, the MFU breakdown."""
+    out = [
+        f"# Planner validation: `parallel.plan` against measurements ({datetime.date.today()})\n",
+        f"Generated by `python -m benchmarks.plan_validate` (torch {torch.__version__}, CPU only: no GPU "
+        "in this task). Planner: `python -m benchmarks.plan PRESET ...`; latent sizes as `dit.flops`, "
+        "text 512 tokens in (a), 64 in (b).\n",
+    ]
+    if fake:
+        t = fake[0]
+        out += [
+            "## (a) FSDP2 memory tracker on fake tensors, fake process group, rank 0\n",
+            "`FSDPMemTracker` around one forward + backward + AdamW step of `dit.model.SpacetimeDiT` "
+            "parallelized by `parallel.parallelize.parallelize` (bf16 mixed precision), peak per GPU.\n",
+            _table(
+                fake,
+                [
+                    ("preset", "preset", "s"),
+                    ("latent", "latent", "s"),
+                    ("layout", "layout", "s"),
+                    ("ac", "ac", "s"),
+                ]
+                + [("measured_gib", "tracker peak GiB", ".2f"), ("predicted_gib", "planner GiB", ".2f")]
+                + [
+                    ("ratio", "planner / tracker", ".3f"),
+                    ("acts_measured_gib", "acts after fwd, tracker", ".2f"),
+                ]
+                + [("acts_predicted_gib", "acts, planner", ".2f"), ("seconds", "run s", ".0f")],
+            ),
+            f"\nTarget, {t['preset']} at {t['latent']} (75.6k tokens), {t['layout']}, {t['ac']}: planner / "
+            f"tracker = {t['ratio']:.3f} (target: within 15%). By category at the tracker's peak:\n",
+            _categories(t),
+        ]
+        if raw:
+            out.append(
+                f"\nThe raw tool (module tracker's default hook, see the notes) reports "
+                f"{raw['Total'] / GIB:.2f} GiB for the target, {raw.get('Temp', 0) / GIB:.2f} GiB of it "
+                "Temp.\n"
+            )
+    if cpu:
+        out += [
+            "\n## (b) Real CPU runs: activation bytes at the end of forward\n",
+            "torch `MemTracker`, bytes forward allocated and still alive (saved tensors, autocast weight "
+            "copies, output, loss), one process, bf16 autocast with CUDA's fp32 norms.\n",
+            _table(
+                cpu,
+                [
+                    ("preset", "preset", "s"),
+                    ("latent", "latent", "s"),
+                    ("batch", "batch", "d"),
+                    ("ac", "ac", "s"),
+                ]
+                + [("measured_mib", "measured MiB", ".2f"), ("predicted_mib", "planner MiB", ".2f")]
+                + [("ratio", "planner / measured", ".3f")],
+            ),
+        ]
+    out += [
+        "\n## Predicted MFU: video-14b, 21×90×160 latents, 64×H100, dp_shard 8 × cp 8, full\n",
+        _mfu_section(),
+    ]
+    out += ["\n## Notes\n", NOTES, ""]
+    path.write_text("\n".join(out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.plan_validate", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--skip-fake", action="store_true", help="skip (a), the fake-tensor FSDP runs")
+    p.add_argument("--skip-cpu", action="store_true", help="skip (b), the real CPU runs")
+    p.add_argument("--raw", action="store_true", help="(a): also run the target with the raw tracker")
+    p.add_argument("--report", type=Path, default=REPORT)
+    a = p.parse_args(argv)
+    fake = [] if a.skip_fake else fake_rows()
+    raw = None
+    if a.raw and not a.skip_fake:
+        preset, thw, layout, ac = FAKE_CASES[0]
+        raw = fake_fsdp_run(preset, thw, 512, Layout.parse(layout), ac, raw_tracker=True)["peak"]
+    cpu = [] if a.skip_cpu else activation_rows(CPU_CASES)
+    for row in fake + cpu:
+        print(json.dumps({k: v for k, v in row.items() if k not in ("tracker", "plan")}))
+    write_report(fake, cpu, raw, a.report)
+    print(f"report: {a.report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,9 @@ Pure arithmetic over :class:`dit.config.DiTConfig` and :mod:`dit.flops` (no proc
 optimizer step, and a step time and MFU from a roofline. ``python -m benchmarks.plan`` is the CLI and
 ``benchmarks/plan_validate.py`` checks the memory model against FSDP2's memory tracker and real runs.
 
-Memory: the peak of one GPU, early in backward (every saved activation still alive, one block
-recomputed and differentiated), or at the optimizer step if larger. P = parameters this rank holds
+Memory: the peak of one GPU, the largest of early in backward (every saved activation alive, one
+block recomputed and differentiated), late in backward (every gradient, the first block's
+activations) and the optimizer step. P = parameters this rank holds
 after tensor parallelism, S = dp_shard · cp (FSDP's shard degree; dp_replicate holds copies).
 
 - FSDP2 (bf16): fp32 params, Adam m and v, EMA, sharded: 4 + 8 + 4 bytes · P / S. Gradients (fp32,
@@ -56,7 +57,6 @@ with stated efficiencies, not a measurement.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -182,6 +182,7 @@ def param_counts(arch: DiTConfig) -> dict[str, int]:
 def _count_params(arch: DiTConfig) -> dict[str, int]:
     import torch
 
+    from dit.embeddings import Fp32Linear
     from dit.model import SpacetimeDiT
 
     with torch.device("meta"):
@@ -198,20 +199,27 @@ def _count_params(arch: DiTConfig) -> dict[str, int]:
             leaf.split(".")[-1] in ("o", "fc2") and kind == "weight"
         ):
             split += p.numel()
-    # dit.embeddings.Fp32Linear (timestep embedding, modulation, output head) upcasts its weight for
-    # the call: under FSDP's bf16 weights the fp32 copy is saved for backward
-    fp32 = getattr(importlib.import_module("dit.embeddings"), "Fp32Linear", None)
+    # weights a linear saves for backward (autocast's bf16 copy of an fp32 weight, or Fp32Linear's fp32
+    # copy of FSDP's bf16 one) when its input needs a gradient: not the first layer of an input path
+    first = ("patch_embed.proj", "text_proj.fc1", "t_embedder.fc1", "fps_embedder.fc1")
 
-    def fp32_weights(mod: torch.nn.Module) -> int:
-        return sum(m.weight.numel() for m in mod.modules() if fp32 is not None and isinstance(m, fp32))
+    def saved(mod: torch.nn.Module, fp32: bool) -> int:
+        return sum(
+            m.weight.numel()
+            for name, m in mod.named_modules()
+            if isinstance(m, torch.nn.Linear) and isinstance(m, Fp32Linear) == fp32 and name not in first
+        )
 
-    fp32_block = fp32_weights(block)
+    root = {"fp32": saved(model, True), "cast": saved(model, False)}
+    fp32_block, cast_block = saved(block, True), saved(block, False)
     return {
         "total": total,
         "block": in_block,
         "block_tp_split": split,
         "fp32_block": fp32_block,
-        "fp32_root": fp32_weights(model) - arch.depth * fp32_block,
+        "fp32_root": root["fp32"] - arch.depth * fp32_block,
+        "cast_block": cast_block,
+        "cast_root": root["cast"] - arch.depth * cast_block,
     }
 
 
@@ -312,7 +320,10 @@ def activation_bytes(arch: DiTConfig, cut: _Cut, ac: str, outside: dict[str, int
     # the gated residual's fp32 tensor, already freed (checked against FSDPMemTracker, 14B)
     working = 2 * n * d + 2 * n * f // t + 2 * d * f // t
     recompute = per_block - kept[kind] if n_ckpt else 0
-    return {"saved": saved, "per_block": per_block, "recompute": recompute, "working": working}
+    return {"saved": saved, "outside": sum(outside.values()), "per_block": per_block} | {
+        "recompute": recompute,
+        "working": working,
+    }
 
 
 def state_bytes(
@@ -344,8 +355,8 @@ def state_bytes(
         bucket = 4 * min(DS_BUCKET, local) if stage >= 2 else 0
         out["fsdp_buffers"] = bucket + (2 * 4 * block if stage >= 3 else 0)
         # autocast's bf16 copy of each weight a linear saves for backward (Fp32Linear needs none)
-        out["casts_block"] = 2 * (block - pc["fp32_block"])
-        out["casts_root"] = 2 * (root - pc["fp32_root"])
+        out["casts_block"] = 2 * (pc["cast_block"] - pc["block_tp_split"] * (t - 1) // t)
+        out["casts_root"] = 2 * pc["cast_root"]
     host = 0
     if offload:  # FSDP2 CPUOffloadPolicy: all sharded states; DeepSpeed ZeRO-Offload: the optimizer
         moved = ("params", "grads", "optimizer", "ema") if engine == "fsdp" else ("optimizer",)
@@ -427,21 +438,27 @@ def flops(
 
 
 def _memory(arch, states: dict, act: dict, ac: str, grad_accum: int, engine: str, layout: Layout):
-    """The breakdown at the backward peak (early in backward: every saved activation, one block being
-    recomputed and differentiated), and the optimizer step's peak (all gradients, no activations)."""
+    """The breakdown at the peak and where it falls, of three candidates: early in backward (every
+    saved activation, a block recomputed and differentiated; FSDP2 gradients are allocated block by
+    block, zero_grad having set them to None, so only a few exist unless an earlier micro-step made
+    them), late in backward (every gradient, the first block's activations), the optimizer step."""
     n_ckpt = checkpoint_blocks(ac, arch.depth)[1]
-    casts = states["casts_root"] + states["casts_block"] * (arch.depth - n_ckpt)
-    mem = {k: states[k] for k in ("params", "grads", "optimizer", "ema")}
+    kept = {k: states[k] for k in ("params", "grads", "optimizer", "ema")}
+    temporaries = act["recompute"] + act["working"] + (states["casts_block"] if n_ckpt else 0)
+    blocks = act["saved"] - act["outside"] + states["casts_block"] * (arch.depth - n_ckpt)
+    early = kept | {
+        "activations": act["outside"] + states["casts_root"] + blocks,
+        "fsdp_buffers": states["fsdp_buffers"],
+        "temporaries": temporaries,
+    }
     if engine == "fsdp" and grad_accum == 1:
-        # FSDP2 allocates sharded gradients block by block in backward (zero_grad sets them to None):
-        # at the peak, those of the final layer and a block; a later micro-step holds them all
         s = layout.dp_shard * layout.cp
-        mem["grads"] = min(states["grads"], 4 * (states["root_params"] + states["block_params"]) // s)
-    mem["activations"] = act["saved"] + casts
-    mem["fsdp_buffers"] = states["fsdp_buffers"]
-    mem["temporaries"] = act["recompute"] + act["working"] + (states["casts_block"] if n_ckpt else 0)
-    step_peak = sum(states[k] for k in ("params", "grads", "optimizer", "ema"))
-    return mem, step_peak
+        early["grads"] = min(states["grads"], 4 * (states["root_params"] + states["block_params"]) // s)
+    late = early | kept | {"activations": act["outside"] + states["casts_root"] + blocks // arch.depth}
+    step = kept | {"activations": 0, "fsdp_buffers": 0, "temporaries": 0}
+    candidates = {"backward (first blocks)": early, "backward (last blocks)": late, "optimizer step": step}
+    where = max(candidates, key=lambda k: sum(candidates[k].values()))
+    return candidates[where], where
 
 
 def _check(
@@ -525,8 +542,9 @@ def plan(
     states = state_bytes(arch, layout, engine, zero_stage, ema, cpu_offload)
     outside = outside_terms(arch, cut, batch, tokens)
     act = activation_bytes(arch, cut, ac, outside)
-    mem, step_peak = _memory(arch, states, act, ac, grad_accum, engine, layout)
-    total = max(sum(mem.values()), step_peak)
+    mem, peak_at = _memory(arch, states, act, ac, grad_accum, engine, layout)
+    casts = states["casts_root"] + states["casts_block"] * (arch.depth - checkpoint_blocks(ac, arch.depth)[1])
+    total = sum(mem.values())
     usable = g.memory_gib * (1 - FRAGMENTATION) - OVERHEAD_GIB
     fl = flops(arch, thw, batch, text_len, layout, ac)
     comm = comm_bytes(arch, layout, cut, states, engine, zero_stage, ac)
@@ -538,7 +556,7 @@ def plan(
     breakdown["elementwise"] += times["optimizer"]
     return {
         "memory_gib": total / GIB,
-        "peak_at": "backward" if sum(mem.values()) >= step_peak else "optimizer step",
+        "peak_at": peak_at,
         "capacity_gib": g.memory_gib,
         "usable_gib": usable,
         "fits": total / GIB <= usable,
@@ -548,7 +566,8 @@ def plan(
             "per_block_uncheckpointed": act["per_block"] / GIB,
             "recompute": act["recompute"] / GIB,
             "backward_working": act["working"] / GIB,
-            "weight_casts": (mem["activations"] - act["saved"]) / GIB,
+            "after_forward": (act["saved"] + casts) / GIB,
+            "weight_casts": casts / GIB,
             **{f"outside_{k}": v / GIB for k, v in outside.items()},
         },
         "tokens": {"per_sample": tokens, "per_gpu_micro_step": n, "text_len": text_len},
