@@ -363,7 +363,7 @@ def _mfu_section() -> str:
     rows = [{"kind": k, "s": v, "pct": 100 * v / step} for k, v in p["time_breakdown_s"].items()]
     consts = (
         f"matmul efficiency {model.MATMUL_EFF['h100']}, attention (SDPA) forward/backward "
-        f"{model.ATTENTION_EFF[('h100', 'sdpa')]}, HBM {model.HBM_EFF} of 3.35 TB/s, links {model.LINK_EFF} "
+        f"{model.ATTENTION_EFF['h100']['sdpa']}, HBM {model.HBM_EFF} of 3.35 TB/s, links {model.LINK_EFF} "
         f"of 450 GB/s NVLink / 50 GB/s InfiniBand per GPU, 989 TFLOP/s dense bf16"
     )
     return (

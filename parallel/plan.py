@@ -92,16 +92,15 @@ GPUS: dict[str, GPU] = {
 }
 
 MATMUL_EFF = {"h100": 0.70, "h200": 0.70, "a100": 0.80, "b200": 0.70}
-# (forward, backward) fraction of peak for attention; key (gpu, attention_backend)
+# (forward, backward) fraction of the peak for attention, by GPU and attention_backend
 ATTENTION_EFF = {
-    ("a100", "sdpa"): (0.65, 0.50),
-    ("a100", "flash_attn"): (0.70, 0.55),
-    ("h100", "sdpa"): (0.45, 0.35),
-    ("h100", "flash_attn"): (0.70, 0.50),
-    ("h200", "sdpa"): (0.45, 0.35),
-    ("h200", "flash_attn"): (0.70, 0.50),
-    ("b200", "sdpa"): (0.50, 0.40),
-    ("b200", "flash_attn"): (0.50, 0.40),
+    gpu: {"sdpa": sdpa, "flash_attn": fa3}
+    for gpu, sdpa, fa3 in [
+        ("a100", (0.65, 0.50), (0.70, 0.55)),
+        ("h100", (0.45, 0.35), (0.70, 0.50)),
+        ("h200", (0.45, 0.35), (0.70, 0.50)),
+        ("b200", (0.50, 0.40), (0.50, 0.40)),
+    ]
 }
 HBM_EFF = 0.7  # unfused eager element-wise kernels
 LINK_EFF = 0.8  # NCCL bus bandwidth over the link's
@@ -319,11 +318,8 @@ def activation_bytes(arch: DiTConfig, cut: _Cut, ac: str, outside: dict[str, int
     # layer and of the fc weight (unsharded), while the fp32 residual-stream gradient takes the place of
     # the gated residual's fp32 tensor, already freed (checked against FSDPMemTracker, 14B)
     working = 2 * n * d + 2 * n * f // t + 2 * d * f // t
-    recompute = per_block - kept[kind] if n_ckpt else 0
-    return {"saved": saved, "outside": sum(outside.values()), "per_block": per_block} | {
-        "recompute": recompute,
-        "working": working,
-    }
+    out = {"saved": saved, "outside": sum(outside.values()), "per_block": per_block, "working": working}
+    return out | {"recompute": per_block - kept[kind] if n_ckpt else 0}
 
 
 def state_bytes(
@@ -406,25 +402,21 @@ def comm_bytes(
     return {"fsdp": fsdp, "hsdp": hsdp, "cp": cp, "tp": tp, "fsdp_edge": edge}
 
 
-def flops(
-    arch: DiTConfig, tokens_thw: tuple[int, int, int], batch: int, text_len: int, layout: Layout, ac: str
-):
+def flops(arch: DiTConfig, thw: tuple[int, int, int], batch: int, text_len: int, layout: Layout, ac: str):
     """Per-GPU FLOPs of one micro-step: ``model`` (6 × forward MACs × 2 of this GPU's share of the
     global batch, what MFU credits) and the hardware work by kind (``matmul``, ``attention_fwd``,
     ``attention_bwd``), which counts replicated embedding work and checkpoint recomputation."""
-    parts = macs_breakdown(arch, *tokens_thw, batch=batch, text_len=text_len)
+    parts = macs_breakdown(arch, *thw, batch=batch, text_len=text_len)
     cp, t = layout.cp, layout.tp
     l = text_len if arch.conditioning == "text" else 0
     d = arch.hidden_size
     text_kv = arch.depth * 2 * l * d * d * batch  # cross-attention k/v of the caption: every cp rank
-    block_mm = (parts["attn_proj"] + parts["mlp"] + parts["cross_attn_proj"] - text_kv) / (
-        cp * t
-    ) + text_kv / t
-    attn = (parts["attn_scores_values"] + parts["cross_attn_scores_values"]) / (cp * t)
-    replicated = sum(
-        parts[k] for k in ("patch_embed", "timestep_embed", "fps_embed", "text_proj", "modulation")
-    )
-    other = replicated + parts["final_linear"] / cp
+    split = cp * t
+    block_mm = (parts["attn_proj"] + parts["mlp"] + parts["cross_attn_proj"] - text_kv) / split + text_kv / t
+    attn = (parts["attn_scores_values"] + parts["cross_attn_scores_values"]) / split
+    # embeddings run whole on every rank; the final layer on the cp chunk
+    other = sum(parts[k] for k in ("patch_embed", "timestep_embed", "fps_embed", "text_proj", "modulation"))
+    other += parts["final_linear"] / cp
     kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
     rc = n_ckpt / arch.depth
     recompute_mm = rc * block_mm if kind != "none" else 0.0
@@ -590,7 +582,7 @@ def _times(
     """Roofline seconds of one micro-step by kind (exposed communication only) and of the optimizer."""
     g = GPUS[gpu]
     peak = g.bf16_tflops * 1e12
-    eff_f, eff_b = ATTENTION_EFF[(gpu, "flash_attn" if arch.attention_backend == "flash_attn" else "sdpa")]
+    eff_f, eff_b = ATTENTION_EFF[gpu]["flash_attn" if arch.attention_backend == "flash_attn" else "sdpa"]
     matmuls = fl["matmul"] / (peak * MATMUL_EFF[gpu])
     attention = fl["attention_fwd"] / (peak * eff_f) + fl["attention_bwd"] / (peak * eff_b)
     kind, n_ckpt = checkpoint_blocks(ac, arch.depth)
