@@ -69,7 +69,7 @@ def fit(arch, thw, gpus: int, ac_modes, global_batch: int, top: int = 20, **kw) 
             "memory_gib": p["memory_gib"],
             "step_s": p["step_s"],
             "mfu": p["mfu"],
-            "cp_kind": p["layout"]["cp_kind"],
+            "cp_ulysses_x_ring": f"{p['layout']['cp_ulysses']}x{p['layout']['cp_ring']}",
         }
         for p in fits[:top]
     ]

@@ -22,7 +22,14 @@ from dit.model import SpacetimeDiT, block_axes, num_params
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s per device; matched by substring of the
 # device name, first match wins, so the PCIe/NVL variants come before plain "h100" (SXM).
-PEAK_TFLOPS_BF16 = {"h100 pcie": 756.0, "h100 nvl": 835.0, "h100": 989.0, "h200": 989.0, "a100": 312.0}
+PEAK_TFLOPS_BF16 = {
+    "h100 pcie": 756.0,
+    "h100 nvl": 835.0,
+    "h100": 989.0,
+    "h200": 989.0,
+    "b200": 2250.0,
+    "a100": 312.0,
+}
 
 
 def macs_breakdown(

@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass
 from dit.config import DiTConfig
 from dit.flops import macs_breakdown
 from dit.model import block_axes
+from parallel.context import check_cp_degrees
 
 GIB = 2**30
 
@@ -230,7 +231,8 @@ class _Cut:
     ns: int  # residual-stream tokens on this rank: n / tp under sequence parallelism, else n
     l: int  # text tokens of the micro-batch: B·L (0 without text conditioning)
     tp: int
-    cp_kind: str  # "none", "ulysses" or "ring"
+    cp_ulysses: int = 1  # Ulysses degree of the cp split (parallel.context.check_cp_degrees, cp_ring=0)
+    cp_ring: int = 1  # ring degree: cp = cp_ulysses · cp_ring
 
 
 def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
@@ -255,7 +257,7 @@ def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
         "qkv_in": 2 * n * d,  # the bf16 modulated input (all-gathered over tp under sequence parallelism)
         "qk_norm": 2 * (4 * n * d + 4 * n * h) // t if qk else 0,  # fp32 RMSNorm inputs + rstd
         "attn_qkv_out": (4 * 2 * n * d + 4 * n * h) // t,  # the kernel's q, k, v, output, fp32 LSE
-        "ulysses_out": 2 * n * d // t if cut.cp_kind == "ulysses" else 0,  # o's input: all-to-all result
+        "ulysses_out": 2 * n * d // t if cut.cp_ulysses > 1 else 0,  # o's input: all-to-all result
         "gate_attn": 4 * ns * d,  # fp32 attention output, saved by × gate
     }
     if arch.conditioning == "text":
@@ -371,7 +373,7 @@ def comm_bytes(
 ) -> dict[str, float]:
     """Bytes one GPU sends per micro-step, by kind (``fsdp``, ``hsdp``, ``cp``, ``tp``); ``fsdp_edge``
     is the part that cannot overlap (the first gather and the last reduce-scatter)."""
-    s, r, p, t = layout.dp_shard * layout.cp, layout.dp_replicate, layout.cp, layout.tp
+    s, r, t = layout.dp_shard * layout.cp, layout.dp_replicate, layout.tp
     local, block, root = states["local_params"], states["block_params"], states["root_params"]
     frac = (s - 1) / s
     if engine == "fsdp":
@@ -387,19 +389,22 @@ def comm_bytes(
     rc = n_ckpt / arch.depth  # fraction of blocks whose forward runs again in backward
     chunk = cut.n * arch.hidden_size // t  # elements of one rank's q (or k, v, out)
     n_cp_blocks = sum(axis != "space" for axis in block_axes(arch))
-    if cut.cp_kind == "ulysses":  # benchmarks.comm_volume.attention_comm_bytes, bf16
-        fwd = 4 * (p - 1) * (chunk // p) * 2
-        cp = n_cp_blocks * fwd * (2 + (rc if kind == "input" else 0.75 * rc))
-    elif cut.cp_kind == "ring":
-        fwd = 2 * (p - 1) * chunk * 2
-        cp = n_cp_blocks * (2 * fwd + 2 * p * chunk * 4 + (fwd * rc if kind == "input" else 0))
-    else:
-        cp = 0.0
+    # benchmarks.comm_volume.attention_comm_bytes, bf16: Ulysses inside groups of u ranks, then a ring
+    # over r of them whose K/V blocks hold as many elements as a rank's chunk (N/r tokens, D/u wide)
+    u, r = cut.cp_ulysses, cut.cp_ring
+    cp_u = cp_r = 0.0
+    if u > 1:
+        fwd = 4 * (u - 1) * (chunk // u) * 2
+        cp_u = n_cp_blocks * fwd * (2 + (rc if kind == "input" else 0.75 * rc))
+    if r > 1:
+        fwd = 2 * (r - 1) * chunk * 2
+        cp_r = n_cp_blocks * (2 * fwd + 2 * r * chunk * 4 + (fwd * rc if kind == "input" else 0))
+    cp = cp_u + cp_r
     # tensor parallel, per sub-layer: all-gather of the fp32 modulated input and reduce-scatter of the
     # bf16 output (or their all-reduce without sequence parallelism), the reverse in backward
     sub = 3 if arch.conditioning == "text" else 2
     tp = arch.depth * sub * (t - 1) / t * cut.n * arch.hidden_size * (12 + 6 * rc) if t > 1 else 0.0
-    return {"fsdp": fsdp, "hsdp": hsdp, "cp": cp, "tp": tp, "fsdp_edge": edge}
+    return {"fsdp": fsdp, "hsdp": hsdp, "cp": cp, "tp": tp, "fsdp_edge": edge, "cp_ring": cp_r}
 
 
 def flops(arch: DiTConfig, thw: tuple[int, int, int], batch: int, text_len: int, layout: Layout, ac: str):
@@ -526,11 +531,12 @@ def plan(
     checkpoint_blocks(ac, arch.depth)
     g = GPUS[gpu]
     sp = sequence_parallel and layout.tp > 1 and engine == "fsdp"
-    local_heads = arch.num_heads // layout.tp
-    cp_kind = "none" if layout.cp == 1 else ("ulysses" if local_heads % layout.cp == 0 else "ring")
+    # the split the trainer makes with parallel.cp_ring=0: the largest Ulysses degree the heads allow
+    ring = check_cp_degrees(layout.cp, 0, arch.num_heads, layout.tp)
     l = batch * text_len if arch.conditioning == "text" else 0
     n = batch * tokens // layout.cp
-    cut = _Cut(n=n, ns=n // layout.tp if sp else n, l=l, tp=layout.tp, cp_kind=cp_kind)
+    ns = n // layout.tp if sp else n
+    cut = _Cut(n=n, ns=ns, l=l, tp=layout.tp, cp_ulysses=layout.cp // ring, cp_ring=ring)
     states = state_bytes(arch, layout, engine, zero_stage, ema, cpu_offload)
     outside = outside_terms(arch, cut, batch, tokens)
     act = activation_bytes(arch, cut, ac, outside)
@@ -570,7 +576,8 @@ def plan(
         "step_s": step,
         "mfu": model_flops / (step * g.bf16_tflops * 1e12),
         "time_breakdown_s": breakdown,
-        "layout": asdict(layout) | {"world": layout.world, "cp_kind": cp_kind, "sequence_parallel": sp},
+        "layout": asdict(layout)
+        | {"world": layout.world, "cp_ulysses": layout.cp // ring, "cp_ring": ring, "sequence_parallel": sp},
         "settings": dict(gpu=gpu, ac=ac, grad_accum=grad_accum, engine=engine, batch=batch, ema=ema)
         | dict(zero_stage=zero_stage if engine == "deepspeed" else None, cpu_offload=cpu_offload),
     }
@@ -596,8 +603,10 @@ def _times(
     edge = comm["fsdp_edge"] / fsdp_bw
     exposed = edge + max(0.0, fsdp_total - edge - compute)
     exposed += max(0.0, comm["hsdp"] / _span_bw(g, layout.world, per_node) - compute)
-    cp_s = comm["cp"] / _span_bw(g, layout.cp * t, per_node)
-    exposed += cp_s if cut.cp_kind == "ulysses" else max(0.0, cp_s - attention)
+    # Ulysses' all-to-alls sit on the critical path (inner groups); the ring's K/V passes overlap the
+    # attention of the block in hand
+    exposed += (comm["cp"] - comm["cp_ring"]) / _span_bw(g, cut.cp_ulysses * t, per_node)
+    exposed += max(0.0, comm["cp_ring"] / _span_bw(g, layout.cp * t, per_node) - attention)
     exposed += comm["tp"] / _span_bw(g, t, per_node)
     # fused AdamW (p, g, m, v read; p, m, v written), EMA lerp, clipping: fp32, on the GPU's share
     optimizer = 52 * opt_elems / (g.hbm_tbps * 1e12 * HBM_EFF)

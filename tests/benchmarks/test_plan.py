@@ -42,8 +42,8 @@ def _acts(**kw) -> float:
 
 def test_activations_divide_by_cp():
     n = 32760
-    one = block_terms(ARCH, _Cut(n=n, ns=n, l=512, tp=1, cp_kind="none"))
-    four = block_terms(ARCH, _Cut(n=n // 4, ns=n // 4, l=512, tp=1, cp_kind="ulysses"))
+    one = block_terms(ARCH, _Cut(n=n, ns=n, l=512, tp=1))
+    four = block_terms(ARCH, _Cut(n=n // 4, ns=n // 4, l=512, tp=1, cp_ulysses=4))
     # everything is per token except the caption's k/v (every cp rank holds the whole caption) and
     # Ulysses' extra copy of the attention output
     per_token = sum(v for k, v in one.items() if k != "cross_kv")
@@ -87,8 +87,21 @@ def test_ulysses_bytes_match_the_comm_volume_benchmark():
     layout = Layout(dp_shard=2, cp=4)
     p = plan(ARCH, *THW, layout=layout, ac="none")
     per_layer = attention_comm_bytes(32760, ARCH.hidden_size, 4, act_bytes=2)
-    assert p["layout"]["cp_kind"] == "ulysses"
+    assert (p["layout"]["cp_ulysses"], p["layout"]["cp_ring"]) == (4, 1)
     assert p["comm_bytes"]["cp"] == ARCH.depth * (per_layer["ulysses_fwd"] + per_layer["ulysses_bwd"])
+
+
+def test_cp_that_does_not_divide_the_heads_is_planned_as_the_trainers_ulysses_by_ring_split():
+    """cp=8 with 12 heads: the trainer (parallel.context.check_cp_degrees, cp_ring=0) runs Ulysses 4 ×
+    ring 2; the plan's bytes are Ulysses within 4 ranks plus a ring of 2 over blocks of the same size
+    (N/8 tokens · D elements = N/2 tokens · D/4), each as benchmarks.comm_volume counts them."""
+    assert ARCH.num_heads % 8 and ARCH.num_heads % 4 == 0
+    p = plan(ARCH, *THW, layout=Layout(cp=8), ac="none")
+    assert (p["layout"]["cp_ulysses"], p["layout"]["cp_ring"]) == (4, 2)
+    uly = attention_comm_bytes(32760 // 2, ARCH.hidden_size, 4, act_bytes=2)  # chunk: N/8 · D
+    ring = attention_comm_bytes(32760 // 4, ARCH.hidden_size, 2, act_bytes=2)  # chunk: N/8 · D
+    want = ARCH.depth * (uly["ulysses_fwd"] + uly["ulysses_bwd"] + ring["ring_fwd"] + ring["ring_bwd"])
+    assert p["comm_bytes"]["cp"] == want
 
 
 def _run(capsys, *args) -> dict:
