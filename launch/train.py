@@ -29,7 +29,7 @@ from dit.diffusion import make_objective
 from dit.flops import count, peak_flops
 from dit.model import SpacetimeDiT, build_model, num_params
 from launch import evaluate
-from launch.batches import Conditioner, expect_for
+from launch.batches import Conditioner, expect_for, run_bf16
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
 from launch.finetune import apply_init, freeze
@@ -41,7 +41,7 @@ from launch.sample import write_mp4
 from parallel import checkpoint as ckpt
 from parallel.dims import ParallelDims
 from parallel.grads import clip_grad_norm
-from parallel.parallelize import make_dims, materialize, parallelize
+from parallel.parallelize import make_dims, materialize, parallelize, reshard
 
 log = logging.getLogger("launch.train")
 
@@ -343,7 +343,7 @@ def setup(cfg: JobConfig) -> Trainer:
 def _build(cfg: JobConfig, env: DistEnv, run_dir: Path) -> Trainer:
     p = cfg.parallel
     dims = make_dims(p, env.world, cfg.model.arch)
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
+    bf16 = run_bf16(cfg, env.device)
     if p.engine == "deepspeed":
         from launch.train_deepspeed import setup_deepspeed  # imports DeepSpeed: only when asked for
 
@@ -505,18 +505,20 @@ def _update_metrics(metrics: Metrics, stats: dict, step_time: float, peak: float
     )
 
 
-def _with_ema(tr: Trainer, fn):
-    if tr.ema is None:
-        return fn()
-    with tr.ema.swapped_in():
-        return fn()
+def _with_ema(tr: Trainer, fn, use_ema: bool = True):
+    """``fn()`` (forwards without backward) with the EMA swapped in when there is one and ``use_ema``."""
+    ctx = tr.ema.swapped_in() if (tr.ema and use_ema) else contextlib.nullcontext()
+    with ctx:
+        try:
+            return fn()
+        finally:
+            reshard(tr.model)  # before the swap back: FSDP2 would reuse the gathered EMA weights
 
 
 def write_samples(tr: Trainer, metrics: Metrics) -> None:
     cfg = tr.cfg
-    ctx = tr.ema.swapped_in() if (tr.ema and cfg.sample.use_ema) else contextlib.nullcontext()
-    with ctx:
-        videos = evaluate.draw_samples(tr.model, tr.objective, tr.cond, cfg, seed=cfg.seed)
+    draw = lambda: evaluate.draw_samples(tr.model, tr.objective, tr.cond, cfg, seed=cfg.seed)  # noqa: E731
+    videos = _with_ema(tr, draw, use_ema=cfg.sample.use_ema)
     if not tr.env.is_main:
         return
     out = tr.run_dir / "samples"

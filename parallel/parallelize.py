@@ -17,9 +17,11 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from dit.embeddings import Fp32Linear, LearnedPos3D
+from dit.layers import Fp32LayerNorm, TableModulation
 from parallel.config import ParallelConfig, checkpoint_every, is_selective
 from parallel.context import apply_sequence_cut, check_cp_degrees
 from parallel.dims import ParallelDims
@@ -135,9 +137,46 @@ def _shard(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, bf16: bool, o
         )
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    # what the model computes in fp32 whatever autocast says is gathered in fp32: one GPU uses these
+    # weights unrounded, so N GPUs must too (one extra group per block, and one at the root)
+    full = MixedPrecisionPolicy(torch.float32, torch.float32, cast_forward_inputs=False)
+    fp32 = kwargs | {"mp_policy": full}
     for block in model.blocks:
+        if bf16 and (group := fp32_compute_modules(block)):
+            fully_shard(group, **fp32)
         fully_shard(block, **kwargs)
+    if bf16 and (group := fp32_compute_modules(model, skip=model.blocks)):
+        fully_shard(group, **fp32)
     fully_shard(model, **kwargs)
+
+
+# Modules whose parameters enter fp32 arithmetic under bf16 autocast: the fp32 layers of dit/ (time
+# embedding, modulation, output head, the affine cross-attention norm), the adaLN tables and learned
+# positions added to the fp32 residual, and RMSNorm (CUDA autocast runs it in fp32)
+FP32_COMPUTE = (Fp32Linear, Fp32LayerNorm, TableModulation, LearnedPos3D, nn.RMSNorm)
+
+
+def fp32_compute_modules(root: nn.Module, skip: nn.Module | None = None) -> list[nn.Module]:
+    """The :data:`FP32_COMPUTE` modules with parameters under ``root``, outside ``skip``."""
+    inside = set(skip.modules()) if skip is not None else set()
+    return [
+        m
+        for m in root.modules()
+        if isinstance(m, FP32_COMPUTE) and m not in inside and any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered FSDP2 parameter of ``model`` (no-op without FSDP).
+
+    Call after forwards that have no backward (validation, samples): FSDP2 keeps the root's
+    parameters gathered after a forward, for the backward it expects. Left so, the next forward
+    reuses them, even after the shards were changed in between (an EMA swapped in and out): the
+    training step would run on the EMA's root weights.
+    """
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def materialize(

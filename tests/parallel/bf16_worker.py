@@ -66,6 +66,7 @@ class Seen:
     def _block(self, module, args, kwargs) -> None:
         x, mod, _, rope = args[:4]
         self._keep("block0", {"x_dtype": x.dtype, "mod_dtype": mod.dtype, "rope": [r.clone() for r in rope]})
+        self._keep("mod", mod.detach().clone())  # B, F, 6D: the adaLN vectors, made by fp32 layers
 
 
 def _shard_casting_inputs(model: torch.nn.Module, mesh) -> None:
@@ -113,7 +114,7 @@ def train(case: Case, world: int) -> dict:
     if world > 1:  # every rank's inputs, in rank order
         gathered: list = [None] * world
         dist.all_gather_object(gathered, record)
-        record = {"t": torch.cat([r["t"] for r in gathered]), "fps": torch.cat([r["fps"] for r in gathered])}
+        record = {k: torch.cat([r[k] for r in gathered]) for k in ("t", "fps", "mod")}
         record["block0"] = gathered[0]["block0"]
     return {"losses": losses, **record}
 

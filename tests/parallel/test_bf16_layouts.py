@@ -40,6 +40,18 @@ def test_fsdp_bf16_sees_the_fp32_inputs_of_one_process(results):
         assert r["block0"]["x_dtype"] == r["block0"]["mod_dtype"] == torch.float32
 
 
+def test_fsdp_bf16_gathers_the_fp32_layers_in_fp32(results):
+    """The modulation vectors come from fp32 layers (time embedding, t_proj, adaLN tables): FSDP2 gathers
+    those weights in fp32 (their own FSDP groups), so the vectors equal one process's to fp32 rounding
+    (different batch splits of the same rows); gathered as bf16 copies they would be off by bf16's
+    ~4e-3, which the control shows."""
+    got, want, control = results[0][FSDP.name], results[1], results[0][CONTROL.name]
+    scale = want["mod"].abs().max()
+    assert scale > 0 and got["mod"].dtype == torch.float32
+    assert (got["mod"] - want["mod"]).abs().max() <= 1e-6 * scale
+    assert (control["mod"].float() - want["mod"]).abs().max() > 1e-4 * scale
+
+
 def test_fsdp_bf16_losses_match_one_process_to_bf16_tolerance(results):
     got, want = results[0][FSDP.name], results[1]
     assert len(set(want["losses"])) == len(want["losses"])  # the step changed the weights
