@@ -36,7 +36,11 @@ class DistEnv:
 
 
 def init_distributed(
-    device: str = "auto", backend: str = "auto", cpu_offload: bool = False, timeout_minutes: float = 30.0
+    device: str = "auto",
+    backend: str = "auto",
+    cpu_offload: bool = False,
+    timeout_minutes: float = 30.0,
+    tf32: bool = True,
 ) -> DistEnv:
     """Pick the device and, under torchrun, join the process group.
 
@@ -45,6 +49,9 @@ def init_distributed(
         backend: ``parallel.backend``, resolved by :func:`process_group_backend`.
         cpu_offload: ``parallel.cpu_offload``: CPU tensors then take part in collectives.
         timeout_minutes: ``parallel.timeout_minutes``, for every collective of the default group.
+        tf32: on CUDA, let fp32 matmuls use TF32 (:func:`enable_tf32`). The trainer asks for it with
+            ``run.precision=fp32`` only: under bf16 the few fp32 matmuls left are the layers kept in
+            fp32 on purpose (time embedding, modulation, head), tiny and better exact.
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,7 +63,8 @@ def init_distributed(
             raise RuntimeError("run.device=cuda but no CUDA device is visible")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-        enable_tf32()
+        if tf32:
+            enable_tf32()
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():

@@ -315,9 +315,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def setup(cfg: JobConfig) -> Trainer:
     """Process group, run-directory lock, model, optimizer, loader; resumed from the newest intact
     checkpoint of ``run.dir`` when there is one."""
-    env = init_distributed(
-        cfg.run.device, cfg.parallel.backend, cfg.parallel.cpu_offload, cfg.parallel.timeout_minutes
-    )
+    p = cfg.parallel
+    tf32 = cfg.run.precision == "fp32"  # under bf16 the fp32 layers stay exact (init_distributed)
+    env = init_distributed(cfg.run.device, p.backend, p.cpu_offload, p.timeout_minutes, tf32=tf32)
     run_dir = Path(cfg.run.dir)
     lock = lock_run_dir(run_dir, env)
     try:
