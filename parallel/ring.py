@@ -10,9 +10,10 @@ output and LSE, whatever the ring size.
 Block kernels (B×H×N×Dh layout), chosen by :func:`choose_kernel`:
 
 - CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward).
-- CUDA, bf16/fp16, head dim ≤ 256 and a multiple of 8, Ampere or newer: FlashAttention-2
+- CUDA, bf16/fp16, head dim ≤ 256, Ampere or newer: FlashAttention-2
   (``aten._scaled_dot_product_flash_attention`` + ``_backward``), the kernel SDPA itself picks.
-- CUDA otherwise (fp32 inputs, larger or odd head dims, Volta/Turing): the memory-efficient kernel
+- CUDA otherwise (fp32 inputs, head dims over 256, Volta/Turing); a head dim off a multiple of 8
+  is refused (neither kernel is built for it): the memory-efficient kernel
   (``aten._scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)`` + ``_backward``).
 
 Precision: under autocast q, k and v are cast to the autocast dtype before the kernels (the aten
@@ -59,7 +60,14 @@ def choose_kernel(
         return "cpu_flash"
     if device_type != "cuda":
         raise ValueError(f"ring attention has block kernels for cpu and cuda, not {device_type!r}")
-    flash = dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0
+    if head_dim % 8:
+        # neither CUDA kernel is built for it (SDPA itself pads such heads; these ops do not)
+        raise ValueError(
+            f"ring attention on CUDA needs a head dim that is a multiple of 8, got {head_dim} "
+            "(model.arch.hidden_size / num_heads): change the model, or use Ulysses alone "
+            "(parallel.cp_ring=1, cp dividing num_heads/tp)"
+        )
+    flash = dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
     if capability is not None and capability < (8, 0):
         flash = False  # FlashAttention-2 needs sm80+
     return "flash" if flash else "efficient"
@@ -158,7 +166,9 @@ def ring_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of q, k, v (their dtypes) from the merged ``out`` and ``lse`` of :func:`ring_forward`."""
     n, kernel, aux, scale = group_size(group), state["kernel"], state["aux"], state["scale"]
-    dout = dout.to(q.dtype, memory_format=torch.contiguous_format)  # the kernels want it dense
+    dout = dout.to(q.dtype)
+    if not dout.is_contiguous():  # the kernels want it dense (.to aliases a view of the same dtype)
+        dout = dout.clone(memory_format=torch.contiguous_format)
     with torch.autocast(q.device.type, enabled=False):  # fp32 sums even if backward runs in autocast
         dq = torch.zeros_like(q, dtype=torch.float32)
         kv = (k, v)

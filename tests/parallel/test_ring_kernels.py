@@ -42,7 +42,6 @@ KERNEL_OPS = {
         ("cuda", torch.bfloat16, 64, None, "flash"),
         ("cuda", torch.float32, 64, (9, 0), "efficient"),  # flash has no fp32 kernel
         ("cuda", torch.bfloat16, 320, (9, 0), "efficient"),  # flash stops at head dim 256
-        ("cuda", torch.bfloat16, 36, (9, 0), "efficient"),  # nor a head dim off a multiple of 8
         ("cuda", torch.float16, 64, (7, 5), "efficient"),  # Turing: no FlashAttention-2
     ],
 )
@@ -50,9 +49,14 @@ def test_kernel_choice(device, dtype, head_dim, capability, want):
     assert choose_kernel(device, dtype, head_dim, capability) == want
 
 
-def test_kernel_choice_refuses_other_devices():
+def test_kernel_choice_refuses_other_devices_and_unbuilt_head_dims():
     with pytest.raises(ValueError, match="'mps'"):
         choose_kernel("mps", torch.float16, 64)
+    # neither CUDA kernel takes a head dim off a multiple of 8 (the efficient one fails to launch)
+    for dtype in (torch.bfloat16, torch.float32):
+        with pytest.raises(ValueError, match=r"multiple of 8, got 36 .*parallel\.cp_ring=1"):
+            choose_kernel("cuda", dtype, 36, (9, 0))
+    assert choose_kernel("cpu", torch.float32, 36) == "cpu_flash"
 
 
 @pytest.fixture
