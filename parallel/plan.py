@@ -18,7 +18,8 @@ after tensor parallelism, S = dp_shard · cp (FSDP's shard degree; dp_replicate 
   bytes per block parameter), and the root's bf16 weights, unsharded from forward to backward.
   ``cpu_offload`` moves the sharded states to host memory.
 - DeepSpeed (``torch_autocast``: fp32 module weights, bf16 compute): fp32 params (partitioned at
-  stage 3), fp32 grads (partitioned at stage ≥ 2), Adam m, v partitioned; no separate master copy.
+  stage 3), fp32 grads (partitioned at stage ≥ 2), Adam m, v partitioned; ZeRO-1/2 also clone an
+  fp32 master partition (ZeRO-3 steps its partitioned module weights).
   Buffers: the reduce bucket (5e8 elements fp32, DeepSpeed's default) at stage ≥ 2, the live gathered
   parameters (two blocks fp32) at stage 3.
 - Activations: what autograd saves under bf16 autocast on CUDA, term by term (:func:`block_terms`):
@@ -28,8 +29,10 @@ after tensor parallelism, S = dp_shard · cp (FSDP's shard degree; dp_replicate 
   with sequence parallelism, the residual stream too. ``full`` keeps each block's fp32 input;
   ``every_K`` does that for blocks 0, K, 2K…; ``selective`` keeps the input and the attention outputs
   with their log-sum-exp. Weight copies saved for backward: autocast's bf16 casts of fp32 weights
-  (DeepSpeed, one GPU) or ``Fp32Linear``'s fp32 copies of FSDP's bf16 weights (timestep embedding,
-  modulation, head: 0.7 GB for 14B), in checkpointed blocks only while recomputed.
+  (DeepSpeed, one GPU) or, under FSDP, the fp32 layers' weights (timestep embedding, modulation,
+  head: 0.7 GB for 14B), in checkpointed blocks only while recomputed. (FSDP now gathers those layers
+  in fp32 in their own groups rather than as bf16 copies upcast per call: the same bytes to within
+  the small modules' bf16 gather buffers, which this model still counts.)
 - Temporaries: one block recomputed in backward (checkpointing) and the working set of its backward
   (:func:`activation_bytes`).
 - Not counted: the CUDA context, NCCL and cuBLAS workspaces (:data:`OVERHEAD_GIB`) and the caching
@@ -347,7 +350,9 @@ def state_bytes(
         out = {
             "params": 4 * local // (z if stage >= 3 else 1),
             "grads": 4 * local // (z if stage >= 2 else 1),
-            "optimizer": 8 * local // z,
+            # ZeRO-1/2 clone an fp32 master partition even of fp32 module weights (torch_autocast);
+            # ZeRO-3 steps the partitioned module weights themselves
+            "optimizer": (12 if engine == "deepspeed" and stage < 3 else 8) * local // z,
             "ema": (4 * local // (z if stage >= 3 else 1)) if ema else 0,
         }
         bucket = 4 * min(DS_BUCKET, local) if stage >= 2 else 0
