@@ -144,6 +144,11 @@ def deepspeed_config(
     if zero_stage not in (1, 2, 3):
         raise ValueError(f"parallel.zero_stage={zero_stage}: must be 1, 2 or 3")
     zero: dict = {"stage": zero_stage}
+    if zero_stage == 3:
+        # no parameter stays whole outside the partitions: the EMA swap writes the partitions only, so a
+        # "persistent" small parameter (biases, norms, tables) would keep its training value while the
+        # EMA is swapped in, and validation and samples would mix EMA and raw weights
+        zero["stage3_param_persistence_threshold"] = 0
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     cfg = {

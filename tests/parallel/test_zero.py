@@ -197,6 +197,7 @@ def test_deepspeed_config_from_train_config():
     assert cfg["gradient_clipping"] == tcfg.grad_clip
     assert cfg["gradient_accumulation_steps"] == 3
     assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # EMA swaps reach all
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "bf16" not in cfg
     bf16 = deepspeed_config(tcfg, zero_stage=1, bf16=True)
