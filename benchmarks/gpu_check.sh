@@ -8,7 +8,7 @@
 #   3. the attention micro-benchmark at head dim 128, 32,760 and 75,600 tokens, per backend (SDPA pinned
 #      to flash / cuDNN / memory-efficient, FlashAttention if installed): forward and forward+backward;
 #   4. with more than one GPU: NCCL parity under torchrun: the tiny trainer's losses and gradient norms
-#      at cp=2 against one GPU, and at dp_shard=2 against dp_replicate=2;
+#      at cp=2 (Ulysses, and as a ring) against one GPU, and at dp_shard=2 against dp_replicate=2;
 #   5. the planner's prediction (parallel.plan) next to every case measured in 2.
 #
 # Everything goes to one folder, benchmarks/results/DATE-gpu-check/: report.md (environment, then one
@@ -363,6 +363,9 @@ else
         "$PYTHON" -m launch.train "${train[@]}" "run.dir=$OUT/runs/1gpu"
     run_case train-cp2 "$TRAIN_LIMIT" --json runs/cp2/metrics.jsonl -- \
         "${torchrun[@]}" "${train[@]}" "run.dir=$OUT/runs/cp2" parallel.cp=2
+    # the same split as a ring (cp_ring=2): the fused CUDA ring kernels and their merged-LSE backward
+    run_case train-cp2ring "$TRAIN_LIMIT" --json runs/cp2ring/metrics.jsonl -- \
+        "${torchrun[@]}" "${train[@]}" "run.dir=$OUT/runs/cp2ring" parallel.cp=2 parallel.cp_ring=2
     run_case train-dp_shard2 "$TRAIN_LIMIT" --json runs/dp_shard2/metrics.jsonl -- \
         "${torchrun[@]}" "${train[@]}" "run.dir=$OUT/runs/dp_shard2" parallel.dp_shard=2
     run_case train-dp_replicate2 "$TRAIN_LIMIT" --json runs/dp_replicate2/metrics.jsonl -- \

@@ -102,7 +102,7 @@ ATTENTION_TARGET = 550.0  # DESIGN §7: attention forward TFLOP/s at head dim 12
 # parity tolerance on losses and gradient norms: fp32 on CPU is exact up to reduction order; bf16
 # autocast on GPUs differs by the rounding of kernels that see other shapes (cp cuts the tokens)
 PARITY_RTOL = {"cpu-smoke": 1e-4, "gpu": 1e-2}
-PARITY_PAIRS = (("cp2", "1gpu"), ("dp_replicate2", "dp_shard2"))
+PARITY_PAIRS = (("cp2", "1gpu"), ("cp2ring", "1gpu"), ("dp_replicate2", "dp_shard2"))
 _ERROR_LINE = re.compile(r"^([\w.]+(Error|Exception)\b.*|(config )?error:.*|.*out of memory.*)$", re.I)
 
 

@@ -26,7 +26,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 CONFIGS = sorted(p.stem for p in (ROOT / "launch" / "configs").glob("*.yaml"))
 AC = ("selective", "full", "every_2", "none")
 BACKENDS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flash_attn")
-RUNS = ("1gpu", "cp2", "dp_shard2", "dp_replicate2")
+RUNS = ("1gpu", "cp2", "cp2ring", "dp_shard2", "dp_replicate2")
 
 
 def _check(out: Path, *args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -137,11 +137,13 @@ def test_parity_of_layouts_under_torchrun(smoke):
         assert len(losses[run]) == 3
     # fp32 on CPU: the same batches give the same losses; dp=2 reads other batches than dp=1
     assert losses["cp2"] == pytest.approx(losses["1gpu"], rel=1e-5)
+    assert losses["cp2ring"] == pytest.approx(losses["1gpu"], rel=1e-5)
     assert losses["dp_replicate2"] == pytest.approx(losses["dp_shard2"], rel=1e-5)
     assert losses["dp_shard2"] != pytest.approx(losses["1gpu"], rel=1e-3)
     table = _section((out / "report.md").read_text(), 4)
-    assert "| cp2 | 1gpu | 3 |" in table and "| dp_replicate2 | dp_shard2 | 3 |" in table
-    assert table.count("| PASS |") == 2
+    for row in ("| cp2 | 1gpu | 3 |", "| cp2ring | 1gpu | 3 |", "| dp_replicate2 | dp_shard2 | 3 |"):
+        assert row in table
+    assert table.count("| PASS |") == 3
 
 
 def test_planner_next_to_every_measured_case(smoke):
