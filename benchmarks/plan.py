@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e.args[0]))
     if a.gpus < 1:
         p.error(f"--gpus={a.gpus} must be ≥ 1")
+    checks = (("--gpus-per-node", a.gpus_per_node, 1), ("--top", a.top, 1), ("--batch", a.batch, 1))
+    for flag, value, low in checks + (("--text-len", a.text_len, 0),):
+        if value < low:
+            p.error(f"{flag}={value} must be ≥ {low}")
+    if a.fit and a.layout:
+        p.error("--layout: --fit searches the layouts itself; give one or the other")
     thw = tuple(
         v if v is not None else d
         for v, d in zip((a.frames, a.height, a.width), DEFAULT_LATENT_SIZE[a.preset], strict=True)

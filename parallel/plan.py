@@ -464,7 +464,16 @@ def _memory(arch, states: dict, act: dict, ac: str, grad_accum: int, engine: str
 
 
 def _check(
-    arch: DiTConfig, thw: tuple, layout: Layout, gpu: str, engine: str, stage: int, batch: int, ga: int
+    arch: DiTConfig,
+    thw: tuple,
+    layout: Layout,
+    gpu: str,
+    engine: str,
+    stage: int,
+    batch: int,
+    ga: int,
+    sp: bool = False,
+    text_len: int = 0,
 ):
     """Raise naming the argument for what cannot run; returns the tokens per sample."""
     if gpu not in GPUS:
@@ -477,14 +486,20 @@ def _check(
         raise ValueError("layout dp_replicate > 1 needs engine=fsdp (DeepSpeed shards over dp_shard·cp)")
     if batch < 1 or ga < 1:
         raise ValueError(f"batch={batch} and grad_accum={ga} must be ≥ 1")
+    if text_len < 0:
+        raise ValueError(f"text_len={text_len} must be ≥ 0")
     for name, v, p in zip(("frames", "height", "width"), thw, arch.patch_size, strict=True):
         if v < 1 or v % p:
             raise ValueError(f"{name}={v} (latent) is not a positive multiple of the patch size {p}")
     if arch.num_heads % layout.tp or arch.ffn_hidden % layout.tp:
         raise ValueError(f"layout tp={layout.tp} must divide num_heads={arch.num_heads} and the MLP width")
     tokens = math.prod(v // p for v, p in zip(thw, arch.patch_size, strict=True))
-    if tokens % layout.cp:
-        raise ValueError(f"layout cp={layout.cp} must divide the {tokens} tokens of a sample")
+    # the trainer's own cut (parallel.context): cp ranks, and the tp ranks of each under sequence
+    # parallelism, each take an equal share of every sample's tokens
+    ways = layout.cp * (layout.tp if sp else 1)
+    if tokens % ways:
+        what = f"cp={layout.cp}" + (f" × tp={layout.tp} (sequence parallel)" if sp else "")
+        raise ValueError(f"layout {what} must divide the {tokens} tokens of a sample")
     if arch.attention_layout == "factorized" and (thw[0] // arch.patch_size[0]) % layout.cp:
         raise ValueError(f"layout cp={layout.cp} must divide the latent frames (factorized attention)")
     return tokens
@@ -532,10 +547,10 @@ def plan(
         ``step_s``, ``mfu``, ``time_breakdown_s``, ``layout`` and the details behind them.
     """
     thw = (frames, height, width)
-    tokens = _check(arch, thw, layout, gpu, engine, zero_stage, batch, grad_accum)
+    sp = sequence_parallel and layout.tp > 1 and engine == "fsdp"
+    tokens = _check(arch, thw, layout, gpu, engine, zero_stage, batch, grad_accum, sp, text_len)
     checkpoint_blocks(ac, arch.depth)
     g = GPUS[gpu]
-    sp = sequence_parallel and layout.tp > 1 and engine == "fsdp"
     # the split the trainer makes with parallel.cp_ring=0: the largest Ulysses degree the heads allow
     ring = check_cp_degrees(layout.cp, 0, arch.num_heads, layout.tp)
     l = batch * text_len if arch.conditioning == "text" else 0

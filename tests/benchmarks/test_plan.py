@@ -189,3 +189,39 @@ def test_activation_bytes_match_a_real_cpu_run(ac):
     got = measure_activations(arch, thw, text_len, ac)["activations"]
     want = plan(arch, *thw, text_len=text_len, ac=ac)["activation_detail_gib"]["after_forward"] * GIB
     assert want == pytest.approx(got, rel=0.15)
+
+
+def test_fit_offers_only_layouts_the_trainer_accepts():
+    """Under sequence parallelism the trainer cuts every sample's tokens over cp × tp ranks
+    (parallel.context): 75,600 tokens do not split over cp=16 × tp=2, so --fit must not rank it (it
+    once did, first)."""
+    arch = get_preset("video-14b")
+    with pytest.raises(ValueError, match=r"cp=16 × tp=2 \(sequence parallel\) must divide the 75600 tokens"):
+        plan(arch, 21, 90, 160, layout=Layout(dp_replicate=2, cp=16, tp=2), ac="full")
+    plan(arch, 21, 90, 160, layout=Layout(dp_replicate=2, cp=16, tp=2), ac="full", sequence_parallel=False)
+    got = cli_fit(arch)
+    assert got and all(75600 % (r["cp"] * (r["tp"] if r["tp"] > 1 else 1)) == 0 for r in got)
+
+
+def cli_fit(arch) -> list[dict]:
+    from benchmarks.plan import fit
+
+    kw = dict(batch=1, gpu="h100", engine="fsdp", gpus_per_node=8)
+    result = fit(arch, (21, 90, 160), 64, ("full",), 64, top=500, **kw)
+    return [Layout.parse(r["layout"]).__dict__ for r in result["ranked"]]
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--text-len", "-5"], "--text-len"),
+        (["--batch", "-1", "--fit"], "--batch"),
+        (["--top", "-3", "--fit"], "--top"),
+        (["--gpus-per-node", "0"], "--gpus-per-node"),
+        (["--fit", "--layout", "dp_shard=8"], "--layout"),
+    ],
+)
+def test_cli_refuses_nonsense_numbers_naming_the_flag(args, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["video-14b", "--gpus", "8", *args])
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
