@@ -40,6 +40,12 @@ class Compression:
     spatial: int = 8
     causal: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("temporal", "spatial"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"codec {name} compression {v!r}: must be a whole number ≥ 1")
+
     def latent_frames(self, frames: int) -> int:
         if frames == 1:
             return 1
@@ -72,15 +78,27 @@ def load_bucket_file(path: str) -> BucketConfig:
     """A bucket file: JSON ``{"fps": 16, "image_ratio": null, "buckets": [[F, H, W, batch], …]}``."""
     import json
 
+    def whole(v) -> int:  # 1.5 or true are typos, not 1
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{v!r} is not a whole number")
+        return v
+
+    def number(v, key: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{key}={v!r} is not a number")
+        return float(v)
+
     try:
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
-        buckets = [Bucket(*map(int, b)) for b in spec["buckets"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        buckets = [Bucket(*(whole(v) for v in b)) for b in spec["buckets"]]
+        ratio = spec.get("image_ratio")
+        ratio = None if ratio is None else number(ratio, "image_ratio")
+        return BucketConfig(buckets, fps=number(spec.get("fps", 16.0), "fps"), image_ratio=ratio)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(
-            f"bucket file {path}: {e} (expected {{'fps', 'buckets': [[F, H, W, batch]]}})"
+            f"data.bucket_file={path}: {e} (expected {{'fps', 'buckets': [[F, H, W, batch]]}})"
         ) from e
-    return BucketConfig(buckets, fps=float(spec.get("fps", 16.0)), image_ratio=spec.get("image_ratio"))
 
 
 def parse_ratio(ratio: str) -> float:

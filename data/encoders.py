@@ -130,8 +130,10 @@ def _vae_geometry(name: str, cfg) -> tuple[Compression, int]:
         spatial = cfg["spatial_compression_ratio"]
     else:
         spatial = 2 ** (len(cfg["block_out_channels"]) - 1)
-    temporal = int(cfg["temporal_compression_ratio"])
-    return Compression(temporal, int(spatial), causal=True), cfg["latent_channels"]
+    temporal = cfg["temporal_compression_ratio"]
+    whole = lambda v: int(v) if isinstance(v, int | float) and float(v).is_integer() else v  # noqa: E731
+    # Compression refuses what is not a whole number ≥ 1 (a config's 8.5 or -8 is not truncated)
+    return Compression(whole(temporal), whole(spatial), causal=True), cfg["latent_channels"]
 
 
 def codec_geometry(spec: str) -> tuple[Compression, int]:

@@ -103,6 +103,12 @@ class DiTConfig:
                 raise ValueError(f"DiTConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"DiTConfig.patch_size={self.patch_size}: expected three positive ints")
+        positive = ("in_channels", "hidden_size", "depth", "num_heads", "freq_dim", "text_dim", "num_classes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"DiTConfig.{name}={getattr(self, name)}: must be at least 1")
+        if self.cond_channels < 0 or (self.ffn_dim is not None and self.ffn_dim < 1) or self.mlp_ratio <= 0:
+            raise ValueError("DiTConfig: cond_channels must be ≥ 0, ffn_dim ≥ 1 (or None), mlp_ratio > 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"

@@ -528,8 +528,21 @@ def write_samples(tr: Trainer, metrics: Metrics) -> None:
         metrics.video(f"samples/{i}", frames, tr.step, cfg.sample.fps)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that under ``--dry-run`` a bad command line still prints the dry run's one
+    JSON object (``ok: false``) before the usage message and exit 2."""
+
+    dry_run = False
+
+    def error(self, message: str):
+        if self.dry_run:
+            print(json.dumps({"ok": False, "errors": [f"command line: {message}"], "warnings": []}))
+        super().error(message)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m launch.train", description="Train a spacetime DiT.")
+    p = _Parser(prog="python -m launch.train", description="Train a spacetime DiT.")
+    p.dry_run = "--dry-run" in (sys.argv[1:] if argv is None else argv)
     p.add_argument("--config", help="YAML config (default: launch/configs/tiny.yaml)")
     p.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 model.arch.depth=4"
@@ -557,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.dry_run:
         from launch.dryrun import dry_run  # the planner: only when asked for
 
-        raise SystemExit(dry_run(cfg, world_size=a.world_size or 1, gpu=a.gpu))
+        raise SystemExit(dry_run(cfg, world_size=1 if a.world_size is None else a.world_size, gpu=a.gpu))
     try:
         run(cfg)
     except (RunDirLocked, ResumeRefused, ckpt.CheckpointError) as e:

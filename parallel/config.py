@@ -79,6 +79,7 @@ def timeout(minutes: float, field: str = "parallel.timeout_minutes") -> datetime
     """The collective timeout; a ValueError naming ``field`` unless it is a finite number > 0."""
     if isinstance(minutes, bool) or not isinstance(minutes, int | float):
         raise ValueError(f"{field}={minutes!r}: expected a number of minutes")
-    if not (math.isfinite(minutes) and minutes > 0):
-        raise ValueError(f"{field}={minutes}: must be a finite number of minutes > 0")
+    # a week at most: longer is a typo, and timedelta (and the C++ side) overflow long before inf
+    if not (math.isfinite(minutes) and 0 < minutes <= 7 * 24 * 60):
+        raise ValueError(f"{field}={minutes}: must be a number of minutes > 0 and at most a week (10080)")
     return datetime.timedelta(minutes=minutes)

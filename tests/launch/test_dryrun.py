@@ -256,3 +256,62 @@ def test_options_may_follow_the_overrides(folders, capsys):
     report = json.loads(capsys.readouterr().out)
     assert stop.value.code == 2 and report["world_size"] == 6
     assert any("parallel.cp=8" in e or "world size 6" in e for e in report["errors"]), report["errors"]
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--world-size", "abc"], "--world-size"),  # argparse's own error, still one JSON object
+        (["--world-size", "0"], "--world-size 0"),
+        (["model.arch.num_heads=0"], "num_heads"),
+        (["parallel.timeout_minutes=1e300"], "parallel.timeout_minutes"),
+        (["sample.frames=0"], "sample.frames"),
+        (["sample.height=-16"], "sample.height"),
+    ],
+)
+def test_hostile_command_lines_are_one_json_error_naming_the_input(args, named, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(CONFIG_DIR / "tiny.yaml"), "--dry-run", *args])
+    out = capsys.readouterr().out
+    report = json.loads(out)  # exactly one JSON object, whatever went wrong
+    assert stop.value.code == 2 and report["ok"] is False
+    assert any(named in e for e in report["errors"]), report["errors"]
+
+
+@pytest.mark.parametrize(
+    "vae, named",
+    [
+        ({"_class_name": "AutoencoderKLWan", "dim_mult": [], "z_dim": 4}, "spatial compression 0.5"),
+        (
+            {"_class_name": "AutoencoderKLCogVideoX", "temporal_compression_ratio": 0},
+            "temporal compression 0",
+        ),
+        ({"_class_name": "AutoencoderKLHunyuanVideo", "spatial_compression_ratio": 8.5}, "8.5"),
+        ({"_class_name": "AutoencoderKLHunyuanVideo", "spatial_compression_ratio": -8}, "-8"),
+    ],
+)
+def test_impossible_codec_compression_is_an_error_naming_data_codec(vae, named, tmp_path, capsys):
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(vae))
+    code, report, _ = dry_in_process(capsys, CONFIG_DIR / "tiny.yaml", f"data.codec={folder}")
+    assert code == 2 and report["ok"] is False
+    assert any("data.codec" in e and named in e for e in report["errors"]), report["errors"]
+
+
+@pytest.mark.parametrize(
+    "spec, named",
+    [
+        ({"fps": None, "buckets": [[1, 64, 64, 4]]}, "fps=None"),
+        ({"image_ratio": "abc", "buckets": [[1, 64, 64, 4]]}, "image_ratio='abc'"),
+        ({"buckets": [[1.5, 64, 64, 4]]}, "1.5 is not a whole number"),
+        ({"buckets": [[True, 64, 64, 4]]}, "True is not a whole number"),
+        ({"buckets": [[1, -64, 64, 4]]}, "sizes must be >= 1"),
+    ],
+)
+def test_a_bad_bucket_file_is_one_error_naming_the_file(spec, named, tmp_path, capsys):
+    path = tmp_path / "buckets.json"
+    path.write_text(json.dumps(spec))
+    code, report, _ = dry_in_process(capsys, CONFIG_DIR / "tiny.yaml", f"data.bucket_file={path}")
+    assert code == 2 and report["ok"] is False
+    assert any(f"data.bucket_file={path}" in e and named in e for e in report["errors"]), report["errors"]
