@@ -86,6 +86,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         or (args.procs_per_node is not None and args.procs_per_node < 1)
     ):
         parser.error("--nodes and --procs-per-node must be >= 1, --gpus-per-node >= 0")
+    if args.module == "launch.train" and not getattr(args, "program_args", None):
+        # the config as the job will load it, now: an unset ??? path or a bad key is an error here, not
+        # a job that waits in the queue for hours to fail at start-up
+        from launch.config import load_config
+
+        try:
+            load_config(args.config, args.overrides)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"config error: {e}")
 
 
 def submit(args: argparse.Namespace) -> int:

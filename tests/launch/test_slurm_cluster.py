@@ -84,12 +84,13 @@ def test_submit_dry_run_builds_sbatch_argv(tmp_path: Path, capsys):
 
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
-    common = [str(config), "a=1", TRICKY, "--time", "1:00:00", "--dry-run"]
+    # another entry point (its config is its own business): user text only ever becomes argv items
+    common = [str(config), "a=1", TRICKY, "--time", "1:00:00", "--dry-run", "--module", "tests.stand_in"]
     assert main(["submit", *common, "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu"]) == 0
     gpu = shlex.split(capsys.readouterr().out)
     assert gpu[:4] == ["sbatch", "--parsable", "--nodes=2", "--time=1:00:00"]
     assert {"--gpus-per-node=8", "--signal=USR2@120", "--partition=gpu", "--job-name=c"} <= set(gpu)
-    assert gpu[-7:] == [str(SBATCH_SCRIPT), "8", "launch.train", "--config", str(config), "a=1", TRICKY]
+    assert gpu[-7:] == [str(SBATCH_SCRIPT), "8", "tests.stand_in", "--config", str(config), "a=1", TRICKY]
 
     assert main(["submit", *common, "--gpus-per-node", "0", "--signal-lead", "300"]) == 0
     cpu = shlex.split(capsys.readouterr().out)
@@ -98,6 +99,22 @@ def test_submit_dry_run_builds_sbatch_argv(tmp_path: Path, capsys):
 
     with pytest.raises(SystemExit):
         main(["submit", str(config), "not-an-override", "--gpus-per-node", "0", "--time", "5"])
+
+
+def test_submit_loads_the_training_config_before_queueing(capsys):
+    """A ``???`` path left unset (or a bad key) is an error at submit time, naming it, not a job that
+    waits in the queue to fail at start-up."""
+    from launch.config import CONFIG_DIR
+    from launch.slurm.__main__ import main
+
+    args = ["submit", str(CONFIG_DIR / "video-1b3.yaml"), "data.shards=/l", "data.codec=pixel"]
+    args += ["data.text_encoder=minilm", "--nodes", "8", "--gpus-per-node", "8", "--time", "1", "--dry-run"]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and "data.val_shards" in capsys.readouterr().err
+    assert main([*args, "data.val_shards=/v"]) == 0 and "sbatch" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "data.val_shards=/v", "train.stepz=3"])
 
 
 def test_a_sweep_runs_as_one_job_array(slurm_cluster: SlurmCluster, tmp_path: Path, overrides):
