@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed._composable import checkpoint as checkpoint_block
 
 from data.pipeline import build_loader
 from dit.diffusion import make_objective
@@ -46,10 +45,10 @@ from launch.optim import EMA, build_optimizer, build_scheduler
 from launch.train import Trainer, initial_model
 from parallel import checkpoint as ckpt
 from parallel import zero
-from parallel.config import checkpoint_every
 from parallel.context import apply_sequence_cut
 from parallel.dims import ParallelDims
 from parallel.megatron_tp import apply_megatron_tp
+from parallel.parallelize import apply_activation_checkpointing
 from parallel.zero_parts import local_part, part_of, whole
 
 log = logging.getLogger("launch.train")
@@ -162,10 +161,7 @@ def setup_deepspeed(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: P
             ring_group=mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None,
             sp_group=None,
         )
-    every = checkpoint_every(p.activation_checkpointing)
-    for i, block in enumerate(model.blocks):
-        if every and i % every == 0:
-            checkpoint_block(block)  # composable: parameter names stay those of the plain model
+    apply_activation_checkpointing(model, p.activation_checkpointing)  # the FSDP engine's, selective too
     model.train()
     opt = build_optimizer(model, cfg.train, env.device)
     engine = zero.build_engine(
@@ -190,7 +186,9 @@ def setup_deepspeed(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: P
         ema=EMA(engine.module, cfg.train.ema_decay, part=local_part) if cfg.train.ema_decay > 0 else None,
         objective=make_objective(cfg.diffusion),
         cond=Conditioner(cfg, env.device),
-        loader=build_loader(cfg.data, dp_rank, dims.dp, expect=expect_for(cfg)),
+        loader=build_loader(
+            cfg.data, dp_rank, dims.dp, expect=expect_for(cfg), pin_memory=env.device.type == "cuda"
+        ),
         run_dir=run_dir,
         bf16=bf16,
         dp_rank=dp_rank,
