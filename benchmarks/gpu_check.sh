@@ -292,7 +292,7 @@ EOF
     done
     run_case plan-video-1b3-fit 60 --stdout json/1-plan-video-1b3-fit.json -- \
         "$PYTHON" -m benchmarks.plan video-1b3 --frames 21 --height 60 --width 104 --gpu "$PLAN_GPU" \
-        --gpus 1 --layout dp_shard=1 --fit
+        --gpus 1 --fit
 fi
 RESERVE=0
 
