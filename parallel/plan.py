@@ -29,10 +29,9 @@ after tensor parallelism, S = dp_shard · cp (FSDP's shard degree; dp_replicate 
   with sequence parallelism, the residual stream too. ``full`` keeps each block's fp32 input;
   ``every_K`` does that for blocks 0, K, 2K…; ``selective`` keeps the input and the attention outputs
   with their log-sum-exp. Weight copies saved for backward: autocast's bf16 casts of fp32 weights
-  (DeepSpeed, one GPU) or, under FSDP, the fp32 layers' weights (timestep embedding, modulation,
-  head: 0.7 GB for 14B), in checkpointed blocks only while recomputed. (FSDP now gathers those layers
-  in fp32 in their own groups rather than as bf16 copies upcast per call: the same bytes to within
-  the small modules' bf16 gather buffers, which this model still counts.)
+  (DeepSpeed, one GPU), in checkpointed blocks only while recomputed. Under FSDP none: the fp32
+  layers (timestep embedding, modulation, head) are gathered in fp32 in their own groups, and backward
+  keeps the gathered parameter itself.
 - Temporaries: one block recomputed in backward (checkpointing) and the working set of its backward
   (:func:`activation_bytes`).
 - Not counted: the CUDA context, NCCL and cuBLAS workspaces (:data:`OVERHEAD_GIB`) and the caching
@@ -202,8 +201,9 @@ def _count_params(arch: DiTConfig) -> dict[str, int]:
             leaf.split(".")[-1] in ("o", "fc2") and kind == "weight"
         ):
             split += p.numel()
-    # weights a linear saves for backward (autocast's bf16 copy of an fp32 weight, or Fp32Linear's fp32
-    # copy of FSDP's bf16 one) when its input needs a gradient: not the first layer of an input path
+    # weights a linear saves for backward (autocast's bf16 copy of an fp32 weight: DeepSpeed, one GPU)
+    # when its input needs a gradient: not the first layer of an input path; fp32_* counts the
+    # Fp32Linear weights (FSDP's fp32 groups)
     first = ("patch_embed.proj", "text_proj.fc1", "t_embedder.fc1", "fps_embedder.fc1")
 
     def saved(mod: torch.nn.Module, fp32: bool) -> int:
@@ -341,9 +341,14 @@ def state_bytes(
     if engine == "fsdp" and layout.dp_replicate * s > 1:
         sharded = 4 * local // s
         out = {"params": sharded, "grads": sharded, "optimizer": 2 * sharded, "ema": sharded if ema else 0}
-        out["fsdp_buffers"] = (2 + 2 + 4) * block + 2 * root
-        # FSDP's mixed precision hands bf16 weights to autocast (no casts), but Fp32Linear's copies
-        out["casts_block"], out["casts_root"] = 4 * pc["fp32_block"], 4 * pc["fp32_root"]
+        # the fp32 layers (Fp32Linear's weights here) are their own fp32 FSDP groups
+        # (parallel.parallelize._shard): 4 more bytes each of gather, gradient and reduce buffers than
+        # bf16; outside the root group they reshard after forward, so only the rest of the root's
+        # bf16 weights stay gathered from forward to backward
+        out["fsdp_buffers"] = (2 + 2 + 4) * block + 4 * pc["fp32_block"] + 2 * (root - pc["fp32_root"])
+        # FSDP's mixed precision hands bf16 (or, to the fp32 layers, fp32) weights to autocast and the
+        # fp32 layers: what backward keeps is the gathered parameter itself, no cast copy
+        out["casts_block"], out["casts_root"] = 0, 0
     else:  # DeepSpeed, or one FSDP rank (plain fp32 module under autocast)
         z = s if engine == "deepspeed" else 1
         stage = zero_stage if engine == "deepspeed" else 0
