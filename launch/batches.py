@@ -52,11 +52,20 @@ def expect_for(cfg: JobConfig) -> Expect:
     return Expect(arch.in_channels, compression, arch.text_dim if arch.conditioning == "text" else None)
 
 
-def run_bf16(cfg: JobConfig, device: torch.device | str) -> bool:
-    """Whether the run computes in bf16 on ``device`` (autocast over fp32 weights): ``run.precision=bf16``,
-    or ``auto`` on CUDA. Training, validation and samples all follow it."""
-    precision = cfg.run.precision
+def bf16_compute(precision: str, device: torch.device | str) -> bool:
+    """Whether ``precision`` (``bf16``, ``fp32`` or ``auto``) means bf16 autocast over fp32 weights on
+    ``device``: ``bf16``, or ``auto`` on CUDA."""
     return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
+def run_bf16(cfg: JobConfig, device: torch.device | str) -> bool:
+    """:func:`bf16_compute` of ``run.precision``: training, validation and samples all follow it."""
+    return bf16_compute(cfg.run.precision, device)
+
+
+def encoder_dtype(bf16: bool, device: torch.device | str) -> torch.dtype:
+    """The frozen VAE's and text encoder's dtype: bf16 on CUDA in a bf16 run, else fp32."""
+    return torch.bfloat16 if bf16 and torch.device(device).type == "cuda" else torch.float32
 
 
 class Conditioner:
@@ -69,8 +78,7 @@ class Conditioner:
 
     def __init__(self, cfg: JobConfig, device: torch.device):
         self.cfg, self.arch, self.device = cfg, cfg.model.arch, device
-        cuda_bf16 = torch.device(device).type == "cuda" and run_bf16(cfg, device)
-        self.encoder_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        self.encoder_dtype = encoder_dtype(run_bf16(cfg, device), device)
         # the codec's geometry from its config alone: no weights loaded until something is encoded
         self.compression, channels = codec_geometry(cfg.data.codec)
         self._codec = None

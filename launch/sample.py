@@ -24,7 +24,7 @@ from dit.config import DiTConfig
 from dit.diffusion import make_objective
 from dit.model import build_model
 from dit.sampling import sample
-from launch.batches import null_condition
+from launch.batches import bf16_compute, encoder_dtype, null_condition
 from launch.config import SampleConfig, load_config
 from launch.export import export_config, read_export_config
 from launch.finetune import read_weights
@@ -130,8 +130,8 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
     arch, defaults = info["arch"], info.get("sample") or SampleConfig()
     frames, height = a.frames or defaults.frames, a.height or defaults.height
     width, fps = a.width or defaults.width, a.fps or defaults.fps
-    bf16 = a.precision == "bf16" or (a.precision == "auto" and torch.device(a.device).type == "cuda")
-    enc_dtype = torch.bfloat16 if bf16 and torch.device(a.device).type == "cuda" else torch.float32
+    bf16 = bf16_compute(a.precision, a.device)
+    enc_dtype = encoder_dtype(bf16, a.device)
     codec = build_codec(info["codec"], device=a.device, dtype=enc_dtype)
     if not getattr(codec, "decodes", True):  # before any sampling, not after it
         raise SystemExit(
