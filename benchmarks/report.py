@@ -405,32 +405,31 @@ def _environment(out: Path, env: dict) -> str:
     return "\n".join(lines)
 
 
+def _verdict(what: str, measured: list, target: float, target_text: str, best_text, target_after=None) -> str:
+    """One target line: the best of ``measured`` ((value, row) pairs) against ``target``."""
+    if not measured:
+        return f"- {what}: not measured (target ≥ {target_text})"
+    best, r = max(measured, key=lambda x: x[0])
+    verdict = "met" if best >= target else "NOT met"
+    return f"- {what}: best {best_text(best, r)}; target ≥ {target_after or target_text}: {verdict}"
+
+
 def _targets(env: dict, steps: list[dict], attn: list[dict]) -> str:
     if env.get("mode") != "gpu":
         return "Targets: not applicable in --cpu-smoke (tiny sizes on a CPU: only the script is checked)."
     mfus = [(float(r["MFU"].rstrip("%")) / 100, r) for r in steps if r["MFU"] != "–"]
     fwd = [(float(r["fwd TFLOP/s"]), r) for r in attn if r["fwd TFLOP/s"] != "–" and "×128×" in r["H×Dh×N"]]
-    lines = []
-    if mfus:
-        best, r = max(mfus, key=lambda x: x[0])
-        verdict = "met" if best >= MFU_TARGET else "NOT met"
-        lines.append(
-            f"- video-1b3 MFU: best {best:.1%} (checkpointing {r['checkpointing']}, compile "
-            f"{r['compile']}); target ≥ {MFU_TARGET:.0%}: {verdict}"
-        )
-    else:
-        lines.append(f"- video-1b3 MFU: not measured (target ≥ {MFU_TARGET:.0%})")
-    if fwd:
-        best, r = max(fwd, key=lambda x: x[0])
-        verdict = "met" if best >= ATTENTION_TARGET else "NOT met"
-        lines.append(
-            f"- attention forward at head dim 128: best {best:.0f} TFLOP/s ({r['backend']}, "
-            f"{r['H×Dh×N']}); target ≥ {ATTENTION_TARGET:.0f}: {verdict}"
-        )
-    else:
-        lines.append(
-            f"- attention forward at head dim 128: not measured (target ≥ {ATTENTION_TARGET:.0f} TFLOP/s)"
-        )
+    lines = [
+        _verdict(
+            "video-1b3 MFU", mfus, MFU_TARGET, f"{MFU_TARGET:.0%}",
+            lambda best, r: f"{best:.1%} (checkpointing {r['checkpointing']}, compile {r['compile']})",
+        ),
+        _verdict(
+            "attention forward at head dim 128", fwd, ATTENTION_TARGET, f"{ATTENTION_TARGET:.0f} TFLOP/s",
+            lambda best, r: f"{best:.0f} TFLOP/s ({r['backend']}, {r['H×Dh×N']})",
+            target_after=f"{ATTENTION_TARGET:.0f}",
+        ),
+    ]  # fmt: skip
     return "Targets (DESIGN §7):\n\n" + "\n".join(lines)
 
 
