@@ -181,3 +181,24 @@ def test_a_spent_budget_is_reported_per_case(tmp_path):
     for n in (1, 3, 4, 5):
         assert "Not run: not asked for (--only 2)" in _section(report, n)
     assert "| selective | off | not run |" in _section(report, 2)
+
+
+def test_target_verdicts_take_the_best_measured_case():
+    """On a GPU the report's summary compares the best MFU and the best head-dim-128 attention forward
+    with the targets; a case with no number does not count, and nothing measured says so."""
+    from benchmarks.report import ATTENTION_TARGET, MFU_TARGET, _targets
+
+    steps = [
+        {"MFU": f"{MFU_TARGET * 100 - 5:.1f}%", "checkpointing": "full", "compile": "off"},
+        {"MFU": f"{MFU_TARGET * 100 + 1:.1f}%", "checkpointing": "selective", "compile": "on"},
+        {"MFU": "–", "checkpointing": "none", "compile": "off"},
+    ]
+    attn = [
+        {"fwd TFLOP/s": f"{ATTENTION_TARGET - 10:.1f}", "H×Dh×N": "12×128×32760", "backend": "sdpa:flash"},
+        {"fwd TFLOP/s": f"{ATTENTION_TARGET * 2:.1f}", "H×Dh×N": "12×64×32760", "backend": "sdpa:cudnn"},
+    ]
+    text = _targets({"mode": "gpu"}, steps, attn)
+    assert "checkpointing selective, compile on" in text and f"target ≥ {MFU_TARGET:.0%}: met" in text
+    assert "(sdpa:flash, 12×128×32760)" in text and "NOT met" in text  # head dim 64 is not compared
+    empty = _targets({"mode": "gpu"}, [], [])
+    assert empty.count("not measured") == 2
