@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,6 +21,12 @@ from dit.config import DiTConfig
 from launch.config import JobConfig
 
 TASKS = ("t2v", "i2v", "continuation")
+
+
+def step_seed(seed: int, dp_rank: int, step: int) -> int:
+    """Seed of a step's draws (noise, times, dropout, tasks): a function of (seed, data-parallel rank,
+    step) alone, so the cp × tp ranks that share a sample draw the same numbers."""
+    return int(np.random.SeedSequence([seed, dp_rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass

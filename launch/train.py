@@ -29,7 +29,7 @@ from dit.diffusion import make_objective
 from dit.flops import count, peak_flops
 from dit.model import SpacetimeDiT, build_model, num_params
 from launch import evaluate
-from launch.batches import Conditioner, expect_for, run_bf16
+from launch.batches import Conditioner, expect_for, run_bf16, step_seed
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
 from launch.finetune import apply_init, freeze
@@ -307,11 +307,6 @@ class PhaseClock:
         self.last = now
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of a step's draws (noise, times, dropout, tasks): a function of (seed, rank, step) alone."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def setup(cfg: JobConfig) -> Trainer:
     """Process group, run-directory lock, model, optimizer, loader; resumed from the newest intact
     checkpoint of ``run.dir`` when there is one."""
@@ -437,7 +432,7 @@ def _train(tr: Trainer) -> dict:
                 extra["val_loss"] = _with_ema(
                     tr,
                     lambda: evaluate.validation_loss(
-                        tr.model, tr.objective, tr.cond, val_batches, cfg, env.rank
+                        tr.model, tr.objective, tr.cond, val_batches, cfg, tr.dp_rank
                     ),
                 )
             if step % cfg.logging.every == 0 or last:
