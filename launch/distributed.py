@@ -124,11 +124,6 @@ def all_reduce(value: float, op: str = "sum", device: torch.device | None = None
     return float(t.item())
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
