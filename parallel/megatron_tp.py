@@ -1,8 +1,9 @@
 """Tensor parallelism with megatron-core's linears, swapped into an initialised model from outside.
 
-The same split as :mod:`parallel.tensor` (Megatron's): q/k/v, the MLP input and the SwiGLU gate
-column-wise (each rank holds whole heads and a slice of the hidden units), the attention and MLP
-outputs row-wise (one all-reduce per sub-layer). Everything else stays a plain replicated module.
+:mod:`parallel.tp_plan`'s plan, the one :mod:`parallel.tensor` translates into DTensor styles, here
+translated into modules: ``column`` and ``row`` linears become megatron's column/row-parallel linears
+(one all-reduce per sub-layer), ``head_norm`` a qk RMSNorm summing its weight's gradient over the tp
+group. Everything else stays a plain replicated module.
 This path serves ``parallel.engine=deepspeed``: ZeRO partitions plain tensors and learns which are
 tensor-parallel slices from megatron's parameter attributes and :class:`parallel.zero.DeepSpeedGroups`.
 
@@ -37,6 +38,7 @@ from megatron.core.tensor_parallel.layers import (
 from torch import Tensor, nn
 
 from parallel.collectives import group_rank, group_size, sum_grad
+from parallel.tp_plan import COLUMN, HEAD_NORM, ROW, check_tp, resolve_plan
 
 
 def _no_init(weight: Tensor) -> None:
@@ -118,31 +120,25 @@ class TPHeadRMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, sum_grad(self.weight, self.tp_group), self.eps)
 
 
+def _head_norm(full: nn.RMSNorm, config: ModelParallelConfig, tp_group: dist.ProcessGroup) -> TPHeadRMSNorm:
+    return TPHeadRMSNorm(full, tp_group)
+
+
+# the plan's sharded kinds → the module that replaces a planned one; every other kind stays a plain
+# replicated module (sequence parallelism, the only use of residual_input/residual_norm, is refused)
+MEGATRON_MODULES = {COLUMN: TPColumnLinear, ROW: TPRowLinear, HEAD_NORM: _head_norm}
+
+
 def tp_plan(model: nn.Module) -> dict[str, str]:
-    """Module name → ``column``, ``row`` or ``head_norm`` for every block of ``model``."""
-    plan: dict[str, str] = {}
-    for i, block in enumerate(model.blocks):
-        for a in ["attn"] + (["cross_attn"] if block.cross_attn is not None else []):
-            attn = getattr(block, a)
-            for name in ("q", "k", "v"):
-                plan[f"blocks.{i}.{a}.{name}"] = "column"
-            plan[f"blocks.{i}.{a}.o"] = "row"
-            if isinstance(attn.norm_q, nn.RMSNorm):
-                plan[f"blocks.{i}.{a}.norm_q"] = "head_norm"
-                plan[f"blocks.{i}.{a}.norm_k"] = "head_norm"
-        plan[f"blocks.{i}.mlp.fc1"] = "column"
-        if block.mlp.gate is not None:
-            plan[f"blocks.{i}.mlp.gate"] = "column"
-        plan[f"blocks.{i}.mlp.fc2"] = "row"
-    return plan
+    """Module name → ``column``, ``row`` or ``head_norm``: the modules of ``model`` that
+    :func:`apply_megatron_tp` replaces (:mod:`parallel.tp_plan`'s plan, sharded kinds only)."""
+    return {name: kind for name, kind in resolve_plan(model).items() if kind in MEGATRON_MODULES}
 
 
 def check_megatron_tp(cfg, tp: int, sequence_parallel: bool, device: torch.device) -> None:
-    """Clear errors, naming the config field, for what this path cannot do."""
-    if cfg.num_heads % tp:
-        raise ValueError(f"parallel.tp={tp} must divide model.arch.num_heads={cfg.num_heads}")
-    if cfg.ffn_hidden % tp:
-        raise ValueError(f"parallel.tp={tp} must divide the MLP width {cfg.ffn_hidden} (model.arch.ffn_dim)")
+    """Clear errors, naming the config field, for what this path cannot do: the shared shape check
+    (:func:`parallel.tp_plan.check_tp`), then sequence parallelism, which this path refuses."""
+    check_tp(cfg, tp)
     if sequence_parallel and device.type != "cuda":
         raise ValueError(
             "parallel.sequence_parallel=true with parallel.engine=deepspeed: megatron-core's sequence "
@@ -188,13 +184,7 @@ def apply_megatron_tp(
     for name, kind in tp_plan(model).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        full = getattr(parent, attr)
-        if kind == "column":
-            new = TPColumnLinear(full, config, tp_group)
-        elif kind == "row":
-            new = TPRowLinear(full, config, tp_group)
-        else:
-            new = TPHeadRMSNorm(full, tp_group)
+        new = MEGATRON_MODULES[kind](getattr(parent, attr), config, tp_group)
         setattr(parent, attr, new.to(device))
     return model
 
@@ -223,19 +213,6 @@ def full_tensor(p: Tensor, tp_group: dist.ProcessGroup | None, like: Tensor | No
     return torch.cat(parts, dim=ref.partition_dim)
 
 
-def gather_full_state_dict(model: nn.Module, tp_group: dist.ProcessGroup | None) -> dict[str, Tensor]:
-    """The single-device state dict (same keys, whole tensors, on CPU) of a tensor-parallel model.
-
-    A collective over ``tp_group``: every tp rank calls it and gets the whole state dict.
-    """
-    params = dict(model.named_parameters())
-    out = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        p = params.get(key)
-        out[key] = (full_tensor(value, tp_group) if p is not None else value.detach()).cpu().clone()
-    return out
-
-
 __all__ = [
     "TPColumnLinear",
     "TPRowLinear",
@@ -245,5 +222,4 @@ __all__ = [
     "apply_megatron_tp",
     "is_tp_sharded",
     "full_tensor",
-    "gather_full_state_dict",
 ]

@@ -1,13 +1,12 @@
-"""Tensor parallelism with DTensor: a plan keyed by module name (names in ``dit/layers.py`` are API).
+"""Tensor parallelism with DTensor: :mod:`parallel.tp_plan`'s plan translated into DTensor styles.
 
-Megatron's split: q/k/v, the MLP input (and SwiGLU gate) column-wise, so each rank holds whole heads
-and a slice of the hidden units; the attention output and MLP output row-wise, ending in one
-all-reduce per sub-layer. The per-head qk RMSNorm runs on the local heads: its weight is a replicated
-DTensor whose input is sharded along the head axis (``SequenceParallel(sequence_dim=2)``), so DTensor
-sums its gradient over the ranks. The LayerNorms of the block carry no parameters (adaLN supplies
-scale and shift) and run on the replicated residual stream.
+``column`` and ``row`` linears become ``ColwiseParallel``/``RowwiseParallel`` (one all-reduce per
+sub-layer). The per-head qk RMSNorm runs on the local heads: its weight is a replicated DTensor whose
+input is sharded along the head axis (``SequenceParallel(sequence_dim=2)``), so DTensor sums its
+gradient over the ranks. The LayerNorms of the block carry no parameters (adaLN supplies scale and
+shift) and run on the replicated residual stream.
 
-Everything not in the plan (patch and timestep embeddings, modulation, caption projection, the
+Everything outside the sharded kinds (patch and timestep embeddings, modulation, caption projection, the
 final layer) is replicated: its inputs and output gradients are identical on every tensor-parallel
 rank, so its gradients are too. Its parameters become ``Replicate`` DTensors on the same mesh
 (:class:`ReplicateParallel`), so that every parameter of the model is a DTensor: a fused or foreach
@@ -25,12 +24,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 from torch.utils._pytree import tree_map
+
+# check_tp is the shared shape check, imported from here by parallel.parallelize
+from parallel.tp_plan import COLUMN, HEAD_NORM, RESIDUAL_INPUT, RESIDUAL_NORM, ROW, check_tp, resolve_plan
 
 
 class ReplicateParallel(ParallelStyle):
@@ -61,70 +62,69 @@ class ReplicateParallel(ParallelStyle):
         return module
 
 
-def replicate_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
-    """:class:`ReplicateParallel` for every module outside ``plan`` (and outside the modules it
-    names) that holds parameters of its own: the leaves of the embeddings, modulation and final layer."""
-    plan_names = tuple(plan)
-    out: dict[str, ParallelStyle] = {}
-    for name, module in model.named_modules():
-        covered = any(name == p or name.startswith(p + ".") for p in plan_names)
-        if not covered and any(True for _ in module.parameters(recurse=False)):
-            out[name] = ReplicateParallel()
-    return out
+class GatherSequence(ParallelStyle):
+    """A sub-layer whose first input is the residual stream cut along the sequence (B×N/tp×D):
+    all-gathered to the whole sequence as a replicated DTensor, kept a DTensor so its backward
+    reduce-scatters. Its other inputs (grid and rope, or the caption) pass untouched, whatever their
+    number (torch's ``PrepareModuleInput`` would need a layout for each positional input)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def pre(mod: nn.Module, args: tuple) -> tuple:
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError(f"{type(mod).__name__}: sequence parallelism needs the residual stream first")
+            x = args[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, device_mesh, [Shard(1)], run_check=False)
+            return (x.redistribute(device_mesh, [Replicate()]), *args[1:])
+
+        module.register_forward_pre_hook(pre)
+        return module
 
 
 def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
-    """Module name → DTensor style for every block of ``model``.
+    """Module name → DTensor style for every module of ``model``'s plan (:mod:`parallel.tp_plan`).
 
     With ``sequence_parallel`` the residual stream arrives cut along the sequence (B×N/tp×D, see
     :func:`parallel.context.apply_sequence_cut`): each sub-layer all-gathers its input and its
-    row-wise output reduce-scatters back to the cut instead of all-reducing.
+    row-wise output reduce-scatters back to the cut instead of all-reducing; an affine norm on the
+    cut stream sums its weight's gradient over the tp ranks.
+
+    Args:
+        model: a :class:`dit.model.SpacetimeDiT` (meta device fine).
+        sequence_parallel: ``parallel.sequence_parallel``.
     """
     seq = Shard(1) if sequence_parallel else Replicate()
-    plan: dict[str, ParallelStyle] = {}
-    for i, block in enumerate(model.blocks):
-        attns = ["attn"] + (["cross_attn"] if block.cross_attn is not None else [])
-        for a in attns:
-            if sequence_parallel:  # the input stays a DTensor so the backward reduce-scatters
-                rest = (None, None)  # (grid, rope) or (context, context_mask)
-                plan[f"blocks.{i}.{a}"] = PrepareModuleInput(
-                    input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)
-                )
-            for name in ("q", "k", "v"):
-                plan[f"blocks.{i}.{a}.{name}"] = ColwiseParallel()
-            plan[f"blocks.{i}.{a}.o"] = RowwiseParallel(output_layouts=seq)
-            if isinstance(getattr(block, a).norm_q, nn.RMSNorm):
-                for norm in ("norm_q", "norm_k"):  # B, N, H/tp, Dh: sharded on the head axis
-                    plan[f"blocks.{i}.{a}.{norm}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-        if sequence_parallel and isinstance(getattr(block, "norm_cross", None), nn.LayerNorm):
+    styles: dict[str, ParallelStyle] = {}
+    for name, kind in resolve_plan(model).items():
+        if kind == COLUMN:
+            styles[name] = ColwiseParallel()
+        elif kind == ROW:
+            styles[name] = RowwiseParallel(output_layouts=seq)
+        elif kind == HEAD_NORM:  # B, N, H/tp, Dh: sharded on the head axis
+            styles[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        elif kind == RESIDUAL_INPUT:
+            if sequence_parallel:
+                styles[name] = GatherSequence()
+        elif kind == RESIDUAL_NORM and sequence_parallel:
             # affine LayerNorm on a sequence chunk: a replicated DTensor weight sums its gradient
-            plan[f"blocks.{i}.norm_cross"] = SequenceParallel(use_local_output=True)
-        if sequence_parallel:
-            plan[f"blocks.{i}.mlp"] = PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-            )
-        plan[f"blocks.{i}.mlp.fc1"] = ColwiseParallel()
-        if block.mlp.gate is not None:
-            plan[f"blocks.{i}.mlp.gate"] = ColwiseParallel()
-        plan[f"blocks.{i}.mlp.fc2"] = RowwiseParallel(output_layouts=seq)
-    return plan
-
-
-def check_tp(cfg, tp: int) -> None:
-    """Clear errors for shapes that do not split over ``tp`` ranks."""
-    if cfg.num_heads % tp:
-        raise ValueError(f"parallel.tp={tp} must divide model.arch.num_heads={cfg.num_heads}")
-    if cfg.ffn_hidden % tp:
-        raise ValueError(f"parallel.tp={tp} must divide the MLP width {cfg.ffn_hidden} (model.arch.ffn_dim)")
+            styles[name] = SequenceParallel(use_local_output=True)
+        else:  # replicate, or a residual norm on the whole (replicated) stream
+            styles[name] = ReplicateParallel()
+    return styles
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     """Shard ``model``'s blocks over ``tp_mesh`` in place (works on the meta device); every other
-    parameter becomes a replicated DTensor on the same mesh (see the module docstring)."""
+    parameter becomes a replicated DTensor on the same mesh (see the module docstring).
+
+    Args:
+        model: a :class:`dit.model.SpacetimeDiT`.
+        tp_mesh: the 1-D tensor-parallel mesh.
+        sequence_parallel: ``parallel.sequence_parallel`` (the residual stream is cut along the sequence).
+    """
     check_tp(model.cfg, tp_mesh.size())
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # init.freeze
-    plan = tp_plan(model, sequence_parallel)
-    parallelize_module(model, tp_mesh, plan | replicate_plan(model, plan))
+    parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel))
     # torch's styles register new nn.Parameters, trainable whatever the old ones were
     for name, p in model.named_parameters():
         if name in frozen:

@@ -1,0 +1,134 @@
+"""The one tensor-parallel plan of :class:`dit.model.SpacetimeDiT`: module-name patterns → a kind.
+
+Megatron's split: q/k/v, the MLP input and the SwiGLU gate column-wise, so each rank holds whole heads
+and a slice of the hidden units; the attention and MLP outputs row-wise, ending in one reduction per
+sub-layer. The per-head qk RMSNorm runs on the rank's own heads. Everything else holding parameters
+(patch, timestep and caption embeddings, modulation, the final layer) is replicated.
+
+Two engines translate this plan: :mod:`parallel.tensor` into DTensor styles (``parallel.engine=fsdp``)
+and :mod:`parallel.megatron_tp` into megatron-core modules (``parallel.engine=deepspeed``). Module
+names in ``dit/`` are API: renaming one means changing :data:`PATTERNS` here, once.
+
+Kinds:
+
+- ``column``: an ``nn.Linear`` split along its output features (whole heads / hidden units per rank).
+- ``row``: an ``nn.Linear`` split along its input features; the partial outputs are summed over the
+  tp ranks (all-reduce, or reduce-scatter back to the sequence cut under sequence parallelism).
+- ``head_norm``: a per-head ``nn.RMSNorm`` seeing only this rank's heads: its weight is replicated and
+  its gradient, partial on each rank, is summed over the tp ranks.
+- ``residual_input``: a sub-layer whose first input is the residual stream; under sequence
+  parallelism that arrives cut along the sequence and is all-gathered here. No parameters of its own.
+- ``residual_norm``: an affine norm on the residual stream: replicated; under sequence parallelism it
+  sees a sequence chunk, so its gradient is summed over the tp ranks.
+- ``replicate``: every other module holding parameters of its own (not a pattern: what is left).
+
+A pattern naming an ``nn.Identity`` (an option switched off: ``qk_norm=False``,
+``cross_attn_norm=False``) plans nothing; one naming a module of another type than its kind expects
+is an error (the plan is stale), never a silently replicated layer.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+COLUMN, ROW, HEAD_NORM = "column", "row", "head_norm"
+RESIDUAL_INPUT, RESIDUAL_NORM, REPLICATE = "residual_input", "residual_norm", "replicate"
+SHARDED = (COLUMN, ROW, HEAD_NORM)
+"""The kinds whose parameters or gradients are split over the tp ranks (the rest compute replicated)."""
+
+# ``*`` stands for one dotted segment (a block index)
+PATTERNS: dict[str, str] = {
+    "blocks.*.attn": RESIDUAL_INPUT,
+    "blocks.*.attn.q": COLUMN,
+    "blocks.*.attn.k": COLUMN,
+    "blocks.*.attn.v": COLUMN,
+    "blocks.*.attn.o": ROW,
+    "blocks.*.attn.norm_q": HEAD_NORM,
+    "blocks.*.attn.norm_k": HEAD_NORM,
+    "blocks.*.norm_cross": RESIDUAL_NORM,
+    "blocks.*.cross_attn": RESIDUAL_INPUT,
+    "blocks.*.cross_attn.q": COLUMN,
+    "blocks.*.cross_attn.k": COLUMN,
+    "blocks.*.cross_attn.v": COLUMN,
+    "blocks.*.cross_attn.o": ROW,
+    "blocks.*.cross_attn.norm_q": HEAD_NORM,
+    "blocks.*.cross_attn.norm_k": HEAD_NORM,
+    "blocks.*.mlp": RESIDUAL_INPUT,
+    "blocks.*.mlp.fc1": COLUMN,
+    "blocks.*.mlp.gate": COLUMN,
+    "blocks.*.mlp.fc2": ROW,
+}
+
+# what each kind must find (a subclass is fine: Fp32LayerNorm is an nn.LayerNorm)
+_EXPECTED: dict[str, type[nn.Module]] = {
+    COLUMN: nn.Linear,
+    ROW: nn.Linear,
+    HEAD_NORM: nn.RMSNorm,
+    RESIDUAL_INPUT: nn.Module,
+    RESIDUAL_NORM: nn.LayerNorm,
+}
+
+
+def _matches(pattern: str, name: str) -> bool:
+    p, n = pattern.split("."), name.split(".")
+    return len(p) == len(n) and all(a in ("*", b) for a, b in zip(p, n, strict=True))
+
+
+def _kind_of(name: str, module: nn.Module) -> str | None:
+    """The planned kind of one module (``None``: not planned), checking its type."""
+    for pattern, kind in PATTERNS.items():
+        if not _matches(pattern, name):
+            continue
+        if isinstance(module, nn.Identity):
+            return None  # the option is switched off: nothing to split
+        if not isinstance(module, _EXPECTED[kind]):
+            raise TypeError(
+                f"tensor-parallel plan (parallel/tp_plan.py): {name!r} matches {pattern!r} ({kind}) "
+                f"but is a {type(module).__name__}, not an {_EXPECTED[kind].__name__}"
+            )
+        if kind == RESIDUAL_NORM and not module.elementwise_affine:
+            return None  # no weight: nothing to replicate or sum
+        return kind
+    return None
+
+
+def resolve_plan(model: nn.Module) -> dict[str, str]:
+    """Module name → kind for every module of ``model`` the plan touches, in module order.
+
+    Every module holding parameters of its own gets a kind: a planned one, or ``replicate``.
+
+    Args:
+        model: a :class:`dit.model.SpacetimeDiT` (any device, meta included).
+
+    Returns:
+        ``{name: kind}`` with kinds from this module's docstring.
+    """
+    plan: dict[str, str] = {}
+    for name, module in model.named_modules():
+        kind = _kind_of(name, module)
+        if kind is None and any(True for _ in module.parameters(recurse=False)):
+            kind = REPLICATE
+        if kind is not None:
+            plan[name] = kind
+    return plan
+
+
+def check_tp(cfg, tp: int) -> None:
+    """Clear errors, naming the config keys, for shapes that do not split over ``tp`` ranks.
+
+    The hidden width splits whenever the heads do (``hidden_size = num_heads × head_dim``; the
+    config refuses any other), so heads and the MLP width are what is checked.
+
+    Args:
+        cfg: the model's :class:`dit.config.DiTConfig`.
+        tp: the tensor-parallel degree (``parallel.tp``).
+    """
+    if tp < 1:
+        raise ValueError(f"parallel.tp={tp} must be at least 1")
+    if cfg.num_heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide model.arch.num_heads={cfg.num_heads}")
+    if cfg.ffn_hidden % tp:
+        raise ValueError(
+            f"parallel.tp={tp} must divide the MLP width {cfg.ffn_hidden} (model.arch.ffn_dim, or "
+            "model.arch.hidden_size × model.arch.mlp_ratio when ffn_dim is unset)"
+        )
