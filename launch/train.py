@@ -12,59 +12,82 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from data.pipeline import build_loader
-from dit.diffusion import make_objective
+from data.pipeline import Loader, build_loader
+from dit.diffusion import Objective, make_objective
 from dit.flops import count, peak_flops
-from dit.model import SpacetimeDiT, build_model, num_params
 from launch import evaluate
 from launch.batches import Conditioner, expect_for, run_bf16, step_seed
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
-from launch.finetune import apply_init, freeze
+from launch.engine import Engine, build_engine, global_samples, layout_of, mean_loss, sample_losses
 from launch.metrics import Metrics, Progress, max_memory_gib
-from launch.optim import EMA, build_optimizer, build_scheduler
+from launch.optim import EMA
 from launch.resume import ResumeRefused, check_resumable, lock_run_dir
 from launch.runlock import RunDirLocked, RunLock
 from launch.sample import write_mp4
 from parallel import checkpoint as ckpt
 from parallel.dims import ParallelDims
-from parallel.grads import clip_grad_norm
-from parallel.parallelize import make_dims, materialize, parallelize, reshard
+from parallel.parallelize import make_dims, reshard
 
 log = logging.getLogger("launch.train")
 
 
 @dataclass
+class StepStats:
+    """One optimizer step, as :meth:`Trainer.train_step` returns it. The field names are the metrics
+    keys (:mod:`launch.metrics`): ``tokens`` and ``flops`` are summed into a record, the others
+    averaged. Readable as a record too: ``stats["loss"]``."""
+
+    loss: float
+    """Per-sample mean over the global batch (non-finite for a skipped step)."""
+    lr: float
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    tokens: float = 0.0
+    """Latent tokens of this rank's share of the step (a cp × tp group shares its samples' work)."""
+    flops: float = 0.0
+    """Model FLOPs of this rank's share of the step."""
+    data_wait: float = 0.0
+    encode_time: float = 0.0
+    forward_time: float = 0.0
+    backward_time: float = 0.0
+    optim_time: float = 0.0
+    """Wall seconds of each phase (see :class:`PhaseClock`)."""
+
+    PHASES = ("data_wait", "encode_time", "forward_time", "backward_time", "optim_time")
+
+    def means(self) -> dict[str, float]:
+        """The averaged metrics of the step (every field but the summed ``tokens`` and ``flops``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("tokens", "flops")}
+
+    def __getitem__(self, key: str) -> float:
+        return getattr(self, key)
+
+
+@dataclass
 class Trainer:
-    """Everything the loop touches, built once by :func:`setup`."""
+    """Everything the loop touches, built once by :func:`setup`; the distributed model is its engine."""
 
     cfg: JobConfig
     env: DistEnv
     dims: ParallelDims
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
+    engine: Engine
     ema: EMA | None
-    objective: object
-    cond: Conditioner
-    loader: object
+    objective: Objective
+    conditioner: Conditioner
+    loader: Loader
     run_dir: Path
-    bf16: bool
     dp_rank: int
-    n_params: int = 0
-    """Parameters of the whole model (however they are split over ranks)."""
     step: int = 0
     bad_streak: int = 0
     skipped: int = 0
@@ -72,17 +95,21 @@ class Trainer:
     lock: RunLock | None = None
     """``run.dir``'s lock (rank 0), released by :meth:`close`."""
 
-    # ---- checkpoint state ------------------------------------------------------------------------
-    def app_state(self) -> dict:
-        msd, osd = get_state_dict(self.model, self.opt)
-        return {
-            "model": msd,
-            "optim": osd,
-            "sched": self.sched.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else {},
-            "step": torch.tensor(self.step),
-        }
+    @property
+    def model(self) -> torch.nn.Module:
+        """The plain module holding the weights (validation, samples and the EMA use it)."""
+        return self.engine.model
 
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.engine.opt
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of the whole model (however they are split over ranks)."""
+        return self.engine.n_params
+
+    # ---- checkpoint state ------------------------------------------------------------------------
     def rank_state(self) -> dict:
         np_state = np.random.get_state()
         rng = {
@@ -96,12 +123,8 @@ class Trainer:
             "rng": rng,
             "loader": self.loader.state_dict(),
             "skipped": self.skipped,
-            "layout": self._layout(),
+            "layout": layout_of(self.dims),
         }
-
-    def _layout(self) -> list[int]:
-        d = self.dims
-        return [d.dp_replicate, d.dp_shard, d.cp, d.cp_ring, d.tp]
 
     def checkpoint(self) -> Path:
         """:meth:`save`, after checking that every weight is finite: a NaN state is never written, so
@@ -129,35 +152,16 @@ class Trainer:
             self.lock.release()
 
     def save(self) -> Path:
-        path = ckpt.save(
-            self.run_dir / "checkpoints",
-            self.step,
-            self.app_state(),
-            self.rank_state(),
-            self.env.rank,
-            files={"config.yaml": to_yaml(self.cfg)},
-            keep=self.cfg.checkpoint.keep,
-        )
+        files = {"config.yaml": to_yaml(self.cfg)}
+        root = self.run_dir / "checkpoints"
+        path = self.engine.save(root, self.step, self.ema, self.rank_state(), files, self.cfg.checkpoint.keep)
         log.info("saved %s", path)
         return path
 
     def resume(self, path: Path) -> None:
-        state = self.app_state()
-        own = ckpt.load(path, state, self.env.rank)
-        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.sched.load_state_dict(state["sched"])
-        if self.ema:
-            self.ema.load_state_dict(state["ema"])
-        self.step = int(state["step"])
-        if own is None or own.get("layout") != self._layout():
-            # the weights and optimizer reshard (DCP); a loader position belongs to one data split
-            log.warning(
-                "%s was saved under another parallel layout: weights and optimizer resharded, data order "
-                "restarts",
-                path,
-            )
-            return
-        self.restore_rank_state(own)
+        self.step, own = self.engine.resume(path, self.ema)
+        if own is not None:
+            self.restore_rank_state(own)
 
     def restore_rank_state(self, own: dict) -> None:
         """RNG states, loader position and skip count saved by :meth:`rank_state` on this rank."""
@@ -171,86 +175,55 @@ class Trainer:
         self.skipped = int(own["skipped"])
 
     # ---- one optimizer step ----------------------------------------------------------------------
-    def train_step(self, batches) -> dict:
-        """Accumulate ``grad_accum`` batches, agree on finiteness, clip, step. Returns step stats,
-        including wall time per phase (data_wait, encode, forward, backward, optim)."""
+    def train_step(self, batches) -> StepStats:
+        """Accumulate ``grad_accum`` batches, agree on finiteness, clip, step. Returns the step's
+        stats, including wall time per phase."""
         cfg, dev = self.cfg, self.env.device
         # seeded by the data-parallel rank: the cp/tp ranks that share a batch must draw the same noise
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.dp_rank, self.step))
         clock = PhaseClock(dev, sync=cfg.logging.phase_times)
         micro_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
         clock.lap("data_wait")
-        # the step's global sample count scales every backward (DeepSpeed needs it before the first);
-        # each sample is counted by the dims.copies (cp × tp) ranks that share it
-        local = float(sum(len(b["key"]) for b in micro_batches))
-        total = all_reduce(local, "sum", dev) / self.dims.copies
-        sums = {"loss_sum": 0.0, "samples": 0, "tokens": 0, "flops": 0.0}
+        total = global_samples(sum(len(b["key"]) for b in micro_batches), self.dims, dev)
+        stats = StepStats(loss=0.0, lr=0.0, grad_norm=0.0)
+        loss_sum = 0.0
         for micro, batch in enumerate(micro_batches):
-            self._micro_step(batch, gen, micro, total, sums, clock)
-        loss = all_reduce(sums["loss_sum"], "sum", dev) / self.dims.copies / total
-        grad_norm, applied, lr = self._update(loss)
+            loss_sum += self._micro_step(batch, gen, micro, total, stats, clock)
+        stats.loss = mean_loss(loss_sum, total, self.dims, dev)
+        stats.grad_norm, applied, stats.lr = self.engine.update(stats.loss)
         if applied:
             if self.ema:
                 self.ema.update(self.step)
             self.bad_streak = 0
         else:
             self._skip()
-        clock.lap("optim")
+        clock.lap("optim_time")
         self.step += 1
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **sums, **clock.times}
+        for phase, seconds in clock.times.items():
+            setattr(stats, phase, seconds)
+        return stats
 
-    def _micro_step(self, batch: dict, gen: torch.Generator, micro: int, total: float, sums: dict, clock):
-        prep = self.cond(batch, gen)
-        clock.lap("encode")
-        b, _, t, h, w = prep.x0.shape
-        n_tok = self._tokens(t, h, w)
-        # FSDP2 reduce-scatters on every micro-step and accumulates the sharded gradients: skipping the
-        # sync until the last one would hold unsharded fp32 gradients of every block (+53 GiB per GPU
-        # for 14B at grad_accum=2); the price is one reduce-scatter per micro-step
-        last = micro == self.cfg.train.grad_accum - 1
-        with self._autocast():
-            out = self.objective.loss(
-                self.forward_module(),
-                prep.x0,
-                prep.kwargs,
-                cond_frames=prep.cond_frames,
-                tokens=n_tok,
-                generator=gen,
-            )
-        per_sample = out.per_frame.sum(1) / prep.loss_frames.clamp(min=1)  # B
-        clock.lap("forward")
-        self._backward(per_sample, total, last)
-        clock.lap("backward")
-        sums["loss_sum"] += float(per_sample.detach().sum())
-        sums["samples"] += b
+    def _micro_step(
+        self, batch: dict, gen: torch.Generator, micro: int, total: float, stats: StepStats, clock: PhaseClock
+    ) -> float:
+        """Forward and backward of one micro-batch; adds its tokens and FLOPs to ``stats`` and returns
+        the sum of its per-sample losses."""
+        prep = self.conditioner(batch, gen)
+        clock.lap("encode_time")
+        b, _, frames, h, w = prep.x0.shape
+        n_tok = self._tokens(frames, h, w)
+        per_sample = sample_losses(self.engine, self.objective, prep, tokens=n_tok, generator=gen)
+        clock.lap("forward_time")
+        self._backward(per_sample, total, last=micro == self.cfg.train.grad_accum - 1)
+        clock.lap("backward_time")
         # a cp × tp group shares the work of its samples: count this rank's share
-        sums["tokens"] += b * n_tok / self.dims.copies
-        sums["flops"] += self._flops(t, h, w, b, prep.kwargs) / self.dims.copies
-
-    # the engine-specific part of a step (FSDP2 here; DeepSpeed in launch/train_deepspeed.py)
-    def forward_module(self) -> torch.nn.Module:
-        """What the training forward calls."""
-        return self.model
+        stats.tokens += b * n_tok / self.dims.copies
+        stats.flops += self._flops(frames, h, w, b, prep.kwargs) / self.dims.copies
+        return float(per_sample.detach().sum())
 
     def _backward(self, per_sample: torch.Tensor, total: float, last: bool) -> None:
-        # FSDP averages gradients over its ranks; dims.grad_scale makes that a sum, and the division
-        # by the global sample count makes the step a per-sample mean, however the samples were split
-        # over ranks and micro-steps (decode failures can shorten a batch)
-        (per_sample.sum() * (self.dims.grad_scale / total)).backward()
-
-    def _update(self, loss: float) -> tuple[float, bool, float]:
-        """Clip and step unless the loss or a gradient is non-finite on any rank; returns
-        (gradient norm before clipping, whether the update was applied, its learning rate)."""
-        cfg, dev = self.cfg, self.env.device
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = clip_grad_norm(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
-        bad = all_reduce(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, "max", dev) > 0
-        lr = self.opt.param_groups[0]["lr"]
-        if not bad:
-            self.opt.step()
-            self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return grad_norm, not bad, lr
+        """The engine's backward (one seam, which tests instrument on the instance)."""
+        self.engine.backward(per_sample, total, last)
 
     def _skip(self) -> None:
         max_bad = self.cfg.run.max_bad_steps
@@ -264,20 +237,15 @@ class Trainer:
                 f"{self.bad_streak} consecutive non-finite steps (run.max_bad_steps={max_bad})"
             )
 
-    def _autocast(self):
-        if self.bf16:
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _tokens(self, t: int, h: int, w: int) -> int:
+    def _tokens(self, frames: int, h: int, w: int) -> int:
         pt, ph, pw = self.cfg.model.arch.patch_size
-        return (t // pt) * (h // ph) * (w // pw)
+        return (frames // pt) * (h // ph) * (w // pw)
 
-    def _flops(self, t: int, h: int, w: int, b: int, kwargs: dict) -> float:
+    def _flops(self, frames: int, h: int, w: int, b: int, kwargs: dict) -> float:
         text_len = kwargs["context"].shape[1] if "context" in kwargs else 0
-        key = (t, h, w, text_len)
+        key = (frames, h, w, text_len)
         if key not in self.flops_cache:
-            self.flops_cache[key] = count(self.cfg.model.arch, t, h, w, batch=1, text_len=text_len)[
+            self.flops_cache[key] = count(self.cfg.model.arch, frames, h, w, batch=1, text_len=text_len)[
                 "flops_train_step"
             ]
         return self.flops_cache[key] * b
@@ -291,12 +259,13 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 class PhaseClock:
-    """Wall time of each phase of a step. On CUDA, work is asynchronous: with ``sync`` each boundary
-    waits for the device (exact phases, slower steps); without it the times say where the host waited."""
+    """Wall time of each phase of a step (:attr:`StepStats.PHASES`). On CUDA, work is asynchronous:
+    with ``sync`` each boundary waits for the device (exact phases, slower steps); without it the times
+    say where the host waited."""
 
     def __init__(self, device: torch.device, sync: bool):
         self.cuda_sync = sync and device.type == "cuda"
-        self.times = {k: 0.0 for k in ("data_wait", "encode", "forward", "backward", "optim")}
+        self.times = dict.fromkeys(StepStats.PHASES, 0.0)
         self.last = time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -336,60 +305,26 @@ def setup(cfg: JobConfig) -> Trainer:
 
 
 def _build(cfg: JobConfig, env: DistEnv, run_dir: Path) -> Trainer:
-    p = cfg.parallel
-    dims = make_dims(p, env.world, cfg.model.arch)
-    bf16 = run_bf16(cfg, env.device)
-    if p.engine == "deepspeed":
-        from launch.train_deepspeed import setup_deepspeed  # imports DeepSpeed: only when asked for
-
-        return setup_deepspeed(cfg, env, dims, run_dir, bf16)
-    return _setup_fsdp(cfg, env, dims, run_dir, bf16)
-
-
-def _setup_fsdp(cfg: JobConfig, env: DistEnv, dims: ParallelDims, run_dir: Path, bf16: bool) -> Trainer:
-    p = cfg.parallel
+    dims = make_dims(cfg.parallel, env.world, cfg.model.arch)
     mesh = dims.build_mesh(env.device.type)
-    # built on meta and parallelized before any weight exists; rank 0 makes the initial weights
-    with torch.device("meta"):
-        model = SpacetimeDiT(cfg.model.arch)
-    frozen = freeze(model, cfg.init.freeze)
-    if frozen:
-        log.info("froze %d parameter tensors matching init.freeze", frozen)
-    parallelize(model, dims, mesh, p, bf16 and env.device.type == "cuda")
-    materialize(model, env.device, mesh, lambda: initial_model(cfg), offload=p.cpu_offload)
+    engine = build_engine(cfg, env, dims, mesh, run_bf16(cfg, env.device))
     torch.manual_seed(cfg.seed)  # the same global RNG state on every rank, whoever built the weights
-    model.train()
-    opt = build_optimizer(model, cfg.train, env.device)
     dp_rank = dims.dp_rank(mesh)
-    loader = build_loader(
-        cfg.data, dp_rank, dims.dp, expect=expect_for(cfg), pin_memory=env.device.type == "cuda"
-    )
-    trainer = Trainer(
+    decay = cfg.train.ema_decay
+    return Trainer(
         cfg=cfg,
         env=env,
         dims=dims,
-        model=model,
-        opt=opt,
-        sched=build_scheduler(opt, cfg.train),
-        ema=EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
+        engine=engine,
+        ema=EMA(engine.model, decay, part=engine.ema_part) if decay > 0 else None,
         objective=make_objective(cfg.diffusion),
-        cond=Conditioner(cfg, env.device),
-        loader=loader,
+        conditioner=Conditioner(cfg, env.device),
+        loader=build_loader(
+            cfg.data, dp_rank, dims.dp, expect=expect_for(cfg), pin_memory=env.device.type == "cuda"
+        ),
         run_dir=run_dir,
-        bf16=bf16,
         dp_rank=dp_rank,
-        n_params=num_params(model),
     )
-    return trainer
-
-
-def initial_model(cfg: JobConfig) -> torch.nn.Module:
-    """The full initial model on CPU: ``init_weights`` with the job's seed, then ``init.from``."""
-    model = build_model(cfg.model.arch, device="cpu", seed=cfg.seed)
-    if cfg.init.from_:
-        report = apply_init(model, cfg.init.from_, cfg.model.arch, use_ema=cfg.init.use_ema)
-        log.info("init.from=%s: %s", cfg.init.from_, report.summary())
-    return model
 
 
 def run(cfg: JobConfig) -> dict:
@@ -432,7 +367,7 @@ def _train(tr: Trainer) -> dict:
                 extra["val_loss"] = _with_ema(
                     tr,
                     lambda: evaluate.validation_loss(
-                        tr.model, tr.objective, tr.cond, val_batches, cfg, tr.dp_rank
+                        tr.model, tr.objective, tr.conditioner, val_batches, cfg, tr.dp_rank
                     ),
                 )
             if step % cfg.logging.every == 0 or last:
@@ -442,7 +377,7 @@ def _train(tr: Trainer) -> dict:
                     tr.lock.touch()
             elif extra:
                 metrics.write({"step": step, **extra})
-            progress.update(step, f"loss {stats['loss']:.4f}")
+            progress.update(step, f"loss {stats.loss:.4f}")
             if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or last):
                 write_samples(tr, metrics)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
@@ -480,21 +415,14 @@ def _stopped(tr: Trainer, progress: Progress, step: int, request: int, signals: 
     progress.line(f"stopped at step {step} ({why}): checkpoint saved; rerun the same command to resume")
 
 
-def _update_metrics(metrics: Metrics, stats: dict, step_time: float, peak: float | None, dev) -> None:
-    tflops = stats["flops"] / step_time / 1e12
+def _update_metrics(metrics: Metrics, stats: StepStats, step_time: float, peak: float | None, dev) -> None:
+    tflops = stats.flops / step_time / 1e12
     metrics.update(
-        stats["tokens"],
+        stats.tokens,
         max_memory_gib(dev),
-        flops=stats["flops"],
-        loss=stats["loss"],
-        lr=stats["lr"],
-        grad_norm=stats["grad_norm"],
+        flops=stats.flops,
+        **stats.means(),
         step_time=step_time,
-        data_wait=stats["data_wait"],
-        encode_time=stats["encode"],
-        forward_time=stats["forward"],
-        backward_time=stats["backward"],
-        optim_time=stats["optim"],
         tflops_per_device=tflops,
         mfu=tflops * 1e12 / peak if peak else None,
     )
@@ -512,7 +440,7 @@ def _with_ema(tr: Trainer, fn, use_ema: bool = True):
 
 def write_samples(tr: Trainer, metrics: Metrics) -> None:
     cfg = tr.cfg
-    draw = lambda: evaluate.draw_samples(tr.model, tr.objective, tr.cond, cfg, seed=cfg.seed)  # noqa: E731
+    draw = lambda: evaluate.draw_samples(tr.model, tr.objective, tr.conditioner, cfg, seed=cfg.seed)  # noqa: E731
     videos = _with_ema(tr, draw, use_ema=cfg.sample.use_ema)
     if not tr.env.is_main:
         return

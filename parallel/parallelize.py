@@ -4,7 +4,8 @@ tensor parallel → sequence cut (context and sequence parallel hooks) → activ
 per-block torch.compile → FSDP2 ``fully_shard`` per block and at the root (HSDP over
 dp_replicate × (dp_shard · cp)). The model is
 built on the meta device and only materialised afterwards, so no rank ever holds a full copy, except
-rank 0 while it makes the initial weights (see :func:`materialize`).
+rank 0 while it makes the initial weights (see :func:`materialize`). :func:`build_parallel_model` does
+all of it, for the FSDP engine (``launch.engine``), the benchmarks and the parity tests alike.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from dit.config import DiTConfig
 from dit.embeddings import Fp32Linear, LearnedPos3D
 from dit.layers import Fp32LayerNorm, TableModulation
+from dit.model import SpacetimeDiT
 from parallel.config import ParallelConfig, checkpoint_every, is_selective
 from parallel.context import apply_sequence_cut, check_cp_degrees
 from parallel.dims import ParallelDims
@@ -53,14 +56,7 @@ def parallelize(
     sp = dims.tp > 1 and pcfg.sequence_parallel
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp)
-    if dims.cp > 1 or sp:
-        apply_sequence_cut(
-            model,
-            cp_group=mesh["cp"].get_group() if dims.cp > 1 else None,
-            ulysses_group=mesh["cp_ulysses"].get_group() if dims.cp_ulysses > 1 else None,
-            ring_group=mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None,
-            sp_group=mesh["tp"].get_group() if sp else None,
-        )
+    cut_sequence(model, dims, mesh, sequence_parallel=sp)
     apply_activation_checkpointing(model, pcfg.activation_checkpointing)
     if pcfg.compile:
         for block in model.blocks:
@@ -68,6 +64,56 @@ def parallelize(
     if dims.dp * dims.cp > 1:
         _shard(model, dims, mesh, bf16, pcfg.cpu_offload)
     return model
+
+
+def build_parallel_model(
+    arch: DiTConfig,
+    dims: ParallelDims,
+    mesh: DeviceMesh | None,
+    pcfg: ParallelConfig,
+    init_fn: Callable[[], nn.Module],
+    *,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    prepare: Callable[[nn.Module], object] | None = None,
+) -> nn.Module:
+    """A SpacetimeDiT under ``pcfg``'s layout, holding ``init_fn()``'s weights: built on meta,
+    parallelized (:func:`parallelize`), then materialised (:func:`materialize`).
+
+    Args:
+        arch: the architecture (``model.arch``).
+        dims, mesh: the layout, from :func:`make_dims` and ``dims.build_mesh`` (mesh None: one process).
+        pcfg: the ``parallel`` section (checkpointing, compile, offload, sequence parallelism).
+        init_fn: builds the full initial model on CPU (called on rank 0 only with several processes).
+        device: where the shards live (host memory under ``parallel.cpu_offload``).
+        bf16: FSDP mixed precision (bf16 compute copies, fp32 reduction); the trainer asks for it on CUDA.
+        prepare: runs on the meta model before any parallelism, e.g. freezing parameters (FSDP2
+            groups parameters by ``requires_grad`` when it shards).
+    """
+    with torch.device("meta"):
+        model = SpacetimeDiT(arch)
+    if prepare is not None:
+        prepare(model)
+    parallelize(model, dims, mesh, pcfg, bf16)
+    materialize(model, torch.device(device), mesh, init_fn, offload=pcfg.cpu_offload)
+    return model
+
+
+def cut_sequence(
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, sequence_parallel: bool = False
+) -> None:
+    """The sequence cut of both engines: context parallelism over ``mesh["cp"]`` (Ulysses and ring
+    parts) and, with ``sequence_parallel``, the tensor-parallel ranks' share of the sequence; nothing
+    when neither is on."""
+    if dims.cp == 1 and not sequence_parallel:
+        return
+    apply_sequence_cut(
+        model,
+        cp_group=mesh["cp"].get_group() if dims.cp > 1 else None,
+        ulysses_group=mesh["cp_ulysses"].get_group() if dims.cp_ulysses > 1 else None,
+        ring_group=mesh["cp_ring"].get_group() if dims.cp_ring > 1 else None,
+        sp_group=mesh["tp"].get_group() if sequence_parallel else None,
+    )
 
 
 def _attention_ops() -> set:

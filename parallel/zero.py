@@ -1,11 +1,12 @@
 """The same model under DeepSpeed ZeRO-1/2/3 (``parallel.engine=deepspeed``), optionally with
 megatron-core tensor parallelism (:mod:`parallel.megatron_tp`).
 
-The DeepSpeed config is built here from the job's :class:`~launch.config.TrainConfig` (no JSON
-files). The optimizer and schedule are the caller's, made by ``launch.optim.build_optimizer`` and
-``build_scheduler`` exactly as for FSDP (parallel/ does not import launch/), so hyper-parameters,
-decay groups and the learning-rate curve match the FSDP path. The loss convention matches the FSDP
-trainer's: a step's gradient is that of the per-sample mean over the global batch (:func:`backward`).
+The DeepSpeed config is built here from the two numbers of the job's ``train`` section it needs
+(``grad_accum``, ``grad_clip``; no JSON files). The optimizer and schedule are the caller's, made by
+``launch.optim.build_optimizer`` and ``build_scheduler`` exactly as for FSDP (parallel/ does not import
+launch/), so hyper-parameters, decay groups and the learning-rate curve match the FSDP path. The loss
+convention matches the FSDP engine's: a step's gradient is that of the per-sample mean over the global
+batch (:func:`backward`).
 
 What DeepSpeed 0.19 needs on a CPU, found on this machine (torch 2.13 CPU, gloo):
 
@@ -55,7 +56,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import deepspeed
 import torch
@@ -72,9 +72,6 @@ from parallel import checkpoint as ckpt
 from parallel.checkpoint_safety import os_error_in
 from parallel.collectives import group_rank, group_size
 from parallel.megatron_tp import full_tensor
-
-if TYPE_CHECKING:
-    from launch.config import TrainConfig
 
 # our items inside DeepSpeed's client state (its own keys share that dict)
 _CLIENT_KEY = "spacetime_dit"
@@ -128,12 +125,13 @@ class DeepSpeedGroups:
 
 
 def deepspeed_config(
-    train_cfg: TrainConfig, *, zero_stage: int, offload: bool = False, bf16: bool = False
+    *, grad_accum: int, grad_clip: float, zero_stage: int, offload: bool = False, bf16: bool = False
 ) -> dict:
-    """The DeepSpeed config dict for a job.
+    """The DeepSpeed config dict for a job (the optimizer comes from the caller).
 
     Args:
-        train_cfg: ``grad_clip`` and ``grad_accum`` are read (the optimizer comes from the caller).
+        grad_accum: ``train.grad_accum``, micro-batches per optimizer step.
+        grad_clip: ``train.grad_clip``, the global gradient-norm limit (0: off).
         zero_stage: 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters) partitioned over dp.
         offload: keep the optimizer state (and its step) in host memory.
         bf16: DeepSpeed's ``torch_autocast``: the module's weights stay fp32 (they are the master
@@ -154,8 +152,8 @@ def deepspeed_config(
     cfg = {
         # batches are ours (variable-size buckets): DeepSpeed uses these only for its sample counters
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": train_cfg.grad_accum,
-        "gradient_clipping": float(train_cfg.grad_clip),  # 0: off, as train.grad_clip
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(grad_clip),  # 0: off, as train.grad_clip
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,  # logging is the trainer's
@@ -240,8 +238,9 @@ def _skip_shm_comm_build() -> None:
 
 def build_engine(
     model: nn.Module,
-    train_cfg: TrainConfig,
     *,
+    grad_accum: int,
+    grad_clip: float,
     optimizer: torch.optim.Optimizer,
     scheduler_fn: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
     zero_stage: int,
@@ -256,10 +255,10 @@ def build_engine(
 
     Args:
         model: the model, on its device.
-        train_cfg: the job's train section (see :func:`deepspeed_config`).
-        optimizer: ``launch.optim.build_optimizer(model, train_cfg, device)``, built after any
+        grad_accum, grad_clip: ``train.grad_accum`` and ``train.grad_clip`` (see :func:`deepspeed_config`).
+        optimizer: ``launch.optim.build_optimizer(model, cfg.train, device)``, built after any
             :func:`~parallel.megatron_tp.apply_megatron_tp` (its groups name the final parameters).
-        scheduler_fn: ``lambda opt: launch.optim.build_scheduler(opt, train_cfg)``; DeepSpeed calls
+        scheduler_fn: ``lambda opt: launch.optim.build_scheduler(opt, cfg.train)``; DeepSpeed calls
             it with the optimizer it steps and advances it after each applied update.
         zero_stage: 1, 2 or 3.
         groups: data- and tensor-parallel groups (a one-rank tp group without tensor parallelism).
@@ -272,7 +271,9 @@ def build_engine(
         optimizer=optimizer,
         lr_scheduler=scheduler_fn,
         mpu=groups,
-        config=deepspeed_config(train_cfg, zero_stage=zero_stage, offload=offload, bf16=bf16),
+        config=deepspeed_config(
+            grad_accum=grad_accum, grad_clip=grad_clip, zero_stage=zero_stage, offload=offload, bf16=bf16
+        ),
         dist_init_required=False,
     )
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)

@@ -193,14 +193,15 @@ def test_deepspeed_checkpoint_is_verified_and_a_damaged_one_skipped(results, tmp
 
 def test_deepspeed_config_from_train_config():
     tcfg = train_cfg(Case("c", 1, grad_accum=3))
-    cfg = deepspeed_config(tcfg, zero_stage=3, offload=True)
+    numbers = {"grad_accum": tcfg.grad_accum, "grad_clip": tcfg.grad_clip}
+    cfg = deepspeed_config(**numbers, zero_stage=3, offload=True)
     assert cfg["gradient_clipping"] == tcfg.grad_clip
     assert cfg["gradient_accumulation_steps"] == 3
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # EMA swaps reach all
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "bf16" not in cfg
-    bf16 = deepspeed_config(tcfg, zero_stage=1, bf16=True)
+    bf16 = deepspeed_config(**numbers, zero_stage=1, bf16=True)
     assert "bf16" not in bf16  # DeepSpeed's bf16 section disables an outer autocast (parallel.zero)
     assert bf16["torch_autocast"] == {
         "enabled": True,
@@ -208,7 +209,7 @@ def test_deepspeed_config_from_train_config():
         "lower_precision_safe_modules": [],
     }
     with pytest.raises(ValueError, match="parallel.zero_stage=4"):
-        deepspeed_config(tcfg, zero_stage=4)
+        deepspeed_config(**numbers, zero_stage=4)
 
 
 def test_megatron_plan_names_and_errors():

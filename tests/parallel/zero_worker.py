@@ -111,7 +111,8 @@ def _engine(case: Case, world: int, seed: int = 0):
     model = apply_megatron_tp(_model(case, seed), groups.tp_group)
     tcfg = train_cfg(case)
     engine = zero.build_engine(
-        model, tcfg, optimizer=build_optimizer(model, tcfg, torch.device("cpu")),
+        model, grad_accum=tcfg.grad_accum, grad_clip=tcfg.grad_clip,
+        optimizer=build_optimizer(model, tcfg, torch.device("cpu")),
         scheduler_fn=lambda opt: build_scheduler(opt, tcfg), zero_stage=case.stage, groups=groups,
         offload=case.offload, bf16=case.bf16,
     )  # fmt: skip
