@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.buckets import BucketConfig
 from data.reader import Limits, Shard
 from data.stream import Errors, Expect, StreamSpec, batches, check_shard_rate
-from data.video import DEFAULT_MAX_PIXELS
+from data.video import DEFAULT_MAX_PIXELS, decode_clip
 from data.worker_signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -76,47 +76,56 @@ class DataConfig:
     (``sample_too_large``) and its remaining members are not read. None: twice ``max_member_mb``."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
-    naive_decode: bool = False
-    """Benchmark baseline only: decode every frame of a clip, then subsample."""
+    drop_partial: bool = False
+    """Drop the last, short batch of each bucket at the end of an epoch (its samples are reshuffled into
+    the next). Off: it is let through, so every sample is seen each epoch, which a fine-tune on a few
+    dozen clips over several buckets needs (otherwise a bucket that never fills gives no batch at all);
+    the loss is weighted per sample, so a short batch counts for what it holds. On: every batch has its
+    bucket's size (e.g. for a compiled model that recompiles per batch shape)."""
 
 
-def list_shards(cfg: DataConfig) -> list[Shard]:
+def list_shards(cfg: DataConfig, key: str = "data.shards") -> list[Shard]:
     """The shards named by ``cfg.shards``, files sorted; errors name the config field.
 
     Only an entry of the config string itself that starts with ``pipe:`` and is not an existing file
     becomes a command (:class:`data.reader.Shard` with ``pipe=True``), and only with ``allow_pipe``.
     Whatever a glob or a directory listing returns is a file, whatever its name.
+
+    Args:
+        cfg: data config.
+        key: the config key ``cfg.shards`` came from, named in errors (``data.val_shards`` for the
+            held-out set).
     """
     spec = cfg.shards.strip()
     if not spec:
-        raise ValueError("data.shards is empty: set it to a shard directory, glob or list of .tar files")
+        raise ValueError(f"{key} is empty: set it to a shard directory, glob or list of .tar files")
     if spec.startswith("pipe:") and not os.path.exists(spec):
-        return _pipes(spec, cfg.allow_pipe)
+        return _pipes(spec, cfg.allow_pipe, key)
     if os.path.isdir(spec):
         shards = [Shard(p) for p in sorted(glob.glob(os.path.join(glob.escape(spec), f"{cfg.prefix}-*.tar")))]
+        if not shards:
+            raise FileNotFoundError(f"{key}={spec!r}: no {cfg.prefix}-*.tar in this directory")
     elif "," in spec:
         shards = []
         for entry in (p.strip() for p in spec.split(",")):
             if entry.startswith("pipe:") and not os.path.isfile(entry):
-                shards += _pipes(entry, cfg.allow_pipe)
+                shards += _pipes(entry, cfg.allow_pipe, key)
             elif entry:
                 shards.append(Shard(entry))
     else:
         shards = [Shard(p) for p in sorted(glob.glob(spec))]
     missing = [s.url for s in shards if not s.pipe and not os.path.isfile(s.url)]
     if missing:
-        raise FileNotFoundError(f"data.shards: {missing[0]} does not exist")
+        raise FileNotFoundError(f"{key}: {missing[0]} does not exist")
     if not shards:
-        raise FileNotFoundError(f"data.shards={spec!r}: no shards found")
+        raise FileNotFoundError(f"{key}={spec!r}: no shards found")
     return shards
 
 
-def _pipes(entry: str, allow: bool) -> list[Shard]:
+def _pipes(entry: str, allow: bool, key: str) -> list[Shard]:
     """Commands written in data.shards, e.g. ``pipe:aws s3 cp s3://b/train-{000000..000099}.tar -``."""
     if not allow:
-        raise ValueError(
-            f"data.shards={entry!r}: pipe: URLs run shell commands; set data.allow_pipe=true to allow"
-        )
+        raise ValueError(f"{key}={entry!r}: pipe: URLs run shell commands; set data.allow_pipe=true to allow")
     from braceexpand import braceexpand
 
     return [Shard(url, pipe=True) for url in braceexpand(entry)]
@@ -151,6 +160,7 @@ class _EpochStream(IterableDataset):
     def __init__(self, loader: Loader, skip: list[int]):
         self.cfg, self.shards, self.epoch, self.skip = loader.cfg, loader.shards, loader.epoch, skip
         self.dp_rank, self.dp_size, self.expect = loader.dp_rank, loader.dp_size, loader.expect
+        self.clip_decoder = loader.clip_decoder
 
     def __iter__(self):
         info = get_worker_info()
@@ -168,7 +178,8 @@ class _EpochStream(IterableDataset):
             random_crop=cfg.random_crop,
             error_threshold=cfg.error_threshold,
             min_samples_for_threshold=cfg.min_samples_for_threshold,
-            naive_decode=cfg.naive_decode,
+            drop_partial=cfg.drop_partial,
+            clip_decoder=self.clip_decoder,
             limits=limits(cfg),
             expect=self.expect,
         )
@@ -179,7 +190,12 @@ class _EpochStream(IterableDataset):
 
 
 class Loader:
-    """Iterable over training batches (epoch after epoch) with exact-resume state."""
+    """Iterable over training batches (epoch after epoch) with exact-resume state.
+
+    ``num_workers`` is the DataLoader workers it runs: ``data.num_workers``, but no more than each
+    data-parallel rank has shards (a worker without a shard would idle). ``clip_decoder`` decodes a
+    video's clip (:func:`data.video.decode_clip`); ``benchmarks.dataloader`` swaps in its baseline.
+    """
 
     def __init__(
         self,
@@ -188,25 +204,44 @@ class Loader:
         dp_size: int,
         expect: Expect | None = None,
         pin_memory: bool = False,
+        key: str = "data.shards",
     ):
         self.cfg, self.dp_rank, self.dp_size, self.expect = cfg, dp_rank, dp_size, expect
-        self.pin_memory = pin_memory
-        self.shards = list_shards(cfg)
-        self.workers = max(1, cfg.num_workers)
+        self.pin_memory, self.key = pin_memory, key
+        self.shards = list_shards(cfg, key)
+        self.clip_decoder = decode_clip
         if not cfg.buckets.buckets:
             raise ValueError("data.buckets: no buckets configured")
         limits(cfg)  # range errors at start-up, not in a worker
-        if not cfg.resampled and len(self.shards) < dp_size * self.workers:
-            raise ValueError(
-                f"data.shards: {len(self.shards)} shards for {dp_size} data-parallel ranks × "
-                f"{self.workers} workers; write more (smaller) shards, lower data.num_workers, "
-                "or set data.resampled=true"
-            )
+        self.num_workers = self._worker_count()
+        self.workers = max(1, self.num_workers)  # streams: in-process decoding is one
         self.epoch = 0
         self.consumed = [0] * self.workers  # batches handed out, per worker, this epoch
         self.next_worker = 0
         self.errors: dict[int, dict] = {}  # latest error summary per worker, this epoch
         self.errors_before: list[dict] = []  # final summaries of finished epochs
+
+    def _worker_count(self) -> int:
+        """``data.num_workers``, lowered to the shards each rank gets (all ranks alike); an error when
+        a rank would get none."""
+        cfg, n, ranks = self.cfg, len(self.shards), self.dp_size
+        if cfg.resampled:
+            return cfg.num_workers  # shards are drawn with replacement: every worker gets some
+        if n < ranks:
+            raise ValueError(
+                f"{self.key}: {n} shard{'s' * (n != 1)} for {ranks} data-parallel ranks; every rank needs "
+                "one: write more (smaller) shards (python -m data.shards write --min-shards) or set "
+                "data.resampled=true"
+            )
+        per_rank = n // ranks
+        if cfg.num_workers > per_rank:
+            if self.dp_rank == 0:
+                log.info(
+                    "data.num_workers=%d -> %d: %d shard%s for %d rank%s",
+                    *(cfg.num_workers, per_rank, n, "s" * (n != 1), ranks, "s" * (ranks != 1)),
+                )
+            return per_rank
+        return cfg.num_workers
 
     def _digest(self) -> str:
         return hashlib.sha1("\n".join(s.name for s in self.shards).encode()).hexdigest()[:16]
@@ -250,10 +285,11 @@ class Loader:
                 produced += 1
                 yield batch
             if produced == 0 and not resumed:  # another epoch would give none either: say so, not spin
+                few = ", or too few for a batch with data.drop_partial=true" if self.cfg.drop_partial else ""
                 raise ValueError(
-                    f"data.shards={self.cfg.shards!r}: a whole epoch gave no batch for this rank "
-                    f"(dp_rank {self.dp_rank} of {self.dp_size}): no sample fits data.buckets (too short, "
-                    f"or too few for a batch), or every sample failed to decode ({self.error_summary()})"
+                    f"{self.key}={self.cfg.shards!r}: a whole epoch gave no batch for this rank "
+                    f"(dp_rank {self.dp_rank} of {self.dp_size}): no sample fits data.buckets (too short"
+                    f"{few}), or every sample failed to decode ({self.error_summary()})"
                 )
             self.errors_before.extend(self.errors.values())
             self.errors = {}
@@ -263,17 +299,17 @@ class Loader:
     def _epoch(self) -> Iterator[dict]:
         dataset = _EpochStream(self, list(self.consumed))
         stop = StopFlag()  # workers ignore stop signals unless this epoch's loader is ending them
-        if self.cfg.num_workers == 0 and not self.pin_memory:
+        if self.num_workers == 0 and not self.pin_memory:
             source = iter(dataset)
         else:
             # pinned batches: the DataLoader copies each into page-locked memory (in a thread beside the
             # workers, or inline with none), so the trainer's .to(device, non_blocking=True) is async
-            workers = {} if self.cfg.num_workers == 0 else {"prefetch_factor": self.cfg.prefetch_factor}
+            workers = {} if self.num_workers == 0 else {"prefetch_factor": self.cfg.prefetch_factor}
             source = iter(
                 DataLoader(
                     dataset,
                     batch_size=None,
-                    num_workers=self.cfg.num_workers,
+                    num_workers=self.num_workers,
                     pin_memory=self.pin_memory,
                     persistent_workers=False,
                     worker_init_fn=stop.worker_init_fn(),
@@ -356,6 +392,7 @@ def build_loader(
     dp_size: int = 1,
     expect: Expect | None = None,
     pin_memory: bool = False,
+    key: str = "data.shards",
 ) -> Loader:
     """The loader for one data-parallel rank (pass the DP rank/size, not the global ones).
 
@@ -370,7 +407,8 @@ def build_loader(
         pin_memory: hand out batches in page-locked host memory (the DataLoader's ``pin_memory``), so
             that copies to the GPU with ``non_blocking=True`` overlap compute. Pass
             ``device.type == "cuda"``; without an accelerator torch warns and leaves batches unpinned.
+        key: the config key of ``cfg.shards``, named in errors (``data.val_shards`` for held-out data).
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-    return Loader(cfg, dp_rank, dp_size, expect, pin_memory)
+    return Loader(cfg, dp_rank, dp_size, expect, pin_memory, key)

@@ -1,13 +1,16 @@
 """Shard writer: a folder or CSV/JSONL of videos/images with captions → webdataset tar shards.
 
-    python -m data.shards write SRC OUT_DIR [--max-samples 1000] [--max-mb 1024] [--processes 4]
+    python -m data.shards write SRC OUT_DIR [--max-samples 1000] [--max-mb 1024] [--min-shards 8]
+                                            [--processes 4]
 
 SRC is a folder (media files with sidecar ``.txt`` captions, searched recursively) or a ``.csv`` /
 ``.jsonl`` with ``path`` and ``caption`` columns and optional ``start``/``end`` seconds (paths relative
 to the file). Each sample becomes ``{key}.{mp4|mov|…|jpg|png|webp}`` (the original bytes, never
 re-encoded), ``{key}.txt`` (caption) and ``{key}.json`` (PyAV/Pillow probe: kind, frames, fps, width,
 height, duration, codec; plus source and clip window). ``OUT_DIR/index.json`` lists the shards, the
-sample counts, duration/resolution histograms and every skipped file with its reason. Probing runs in
+sample counts, duration/resolution histograms and every skipped file with its reason. A small source
+is spread over at least ``--min-shards`` shards (one sample each at the least), so that the loader's
+data-parallel ranks and workers each get one. Probing runs in
 ``--processes`` worker processes. A bad file (or a bad manifest row, named by file and line; an
 unreadable caption; a dangling symlink; a picture over ``--max-pixels``) is reported and skipped,
 never fatal.
@@ -34,6 +37,7 @@ from data.video import DEFAULT_MAX_PIXELS, MediaError, probe
 
 log = logging.getLogger(__name__)
 
+MIN_SHARDS = 8  # the CLI's default --min-shards: 1 rank × 8 workers, or 8 ranks × 1, without resampling
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -233,8 +237,28 @@ def write_shards(
     max_mb: float = 1024.0,
     processes: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_shards: int = 1,
 ) -> dict:
-    """Probe ``items`` in parallel and write them to ``out_dir/{prefix}-NNNNNN.tar``; returns the index."""
+    """Probe ``items`` in parallel and write them to ``out_dir/{prefix}-NNNNNN.tar``; returns the index.
+
+    Args:
+        items: the sources (:func:`list_sources`).
+        out_dir: where the shards and ``index.json`` go.
+        prefix: shard name prefix (``train``, ``val``, …).
+        max_samples: most samples per shard.
+        max_mb: most MiB per shard.
+        processes: probe processes (1: in this process).
+        max_pixels: larger images or video frames (width × height) are skipped.
+        min_shards: aim for at least this many shards: fewer samples per shard than ``max_samples``
+            when ``items`` are few (one sample each at the least, so never more shards than samples;
+            skipped items can leave fewer). 1: ``max_samples`` alone decides (the CLI's default is
+            :data:`MIN_SHARDS`).
+    """
+    if min_shards < 1 or max_samples < 1:
+        raise ValueError(f"min_shards={min_shards}, max_samples={max_samples}: each must be at least 1")
+    per_shard = max(1, min(max_samples, len(items) // min_shards))
+    if per_shard < max_samples:
+        log.info("%d sources, at least %d shards: %d samples per shard", len(items), min_shards, per_shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     keys: set[str] = set()
     skipped: dict[str, list[dict]] = collections.defaultdict(list)
@@ -243,7 +267,7 @@ def write_shards(
     ctx = mp.get_context("spawn")  # no fork: safe with threads in the parent (PyAV, torch)
     with (
         ctx.Pool(processes) if processes > 1 else _Inline() as pool,
-        ShardSink(pattern, max_samples, int(max_mb * 2**20)) as sink,
+        ShardSink(pattern, per_shard, int(max_mb * 2**20)) as sink,
     ):
         probe_one = functools.partial(_probe_item, max_pixels=max_pixels)
         for item, data, info, reason in pool.imap(probe_one, items, chunksize=4):
@@ -332,6 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--prefix", default="train", help="shard name prefix (train, val, …)")
     w.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
     w.add_argument("--max-mb", type=float, default=1024.0, help="MiB per shard")
+    w.add_argument(
+        "--min-shards",
+        type=int,
+        default=MIN_SHARDS,
+        help="spread a small source over at least this many shards (never more than its samples)",
+    )
     w.add_argument("--processes", type=int, default=1, help="probe processes")
     w.add_argument(
         "--max-pixels",
@@ -343,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not a.src.exists():
         p.error(f"{a.src} does not exist")
+    for flag, value in (("--max-samples", a.max_samples), ("--min-shards", a.min_shards)):
+        if value < 1:
+            p.error(f"{flag}={value}: must be at least 1")
     items = list_sources(a.src)
     index = write_shards(
         items,
@@ -352,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         max_mb=a.max_mb,
         processes=a.processes,
         max_pixels=a.max_pixels,
+        min_shards=a.min_shards,
     )
     print(
         json.dumps(

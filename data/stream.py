@@ -18,7 +18,7 @@ import math
 import re
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 from data.buckets import Assignment, BucketConfig, Compression, assign, clip_start
 from data.meta import parse_meta
 from data.reader import KNOWN_EXTS, Limits, Shard, read_shard
-from data.video import IMAGE_EXTS, VIDEO_EXTS, MediaError, decode_clip, decode_clip_naive, decode_image
+from data.video import IMAGE_EXTS, VIDEO_EXTS, MediaError, decode_clip, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class Errors:
         self.examples.setdefault(reason, f"{shard}:{key}")
         log.warning("skipping %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
 
-    def filter(self, reason: str) -> None:
-        self.filtered[reason] += 1  # not bad input: does not count toward the error rate
+    def filter(self, reason: str, n: int = 1) -> None:
+        self.filtered[reason] += n  # not bad input: does not count toward the error rate
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -138,7 +138,8 @@ class StreamSpec:
     random_crop: bool = False
     error_threshold: float = 0.05
     min_samples_for_threshold: int = 50
-    naive_decode: bool = False  # decode every frame, then subsample (the benchmark's baseline)
+    drop_partial: bool = False  # drop each bucket's last, partial batch of the epoch (see DataConfig)
+    clip_decoder: Callable = decode_clip  # a video's clip → frames (benchmarks.dataloader: its baseline)
     limits: Limits = field(default_factory=Limits)  # pixels per picture, bytes per member, compression
     expect: Expect | None = None  # what the model takes from a latent sample (None: its json's word)
 
@@ -266,8 +267,8 @@ def decode_sample(sample: dict, a: Assignment, spec: StreamSpec) -> dict:
             frames = decode_image(data, (b.width, b.height), offset, max_pixels)
         else:
             start = clip_start(a, float(u.random()))
-            decode = decode_clip_naive if spec.naive_decode else decode_clip
-            frames = decode(data, start, b.frames, a.fps, (b.width, b.height), offset, max_pixels, ext)
+            size = (b.width, b.height)
+            frames = spec.clip_decoder(data, start, b.frames, a.fps, size, offset, max_pixels, ext)
         video = torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)  # C, T, H, W (a writable copy)
         out = {"video": video.float().div_(127.5).sub_(1.0)}
     if "text.npy" in sample:
@@ -376,7 +377,8 @@ def batches(spec: StreamSpec, errors: Errors, skip: int = 0) -> Iterator[tuple[i
 
 
 def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignment, list]]:
-    """``(assignment, [(sample, assignment), …])`` per full bucket: metadata only, nothing decoded."""
+    """``(assignment, [(sample, assignment), …])`` per batch: metadata only, nothing decoded. Each
+    bucket's batches are full but the last of the epoch, which is short unless ``spec.drop_partial``."""
     seen: set[str] = set()
     buffers: dict = collections.defaultdict(list)
     mixer = _RatioMixer(spec.buckets.image_ratio)
@@ -404,9 +406,17 @@ def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignme
         if len(buf) == a.bucket.batch_size:
             buffers[a.bucket] = []
             yield from mixer.push(a.bucket.frames == 1, (a, buf))
+    # what is left of each bucket is too few for a full batch: let it through as a short batch (every
+    # sample is seen each epoch; the trainer weights the loss per sample), or drop it (it is reshuffled
+    # next epoch). Either way the order is a function of the stream's seeds, so resuming re-forms it.
+    for bucket, buf in buffers.items():
+        if not buf:
+            continue
+        if spec.drop_partial:
+            errors.filter("partial_batch", len(buf))
+        else:
+            yield from mixer.push(bucket.frames == 1, (buf[-1][1], buf))
     yield from mixer.flush()
-    for buf in buffers.values():  # too few for a full batch this epoch (they are reshuffled next epoch)
-        errors.filtered["partial_batch"] += len(buf)
 
 
 def _decode_batch(members: list, a: Assignment, spec: StreamSpec, errors: Errors) -> dict | None:

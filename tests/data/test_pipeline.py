@@ -193,16 +193,20 @@ def test_error_rate_threshold_aborts_naming_the_worst_shard(tmp_path):
 
 
 def test_start_up_checks(tmp_path, shards):
-    with pytest.raises(FileNotFoundError, match="no shards"):
+    with pytest.raises(FileNotFoundError, match=r"^data.shards=.*: no train-\*\.tar in this directory"):
         build_loader(cfg_for(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"data.shards=.*: no shards found"):
+        build_loader(cfg_for(tmp_path / "*.tar"))
     with pytest.raises(ValueError, match="data.shards is empty"):
         build_loader(cfg_for(""))
     with pytest.raises(ValueError, match="allow_pipe"):
         build_loader(cfg_for("pipe:curl http://x/{0..9}.tar"))
-    with pytest.raises(ValueError, match="resampled"):
-        build_loader(cfg_for(shards, num_workers=4), 0, 4)  # 12 shards < 4 ranks × 4 workers
-    loader = build_loader(cfg_for(shards, num_workers=4, resampled=True), 0, 4)
-    assert next(iter(loader))["video"].ndim == 5
+    with pytest.raises(ValueError, match=r"data.shards: 12 shards for 16 data-parallel ranks.*resampled"):
+        build_loader(cfg_for(shards, num_workers=1), 0, 16)
+    assert build_loader(cfg_for(shards, num_workers=4), 3, 4).num_workers == 3  # 12 shards, 3 a rank
+    assert build_loader(cfg_for(shards, num_workers=2), 3, 4).num_workers == 2
+    loader = build_loader(cfg_for(shards, num_workers=4, resampled=True), 0, 16)
+    assert loader.num_workers == 4 and next(iter(loader))["video"].ndim == 5
     with pytest.raises(ValueError, match="batch_size=0"):
         cfg_for(shards, buckets=BucketConfig([Bucket(1, 32, 32, 0)]))
 

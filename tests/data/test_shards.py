@@ -34,6 +34,8 @@ def test_round_trip_keeps_original_bytes_and_reports_bad_files(media_dir, tmp_pa
             str(out),
             "--max-samples",
             "3",
+            "--min-shards",
+            "1",  # --max-samples alone decides here
             "--processes",
             "2",
         ],

@@ -29,13 +29,14 @@ from data.buckets import Bucket, BucketConfig
 from data.shards import list_sources, write_shards
 from data.stream import Errors, StreamSpec, batches
 from data.video import MediaError, decode_clip, probe
+from benchmarks.dataloader import decode_everything
 
 tar, src, out, ext = sys.argv[1:5]
 result = {}
 for naive in (False, True):
     errors = Errors()
     spec = StreamSpec([tar], BucketConfig([Bucket(4, 32, 32, 1), Bucket(1, 32, 32, 1)], fps=8), 0, 0, (0,),
-                      error_threshold=1.0, naive_decode=naive)
+                      error_threshold=1.0, clip_decoder=decode_everything if naive else decode_clip)
     got = [b for _, b in batches(spec, errors) if b is not None]
     result["naive" if naive else "stream"] = {
         "delivered": [b["key"] for b in got],
@@ -121,7 +122,7 @@ def test_an_ffconcat_named_mp4_never_opens_the_files_it_lists(tmp_path):
     (tmp_path / "private.ts").write_bytes(_mpegts(16, 250))
     meta = json.loads(video_sample("k", frames=8)["json"])
     result = _run(tmp_path, "mp4", FFCONCAT, meta, {})
-    for run in ("stream", "naive"):  # decode_clip and decode_clip_naive
+    for run in ("stream", "naive"):  # decode_clip and the benchmark's decode_everything
         assert result[run] == {"delivered": [], "max": [], "skipped": {"undecodable": 1}}
     assert result["probe"] == "undecodable"  # the mov demuxer finds no mp4 in the text
     assert result["sniffed"] == "undecodable"  # no extension: none of the containers' magic bytes
