@@ -120,13 +120,13 @@ class TPHeadRMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, sum_grad(self.weight, self.tp_group), self.eps)
 
 
-def _head_norm(full: nn.RMSNorm, config: ModelParallelConfig, tp_group: dist.ProcessGroup) -> TPHeadRMSNorm:
-    return TPHeadRMSNorm(full, tp_group)
-
-
 # the plan's sharded kinds → the module that replaces a planned one; every other kind stays a plain
 # replicated module (sequence parallelism, the only use of residual_input/residual_norm, is refused)
-MEGATRON_MODULES = {COLUMN: TPColumnLinear, ROW: TPRowLinear, HEAD_NORM: _head_norm}
+MEGATRON_MODULES: dict[str, type[nn.Module]] = {
+    COLUMN: TPColumnLinear,
+    ROW: TPRowLinear,
+    HEAD_NORM: TPHeadRMSNorm,
+}
 
 
 def tp_plan(model: nn.Module) -> dict[str, str]:
@@ -184,7 +184,10 @@ def apply_megatron_tp(
     for name, kind in tp_plan(model).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        new = MEGATRON_MODULES[kind](getattr(parent, attr), config, tp_group)
+        full, cls = getattr(parent, attr), MEGATRON_MODULES[kind]
+        new = (
+            cls(full, tp_group) if cls is TPHeadRMSNorm else cls(full, config, tp_group)
+        )  # no megatron layer
         setattr(parent, attr, new.to(device))
     return model
 

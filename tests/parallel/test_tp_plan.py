@@ -1,0 +1,137 @@
+"""The one tensor-parallel plan (:mod:`parallel.tp_plan`) and its two translations.
+
+DTensor styles (``parallel.engine=fsdp``) and megatron-core modules (``parallel.engine=deepspeed``)
+must split exactly the same modules the same way: checked on the plans for models with every option
+the plan names, and on two gloo ranks by the local slices and gradients both produce.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+from dit.model import SpacetimeDiT
+from parallel import megatron_tp, tensor
+from parallel.megatron_tp import TPColumnLinear, TPHeadRMSNorm, TPRowLinear, check_megatron_tp
+from parallel.tp_plan import check_tp, resolve_plan
+from tests.parallel.group import run_group
+from tests.parallel.tp_plan_worker import Case, every_option, worker
+
+OPTIONS = [("gelu_tanh", "full"), ("swiglu", "factorized"), ("swiglu", "full"), ("gelu_tanh", "factorized")]
+
+
+def _meta_model(mlp: str, layout: str) -> SpacetimeDiT:
+    with torch.device("meta"):
+        return SpacetimeDiT(every_option(mlp, layout))
+
+
+def _dtensor_kind(style) -> str | None:
+    """What a DTensor style does to a module's weight, in the plan's words (None: replicated)."""
+    if isinstance(style, ColwiseParallel) and not isinstance(style, RowwiseParallel):
+        return "column"
+    if isinstance(style, RowwiseParallel):
+        return "row"
+    if isinstance(style, SequenceParallel) and style.sequence_sharding[0].dim == 2:
+        return "head_norm"  # input sharded on the head axis of B, N, H, Dh
+    return None
+
+
+_MEGATRON_KIND = {TPColumnLinear: "column", TPRowLinear: "row", TPHeadRMSNorm: "head_norm"}
+
+
+@pytest.mark.parametrize("mlp,layout", OPTIONS)
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_both_translations_split_the_same_modules(mlp, layout, sequence_parallel):
+    model = _meta_model(mlp, layout)
+    styles = tensor.tp_plan(model, sequence_parallel)
+    split_dt = {n: k for n, s in styles.items() if (k := _dtensor_kind(s)) is not None}
+    # what apply_megatron_tp would build for each name (the class, not the plan's word for it)
+    split_mg = {
+        n: _MEGATRON_KIND[megatron_tp.MEGATRON_MODULES[k]] for n, k in megatron_tp.tp_plan(model).items()
+    }
+    assert split_dt == split_mg, set(split_dt.items()) ^ set(split_mg.items())
+    # every linear of every attention and MLP is split: a layer renamed in dit/ and left out of the
+    # plan would silently run replicated on every rank
+    sublayers = (["attn"], ["cross_attn"], ["mlp"])  # the third part of blocks.<i>.<sub-layer>…
+    linears = {
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[2:3] in sublayers
+    }
+    assert linears and linears <= set(split_dt)
+    norms = {n for n in split_dt if n.endswith(("norm_q", "norm_k"))}
+    assert len(norms) == 2 * 2 * model.cfg.depth  # q and k, self and cross, in every block
+    assert ("blocks.0.mlp.gate" in split_dt) == (mlp == "swiglu")
+    # DTensor: every parameter-holding module gets a style, so every parameter becomes a DTensor
+    owners = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    assert owners <= set(styles)
+
+
+def test_plan_kinds_follow_the_options():
+    with torch.device("meta"):
+        plain = SpacetimeDiT(every_option("gelu_tanh", "full").replace(qk_norm=False, cross_attn_norm=False))
+        no_text = SpacetimeDiT(every_option("gelu_tanh", "full").replace(conditioning="class", num_classes=3))
+    plan = resolve_plan(plain)
+    assert "blocks.0.attn.norm_q" not in plan  # nn.Identity: the option is off
+    assert "blocks.0.norm_cross" not in plan
+    assert plan["blocks.0.cross_attn"] == "residual_input" and plan["blocks.1.mlp.fc2"] == "row"
+    assert plan["final.linear"] == "replicate" and plan["blocks.0.modulation.linear"] == "replicate"
+    assert not any("cross_attn" in n for n in resolve_plan(no_text))
+    full = resolve_plan(_meta_model("swiglu", "full"))
+    assert (
+        full["blocks.1.norm_cross"] == "residual_norm" and full["blocks.1.cross_attn.norm_k"] == "head_norm"
+    )
+
+
+def test_a_stale_plan_is_an_error_naming_the_module():
+    model = _meta_model("swiglu", "full")
+    model.blocks[1].attn.norm_q = nn.LayerNorm(8, device="meta")  # not the per-head RMSNorm planned
+    with pytest.raises(TypeError, match=r"'blocks\.1\.attn\.norm_q'.*head_norm.*LayerNorm"):
+        resolve_plan(model)
+
+
+def test_one_shape_check_for_both_engines():
+    cfg = every_option("swiglu", "full")  # 4 heads, MLP width 128
+    for tp in (1, 2, 4):
+        check_tp(cfg, tp)
+    assert tensor.check_tp is check_tp  # parallel.parallelize calls it from there
+    for check in (check_tp, lambda c, tp: check_megatron_tp(c, tp, False, torch.device("cpu"))):
+        with pytest.raises(ValueError, match=r"parallel.tp=3 must divide model.arch.num_heads=4"):
+            check(cfg, 3)
+        with pytest.raises(
+            ValueError, match=r"parallel.tp=2 must divide the MLP width 101.*model.arch.ffn_dim"
+        ):
+            check(cfg.replace(ffn_dim=101), 2)
+        with pytest.raises(ValueError, match=r"parallel.tp=0"):
+            check(cfg, 0)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    cases = [Case("gelu_full", "gelu_tanh", "full"), Case("swiglu_factorized", "swiglu", "factorized")]
+    return run_group(2, worker, cases, tmp_path_factory.mktemp("tp_plan"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gelu_full", "swiglu_factorized"])
+def test_both_translations_give_the_same_slices_and_gradients(two_ranks, name):
+    """On 2 gloo ranks: DTensor and megatron slice the same parameters and give every rank the same
+    local gradients; both outputs equal one process's. A module only one translation splits gives a
+    slice of another shape (inf below); a head norm only one sums gives a gradient off by the other
+    rank's half."""
+    got = two_ranks[name]
+    assert "error" not in got, got.get("error")
+    assert got["sliced_dt"] == got["sliced_mg"]
+    assert any(n.endswith("mlp.fc2.weight") for n in got["sliced_dt"])
+    # 1e-5 of the largest gradient: k's bias has a gradient of rounding noise only (softmax ignores a
+    # shift common to every key), so a per-parameter relative bound would measure noise against noise
+    tol = 1e-5 * max(got["grad_scale"].values())
+    bad = {n: d for n, d in got["grad_diff"].items() if not d <= tol}
+    assert not bad, (tol, bad)
+    for key in ("out_dt", "out_mg"):
+        torch.testing.assert_close(got[key], got["out_ref"], rtol=1e-5, atol=1e-6)
+    # a replicated head norm's gradient on rank 0 is the whole one (summed over the two ranks' heads)
+    for n in ("blocks.0.attn.norm_q.weight", "blocks.1.cross_attn.norm_k.weight"):
+        want = got["grads_ref"][n]
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got["grads_dt_rank0"][n], want, rtol=1e-5, atol=1e-7)

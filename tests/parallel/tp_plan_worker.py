@@ -1,0 +1,105 @@
+"""Both translations of the one tensor-parallel plan, side by side on two gloo ranks.
+
+Each case builds the same full tiny model (one seed) three times on every rank: as it is (the
+reference), with DTensor styles (:func:`parallel.tensor.apply_tensor_parallel`) and with megatron-core
+modules (:func:`parallel.megatron_tp.apply_megatron_tp`), then runs one forward and backward of a
+fixed weighted sum of the output. A module planned by one translation and not the other shows as a
+parameter whose local slice or gradient differs between them (a linear left whole, or a head norm
+whose partial gradient is not summed over the ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from dit.config import DiTConfig
+from parallel.megatron_tp import apply_megatron_tp
+from parallel.tensor import apply_tensor_parallel
+from tests.dit.helpers import random_model
+from tests.parallel.group import serve
+
+
+@dataclass
+class Case:
+    name: str
+    mlp: str
+    layout: str
+
+
+def every_option(mlp: str, layout: str) -> DiTConfig:
+    """A tiny model with everything the plan names switched on: qk norm, text cross-attention with
+    its affine norm, the given MLP kind and attention layout."""
+    return DiTConfig(
+        in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, patch_size=(1, 2, 2),
+        mlp=mlp, attention_layout=layout, qk_norm=True, conditioning="text", cross_attn_norm=True,
+    )  # fmt: skip
+
+
+def _inputs(cfg: DiTConfig) -> dict:
+    g = torch.Generator().manual_seed(3)
+    b = 2
+    mask = torch.ones(b, 3, dtype=torch.bool)
+    mask[1, 2:] = False
+    return {
+        "x": torch.randn(b, cfg.in_channels, 2, 4, 4, generator=g),  # B, C, T, H, W
+        "t": torch.rand(b, generator=g) * 1000,
+        "context": torch.randn(b, 3, cfg.text_dim, generator=g),
+        "context_mask": mask,
+        "weight": torch.randn(b, cfg.out_ch, 2, 4, 4, generator=g),  # of the summed output
+    }
+
+
+def _run(model: nn.Module, data: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and every parameter's gradient as this rank's optimizer step sees it: a DTensor
+    gradient placed like its parameter (a head norm's ``Partial`` one summed), then its local slice."""
+    out = model(data["x"], data["t"], context=data["context"], context_mask=data["context_mask"])
+    (out * data["weight"]).sum().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if isinstance(g, DTensor):
+            g = g.redistribute(p.device_mesh, p.placements).to_local()
+        grads[name] = g.detach().clone()
+    return out.detach(), grads
+
+
+def run_case(case: Case) -> dict:
+    cfg = every_option(case.mlp, case.layout)
+    data = _inputs(cfg)
+    out_ref, grads_ref = _run(random_model(cfg), data)
+    dtensor = random_model(cfg)
+    apply_tensor_parallel(dtensor, init_device_mesh("cpu", (dist.get_world_size(),)))
+    out_dt, grads_dt = _run(dtensor, data)
+    megatron = apply_megatron_tp(random_model(cfg), dist.group.WORLD)
+    out_mg, grads_mg = _run(megatron, data)
+    # per parameter, the largest difference over the ranks (inf for slices of different shapes) and
+    # the largest megatron gradient, to judge it by
+    names = sorted(grads_dt)
+    diff = torch.zeros(2, len(names))
+    for i, name in enumerate(names):
+        g, m = grads_dt[name], grads_mg[name]
+        diff[0, i] = (g - m).abs().max() if g.shape == m.shape else torch.inf
+        diff[1, i] = m.abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return {
+        "grad_diff": dict(zip(names, diff[0].tolist(), strict=True)),
+        "grad_scale": dict(zip(names, diff[1].tolist(), strict=True)),
+        "sliced_dt": sorted(n for n in names if grads_dt[n].shape != grads_ref[n].shape),
+        "sliced_mg": sorted(n for n in names if grads_mg[n].shape != grads_ref[n].shape),
+        "out_ref": out_ref,
+        "out_dt": out_dt,
+        "out_mg": out_mg,
+        "grads_ref": grads_ref,
+        "grads_dt_rank0": grads_dt,
+    }
+
+
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    # megatron-core asks for this on CUDA (its all-reduce ordering); harmless here, quiets its warning
+    serve(rank, world, port, cases, out_dir, run_case, env={"CUDA_DEVICE_MAX_CONNECTIONS": "1"})
