@@ -192,6 +192,11 @@ class InitConfig:
     scheduler or loader state. Written ``init.from`` in YAML and overrides."""
     use_ema: bool = True
     """Take the EMA weights when the source has them."""
+    min_match: float = 0.5
+    """Least share of the source's tensors whose names are parameters of the model; below it (and
+    always when none match: another library's names) ``init.from`` is an error naming unmatched keys.
+    The model's own new layers (names the source lacks) do not count against it; lower it to load
+    part of a deeper model."""
     freeze: list[str] = field(default_factory=list)
     """fnmatch patterns of parameter names to freeze (``blocks.*.attn.*``)."""
 
@@ -247,6 +252,7 @@ _RANGES = (
     ("data.min_samples_for_threshold", 0, math.inf, False, False),
     ("data.max_text_len", 1, math.inf, False, False),
     ("data.buckets.fps", 0.0, math.inf, True, False),
+    ("init.min_match", 0.0, 1.0, False, False),
     ("checkpoint.every", 0, math.inf, False, False),
     ("checkpoint.keep", 0, math.inf, False, False),
     ("eval.every", 0, math.inf, False, False),

@@ -11,7 +11,10 @@ source is defined:
 - blocks or embedders the source lacks start as the identity (their output projections are zero);
 - a different text width re-initialises only the text projection (``text_proj.*``).
 
-Any other shape mismatch is an error naming the parameter.
+Any other shape mismatch is an error naming the parameter. So is a source whose names do not fit the
+model: none matching (another library's layout, e.g. a diffusers folder converted by hand), or fewer
+than ``init.min_match`` of the source's tensors. Names the model has and the source lacks are new
+layers and never count against it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from parallel import checkpoint as ckpt
 
 # the last layer of each residual branch or embedder: zero makes a module the source lacks an identity
 _ZERO_WHEN_NEW = ("attn.o.", "cross_attn.o.", "mlp.fc2.", "fps_embedder.fc2.", "label_embed.")
+ACCEPTS = (
+    "init.from takes an export directory (model.safetensors + config.json, from python -m launch.export), "
+    "a checkpoint (a step-XXXXXXXX/ directory with COMPLETE) or a run or checkpoints/ directory holding one"
+)
 
 
 @dataclass
@@ -62,8 +69,11 @@ def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict, dict | N
         arch = read_export_config(config).get("arch") if config.is_file() else None
         return ckpt.read_safetensors(path / name), dataclasses.asdict(arch) if arch is not None else None
     if not path.exists():
-        raise FileNotFoundError(f"init.from={path}: no such file or directory")
-    found = ckpt.resolve(path)
+        raise FileNotFoundError(f"init.from={path}: no such file or directory; {ACCEPTS}")
+    try:
+        found = ckpt.resolve(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"init.from={path}: {_what_is_there(path)}; {ACCEPTS}") from None
     state = ckpt.read_full(found, {"model", "ema"})
     weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
     arch = None
@@ -74,13 +84,64 @@ def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict, dict | N
     return weights, arch
 
 
+def _what_is_there(path: Path) -> str:
+    """What ``path`` (a file or directory that is none of init.from's formats) holds, in words."""
+    if not path.is_dir():
+        if path.name in ("model.safetensors", "ema.safetensors"):
+            return f"a weights file of an export; name its directory instead (init.from={path.parent})"
+        return f"a file ({path.suffix or 'no extension'}, {path.stat().st_size} bytes), not a directory"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "an empty directory"
+    config = path / "config.json"
+    diffusers = "model_index.json" in names or any(n.startswith("diffusion_pytorch_model") for n in names)
+    if diffusers or (config.is_file() and "_diffusers_version" in config.read_text(errors="replace")):
+        return (
+            "a diffusers folder; its weights are named for diffusers' classes, not this model's, and are "
+            "not read"
+        )
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"a directory holding {shown}, and no complete checkpoint"
+
+
+def _check_names(path: str | Path, source: dict, params: dict, min_match: float) -> None:
+    """Refuse a source whose tensor names do not fit the model (see the module doc)."""
+    matched = [n for n in source if n in params]
+    if len(matched) >= max(min_match * len(source), 1):
+        return
+    unmatched = sorted(set(source) - set(params))[:4]
+    missing = sorted(set(params) - set(source))[:4]
+    said = (
+        f"none of the source's {len(source)} tensors"
+        if not matched
+        else f"{len(matched)} of the source's {len(source)} tensors ({len(matched) / len(source):.0%}, below "
+        f"init.min_match={min_match:g})"
+    )
+    raise ValueError(
+        f"init.from={path}: {said} match a parameter name of this model: the source has {unmatched} "
+        f"where the model has {missing}. Is it another model, or another library's names? {ACCEPTS}"
+    )
+
+
 @torch.no_grad()
-def apply_init(model: nn.Module, path: str | Path, arch: DiTConfig, use_ema: bool = True) -> InitReport:
-    """Copy (and adapt) the weights at ``path`` into a freshly initialised ``model``; see the module doc."""
+def apply_init(
+    model: nn.Module, path: str | Path, arch: DiTConfig, use_ema: bool = True, min_match: float = 0.5
+) -> InitReport:
+    """Copy (and adapt) the weights at ``path`` into a freshly initialised ``model``; see the module doc.
+
+    Args:
+        model: the freshly initialised model.
+        path: ``init.from``.
+        arch: the model's architecture.
+        use_ema: take the source's EMA weights when it has them.
+        min_match: least share of the source's tensors whose names the model has (``init.min_match``);
+            below it, or with none, this raises before changing any weight.
+    """
     source, src_arch = read_weights(path, use_ema)
     pt_src = (src_arch or {}).get("patch_size", arch.patch_size)[0]
     report = InitReport()
     params = dict(model.named_parameters())
+    _check_names(path, source, params, min_match)
     # a new text encoder width makes the whole text projection new, not just its first layer
     new_text = any(
         n.startswith("text_proj.") and n in source and source[n].shape != p.shape for n, p in params.items()

@@ -141,3 +141,99 @@ def test_random_bytes_as_weights_are_named(tmp_path):
     (export / "model.safetensors").write_bytes(os.urandom(4096))
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
         read_weights(export)
+
+
+def _renamed_export(tmp_path, arch, rename):
+    """An export of a model of ``arch`` whose tensor names went through ``rename`` (another library's
+    layout), with a real config.json."""
+    model = build_model(arch, seed=0)
+    out = tmp_path / "renamed"
+    out.mkdir()
+    state = {rename(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"arch": dataclasses.asdict(arch)}))
+    return out
+
+
+def test_a_source_whose_names_match_nothing_is_an_error_and_changes_nothing(tmp_path):
+    arch = get_preset("tiny")
+    export = _renamed_export(tmp_path, arch, lambda k: f"model.diffusion_model.{k}")
+    dst = build_model(arch, seed=1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=r"init.from=.*renamed: none of the source's 69 tensors match") as e:
+        apply_init(dst, export, arch)
+    said = str(e.value)
+    assert "model.diffusion_model." in said and "'blocks.0." in said and "export directory" in said
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
+def test_a_source_matching_under_min_match_is_an_error_unless_lowered(tmp_path):
+    arch = get_preset("tiny")
+    # only block 0 keeps our names (all else renamed): under half of the source
+    export = _renamed_export(tmp_path, arch, lambda k: k if k.startswith("blocks.0.") else f"x.{k}")
+    source = read_weights(export)[0]
+    share = sum(not k.startswith("x.") for k in source) / len(source)
+    assert 0 < share < 0.5
+    with pytest.raises(ValueError, match=rf"{round(share * 100)}%, below init.min_match=0.5"):
+        apply_init(build_model(arch, seed=1), export, arch)
+    report = apply_init(build_model(arch, seed=1), export, arch, min_match=share)
+    assert len(report.loaded) == round(share * len(source)) and len(report.unexpected) == len(source) - len(
+        report.loaded
+    )
+
+
+def test_a_deeper_model_may_start_from_a_shallower_one(tmp_path):
+    src_arch = get_preset("tiny")
+    _, export = _export(tmp_path, src_arch)
+    arch = src_arch.replace(depth=2 * src_arch.depth)  # half the model is new: missing, not unmatched
+    report = apply_init(build_model(arch, seed=1), export, arch)
+    assert not report.unexpected and any(n.startswith(f"blocks.{src_arch.depth}.") for n in report.missing)
+
+
+def _not_ours(tmp_path, kind: str):
+    """A path init.from does not read: an empty directory, a .bin file, a diffusers folder, other files."""
+    path = tmp_path / ("weights.bin" if kind == "bin" else "src")
+    if kind == "bin":
+        path.write_bytes(os.urandom(64))
+        return path
+    path.mkdir()
+    if kind == "diffusers":
+        save_file({"patch_embedding.weight": torch.zeros(2, 2)}, path / "diffusion_pytorch_model.safetensors")
+        config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0"}
+        (path / "config.json").write_text(json.dumps(config))
+    elif kind == "other":
+        (path / "notes.txt").write_text("x")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "found"),
+    [
+        ("empty", "an empty directory"),
+        ("bin", r"a file \(\.bin, 64 bytes\), not a directory"),
+        ("diffusers", "a diffusers folder; its weights are named for diffusers' classes"),
+        ("other", "a directory holding notes.txt, and no complete checkpoint"),
+    ],
+)
+def test_init_from_something_else_says_what_it_takes_and_what_it_found(tmp_path, kind, found):
+    path = _not_ours(tmp_path, kind)
+    with pytest.raises(
+        FileNotFoundError, match=f"init.from={path}: {found}.*; init.from takes an export"
+    ) as e:
+        read_weights(path)
+    assert "step-XXXXXXXX/ directory with COMPLETE" in str(e.value)  # among what it takes
+
+
+def test_a_weights_file_of_an_export_points_at_its_directory(tmp_path):
+    _, export = _export(tmp_path, get_preset("tiny"))
+    with pytest.raises(FileNotFoundError, match=rf"name its directory instead \(init.from={export}\)"):
+        read_weights(export / "model.safetensors")
+    assert read_weights(export)[0]  # which loads
+
+
+def test_min_match_is_a_share():
+    from launch.config import load_config
+
+    assert load_config(None, ["init.min_match=0.2"]).init.min_match == 0.2
+    with pytest.raises(ValueError, match=r"init.min_match=1.5: must be >= 0.0 and <= 1.0"):
+        load_config(None, ["init.min_match=1.5"])
