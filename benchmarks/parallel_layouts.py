@@ -41,9 +41,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from benchmarks.comm_volume import CommCounter, attention_comm_bytes
 from dit.config import DiTConfig, get_preset
-from dit.model import SpacetimeDiT, block_axes, build_model
+from dit.model import block_axes, build_model
 from parallel.config import ParallelConfig
-from parallel.parallelize import make_dims, materialize, parallelize
+from parallel.parallelize import build_parallel_model, make_dims
 
 
 def bench_arch(depth: int = 4) -> DiTConfig:
@@ -190,11 +190,7 @@ def _build(lay: Layout, arch: DiTConfig, world: int) -> tuple[nn.Module, int]:
         return build_model(arch, seed=0), 1
     pcfg = ParallelConfig(**lay.parallel)
     dims = make_dims(pcfg, world, arch)
-    mesh = dims.build_mesh("cpu")
-    with torch.device("meta"):
-        model = SpacetimeDiT(arch)
-    parallelize(model, dims, mesh, pcfg)
-    materialize(model, torch.device("cpu"), mesh, lambda: build_model(arch, seed=0))
+    model = build_parallel_model(arch, dims, dims.build_mesh("cpu"), pcfg, lambda: build_model(arch, seed=0))
     return model, dims.grad_scale
 
 

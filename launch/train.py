@@ -3,7 +3,8 @@
 Runs as one process (CPU or one GPU) or under ``torchrun``. Rerunning the same command resumes from the
 newest complete checkpoint in ``run.dir``. Read top to bottom: set-up, resume, then the loop
 (batch → encode → loss → backward → agree on finiteness → clip → step → EMA → metrics → eval → samples
-→ checkpoint → preemption check).
+→ checkpoint → preemption check). What depends on how the model is distributed (FSDP2 or DeepSpeed:
+``parallel.engine``) is the trainer's :class:`~launch.engine.Engine`.
 """
 
 from __future__ import annotations
