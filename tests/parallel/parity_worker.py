@@ -1,9 +1,16 @@
 """Runs parallel-layout cases inside one spawned gloo process group (one group per world size).
 
-Each case builds the tiny model on meta under its layout, materialises the same initial weights, and
-takes three AdamW steps on the same global batch with the trainer's conventions (per-sample loss,
-``dims.grad_scale``, division by the global sample count, clipping). Rank 0 records the losses and the
-gathered gradients of the first step; :func:`reference` does the same in one process.
+Each case builds the tiny model under its layout with :func:`parallel.parallelize.build_parallel_model`
+(the FSDP engine's build), the same initial weights everywhere, and takes three AdamW steps on the same
+global batch through the trainer's own step arithmetic: :class:`launch.engine.FsdpEngine`'s backward
+(``dims.grad_scale``, division by the global sample count) and update (clipping, agreement on
+finiteness), :func:`launch.engine.sample_losses` (per-sample loss), :func:`~launch.engine.global_samples`
+and :func:`~launch.engine.mean_loss`. Noise and times are the trainer's draws
+(``step_seed(seed, dp_rank, step)``) where the layout has one data-parallel rank, so a cp or tp peer
+that drew other numbers fails; with several data-parallel ranks the trainer's draws differ from one
+process's by design (another rank, another stream), so those cases use the batch's fixed noise and times.
+Rank 0 records the losses and the gathered gradients of the first step; :func:`reference` does the same
+in one process.
 """
 
 from __future__ import annotations
@@ -11,15 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig, make_objective
-from dit.model import SpacetimeDiT
+from launch.batches import Prepared, step_seed
+from launch.engine import FsdpEngine, global_samples, mean_loss, sample_losses
 from parallel.config import ParallelConfig
-from parallel.grads import clip_grad_norm
-from parallel.parallelize import make_dims, materialize, parallelize
+from parallel.parallelize import build_parallel_model, make_dims
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
 
@@ -39,6 +45,12 @@ class Case:
     name: str
     parallel: dict = field(default_factory=dict)
     layout: str = "full"
+
+    @property
+    def split_batch(self) -> bool:
+        """Several data-parallel ranks split the batch: noise and times are the batch's fixed ones."""
+        p = ParallelConfig(**self.parallel)
+        return p.dp_replicate * max(p.dp_shard, 1) > 1
 
 
 def batch(cfg: DiTConfig) -> dict:
@@ -69,45 +81,52 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(cfg: DiTConfig, pcfg: ParallelConfig, world: int) -> dict:
-    """Three optimizer steps of ``cfg`` under ``pcfg``; returns losses and first-step gradients."""
+def train(cfg: DiTConfig, pcfg: ParallelConfig, world: int, fixed_draws: bool = False) -> dict:
+    """Three optimizer steps of ``cfg`` under ``pcfg``; returns losses and first-step gradients.
+
+    Args:
+        fixed_draws: the batch's fixed noise and times instead of the trainer's draws (see the module
+            doc); needed, and only allowed, where ``pcfg`` splits the batch over data-parallel ranks.
+    """
     dims = make_dims(pcfg, world, cfg)
+    if world > 1 and fixed_draws != (dims.dp > 1):
+        raise ValueError(
+            f"fixed_draws={fixed_draws} with {dims.dp} data-parallel ranks (see Case.split_batch)"
+        )
     mesh = dims.build_mesh("cpu")
-    with torch.device("meta"):
-        model = SpacetimeDiT(cfg)
-    parallelize(model, dims, mesh, pcfg)
-    materialize(model, torch.device("cpu"), mesh, lambda: random_model(cfg))
+    model = build_parallel_model(cfg, dims, mesh, pcfg, lambda: random_model(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    cpu = torch.device("cpu")
+    engine = FsdpEngine(model=model, opt=opt, sched=sched, dims=dims, device=cpu, grad_clip=1.0)
     objective = make_objective(DiffusionConfig())
     data = batch(cfg)
+    dp_rank = dims.dp_rank(mesh)
     per = GLOBAL_BATCH // dims.dp
-    lo = dims.dp_rank(mesh) * per
-    mine = {k: v[lo : lo + per] for k, v in data.items()}
+    mine = {k: v[dp_rank * per : (dp_rank + 1) * per] for k, v in data.items()}
+    kwargs = {"context": mine["context"], "context_mask": mine["context_mask"]}
+    prep = Prepared(mine["x0"], kwargs, mine["cond_frames"], (~mine["cond_frames"]).sum(1))
+    fixed = {"noise": mine["noise"], "t": mine["t"]} if fixed_draws else {}
+    b, _, frames, h, w = prep.x0.shape
+    pt, ph, pw = cfg.patch_size
+    tokens = (frames // pt) * (h // ph) * (w // pw)
     losses, grads = [], None
     for step in range(STEPS):
-        out = objective.loss(
-            model, mine["x0"], {"context": mine["context"], "context_mask": mine["context_mask"]},
-            cond_frames=mine["cond_frames"], noise=mine["noise"], t=mine["t"],
-        )  # fmt: skip
-        frames = (~mine["cond_frames"]).sum(1).clamp(min=1)
-        per_sample = out.per_frame.sum(1) / frames
-        (per_sample.sum() * dims.grad_scale).backward()
-        loss = per_sample.detach().sum()
-        if world > 1:
-            dist.all_reduce(loss)
-        losses.append(float(loss) / dims.copies / GLOBAL_BATCH)
-        for p in model.parameters():
-            p.grad.div_(GLOBAL_BATCH)
+        gen = torch.Generator().manual_seed(step_seed(0, dp_rank, step))
+        total = global_samples(b, dims)
+        per_sample = sample_losses(engine, objective, prep, tokens=tokens, generator=gen, **fixed)
+        engine.backward(per_sample, total, last=True)
+        loss = mean_loss(float(per_sample.detach().sum()), total, dims)
         if step == 0:
             grads = _grads(model)
-        clip_grad_norm(list(model.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _, applied, _ = engine.update(loss)
+        assert applied, f"step {step} skipped"
+        losses.append(loss)
     return {"losses": losses, "grads": grads}
 
 
 def reference(case: Case) -> dict:
-    return train(arch(case.layout), ParallelConfig(), world=1)
+    return train(arch(case.layout), ParallelConfig(), world=1, fixed_draws=case.split_batch)
 
 
 def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
@@ -117,5 +136,5 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) ->
         port,
         cases,
         out_dir,
-        lambda c: train(arch(c.layout), ParallelConfig(**c.parallel), world),
+        lambda c: train(arch(c.layout), ParallelConfig(**c.parallel), world, c.split_batch),
     )
