@@ -6,6 +6,8 @@ them (``attn.q``, ``attn.o``, ``mlp.fc1``, ``mlp.fc2``, ``modulation.linear`` �
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -13,6 +15,21 @@ from torch import Tensor, nn
 
 from dit.attention import AttentionCore
 from dit.embeddings import Fp32Linear, apply_rope, autocast_on
+
+
+class Grid(NamedTuple):
+    """The patch grid of one sample: latent frames, height and width divided by the patch size.
+
+    Tokens are laid out in ``(f h w)`` order, so a contiguous run of ``height · width`` tokens is one
+    frame. A plain tuple: code that indexes ``grid[0]`` or takes ``math.prod(grid)`` keeps working.
+    """
+
+    frames: int
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.frames}×{self.height}×{self.width}"
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -24,7 +41,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype | None 
     """adaLN: ``x * (1 + scale) + shift``, broadcast per sample or per frame.
 
     Args:
-        x: B×N×D tokens in (t h w) order.
+        x: B×N×D tokens in (f h w) order.
         shift, scale: B×F×D with F = 1 (one timestep per sample) or F = frames (per-frame timesteps);
             viewing tokens as B×F×(N/F)×D applies each frame's vector without materialising B×N×D.
         dtype: of the result; default :func:`compute_dtype` of x. Under autocast the next linears
@@ -117,7 +134,7 @@ def _qk_norm(enabled: bool, head_dim: int, eps: float) -> nn.Module:
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the tokens of one axis of the patch grid.
 
-    ``axis='full'`` attends over all T·H·W tokens; ``'space'`` within each frame (frames folded
+    ``axis='full'`` attends over all F·H·W tokens; ``'space'`` within each frame (frames folded
     into the batch); ``'time'`` across frames at each spatial position.
     """
 
@@ -141,7 +158,16 @@ class SelfAttention(nn.Module):
         self.norm_k = _qk_norm(qk_norm, dim // heads, eps)
         self.core = AttentionCore(backend)
 
-    def forward(self, x: Tensor, grid: tuple[int, int, int], rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(self, x: Tensor, grid: Grid, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Attend over ``x`` (B×N×D tokens in ``(f h w)`` order).
+
+        Args:
+            x: the tokens: a whole sample, or any run of whole frames of it (a context-parallel chunk).
+            grid: the whole sample's patch grid. Only its frame size ``height · width`` is used, so
+                the grid is the same on every context-parallel rank and a chunk's frame count follows
+                from its own length.
+            rope: cos/sin tables for these tokens, or None.
+        """
         # heads = -1: under tensor parallelism a rank holds only its own heads
         b, n, _ = x.shape
         q = self.norm_q(self.q(x).view(b, n, -1, self.head_dim))  # B, N, H, Dh
@@ -156,16 +182,16 @@ class SelfAttention(nn.Module):
         # under autocast the RMSNorm (and the fp32 RoPE) return fp32 while v is bf16: one compute dtype
         # for the core, so flash-attn takes them, SDPA gets no mixed dtypes and Ulysses sends bf16
         q, k = q.to(v.dtype), k.to(v.dtype)
-        t = grid[0]
+        s = grid.height * grid.width  # tokens per frame
         if self.axis == "space":
-            q, k, v = (rearrange(z, "b (t s) h e -> (b t) s h e", t=t) for z in (q, k, v))
+            q, k, v = (rearrange(z, "b (f s) h e -> (b f) s h e", s=s) for z in (q, k, v))
         elif self.axis == "time":
-            q, k, v = (rearrange(z, "b (t s) h e -> (b s) t h e", t=t) for z in (q, k, v))
+            q, k, v = (rearrange(z, "b (f s) h e -> (b s) f h e", s=s) for z in (q, k, v))
         out = self.core(q, k, v)
         if self.axis == "space":
-            out = rearrange(out, "(b t) s h e -> b (t s) h e", b=b)
+            out = rearrange(out, "(b f) s h e -> b (f s) h e", b=b)
         elif self.axis == "time":
-            out = rearrange(out, "(b s) t h e -> b (t s) h e", b=b)
+            out = rearrange(out, "(b s) f h e -> b (f s) h e", b=b)
         return self.o(out.reshape(b, n, -1))
 
 

@@ -3,6 +3,14 @@
 A plain single-device ``nn.Module``: no process groups, no parallel flags. Build it on the meta
 device, parallelize it from outside (``parallel/``), then ``to_empty()`` and ``init_weights()``;
 :func:`build_model` does the single-device version of that.
+
+Where ``parallel/`` reaches in, the model has named, parameter-free points (the way
+:class:`dit.attention.AttentionCore` is the attention's): ``seq_start`` where the token sequence
+begins, ``blocks_end`` where it leaves the blocks for the final layer, ``seq_end`` before unpatchify,
+and the ``modulation`` of every block and of the final layer, where per-frame vectors are made.
+Context parallelism (:func:`parallel.context.apply_sequence_cut`) cuts the sequence at the first,
+gathers it at the other two, and keeps each rank's frames of the modulation vectors. Names used in
+this file: ``t`` is diffusion time only; frame counts are ``frames``/``f``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dit.layers import (
     AdaLNModulation,
     CrossAttention,
     Fp32LayerNorm,
+    Grid,
     SelfAttention,
     TableModulation,
     compute_dtype,
@@ -59,12 +68,51 @@ def block_axes(cfg: DiTConfig) -> list[str]:
     return ["space" if i % 2 == 0 else "time" for i in range(cfg.depth)]
 
 
+Rope = tuple[Tensor, Tensor]  # the cos and sin tables of 3D RoPE, one row per token
+
+
+class SequenceStart(nn.Module):
+    """Identity where the token sequence starts (patch embedding and positions added): the point where
+    :func:`parallel.context.apply_sequence_cut` keeps this rank's chunk of the tokens and RoPE tables.
+
+    ``forward(h, rope, grid, per_frame) -> (h, rope)``: h is B×N×D; rope the tables for those N
+    tokens (or None); grid the whole sample's :class:`Grid`; ``per_frame`` whether the modulation
+    vectors are per frame (per-frame timesteps) rather than one per sample. A replacement keeps this
+    contract, and every block still receives the whole sample's grid.
+    """
+
+    def forward(
+        self, h: Tensor, rope: Rope | None, grid: Grid, per_frame: bool
+    ) -> tuple[Tensor, Rope | None]:
+        return h, rope
+
+
+class BlocksEnd(nn.Module):
+    """Identity on the residual stream (B×N×D) after the last block, before the final layer: where
+    sequence parallelism gathers its tensor-parallel cut, as the final layer runs on whole
+    context-parallel chunks."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h
+
+
+class SequenceEnd(nn.Module):
+    """Identity on the per-token output (B×N×p·C_out) before unpatchify: where context parallelism
+    gathers the sequence again."""
+
+    def forward(self, out: Tensor) -> Tensor:
+        return out
+
+
 class DiTBlock(nn.Module):
     """adaLN-modulated self-attention, optional text cross-attention, modulated MLP.
 
     Under autocast the residual stream x is fp32 and each sub-layer computes in bf16 (Wan 2.1's
     split): the modulation vectors are fp32, the sub-layer inputs are cast to bf16 once, and their
     outputs are added to x in fp32.
+
+    ``modulation`` makes the six B×F×D vectors (F = 1, or one per frame): the point where context
+    parallelism keeps this rank's frames of them.
     """
 
     def __init__(self, cfg: DiTConfig, axis: str):
@@ -88,8 +136,8 @@ class DiTBlock(nn.Module):
         self,
         x: Tensor,
         mod: Tensor,
-        grid: tuple[int, int, int],
-        rope: tuple[Tensor, Tensor] | None = None,
+        grid: Grid,
+        rope: Rope | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
@@ -138,8 +186,11 @@ class SpacetimeDiT(nn.Module):
         )
         self.rope = Rope3D(cfg.head_dim, cfg.rope_theta) if cfg.pos_embed == "rope3d" else None
         self.pos_embed = _additive_pos_embed(cfg)
+        self.seq_start = SequenceStart()
         self.blocks = nn.ModuleList(DiTBlock(cfg, axis) for axis in block_axes(cfg))
+        self.blocks_end = BlocksEnd()
         self.final = FinalLayer(cfg)
+        self.seq_end = SequenceEnd()
 
     def forward(
         self,
@@ -154,23 +205,64 @@ class SpacetimeDiT(nn.Module):
         """Predict the diffusion target for noisy latents.
 
         Args:
-            x: B×C×T×H×W latents (T = 1 for images); T, H, W divisible by ``patch_size``.
-            t: diffusion time on the model's 0…1000 scale, shape B, or B×T for per-frame timesteps
+            x: B×C×F×H×W latents (F frames, 1 for images); F, H, W divisible by ``patch_size``.
+            t: diffusion time on the model's 0…1000 scale, shape B, or B×F for per-frame timesteps
                 (e.g. t = 0 on a clean conditioning frame); with a temporal patch pt > 1 the first
                 frame of each patch gives the patch's time.
             context: B×L×text_dim text encoder states (``conditioning='text'``).
             context_mask: B×L bool, True for real (unpadded) text tokens.
             labels: B class ids; ``cfg.num_classes`` is the null class (``conditioning='class'``).
-            cond: B×cond_channels×T×H×W extra input channels (I2V first frame + mask, control maps).
+            cond: B×cond_channels×F×H×W extra input channels (I2V first frame + mask, control maps).
             fps: B frame rates (``fps_conditioning``).
 
         Returns:
-            B×C_out×T×H×W.
+            B×C_out×F×H×W.
+        """
+        grid = self.grid(x, cond)
+        h, rope = self._tokens(x, cond, grid)  # B, N, D
+        c = self._conditioning(t, x, labels, fps)  # B, F', D  (F' = 1 or grid frames)
+        if self.text_proj is not None:
+            if context is None:
+                raise ValueError("SpacetimeDiT(conditioning='text') needs context (a null context for CFG)")
+            context = self.text_proj(context)  # B, L, D
+        mod = self.t_proj(c)  # B, F', 6D (shared) or B, F', D (per block)
+
+        h, rope = self.seq_start(h, rope, grid, c.shape[1] > 1)
+        for block in self.blocks:
+            h = block(h, mod, grid, rope, context, context_mask)
+        h = self.blocks_end(h)
+        out = self.seq_end(self.final(h, c))  # B, N, pt·ph·pw·C_out
+        pt, ph, pw = self.cfg.patch_size
+        return rearrange(
+            out,
+            "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+            f=grid.frames, h=grid.height, w=grid.width, pt=pt, ph=ph, pw=pw,
+        )  # fmt: skip
+
+    def grid(self, x: Tensor, cond: Tensor | None = None) -> Grid:
+        """The patch grid of latents ``x`` (B×C×F×H×W), after checking x and ``cond`` against the config.
+
+        Args:
+            x: the latents the forward takes.
+            cond: its extra input channels, or None.
         """
         cfg = self.cfg
-        grid = self._grid(x, cond)
+        if x.ndim != 5:
+            raise ValueError(f"x must be B×C×F×H×W, got shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, DiTConfig.in_channels={cfg.in_channels}")
+        got = 0 if cond is None else cond.shape[1]
+        if got != cfg.cond_channels:
+            raise ValueError(f"cond has {got} channels, DiTConfig.cond_channels={cfg.cond_channels}")
+        size = tuple(x.shape[2:])
+        if any(s % p for s, p in zip(size, cfg.patch_size, strict=True)):
+            raise ValueError(f"latent size (F, H, W)={size} is not divisible by patch_size={cfg.patch_size}")
+        return Grid(*(s // p for s, p in zip(size, cfg.patch_size, strict=True)))
+
+    def _tokens(self, x: Tensor, cond: Tensor | None, grid: Grid) -> tuple[Tensor, Rope | None]:
+        """The embedded patches with their additive positions (B×N×D), and the RoPE tables."""
         if cond is not None:
-            x = torch.cat([x, cond], dim=1)  # B, C + Cc, T, H, W
+            x = torch.cat([x, cond], dim=1)  # B, C + Cc, F, H, W
         h = self.patch_embed(x)  # B, N, D
         if autocast_on(h):
             # mixed precision: the residual stream is fp32 from here on (as Wan 2.1 keeps it); every
@@ -179,8 +271,12 @@ class SpacetimeDiT(nn.Module):
         if self.pos_embed is not None:
             h = h + self.pos_embed(grid, x.device).to(h.dtype)
         rope = self.rope(grid, x.device) if self.rope is not None else None
+        return h, rope
 
-        c = self.t_embedder(self._frame_times(t, x))  # B, F, D  (F = 1 or frames)
+    def _conditioning(self, t: Tensor, x: Tensor, labels: Tensor | None, fps: Tensor | None) -> Tensor:
+        """The conditioning vector c, B×F'×D: timestep (per sample, or per frame of patches), class
+        label and frame rate."""
+        c = self.t_embedder(self._frame_times(t, x))  # B, F', D
         if self.label_embed is not None:
             if labels is None:
                 raise ValueError("SpacetimeDiT(conditioning='class') needs labels (null class = num_classes)")
@@ -189,49 +285,23 @@ class SpacetimeDiT(nn.Module):
             if fps is None:
                 raise ValueError("SpacetimeDiT(fps_conditioning=True) needs fps")
             c = c + self.fps_embedder(fps)[:, None]
-        if self.text_proj is not None:
-            if context is None:
-                raise ValueError("SpacetimeDiT(conditioning='text') needs context (a null context for CFG)")
-            context = self.text_proj(context)  # B, L, D
-        mod = self.t_proj(c)  # B, F, 6D (shared) or B, F, D (per block)
-
-        for block in self.blocks:
-            h = block(h, mod, grid, rope, context, context_mask)
-        h = self.final(h, c)  # B, N, pt·ph·pw·C_out
-        pt, ph, pw = cfg.patch_size
-        t_, h_, w_ = grid
-        return rearrange(
-            h, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t_, h=h_, w=w_, pt=pt, ph=ph, pw=pw
-        )
-
-    def _grid(self, x: Tensor, cond: Tensor | None) -> tuple[int, int, int]:
-        cfg = self.cfg
-        if x.ndim != 5:
-            raise ValueError(f"x must be B×C×T×H×W, got shape {tuple(x.shape)}")
-        if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x has {x.shape[1]} channels, DiTConfig.in_channels={cfg.in_channels}")
-        got = 0 if cond is None else cond.shape[1]
-        if got != cfg.cond_channels:
-            raise ValueError(f"cond has {got} channels, DiTConfig.cond_channels={cfg.cond_channels}")
-        size = tuple(x.shape[2:])
-        if any(s % p for s, p in zip(size, cfg.patch_size, strict=True)):
-            raise ValueError(f"latent size (T, H, W)={size} is not divisible by patch_size={cfg.patch_size}")
-        return tuple(s // p for s, p in zip(size, cfg.patch_size, strict=True))
+        return c
 
     def _frame_times(self, t: Tensor, x: Tensor) -> Tensor:
+        """Diffusion time per sample (B×1) or per frame of patches (B×F/pt)."""
         b, frames = x.shape[0], x.shape[2]
         if t.ndim == 0:
             t = t.expand(b)
         if t.ndim == 1:
             return t[:, None]  # B, 1
         if t.shape != (b, frames):
-            raise ValueError(f"per-frame t must be B×T = {(b, frames)}, got {tuple(t.shape)}")
+            raise ValueError(f"per-frame t must be B×F = {(b, frames)}, got {tuple(t.shape)}")
         pt = self.cfg.patch_size[0]
         if pt > 1 and not torch.compiler.is_compiling():
-            per_patch = t.unflatten(1, (-1, pt))  # B, T/pt, pt
+            per_patch = t.unflatten(1, (-1, pt))  # B, F/pt, pt
             if not (per_patch == per_patch[:, :, :1]).all():
                 raise ValueError(f"per-frame t must be constant within each temporal patch of pt={pt} frames")
-        return t[:, ::pt]  # B, T/pt
+        return t[:, ::pt]  # B, F/pt
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -288,4 +358,15 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["SpacetimeDiT", "DiTBlock", "FinalLayer", "build_model", "block_axes", "num_params"]
+__all__ = [
+    "SpacetimeDiT",
+    "DiTBlock",
+    "FinalLayer",
+    "Grid",
+    "SequenceStart",
+    "BlocksEnd",
+    "SequenceEnd",
+    "build_model",
+    "block_axes",
+    "num_params",
+]

@@ -1,12 +1,16 @@
 """Context (sequence) parallelism for long videos, and the sequence cut of Megatron-style sequence
-parallelism, applied to a plain SpacetimeDiT with hooks.
+parallelism, applied to a plain SpacetimeDiT at its named points (see :mod:`dit.model`).
 
-The token sequence (``(t h w)`` order) is cut into ``cp`` contiguous chunks right after patch
-embedding, every block runs on its chunk, and the chunks are gathered again after the final layer,
-before unpatchify. What has to agree with that cut is sliced by hooks on the modules that make it:
-the additive position embedding and the 3D RoPE tables (``pos_embed``, ``rope``), and per-frame
-modulation vectors (``blocks.*``, ``final``: when t differs per frame, each chunk must hold whole
-frames, so ``T_latent % cp == 0``).
+The token sequence (``(f h w)`` order) is cut into ``cp`` contiguous chunks at ``seq_start`` (patch
+embedding and additive positions done), every block runs on its chunk, and the chunks are gathered
+again at ``seq_end``, after the final layer, before unpatchify. What has to agree with that cut is
+cut with it: the 3D RoPE tables at ``seq_start``, and per-frame modulation vectors at the
+``modulation`` of each block and of the final layer (when t differs per frame, each chunk must hold
+whole frames). Every block keeps the whole sample's :class:`dit.layers.Grid`: attention uses only
+its frame size, so a chunk of whole frames needs no grid of its own, and the full layout, which uses
+none, cuts anywhere (a 3-frame clip over cp=2 is exact). A cut that cannot be exact (tokens that do
+not split, a factorized layout or per-frame timesteps with frames that do not divide) raises naming
+the latent and ``parallel.cp`` before any block runs.
 
 Self-attention over the full sequence exchanges tokens: Ulysses (all-to-all from a sequence chunk
 with every head to the whole sequence with H/cp heads; needs H divisible by the degree), ring
@@ -16,9 +20,9 @@ holds whole frames) and the same exchange in its temporal blocks. Cross-attentio
 rank holds the whole caption, and a query chunk attends to it locally.
 
 With sequence parallelism the chunk of each cp rank is cut again over its tp ranks between
-sub-layers; :mod:`parallel.tensor` gathers it for attention and the MLP. The final layer runs on the
-whole cp chunk, so the loss is replicated and every parameter outside the tensor-parallel plan gets
-the same gradient on each tp rank.
+sub-layers; :mod:`parallel.tensor` gathers it for attention and the MLP, and ``blocks_end`` gathers it
+for the final layer, which runs on the whole cp chunk, so the loss is replicated and every parameter
+outside the tensor-parallel plan gets the same gradient on each tp rank.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dit.layers import Grid
 from parallel.collectives import (
     all_to_all,
     gather_replicated,
@@ -39,6 +44,8 @@ from parallel.collectives import (
     sum_grad,
 )
 from parallel.ring import ring_attention
+
+Rope = tuple[Tensor, Tensor]  # dit.model's: cos and sin, one row per token
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +88,43 @@ class RingAttention(nn.Module):
 
 
 @dataclass
-class _Cut:
-    """The sequence cut: over the cp ranks, then (sequence parallelism) over the tp ranks of each."""
+class SequenceCut:
+    """The sequence cut: over the cp ranks, then (sequence parallelism) over the tp ranks of each.
+
+    Args:
+        cp: the context-parallel group, in chunk order (None: degree 1).
+        sp: the tensor-parallel group when its residual stream is cut too (None: no sequence parallelism).
+        factorized: the model alternates spatial and temporal attention (chunks must be whole frames).
+        patch_size: the model's, to name the latent size in errors.
+    """
 
     cp: dist.ProcessGroup | None
     sp: dist.ProcessGroup | None
     factorized: bool
+    patch_size: tuple[int, int, int]
 
     @property
     def ways(self) -> int:
         return group_size(self.cp) * group_size(self.sp)
+
+    def check(self, grid: Grid, per_frame: bool) -> None:
+        """Raise, naming the latent and ``parallel.cp``, when ``grid`` cannot be cut exactly."""
+        cp, sp = group_size(self.cp), group_size(self.sp)
+        latent = "×".join(str(g * p) for g, p in zip(grid, self.patch_size, strict=True))
+        what = f"a latent of {latent} (frames × height × width; patch grid {grid})"
+        ranks = f"parallel.cp={cp}" + (f" × (sequence-parallel) tp={sp}" if sp > 1 else "")
+        if self.factorized and grid.frames % cp:
+            raise ValueError(
+                f"context parallel with the factorized layout cuts the sequence at frame boundaries: "
+                f"{what} has {grid.frames} frames of patches, not divisible by parallel.cp={cp}"
+            )
+        if per_frame and grid.frames % self.ways:
+            raise ValueError(
+                f"per-frame timesteps need whole frames on each rank: {what} has {grid.frames} frames of "
+                f"patches, not divisible by {ranks}"
+            )
+        if math.prod(grid) % self.ways:
+            raise ValueError(f"{what}: its {math.prod(grid)} tokens do not split over {ranks} ranks")
 
     def tokens(self, x: Tensor, dim: int) -> Tensor:
         """This rank's tokens. Over cp by plain slicing: the gradient of what is upstream stays partial
@@ -109,6 +143,52 @@ class _Cut:
         mod = local_chunk(mod, 1, self.cp)
         return local_chunk(mod, 1, self.sp) if sp else mod
 
+    def block_modulation(self, module: nn.Module, args: tuple, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Forward hook on ``blocks.{i}.modulation``: its vectors for this rank's (sp-cut) tokens."""
+        return tuple(self.frames(z) for z in out)
+
+    def final_modulation(self, module: nn.Module, args: tuple, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Forward hook on ``final.modulation``: its vectors for this rank's cp chunk (the final layer
+        runs on the whole chunk, replicated over tp)."""
+        return tuple(self.frames(z, sp=False) for z in out)
+
+
+class CutSequence(nn.Module):
+    """Replaces ``model.seq_start`` (same contract, :class:`dit.model.SequenceStart`): checks that the
+    sample cuts exactly, then keeps this rank's tokens (over cp·sp) and RoPE rows (over cp: attention
+    sees the whole cp chunk)."""
+
+    def __init__(self, cut: SequenceCut):
+        super().__init__()
+        self.cut = cut
+
+    def forward(
+        self, h: Tensor, rope: Rope | None, grid: Grid, per_frame: bool
+    ) -> tuple[Tensor, Rope | None]:
+        self.cut.check(grid, per_frame)
+        if rope is not None:
+            rope = tuple(local_chunk(z, 0, self.cut.cp) for z in rope)  # N/cp, Dh/2 each
+        return self.cut.tokens(h, 1), rope  # B, N/(cp·sp), D
+
+    def extra_repr(self) -> str:
+        return f"cp={group_size(self.cut.cp)}, sp={group_size(self.cut.sp)}"
+
+
+class GatherSequence(nn.Module):
+    """Replaces ``model.blocks_end`` (gathering the sp cut) or ``model.seq_end`` (the cp chunks): the
+    whole sequence of ``group``'s ranks, in rank order; what follows runs replicated over them, so the
+    backward keeps this rank's part of the gradient."""
+
+    def __init__(self, group: dist.ProcessGroup | None, name: str):
+        super().__init__()
+        self.group, self.name = group, name
+
+    def forward(self, h: Tensor) -> Tensor:
+        return gather_replicated(h, 1, self.group)  # B, N·|group|, …
+
+    def extra_repr(self) -> str:
+        return f"{self.name}={group_size(self.group)}"
+
 
 def apply_sequence_cut(
     model: nn.Module,
@@ -120,6 +200,8 @@ def apply_sequence_cut(
     """Make ``model`` run on this rank's chunk of the sequence (in place, no parameter changes).
 
     Args:
+        model: a :class:`dit.model.SpacetimeDiT`: its ``seq_start``, ``blocks_end`` and ``seq_end``
+            are replaced, its modulation modules hooked, its attention cores wrapped.
         cp_group: the context-parallel ranks, in sequence-chunk order (None: no context parallel).
         ulysses_group / ring_group: its two factors (``cp_group`` rank = ring rank · |ulysses| +
             ulysses rank); either may be None (degree 1).
@@ -127,55 +209,20 @@ def apply_sequence_cut(
             (sequence parallelism: :func:`parallel.tensor.tp_plan` gathers it before attention and
             the MLP and reduce-scatters after); None otherwise.
     """
-    cut = _Cut(cp_group, sp_group, model.cfg.attention_layout != "full")
-    cp = group_size(cp_group)
-
-    def check(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs["x"]
-        grid = mod._grid(x, kwargs.get("cond"))
-        t = args[1] if len(args) > 1 else kwargs.get("t")
-        per_frame = t is not None and t.ndim == 2
-        if cut.factorized and grid[0] % cp:
-            raise ValueError(
-                f"context parallel with the factorized layout cuts the sequence at frame boundaries: "
-                f"{grid[0]} latent frames are not divisible by parallel.cp={cp}"
-            )
-        if per_frame and grid[0] % cut.ways:
-            raise ValueError(
-                f"per-frame timesteps need whole frames on each rank: {grid[0]} latent frames are not "
-                f"divisible by parallel.cp={cp} × (sequence-parallel) tp={group_size(sp_group)}"
-            )
-        if (grid[0] * grid[1] * grid[2]) % cut.ways:
-            raise ValueError(
-                f"{grid[0] * grid[1] * grid[2]} tokens (grid {grid}) do not split over parallel.cp={cp} × "
-                f"(sequence-parallel) tp={group_size(sp_group)} ranks"
-            )
-
-    model.register_forward_pre_hook(check, with_kwargs=True)
-    model.patch_embed.register_forward_hook(lambda m, a, out: cut.tokens(out, 1))  # B, N/(cp·sp), D
-    if model.pos_embed is not None:
-        model.pos_embed.register_forward_hook(lambda m, a, out: cut.tokens(out, -2))  # N/(cp·sp), D
-    if model.rope is not None:  # used inside attention, which sees the whole cp chunk
-        model.rope.register_forward_hook(lambda m, a, out: tuple(local_chunk(z, 0, cp_group) for z in out))
-
-    def local_grid(mod: nn.Module, args: tuple) -> tuple:
-        h, m, grid, *rest = args
-        return (h, m, (grid[0] // cp, grid[1], grid[2]) if grid[0] % cp == 0 else grid, *rest)
-
+    cfg = model.cfg
+    cut = SequenceCut(cp_group, sp_group, cfg.attention_layout != "full", tuple(cfg.patch_size))
+    model.seq_start = CutSequence(cut)
     for block in model.blocks:
-        block.register_forward_pre_hook(local_grid)
-        block.modulation.register_forward_hook(lambda m, a, out: tuple(cut.frames(z) for z in out))
-        if cp > 1 and block.attn.axis != "space":  # a spatial block attends within frames, held whole
+        block.modulation.register_forward_hook(cut.block_modulation)
+        if group_size(cp_group) > 1 and block.attn.axis != "space":  # a spatial block: whole frames here
             core = block.attn.core
             if group_size(ring_group) > 1:
                 core = RingAttention(ring_group)
             block.attn.core = UlyssesAttention(core, ulysses_group) if group_size(ulysses_group) > 1 else core
     # the final layer and the loss run replicated over tp: gather the sequence-parallel cut first
-    model.final.register_forward_pre_hook(lambda m, args: (gather_replicated(args[0], 1, sp_group), args[1]))
-    model.final.modulation.register_forward_hook(
-        lambda m, a, out: tuple(cut.frames(z, sp=False) for z in out)
-    )
-    model.final.register_forward_hook(lambda m, a, out: gather_replicated(out, 1, cp_group))  # B, N, p·C
+    model.blocks_end = GatherSequence(sp_group, "sp")
+    model.final.modulation.register_forward_hook(cut.final_modulation)
+    model.seq_end = GatherSequence(cp_group, "cp")  # B, N, p·C
 
 
 def check_cp_degrees(cp: int, cp_ring: int, heads: int, tp: int) -> int:
@@ -207,4 +254,12 @@ def check_cp_degrees(cp: int, cp_ring: int, heads: int, tp: int) -> int:
     return cp_ring
 
 
-__all__ = ["apply_sequence_cut", "check_cp_degrees", "UlyssesAttention", "RingAttention"]
+__all__ = [
+    "apply_sequence_cut",
+    "check_cp_degrees",
+    "SequenceCut",
+    "CutSequence",
+    "GatherSequence",
+    "UlyssesAttention",
+    "RingAttention",
+]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dit.config import get_preset
+from dit.layers import Grid, SelfAttention
 from dit.model import SpacetimeDiT, build_model
 from tests.dit.helpers import inputs, random_model
 
@@ -154,3 +155,47 @@ def test_per_frame_t_must_be_constant_within_a_temporal_patch():
     frames[:, 0] = 0  # only half of the first patch clean: ambiguous
     with pytest.raises(ValueError, match="temporal patch"):
         model(x, frames, **kw)
+
+
+def test_sequence_points_see_the_whole_sample_and_hold_no_parameters():
+    """seq_start / blocks_end / seq_end (where parallel/ cuts and gathers the sequence) are identities
+    on the path of the forward, with the documented arguments, and add no state-dict keys."""
+    cfg = get_preset("tiny", pos_embed="rope3d")
+    model = random_model(cfg)
+    x, t, kw = inputs(cfg, t=3, h=6, w=10)  # patch 1×2×2: grid 3×3×5, 45 tokens
+    seen = {}
+    model.seq_start.register_forward_hook(lambda m, args, out: seen.update(start=(args, out)))
+    model.blocks_end.register_forward_hook(lambda m, args, out: seen.update(blocks_end=out))
+    model.seq_end.register_forward_hook(lambda m, args, out: seen.update(end=out))
+    out = model(x, t, **kw)
+    (h, rope, grid, per_frame), (h_out, rope_out) = seen["start"]
+    assert grid == Grid(3, 3, 5) == model.grid(x) and str(grid) == "3×3×5"
+    assert h.shape == (2, 45, cfg.hidden_size) and h_out is h and rope_out is rope
+    assert rope[0].shape[0] == 45 and per_frame is False
+    assert seen["blocks_end"].shape == (2, 45, cfg.hidden_size)
+    assert seen["end"].shape == (2, 45, 4 * cfg.out_ch)
+    # the output is the seq_end tensor unpatchified: channel 0 of token 0 is pixel (0, 0, 0)
+    assert out[0, 0, 0, 0, 0] == seen["end"][0, 0, 0]
+    model(x, t[:, None].repeat(1, 3), **kw)
+    assert seen["start"][0][3] is True  # per-frame timesteps: one modulation vector per frame
+    points = ("seq_start", "blocks_end", "seq_end")
+    assert all(not list(getattr(model, p).parameters()) for p in points)
+    assert not [k for k in model.state_dict() if k.startswith(points)]
+
+
+@pytest.mark.parametrize("axis", ["space", "time"])
+def test_attention_on_whole_frames_takes_the_sample_grid(axis):
+    """A context-parallel chunk of whole frames is attended with the whole sample's grid: spatial
+    attention on frames 1…2 alone equals those frames of the whole; temporal attention sees the
+    chunk's own frames (its frame count follows from the length, not from grid.frames)."""
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2, qk_norm=True, eps=1e-6, backend="math", axis=axis)
+    grid = Grid(4, 2, 3)  # 6 tokens per frame
+    x = torch.randn(2, 24, 16)
+    chunk = x[:, 6:18]  # frames 1 and 2
+    got = attn(chunk, grid, None)
+    if axis == "space":
+        assert torch.allclose(got, attn(x, grid, None)[:, 6:18], atol=1e-6)
+    else:  # the same as a two-frame sample of the same frame size
+        assert torch.equal(got, attn(chunk, Grid(2, 2, 3), None))
+        assert not torch.allclose(got, attn(x, grid, None)[:, 6:18], atol=1e-3)
