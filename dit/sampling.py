@@ -42,8 +42,8 @@ def _cat_kwargs(a: dict, b: dict) -> dict | None:
 def make_predictor(
     model,
     objective: Objective,
-    cond: dict,
-    uncond: dict | None = None,
+    model_kwargs: dict,
+    uncond_kwargs: dict | None = None,
     cfg_scale: float = 1.0,
     cond_frames: Tensor | None = None,
     dtype: torch.dtype | None = None,
@@ -53,17 +53,18 @@ def make_predictor(
     Args:
         model: called as ``model(x, model_time, **kwargs)``.
         objective: gives the network's time scale.
-        cond: conditional kwargs (``context``/``context_mask``, ``labels``, ``cond``, ``fps``).
-        uncond: the same keys with the null condition (empty-caption states, or the null class
+        model_kwargs: the model's conditional keyword arguments (``context``/``context_mask``,
+            ``labels``, ``cond`` channels, ``fps``).
+        uncond_kwargs: the same keys with the null condition (empty-caption states, or the null class
             ``num_classes``); required when ``cfg_scale != 1``.
         cfg_scale: guidance w: ``uncond + w · (cond - uncond)``; 1 is unguided.
         cond_frames: B×T bool frames held clean (told t = 0 through per-frame timesteps).
         dtype: the network's input dtype (e.g. bf16); the sampler's state and the returned
             prediction stay fp32 so the ODE does not accumulate in low precision.
     """
-    if cfg_scale != 1.0 and uncond is None:
+    if cfg_scale != 1.0 and uncond_kwargs is None:
         raise ValueError("cfg_scale != 1 needs the unconditional inputs (null context or null class)")
-    both = _cat_kwargs(cond, uncond) if uncond is not None else None
+    both = _cat_kwargs(model_kwargs, uncond_kwargs) if uncond_kwargs is not None else None
 
     def predict(x: Tensor, t: float) -> Tensor:
         c = x.shape[1]
@@ -76,11 +77,11 @@ def make_predictor(
             return model(x_in, t_in, **kwargs)[:, :c].float()  # learned-variance channels unused here
 
         if cfg_scale == 1.0:
-            return run(x, net_t, cond)
+            return run(x, net_t, model_kwargs)
         if both is not None:  # one batched call for both branches
             out_c, out_u = run(torch.cat([x, x]), torch.cat([net_t, net_t]), both).chunk(2)
         else:
-            out_c, out_u = run(x, net_t, cond), run(x, net_t, uncond)
+            out_c, out_u = run(x, net_t, model_kwargs), run(x, net_t, uncond_kwargs)
         return out_u + cfg_scale * (out_c - out_u)
 
     return predict
@@ -162,6 +163,8 @@ def dpmpp_2m(
 
 
 SAMPLERS = {"euler": euler, "heun": heun, "ddim": ddim, "dpm++2m": dpmpp_2m}
+# the one list of sampler names: ``sample.sampler``'s check and ``launch.sample --sampler`` read it
+SAMPLER_NAMES = tuple(SAMPLERS)
 
 
 def i2v_condition(first_frame: Tensor, frames: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,8 +196,8 @@ def sample(
     model,
     objective: Objective,
     shape: tuple[int, ...],
-    cond: dict,
-    uncond: dict | None = None,
+    model_kwargs: dict,
+    uncond_kwargs: dict | None = None,
     *,
     sampler: str = "euler",
     steps: int = 50,
@@ -211,10 +214,10 @@ def sample(
     """Generate latents: text/class-to-video, image-to-video or video-to-video.
 
     Args:
-        model, cond, uncond, cfg_scale: see :func:`make_predictor`.
+        model, model_kwargs, uncond_kwargs, cfg_scale: see :func:`make_predictor`.
         objective: the objective the model was trained with.
         shape: B×C×T×H×W of the latents to generate.
-        sampler: ``euler`` | ``heun`` (flow) | ``ddim`` | ``dpm++2m``.
+        sampler: one of :data:`SAMPLER_NAMES`: ``euler`` | ``heun`` (flow) | ``ddim`` | ``dpm++2m``.
         steps: network evaluations per sample (Heun uses about twice as many).
         first_frame: B×C×H×W latent to start the clip from (image-to-video).
         first_frame_as: ``frames`` (clean first frame with per-frame t = 0), ``cond`` (as ``cond``
@@ -226,7 +229,7 @@ def sample(
         dtype: the network's input dtype; the sampler integrates in fp32 and returns ``dtype``.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
+        raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLER_NAMES)}")
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
     times = objective.sampling_times(steps, tokens)
@@ -238,16 +241,16 @@ def sample(
         times = times[steps - keep :]
         t_start = times[:1].to(device=device, dtype=torch.float32).expand(shape[0])  # the grid is float64
         x = objective.add_noise(video.to(device, torch.float32), noise, t_start)
-    project, cond_frames, cond = _identity, None, dict(cond)
+    project, cond_frames, model_kwargs = _identity, None, dict(model_kwargs)
     if first_frame is not None:
         if first_frame_as not in ("frames", "cond", "both"):
             raise ValueError(f"first_frame_as={first_frame_as!r}: frames|cond|both")
         clean, mask, channels = i2v_condition(first_frame.to(device, torch.float32), shape[2])
         if first_frame_as in ("cond", "both"):
             channels = channels.to(dtype)
-            cond["cond"] = channels
-            if uncond is not None:
-                uncond = {**uncond, "cond": channels}  # the image conditions both CFG branches
+            model_kwargs["cond"] = channels
+            if uncond_kwargs is not None:
+                uncond_kwargs = {**uncond_kwargs, "cond": channels}  # the image conditions both CFG branches
         if first_frame_as in ("frames", "both"):
             cond_frames = mask
             keep_mask = mask[:, None, :, None, None]
@@ -256,5 +259,5 @@ def sample(
                 return torch.where(keep_mask, clean, z)
 
             x = project(x)
-    predict = make_predictor(model, objective, cond, uncond, cfg_scale, cond_frames, dtype)
+    predict = make_predictor(model, objective, model_kwargs, uncond_kwargs, cfg_scale, cond_frames, dtype)
     return SAMPLERS[sampler](predict, objective, x, times, project).to(dtype)

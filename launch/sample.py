@@ -13,6 +13,8 @@ Latents are decoded through the codec/VAE the model was trained with.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from data.video import MediaError, decode_clip, decode_image, encode_h264, media
 from dit.config import DiTConfig
 from dit.diffusion import make_objective
 from dit.model import build_model
-from dit.sampling import sample
+from dit.sampling import SAMPLER_NAMES, sample
 from launch.batches import bf16_compute, encoder_dtype, null_condition
 from launch.config import SampleConfig, load_config
 from launch.export import export_config, read_export_config
@@ -61,14 +63,56 @@ def load_for_inference(
     return model.eval(), info
 
 
-def _read_prompts(a) -> list[str]:
-    prompts = list(a.prompt or [])
-    if a.prompts:
-        lines = Path(a.prompts).read_text(encoding="utf-8").splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
-    if not prompts:
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """The ``--prompt`` captions, then one per non-blank line of ``--prompts FILE``; at least one."""
+    out = list(prompts or [])
+    if prompts_file:
+        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+        out += [line.strip() for line in lines if line.strip()]
+    if not out:
         raise SystemExit("give --prompt TEXT (repeatable) or --prompts FILE")
-    return prompts
+    return out
+
+
+@dataclass
+class SampleRequest:
+    """What to generate and where (``launch.sample``'s options); None takes the run's ``sample`` value."""
+
+    out: str
+    """Output .mp4; numbered (``OUT-0.mp4`` …) when there are several prompts."""
+    frames: int | None = None
+    """Clip length in pixel frames."""
+    height: int | None = None
+    """Clip height in pixels."""
+    width: int | None = None
+    """Clip width in pixels."""
+    fps: float | None = None
+    """Frame rate of the clip (and the model's fps conditioning)."""
+    steps: int | None = None
+    """Sampler steps."""
+    sampler: str | None = None
+    """One of :data:`dit.sampling.SAMPLER_NAMES`."""
+    cfg: float | None = None
+    """Classifier-free guidance scale (1: off)."""
+    seed: int = 0
+    """Seed of the first batch; a batch starting at prompt ``i`` uses ``seed + i``."""
+    batch_size: int = 4
+    """Prompts sampled together."""
+    device: str = "cpu"
+    """Device the DiT, the codec and the text encoder run on."""
+    precision: str = "auto"
+    """``auto`` | ``bf16`` | ``fp32``: see :func:`launch.batches.bf16_compute`."""
+    image: str | None = None
+    """First frame (image-to-video)."""
+    video: str | None = None
+    """Input clip (video-to-video)."""
+    strength: float = 0.6
+    """Video-to-video: the share of the noise grid the input clip is noised to."""
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> SampleRequest:
+        """The request of parsed :func:`build_parser` options (each field has an option of its name)."""
+        return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
 
 
 def _pixels(path: str, frames: int, fps: float, size: tuple[int, int]) -> torch.Tensor:
@@ -86,7 +130,8 @@ def _pixels(path: str, frames: int, fps: float, size: tuple[int, int]) -> torch.
     return torch.from_numpy(arr.copy()).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """``launch.sample``'s options: the source and prompts, then one per :class:`SampleRequest` field."""
     p = argparse.ArgumentParser(prog="python -m launch.sample", description="Generate videos.")
     p.add_argument("source", help="an export directory, a checkpoint or a run directory")
     p.add_argument("--prompt", action="append", help="a caption (repeatable)")
@@ -99,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--fps", type=float)
     p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", choices=("euler", "heun", "ddim", "dpm++2m"))
+    p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
@@ -113,26 +158,39 @@ def main(argv: list[str] | None = None) -> None:
         "the text encoder and VAE then load in bf16 too",
     )
     p.add_argument("--out", required=True, help="output .mp4 (numbered when there are several prompts)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     for path in (a.image, a.video, a.prompts):
         if path and not Path(path).is_file():
             raise SystemExit(f"{path}: no such file")
-    prompts = _read_prompts(a)
+    prompts = read_prompts(a.prompt, a.prompts)
     try:
         model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
     except CheckpointError as e:  # a damaged or foreign file: the message names it
         raise SystemExit(f"error: {e}") from None
-    written = generate(model, info, prompts, a)
+    written = generate(model, info, prompts, SampleRequest.from_args(a))
     print("wrote " + ", ".join(str(w) for w in written))
 
 
-def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
+def generate(model, info: dict, prompts: list[str], req: SampleRequest) -> list[Path]:
+    """Sample, decode and write one mp4 per prompt; returns the paths written.
+
+    Args:
+        model: The DiT in eval mode (:func:`load_for_inference`).
+        info: Its ``arch``, ``diffusion``, ``codec``, ``text_encoder``, ``max_text_len`` and ``sample``
+            (the run's sampling defaults, for the request's None fields).
+        prompts: Captions, or class ids as strings for a class-conditional model.
+        req: What to generate and where.
+    """
     arch, defaults = info["arch"], info.get("sample") or SampleConfig()
-    frames, height = a.frames or defaults.frames, a.height or defaults.height
-    width, fps = a.width or defaults.width, a.fps or defaults.fps
-    bf16 = bf16_compute(a.precision, a.device)
-    enc_dtype = encoder_dtype(bf16, a.device)
-    codec = build_codec(info["codec"], device=a.device, dtype=enc_dtype)
+    frames, height = req.frames or defaults.frames, req.height or defaults.height
+    width, fps = req.width or defaults.width, req.fps or defaults.fps
+    bf16 = bf16_compute(req.precision, req.device)
+    enc_dtype = encoder_dtype(bf16, req.device)
+    codec = build_codec(info["codec"], device=req.device, dtype=enc_dtype)
     if not getattr(codec, "decodes", True):  # before any sampling, not after it
         raise SystemExit(
             f"error: the run's data.codec={info['codec']!r} only declares latent geometry and cannot decode "
@@ -141,33 +199,34 @@ def generate(model, info: dict, prompts: list[str], a) -> list[Path]:
     obj = make_objective(info["diffusion"])
     text = None
     if arch.conditioning == "text":
-        text = TextEncoder(info["text_encoder"], info["max_text_len"], a.device, enc_dtype)
+        text = TextEncoder(info["text_encoder"], info["max_text_len"], req.device, enc_dtype)
     first = video = None
-    if a.image:
-        first = codec.encode(_pixels(a.image, 1, fps, (width, height)).to(a.device))[:, :, 0]  # 1, C, H, W
-    if a.video:
-        video = codec.encode(_pixels(a.video, frames, fps, (width, height)).to(a.device))
-    out, written = Path(a.out), []
-    for start in range(0, len(prompts), a.batch_size):
+    if req.image:
+        image = _pixels(req.image, 1, fps, (width, height)).to(req.device)  # 1, 3, 1, H, W
+        first = codec.encode(image)[:, :, 0]  # 1, C, H, W
+    if req.video:
+        video = codec.encode(_pixels(req.video, frames, fps, (width, height)).to(req.device))
+    out, written = Path(req.out), []
+    for start in range(0, len(prompts), req.batch_size):
         clips = videos_for(
             model,
             obj,
             arch,
             codec,
             text,
-            prompts[start : start + a.batch_size],
+            prompts[start : start + req.batch_size],
             frames=frames,
             height=height,
             width=width,
             fps=fps,
-            steps=a.steps or defaults.steps,
-            sampler=a.sampler or defaults.sampler,
-            cfg_scale=a.cfg if a.cfg is not None else defaults.cfg,
-            seed=a.seed + start,
-            device=a.device,
+            steps=req.steps or defaults.steps,
+            sampler=req.sampler or defaults.sampler,
+            cfg_scale=req.cfg if req.cfg is not None else defaults.cfg,
+            seed=req.seed + start,
+            device=req.device,
             first_frame=first,
             video=video,
-            strength=a.strength,
+            strength=req.strength,
             bf16=bf16,
         )
         for n, clip in enumerate(clips, start):
@@ -226,15 +285,17 @@ def latents_for(
     """
     b, comp = len(prompts), compression
     shape = (b, arch.in_channels, comp.latent_frames(frames), height // comp.spatial, width // comp.spatial)
-    cond: dict = {}
+    model_kwargs: dict = {}
     if arch.conditioning == "text":
         emb, mask = encode_text(prompts)
-        cond = {"context": emb.to(device), "context_mask": mask.to(device)}
+        model_kwargs = {"context": emb.to(device), "context_mask": mask.to(device)}
     elif arch.conditioning == "class":
-        cond = {"labels": torch.tensor([_class_id(p, arch) for p in prompts], device=device)}
+        model_kwargs = {"labels": torch.tensor([_class_id(p, arch) for p in prompts], device=device)}
     if arch.fps_conditioning:
-        cond["fps"] = torch.full((b,), float(fps), device=device)
-    uncond = {**cond, **null_condition(arch, cond)} if cfg_scale != 1 else None
+        model_kwargs["fps"] = torch.full((b,), float(fps), device=device)
+    uncond_kwargs = None
+    if cfg_scale != 1:
+        uncond_kwargs = {**model_kwargs, **null_condition(arch, model_kwargs)}
     # no weight-cast cache across the sampler's steps: under ZeRO-3 it would hold a bf16 copy of every
     # weight for the whole loop; recasting each step costs little next to the matmuls
     dev = torch.device(device).type
@@ -243,8 +304,8 @@ def latents_for(
             model,
             obj,
             shape,
-            cond,
-            uncond,
+            model_kwargs,
+            uncond_kwargs,
             sampler=sampler,
             steps=steps,
             cfg_scale=cfg_scale,
