@@ -320,8 +320,30 @@ def _attempt(run_dir: Path, start: float, code: int) -> None:
         f.write(json.dumps({"start": start, "end": time.time(), "exit": code}) + "\n")
 
 
-def slurm_argv(out_dir: str | os.PathLike, a: argparse.Namespace) -> list[str]:
-    """The sbatch command of one job array over the unfinished runs (array index = run index)."""
+def slurm_argv(
+    out_dir: str | os.PathLike,
+    *,
+    gpus_per_node: int,
+    time_limit: str,
+    partition: str | None = None,
+    account: str | None = None,
+    job_name: str | None = None,
+    max_parallel: int = 0,
+    signal_lead: int = 120,
+) -> list[str]:
+    """The sbatch command of one job array over the unfinished runs (array index = run index); [] when
+    every run has finished.
+
+    Args:
+        out_dir: The sweep directory (``plan.json``); the array's logs go to its ``slurm-logs/``.
+        gpus_per_node: GPUs each array task asks for (0: none, a CPU sweep).
+        time_limit: SLURM time limit of each array task (``H:MM:SS``).
+        partition: SLURM partition (None: the cluster's default).
+        account: SLURM account (None: the user's default).
+        job_name: Name of the array job (None: ``sweep-<directory name>``).
+        max_parallel: Array tasks running at once (0: no limit).
+        signal_lead: Seconds before the time limit at which SLURM signals a task to checkpoint.
+    """
     from launch.slurm.__main__ import sbatch_argv
 
     out = Path(out_dir).resolve()
@@ -329,11 +351,12 @@ def slurm_argv(out_dir: str | os.PathLike, a: argparse.Namespace) -> list[str]:
     todo = [r["index"] for r in plan_["runs"] if status(r)["status"] != "ok"]
     if not todo:
         return []
-    spec = ",".join(map(str, todo)) + (f"%{a.max_parallel}" if a.max_parallel else "")
+    spec = ",".join(map(str, todo)) + (f"%{max_parallel}" if max_parallel else "")
+    # launch.slurm's sbatch_argv reads its own `submit` options from a namespace
     ns = argparse.Namespace(
-        nodes=1, gpus_per_node=a.gpus_per_node, procs_per_node=plan_["grid"]["procs"], time=a.time,
-        partition=a.partition, account=a.account, job_name=a.job_name or f"sweep-{out.name}",
-        signal_lead=a.signal_lead, log_dir=out / "slurm-logs", module="benchmarks.sweep", array=spec,
+        nodes=1, gpus_per_node=gpus_per_node, procs_per_node=plan_["grid"]["procs"], time=time_limit,
+        partition=partition, account=account, job_name=job_name or f"sweep-{out.name}",
+        signal_lead=signal_lead, log_dir=out / "slurm-logs", module="benchmarks.sweep", array=spec,
         config=None, overrides=[], program_args=["task", str(out)],
     )  # fmt: skip
     return sbatch_argv(ns)
@@ -397,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.local:
         return 1 if run_local(a.out_dir) else 0
-    argv_ = slurm_argv(a.out_dir, a)
+    argv_ = slurm_argv(
+        a.out_dir, gpus_per_node=a.gpus_per_node, time_limit=a.time, partition=a.partition,
+        account=a.account, job_name=a.job_name, max_parallel=a.max_parallel, signal_lead=a.signal_lead,
+    )  # fmt: skip
     if not argv_:
         print("every run has finished")
         return 0
