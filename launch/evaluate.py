@@ -12,7 +12,8 @@ is called as the trainer calls it.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import hashlib
+import logging
 
 import numpy as np
 import torch
@@ -26,19 +27,94 @@ from launch.config import JobConfig
 from launch.distributed import all_reduce
 from launch.sample import decode, latents_for
 
+log = logging.getLogger(__name__)
+
+EVAL_STREAM = 1
+"""Tells held-out noise seeds from any other seed made of the same numbers."""
+
 
 def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[dict]:
-    """The first ``eval.batches`` batches of ``data.val_shards`` for this data-parallel rank, in a fixed
-    order (no shuffling, no workers), kept in memory and reused at every evaluation."""
+    """The first ``eval.batches`` batches of one pass over ``data.val_shards`` for this data-parallel
+    rank, in a fixed order (no shuffling, no workers), kept in memory and reused at every evaluation.
+
+    Every rank ends up with the same number of batches, the fewest any rank has: each forward of a
+    sharded model is a collective, so a rank with more batches would wait for the others forever. A
+    pass never wraps around (a small held-out set is scored once per sample, not repeated to fill
+    ``eval.batches``). Errors on any rank are raised on every rank, naming ``data.val_shards``.
+
+    Args:
+        cfg: job config (``data``, ``data.val_shards``, ``eval.batches``, the model for ``expect``).
+        dp_rank: this rank's data-parallel index (context/tensor-parallel peers pass the same one).
+        dp_size: number of data-parallel ranks.
+    """
     if not cfg.data.val_shards:
         raise ValueError("eval.every is set but data.val_shards is empty")
     val = dataclasses.replace(
         cfg.data, shards=cfg.data.val_shards, prefix="val", num_workers=0, shuffle_buffer=0, random_crop=False
     )
-    # fewer held-out shards than ranks: every rank still needs batches, so draw shards (seeded)
-    val.resampled = val.resampled or len(list_shards(val)) < dp_size
-    loader = build_loader(val, dp_rank, dp_size, expect=expect_for(cfg))
-    return list(itertools.islice(iter(loader), cfg.eval.batches))
+    found, error = [], None
+    try:
+        # fewer held-out shards than ranks: every rank still needs batches, so draw shards (seeded)
+        val.resampled = val.resampled or len(list_shards(val)) < dp_size
+        found = _one_pass(build_loader(val, dp_rank, dp_size, expect=expect_for(cfg)), cfg.eval.batches)
+    except (ValueError, OSError) as e:  # the others must hear of it before they wait in a collective
+        error = e
+    n = agreed_count(len(found) if error is None else -1)
+    if error is not None:
+        raise type(error)(str(error).replace("data.shards", "data.val_shards")) from error
+    if n < 0:
+        raise ValueError(
+            f"data.val_shards={cfg.data.val_shards!r}: another rank could not read its "
+            "held-out batches (see its error)"
+        )
+    if n == 0:
+        raise ValueError(
+            f"data.val_shards={cfg.data.val_shards!r}: some data-parallel rank has no held-out batch "
+            f"(this one, dp_rank {dp_rank} of {dp_size}, has {len(found)}); write more or smaller val "
+            "shards, or fewer per-rank batch sizes in data.buckets"
+        )
+    if n < len(found):
+        log.warning(
+            "data.val_shards: dp_rank %d scores %d of its %d held-out batches (the fewest any data-parallel "
+            "rank has; eval.batches=%d)",
+            dp_rank,
+            n,
+            len(found),
+            cfg.eval.batches,
+        )
+    log.info("held-out: %d batches per data-parallel rank from data.val_shards", n)
+    return found[:n]
+
+
+def _one_pass(loader, limit: int) -> list[dict]:
+    """Up to ``limit`` batches of the loader's first epoch (the loader itself goes on forever)."""
+    out: list[dict] = []
+    batches = iter(loader)
+    try:
+        while len(out) < limit:
+            batch = next(batches)
+            if loader.epoch > 0:  # a batch of the next epoch: the pass is over
+                break
+            out.append(batch)
+    finally:
+        batches.close()
+    return out
+
+
+def agreed_count(n: int) -> int:
+    """The smallest ``n`` over all ranks (``n`` itself with one process); -1 stands for a failed rank."""
+    return -int(all_reduce(-float(n), "max"))
+
+
+def noise_seed(seed: int, key: str, point: int) -> int:
+    """Seed of the noise a held-out sample gets at grid point ``point``: a function of (seed, the sample's
+    key, point) alone, so it is the same whichever rank and batch the sample lands in (one process,
+    data, context or tensor parallel), the way :func:`launch.batches.step_seed` makes training draws
+    independent of the context/tensor-parallel layout. A stable digest, not ``hash()``."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return int(
+        np.random.SeedSequence([seed, digest, point, EVAL_STREAM]).generate_state(1, np.uint64)[0] >> 1
+    )
 
 
 def grid_times(obj: Objective, cfg: JobConfig, b: int, i: int, device) -> torch.Tensor:
@@ -48,29 +124,52 @@ def grid_times(obj: Objective, cfg: JobConfig, b: int, i: int, device) -> torch.
     return torch.full((b,), u, device=device)
 
 
+def _noise(cfg: JobConfig, keys: list[str], point: int, shape: torch.Size, device) -> torch.Tensor:
+    """B×C×T×H×W noise, each sample's drawn from its own :func:`noise_seed`."""
+    gens = [torch.Generator().manual_seed(noise_seed(cfg.seed, k, point)) for k in keys]
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+
+
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, obj: Objective, cond: Conditioner, batches: list[dict], cfg: JobConfig, rank: int
+    model: nn.Module, obj: Objective, cond: Conditioner, batches: list[dict], cfg: JobConfig, dp_rank: int
 ) -> float:
-    """Per-sample mean loss over the held-out batches and the timestep grid, over all ranks."""
+    """Per-sample mean loss over the held-out batches and the timestep grid, over all ranks.
+
+    The value depends on the held-out samples alone, not on the parallel layout: each sample's noise
+    is seeded by its key (:func:`noise_seed`), and context/tensor-parallel peers, which score the same
+    samples, count them equally often. Every rank scores the same number of batches (the fewest any
+    rank was given), since every forward of a sharded model is a collective.
+
+    Args:
+        model: the module the trainer calls (FSDP/DeepSpeed-wrapped or plain).
+        obj: the diffusion objective.
+        cond: turns a loader batch into latents and model keyword arguments.
+        batches: this rank's held-out batches (:func:`held_out_batches`), each with ``key``.
+        cfg: job config (``seed``, ``eval.timesteps``, the precision rules).
+        dp_rank: this rank's data-parallel index (named in the log when its batches are cut).
+    """
+    n = agreed_count(len(batches))
+    if n < len(batches):
+        log.warning("validation: dp_rank %d scores %d of its %d held-out batches", dp_rank, n, len(batches))
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    for n, batch in enumerate(batches):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n)
-        prep = cond(batch, gen, train=False)
-        b = prep.x0.shape[0]
+    device = None
+    for batch in batches[:n]:
+        # nothing in an evaluation batch is drawn (no caption dropout, no tasks): the generator is unused
+        prep = cond(batch, torch.Generator().manual_seed(cfg.seed), train=False)
+        device, b = prep.x0.device, prep.x0.shape[0]
         for i in range(cfg.eval.timesteps):
-            g = torch.Generator().manual_seed(hash((cfg.seed, rank, n, i)) % 2**63)
-            noise = torch.randn(prep.x0.shape, generator=g).to(prep.x0.device)
-            t = grid_times(obj, cfg, b, i, prep.x0.device)
-            with _precision(cfg, prep.x0.device):
+            noise = _noise(cfg, list(batch["key"]), i, prep.x0.shape, device)
+            t = grid_times(obj, cfg, b, i, device)
+            with _precision(cfg, device):
                 out = obj.loss(model, prep.x0, prep.kwargs, noise=noise, t=t)
-            total += float(out.per_frame.mean(1).sum())
+            total += float(out.per_frame.double().mean(1).sum())
             count += b
     model.train(was_training)
-    total = all_reduce(total, "sum", prep.x0.device if batches else None)
-    count = all_reduce(float(count), "sum", prep.x0.device if batches else None)
+    total = all_reduce(total, "sum", device)
+    count = all_reduce(float(count), "sum", device)
     return total / max(count, 1.0)
 
 

@@ -1,0 +1,153 @@
+"""The validation loss the trainer logs does not depend on the parallel layout (real ``launch.train``,
+one process and 2 gloo processes under torchrun): cp=2, tp=2 and dp=2 log the single-process value on
+the same held-out samples; uneven held-out shards neither hang nor bias it, and a rank with no batch is
+an error naming ``data.val_shards`` on every rank.
+
+The model barely moves in its one training step (``train.lr=1e-12``): dp=2 trains on a different global
+batch than one process, and the comparison is about evaluation, not training.
+"""
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.launch.conftest import metrics, run, train_cmd
+from tests.launch.test_torchrun import torchrun_cmd
+from tests.parallel.group import run_group, serve
+
+pytestmark = pytest.mark.slow
+
+EVAL = [
+    "data.buckets.buckets=[{frames: 4, height: 32, width: 32, batch_size: 2}]",
+    "train.steps=1",
+    "train.lr=1e-12",
+    "train.warmup=0",
+    "eval.every=1",
+    "eval.batches=4",
+    "eval.timesteps=4",
+    "run.progress=lines",
+]
+
+
+def _repack(src: Path, groups: list[list[str]], out: Path) -> str:
+    """Write ``out/val-NNNNNN.tar``, shard i holding the samples keyed ``groups[i]`` in that order."""
+    out.mkdir(parents=True)
+    with tarfile.open(src) as tar:
+        members = tar.getmembers()
+        for i, keys in enumerate(groups):
+            with tarfile.open(out / f"val-{i:06d}.tar", "w") as shard:
+                for key in keys:
+                    for m in members:
+                        if m.name.split(".", 1)[0] == key:
+                            shard.addfile(m, tar.extractfile(m))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def val_sets(tmp_path_factory):
+    """Held-out sets of 2-sample batches (one bucket, videos only): ``even`` is two shards of one
+    batch each; ``uneven`` gives the rank that draws its first shard 2 batches and the other 1 (its
+    first batch is the even set's); in ``short`` one shard has a single sample, so no batch."""
+    from data.synthetic import generate
+
+    d = tmp_path_factory.mktemp("val")
+    generate(d / "raw", num=1, seed=2, val_num=12, image_fraction=0.0, samples_per_shard=64, frames=(12, 24))
+    src = d / "raw" / "val-000000.tar"
+    with tarfile.open(src) as tar:  # clips long enough for the 4-frame bucket at 8 fps, in shard order
+        k = [m.name[:-5] for m in tar.getmembers() if m.name.endswith(".json")]
+        k = [key for key in k if json.load(tar.extractfile(f"{key}.json"))["duration"] >= 1.0]
+    assert len(k) >= 6
+    return {
+        "even": _repack(src, [k[0:2], k[2:4]], d / "even"),
+        "uneven": _repack(src, [k[0:2] + k[4:6], k[2:4]], d / "uneven"),
+        "short": _repack(src, [k[0:2], k[4:5]], d / "short"),
+    }
+
+
+def _val_loss(proc, run_dir) -> float:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (val,) = [r["val_loss"] for r in metrics(run_dir) if "val_loss" in r]
+    return val
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, overrides, val_sets):
+    rd = tmp_path_factory.mktemp("one") / "run"
+    proc = run(train_cmd(rd, *EVAL, f"data.val_shards={val_sets['even']}", overrides=overrides))
+    assert "held-out: 2 batches per data-parallel rank" in proc.stderr, proc.stderr[-3000:]
+    return _val_loss(proc, rd)
+
+
+@pytest.mark.parametrize(
+    "layout, per_rank", [("parallel.cp=2", 2), ("parallel.tp=2", 2), ("parallel.dp_shard=2", 1)]
+)
+def test_val_loss_under_a_parallel_layout_is_the_single_process_value(
+    tmp_path, overrides, val_sets, one_process, layout, per_rank
+):
+    """Each held-out sample's noise follows its key, so context/tensor-parallel peers draw the same noise
+    (seeded with the global rank instead, cp=2 was off by about 2e-3 relative), and data-parallel ranks
+    together score the samples one process scores, with the same noise."""
+    rd = tmp_path / "run"
+    proc = run(torchrun_cmd(rd, *EVAL, f"data.val_shards={val_sets['even']}", layout, overrides=overrides))
+    assert f"held-out: {per_rank} batches per data-parallel rank" in proc.stderr, proc.stderr[-3000:]
+    got = _val_loss(proc, rd)
+    assert abs(got - one_process) <= 1e-5 * one_process, (layout, got, one_process)
+
+
+def test_uneven_val_shards_agree_on_the_fewest_batches(tmp_path, overrides, val_sets, one_process):
+    """One data-parallel rank has 2 held-out batches, the other 1: both score 1 (no rank waits in a
+    forward the other never makes), which together are the even set's samples."""
+    rd = tmp_path / "run"
+    proc = run(torchrun_cmd(rd, *EVAL, f"data.val_shards={val_sets['uneven']}", overrides=overrides))
+    assert "scores 1 of its 2 held-out batches" in proc.stderr, proc.stderr[-3000:]
+    got = _val_loss(proc, rd)
+    assert abs(got - one_process) <= 1e-5 * one_process, (got, one_process)
+
+
+def _held_out(case: tuple[str, str]) -> dict:
+    """Each rank's held-out keys (or its error) under dp=2, gathered on rank 0."""
+    import torch.distributed as dist
+
+    from launch.config import load_config
+    from launch.evaluate import held_out_batches
+
+    _, val_dir = case
+    cfg = load_config(None, [f"data.shards={val_dir}", f"data.val_shards={val_dir}", "eval.every=1", *EVAL])
+    try:
+        got: object = [list(b["key"]) for b in held_out_batches(cfg, dist.get_rank(), 2)]
+    except ValueError as e:
+        got = str(e)
+    everyone = [None, None]
+    dist.all_gather_object(everyone, got)
+    return {"ranks": everyone}
+
+
+def held_out_worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    serve(rank, world, port, cases, out_dir, _held_out, name=lambda c: c[0])
+
+
+def test_held_out_batches_agree_over_ranks_or_fail_on_every_rank(tmp_path, val_sets):
+    """2 gloo ranks, dp=2, the held-out loader alone: uneven shards give each rank as many batches as
+    the rank with fewest (its first ones); a rank with none fails, and so does its peer, both naming
+    ``data.val_shards``, instead of one of them going on to wait in a forward."""
+    cases = [("uneven", val_sets["uneven"]), ("short", val_sets["short"])]
+    got = run_group(2, held_out_worker, cases, tmp_path, names=[c[0] for c in cases])
+    uneven = got["uneven"]["ranks"]
+    assert all(isinstance(r, list) and len(r) == 1 for r in uneven), uneven
+    keys = _keys(val_sets["uneven"])
+    # the big shard's first batch and the small shard's only one
+    assert sorted(r[0] for r in uneven) == sorted([keys[0][:2], keys[1]])
+    short = got["short"]["ranks"]
+    assert all(isinstance(r, str) and "data.val_shards" in r and "data.shards" not in r for r in short), short
+    assert sum("another rank could not read" in r for r in short) == 1, short
+
+
+def _keys(val_dir: str) -> list[list[str]]:
+    """The sample keys of each shard in ``val_dir``, in order."""
+    out = []
+    for path in sorted(Path(val_dir).glob("val-*.tar")):
+        with tarfile.open(path) as tar:
+            out.append(list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers())))
+    return out
