@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.scaling import PRED_KEYS, _frontier_law, _law, _number
+from benchmarks.scaling_laws import PRED_KEYS, frontier_law, parametric_law
 
 
 # ---- outputs --------------------------------------------------------------------------------------------
@@ -68,10 +68,11 @@ def _plot_loss(fig, ax, result: dict) -> None:
                label="frontier: best run per budget", zorder=4)  # fmt: skip
     grid = np.geomspace(C.min() / 2, max([C.max(), *(p["C"] for p in preds)]) * 2, 200)
     for n in np.unique(N):  # D = C / (6N), scaled when C is measured rather than 6ND
-        ax.plot(grid, _law(param, n, grid / (6 * result["flops_per_6nd"] * n)), color=cmap(norm(n)), lw=0.8)
+        D = grid / (6 * result["flops_per_6nd"] * n)
+        ax.plot(grid, parametric_law(param, n, D), color=cmap(norm(n)), lw=0.8)
     ax.plot([], [], color="grey", lw=0.8, label="parametric fit at each N")
     label = f"L = {_g(front['E'])} + {_g(front['A'])}·C^-{_g(front['alpha'])}"
-    ax.plot(grid, _frontier_law(front, grid), "k--", label=label)
+    ax.plot(grid, frontier_law(front, grid), "k--", label=label)
     if preds:
         ax.scatter([p["C"] for p in preds], [p["frontier_loss"] for p in preds], marker="*", s=120,
                    color="C3", label="prediction (frontier)", zorder=5)  # fmt: skip
@@ -91,6 +92,10 @@ def _plot_n_opt(fig, ax, result: dict) -> None:
         ax.fill_between(curve["C"], curve["lo"], curve["hi"], color="C0", alpha=0.2, label="5-95% bootstrap")
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="N (non-embedding parameters)")
     ax.legend(fontsize=8)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _g(x) -> str:
@@ -207,7 +212,7 @@ def _tables(result: dict, rows: Sequence[dict]) -> str:
     cells: dict[tuple, dict] = {}
     for t in _used(result):
         cells.setdefault((t["N"], t["budget"]), {})[rows[t["index"]].get("lr")] = t["loss"]
-    lrs = sorted({lr for c in cells.values() for lr in c if _number(lr)})
+    lrs = sorted({lr for c in cells.values() for lr in c if _is_number(lr)})
     if len(lrs) > 1:
         lines += [
             "",

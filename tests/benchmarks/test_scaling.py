@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import scaling
+from benchmarks import scaling, scaling_laws
 
 ROOT = Path(__file__).resolve().parents[2]
 # Hoffmann et al. (2022)'s fitted law, the ground truth of the synthetic runs
@@ -51,7 +51,7 @@ def test_parametric_fit_recovers_chinchilla():
     n_opt, d_opt = scaling.allocate(opt, C)
     assert 6 * n_opt * d_opt == pytest.approx(C)
     ns = n_opt * np.geomspace(0.5, 2, 41)
-    assert np.argmin(scaling._law(fit, ns, C / (6 * ns))) == 20
+    assert np.argmin(scaling_laws.parametric_law(fit, ns, C / (6 * ns))) == 20
 
 
 def test_frontier_fit_recovers_a_known_law():
@@ -197,11 +197,12 @@ def test_lse_jacobian_matches_finite_differences():
     rng = np.random.default_rng(5)
     feats = [None, rng.normal(0, 2, 7), rng.normal(0, 2, 7)]
     theta = rng.normal(0, 1, (3, 5))
-    m, J = scaling._lse(theta, scaling.PARAMETRIC_TERMS, feats, jac=True)
+    m, J = scaling_laws.lse(theta, scaling_laws.PARAMETRIC_TERMS, feats, jac=True)
     for k in range(5):
         h = np.zeros(5)
         h[k] = 1e-6
         up, down = (
-            scaling._lse(theta + s * h, scaling.PARAMETRIC_TERMS, feats, jac=False)[0] for s in (1, -1)
+            scaling_laws.lse(theta + s * h, scaling_laws.PARAMETRIC_TERMS, feats, jac=False)[0]
+            for s in (1, -1)
         )
         assert np.allclose(J[:, :, k], (up - down) / 2e-6, atol=1e-7), k
