@@ -8,7 +8,11 @@ import av
 import pytest
 import torch
 
+from dit.diffusion import make_objective
+from launch import evaluate
+from launch.batches import Conditioner
 from launch.config import load_config
+from launch.sample import load_for_inference
 from tests.launch.conftest import (
     assert_same_losses,
     losses_by_step,
@@ -63,7 +67,13 @@ def test_run_writes_config_metrics_checkpoints_samples_and_tensorboard(tmp_path,
             KEYS | {"max_memory"} <= r.keys() and r["loss"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] is None
         )
     val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
-    assert sorted(val) == [3, 6] and all(v > 0 for v in val.values())
+    assert sorted(val) == [3, 6]
+    # the logged number is the validation loss of the EMA weights saved at step 6, scored again here
+    model, _ = load_for_inference(rd, use_ema=True)
+    cond = Conditioner(saved, torch.device("cpu"))
+    held_out = evaluate.held_out_batches(saved, 0, 1)
+    again = evaluate.validation_loss(model, make_objective(saved.diffusion), cond, held_out, saved, 0)
+    assert abs(val[6] - again) <= 1e-5 * again and val[3] != val[6], (val, again)
 
     ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
     assert ckpts == ["step-00000006"]  # keep=1 pruned step 3
