@@ -114,7 +114,7 @@ def load_runs(path: str | os.PathLike, where: Sequence[str] | Mapping[str, str] 
         ValueError: A line is not a JSON object, or a usable row lacks a positive ``params`` or
             ``tokens``; the message names the file and line.
     """
-    cond, rows = parse_where(where), []
+    wanted, rows = parse_where(where), []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -125,7 +125,7 @@ def load_runs(path: str | os.PathLike, where: Sequence[str] | Mapping[str, str] 
                 raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from e
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if not _matches(row, cond):
+            if not _matches(row, wanted):
                 continue
             problem = None if _skip_reason(row) else _row_problem(row)
             if problem:

@@ -44,9 +44,9 @@ def lse(theta: np.ndarray, terms, feats: list, jac: bool):
         theta[:, o, None] - (0 if s is None else theta[:, s, None] * x)
         for (o, s), x in zip(terms, feats, strict=True)
     ]
-    t = np.stack([np.broadcast_to(c, (S, n)) for c in cols], axis=-1)
-    top = t.max(-1, keepdims=True)
-    p = np.exp(t - top)
+    z = np.stack([np.broadcast_to(c, (S, n)) for c in cols], axis=-1)  # S, n, terms: log of each term
+    top = z.max(-1, keepdims=True)
+    p = np.exp(z - top)
     total = p.sum(-1, keepdims=True)
     m = (top + np.log(total))[..., 0]
     if not jac:

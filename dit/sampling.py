@@ -57,7 +57,7 @@ def make_predictor(
             ``labels``, ``cond`` channels, ``fps``).
         uncond_kwargs: the same keys with the null condition (empty-caption states, or the null class
             ``num_classes``); required when ``cfg_scale != 1``.
-        cfg_scale: guidance w: ``uncond + w · (cond - uncond)``; 1 is unguided.
+        cfg_scale: guidance w: ``pred_u + w · (pred_c - pred_u)`` of the two predictions; 1 is unguided.
         cond_frames: B×T bool frames held clean (told t = 0 through per-frame timesteps).
         dtype: the network's input dtype (e.g. bf16); the sampler's state and the returned
             prediction stay fp32 so the ODE does not accumulate in low precision.

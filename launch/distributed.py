@@ -119,9 +119,9 @@ def all_reduce(value: float, op: str = "sum", device: torch.device | None = None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     dev = device or (torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu"))
-    t = torch.tensor([value], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return float(t.item())
+    buf = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(buf.item())
 
 
 def shutdown() -> None:
