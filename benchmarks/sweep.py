@@ -171,7 +171,8 @@ def plan(grid_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
                 for lr in grid.lrs or [cfg.train.lr]:
                     size = f"c{budget:.0e}".replace("+", "") if grid.budgets else f"s{steps}"
                     name = f"{param}-w{width}-{size}-lr{lr:g}"
-                    overrides = grid.overrides + arch + _run_keys(cfg, out / "runs" / name, steps, lr)
+                    keys = _run_keys(out / "runs" / name, steps, lr, cfg.train.warmup)
+                    overrides = grid.overrides + arch + keys
                     runs.append(
                         {
                             "name": name, "index": len(runs), "width": width, "depth": cfg.model.arch.depth,
@@ -187,14 +188,14 @@ def plan(grid_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     return result
 
 
-def _run_keys(cfg: JobConfig, run_dir: Path, steps: int, lr: float) -> list[str]:
+def _run_keys(run_dir: Path, steps: int, lr: float, warmup: int) -> list[str]:
     # validation once, at the end (the fitted loss); every step logged, so collect can sum the exact
     # tokens and FLOPs a run saw; warmup kept below a fifth of the shortest run
     return [
         f"run.dir={run_dir}",
         f"train.steps={steps}",
         f"train.lr={lr}",
-        f"train.warmup={min(cfg.train.warmup, steps // 5)}",
+        f"train.warmup={min(warmup, steps // 5)}",
         f"eval.every={steps}",
         "logging.every=1",
         "logging.sample_every=0",
