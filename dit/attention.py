@@ -9,7 +9,8 @@ Context parallelism hooks in here, from outside the model: ``parallel/`` replace
 ``core`` submodule with one that exchanges q/k/v between ranks, calls the wrapped core, and exchanges
 the output back (e.g. ``deepspeed.sequence.layer.DistributedAttention(core, group, scatter_idx=2,
 gather_idx=1)``). The contract a replacement must keep is ``core(q, k, v, key_mask=None)`` with
-B×N×H×Dh tensors in and out.
+B×N×H×Dh tensors in and out. The token sequence itself is cut and gathered at the model's other
+named points (``seq_start``, ``blocks_end``, ``seq_end``: see :mod:`dit.model`).
 """
 
 from __future__ import annotations
