@@ -49,7 +49,7 @@ def _repack(src: Path, groups: list[list[str]], out: Path) -> str:
 def val_sets(tmp_path_factory):
     """Held-out sets of 2-sample batches (one bucket, videos only): ``even`` is two shards of one
     batch each; ``uneven`` gives the rank that draws its first shard 2 batches and the other 1 (its
-    first batch is the even set's); in ``short`` one shard has a single sample, so no batch."""
+    first batch is the even set's); in ``short`` one shard is empty, so its rank has no batch."""
     from data.synthetic import generate
 
     d = tmp_path_factory.mktemp("val")
@@ -62,7 +62,7 @@ def val_sets(tmp_path_factory):
     return {
         "even": _repack(src, [k[0:2], k[2:4]], d / "even"),
         "uneven": _repack(src, [k[0:2] + k[4:6], k[2:4]], d / "uneven"),
-        "short": _repack(src, [k[0:2], k[4:5]], d / "short"),
+        "short": _repack(src, [k[0:2], []], d / "short"),
     }
 
 
