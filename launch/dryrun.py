@@ -122,7 +122,7 @@ def _layout(cfg: JobConfig, world_size: int, errors: list[str]) -> ParallelDims 
         return None
     if cfg.parallel.engine == "deepspeed":
         # imports DeepSpeed (and megatron-core): only for configs that use it
-        from launch.train_deepspeed import check_deepspeed
+        from launch.engine_deepspeed import check_deepspeed
 
         try:
             check_deepspeed(cfg, dims)

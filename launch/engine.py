@@ -223,7 +223,9 @@ def initial_model(cfg: JobConfig) -> nn.Module:
     """The full initial model on CPU: ``init_weights`` with the job's seed, then ``init.from``."""
     model = build_model(cfg.model.arch, device="cpu", seed=cfg.seed)
     if cfg.init.from_:
-        report = apply_init(model, cfg.init.from_, cfg.model.arch, use_ema=cfg.init.use_ema)
+        report = apply_init(
+            model, cfg.init.from_, cfg.model.arch, use_ema=cfg.init.use_ema, min_match=cfg.init.min_match
+        )
         log.info("init.from=%s: %s", cfg.init.from_, report.summary())
     return model
 

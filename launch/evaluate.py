@@ -33,6 +33,10 @@ EVAL_STREAM = 1
 """Tells held-out noise seeds from any other seed made of the same numbers."""
 
 
+VAL_KEY = "data.val_shards"
+"""What the held-out loader's errors name."""
+
+
 def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[dict]:
     """The first ``eval.batches`` batches of one pass over ``data.val_shards`` for this data-parallel
     rank, in a fixed order (no shuffling, no workers), kept in memory and reused at every evaluation.
@@ -55,13 +59,15 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[dict]:
     found, error = [], None
     try:
         # fewer held-out shards than ranks: every rank still needs batches, so draw shards (seeded)
-        val.resampled = val.resampled or len(list_shards(val)) < dp_size
-        found = _one_pass(build_loader(val, dp_rank, dp_size, expect=expect_for(cfg)), cfg.eval.batches)
+        val.resampled = val.resampled or len(list_shards(val, key=VAL_KEY)) < dp_size
+        found = _one_pass(
+            build_loader(val, dp_rank, dp_size, expect=expect_for(cfg), key=VAL_KEY), cfg.eval.batches
+        )
     except (ValueError, OSError) as e:  # the others must hear of it before they wait in a collective
         error = e
     n = agreed_count(len(found) if error is None else -1)
     if error is not None:
-        raise type(error)(str(error).replace("data.shards", "data.val_shards")) from error
+        raise error
     if n < 0:
         raise ValueError(
             f"data.val_shards={cfg.data.val_shards!r}: another rank could not read its "

@@ -47,7 +47,7 @@ log = logging.getLogger("launch.train")
 class StepStats:
     """One optimizer step, as :meth:`Trainer.train_step` returns it. The field names are the metrics
     keys (:mod:`launch.metrics`): ``tokens`` and ``flops`` are summed into a record, the others
-    averaged. Readable as a record too: ``stats["loss"]``."""
+    averaged."""
 
     loss: float
     """Per-sample mean over the global batch (non-finite for a skipped step)."""
@@ -70,9 +70,6 @@ class StepStats:
     def means(self) -> dict[str, float]:
         """The averaged metrics of the step (every field but the summed ``tokens`` and ``flops``)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("tokens", "flops")}
-
-    def __getitem__(self, key: str) -> float:
-        return getattr(self, key)
 
 
 @dataclass

@@ -93,10 +93,13 @@ def _engine(case: Case, cfg: JobConfig):
     opt = build_optimizer(model, cfg.train, torch.device("cpu"))
     if not case.old_bf16_section:
         return zero.build_engine(
-            model, cfg.train, optimizer=opt, scheduler_fn=lambda o: build_scheduler(o, cfg.train),
+            model, grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip, optimizer=opt,
+            scheduler_fn=lambda o: build_scheduler(o, cfg.train),
             zero_stage=case.stage, groups=groups, bf16=True,
         )  # fmt: skip
-    config = zero.deepspeed_config(cfg.train, zero_stage=case.stage)
+    config = zero.deepspeed_config(
+        grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip, zero_stage=case.stage
+    )
     config["bf16"] = {"enabled": True}
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=lambda o: build_scheduler(o, cfg.train), mpu=groups,

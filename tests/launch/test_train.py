@@ -141,7 +141,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, overrides):
     poisoned = {**batch, "video": torch.full_like(batch["video"], float("nan"))}
     before = [p.detach().clone() for p in tr.model.parameters()]
     stats = tr.train_step(iter([poisoned]))
-    assert stats["loss"] != stats["loss"] and tr.skipped == 1 and tr.step == 1
+    assert stats.loss != stats.loss and tr.skipped == 1 and tr.step == 1
     assert all(torch.equal(a, p) for a, p in zip(before, tr.model.parameters(), strict=True))
     stats = tr.train_step(iter([batch]))  # a good step resets the streak and moves the weights
     assert tr.bad_streak == 0 and not all(

@@ -126,7 +126,7 @@ def trainer_step(overrides: list[str]) -> dict:
         stats = tr.train_step(iter(tr.loader))
     finally:
         tr.close()
-    return {"seen": seen, "loss": stats["loss"]}
+    return {"seen": seen, "loss": stats.loss}
 
 
 def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
