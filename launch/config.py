@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.pipeline import DataConfig, limits
 from dit.config import PRESETS, DiTConfig
 from dit.diffusion import DiffusionConfig
+from dit.sampling import SAMPLER_NAMES
 from launch.distributed import preempt_signum
 from parallel.config import ParallelConfig, checkpoint_every, timeout
 
@@ -176,7 +177,7 @@ class SampleConfig:
     steps: int = 25
     """Sampler steps."""
     sampler: str = "euler"
-    """``euler`` | ``heun`` | ``ddim`` | ``dpm++2m``."""
+    """One of :data:`dit.sampling.SAMPLER_NAMES` (``euler``, ``heun``, ``ddim``, ``dpm++2m``)."""
     cfg: float = 4.0
     """Classifier-free guidance scale (1: none)."""
     use_ema: bool = True
@@ -333,7 +334,7 @@ def validate(cfg: JobConfig) -> None:
     _choice(cfg.train.schedule, SCHEDULES, "train.schedule")
     _choice(cfg.parallel.engine, ENGINES, "parallel.engine")
     _choice(cfg.parallel.backend, ("auto", "nccl", "gloo"), "parallel.backend")
-    _choice(cfg.sample.sampler, ("euler", "heun", "ddim", "dpm++2m"), "sample.sampler")
+    _choice(cfg.sample.sampler, SAMPLER_NAMES, "sample.sampler")
     positive = {
         "train.steps": cfg.train.steps,
         "train.grad_accum": cfg.train.grad_accum,

@@ -5,8 +5,6 @@ encoder kernels) only a GPU run shows."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from dit.config import get_preset
 from dit.diffusion import DiffusionConfig
 from launch.batches import Conditioner, run_bf16
 from launch.config import SampleConfig, load_config
-from launch.sample import generate
+from launch.sample import SampleRequest, generate
 from tests.dit.helpers import random_model
 
 
@@ -25,7 +23,7 @@ def test_sample_cli_runs_the_model_in_the_chosen_precision(tmp_path, precision):
     seen = []
     model.blocks[0].attn.q.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     info = {"arch": arch, "diffusion": DiffusionConfig(), "codec": "pixel", "sample": SampleConfig()}
-    args = argparse.Namespace(
+    args = SampleRequest(
         frames=1, height=16, width=16, fps=8.0, steps=2, sampler="euler", cfg=2.0, seed=0, batch_size=4,
         device="cpu", precision=precision, image=None, video=None, strength=0.6, out=str(tmp_path / "s.mp4"),
     )  # fmt: skip
@@ -69,7 +67,7 @@ def test_sampling_a_model_whose_codec_cannot_decode_stops_before_the_model_runs(
     calls = []
     model.register_forward_hook(lambda m, a, out: calls.append(1))
     info = {"arch": arch, "diffusion": DiffusionConfig(), "codec": "latents:4,1,8", "sample": SampleConfig()}
-    args = argparse.Namespace(
+    args = SampleRequest(
         frames=1, height=16, width=16, fps=8.0, steps=2, sampler="euler", cfg=2.0, seed=0, batch_size=4,
         device="cpu", precision="fp32", image=None, video=None, strength=0.6, out=str(tmp_path / "s.mp4"),
     )  # fmt: skip
