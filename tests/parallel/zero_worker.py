@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import resource
 import signal
@@ -254,5 +255,11 @@ def write_failure_worker(rank: int, world: int, port: int, out_dir: str) -> None
             found = ckpt.latest(root)
             result = {"errors": errors, "listing": sorted(os.listdir(root)), "latest": found.name}
             torch.save(result, Path(out_dir) / "write_failure.pt")
+        # the engine (and DeepSpeed's references to the groups) go while the group is alive: a gloo
+        # group whose last reference dies in interpreter teardown can abort the process (CI once saw
+        # rank 1 end in "terminate called without an active exception" after this test's work)
+        del engine, groups
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
