@@ -110,9 +110,9 @@ def run(
     it = iter(loader)
     for _ in range(batches):
         batch = next(it)
-        f, h, w = (int(v) for v in batch["bucket"].split("x"))
-        n = len(batch["key"])
-        histogram[batch["bucket"]] += 1
+        f, h, w = (int(v) for v in batch.bucket.split("x"))
+        n = len(batch)
+        histogram[batch.bucket] += 1
         samples += n
         tokens += n * latent_tokens(f, h, w, comp, patch)
     elapsed = time.perf_counter() - start

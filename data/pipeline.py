@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.batch import Batch
 from data.buckets import BucketConfig
 from data.reader import Limits, Shard
 from data.stream import Errors, Expect, StreamSpec, batches, check_shard_rate
@@ -275,7 +276,7 @@ class Loader:
         )
         self.consumed, self.next_worker = [0] * self.workers, 0
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             # resumed after the epoch's last batch (a checkpoint at an epoch end): nothing is left of
             # it, and that is no error; only a fresh epoch that gives nothing means no data fits
@@ -296,7 +297,7 @@ class Loader:
             self.epoch += 1
             self.consumed, self.next_worker = [0] * self.workers, 0
 
-    def _epoch(self) -> Iterator[dict]:
+    def _epoch(self) -> Iterator[Batch]:
         dataset = _EpochStream(self, list(self.consumed))
         stop = StopFlag()  # workers ignore stop signals unless this epoch's loader is ending them
         if self.num_workers == 0 and not self.pin_memory:
@@ -321,7 +322,7 @@ class Loader:
         finally:
             stop.set()
 
-    def _hand_out(self, source) -> Iterator[dict]:
+    def _hand_out(self, source) -> Iterator[Batch]:
         pending: dict[int, deque] = {w: deque() for w in range(self.workers)}
         active = set(range(self.workers))
         for worker, index, batch, errors in source:
@@ -335,7 +336,7 @@ class Loader:
             yield from self._drain(pending, active)
         yield from self._drain(pending, active)
 
-    def _drain(self, pending: dict[int, deque], active: set[int]) -> Iterator[dict]:
+    def _drain(self, pending: dict[int, deque], active: set[int]) -> Iterator[Batch]:
         # hand out in round-robin order over workers; a worker that has ended drops out of the cycle
         while True:
             w = self.next_worker

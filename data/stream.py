@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from data.batch import Batch, collate
 from data.buckets import Assignment, BucketConfig, Compression, assign, clip_start
 from data.meta import parse_meta
 from data.reader import KNOWN_EXTS, Limits, Shard, read_shard
@@ -317,24 +318,6 @@ def _npy(sample: dict, ext: str, want: tuple[int, ...] | int) -> np.ndarray:
         raise MediaError("bad_array", f"{ext}: {e}"[:200]) from e
 
 
-def collate(items: list[dict], bucket_name: str) -> dict:
-    """Stack same-shape samples into the batch dict of DESIGN.md §1."""
-    batch: dict = {
-        "bucket": bucket_name,
-        "key": [i["key"] for i in items],
-        "text": [i["text"] for i in items],
-        "fps": torch.tensor([i["fps"] for i in items], dtype=torch.float32),
-    }
-    for name in ("video", "latent", "text_emb"):
-        if name in items[0]:
-            batch[name] = torch.stack([i[name] for i in items])
-    if items[0].get("text_mask") is not None:
-        batch["text_mask"] = torch.stack([i["text_mask"] for i in items])
-    if all("label" in i for i in items):
-        batch["label"] = torch.tensor([i["label"] for i in items], dtype=torch.long)
-    return batch
-
-
 class _RatioMixer:
     """Holds back image or video batches so their shares approach ``image_ratio`` (deterministic)."""
 
@@ -419,7 +402,7 @@ def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignme
     yield from mixer.flush()
 
 
-def _decode_batch(members: list, a: Assignment, spec: StreamSpec, errors: Errors) -> dict | None:
+def _decode_batch(members: list, a: Assignment, spec: StreamSpec, errors: Errors) -> Batch | None:
     items = []
     for sample, sa in members:
         start = time.perf_counter()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.batch import Batch
 from data.buckets import check_bucket
 from data.encoders import TextEncoder, build_codec, codec_geometry
 from data.stream import Expect
@@ -119,17 +120,17 @@ class Conditioner:
                 )
         return self.text(texts)
 
-    def __call__(self, batch: dict, gen: torch.Generator, train: bool = True) -> Prepared:
+    def __call__(self, batch: Batch, gen: torch.Generator, train: bool = True) -> Prepared:
         dev = self.device
-        if "latent" in batch:
-            x0 = batch["latent"].to(dev, non_blocking=True).float()
+        if batch.latent is not None:
+            x0 = batch.latent.to(dev, non_blocking=True).float()
         else:
             # the codecs return their latents on the CPU (DiffusersVAE moves them there)
-            x0 = self.codec.encode(batch["video"].to(dev, non_blocking=True)).to(dev).float()
+            x0 = self.codec.encode(batch.video.to(dev, non_blocking=True)).to(dev).float()
         b, t = x0.shape[0], x0.shape[2]
         kwargs = self._condition(batch, b)
         if self.arch.fps_conditioning:
-            kwargs["fps"] = batch["fps"].to(dev, non_blocking=True)
+            kwargs["fps"] = batch.fps.to(dev, non_blocking=True)
         if train and self.cfg.train.cfg_dropout > 0 and self.arch.conditioning != "none":
             drop = torch.rand(b, generator=gen) < self.cfg.train.cfg_dropout
             null = null_condition(self.arch, kwargs)
@@ -142,26 +143,26 @@ class Conditioner:
             frames = (~cond_frames).sum(1)
         return Prepared(x0, kwargs, cond_frames, frames)
 
-    def _condition(self, batch: dict, b: int) -> dict:
+    def _condition(self, batch: Batch, b: int) -> dict:
         dev, kind = self.device, self.arch.conditioning
         if kind == "text":
-            if "text_emb" in batch:
-                emb, mask = batch["text_emb"], batch.get("text_mask")
+            if batch.text_emb is not None:
+                emb, mask = batch.text_emb, batch.text_mask
                 mask = mask if mask is not None else torch.ones(emb.shape[:2], dtype=torch.bool)
             else:
-                emb, mask = self.encode_text(batch["text"])
+                emb, mask = self.encode_text(batch.text)
             # loader tensors may be pinned: copies overlap with the host's work
             return {
                 "context": emb.to(dev, non_blocking=True).float(),
                 "context_mask": mask.to(dev, non_blocking=True),
             }
         if kind == "class":
-            if "label" not in batch:
+            if batch.label is None:
                 raise ValueError(
-                    f"model.arch.conditioning=class but batch {batch['key'][:1]} has no 'label' (an integer "
+                    f"model.arch.conditioning=class but batch {batch.key[:1]} has no 'label' (an integer "
                     "'label' in each sample's json)"
                 )
-            return {"labels": batch["label"].to(dev, non_blocking=True)}
+            return {"labels": batch.label.to(dev, non_blocking=True)}
         return {}
 
     def _tasks(self, x0: Tensor, kwargs: dict, gen: torch.Generator) -> Tensor | None:

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.pipeline import build_loader, list_shards
+from data.batch import Batch
+from data.pipeline import Loader, build_loader, list_shards
 from dit.diffusion import Objective
 from launch.batches import Conditioner, expect_for, run_bf16
 from launch.config import JobConfig
@@ -37,7 +38,7 @@ VAL_KEY = "data.val_shards"
 """What the held-out loader's errors name."""
 
 
-def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[dict]:
+def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[Batch]:
     """The first ``eval.batches`` batches of one pass over ``data.val_shards`` for this data-parallel
     rank, in a fixed order (no shuffling, no workers), kept in memory and reused at every evaluation.
 
@@ -92,9 +93,9 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[dict]:
     return found[:n]
 
 
-def _one_pass(loader, limit: int) -> list[dict]:
+def _one_pass(loader: Loader, limit: int) -> list[Batch]:
     """Up to ``limit`` batches of the loader's first epoch (the loader itself goes on forever)."""
-    out: list[dict] = []
+    out: list[Batch] = []
     batches = iter(loader)
     try:
         while len(out) < limit:
@@ -138,7 +139,12 @@ def _noise(cfg: JobConfig, keys: list[str], point: int, shape: torch.Size, devic
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, obj: Objective, cond: Conditioner, batches: list[dict], cfg: JobConfig, dp_rank: int
+    model: nn.Module,
+    obj: Objective,
+    conditioner: Conditioner,
+    batches: list[Batch],
+    cfg: JobConfig,
+    dp_rank: int,
 ) -> float:
     """Per-sample mean loss over the held-out batches and the timestep grid, over all ranks.
 
@@ -150,7 +156,7 @@ def validation_loss(
     Args:
         model: the module the trainer calls (FSDP/DeepSpeed-wrapped or plain).
         obj: the diffusion objective.
-        cond: turns a loader batch into latents and model keyword arguments.
+        conditioner: turns a loader batch into latents and model keyword arguments.
         batches: this rank's held-out batches (:func:`held_out_batches`), each with ``key``.
         cfg: job config (``seed``, ``eval.timesteps``, the precision rules).
         dp_rank: this rank's data-parallel index (named in the log when its batches are cut).
@@ -164,10 +170,10 @@ def validation_loss(
     device = None
     for batch in batches[:n]:
         # nothing in an evaluation batch is drawn (no caption dropout, no tasks): the generator is unused
-        prep = cond(batch, torch.Generator().manual_seed(cfg.seed), train=False)
+        prep = conditioner(batch, torch.Generator().manual_seed(cfg.seed), train=False)
         device, b = prep.x0.device, prep.x0.shape[0]
         for i in range(cfg.eval.timesteps):
-            noise = _noise(cfg, list(batch["key"]), i, prep.x0.shape, device)
+            noise = _noise(cfg, batch.key, i, prep.x0.shape, device)
             t = grid_times(obj, cfg, b, i, device)
             with _precision(cfg, device):
                 out = obj.loss(model, prep.x0, prep.kwargs, noise=noise, t=t)
@@ -190,18 +196,18 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def text_from_rank0(cond: Conditioner):
+def text_from_rank0(conditioner: Conditioner):
     """Caption encoder for samples: rank 0 runs the text encoder and broadcasts the states, so no other
     rank loads it for samples (with latent shards, which carry text states, none loads it at all)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return cond.encode_text
+        return conditioner.encode_text
 
     def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, rank0 = cond.device, dist.get_rank() == 0
+        dev, rank0 = conditioner.device, dist.get_rank() == 0
         emb = mask = error = None
         if rank0:
             try:
-                emb, mask = cond.encode_text(prompts)
+                emb, mask = conditioner.encode_text(prompts)
             except Exception as e:  # the others wait in the broadcast: tell them, then raise
                 error = e
         shape = torch.tensor(emb.shape if emb is not None else (-1, 0, 0), device=dev)
@@ -222,7 +228,7 @@ def text_from_rank0(cond: Conditioner):
 
 @torch.no_grad()
 def draw_samples(
-    model: nn.Module, obj: Objective, cond: Conditioner, cfg: JobConfig, seed: int
+    model: nn.Module, obj: Objective, conditioner: Conditioner, cfg: JobConfig, seed: int
 ) -> np.ndarray:
     """Videos for ``sample.prompts``: B×T×H×W×3 uint8 on rank 0, an empty array on the others.
 
@@ -238,8 +244,8 @@ def draw_samples(
         model,
         obj,
         cfg.model.arch,
-        cond.compression,
-        text_from_rank0(cond),
+        conditioner.compression,
+        text_from_rank0(conditioner),
         list(s.prompts),
         frames=s.frames,
         height=s.height,
@@ -249,8 +255,8 @@ def draw_samples(
         sampler=s.sampler,
         cfg_scale=s.cfg,
         seed=seed,
-        device=cond.device,
-        bf16=run_bf16(cfg, cond.device),
+        device=conditioner.device,
+        bf16=run_bf16(cfg, conditioner.device),
     )
     model.train(was_training)
-    return decode(cond.codec, z) if _rank() == 0 else np.zeros((0, 0, 0, 0, 3), np.uint8)
+    return decode(conditioner.codec, z) if _rank() == 0 else np.zeros((0, 0, 0, 0, 3), np.uint8)

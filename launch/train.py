@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
+from data.batch import Batch
 from data.pipeline import Loader, build_loader
 from dit.diffusion import Objective, make_objective
 from dit.flops import count, peak_flops
@@ -182,7 +183,7 @@ class Trainer:
         clock = PhaseClock(dev, sync=cfg.logging.phase_times)
         micro_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
         clock.lap("data_wait")
-        total = global_samples(sum(len(b["key"]) for b in micro_batches), self.dims, dev)
+        total = global_samples(sum(len(b) for b in micro_batches), self.dims, dev)
         stats = StepStats(loss=0.0, lr=0.0, grad_norm=0.0)
         loss_sum = 0.0
         for micro, batch in enumerate(micro_batches):
@@ -202,7 +203,13 @@ class Trainer:
         return stats
 
     def _micro_step(
-        self, batch: dict, gen: torch.Generator, micro: int, total: float, stats: StepStats, clock: PhaseClock
+        self,
+        batch: Batch,
+        gen: torch.Generator,
+        micro: int,
+        total: float,
+        stats: StepStats,
+        clock: PhaseClock,
     ) -> float:
         """Forward and backward of one micro-batch; adds its tokens and FLOPs to ``stats`` and returns
         the sum of its per-sample losses."""

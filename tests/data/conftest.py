@@ -126,5 +126,5 @@ def stream_epoch(shards, buckets, **spec) -> tuple[list[str], object]:
         shards=[str(s) for s in shards], buckets=buckets, seed=0, epoch=0, stream_id=(0,), **spec
     )
     spec.error_threshold = 1.0  # these tests count skips; the abort has its own test
-    keys = [k for _, batch in batches(spec, errors) if batch is not None for k in batch["key"]]
+    keys = [k for _, batch in batches(spec, errors) if batch is not None for k in batch.key]
     return sorted(keys), errors

@@ -311,7 +311,7 @@ def _rate_epoch(tmp_path, shards: list[list[dict] | bytes]) -> tuple[list[str], 
             write_tar(paths[-1], shard)
     spec = StreamSpec(paths, BUCKETS, 0, 0, (0,), shuffle_buffer=0, min_samples_for_threshold=4)
     errors = Errors()
-    keys = [k for _, b in batches(spec, errors) if b is not None for k in b["key"]]
+    keys = [k for _, b in batches(spec, errors) if b is not None for k in b.key]
     return keys, errors
 
 
@@ -344,7 +344,7 @@ def _loader_epoch(tmp_path, shards: list[list[dict] | bytes], workers: int = 2) 
     for batch in loader:
         if loader.epoch > 0:
             break
-        keys += batch["key"]
+        keys += batch.key
     loader.errors = {}  # epoch 0 only (its summaries are in errors_before once epoch 1 began)
     return sorted(keys), loader.error_summary()
 
@@ -401,7 +401,7 @@ def test_latents_are_held_to_what_the_model_takes_even_alone_in_their_batch(tmp_
         for batch in loader:
             if loader.epoch > 0:
                 break
-            keys += batch["key"]
+            keys += batch.key
         return sorted(keys), loader.errors_before[0]
 
     keys, _ = epoch(None)

@@ -168,6 +168,6 @@ def test_encode_cli_under_torchrun_writes_latent_shards_the_loader_reads(tmp_pat
         )
     )
     batch = next(iter(loader))
-    frames = int(batch["bucket"].split("x")[0])
-    assert batch["latent"].shape == (1, 48, frames, 8, 8) and batch["text_emb"].shape == (1, 8, 16)
-    assert batch["text_mask"].dtype == torch.bool and batch["text"][0]
+    frames = int(batch.bucket.split("x")[0])
+    assert batch.latent.shape == (1, 48, frames, 8, 8) and batch.text_emb.shape == (1, 8, 16)
+    assert batch.text_mask.dtype == torch.bool and batch.text[0]

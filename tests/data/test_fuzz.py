@@ -157,10 +157,10 @@ def _epoch(paths, limits=LIMITS) -> tuple[int, Errors]:
     errors, delivered = Errors(), 0
     for _, batch in batches(spec, errors):
         if batch is not None:
-            b = BUCKETS.buckets[0] if batch["bucket"] == "4x32x32" else BUCKETS.buckets[1]
-            assert batch["video"].shape[1:] == (3, b.frames, 32, 32)
-            assert bool(batch["video"].isfinite().all()) and batch["video"].abs().max() <= 1.0
-            delivered += len(batch["key"])
+            b = BUCKETS.buckets[0] if batch.bucket == "4x32x32" else BUCKETS.buckets[1]
+            assert batch.video.shape[1:] == (3, b.frames, 32, 32)
+            assert bool(batch.video.isfinite().all()) and batch.video.abs().max() <= 1.0
+            delivered += len(batch.key)
     return delivered, errors
 
 
@@ -205,7 +205,7 @@ def test_the_loader_survives_a_directory_of_corrupted_shards(tmp_path, members):
     for batch in loader:
         if loader.epoch > 0:
             break
-        delivered += len(batch["key"])
+        delivered += len(batch.key)
     done = {"seen": 0, "skipped_samples": 0, "filtered": 0}
     for summary in loader.errors_before:  # epoch 0 exactly
         done["seen"] += summary["seen"]

@@ -45,7 +45,7 @@ def _epoch0(cfg: DataConfig):
         batch = next(it)
         if loader.epoch > 0:
             break
-        keys += batch["key"]
+        keys += batch.key
     skipped = collections.Counter()
     for summary in loader.errors_before:
         skipped.update(summary["skipped"])

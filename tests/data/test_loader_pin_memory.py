@@ -47,13 +47,13 @@ def test_pin_memory_reaches_the_dataloader_and_keeps_the_batches(shards, workers
     assert not any(NO_ACCELERATOR in w for w in plain_warnings)
     if not torch.accelerator.is_available():
         assert any(NO_ACCELERATOR in w for w in pinned_warnings)
-    assert [b["key"] for b in pinned] == [b["key"] for b in plain]
+    assert [b.key for b in pinned] == [b.key for b in plain]
     for a, b in zip(pinned, plain, strict=True):
-        assert torch.equal(a["video"], b["video"]) and torch.equal(a["fps"], b["fps"])
+        assert torch.equal(a.video, b.video) and torch.equal(a.fps, b.fps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_are_pinned_on_cuda(shards, workers):
     batch = next(iter(build_loader(_cfg(shards, workers), pin_memory=True)))
-    assert batch["video"].is_pinned() and batch["fps"].is_pinned()
+    assert batch.video.is_pinned() and batch.fps.is_pinned()

@@ -32,7 +32,7 @@ def cfg_for(path, **kw):
 
 
 def _keys(batch_iter, n):
-    return [tuple(b["key"]) for b in itertools.islice(batch_iter, n)]
+    return [tuple(b.key) for b in itertools.islice(batch_iter, n)]
 
 
 def _one_epoch(loader):
@@ -47,14 +47,12 @@ def _one_epoch(loader):
 
 def test_batches_have_the_documented_layout(shards):
     batch = next(iter(build_loader(cfg_for(shards))))
-    b, c, t, h, w = batch["video"].shape
+    b, c, t, h, w = batch.video.shape
     assert (
-        (c, h, w) == (3, 32, 32)
-        and batch["bucket"] == f"{t}x32x32"
-        and b == len(batch["key"]) == len(batch["text"])
+        (c, h, w) == (3, 32, 32) and batch.bucket == f"{t}x32x32" and b == len(batch.key) == len(batch.text)
     )
-    assert batch["video"].dtype == torch.float32 and batch["video"].min() >= -1 and batch["video"].max() <= 1
-    assert batch["fps"].shape == (b,) and all(isinstance(s, str) and s for s in batch["text"])
+    assert batch.video.dtype == torch.float32 and batch.video.min() >= -1 and batch.video.max() <= 1
+    assert batch.fps.shape == (b,) and all(isinstance(s, str) and s for s in batch.text)
 
 
 def test_shard_split_is_disjoint_and_complete():
@@ -83,7 +81,7 @@ def test_data_parallel_ranks_see_disjoint_samples_covering_the_epoch(shards):
             2,
         )
         batches, _ = _one_epoch(loader)
-        per_rank.append({k for b in batches for k in b["key"]})
+        per_rank.append({k for b in batches for k in b.key})
     assert not per_rank[0] & per_rank[1]
     assert len(per_rank[0] | per_rank[1]) == 48
 
@@ -92,8 +90,8 @@ def test_tensor_parallel_peers_get_identical_batches(shards):
     # ranks of one TP/CP group share a data-parallel rank, so they build identical loaders
     a = list(itertools.islice(iter(build_loader(cfg_for(shards, num_workers=2), 1, 2)), 4))
     b = list(itertools.islice(iter(build_loader(cfg_for(shards, num_workers=2), 1, 2)), 4))
-    assert [x["key"] for x in a] == [y["key"] for y in b]
-    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(a, b, strict=True))
+    assert [x.key for x in a] == [y.key for y in b]
+    assert all(torch.equal(x.video, y.video) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("workers,split", [(2, 5), (3, 11), (0, 7)])
@@ -108,8 +106,8 @@ def test_exact_resume_with_workers(shards, workers, split):
     resumed.load_state_dict(state)
     tail = list(itertools.islice(iter(resumed), 20 - split))
     got = head + tail
-    assert [b["key"] for b in got] == [b["key"] for b in ref]
-    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(got, ref, strict=True))
+    assert [b.key for b in got] == [b.key for b in ref]
+    assert all(torch.equal(x.video, y.video) for x, y in zip(got, ref, strict=True))
 
 
 def test_changed_data_parallel_size_restarts_the_epoch(shards, caplog):
@@ -161,7 +159,7 @@ def test_each_bad_input_is_skipped_and_counted(tmp_path):
     cfg = cfg_for(tmp_path, buckets=BucketConfig([Bucket(4, 32, 32, 1)], fps=8), error_threshold=1.0)
     loader = build_loader(cfg)
     batches, _ = _one_epoch(loader)
-    keys = sorted(k for b in batches for k in b["key"])
+    keys = sorted(k for b in batches for k in b.key)
     assert keys == sorted(f"good{i}" for i in range(6))
     epoch0 = collections.Counter()  # the finished epoch exactly (epoch 1 has begun)
     for worker_summary in loader.errors_before:
@@ -206,7 +204,7 @@ def test_start_up_checks(tmp_path, shards):
     assert build_loader(cfg_for(shards, num_workers=4), 3, 4).num_workers == 3  # 12 shards, 3 a rank
     assert build_loader(cfg_for(shards, num_workers=2), 3, 4).num_workers == 2
     loader = build_loader(cfg_for(shards, num_workers=4, resampled=True), 0, 16)
-    assert loader.num_workers == 4 and next(iter(loader))["video"].ndim == 5
+    assert loader.num_workers == 4 and next(iter(loader)).video.ndim == 5
     with pytest.raises(ValueError, match="batch_size=0"):
         cfg_for(shards, buckets=BucketConfig([Bucket(1, 32, 32, 0)]))
 
@@ -250,9 +248,9 @@ def test_latent_shards_are_read_directly_without_unpickling(tmp_path):
         )
     )
     batches, _ = _one_epoch(loader)
-    assert [b["key"] for b in batches] == [["k0"], ["k1"]]
-    assert batches[1]["latent"].shape == (1, 4, 2, 4, 4) and batches[1]["latent"].max() == 1
-    assert batches[0]["text_emb"].shape == (1, 5, 8) and batches[0]["text_mask"].dtype == torch.bool
+    assert [b.key for b in batches] == [["k0"], ["k1"]]
+    assert batches[1].latent.shape == (1, 4, 2, 4, 4) and batches[1].latent.max() == 1
+    assert batches[0].text_emb.shape == (1, 5, 8) and batches[0].text_mask.dtype == torch.bool
     assert loader.error_summary()["skipped"]["bad_array"] >= 1
 
 
@@ -262,14 +260,14 @@ def test_pipe_shards_only_when_enabled(shards):
         build_loader(cfg_for(spec))
     piped = list(itertools.islice(iter(build_loader(cfg_for(spec, allow_pipe=True))), 3))
     local = list(itertools.islice(iter(build_loader(cfg_for(shards))), 3))
-    assert [b["key"] for b in piped] == [b["key"] for b in local]
+    assert [b.key for b in piped] == [b.key for b in local]
 
 
 def test_image_ratio_balances_joint_training(shards):
     def share(ratio):
         buckets = BucketConfig([Bucket(1, 32, 32, 1), Bucket(2, 32, 32, 1)], fps=8, image_ratio=ratio)
         batches, _ = _one_epoch(build_loader(cfg_for(shards, buckets=buckets)))
-        images = [b["video"].shape[2] == 1 for b in batches]
+        images = [b.video.shape[2] == 1 for b in batches]
         return images, sum(images) / len(images)
 
     natural, natural_share = share(None)

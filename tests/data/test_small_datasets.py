@@ -74,10 +74,10 @@ def test_four_clips_over_two_buckets_give_every_sample_once_per_epoch(default_sh
     loader = build_loader(cfg)
     assert loader.num_workers == cfg.num_workers == 2
     batches = _epoch(loader)
-    assert sorted(k for b in batches for k in b["key"]) == KEYS
+    assert sorted(k for b in batches for k in b.key) == KEYS
     for b in batches:  # each worker's stream ends its buckets with short batches, tensors of their length
-        n, frames = len(b["key"]), int(b["bucket"].split("x")[0])
-        assert 1 <= n < 4 and b["video"].shape[:3] == (n, 3, frames) and b["fps"].shape == (n,)
+        n, frames = len(b.key), int(b.bucket.split("x")[0])
+        assert 1 <= n < 4 and b.video.shape[:3] == (n, 3, frames) and b.fps.shape == (n,)
 
 
 def test_one_shard_uses_one_worker_and_says_so(clips, tmp_path, caplog):
@@ -87,7 +87,7 @@ def test_one_shard_uses_one_worker_and_says_so(clips, tmp_path, caplog):
         loader = build_loader(DataConfig(shards=str(out), buckets=BUCKETS))
     assert loader.num_workers == 1
     assert "data.num_workers=2 -> 1: 1 shard for 1 rank" in caplog.text
-    assert sorted(k for b in _epoch(loader) for k in b["key"]) == KEYS
+    assert sorted(k for b in _epoch(loader) for k in b.key) == KEYS
 
 
 def test_drop_partial_drops_the_short_batches(default_shards):
@@ -98,7 +98,7 @@ def test_drop_partial_drops_the_short_batches(default_shards):
     both = BucketConfig([Bucket(8, 32, 32, 2), Bucket(16, 32, 32, 3)], fps=8)  # 8-frame bucket fills
     loader = build_loader(DataConfig(shards=str(shards), buckets=both, num_workers=0, drop_partial=True))
     batches = _epoch(loader)
-    assert [sorted(b["key"]) for b in batches] == [["clip0", "clip2"]]
+    assert [sorted(b.key) for b in batches] == [["clip0", "clip2"]]
     filtered = collections_sum(s["filtered"] for s in loader.errors_before)
     assert filtered == {"partial_batch": 2}  # the two 16-frame clips wait for the next epoch
 
@@ -124,8 +124,8 @@ def test_exact_resume_across_short_batches(default_shards, workers, split):
     resumed = build_loader(cfg)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     got = head + list(itertools.islice(iter(resumed), 8 - split))
-    assert [b["key"] for b in got] == [b["key"] for b in ref]
-    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(got, ref, strict=True))
+    assert [b.key for b in got] == [b.key for b in ref]
+    assert all(torch.equal(x.video, y.video) for x, y in zip(got, ref, strict=True))
 
 
 def test_held_out_shards_are_named_as_data_val_shards(default_shards):

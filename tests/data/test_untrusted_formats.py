@@ -39,8 +39,8 @@ for naive in (False, True):
                       error_threshold=1.0, clip_decoder=decode_everything if naive else decode_clip)
     got = [b for _, b in batches(spec, errors) if b is not None]
     result["naive" if naive else "stream"] = {
-        "delivered": [b["key"] for b in got],
-        "max": [float(b["video"].max()) for b in got],
+        "delivered": [b.key for b in got],
+        "max": [float(b.video.max()) for b in got],
         "skipped": dict(errors.counts),
     }
 data = next(Path(src).glob("k.*")).read_bytes()

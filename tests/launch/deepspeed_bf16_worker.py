@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from data.batch import Batch
 from dit.diffusion import make_objective
 from launch import evaluate
 from launch.batches import Conditioner
@@ -58,7 +59,7 @@ def job(stage: int, precision: str = "bf16") -> JobConfig:
     return load_config(None, [*OVERRIDES, f"parallel.zero_stage={stage}", f"run.precision={precision}"])
 
 
-def latent_batch(cfg: JobConfig, rank: int) -> dict:
+def latent_batch(cfg: JobConfig, rank: int) -> Batch:
     """A latent-shard batch (latents + text states), different per rank: 8×8 pixel-codec latents of 2
     frames."""
     arch = cfg.model.arch
@@ -66,13 +67,15 @@ def latent_batch(cfg: JobConfig, rank: int) -> dict:
     b, text_len = SAMPLES_PER_RANK, 6
     mask = torch.ones(b, text_len, dtype=torch.bool)
     mask[1, 4:] = False
-    return {
-        "latent": torch.randn(b, arch.in_channels, 2, 8, 8, generator=g),
-        "text_emb": torch.randn(b, text_len, arch.text_dim, generator=g),
-        "text_mask": mask,
-        "fps": torch.full((b,), 8.0),
-        "key": [f"r{rank}-{i}" for i in range(b)],
-    }
+    return Batch(
+        bucket="2x8x8",
+        key=[f"r{rank}-{i}" for i in range(b)],
+        text=[""] * b,
+        fps=torch.full((b,), 8.0),
+        latent=torch.randn(b, arch.in_channels, 2, 8, 8, generator=g),
+        text_emb=torch.randn(b, text_len, arch.text_dim, generator=g),
+        text_mask=mask,
+    )
 
 
 def reference_loss(cfg: JobConfig, rank: int) -> torch.Tensor:

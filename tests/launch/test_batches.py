@@ -2,18 +2,21 @@
 
 import torch
 
+from data.batch import Batch
 from launch.batches import Conditioner
 from launch.config import load_config
 
 
 def _batch(b=6, t=4):
-    return {
-        "video": torch.rand(b, 3, t, 16, 16) * 2 - 1,
-        "text_emb": torch.randn(b, 5, 384),
-        "text_mask": torch.ones(b, 5, dtype=torch.bool),
-        "fps": torch.full((b,), 8.0),
-        "key": [f"k{i}" for i in range(b)],
-    }
+    return Batch(
+        bucket=f"{t}x16x16",
+        key=[f"k{i}" for i in range(b)],
+        text=[""] * b,
+        fps=torch.full((b,), 8.0),
+        video=torch.rand(b, 3, t, 16, 16) * 2 - 1,
+        text_emb=torch.randn(b, 5, 384),
+        text_mask=torch.ones(b, 5, dtype=torch.bool),
+    )
 
 
 def _conditioner(*overrides):

@@ -5,12 +5,14 @@ The codec's and text encoder's geometry come from their ``config.json`` alone, s
 here hold nothing else (no weights). What only a GPU run can confirm: that the memory plan's numbers
 are what the GPU then allocates (``parallel.plan``'s own validation)."""
 
+import dataclasses
 import json
 import re
 import sys
 
 import pytest
 
+from data.batch import Batch
 from dit.config import get_preset
 from dit.flops import count
 from launch.config import CONFIG_DIR
@@ -231,15 +233,17 @@ def test_declared_latents_train_on_latent_batches_and_refuse_pixels_naming_the_s
     )
     cond = Conditioner(cfg, torch.device("cpu"))
     latent = torch.randn(2, 4, 1, 8, 8)
-    batch = {
-        "latent": latent,
-        "text_emb": torch.randn(2, 5, 384),
-        "text_mask": torch.ones(2, 5, dtype=torch.bool),
-        "fps": torch.full((2,), 8.0),
-        "key": ["a", "b"],
-    }
+    batch = Batch(
+        bucket="1x64x64",
+        key=["a", "b"],
+        text=["", ""],
+        fps=torch.full((2,), 8.0),
+        latent=latent,
+        text_emb=torch.randn(2, 5, 384),
+        text_mask=torch.ones(2, 5, dtype=torch.bool),
+    )
     assert torch.equal(cond(batch, torch.Generator().manual_seed(0)).x0, latent)
-    raw = {**{k: v for k, v in batch.items() if k != "latent"}, "video": torch.zeros(2, 3, 1, 64, 64)}
+    raw = dataclasses.replace(batch, latent=None, video=torch.zeros(2, 3, 1, 64, 64))
     with pytest.raises(ValueError, match=r"data\.codec='latents:4,1,8' .*cannot encode raw video"):
         cond(raw, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"cannot decode samples"):

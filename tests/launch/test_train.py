@@ -1,5 +1,6 @@
 """End-to-end trainer tests through the CLI, with real shards, data workers and DCP checkpoints."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -138,7 +139,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, overrides):
     )
     tr = setup(cfg)
     batch = next(iter(tr.loader))
-    poisoned = {**batch, "video": torch.full_like(batch["video"], float("nan"))}
+    poisoned = dataclasses.replace(batch, video=torch.full_like(batch.video, float("nan")))
     before = [p.detach().clone() for p in tr.model.parameters()]
     stats = tr.train_step(iter([poisoned]))
     assert stats.loss != stats.loss and tr.skipped == 1 and tr.step == 1

@@ -116,7 +116,7 @@ def _held_out(case: tuple[str, str]) -> dict:
     _, val_dir = case
     cfg = load_config(None, [f"data.shards={val_dir}", f"data.val_shards={val_dir}", "eval.every=1", *EVAL])
     try:
-        got: object = [list(b["key"]) for b in held_out_batches(cfg, dist.get_rank(), 2)]
+        got: object = [list(b.key) for b in held_out_batches(cfg, dist.get_rank(), 2)]
     except ValueError as e:
         got = str(e)
     everyone = [None, None]
