@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -25,11 +26,10 @@ from dit.config import PRESETS, DiTConfig
 from dit.diffusion import DiffusionConfig
 from dit.sampling import SAMPLER_NAMES
 from launch.distributed import preempt_signum
-from parallel.config import ParallelConfig, checkpoint_every, timeout
+from parallel.config import ParallelConfig, check_choice, check_range
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SCHEDULES = ("cosine", "constant", "wsd")
-ENGINES = ("fsdp", "deepspeed")
+INF = math.inf
 
 
 @dataclass
@@ -49,6 +49,17 @@ class RunConfig:
     """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     progress: str = "auto"
     """``auto`` (a bar on a terminal, plain lines otherwise), ``bar`` or ``lines``."""
+
+    DEVICES: ClassVar[tuple[str, ...]] = ("auto", "cuda", "cpu")
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp32")
+    PROGRESS: ClassVar[tuple[str, ...]] = ("auto", "bar", "lines")
+
+    def validate(self, key: str = "run") -> None:
+        check_choice(self.device, self.DEVICES, f"{key}.device")
+        check_choice(self.precision, self.PRECISIONS, f"{key}.precision")
+        check_choice(self.progress, self.PROGRESS, f"{key}.progress")
+        check_range(self.max_bad_steps, f"{key}.max_bad_steps", 1)
+        preempt_signum(self.preempt_signal)
 
 
 @dataclass
@@ -81,6 +92,22 @@ class TrainData(DataConfig):
     """Caption encoder for raw shards and samples: ``minilm`` (bundled) or a local transformers folder."""
     max_text_len: int = 32
     """Tokens per caption for the text encoder."""
+
+    def validate(self, key: str = "data") -> None:
+        for name, low, high in (
+            ("num_workers", 0, 1024),
+            ("prefetch_factor", 1, INF),
+            ("shuffle_buffer", 0, INF),
+            ("error_threshold", 0.0, 1.0),
+            ("min_samples_for_threshold", 0, INF),
+            ("max_text_len", 1, INF),
+        ):
+            check_range(getattr(self, name), f"{key}.{name}", low, high)
+        check_range(self.buckets.fps, f"{key}.buckets.fps", 0.0, open_low=True)
+        ratio = self.buckets.image_ratio
+        if ratio is not None and not 0 <= ratio <= 1:
+            raise ValueError(f"{key}.buckets.image_ratio={ratio}: must be in [0, 1] (or null)")
+        limits(self)  # the loader's own check of its size limits (finite, positive), at load time
 
 
 @dataclass
@@ -122,6 +149,31 @@ class TrainConfig:
     continuation_frames: int = 2
     """Clean leading latent frames in a continuation sample."""
 
+    SCHEDULES: ClassVar[tuple[str, ...]] = ("cosine", "constant", "wsd")
+
+    def validate(self, key: str = "train") -> None:
+        check_choice(self.schedule, self.SCHEDULES, f"{key}.schedule")
+        check_range(self.lr, f"{key}.lr", 0.0, open_low=True)
+        check_range(self.eps, f"{key}.eps", 0.0, open_low=True)
+        for name, low, high in (
+            ("steps", 1, INF),
+            ("grad_accum", 1, INF),
+            ("grad_clip", 0.0, INF),
+            ("warmup", 0, INF),
+            ("min_lr_ratio", 0.0, 1.0),
+            ("decay_fraction", 0.0, 1.0),
+            ("weight_decay", 0.0, INF),
+            ("continuation_frames", 1, INF),
+        ):
+            check_range(getattr(self, name), f"{key}.{name}", low, high)
+        for i, beta in enumerate(self.betas):
+            check_range(beta, f"{key}.betas.{i}", 0.0, 1.0, open_high=True)
+        check_range(self.cfg_dropout, f"{key}.cfg_dropout", 0.0, 1.0, open_high=True)
+        check_range(self.ema_decay, f"{key}.ema_decay", 0.0, 1.0, open_high=True)
+        tasks = (self.task_t2v, self.task_i2v, self.task_continuation)
+        if min(tasks) < 0 or sum(tasks) <= 0:
+            raise ValueError(f"{key}.task_t2v/task_i2v/task_continuation: weights must be >= 0, not all 0")
+
 
 @dataclass
 class EvalConfig:
@@ -134,6 +186,11 @@ class EvalConfig:
     timesteps: int = 8
     """Points of the fixed grid t_i = (i + 0.5) / n at which every held-out sample is scored."""
 
+    def validate(self, key: str = "eval") -> None:
+        check_range(self.every, f"{key}.every", 0)
+        check_range(self.batches, f"{key}.batches", 1)
+        check_range(self.timesteps, f"{key}.timesteps", 1)
+
 
 @dataclass
 class CheckpointConfig:
@@ -143,6 +200,10 @@ class CheckpointConfig:
     """Save every N steps, and at the end and on preemption (0: only then)."""
     keep: int = 3
     """Complete checkpoints to keep (0: all); the newest is never deleted."""
+
+    def validate(self, key: str = "checkpoint") -> None:
+        check_range(self.every, f"{key}.every", 0)
+        check_range(self.keep, f"{key}.keep", 0)
 
 
 @dataclass
@@ -158,6 +219,10 @@ class LoggingConfig:
     phase_times: bool = False
     """On CUDA, synchronise at each phase boundary so forward/backward/optim times are exact (costs
     throughput; on a CPU the phases are exact anyway)."""
+
+    def validate(self, key: str = "logging") -> None:
+        check_range(self.every, f"{key}.every", 1)
+        check_range(self.sample_every, f"{key}.sample_every", 0)
 
 
 @dataclass
@@ -183,6 +248,12 @@ class SampleConfig:
     use_ema: bool = True
     """Sample with the EMA weights when the run keeps them."""
 
+    def validate(self, key: str = "sample") -> None:
+        check_choice(self.sampler, SAMPLER_NAMES, f"{key}.sampler")
+        for name in ("steps", "frames", "height", "width"):
+            check_range(getattr(self, name), f"{key}.{name}", 1)
+        check_range(self.fps, f"{key}.fps", 0.0, open_low=True)
+
 
 @dataclass
 class InitConfig:
@@ -200,6 +271,9 @@ class InitConfig:
     part of a deeper model."""
     freeze: list[str] = field(default_factory=list)
     """fnmatch patterns of parameter names to freeze (``blocks.*.attn.*``)."""
+
+    def validate(self, key: str = "init") -> None:
+        check_range(self.min_match, f"{key}.min_match", 0.0, 1.0)
 
 
 @dataclass
@@ -220,53 +294,32 @@ class JobConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
+    SECTIONS: ClassVar[tuple[str, ...]] = (
+        "run", "data", "train", "eval", "parallel", "checkpoint", "logging", "sample", "init",
+    )  # fmt: skip
+    """The sections with a ``validate(key)`` of their own (model.arch and diffusion check themselves
+    when they are built)."""
+
+    def validate(self) -> None:
+        """Every section's own checks, then the settings that contradict each other; each error names
+        the key. OmegaConf has checked the types already."""
+        bad = non_finite(self)
+        if bad:
+            raise ValueError(f"{bad[0]}={_lookup(self, bad[0])}: must be a finite number")
+        for name in self.SECTIONS:
+            getattr(self, name).validate(name)
+        check_range(self.diffusion.shift, "diffusion.shift", 0.0, open_low=True)
+        check_range(self.diffusion.num_timesteps, "diffusion.num_timesteps", 1)
+        errors = cross_field_errors(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+
 
 def _rename_from(node) -> None:
     # ``from`` is a Python keyword, so the dataclass field is ``from_``; users write ``init.from``.
     init = node.get("init") if hasattr(node, "get") else None
     if init is not None and "from" in init:
         init["from_"] = init.pop("from")
-
-
-def _choice(value: str, choices: tuple, key: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")
-
-
-# (key, lowest, highest, whether each end is excluded): the numeric settings a typo or a NaN would
-# turn into a silently broken run (a learning rate of inf trains to NaN weights)
-_RANGES = (
-    ("train.lr", 0.0, math.inf, True, False),
-    ("train.grad_clip", 0.0, math.inf, False, False),
-    ("train.warmup", 0, math.inf, False, False),
-    ("train.min_lr_ratio", 0.0, 1.0, False, False),
-    ("train.decay_fraction", 0.0, 1.0, False, False),
-    ("train.weight_decay", 0.0, math.inf, False, False),
-    ("train.eps", 0.0, math.inf, True, False),
-    ("train.betas.0", 0.0, 1.0, False, True),
-    ("train.betas.1", 0.0, 1.0, False, True),
-    ("train.continuation_frames", 1, math.inf, False, False),
-    ("data.num_workers", 0, 1024, False, False),
-    ("data.prefetch_factor", 1, math.inf, False, False),
-    ("data.shuffle_buffer", 0, math.inf, False, False),
-    ("data.error_threshold", 0.0, 1.0, False, False),
-    ("data.min_samples_for_threshold", 0, math.inf, False, False),
-    ("data.max_text_len", 1, math.inf, False, False),
-    ("data.buckets.fps", 0.0, math.inf, True, False),
-    ("init.min_match", 0.0, 1.0, False, False),
-    ("checkpoint.every", 0, math.inf, False, False),
-    ("checkpoint.keep", 0, math.inf, False, False),
-    ("eval.every", 0, math.inf, False, False),
-    ("eval.batches", 1, math.inf, False, False),
-    ("logging.sample_every", 0, math.inf, False, False),
-    ("sample.steps", 1, math.inf, False, False),
-    ("sample.frames", 1, math.inf, False, False),
-    ("sample.height", 1, math.inf, False, False),
-    ("sample.width", 1, math.inf, False, False),
-    ("sample.fps", 0.0, math.inf, True, False),
-    ("diffusion.shift", 0.0, math.inf, True, False),
-    ("diffusion.num_timesteps", 1, math.inf, False, False),
-)
 
 
 def _lookup(cfg, key: str):
@@ -289,22 +342,6 @@ def non_finite(obj, prefix: str = "") -> list[str]:
     return [k for name, v in items for k in non_finite(v, f"{prefix}.{name}" if prefix else name)]
 
 
-def _check_numbers(cfg: JobConfig) -> None:
-    bad = non_finite(cfg)
-    if bad:
-        raise ValueError(f"{bad[0]}={_lookup(cfg, bad[0])}: must be a finite number")
-    for key, low, high, open_low, open_high in _RANGES:
-        v = _lookup(cfg, key)
-        if v < low or (open_low and v == low) or v > high or (open_high and v == high):
-            want = f"{'>' if open_low else '>='} {low}"
-            if high != math.inf:
-                want += f" and {'<' if open_high else '<='} {high}"
-            raise ValueError(f"{key}={v}: must be {want}")
-    ratio = cfg.data.buckets.image_ratio
-    if ratio is not None and not 0 <= ratio <= 1:
-        raise ValueError(f"data.buckets.image_ratio={ratio}: must be in [0, 1] (or null)")
-
-
 def cross_field_errors(cfg: JobConfig) -> list[str]:
     """Settings that contradict each other, found from the config alone (no file is read), one
     sentence naming the keys for each; ``python -m launch.train --dry-run`` checks what needs the
@@ -324,48 +361,8 @@ def cross_field_errors(cfg: JobConfig) -> list[str]:
 
 
 def validate(cfg: JobConfig) -> None:
-    """Cross-field checks OmegaConf's types cannot express; each error names the key."""
-    _check_numbers(cfg)
-    _choice(cfg.run.device, ("auto", "cuda", "cpu"), "run.device")
-    _choice(cfg.run.precision, ("auto", "bf16", "fp32"), "run.precision")
-    _choice(cfg.run.progress, ("auto", "bar", "lines"), "run.progress")
-    preempt_signum(cfg.run.preempt_signal)
-    limits(cfg.data)  # the loader's own check of its size limits (finite, positive), at load time
-    _choice(cfg.train.schedule, SCHEDULES, "train.schedule")
-    _choice(cfg.parallel.engine, ENGINES, "parallel.engine")
-    _choice(cfg.parallel.backend, ("auto", "nccl", "gloo"), "parallel.backend")
-    _choice(cfg.sample.sampler, SAMPLER_NAMES, "sample.sampler")
-    positive = {
-        "train.steps": cfg.train.steps,
-        "train.grad_accum": cfg.train.grad_accum,
-        "logging.every": cfg.logging.every,
-        "eval.timesteps": cfg.eval.timesteps,
-        "run.max_bad_steps": cfg.run.max_bad_steps,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{key}={value}: must be at least 1")
-    if not 0 <= cfg.train.cfg_dropout < 1:
-        raise ValueError(f"train.cfg_dropout={cfg.train.cfg_dropout}: must be in [0, 1)")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ValueError(f"train.ema_decay={cfg.train.ema_decay}: must be in [0, 1)")
-    tasks = (cfg.train.task_t2v, cfg.train.task_i2v, cfg.train.task_continuation)
-    if min(tasks) < 0 or sum(tasks) <= 0:
-        raise ValueError("train.task_t2v/task_i2v/task_continuation: weights must be >= 0, not all 0")
-    for key in ("dp_replicate", "tp", "cp"):
-        if getattr(cfg.parallel, key) < 1:
-            raise ValueError(f"parallel.{key}={getattr(cfg.parallel, key)}: must be at least 1")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise ValueError(f"parallel.dp_shard={cfg.parallel.dp_shard}: must be -1 or at least 1")
-    if cfg.parallel.cp_ring < 0:
-        raise ValueError(f"parallel.cp_ring={cfg.parallel.cp_ring}: must be 0 (auto) or at least 1")
-    if cfg.parallel.zero_stage not in (1, 2, 3):
-        raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: must be 1, 2 or 3")
-    checkpoint_every(cfg.parallel.activation_checkpointing)
-    timeout(cfg.parallel.timeout_minutes)  # at load time, not after the job has its nodes
-    errors = cross_field_errors(cfg)
-    if errors:
-        raise ValueError("; ".join(errors))
+    """:meth:`JobConfig.validate` (kept for callers holding a config they built in code)."""
+    cfg.validate()
 
 
 def parse_overrides(overrides: list[str]):
@@ -428,7 +425,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
         cfg.data.buckets = load_bucket_file(cfg.data.bucket_file)
         cfg.data.bucket_file = ""  # now inline, so the saved config stands on its own
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 

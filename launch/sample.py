@@ -27,7 +27,7 @@ from dit.diffusion import make_objective
 from dit.model import build_model
 from dit.sampling import SAMPLER_NAMES, sample
 from launch.batches import bf16_compute, encoder_dtype, null_condition
-from launch.config import SampleConfig, load_config
+from launch.config import RunConfig, SampleConfig, load_config
 from launch.export import export_config, read_export_config
 from launch.finetune import read_weights
 from parallel import checkpoint as ckpt
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--precision",
-        choices=("auto", "bf16", "fp32"),
+        choices=RunConfig.PRECISIONS,
         default="auto",
         help="the DiT under bf16 autocast (fp32 weights), as the run trained; auto: bf16 on CUDA. On CUDA "
         "the text encoder and VAE then load in bf16 too",

@@ -6,11 +6,33 @@ import datetime
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
+
+
+def check_choice(value, choices: tuple, key: str) -> None:
+    """A ValueError naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+def check_range(
+    value, key: str, low: float = -math.inf, high: float = math.inf, *, open_low=False, open_high=False
+) -> None:
+    """A ValueError naming ``key`` unless ``low <= value <= high`` (an open end excludes itself)."""
+    if value < low or (open_low and value == low) or value > high or (open_high and value == high):
+        want = f"{'>' if open_low else '>='} {low}"
+        if high != math.inf:
+            want += f" and {'<' if open_high else '<='} {high}"
+        raise ValueError(f"{key}={value}: must be {want}")
 
 
 @dataclass
 class ParallelConfig:
     """How ranks split the work. The product ``dp_replicate · dp_shard · cp · tp`` is the world size."""
+
+    ENGINES: ClassVar[tuple[str, ...]] = ("fsdp", "deepspeed")
+    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "nccl", "gloo")
+    ZERO_STAGES: ClassVar[tuple[int, ...]] = (1, 2, 3)
 
     dp_shard: int = -1
     """FSDP2 sharding degree (-1: whatever is left of the world size)."""
@@ -53,6 +75,19 @@ class ParallelConfig:
     the default one and the mesh's). Generous by default: rank 0 builds the initial weights on CPU
     while the others wait in a broadcast (minutes for a 14B model), and checkpoints are written
     between collectives. torch's own default is 10 minutes for nccl."""
+
+    def validate(self, key: str = "parallel") -> None:
+        """A ValueError naming the first field (as ``key.field``) that cannot be right."""
+        check_choice(self.engine, self.ENGINES, f"{key}.engine")
+        check_choice(self.backend, self.BACKENDS, f"{key}.backend")
+        check_choice(self.zero_stage, self.ZERO_STAGES, f"{key}.zero_stage")
+        for name in ("dp_replicate", "tp", "cp"):
+            check_range(getattr(self, name), f"{key}.{name}", 1)
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ValueError(f"{key}.dp_shard={self.dp_shard}: must be -1 or at least 1")
+        check_range(self.cp_ring, f"{key}.cp_ring", 0)  # 0: auto
+        checkpoint_every(self.activation_checkpointing, f"{key}.activation_checkpointing")
+        timeout(self.timeout_minutes, f"{key}.timeout_minutes")  # at load time, not once the job has nodes
 
 
 def checkpoint_every(mode: str, field: str = "parallel.activation_checkpointing") -> int:

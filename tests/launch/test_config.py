@@ -107,3 +107,41 @@ def test_schedules():
     assert lr_factor(89, wsd) == pytest.approx(0.5) and lr_factor(99, wsd) == pytest.approx(0.0)
     const = TrainConfig(steps=100, warmup=0, schedule="constant")
     assert {lr_factor(s, const) for s in range(100)} == {1.0}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.device=gpu", r"run\.device='gpu': expected one of auto, cuda, cpu"),
+        ("run.max_bad_steps=0", r"run\.max_bad_steps=0: must be >= 1"),
+        ("data.num_workers=-1", r"data\.num_workers=-1: must be >= 0 and <= 1024"),
+        ("train.schedule=linear", r"train\.schedule='linear': expected one of cosine, constant, wsd"),
+        ("train.ema_decay=1.0", r"train\.ema_decay=1\.0: must be >= 0\.0 and < 1\.0"),
+        ("eval.batches=0", r"eval\.batches=0: must be >= 1"),
+        ("parallel.zero_stage=4", r"parallel\.zero_stage=4: expected one of 1, 2, 3"),
+        ("parallel.engine=megatron", r"parallel\.engine='megatron': expected one of fsdp, deepspeed"),
+        ("parallel.tp=0", r"parallel\.tp=0: must be >= 1"),
+        ("checkpoint.keep=-1", r"checkpoint\.keep=-1: must be >= 0"),
+        ("logging.every=0", r"logging\.every=0: must be >= 1"),
+        ("sample.sampler=ddpm", r"sample\.sampler='ddpm': expected one of euler, heun, ddim, dpm\+\+2m"),
+        ("init.min_match=2", r"init\.min_match=2\.0: must be >= 0\.0 and <= 1\.0"),
+    ],
+)
+def test_each_section_checks_its_own_fields_and_names_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_a_section_built_in_code_validates_itself_under_the_key_it_is_given():
+    """The checks belong to the config classes: a ParallelConfig or TrainConfig made by a benchmark or a
+    test is checked without a JobConfig around it, and its errors name the key it is given."""
+    from launch.config import TrainConfig
+    from parallel.config import ParallelConfig
+
+    ParallelConfig(tp=2, cp=2).validate()
+    with pytest.raises(ValueError, match=r"layout\.cp_ring=-1: must be >= 0"):
+        ParallelConfig(cp_ring=-1).validate("layout")
+    with pytest.raises(ValueError, match=r"parallel\.activation_checkpointing='some'"):
+        ParallelConfig(activation_checkpointing="some").validate()
+    with pytest.raises(ValueError, match=r"train\.betas\.1=1\.0: must be >= 0\.0 and < 1\.0"):
+        TrainConfig(betas=(0.9, 1.0)).validate()
