@@ -213,7 +213,6 @@ def _step(model: nn.Module, scale: int, inp: dict, acts=None, counter=None) -> f
         counter.phase = "fwd"
     start = time.perf_counter()
     with acts if acts is not None else contextlib.nullcontext():
-        # x and t positional: the context-parallel pre-hook reads them from args, as the trainer passes them
         out = model(inp["x"], inp["t"], context=inp["context"], context_mask=inp["context_mask"])
     if counter is not None:
         counter.phase = "bwd"

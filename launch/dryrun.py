@@ -255,7 +255,7 @@ def _split_errors(
             f"frames are not divisible by parallel.cp={dims.cp}"
         )
     per_frame = cfg.train.task_i2v > 0 or cfg.train.task_continuation > 0
-    if per_frame and not sample and t > 1 and frames % ways:
+    if per_frame and not sample and frames > 1 and frames % ways:  # one modulation vector: no per-frame cut
         out.append(
             f"{what}: image-to-video and continuation (train.task_i2v / task_continuation > 0) use "
             f"per-frame timesteps, which need whole latent frames on each rank: {frames} are not "

@@ -319,3 +319,19 @@ def test_a_bad_bucket_file_is_one_error_naming_the_file(spec, named, tmp_path, c
     code, report, _ = dry_in_process(capsys, CONFIG_DIR / "tiny.yaml", f"data.bucket_file={path}")
     assert code == 2 and report["ok"] is False
     assert any(f"data.bucket_file={path}" in e and named in e for e in report["errors"]), report["errors"]
+
+
+def test_per_frame_timesteps_with_one_modulation_vector_need_no_frame_cut():
+    """pt=2 and 2 latent frames make one frame of patches, one modulation vector: the model cuts that
+    exactly (tests/parallel/test_context_cut.py), so the dry run must not refuse it; 4 frames of
+    patches over cp=8 it must."""
+    from launch.config import load_config
+    from launch.dryrun import _split_errors
+    from parallel.parallelize import make_dims
+
+    cfg = load_config(None, ["model.arch.patch_size=[2,2,2]", "train.task_i2v=1", "parallel.cp=2"])
+    dims = make_dims(cfg.parallel, 2, cfg.model.arch)
+    assert _split_errors(cfg, 2, 64, dims, "bucket 5x32x32", sample=False) == []
+    wide = load_config(None, ["model.arch.patch_size=[2,2,2]", "train.task_i2v=1", "parallel.cp=8"])
+    errors = _split_errors(wide, 8, 64, make_dims(wide.parallel, 8, wide.model.arch), "b", sample=False)
+    assert len(errors) == 1 and "4 are not divisible by parallel.cp=8" in errors[0]
