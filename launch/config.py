@@ -182,7 +182,9 @@ class EvalConfig:
     every: int = 0
     """Evaluate every N steps and at the end (0: never)."""
     batches: int = 4
-    """Held-out batches per evaluation (the same ones every time)."""
+    """Held-out batches per evaluation, over all data-parallel ranks (the first ones of one pass over
+    ``data.val_shards``, the same every time and under every layout; a multiple of the data-parallel
+    size keeps every rank busy)."""
     timesteps: int = 8
     """Points of the fixed grid t_i = (i + 0.5) / n at which every held-out sample is scored."""
 

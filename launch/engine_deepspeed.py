@@ -177,6 +177,11 @@ def build_zero_engine(
     n_params = num_params(model)
     freeze_logged(model, cfg.init.freeze)
     apply_megatron_tp(model, groups.tp_group)
+    if dims.tp > 1 and p.sequence_parallel and env.rank == 0:
+        log.info(
+            "parallel.sequence_parallel is an engine=fsdp setting: megatron-core tensor parallel runs "
+            "without it"
+        )
     cut_sequence(model, dims, mesh)  # no sequence parallelism: megatron's cuts dim 0 of [s, b, h]
     apply_activation_checkpointing(model, p.activation_checkpointing)  # the FSDP engine's, selective too
     model.train()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data.batch import Batch
-from data.pipeline import Loader, build_loader, list_shards
+from data.pipeline import Loader, build_loader
 from dit.diffusion import Objective
 from launch.batches import Conditioner, expect_for, run_bf16
 from launch.config import JobConfig
@@ -38,14 +39,25 @@ VAL_KEY = "data.val_shards"
 """What the held-out loader's errors name."""
 
 
-def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[Batch]:
-    """The first ``eval.batches`` batches of one pass over ``data.val_shards`` for this data-parallel
-    rank, in a fixed order (no shuffling, no workers), kept in memory and reused at every evaluation.
+@dataclass
+class HeldOut:
+    """This rank's share of the held-out batches, padded to the same length on every rank."""
 
-    Every rank ends up with the same number of batches, the fewest any rank has: each forward of a
-    sharded model is a collective, so a rank with more batches would wait for the others forever. A
-    pass never wraps around (a small held-out set is scored once per sample, not repeated to fill
-    ``eval.batches``). Errors on any rank are raised on every rank, naming ``data.val_shards``.
+    batches: list[Batch]
+    scored: int
+    """The first ``scored`` batches count; the rest repeat one of them so that every rank makes the
+    same number of forwards (each forward of a sharded model is a collective), and are not counted."""
+
+
+def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> HeldOut:
+    """Batch ``dp_rank``, ``dp_rank + dp_size``, … of the first ``eval.batches`` batches of one pass over
+    ``data.val_shards``: in a fixed order (no shuffling, no workers, no resampling, short batches kept),
+    kept in memory and reused at every evaluation.
+
+    Every rank reads the whole held-out set the way one process does and keeps its share, so the
+    scored samples are the same under every layout: ``eval.batches`` is a global count. The shares are
+    padded to one length (:class:`HeldOut`). A pass never wraps around; errors on any rank are raised
+    on every rank, naming ``data.val_shards``.
 
     Args:
         cfg: job config (``data``, ``data.val_shards``, ``eval.batches``, the model for ``expect``).
@@ -55,42 +67,43 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> list[Batch]:
     if not cfg.data.val_shards:
         raise ValueError("eval.every is set but data.val_shards is empty")
     val = dataclasses.replace(
-        cfg.data, shards=cfg.data.val_shards, prefix="val", num_workers=0, shuffle_buffer=0, random_crop=False
+        cfg.data,
+        shards=cfg.data.val_shards,
+        prefix="val",
+        num_workers=0,
+        shuffle_buffer=0,
+        random_crop=False,
+        resampled=False,
+        drop_partial=False,
     )
-    found, error = [], None
+    mine, first, total, error = [], None, 0, None
     try:
-        # fewer held-out shards than ranks: every rank still needs batches, so draw shards (seeded)
-        val.resampled = val.resampled or len(list_shards(val, key=VAL_KEY)) < dp_size
-        found = _one_pass(
-            build_loader(val, dp_rank, dp_size, expect=expect_for(cfg), key=VAL_KEY), cfg.eval.batches
-        )
-    except (ValueError, OSError) as e:  # the others must hear of it before they wait in a collective
+        loader = build_loader(val, 0, 1, expect=expect_for(cfg), key=VAL_KEY)  # the whole set, as one process
+        for i, batch in enumerate(_one_pass(loader, cfg.eval.batches)):
+            first = batch if first is None else first
+            total += 1
+            if i % dp_size == dp_rank:
+                mine.append(batch)
+    except Exception as e:  # noqa: BLE001 (whatever it is, the others must hear of it before a collective)
         error = e
-    n = agreed_count(len(found) if error is None else -1)
-    if error is not None:
-        raise error
-    if n < 0:
+    if agreed_count(0 if error is None else -1) < 0:
+        if error is not None:
+            raise error
         raise ValueError(
-            f"data.val_shards={cfg.data.val_shards!r}: another rank could not read its "
-            "held-out batches (see its error)"
+            f"data.val_shards={cfg.data.val_shards!r}: another rank could not read the held-out batches "
+            "(see its error)"
         )
-    if n == 0:
-        raise ValueError(
-            f"data.val_shards={cfg.data.val_shards!r}: some data-parallel rank has no held-out batch "
-            f"(this one, dp_rank {dp_rank} of {dp_size}, has {len(found)}); write more or smaller val "
-            "shards, or fewer per-rank batch sizes in data.buckets"
-        )
-    if n < len(found):
-        log.warning(
-            "data.val_shards: dp_rank %d scores %d of its %d held-out batches (the fewest any data-parallel "
-            "rank has; eval.batches=%d)",
-            dp_rank,
-            n,
-            len(found),
-            cfg.eval.batches,
-        )
-    log.info("held-out: %d batches per data-parallel rank from data.val_shards", n)
-    return found[:n]
+    if total == 0:  # every rank read the same set: all of them stop here
+        raise ValueError(f"data.val_shards={cfg.data.val_shards!r}: one pass gave no held-out batch")
+    per_rank = -(-total // dp_size)
+    log.info(
+        "held-out: %d batches from data.val_shards, %d per data-parallel rank%s",
+        total,
+        per_rank,
+        "" if total % dp_size == 0 else " (the others repeat one, uncounted)",
+    )
+    scored = len(mine)
+    return HeldOut(mine + [mine[0] if mine else first] * (per_rank - scored), scored)
 
 
 def _one_pass(loader: Loader, limit: int) -> list[Batch]:
@@ -142,7 +155,7 @@ def validation_loss(
     model: nn.Module,
     obj: Objective,
     conditioner: Conditioner,
-    batches: list[Batch],
+    held_out: HeldOut,
     cfg: JobConfig,
     dp_rank: int,
 ) -> float:
@@ -150,25 +163,27 @@ def validation_loss(
 
     The value depends on the held-out samples alone, not on the parallel layout: each sample's noise
     is seeded by its key (:func:`noise_seed`), and context/tensor-parallel peers, which score the same
-    samples, count them equally often. Every rank scores the same number of batches (the fewest any
-    rank was given), since every forward of a sharded model is a collective.
+    samples, count them equally often. Every rank makes the same number of forwards (the padded
+    :class:`HeldOut`), since every forward of a sharded model is a collective.
 
     Args:
         model: the module the trainer calls (FSDP/DeepSpeed-wrapped or plain).
         obj: the diffusion objective.
         conditioner: turns a loader batch into latents and model keyword arguments.
-        batches: this rank's held-out batches (:func:`held_out_batches`), each with ``key``.
+        held_out: this rank's held-out batches (:func:`held_out_batches`).
         cfg: job config (``seed``, ``eval.timesteps``, the precision rules).
-        dp_rank: this rank's data-parallel index (named in the log when its batches are cut).
+        dp_rank: this rank's data-parallel index (named if the ranks disagree on the batch count).
     """
-    n = agreed_count(len(batches))
-    if n < len(batches):
-        log.warning("validation: dp_rank %d scores %d of its %d held-out batches", dp_rank, n, len(batches))
+    n = len(held_out.batches)
+    if agreed_count(n) != -agreed_count(-n):  # a caller's own lists: never wait in a forward
+        raise ValueError(
+            f"validation: the ranks hold different numbers of held-out batches ({n} on dp_rank {dp_rank})"
+        )
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     device = None
-    for batch in batches[:n]:
+    for j, batch in enumerate(held_out.batches):
         # nothing in an evaluation batch is drawn (no caption dropout, no tasks): the generator is unused
         prep = conditioner(batch, torch.Generator().manual_seed(cfg.seed), train=False)
         device, b = prep.x0.device, prep.x0.shape[0]
@@ -177,8 +192,9 @@ def validation_loss(
             t = grid_times(obj, cfg, b, i, device)
             with _precision(cfg, device):
                 out = obj.loss(model, prep.x0, prep.kwargs, noise=noise, t=t)
-            total += float(out.per_frame.double().mean(1).sum())
-            count += b
+            if j < held_out.scored:  # a padding batch runs only for the collectives
+                total += float(out.per_frame.double().mean(1).sum())
+                count += b
     model.train(was_training)
     total = all_reduce(total, "sum", device)
     count = all_reduce(float(count), "sum", device)

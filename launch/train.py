@@ -352,7 +352,7 @@ def _train(tr: Trainer) -> dict:
         progress.line(
             f"{cfg.model.preset}: {n:,} parameters, {env.world} process(es) on {dev}; run dir {tr.run_dir}"
         )
-    val_batches = evaluate.held_out_batches(cfg, tr.dp_rank, tr.dims.dp) if cfg.eval.every else []
+    held_out = evaluate.held_out_batches(cfg, tr.dp_rank, tr.dims.dp) if cfg.eval.every else None
     peak = peak_flops() if dev.type == "cuda" else None
     batches = iter(tr.loader)
     record: dict = {}
@@ -372,7 +372,7 @@ def _train(tr: Trainer) -> dict:
                 extra["val_loss"] = _with_ema(
                     tr,
                     lambda: evaluate.validation_loss(
-                        tr.model, tr.objective, tr.conditioner, val_batches, cfg, tr.dp_rank
+                        tr.model, tr.objective, tr.conditioner, held_out, cfg, tr.dp_rank
                     ),
                 )
             if step % cfg.logging.every == 0 or last:

@@ -62,7 +62,7 @@ class ReplicateParallel(ParallelStyle):
         return module
 
 
-class GatherSequence(ParallelStyle):
+class GatherResidualInput(ParallelStyle):
     """A sub-layer whose first input is the residual stream cut along the sequence (B×N/tp×D):
     all-gathered to the whole sequence as a replicated DTensor, kept a DTensor so its backward
     reduce-scatters. Its other inputs (grid and rope, or the caption) pass untouched, whatever their
@@ -104,7 +104,7 @@ def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Para
             styles[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
         elif kind == RESIDUAL_INPUT:
             if sequence_parallel:
-                styles[name] = GatherSequence()
+                styles[name] = GatherResidualInput()
         elif kind == RESIDUAL_NORM and sequence_parallel:
             # affine LayerNorm on a sequence chunk: a replicated DTensor weight sums its gradient
             styles[name] = SequenceParallel(use_local_output=True)

@@ -1,7 +1,8 @@
 """The validation loss the trainer logs does not depend on the parallel layout (real ``launch.train``,
 one process and 2 gloo processes under torchrun): cp=2, tp=2 and dp=2 log the single-process value on
-the same held-out samples; uneven held-out shards neither hang nor bias it, and a rank with no batch is
-an error naming ``data.val_shards`` on every rank.
+the same held-out set; a held-out set that does not split evenly over the data-parallel ranks neither
+hangs nor biases it, and an unreadable held-out shard is an error naming ``data.val_shards`` on every
+rank.
 
 The model barely moves in its one training step (``train.lr=1e-12``): dp=2 trains on a different global
 batch than one process, and the comparison is about evaluation, not training.
@@ -48,8 +49,8 @@ def _repack(src: Path, groups: list[list[str]], out: Path) -> str:
 @pytest.fixture(scope="module")
 def val_sets(tmp_path_factory):
     """Held-out sets of 2-sample batches (one bucket, videos only): ``even`` is two shards of one
-    batch each; ``uneven`` gives the rank that draws its first shard 2 batches and the other 1 (its
-    first batch is the even set's); in ``short`` one shard is empty, so its rank has no batch."""
+    batch each; ``uneven`` is 3 batches (2 + 1), which 2 data-parallel ranks cannot split evenly; in
+    ``broken`` the second shard is not a tar (skipped: one batch in all); ``missing`` names no shard."""
     from data.synthetic import generate
 
     d = tmp_path_factory.mktemp("val")
@@ -59,10 +60,13 @@ def val_sets(tmp_path_factory):
         k = [m.name[:-5] for m in tar.getmembers() if m.name.endswith(".json")]
         k = [key for key in k if json.load(tar.extractfile(f"{key}.json"))["duration"] >= 1.0]
     assert len(k) >= 6
+    broken = Path(_repack(src, [k[0:2]], d / "broken"))
+    (broken / "val-000001.tar").write_bytes(b"not a tar archive" * 64)
     return {
         "even": _repack(src, [k[0:2], k[2:4]], d / "even"),
         "uneven": _repack(src, [k[0:2] + k[4:6], k[2:4]], d / "uneven"),
-        "short": _repack(src, [k[0:2], []], d / "short"),
+        "broken": str(broken),
+        "missing": str(d / "raw" / "nothing-*.tar"),
     }
 
 
@@ -76,7 +80,9 @@ def _val_loss(proc, run_dir) -> float:
 def one_process(tmp_path_factory, overrides, val_sets):
     rd = tmp_path_factory.mktemp("one") / "run"
     proc = run(train_cmd(rd, *EVAL, f"data.val_shards={val_sets['even']}", overrides=overrides))
-    assert "held-out: 2 batches per data-parallel rank" in proc.stderr, proc.stderr[-3000:]
+    assert "held-out: 2 batches from data.val_shards, 2 per data-parallel rank" in proc.stderr, proc.stderr[
+        -3000:
+    ]
     return _val_loss(proc, rd)
 
 
@@ -91,23 +97,34 @@ def test_val_loss_under_a_parallel_layout_is_the_single_process_value(
     together score the samples one process scores, with the same noise."""
     rd = tmp_path / "run"
     proc = run(torchrun_cmd(rd, *EVAL, f"data.val_shards={val_sets['even']}", layout, overrides=overrides))
-    assert f"held-out: {per_rank} batches per data-parallel rank" in proc.stderr, proc.stderr[-3000:]
+    want = f"held-out: 2 batches from data.val_shards, {per_rank} per data-parallel rank"
+    assert want in proc.stderr, proc.stderr[-3000:]
     got = _val_loss(proc, rd)
     assert abs(got - one_process) <= 1e-5 * one_process, (layout, got, one_process)
 
 
-def test_uneven_val_shards_agree_on_the_fewest_batches(tmp_path, overrides, val_sets, one_process):
-    """One data-parallel rank has 2 held-out batches, the other 1: both score 1 (no rank waits in a
-    forward the other never makes), which together are the even set's samples."""
+def test_a_held_out_set_that_does_not_split_evenly_gives_the_single_process_value(
+    tmp_path, overrides, val_sets
+):
+    """3 held-out batches over 2 data-parallel ranks: rank 0 scores 2, rank 1 scores 1 and repeats it
+    uncounted (no rank waits in a forward the other never makes); together they score the 3 batches
+    one process scores. (Each rank once read only its own shards and both stopped at the fewest: 2 of
+    the 3 batches, a different number.)"""
+    one = tmp_path / "one"
+    ref = _val_loss(
+        run(train_cmd(one, *EVAL, f"data.val_shards={val_sets['uneven']}", overrides=overrides)), one
+    )
     rd = tmp_path / "run"
     proc = run(torchrun_cmd(rd, *EVAL, f"data.val_shards={val_sets['uneven']}", overrides=overrides))
-    assert "scores 1 of its 2 held-out batches" in proc.stderr, proc.stderr[-3000:]
+    want = "held-out: 3 batches from data.val_shards, 2 per data-parallel rank (the others repeat one"
+    assert want in proc.stderr, proc.stderr[-3000:]
     got = _val_loss(proc, rd)
-    assert abs(got - one_process) <= 1e-5 * one_process, (got, one_process)
+    assert abs(got - ref) <= 1e-5 * ref, (got, ref)
 
 
 def _held_out(case: tuple[str, str]) -> dict:
-    """Each rank's held-out keys (or its error) under dp=2, gathered on rank 0."""
+    """Each rank's share of the held-out keys (or its error) under dp=2, and the one-process pass,
+    gathered on rank 0."""
     import torch.distributed as dist
 
     from launch.config import load_config
@@ -116,32 +133,39 @@ def _held_out(case: tuple[str, str]) -> dict:
     _, val_dir = case
     cfg = load_config(None, [f"data.shards={val_dir}", f"data.val_shards={val_dir}", "eval.every=1", *EVAL])
     try:
-        got: object = [list(b.key) for b in held_out_batches(cfg, dist.get_rank(), 2)]
-    except ValueError as e:
-        got = str(e)
+        share = held_out_batches(cfg, dist.get_rank(), 2)
+        got: object = {"keys": [list(b.key) for b in share.batches], "scored": share.scored}
+        whole = [list(b.key) for b in held_out_batches(cfg, 0, 1).batches]
+    except (ValueError, FileNotFoundError) as e:
+        got, whole = f"{type(e).__name__}: {e}", None
     everyone = [None, None]
     dist.all_gather_object(everyone, got)
-    return {"ranks": everyone}
+    return {"ranks": everyone, "whole": whole}
 
 
 def held_out_worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
     serve(rank, world, port, cases, out_dir, _held_out, name=lambda c: c[0])
 
 
-def test_held_out_batches_agree_over_ranks_or_fail_on_every_rank(tmp_path, val_sets):
-    """2 gloo ranks, dp=2, the held-out loader alone: uneven shards give each rank as many batches as
-    the rank with fewest (its first ones); a rank with none fails, and so does its peer, both naming
-    ``data.val_shards``, instead of one of them going on to wait in a forward."""
-    cases = [("uneven", val_sets["uneven"]), ("short", val_sets["short"])]
+def test_held_out_batches_split_one_pass_over_ranks_or_fail_on_every_rank(tmp_path, val_sets):
+    """2 gloo ranks, dp=2, the held-out loader alone: rank r keeps batches r, r + 2, … of the pass one
+    process makes, padded to one length with an uncounted repeat (a rank with no batch of its own
+    repeats one); no held-out shard fails both ranks, naming ``data.val_shards``, instead of one of
+    them going on to wait in a forward."""
+    cases = [(name, val_sets[name]) for name in ("uneven", "broken", "missing")]
     got = run_group(2, held_out_worker, cases, tmp_path, names=[c[0] for c in cases])
-    uneven = got["uneven"]["ranks"]
-    assert all(isinstance(r, list) and len(r) == 1 for r in uneven), uneven
-    keys = _keys(val_sets["uneven"])
-    # the big shard's first batch and the small shard's only one
-    assert sorted(r[0] for r in uneven) == sorted([keys[0][:2], keys[1]])
-    short = got["short"]["ranks"]
-    assert all(isinstance(r, str) and "data.val_shards" in r and "data.shards" not in r for r in short), short
-    assert sum("another rank could not read" in r for r in short) == 1, short
+    whole, (r0, r1) = got["uneven"]["whole"], got["uneven"]["ranks"]
+    assert len(whole) == 3 and sorted(k for b in whole for k in b) == sorted(
+        k for s in _keys(val_sets["uneven"]) for k in s
+    )
+    assert (r0["keys"], r0["scored"]) == ([whole[0], whole[2]], 2)
+    assert (r1["keys"], r1["scored"]) == ([whole[1], whole[1]], 1)
+    (one,), (r0, r1) = got["broken"]["whole"], got["broken"]["ranks"]
+    assert (r0["keys"], r0["scored"], r1["keys"], r1["scored"]) == ([one], 1, [one], 0)
+    missing = got["missing"]["ranks"]
+    assert all(isinstance(r, str) and "data.val_shards" in r and "data.shards=" not in r for r in missing), (
+        missing
+    )
 
 
 def _keys(val_dir: str) -> list[list[str]]:
