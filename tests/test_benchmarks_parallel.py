@@ -11,6 +11,8 @@ from benchmarks.comm_volume import attention_comm_bytes
 from benchmarks.parallel_layouts import Layout, Spec, run_group, summarize
 from dit.config import DiTConfig
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cp2(tmp_path_factory):

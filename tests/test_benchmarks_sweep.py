@@ -77,6 +77,7 @@ def test_grid_errors_name_the_file_and_key(tmp_path, shards):
         sweep.load_grid(bad)
 
 
+@pytest.mark.slow
 def test_local_sweep_resumes_skips_and_collects_a_failed_run(tmp_path, shards):
     out = tmp_path / "out"
     # lr = -1 is refused by the trainer's config check: that run fails, the others go on
@@ -103,6 +104,7 @@ def test_local_sweep_resumes_skips_and_collects_a_failed_run(tmp_path, shards):
     assert proc.returncode == 1 and attempts.read_text() == before
 
 
+@pytest.mark.slow
 def test_slurm_run_is_one_job_array_over_the_unfinished_runs(tmp_path, shards):
     out = tmp_path / "out"
     sweep.plan(_grid(tmp_path, shards), out)

@@ -13,6 +13,9 @@ from benchmarks import report, throughput
 from dit.config import get_preset
 from dit.flops import count
 
+pytestmark = pytest.mark.slow
+
+
 ARGS = [
     "--presets", "tiny", "--shapes", "4x8x8", "--depth", "2", "--backends", "sdpa,math",
     "--ac", "none,full,selective", "--compile", "off", "--iters", "2", "--warmup", "1", "--text-len", "8",

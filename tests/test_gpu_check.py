@@ -21,6 +21,9 @@ from benchmarks.throughput import recomputed_flops
 from dit.config import get_preset
 from dit.flops import count
 
+pytestmark = pytest.mark.slow
+
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 CONFIGS = sorted(p.stem for p in (ROOT / "launch" / "configs").glob("*.yaml"))

@@ -178,6 +178,7 @@ def test_cli_infeasible_split_names_the_flag(capsys):
     assert "--layout tp=3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ac", ["none", "full"])
 def test_activation_bytes_match_a_real_cpu_run(ac):
     """A real forward under bf16 autocast on CPU (norms in fp32 as CUDA autocast runs them), bytes

@@ -34,6 +34,7 @@ def _isoflop_rows(sigma: float, seed: int, sizes: int = 5, budgets: int = 5) -> 
     return rows
 
 
+@pytest.mark.slow
 def test_parametric_fit_recovers_chinchilla():
     rng = np.random.default_rng(0)
     # wide enough in N and D that E is identified (over 1e6..1e8 × 1e8..1e10 E drifts by up to 6% with σ)
@@ -74,6 +75,7 @@ def test_fits_refuse_too_few_points():
         scaling.fit(_isoflop_rows(0.01, 0)[:2])
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_contain_the_truth_and_shrink_with_noise():
     widths = {}
     for sigma in (0.02, 0.005):
@@ -150,6 +152,7 @@ def test_load_runs_filters_and_names_bad_lines(tmp_path, capsys):
     assert "bad.jsonl:3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     rows = [dict(r, lr=1e-3) for r in _isoflop_rows(0.005, seed=4, sizes=4, budgets=4)]
     rows += [dict(r, lr=3e-3, loss=r["loss"] * 1.03, name=r["name"] + "-lr3e-3") for r in rows[:4]]

@@ -40,6 +40,7 @@ video_meta = st.builds(
 )
 
 
+@pytest.mark.slow
 @given(st.integers(256, 200_000), st.integers(1, 64))
 def test_budget_batches_fill_but_never_exceed_the_budget(budget, max_batch):
     for b in buckets_from_budget(budget, max_batch=max_batch):
@@ -49,6 +50,7 @@ def test_budget_batches_fill_but_never_exceed_the_budget(budget, max_batch):
         assert b.height % 16 == 0 and b.width % 16 == 0
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(video_meta)
 def test_videos_are_never_stretched_and_get_the_longest_fitting_bucket(meta):
@@ -124,6 +126,7 @@ def test_check_bucket_accepts_exactly_what_the_pixel_codec_and_the_patch_take(f,
     assert all(p.startswith(f"bucket {f}x{h}x{w}: ") for p in problems)
 
 
+@pytest.mark.slow
 def test_check_bucket_refuses_exactly_the_frame_counts_a_causal_wan_vae_truncates():
     """A real (tiny, random-weight) diffusers AutoencoderKLWan with 4× temporal compression: a frame
     count passes iff encoding then decoding gives the clip back whole, and the latent frames are

@@ -130,6 +130,7 @@ def test_t5_encoder_from_a_local_folder(tmp_path):
     assert emb.shape == (2, 8, 16) and enc.dim == 16 and mask.sum(1).tolist() == [3, 8]
 
 
+@pytest.mark.slow
 def test_encode_cli_under_torchrun_writes_latent_shards_the_loader_reads(tmp_path):
     from data.buckets import load_bucket_file
     from data.pipeline import DataConfig, build_loader

@@ -170,6 +170,7 @@ def test_valid_shard_delivers_everything(tmp_path, members):
     assert (delivered, errors.seen, errors.total(), sum(errors.filtered.values())) == (5, 5, 0, 0)
 
 
+@pytest.mark.slow
 def test_corrupted_shards_never_raise_and_every_sample_is_accounted_for(tmp_path, members):
     rng = np.random.default_rng(1234)
     reasons: set[str] = set()

@@ -8,7 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import webdataset as wds
+
+pytestmark = pytest.mark.slow
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}

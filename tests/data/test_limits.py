@@ -287,6 +287,7 @@ def _sample_members(tar: tarfile.TarFile, key: str, **extra: bytes) -> None:
             _member(tar, f"{key}.{ext}", data if isinstance(data, bytes) else data.encode())
 
 
+@pytest.mark.slow
 def test_extended_headers_whole_samples_and_unknown_members_are_bounded(tmp_path):
     """Before any member is seen, tarfile reads a PAX header's or a GNU long name's whole payload; a
     sample could hold any number of members each under max_member_mb; a member of an extension no
@@ -427,6 +428,7 @@ def _python_with_new_sparse_call() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_pax_0_0_sparse_member_costs_one_sample_on_pythons_with_the_new_tarfile_call(tmp_path):
     """CPython releases with the CVE-2024-6232 fix pass ``_proc_gnusparse_00`` two arguments: an
     override taking three raised TypeError there, and the whole rest of the shard was lost (bad_tar)."""

@@ -40,6 +40,7 @@ def _batches(shards, workers: int, pin: bool) -> tuple[list[dict], list[str]]:
     return batches, [str(w.message) for w in caught]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pin_memory_reaches_the_dataloader_and_keeps_the_batches(shards, workers):
     plain, plain_warnings = _batches(shards, workers, pin=False)

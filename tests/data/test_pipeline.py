@@ -45,6 +45,7 @@ def _one_epoch(loader):
         out.append(b)
 
 
+@pytest.mark.slow
 def test_batches_have_the_documented_layout(shards):
     batch = next(iter(build_loader(cfg_for(shards))))
     b, c, t, h, w = batch.video.shape
@@ -68,6 +69,7 @@ def test_shard_split_is_disjoint_and_complete():
     assert split_shards(shards, 0, 1, 0, 2, 0, 1, False) != split_shards(shards, 0, 2, 0, 2, 0, 1, False)
 
 
+@pytest.mark.slow
 def test_data_parallel_ranks_see_disjoint_samples_covering_the_epoch(shards):
     per_rank = []
     for rank in range(2):
@@ -94,6 +96,7 @@ def test_tensor_parallel_peers_get_identical_batches(shards):
     assert all(torch.equal(x.video, y.video) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers,split", [(2, 5), (3, 11), (0, 7)])
 def test_exact_resume_with_workers(shards, workers, split):
     cfg = cfg_for(shards, num_workers=workers, shuffle_buffer=8, random_crop=True)

@@ -115,6 +115,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_reads_a_pipe_named_shard_as_a_file_and_skips_its_bad_samples(evil_dir, tmp_path):
     proc = _run(
         [
@@ -143,6 +144,7 @@ def test_train_reads_a_pipe_named_shard_as_a_file_and_skips_its_bad_samples(evil
         assert reason in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_loader_benchmark_reads_a_pipe_named_shard_as_a_file(evil_dir):
     proc = _run(
         [sys.executable, "-m", "benchmarks.dataloader", "--shards", "*.tar", "--buckets", "buckets.json"]
@@ -159,6 +161,7 @@ def test_loader_benchmark_reads_a_pipe_named_shard_as_a_file(evil_dir):
     } and errors["too_many_pixels"] >= 1
 
 
+@pytest.mark.slow
 def test_encode_reads_a_pipe_named_shard_as_a_file_and_skips_its_bad_samples(evil_dir, tmp_path):
     out = tmp_path / "latents"
     proc = _run(

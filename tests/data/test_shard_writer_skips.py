@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from data.shards import list_sources, write_shards
 from data.video import encode_h264
 from tests.data.conftest import gradient_clip
@@ -20,6 +22,7 @@ def _names(out, index) -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.slow
 def test_folder_with_bad_captions_and_a_dangling_symlink_still_writes_the_good_clips(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
@@ -71,6 +74,7 @@ def test_bad_csv_rows_are_skipped_with_their_line(tmp_path):
     assert "'start'='abc'" in index["skipped"]["bad_row"][0]["detail"]
 
 
+@pytest.mark.slow
 def test_bad_jsonl_rows_are_skipped_with_their_own_line(tmp_path):
     (tmp_path / "a.mp4").write_bytes(encode_h264(gradient_clip(8, 32, 32), fps=8))
     manifest = tmp_path / "m.jsonl"
@@ -98,6 +102,7 @@ def test_bad_jsonl_rows_are_skipped_with_their_own_line(tmp_path):
     assert all(f"{manifest}:{row['line']}" in row["detail"] for row in index["skipped"]["bad_row"])
 
 
+@pytest.mark.slow
 def test_manifest_rows_naming_no_file_are_skipped_through_the_cli(tmp_path):
     """``/``, ``.``, ``..``, a trailing ``/``, a NUL byte and a symlink loop each cost their row (named
     by file and line), in JSONL and CSV alike; pathlib and the OS raising on them never ends the job."""

@@ -22,6 +22,7 @@ def _members(tar_path):
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
+@pytest.mark.slow
 def test_round_trip_keeps_original_bytes_and_reports_bad_files(media_dir, tmp_path):
     out = tmp_path / "shards"
     proc = subprocess.run(

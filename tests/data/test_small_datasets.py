@@ -80,6 +80,7 @@ def test_four_clips_over_two_buckets_give_every_sample_once_per_epoch(default_sh
         assert 1 <= n < 4 and b.video.shape[:3] == (n, 3, frames) and b.fps.shape == (n,)
 
 
+@pytest.mark.slow
 def test_one_shard_uses_one_worker_and_says_so(clips, tmp_path, caplog):
     out = tmp_path / "one"
     assert len(_write(clips, out, "--min-shards", "1")["shards"]) == 1

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 from tests.data.conftest import video_sample
+
+pytestmark = pytest.mark.slow
+
 
 REPO = Path(__file__).resolve().parents[2]
 EPS = (

@@ -10,6 +10,7 @@ from dit.model import SpacetimeDiT, num_params
 DIT_PAPER_GMACS = {"dit-s/2": 6.06, "dit-b/2": 23.01, "dit-l/2": 80.71, "dit-xl/2": 118.64}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_on_meta_and_reports_params(name):
     with torch.device("meta"):

@@ -28,6 +28,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_frame_t", [False, True])
 @pytest.mark.parametrize("name,overrides", CASES)
 def test_macs_equal_flop_counter(name, overrides, per_frame_t):
@@ -53,6 +54,7 @@ def test_factorized_attention_is_cheaper_at_length():
     assert fact["macs_breakdown"]["mlp"] == full["macs_breakdown"]["mlp"]
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_object():
     out = subprocess.run(
         [
@@ -78,6 +80,7 @@ def test_cli_prints_one_json_object():
     assert result == json.loads(json.dumps(result | count(get_preset("video-1b3"), 21, 60, 104)))
 
 
+@pytest.mark.slow
 def test_cli_rejects_sizes_not_divisible_by_the_patch():
     out = subprocess.run(
         [sys.executable, "-m", "dit.flops", "tiny", "--height", "7"], capture_output=True, text=True

@@ -8,6 +8,7 @@ from dit.model import SpacetimeDiT, build_model
 from tests.dit.helpers import inputs, random_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["full", "factorized"])
 @pytest.mark.parametrize("size", [(3, 6, 10), (1, 4, 4), (5, 2, 14)])
 def test_output_shape_for_odd_sizes_and_images(layout, size):
@@ -19,6 +20,7 @@ def test_output_shape_for_odd_sizes_and_images(layout, size):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos", ["rope3d", "sincos3d", "learned"])
 @pytest.mark.parametrize("mod", ["per_block", "shared"])
 def test_fresh_model_predicts_zero(pos, mod):

@@ -90,6 +90,7 @@ def _coordinates(width: int, parametrization: str, steps: int = 3, lr: float = 1
     return {n: float(v) for n, v in acts.items()}
 
 
+@pytest.mark.slow
 def test_coordinate_check():
     widths = (32, 128, 512)
     spread = {}

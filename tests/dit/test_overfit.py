@@ -1,11 +1,14 @@
 import time
 
+import pytest
 import torch
 
 from dit.config import get_preset
 from dit.diffusion import DiffusionConfig, make_objective
 from dit.model import build_model
 from tests.dit.helpers import inputs
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_model_overfits_one_batch():

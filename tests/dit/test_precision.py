@@ -78,6 +78,7 @@ def _fake_forward(cfg, dtype=BF16) -> Recorder:
     return rec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modulation", ["shared", "per_block"])
 @pytest.mark.parametrize("layout", ["full", "factorized"])
 def test_cuda_autocast_keeps_times_rope_and_modulation_fp32_and_feeds_attention_one_dtype(modulation, layout):
@@ -105,6 +106,7 @@ def test_without_autocast_on_cuda_nothing_is_cast():
     assert rec.dtypes("blocks.1.attn.core")[:3] == [F32, F32, F32]
 
 
+@pytest.mark.slow
 def test_cpu_autocast_fp32_islands_are_bitwise_fp32_and_output_is_near():
     """The time embedding, modulation vectors and RoPE tables under bf16 autocast are the very bits of
     the fp32 run (they are computed in fp32, not merely returned as fp32); the output is within bf16

@@ -95,6 +95,7 @@ def test_second_order_samplers_beat_first_order_on_gaussian_data():
     assert e_dpm < e_ddim / 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_each_sampler_is_deterministic_for_a_seed(sampler):
     cfg = get_preset("tiny")
@@ -119,6 +120,7 @@ def test_flow_only_samplers_refuse_ddpm():
         sample(lambda x, t: x, DDPM(DiffusionConfig(objective="ddpm")), SHAPE, {}, sampler="heun", steps=2)
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance():
     cfg = get_preset("tiny")
     model = random_model(cfg)
@@ -162,6 +164,7 @@ def test_class_guidance_with_the_null_class():
     assert not torch.allclose(out, draw(model, {"labels": labels}, None, 1.0), rtol=1e-2, atol=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frames", "cond", "both"])
 def test_image_to_video_keeps_the_first_frame(mode):
     cfg = get_preset("tiny", cond_channels=5 if mode != "frames" else 0)
@@ -186,6 +189,7 @@ def test_image_to_video_keeps_the_first_frame(mode):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_video_to_video_strength():
     cfg = get_preset("tiny")
     model = random_model(cfg)
@@ -207,6 +211,7 @@ def test_ddpm_grid():
     assert times[0] == 999 and times[-1] == -1 and len(times) == 11 and (times[1:] < times[:-1]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,objective", [("ddim", "ddpm"), ("dpm++2m", "flow"), ("heun", "flow")])
 def test_low_precision_model_samples_in_fp32_and_returns_its_dtype(sampler, objective):
     cfg = get_preset("tiny")

@@ -13,6 +13,7 @@ WAN = ["data.shards=/lat", "data.val_shards=/val", "data.codec=/vae", "data.text
 REQUIRED = {"video-1b3": WAN, "video-14b": WAN, "dit-xl-2": ["data.shards=/lat"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_every_preset_file_loads_on_its_model_preset(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml", REQUIRED.get(name, []))
@@ -49,6 +50,7 @@ def test_overrides_preset_edits_and_the_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, key",
     [

@@ -20,6 +20,9 @@ from tests.dit.helpers import random_model
 from tests.launch.deepspeed_bf16_worker import Case, job, reference_loss, worker
 from tests.parallel.group import run_group
 
+pytestmark = pytest.mark.slow
+
+
 CONTROL = Case("old_bf16_section", 2, old_bf16_section=True)  # first: DeepSpeed's autocast state is global
 CASES = [CONTROL, Case("zero1", 1), Case("zero2", 2), Case("zero3", 3)]
 

@@ -19,6 +19,9 @@ from tests.launch.conftest import (
 )
 from tests.launch.test_torchrun import torchrun_cmd
 
+pytestmark = pytest.mark.slow
+
+
 STEPS = ["train.steps=4", "run.progress=lines"]
 DS = "parallel.engine=deepspeed"
 

@@ -107,6 +107,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     os._exit(0)  # the group is broken on purpose: skip destroying it
 
 
+@pytest.mark.slow
 def test_gloo_group_has_the_configured_timeout(tmp_path):
     mp.start_processes(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     got = torch.load(tmp_path / "result.pt", weights_only=True)

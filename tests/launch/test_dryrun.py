@@ -91,6 +91,7 @@ def dry_in_process(capsys, config, *args) -> tuple[int, dict | None, str]:
     return stop.value.code, (json.loads(out) if out.strip() else None), err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_passes_its_dry_run(config, folders, tmp_path):
     code, report, err = dry(config, *required(config, folders), tmp_path=tmp_path)
@@ -181,6 +182,7 @@ def test_all_defects_are_reported_together(folders, tmp_path, capsys):
         assert named in text
 
 
+@pytest.mark.slow
 def test_eval_without_val_shards_and_the_48_channel_pixel_codec(tmp_path):
     # the eval check is the config's own (a real start fails the same way): one line naming both keys
     code, report, err = dry(CONFIG_DIR / "tiny.yaml", "data.val_shards=''", tmp_path=tmp_path)

@@ -90,6 +90,7 @@ def test_parallel_never_imports_launch():
     assert not upward
 
 
+@pytest.mark.slow
 def test_the_trainer_imports_deepspeed_only_for_its_engine():
     code = (
         "import sys, launch.train; "

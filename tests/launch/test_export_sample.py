@@ -33,6 +33,7 @@ def _frames(path):
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+@pytest.mark.slow
 def test_export_holds_the_checkpoint_weights(trained):
     rd, out = trained
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "ema.safetensors", "model.safetensors"]
@@ -45,6 +46,7 @@ def test_export_holds_the_checkpoint_weights(trained):
         assert all(torch.equal(weights[k], state[name][k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_sample_text_image_and_video_to_video(trained, tmp_path):
     _, out = trained
     base = [
@@ -101,6 +103,7 @@ def test_sample_text_image_and_video_to_video(trained, tmp_path):
     assert proc.returncode != 0 and "missing.png: no such file" in proc.stderr
 
 
+@pytest.mark.slow
 def test_init_from_an_export_loads_weights_only(trained, tmp_path, overrides):
     _, out = trained
     rd = tmp_path / "finetune"
@@ -148,6 +151,7 @@ def _checkpoint(root, step):
     return ckpt.save(root, step, state, {}, rank=0, files={"config.yaml": to_yaml(cfg)})
 
 
+@pytest.mark.slow
 def test_export_cli_refuses_a_crafted_checkpoint_and_falls_back_from_it(tmp_path):
     from tests.parallel.test_checkpoint_safety import plant_metadata_payload
 
@@ -168,6 +172,7 @@ def test_export_cli_refuses_a_crafted_checkpoint_and_falls_back_from_it(tmp_path
         assert f.metadata()["step"] == "1"
 
 
+@pytest.mark.slow
 def test_sample_cli_names_a_foreign_weights_file(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
@@ -189,6 +194,7 @@ def test_sample_cli_names_a_foreign_weights_file(tmp_path):
     assert f"{export / 'model.safetensors'}: not a readable safetensors file" in proc.stderr
 
 
+@pytest.mark.slow
 def test_export_refuses_non_finite_weights(tmp_path):
     """The trainer never saves NaN weights (tests/launch/test_reliability.py); a checkpoint holding
     them anyway (altered, or written by something else) is not exported."""
@@ -208,6 +214,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_export_refuses_a_tensor_the_checkpoint_cannot_hold(tmp_path):
     """Export allocates every tensor whole from the size ``.metadata`` declares: a 2^40-element one is
     refused naming the file, before any allocation, and a run directory falls back from it."""

@@ -29,6 +29,7 @@ from tests.launch.conftest import (
 
 
 # ---- 7: resume refuses another architecture or objective ---------------------------------------
+@pytest.mark.slow
 def test_resume_with_another_model_or_objective_is_refused_naming_the_keys(tmp_path, overrides):
     rd = tmp_path / "run"
     proc = run(train_cmd(rd, "train.steps=2", "data.num_workers=0", overrides=overrides))
@@ -53,6 +54,7 @@ def test_resume_with_another_model_or_objective_is_refused_naming_the_keys(tmp_p
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_resume_compares_only_what_changes_the_weights_meaning():
     import yaml
 
@@ -89,12 +91,14 @@ def test_numeric_settings_out_of_range_are_errors_naming_the_key(bad, key):
         load_config(None, [bad])
 
 
+@pytest.mark.slow
 def test_lr_inf_on_the_command_line_stops_before_training(tmp_path, overrides):
     proc = run(train_cmd(tmp_path / "r", "train.lr=inf", overrides=overrides))
     assert proc.returncode == 2 and "train.lr=inf" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_weights_that_go_non_finite_after_an_update_are_never_saved(tmp_path, overrides):
     """The update itself overflows (finite loss and gradients, an infinite step size): the weights
     become NaN; the trainer refuses to write them and the newest checkpoint stays the good one."""
@@ -121,6 +125,7 @@ def test_weights_that_go_non_finite_after_an_update_are_never_saved(tmp_path, ov
 
 
 # ---- 10: one writer per run directory ----------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_on_the_same_directory_is_refused_and_the_first_is_untouched(tmp_path, overrides):
     rd = tmp_path / "run"
     extra = ["train.steps=8", "checkpoint.every=4", "data.num_workers=0"]
@@ -142,6 +147,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_the_first_is_untouche
     assert not (rd / LOCK).exists()  # released on exit
 
 
+@pytest.mark.slow
 def test_a_run_dir_that_cannot_hold_a_lock_is_a_clear_error(tmp_path):
     (tmp_path / "afile").write_text("x")
     proc = run(train_cmd(tmp_path / "afile" / "run", "train.steps=1"))
@@ -266,6 +272,7 @@ def _signal_mid_run(rd, overrides, send):
     return proc, out, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, send, why",
     [
@@ -339,6 +346,7 @@ def test_a_preemption_signal_that_also_means_stop_is_refused(name):
 
 
 # ---- 12: malformed overrides name the override -------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, says",
     [

@@ -14,6 +14,8 @@ from data.synthetic import generate
 from launch.config import load_config
 from tests.launch.conftest import assert_same_losses, reference_losses, run, train_cmd
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny_overrides(tmp_path_factory) -> list[str]:

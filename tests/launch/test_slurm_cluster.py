@@ -38,6 +38,7 @@ def _wait_for(predicate, what: str, cluster: SlurmCluster, timeout: float = 30) 
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_usr2_saves_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run(
     slurm_cluster: SlurmCluster, tmp_path: Path, overrides
 ):
@@ -117,6 +118,7 @@ def test_submit_loads_the_training_config_before_queueing(capsys):
         main([*args, "data.val_shards=/v", "train.stepz=3"])
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_as_one_job_array(slurm_cluster: SlurmCluster, tmp_path: Path, overrides):
     """``benchmarks.sweep run --slurm``: one array, each task one run (under torchrun, as a training job
     would), then ``collect`` finds them finished with their wall time."""

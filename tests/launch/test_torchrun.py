@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.launch.conftest import (
     assert_same_losses,
     losses_by_step,
@@ -17,6 +19,8 @@ from tests.launch.conftest import (
     train_cmd,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow
 
 
 def torchrun_cmd(run_dir, *extra, overrides=()):

@@ -25,6 +25,9 @@ from tests.launch.conftest import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow
+
+
 KEYS = {
     "step",
     "loss",

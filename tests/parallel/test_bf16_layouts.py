@@ -15,6 +15,9 @@ import torch
 from tests.parallel.bf16_worker import Case, bf16_arch, bf16_batch, reference, worker
 from tests.parallel.group import run_group
 
+pytestmark = pytest.mark.slow
+
+
 FSDP = Case("dp_shard2_bf16", {"dp_shard": 2})
 CONTROL = Case("dp_shard2_casting_inputs", {"dp_shard": 2}, cast_forward_inputs=True)
 

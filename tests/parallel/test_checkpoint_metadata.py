@@ -125,6 +125,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_build_on_existing_objects_is_refused_and_changes_nothing(tmp_path):
     template = tmp_path / "template"
     for step in (1, 2):
@@ -270,6 +271,7 @@ print(json.dumps({"increase": (peak - before) * 1024, "errors": errors}))
 """
 
 
+@pytest.mark.slow
 def test_constructors_cannot_multiply_memoized_data(tmp_path):
     """torch.Size (and sets, which real metadata never holds) over one memoized list, a thousand times:
     refused, and the reading process's peak memory grows by no more than a small multiple of the files."""
@@ -286,6 +288,7 @@ def test_constructors_cannot_multiply_memoized_data(tmp_path):
     assert got["increase"] < (16 << 20) + 10 * total, f"peak memory grew by {got['increase'] >> 20} MiB"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["MEMOIZE", "EMPTY_DICT", "MARK"])
 def test_files_of_one_byte_allocations_stay_within_a_memory_budget(kind, tmp_path):
     """Every rank reads .metadata: a file of 1-byte opcodes that each make an object took 72 to 86 bytes

@@ -408,6 +408,7 @@ except ckpt.CheckpointError as e:
 """
 
 
+@pytest.mark.slow
 def test_write_failure_of_a_rank_file_is_reported(tmp_path):
     """The same path without root: a file-size limit (RLIMIT_FSIZE) makes the rank file's write fail."""
     root = tmp_path / "c"
@@ -514,6 +515,7 @@ def _two_rank_worker(rank: int, world: int, port: int, cases: list, out_dir: str
     serve(rank, world, port, cases, out_dir, lambda c: _two_ranks(c, Path(out_dir)), name=lambda c: c)
 
 
+@pytest.mark.slow
 def test_two_ranks_share_verification_and_agree_on_failures(tmp_path):
     from tests.parallel.group import run_group
 

@@ -12,6 +12,9 @@ from parallel.ring import ring_attention
 from tests.parallel.collective_worker import worker
 from tests.parallel.group import run_group
 
+pytestmark = pytest.mark.slow
+
+
 CHECKS = [
     "gather_forward",
     "gather_backward",

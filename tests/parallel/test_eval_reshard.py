@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from dit.model import SpacetimeDiT
@@ -20,6 +21,8 @@ from parallel.parallelize import make_dims, materialize, parallelize, reshard
 from tests.dit.helpers import random_model
 from tests.parallel.group import run_group, serve
 from tests.parallel.parity_worker import arch, batch
+
+pytestmark = pytest.mark.slow
 
 
 def _outputs(skip_reshard: bool) -> dict:

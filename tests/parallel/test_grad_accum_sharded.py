@@ -15,6 +15,8 @@ import torch
 from tests.parallel.grad_accum_worker import ACCUM, STEPS, train, worker
 from tests.parallel.group import run_group
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -12,6 +12,9 @@ from parallel.config import ParallelConfig
 from tests.parallel.group import run_group
 from tests.parallel.parity_worker import Case, arch, reference, train, worker
 
+pytestmark = pytest.mark.slow
+
+
 CASES_2 = [
     Case("dp_replicate2", {"dp_replicate": 2, "dp_shard": 1}),
     Case("dp_shard2", {"dp_shard": 2}),

@@ -8,6 +8,9 @@ import torch
 from tests.parallel.group import run_group
 from tests.parallel.reshard_worker import worker
 
+pytestmark = pytest.mark.slow
+
+
 CASES = [
     ("dp_shard4_to_dp_shard2_tp2", {"dp_shard": 4}, {"dp_shard": 2, "tp": 2}),
     ("dp_shard2_cp2_to_dp_shard4", {"dp_shard": 2, "cp": 2}, {"dp_shard": 4}),

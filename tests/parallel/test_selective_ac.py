@@ -78,6 +78,7 @@ def _step(mode: str, layout: str = "full") -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["full", "factorized"])
 def test_selective_keeps_attention_and_matches_no_checkpointing(layout):
     none, selective, full = (_step(m, layout) for m in ("none", "selective", "full"))
@@ -120,6 +121,7 @@ def parallel_results(tmp_path_factory):
     return run_group(2, worker, CASES, tmp_path_factory.mktemp("selective"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_selective_under_fsdp_and_context_parallel_matches_one_process(case, parallel_results):
     """FSDP2 (its all-gathers in the recomputed forward), Ulysses and the ring's autograd Function

@@ -16,6 +16,9 @@ from parallel.config import ParallelConfig
 from tests.parallel.group import run_group
 from tests.parallel.tp_only_worker import FROZEN, train, worker
 
+pytestmark = pytest.mark.slow
+
+
 CASES = [
     ("tp2_sequence_parallel", {"tp": 2, "dp_shard": 1}, "full"),
     ("tp2_no_sequence_parallel", {"tp": 2, "dp_shard": 1, "sequence_parallel": False}, "full"),

@@ -38,6 +38,9 @@ from tests.parallel.zero_worker import (
     write_failure_worker,
 )
 
+pytestmark = pytest.mark.slow
+
+
 CASES_2 = [
     Case("zero1", 1, resume=True, export=True),
     Case("zero2", 2, resume=True),
