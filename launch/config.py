@@ -267,10 +267,11 @@ class InitConfig:
     use_ema: bool = True
     """Take the EMA weights when the source has them."""
     min_match: float = 0.5
-    """Least share of the source's tensors whose names are parameters of the model; below it (and
-    always when none match: another library's names) ``init.from`` is an error naming unmatched keys.
-    The model's own new layers (names the source lacks) do not count against it; lower it to load
-    part of a deeper model."""
+    """Least share of the source's tensors whose names are parameters of the model, and of the
+    parameters of the source's own architecture (its config) that the source holds; below either (and
+    always when none match: another library's names) ``init.from`` is an error naming the keys. The
+    model's own new layers (names the source lacks) do not count against it; lower it to load part of
+    a deeper model, or a partial file on purpose."""
     freeze: list[str] = field(default_factory=list)
     """fnmatch patterns of parameter names to freeze (``blocks.*.attn.*``)."""
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dit.config import DiTConfig
+from dit.model import SpacetimeDiT
 from launch.export import read_export_config
 from parallel import checkpoint as ckpt
 
@@ -104,6 +105,35 @@ def _what_is_there(path: Path) -> str:
     return f"a directory holding {shown}, and no complete checkpoint"
 
 
+def _own_names(src_arch: dict | None) -> set[str] | None:
+    """The parameter names a model of the source's own architecture has (None: no usable arch)."""
+    if src_arch is None:
+        return None
+    try:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in src_arch.items()}
+        with torch.device("meta"):
+            return {n for n, _ in SpacetimeDiT(DiTConfig(**fields)).named_parameters()}
+    except (TypeError, ValueError):  # an arch of another version of this code: the name check alone
+        return None
+
+
+def _check_complete(path: str | Path, source: dict, src_arch: dict | None, min_match: float) -> None:
+    """Refuse a source holding under ``min_match`` of the parameters its own architecture has (a
+    truncated or partial file): the rest would start fresh and the run would silently train from
+    (nearly) scratch. Only a source whose config names its architecture is checked."""
+    own = _own_names(src_arch)
+    if own is None:
+        return
+    present = len(own & set(source))
+    if present < max(min_match * len(own), 1):
+        lacking = sorted(own - set(source))
+        raise ValueError(
+            f"init.from={path}: the source holds {present} of the {len(own)} parameters of its own "
+            f"architecture (its config; below init.min_match={min_match:g}), lacking e.g. {lacking[:4]}: "
+            "a partial or truncated weights file, not a model to start from"
+        )
+
+
 def _check_names(path: str | Path, source: dict, params: dict, min_match: float) -> None:
     """Refuse a source whose tensor names do not fit the model (see the module doc)."""
     matched = [n for n in source if n in params]
@@ -142,6 +172,7 @@ def apply_init(
     report = InitReport()
     params = dict(model.named_parameters())
     _check_names(path, source, params, min_match)
+    _check_complete(path, source, src_arch, min_match)
     # a new text encoder width makes the whole text projection new, not just its first layer
     new_text = any(
         n.startswith("text_proj.") and n in source and source[n].shape != p.shape for n, p in params.items()

@@ -237,3 +237,20 @@ def test_min_match_is_a_share():
     assert load_config(None, ["init.min_match=0.2"]).init.min_match == 0.2
     with pytest.raises(ValueError, match=r"init.min_match=1.5: must be >= 0.0 and <= 1.0"):
         load_config(None, ["init.min_match=1.5"])
+
+
+def test_a_partial_source_is_an_error_unless_min_match_is_lowered(tmp_path):
+    """An export holding 1 of its architecture's tensors matches the model 1 of 1 by name, but would
+    leave the rest at their fresh initialisation (silently training from scratch): refused, naming what
+    it lacks, unless init.min_match is lowered to that share on purpose."""
+    arch = get_preset("tiny")
+    _, export = _export(tmp_path, arch)
+    full = read_weights(export)[0]
+    save_file({"final.linear.bias": full["final.linear.bias"].contiguous()}, export / "model.safetensors")
+    dst = build_model(arch, seed=1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"holds 1 of the {len(full)} parameters of its own architecture"):
+        apply_init(dst, export, arch)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    report = apply_init(dst, export, arch, min_match=0.0)
+    assert report.loaded == ["final.linear.bias"]
