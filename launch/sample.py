@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from launch.export import export_config, read_export_config
 from launch.finetune import read_weights
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
+from parallel.config import check_choice, check_range
 
 
 def load_for_inference(
@@ -109,6 +111,20 @@ class SampleRequest:
     strength: float = 0.6
     """Video-to-video: the share of the noise grid the input clip is noised to."""
 
+    def __post_init__(self) -> None:
+        """A ValueError naming the option (``--steps`` …) whose value cannot be right."""
+        for name in ("frames", "height", "width", "steps"):
+            if getattr(self, name) is not None:
+                check_range(getattr(self, name), f"--{name}", 1)
+        check_range(self.batch_size, "--batch-size", 1)
+        if self.fps is not None:
+            check_range(self.fps, "--fps", 0.0, math.inf, open_low=True, open_high=True)
+        if self.cfg is not None:
+            check_range(self.cfg, "--cfg", 0.0, math.inf, open_high=True)
+        check_range(self.strength, "--strength", 0.0, 1.0, open_low=True)
+        if self.sampler is not None:
+            check_choice(self.sampler, SAMPLER_NAMES, "--sampler")
+
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SampleRequest:
         """The request of parsed :func:`build_parser` options (each field has an option of its name)."""
@@ -163,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
+    try:
+        req = SampleRequest.from_args(a)  # before any weight is read
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     for path in (a.image, a.video, a.prompts):
         if path and not Path(path).is_file():
             raise SystemExit(f"{path}: no such file")
@@ -171,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
     except CheckpointError as e:  # a damaged or foreign file: the message names it
         raise SystemExit(f"error: {e}") from None
-    written = generate(model, info, prompts, SampleRequest.from_args(a))
+    written = generate(model, info, prompts, req)
     print("wrote " + ", ".join(str(w) for w in written))
 
 

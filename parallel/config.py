@@ -18,8 +18,15 @@ def check_choice(value, choices: tuple, key: str) -> None:
 def check_range(
     value, key: str, low: float = -math.inf, high: float = math.inf, *, open_low=False, open_high=False
 ) -> None:
-    """A ValueError naming ``key`` unless ``low <= value <= high`` (an open end excludes itself)."""
-    if value < low or (open_low and value == low) or value > high or (open_high and value == high):
+    """A ValueError naming ``key`` unless ``low <= value <= high`` (an open end excludes itself; NaN
+    is never in range)."""
+    if (
+        value != value
+        or value < low
+        or (open_low and value == low)
+        or value > high
+        or (open_high and value == high)
+    ):
         want = f"{'>' if open_low else '>='} {low}"
         if high != math.inf:
             want += f" and {'<' if open_high else '<='} {high}"

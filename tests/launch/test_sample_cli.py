@@ -69,3 +69,22 @@ def test_prompts_from_flags_then_file(tmp_path):
     blank.write_text("\n \n", encoding="utf-8")
     with pytest.raises(SystemExit, match="--prompt TEXT"):
         read_prompts([], str(blank))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--steps", "0", "--steps=0: must be >= 1"),
+        ("--frames", "0", "--frames=0: must be >= 1"),
+        ("--batch-size", "0", "--batch-size=0: must be >= 1"),
+        ("--fps", "0", "--fps=0.0: must be > 0.0"),
+        ("--cfg", "nan", "--cfg=nan: must be >= 0.0"),
+        ("--strength", "2", "--strength=2.0: must be > 0.0 and <= 1.0"),
+    ],
+)
+def test_sample_options_out_of_range_stop_before_any_weight_is_read(option, value, said, tmp_path):
+    """The source does not exist: the option's error comes first, so nothing was loaded."""
+    from launch.sample import main
+
+    with pytest.raises(SystemExit, match=re.escape(f"error: {said}")):
+        main([str(tmp_path / "no-run"), "--out", str(tmp_path / "s.mp4"), "--prompt", "a", option, value])
