@@ -121,7 +121,7 @@ class SampleRequest:
             check_range(self.fps, "--fps", 0.0, math.inf, open_low=True, open_high=True)
         if self.cfg is not None:
             check_range(self.cfg, "--cfg", 0.0, math.inf, open_high=True)
-        check_range(self.strength, "--strength", 0.0, 1.0, open_low=True)
+        check_range(self.strength, "--strength", 0.0, 1.0)  # 0: the input clip back
         if self.sampler is not None:
             check_choice(self.sampler, SAMPLER_NAMES, "--sampler")
 

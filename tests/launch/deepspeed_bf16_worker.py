@@ -149,10 +149,12 @@ def run_case(case: Case) -> dict:
 
     videos = evaluate.draw_samples(engine.module, objective, cond, cfg, seed=3)
     sample_dtypes, computed[:] = sorted({str(d) for d in computed}), []
-    val = evaluate.validation_loss(engine.module, objective, cond, [batch], cfg, rank)
+    val = evaluate.validation_loss(engine.module, objective, cond, evaluate.HeldOut([batch], 1), cfg, rank)
     val_dtypes, computed[:] = sorted({str(d) for d in computed}), []
     fp32 = job(case.stage, "fp32")
-    val_fp32 = evaluate.validation_loss(engine.module, objective, cond, [batch], fp32, rank)
+    val_fp32 = evaluate.validation_loss(
+        engine.module, objective, cond, evaluate.HeldOut([batch], 1), fp32, rank
+    )
     computed.clear()
     per_sample = train_forward()
     train_dtypes = sorted({str(d) for d in computed})

@@ -79,7 +79,7 @@ def test_prompts_from_flags_then_file(tmp_path):
         ("--batch-size", "0", "--batch-size=0: must be >= 1"),
         ("--fps", "0", "--fps=0.0: must be > 0.0"),
         ("--cfg", "nan", "--cfg=nan: must be >= 0.0"),
-        ("--strength", "2", "--strength=2.0: must be > 0.0 and <= 1.0"),
+        ("--strength", "2", "--strength=2.0: must be >= 0.0 and <= 1.0"),
     ],
 )
 def test_sample_options_out_of_range_stop_before_any_weight_is_read(option, value, said, tmp_path):

@@ -48,8 +48,8 @@ def _repack(src: Path, groups: list[list[str]], out: Path) -> str:
 
 @pytest.fixture(scope="module")
 def val_sets(tmp_path_factory):
-    """Held-out sets of 2-sample batches (one bucket, videos only): ``even`` is two shards of one
-    batch each; ``uneven`` is 3 batches (2 + 1), which 2 data-parallel ranks cannot split evenly; in
+    """Held-out sets of 2-sample batches (one bucket, videos only): ``uneven`` is 3 batches in 2 shards
+    (2 + 1), which 2 data-parallel ranks cannot split evenly; in
     ``broken`` the second shard is not a tar (skipped: one batch in all); ``missing`` names no shard."""
     from data.synthetic import generate
 
@@ -63,7 +63,6 @@ def val_sets(tmp_path_factory):
     broken = Path(_repack(src, [k[0:2]], d / "broken"))
     (broken / "val-000001.tar").write_bytes(b"not a tar archive" * 64)
     return {
-        "even": _repack(src, [k[0:2], k[2:4]], d / "even"),
         "uneven": _repack(src, [k[0:2] + k[4:6], k[2:4]], d / "uneven"),
         "broken": str(broken),
         "missing": str(d / "raw" / "nothing-*.tar"),
@@ -78,48 +77,37 @@ def _val_loss(proc, run_dir) -> float:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, overrides, val_sets):
+    """The single-process run on the ``uneven`` set: 3 held-out batches."""
     rd = tmp_path_factory.mktemp("one") / "run"
-    proc = run(train_cmd(rd, *EVAL, f"data.val_shards={val_sets['even']}", overrides=overrides))
-    assert "held-out: 2 batches from data.val_shards, 2 per data-parallel rank" in proc.stderr, proc.stderr[
+    proc = run(train_cmd(rd, *EVAL, f"data.val_shards={val_sets['uneven']}", overrides=overrides))
+    assert "held-out: 3 batches from data.val_shards, 3 per data-parallel rank" in proc.stderr, proc.stderr[
         -3000:
     ]
     return _val_loss(proc, rd)
 
 
 @pytest.mark.parametrize(
-    "layout, per_rank", [("parallel.cp=2", 2), ("parallel.tp=2", 2), ("parallel.dp_shard=2", 1)]
+    "layout, per_rank",
+    [
+        ("parallel.cp=2", "3 per data-parallel rank"),
+        ("parallel.tp=2", "3 per data-parallel rank"),
+        ("parallel.dp_shard=2", "2 per data-parallel rank (the others repeat one"),
+    ],
 )
 def test_val_loss_under_a_parallel_layout_is_the_single_process_value(
     tmp_path, overrides, val_sets, one_process, layout, per_rank
 ):
     """Each held-out sample's noise follows its key, so context/tensor-parallel peers draw the same noise
-    (seeded with the global rank instead, cp=2 was off by about 2e-3 relative), and data-parallel ranks
-    together score the samples one process scores, with the same noise."""
+    (seeded with the global rank instead, cp=2 was off by about 2e-3 relative). The 3 held-out batches
+    do not split over 2 data-parallel ranks: rank 0 scores 2, rank 1 scores 1 and repeats it uncounted
+    (no rank waits in a forward the other never makes), and together they score what one process
+    scores. (Each rank once read only its own shards and both stopped at the fewest: 2 of the 3.)"""
     rd = tmp_path / "run"
-    proc = run(torchrun_cmd(rd, *EVAL, f"data.val_shards={val_sets['even']}", layout, overrides=overrides))
-    want = f"held-out: 2 batches from data.val_shards, {per_rank} per data-parallel rank"
+    proc = run(torchrun_cmd(rd, *EVAL, f"data.val_shards={val_sets['uneven']}", layout, overrides=overrides))
+    want = f"held-out: 3 batches from data.val_shards, {per_rank}"
     assert want in proc.stderr, proc.stderr[-3000:]
     got = _val_loss(proc, rd)
     assert abs(got - one_process) <= 1e-5 * one_process, (layout, got, one_process)
-
-
-def test_a_held_out_set_that_does_not_split_evenly_gives_the_single_process_value(
-    tmp_path, overrides, val_sets
-):
-    """3 held-out batches over 2 data-parallel ranks: rank 0 scores 2, rank 1 scores 1 and repeats it
-    uncounted (no rank waits in a forward the other never makes); together they score the 3 batches
-    one process scores. (Each rank once read only its own shards and both stopped at the fewest: 2 of
-    the 3 batches, a different number.)"""
-    one = tmp_path / "one"
-    ref = _val_loss(
-        run(train_cmd(one, *EVAL, f"data.val_shards={val_sets['uneven']}", overrides=overrides)), one
-    )
-    rd = tmp_path / "run"
-    proc = run(torchrun_cmd(rd, *EVAL, f"data.val_shards={val_sets['uneven']}", overrides=overrides))
-    want = "held-out: 3 batches from data.val_shards, 2 per data-parallel rank (the others repeat one"
-    assert want in proc.stderr, proc.stderr[-3000:]
-    got = _val_loss(proc, rd)
-    assert abs(got - ref) <= 1e-5 * ref, (got, ref)
 
 
 def _held_out(case: tuple[str, str]) -> dict:
