@@ -17,7 +17,6 @@ import collections
 import json
 import os
 import time
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -29,12 +28,10 @@ from data.pipeline import DataConfig, build_loader
 from data.video import (
     DEFAULT_MAX_PIXELS,
     MediaError,
-    check_pixels,
     crop,
+    decode_all_frames,
     frame_times,
-    open_video,
     resize_crop_size,
-    video_stream,
 )
 
 
@@ -63,22 +60,8 @@ def decode_everything(
     It fails where ``decode_clip`` fails, with the same :class:`MediaError` reason (``undecodable``,
     ``too_short``, …), so that both runs skip and count the same samples.
     """
-    frames, times = [], []
-    try:
-        with open_video(data, ext) as container:
-            stream = video_stream(container, max_pixels)
-            stream.thread_type = "AUTO"
-            tb = stream.time_base or Fraction(1, 1_000_000)
-            half = 0.5 / (float(stream.average_rate) if stream.average_rate else fps)
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                if not frames:
-                    check_pixels(frame.width, frame.height, max_pixels, video=True)
-                frames.append(frame.to_ndarray(format="rgb24"))  # H, W, 3 at the source size
-                times.append(float(frame.pts * tb))
-    except av.error.FFmpegError as e:
-        raise MediaError("undecodable", str(e)) from e
+    frames, times, rate = decode_all_frames(data, max_pixels, ext)
+    half = 0.5 / (rate or fps)  # decode_clip's rule: the first frame within half a source frame
     picked, j = [], 0
     for want in frame_times(start, num_frames, fps):
         while j < len(times) and times[j] < want - half:

@@ -289,46 +289,28 @@ def decode_clip(
 
 def decode_all_frames(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, ext: str | None = None
-) -> tuple[np.ndarray, list[float]]:
-    """Every frame as T×H×W×3 uint8 with its time: the naive reference decoder."""
-    frames, times = [], []
-    with open_video(data, ext) as container:
-        stream = video_stream(container, max_pixels)
-        stream.thread_type = "AUTO"
-        tb = stream.time_base
-        for frame in container.decode(stream):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            times.append(float(frame.pts * tb))
-    return np.stack(frames), times
-
-
-def decode_clip_naive(
-    data: bytes,
-    start: float,
-    num_frames: int,
-    fps: float,
-    size: tuple[int, int],
-    offset=(0.5, 0.5),
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    ext: str | None = None,
-) -> np.ndarray:
-    """What :func:`decode_clip` returns, the slow way: convert every frame, then pick and resize."""
+) -> tuple[list[np.ndarray], list[float], float | None]:
+    """Every frame (H×W×3 uint8 at the source size), its time, and the stream's average frame rate
+    (None: not declared): the naive reference decoder, which converts everything
+    (``benchmarks.dataloader``'s baseline picks a clip from it). Frames without a timestamp are left
+    out; a file FFmpeg cannot decode is a MediaError (``undecodable``)."""
+    frames, times, rate = [], [], None
     try:
-        frames, times = decode_all_frames(data, max_pixels, ext)
+        with open_video(data, ext) as container:
+            stream = video_stream(container, max_pixels)
+            stream.thread_type = "AUTO"
+            tb = stream.time_base or Fraction(1, 1_000_000)
+            rate = float(stream.average_rate) if stream.average_rate else None
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                if not frames:  # the declared size was checked; the decoded one may differ
+                    check_pixels(frame.width, frame.height, max_pixels, video=True)
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(float(frame.pts * tb))
     except av.error.FFmpegError as e:
         raise MediaError("undecodable", str(e)) from e
-    if not times:
-        raise MediaError("zero_frames")
-    picked = []
-    for t in frame_times(start, num_frames, fps):
-        i = min(range(len(times)), key=lambda j: abs(times[j] - t))
-        picked.append(frames[i])
-    scaled = resize_crop_size((frames.shape[2], frames.shape[1]), size)
-    resized = [
-        av.VideoFrame.from_ndarray(f, format="rgb24").reformat(width=scaled[0], height=scaled[1]).to_ndarray()
-        for f in picked
-    ]
-    return crop(np.stack(resized), size, offset)
+    return frames, times, rate
 
 
 def encode_h264(frames: np.ndarray, fps: float, crf: int = 23, gop: int = 12) -> bytes:

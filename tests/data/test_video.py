@@ -45,7 +45,7 @@ def test_decode_clip_picks_frames_by_time(src_fps, start, fps, expect):
 
 def test_decode_matches_the_naive_decoder():
     data = encode_h264(gradient_clip(40, 48, 64), fps=20, gop=8)
-    all_frames, _ = decode_all_frames(data)
+    all_frames, _, _ = decode_all_frames(data)
     clip = decode_clip(data, 1.0, 5, 5, (64, 48))
     assert np.array_equal(clip, all_frames[20:40:4])  # 1 s in at 20 fps, every 4th frame
 
