@@ -24,10 +24,16 @@ from launch.config import JobConfig
 TASKS = ("t2v", "i2v", "continuation")
 
 
+def derive_seed(*entropy: int) -> int:
+    """A 63-bit seed that is a function of the non-negative ints ``entropy`` alone (NumPy's
+    SeedSequence mixing: nearby inputs give unrelated seeds)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def step_seed(seed: int, dp_rank: int, step: int) -> int:
     """Seed of a step's draws (noise, times, dropout, tasks): a function of (seed, data-parallel rank,
     step) alone, so the cp × tp ranks that share a sample draw the same numbers."""
-    return int(np.random.SeedSequence([seed, dp_rank, step]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed(seed, dp_rank, step)
 
 
 @dataclass

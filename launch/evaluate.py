@@ -24,7 +24,7 @@ from torch import nn
 from data.batch import Batch
 from data.pipeline import Loader, build_loader
 from dit.diffusion import Objective
-from launch.batches import Conditioner, expect_for, run_bf16
+from launch.batches import Conditioner, derive_seed, expect_for, run_bf16
 from launch.config import JobConfig
 from launch.distributed import all_reduce
 from launch.sample import decode, latents_for
@@ -132,9 +132,7 @@ def noise_seed(seed: int, key: str, point: int) -> int:
     data, context or tensor parallel), the way :func:`launch.batches.step_seed` makes training draws
     independent of the context/tensor-parallel layout. A stable digest, not ``hash()``."""
     digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    return int(
-        np.random.SeedSequence([seed, digest, point, EVAL_STREAM]).generate_state(1, np.uint64)[0] >> 1
-    )
+    return derive_seed(seed, digest, point, EVAL_STREAM)
 
 
 def grid_times(obj: Objective, cfg: JobConfig, b: int, i: int, device) -> torch.Tensor:
