@@ -78,11 +78,12 @@ class DataConfig:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     drop_partial: bool = False
-    """Drop the last, short batch of each bucket at the end of an epoch (its samples are reshuffled into
-    the next). Off: it is let through, so every sample is seen each epoch, which a fine-tune on a few
-    dozen clips over several buckets needs (otherwise a bucket that never fills gives no batch at all);
-    the loss is weighted per sample, so a short batch counts for what it holds. On: every batch has its
-    bucket's size (e.g. for a compiled model that recompiles per batch shape)."""
+    """Drop the last, short batch of each bucket (of each loader worker) at the end of an epoch: its
+    samples are not used that epoch (the next one reshuffles everything). Off: it is let through, so
+    every sample is seen each epoch, which a fine-tune on a few dozen clips over several buckets needs
+    (otherwise a bucket that never fills gives no batch at all); the loss is weighted per sample, so a
+    short batch counts for what it holds. On: every batch has its bucket's size (e.g. for a compiled
+    model that recompiles per batch shape)."""
 
 
 def list_shards(cfg: DataConfig, key: str = "data.shards") -> list[Shard]:

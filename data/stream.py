@@ -390,8 +390,8 @@ def _formed_batches(spec: StreamSpec, errors: Errors) -> Iterator[tuple[Assignme
             buffers[a.bucket] = []
             yield from mixer.push(a.bucket.frames == 1, (a, buf))
     # what is left of each bucket is too few for a full batch: let it through as a short batch (every
-    # sample is seen each epoch; the trainer weights the loss per sample), or drop it (it is reshuffled
-    # next epoch). Either way the order is a function of the stream's seeds, so resuming re-forms it.
+    # sample is seen each epoch; the trainer weights the loss per sample), or drop it (unused this
+    # epoch). Either way the order is a function of the stream's seeds, so resuming re-forms it.
     for bucket, buf in buffers.items():
         if not buf:
             continue

@@ -300,8 +300,9 @@ class JobConfig:
     SECTIONS: ClassVar[tuple[str, ...]] = (
         "run", "data", "train", "eval", "parallel", "checkpoint", "logging", "sample", "init",
     )  # fmt: skip
-    """The sections with a ``validate(key)`` of their own (model.arch and diffusion check themselves
-    when they are built)."""
+    """The sections with a ``validate(key)`` of their own; ``model.arch`` checks itself when it is built,
+    and :meth:`validate` checks the two ranges of ``diffusion`` (``dit/`` does not import these
+    helpers)."""
 
     def validate(self) -> None:
         """Every section's own checks, then the settings that contradict each other; each error names

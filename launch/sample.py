@@ -124,6 +124,7 @@ class SampleRequest:
         check_range(self.strength, "--strength", 0.0, 1.0)  # 0: the input clip back
         if self.sampler is not None:
             check_choice(self.sampler, SAMPLER_NAMES, "--sampler")
+        check_choice(self.precision, RunConfig.PRECISIONS, "--precision")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SampleRequest:

@@ -108,23 +108,31 @@ class SequenceCut:
         return group_size(self.cp) * group_size(self.sp)
 
     def check(self, grid: Grid, per_frame: bool) -> None:
-        """Raise, naming the latent and ``parallel.cp``, when ``grid`` cannot be cut exactly."""
-        cp, sp = group_size(self.cp), group_size(self.sp)
-        latent = "×".join(str(g * p) for g, p in zip(grid, self.patch_size, strict=True))
-        what = f"a latent of {latent} (frames × height × width; patch grid {grid})"
-        ranks = f"parallel.cp={cp}" + (f" × (sequence-parallel) tp={sp}" if sp > 1 else "")
+        """Raise, naming the latent and ``parallel.cp``, when ``grid`` cannot be cut exactly (every
+        forward: integer checks; the message is made only for an error)."""
+        cp = group_size(self.cp)
         if self.factorized and grid.frames % cp:
             raise ValueError(
                 f"context parallel with the factorized layout cuts the sequence at frame boundaries: "
-                f"{what} has {grid.frames} frames of patches, not divisible by parallel.cp={cp}"
+                f"{self._latent(grid)} has {grid.frames} frames of patches, not divisible by parallel.cp={cp}"
             )
         if per_frame and grid.frames % self.ways:
             raise ValueError(
-                f"per-frame timesteps need whole frames on each rank: {what} has {grid.frames} frames of "
-                f"patches, not divisible by {ranks}"
+                f"per-frame timesteps need whole frames on each rank: {self._latent(grid)} has "
+                f"{grid.frames} frames of patches, not divisible by {self._ranks()}"
             )
         if math.prod(grid) % self.ways:
-            raise ValueError(f"{what}: its {math.prod(grid)} tokens do not split over {ranks} ranks")
+            raise ValueError(
+                f"{self._latent(grid)}: its {math.prod(grid)} tokens do not split over {self._ranks()} ranks"
+            )
+
+    def _latent(self, grid: Grid) -> str:
+        latent = "×".join(str(g * p) for g, p in zip(grid, self.patch_size, strict=True))
+        return f"a latent of {latent} (frames × height × width; patch grid {grid})"
+
+    def _ranks(self) -> str:
+        sp = group_size(self.sp)
+        return f"parallel.cp={group_size(self.cp)}" + (f" × (sequence-parallel) tp={sp}" if sp > 1 else "")
 
     def tokens(self, x: Tensor, dim: int) -> Tensor:
         """This rank's tokens. Over cp by plain slicing: the gradient of what is upstream stays partial

@@ -185,9 +185,8 @@ def apply_megatron_tp(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         full, cls = getattr(parent, attr), MEGATRON_MODULES[kind]
-        new = (
-            cls(full, tp_group) if cls is TPHeadRMSNorm else cls(full, config, tp_group)
-        )  # no megatron layer
+        # the head norm is our own module, not a megatron layer: it takes no ModelParallelConfig
+        new = cls(full, tp_group) if cls is TPHeadRMSNorm else cls(full, config, tp_group)
         setattr(parent, attr, new.to(device))
     return model
 
