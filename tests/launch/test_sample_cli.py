@@ -88,3 +88,9 @@ def test_sample_options_out_of_range_stop_before_any_weight_is_read(option, valu
 
     with pytest.raises(SystemExit, match=re.escape(f"error: {said}")):
         main([str(tmp_path / "no-run"), "--out", str(tmp_path / "s.mp4"), "--prompt", "a", option, value])
+
+
+def test_a_request_built_in_code_checks_its_precision_too(tmp_path):
+    """argparse's choices guard the CLI; a SampleRequest made by other code is checked by itself."""
+    with pytest.raises(ValueError, match=r"--precision='fp16': expected one of auto, bf16, fp32"):
+        SampleRequest(out=str(tmp_path / "s.mp4"), precision="fp16")
