@@ -7,8 +7,10 @@ runs one case, and rank 0 saves each case's result as ``<name>.pt`` for the test
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -61,3 +63,19 @@ def serve(
                 torch.save(result, Path(out_dir) / f"{name(case)}.pt")
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """End a spawned rank whose work is saved without running interpreter teardown.
+
+    CI twice saw a rank that had saved its results and destroyed its gloo group abort in teardown
+    ("terminate called without an active exception", no Python frame in the fault handler's dump): a
+    gloo object whose last reference dies while the interpreter is being finalized (pytorch/pytorch
+    PR 179291 describes the mechanism). The results are on disk by now, so the rank skips teardown
+    instead of letting a library's exit path fail a test about something else. Only for the success
+    path: an exception still propagates to ``torch.multiprocessing``'s error file."""
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

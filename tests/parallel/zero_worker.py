@@ -35,7 +35,7 @@ from parallel.grads import clip_grad_norm
 from parallel.megatron_tp import apply_megatron_tp, full_tensor
 from tests.dit.emulate import cuda_autocast_flag
 from tests.dit.helpers import random_model
-from tests.parallel.group import serve
+from tests.parallel.group import exit_without_teardown, serve
 from tests.parallel.parity_worker import GLOBAL_BATCH, arch, batch
 
 STEPS = 4
@@ -263,3 +263,4 @@ def write_failure_worker(rank: int, world: int, port: int, out_dir: str) -> None
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
