@@ -253,7 +253,7 @@ def generate(model, info: dict, prompts: list[str], req: SampleRequest) -> list[
         for n, clip in enumerate(clips, start):
             path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_mp4(path, clip, fps)
+            write_mp4(path, clip, fps, caption=prompts[n])
             written.append(path)
     return written
 
@@ -353,11 +353,15 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return v.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
-    """T×H×W×3 uint8 → H.264 mp4 (odd sizes are cropped by one pixel; yuv420p needs even sizes)."""
+def write_mp4(path: Path, frames: np.ndarray, fps: float, caption: str | None = None) -> None:
+    """T×H×W×3 uint8 → H.264 mp4 (odd sizes are cropped by one pixel; yuv420p needs even sizes), and
+    with ``caption`` its sidecar ``.txt`` (the prompt it was sampled for), the layout ``data.shards
+    write`` and ``python -m data.probe score`` read, so a samples folder can be scored as it is."""
     t, h, w, _ = frames.shape
     frames = np.ascontiguousarray(frames[:, : h - h % 2, : w - w % 2])
     path.write_bytes(encode_h264(frames, fps))
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -452,7 +452,7 @@ def write_samples(tr: Trainer, metrics: Metrics) -> None:
     out = tr.run_dir / "samples"
     out.mkdir(exist_ok=True)
     for i, frames in enumerate(videos):
-        write_mp4(out / f"step-{tr.step:08d}-{i}.mp4", frames, cfg.sample.fps)
+        write_mp4(out / f"step-{tr.step:08d}-{i}.mp4", frames, cfg.sample.fps, caption=cfg.sample.prompts[i])
         metrics.video(f"samples/{i}", frames, tr.step, cfg.sample.fps)
 
 

@@ -68,6 +68,10 @@ def test_sample_text_image_and_video_to_video(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     clips = [_frames(tmp_path / f"t2v-{i}.mp4") for i in range(2)]
     assert all(c.shape == (4, 32, 32, 3) for c in clips)
+    assert [(tmp_path / f"t2v-{i}.txt").read_text(encoding="utf-8") for i in range(2)] == [
+        "a red circle",
+        "a blue square",
+    ]
 
     # image-to-video: the first frame is pinned to the (pixel-codec) latent of the image
     image = np.zeros((32, 32, 3), np.uint8)

@@ -87,6 +87,10 @@ def test_run_writes_config_metrics_checkpoints_samples_and_tensorboard(tmp_path,
         with av.open(str(rd / "samples" / f"step-00000006-{i}.mp4")) as c:
             frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
         assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
+        # the prompt beside it, so the folder can be scored as it is (python -m data.probe score)
+        assert (rd / "samples" / f"step-00000006-{i}.txt").read_text(
+            encoding="utf-8"
+        ) == saved.sample.prompts[i]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
