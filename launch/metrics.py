@@ -1,5 +1,11 @@
-"""Training metrics: averaged over the steps between logs and across ranks (torchmetrics), written to
+"""Training metrics: averaged over the steps between logs and across ranks, written to
 ``run.dir/metrics.jsonl`` and tensorboard by rank 0, shown as a progress bar or as plain lines.
+
+The reduction is two collectives per record (one sum of every running total and count, one max),
+kept here instead of torchmetrics' aggregation classes: importing ``torchmetrics`` costs about 3 s of
+start-up on every rank of every launch (it imports its audio and text packages, scipy.signal and
+transformers), and a sum and a max of a dozen floats do not need it. The real metric arithmetic
+(Fréchet distances, CLIP score in ``launch.fidelity``) does use torchmetrics, imported when asked for.
 
 Units in a record: ``loss``/``val_loss`` per-sample means; ``tokens_per_s`` latent tokens per second
 summed over ranks; ``step_time``/``data_wait`` seconds per optimizer step, and the rest of the step
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.aggregation import MaxMetric, MeanMetric, SumMetric
+import torch.distributed as dist
 
 MEAN_KEYS = (
     "loss",
@@ -80,11 +86,8 @@ class Metrics:
 
     def __init__(self, run_dir: Path, is_main: bool, device: torch.device, tensorboard: bool, progress):
         self.is_main, self.progress = is_main, progress
-        dev = device if device.type == "cuda" else torch.device("cpu")
-        self.means = {k: MeanMetric(nan_strategy="ignore").to(dev) for k in MEAN_KEYS}
-        self.tokens = SumMetric().to(dev)
-        self.flops = SumMetric().to(dev)
-        self.memory = MaxMetric().to(dev)
+        self.device = device if device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors
+        self._reset()
         self.window_start = time.perf_counter()
         # held open for the run (appends survive restarts); closed in close()
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None  # noqa: SIM115
@@ -94,29 +97,54 @@ class Metrics:
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
+    def _reset(self) -> None:
+        # running totals of this rank since the last record: per mean key a sum and a count of the
+        # values given (None and NaN are left out, so a key no rank reported is logged as null)
+        self.sums = dict.fromkeys(MEAN_KEYS, 0.0)
+        self.counts = dict.fromkeys(MEAN_KEYS, 0)
+        self.tokens = self.flops = self.memory = 0.0
+
     def update(self, tokens: int, memory_gib: float, flops: float = 0.0, **values: float | None) -> None:
         for k, v in values.items():
-            if v is not None:
-                self.means[k].update(float(v))
-        self.tokens.update(float(tokens))
-        self.flops.update(float(flops))
-        self.memory.update(memory_gib)
+            if v is None:
+                continue
+            if k not in self.sums:
+                raise KeyError(f"metric {k!r}: not one of {', '.join(MEAN_KEYS)}")
+            if not math.isnan(float(v)):
+                self.sums[k] += float(v)
+                self.counts[k] += 1
+        self.tokens += float(tokens)
+        self.flops += float(flops)
+        self.memory = max(self.memory, float(memory_gib))
+
+    def _reduced(self) -> tuple[list[float], float]:
+        """This window's totals summed over ranks (sums, counts, tokens, flops) and the max memory."""
+        totals = [*self.sums.values(), *self.counts.values(), self.tokens, self.flops]
+        memory = self.memory
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            buf = torch.tensor(totals, dtype=torch.float64, device=self.device)
+            dist.all_reduce(buf)
+            peak = torch.tensor([memory], dtype=torch.float64, device=self.device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            totals, memory = buf.tolist(), float(peak.item())
+        return totals, memory
 
     def log(self, step: int, extra: dict | None = None) -> dict:
         """Reduce over ranks (a collective: every rank calls it), write, reset; returns the record."""
         elapsed = time.perf_counter() - self.window_start
+        totals, memory = self._reduced()
+        n = len(MEAN_KEYS)
         record: dict = {"step": step}
-        for k, m in self.means.items():
-            value = float(m.compute()) if m.update_called else math.nan
-            record[k] = None if math.isnan(value) else value
-        record["tokens_per_s"] = float(self.tokens.compute()) / max(elapsed, 1e-9)
+        for i, k in enumerate(MEAN_KEYS):
+            record[k] = totals[i] / totals[n + i] if totals[n + i] > 0 else None
+        tokens, flops = totals[2 * n], totals[2 * n + 1]
+        record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
         # totals of the steps since the previous record, over all ranks (what a scaling sweep sums)
-        record["tokens"] = float(self.tokens.compute())
-        record["flops"] = float(self.flops.compute())
-        record["max_memory"] = float(self.memory.compute())
+        record["tokens"] = tokens
+        record["flops"] = flops
+        record["max_memory"] = memory
         record.update(extra or {})
-        for m in (*self.means.values(), self.tokens, self.flops, self.memory):
-            m.reset()
+        self._reset()
         self.window_start = time.perf_counter()
         self.write(record)
         return record
