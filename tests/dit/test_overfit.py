@@ -1,5 +1,3 @@
-import time
-
 import pytest
 import torch
 
@@ -19,7 +17,6 @@ def test_tiny_model_overfits_one_batch():
     g = torch.Generator().manual_seed(1)  # not the batch's seed, or noise == x0
     noise, t = torch.randn(x0.shape, generator=g), obj.sample_t(2, None, "cpu", g)  # fixed: memorisable
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    start = time.monotonic()
     losses = []
     for _ in range(300):
         loss = obj.loss(model, x0, kw, noise=noise, t=t).loss
@@ -30,7 +27,6 @@ def test_tiny_model_overfits_one_batch():
         if losses[-1] < losses[0] / 10:
             break
     assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3f} → {losses[-1]:.3f} after {len(losses)} steps"
-    assert time.monotonic() - start < 60
 
 
 def test_demo_runs_end_to_end():
