@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,10 @@ def load_feature_net(path: str, key: str, device: torch.device) -> nn.Module:
         except Exception as e:
             raise ValueError(f"{where}: not a torch.export program ({_first_line(e)})") from e
     try:
-        net = torch.jit.load(p, map_location=device)
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates TorchScript; the reference Inception and I3D ship only as TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(p, map_location=device)
     except Exception as e:
         raise ValueError(
             f"{where}: not a TorchScript file ({_first_line(e)}); a plain state dict or pickled module "
