@@ -187,11 +187,36 @@ class EvalConfig:
     size keeps every rank busy)."""
     timesteps: int = 8
     """Points of the fixed grid t_i = (i + 0.5) / n at which every held-out sample is scored."""
+    sample_metrics: bool = False
+    """At every evaluation (``eval.every`` and the end), also generate one video per prompt of a fixed
+    set with fixed seeds (EMA weights, the ``sample`` section's sampler, steps, cfg, frames, size, fps)
+    and score them: with the probe (:mod:`data.probe`) when every prompt is in the built-in dataset's
+    grammar, with the configured Fréchet/CLIP metrics otherwise (both when both apply). Logged as
+    ``probe_*``, ``fid``, ``fvd``, ``clip_score`` with the validation loss, the samples written to
+    ``run.dir/samples/eval-STEP/`` (see :mod:`launch.sample_metrics`)."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """The fixed prompts (empty: the captions of the first ``sample_count`` clips of
+    ``data.val_shards``, in their fixed order)."""
+    sample_count: int = 16
+    """Prompts taken from ``data.val_shards`` when ``sample_prompts`` is empty, and the number of
+    held-out clips the Fréchet metrics compare against."""
+    fid_features: str = ""
+    """FID on frames: a local Inception-style feature network (a TorchScript or ``torch.export`` .pt2
+    file, e.g. the reference ``inception-2015-12-05.pt``; empty: no FID). Nothing is downloaded."""
+    fvd_features: str = ""
+    """FVD on clips: a local I3D-style feature network (TorchScript or .pt2 file, e.g. the reference
+    ``i3d_torchscript.pt``; empty: no FVD)."""
+    clip_model: str = ""
+    """CLIP text–video score: a local transformers CLIP folder (empty: no CLIP score)."""
 
     def validate(self, key: str = "eval") -> None:
         check_range(self.every, f"{key}.every", 0)
         check_range(self.batches, f"{key}.batches", 1)
         check_range(self.timesteps, f"{key}.timesteps", 1)
+        check_range(self.sample_count, f"{key}.sample_count", 1)
+        for i, prompt in enumerate(self.sample_prompts):
+            if not prompt.strip():
+                raise ValueError(f"{key}.sample_prompts.{i}: an empty prompt")
 
 
 @dataclass
@@ -356,10 +381,29 @@ def cross_field_errors(cfg: JobConfig) -> list[str]:
             f"eval.every={cfg.eval.every} scores held-out shards, but data.val_shards is empty: set it "
             "(a directory, glob or list of val-*.tar) or eval.every=0"
         )
+    errors += _sample_metric_errors(cfg)
     if cfg.logging.sample_every > 0 and cfg.data.codec.startswith("latents:"):
         errors.append(
             f"logging.sample_every={cfg.logging.sample_every}: data.codec={cfg.data.codec!r} only declares "
             "the latents' geometry and cannot decode samples: set logging.sample_every=0"
+        )
+    return errors
+
+
+def _sample_metric_errors(cfg: JobConfig) -> list[str]:
+    e = cfg.eval
+    if not e.sample_metrics:
+        return []
+    errors = []
+    if e.every == 0:
+        errors.append(
+            "eval.sample_metrics=true scores samples at every evaluation, but eval.every=0: set eval.every "
+            "(and data.val_shards), or eval.sample_metrics=false"
+        )
+    if cfg.data.codec.startswith("latents:"):
+        errors.append(
+            f"eval.sample_metrics=true: data.codec={cfg.data.codec!r} only declares the latents' geometry "
+            "and cannot decode samples to score: set eval.sample_metrics=false"
         )
     return errors
 

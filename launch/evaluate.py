@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,20 +67,9 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> HeldOut:
     """
     if not cfg.data.val_shards:
         raise ValueError("eval.every is set but data.val_shards is empty")
-    val = dataclasses.replace(
-        cfg.data,
-        shards=cfg.data.val_shards,
-        prefix="val",
-        num_workers=0,
-        shuffle_buffer=0,
-        random_crop=False,
-        resampled=False,
-        drop_partial=False,
-    )
     mine, first, total, error = [], None, 0, None
     try:
-        loader = build_loader(val, 0, 1, expect=expect_for(cfg), key=VAL_KEY)  # the whole set, as one process
-        for i, batch in enumerate(_one_pass(loader, cfg.eval.batches)):
+        for i, batch in enumerate(_one_pass(val_loader(cfg), cfg.eval.batches)):
             first = batch if first is None else first
             total += 1
             if i % dp_size == dp_rank:
@@ -106,19 +96,40 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> HeldOut:
     return HeldOut(mine + [mine[0] if mine else first] * (per_rank - scored), scored)
 
 
+def val_loader(cfg: JobConfig) -> Loader:
+    """``data.val_shards`` read as one process reads them: in a fixed order, no shuffling, no workers,
+    no resampling, random crops or dropped short batches."""
+    val = dataclasses.replace(
+        cfg.data,
+        shards=cfg.data.val_shards,
+        prefix="val",
+        num_workers=0,
+        shuffle_buffer=0,
+        random_crop=False,
+        resampled=False,
+        drop_partial=False,
+    )
+    return build_loader(val, 0, 1, expect=expect_for(cfg), key=VAL_KEY)  # the whole set, as one process
+
+
 def _one_pass(loader: Loader, limit: int) -> list[Batch]:
     """Up to ``limit`` batches of the loader's first epoch (the loader itself goes on forever)."""
+    return list(one_pass(loader, lambda out: len(out) >= limit))
+
+
+def one_pass(loader: Loader, done) -> Iterator[Batch]:
+    """The loader's batches until ``done(batches so far)`` or the end of its first epoch."""
     out: list[Batch] = []
     batches = iter(loader)
     try:
-        while len(out) < limit:
+        while not done(out):
             batch = next(batches)
             if loader.epoch > 0:  # a batch of the next epoch: the pass is over
                 break
             out.append(batch)
+            yield batch
     finally:
         batches.close()
-    return out
 
 
 def agreed_count(n: int) -> int:
@@ -274,3 +285,15 @@ def draw_samples(
     )
     model.train(was_training)
     return decode(conditioner.codec, z) if _rank() == 0 else np.zeros((0, 0, 0, 0, 3), np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.evaluate RUN_OR_EXPORT``: the sample metrics of a trained model (see
+    :mod:`launch.sample_metrics`), one process; one JSON object on stdout."""
+    from launch.sample_metrics import cli  # imports this module: only when run as a program
+
+    return cli(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

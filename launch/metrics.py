@@ -46,6 +46,18 @@ MEAN_KEYS = (
 )
 
 
+EVAL_KEYS = ("fid", "fvd", "clip_score")
+"""Scores of generated samples (with the ``probe_*`` keys): tensorboard's ``eval/`` section."""
+
+
+def scalar_tag(key: str) -> str:
+    """Tensorboard tag of a record key: ``val/loss``, ``eval/<key>`` for sample scores, else
+    ``train/<key>``."""
+    if key == "val_loss":
+        return "val/loss"
+    return f"eval/{key}" if key in EVAL_KEYS or key.startswith("probe_") else f"train/{key}"
+
+
 def max_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -158,10 +170,18 @@ class Metrics:
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
-                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, record["step"])
+                    self.tb.add_scalar(scalar_tag(k), v, record["step"])
         shown = {k: record[k] for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s") if k in record}
         text = "  ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None)
         self.progress.line(f"step {record['step']:>7d}  {text}")
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """One H×W×3 uint8 image in tensorboard's image tab (rank 0; nothing without tensorboard)."""
+        if self.tb is None:
+            return
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"Metrics.image({tag!r}): expected H×W×3 uint8, got {image.shape} {image.dtype}")
+        self.tb.add_image(tag, image, step, dataformats="HWC")
 
     def video(self, tag: str, frames: np.ndarray, step: int, fps: float) -> None:
         """An animated GIF of T×H×W×3 uint8 frames in tensorboard's image tab (tensorboard shows
