@@ -167,9 +167,11 @@ class _Features(nn.Module):
         try:
             out = self.net(inp, **self.kwargs)
         except Exception as e:
+            short = inp.ndim == 5 and inp.shape[2] < PROBE_FRAMES
+            hint = f"; clips under the {PROBE_FRAMES} frames probed at start-up may be too short" * short
             raise ValueError(
                 f"{self.key}={self.path!r}: the network failed on a {_shape(inp)} {inp.dtype} input "
-                f"({self.what}): {_first_line(e)}"
+                f"({self.what}): {_first_line(e)}{hint}"
             ) from e
         if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == inp.shape[0]):
             got = f"a {_shape(out)} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"

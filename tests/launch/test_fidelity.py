@@ -59,6 +59,13 @@ class Flat(torch.nn.Module):
         return x.float().mean((1, 2, 3))
 
 
+class Needs16(torch.nn.Module):
+    """A video network with temporal pooling that needs 16 frames (like the reference I3D's minimum)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool3d(x, (16, 224, 224)).flatten(1)
+
+
 def script(module: torch.nn.Module, path: Path) -> str:
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is the reference I3D's format
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -333,6 +340,10 @@ def test_wrong_output_and_failing_network_are_reported(nets, tmp_path):
         ValueError, match=r"eval\.fid_features='.*i3d\.pt': the network failed on a 2×3×299×299"
     ):
         VideoFidelity(FidelityConfig(fid_features=nets["fvd"]), CPU)
+    # a video net that needs 16 frames fails on 8-frame clips at update, and the error says why
+    m = VideoFidelity(FidelityConfig(fvd_features=script(Needs16(), tmp_path / "needs16.pt")), CPU)
+    with pytest.raises(ValueError, match=r"needs16\.pt': the network failed on a 1×3×8×224×224 .*too short"):
+        m.update(np.zeros((1, 8, 4, 4, 3), np.uint8))
 
 
 def test_bad_clip_folders(tmp_path, clip_dir):
