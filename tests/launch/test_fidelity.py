@@ -59,6 +59,17 @@ class Flat(torch.nn.Module):
         return x.float().mean((1, 2, 3))
 
 
+class Projected(torch.nn.Module):
+    """Mean colour through a fixed random projection: a matmul, which autocast would run in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 5, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean((2, 3)) @ self.w
+
+
 class Needs16(torch.nn.Module):
     """A video network with temporal pooling that needs 16 frames (like the reference I3D's minimum)."""
 
@@ -143,6 +154,21 @@ def test_exported_program_gives_the_torchscript_value(nets, tmp_path):
         m.update(fake, real=real)
         values.append(m.compute()["fid"])
     assert values[0] == pytest.approx(values[1], rel=1e-9)
+
+
+def test_features_run_in_fp32_under_the_callers_autocast(tmp_path):
+    """The eval loop may call update() inside bf16 autocast; the networks still run in fp32. CPU autocast
+    stands in for CUDA's here (update disables autocast for its device's type); only a GPU run
+    confirms the CUDA case."""
+    cfg = FidelityConfig(fid_features=script(Projected(), tmp_path / "projected.pt"))
+    fake, real = two_sets(3)
+    values = []
+    for autocast in (False, True):
+        m = VideoFidelity(cfg, CPU)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            m.update(fake, real=real)
+        values.append(m.compute()["fid"])
+    assert values[1] == values[0]
 
 
 def test_input_conventions():
