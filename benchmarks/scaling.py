@@ -14,6 +14,14 @@ budget that differ in learning rate are reduced to the best. Then two fits:
 Both minimise a Huber loss (δ = 1e-3) on log-loss residuals from a grid of starts (the laws, their fits
 and predictions: :mod:`benchmarks.scaling_laws`). Intervals are 5-95% percentiles over bootstrap
 resamples of the runs.
+
+``--target KEY`` fits another column of the rows in place of ``loss`` (the runs' last sample metrics,
+``eval.sample_metrics``, carried by ``benchmarks.sweep collect``): a probe accuracy (``probe_overall``,
+``probe_color`` …, in [0, 1], higher is better) is fitted as its error rate 1 − accuracy, which like a
+loss falls toward an irreducible floor E as compute grows; ``fid``, ``fvd`` and the probe's temporal
+numbers (``probe_jerk``, ``probe_area_cv``, ``probe_flicker``), already lower-is-better and ≥ 0, are
+fitted as they are. The CLIP score has no natural floor-at-zero form and is not a target. A run whose
+target is missing or whose error is 0 (a perfect score: no power law through it) is skipped, named.
 """
 
 from __future__ import annotations
@@ -45,9 +53,24 @@ from benchmarks.scaling_laws import (
     parametric_theta,
     solve,
 )
-
+from benchmarks.scaling_report import ACCURACY_TARGETS  # fitted as the error rate 1 − value
 
 # ---- input ----------------------------------------------------------------------------------------------
+AS_IS_TARGETS = ("loss", "fid", "fvd", "probe_jerk", "probe_area_cv", "probe_flicker")
+"""Targets fitted as they are (lower is better, ≥ 0)."""
+TARGETS = AS_IS_TARGETS[:1] + ACCURACY_TARGETS + AS_IS_TARGETS[1:]
+
+
+def target_row(row: dict, target: str) -> dict:
+    """``row`` with ``loss`` replaced by the value fitted for ``target`` (the validation loss kept as
+    ``val_loss``): ``1 − row[target]`` for an accuracy, ``row[target]`` otherwise; None when absent."""
+    if target == "loss":
+        return row
+    v = row.get(target)
+    fitted = (1.0 - v if target in ACCURACY_TARGETS else v) if _number(v) else None
+    return {**row, "val_loss": row.get("loss"), "loss": fitted}
+
+
 def parse_where(items: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
     """``["key=value", ...]`` (or a mapping) → ``{key: value}``."""
     if items is None or isinstance(items, Mapping):
@@ -86,8 +109,8 @@ def _skip_reason(row: dict) -> str | None:
     if status is not None and status != "ok":
         return f"status={status}"
     if not _number(loss) or not math.isfinite(loss):
-        return "no loss" if loss is None else f"loss={loss!r}"
-    return "loss <= 0" if loss <= 0 else None
+        return "no loss (or --target value)" if loss is None else f"loss={loss!r}"
+    return "loss <= 0 (a perfect --target score)" if loss <= 0 else None
 
 
 def _row_problem(row: dict) -> str | None:
@@ -100,7 +123,9 @@ def _row_problem(row: dict) -> str | None:
     return None
 
 
-def load_runs(path: str | os.PathLike, where: Sequence[str] | Mapping[str, str] | None = None) -> list[dict]:
+def load_runs(
+    path: str | os.PathLike, where: Sequence[str] | Mapping[str, str] | None = None, target: str = "loss"
+) -> list[dict]:
     """Read a results JSON-lines file, keeping the rows that match ``where``.
 
     Rows to be skipped (a status other than ``ok``, no finite loss) stay in, for the report to list.
@@ -109,11 +134,14 @@ def load_runs(path: str | os.PathLike, where: Sequence[str] | Mapping[str, str] 
         path: The ``results.jsonl`` file; blank lines are ignored.
         where: ``key=value`` strings or a mapping: keep a row when each field equals the value as a
             string (or as a number, when the field is one).
+        target: The column fitted as ``loss`` (one of :data:`TARGETS`; see :func:`target_row`).
 
     Raises:
         ValueError: A line is not a JSON object, or a usable row lacks a positive ``params`` or
             ``tokens``; the message names the file and line.
     """
+    if target not in TARGETS:
+        raise ValueError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     wanted, rows = parse_where(where), []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -127,6 +155,7 @@ def load_runs(path: str | os.PathLike, where: Sequence[str] | Mapping[str, str] 
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             if not _matches(row, wanted):
                 continue
+            row = target_row(row, target)
             problem = None if _skip_reason(row) else _row_problem(row)
             if problem:
                 raise ValueError(f"{path}:{lineno}: {problem}")
@@ -373,9 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     f.add_argument("--bootstrap", type=int, default=200, metavar="N", help="resamples for the intervals")
     f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    f.add_argument("--target", default="loss", choices=TARGETS,
+                   help="the column fitted: loss (validation loss), a probe accuracy (as 1 - accuracy), fid, "
+                   "fvd or a probe temporal number")  # fmt: skip
     a = p.parse_args(argv)
     try:
-        rows = load_runs(a.results, a.where)
+        rows = load_runs(a.results, a.where, a.target)
         try:
             result = fit(rows, predict=a.predict, n_boot=a.bootstrap, seed=a.seed)
         except ValueError as e:
@@ -383,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result |= {"source": str(a.results), "where": a.where}
+    result |= {"source": str(a.results), "where": a.where, "target": a.target}
     if a.out:
         from benchmarks.scaling_report import write_outputs  # matplotlib only when plots are wanted
 

@@ -15,6 +15,11 @@ import numpy as np
 
 from benchmarks.scaling_laws import PRED_KEYS, frontier_law, parametric_law
 
+ACCURACY_TARGETS = tuple(
+    f"probe_{k}" for k in ("overall", "color", "background", "shape", "direction", "speed")
+)
+"""``benchmarks.scaling``'s targets fitted as 1 − value (that module imports this one's writer)."""
+
 
 # ---- outputs --------------------------------------------------------------------------------------------
 def write_outputs(result: dict, rows: Sequence[dict], out_dir: str | os.PathLike) -> None:
@@ -128,6 +133,7 @@ def _report(result: dict, rows: Sequence[dict]) -> str:
             cells = [f"{_g(q[k])} [{_g(q['ci'][k][0])}, {_g(q['ci'][k][1])}]" for k in PRED_KEYS]
             preds += f"\n| {_g(q['C'])} | " + " | ".join(cells) + " |"
     caveats = "\n".join(f"- {c}" for c in _caveats(result, rows))
+    target = _target_line(result)
     intervals = "No intervals (`--bootstrap 0`)."
     if b["n"]:
         intervals = (
@@ -138,7 +144,7 @@ def _report(result: dict, rows: Sequence[dict]) -> str:
 
 {dt.date.today()} · source `{result.get("source", "-")}`{where}
 
-{result["n_rows"]} rows: {result["n_runs"]} runs fitted, {result["n_skipped"]} skipped. C is {source}
+{target}{result["n_rows"]} rows: {result["n_runs"]} runs fitted, {result["n_skipped"]} skipped. C is {source}
 (median C / 6ND = {result["flops_per_6nd"]:.3g}).
 
 ## Fits
@@ -169,6 +175,15 @@ N_opt = G·(C/6)^a, D_opt = (C/6)^b / G with a = β/(α+β), b = α/(α+β).
 
 {_tables(result, rows)}
 """
+
+
+def _target_line(result: dict) -> str:
+    """What "loss" means in this report, when ``--target`` chose another column than the validation loss."""
+    target = result.get("target", "loss")
+    if target == "loss":
+        return ""
+    what = f"1 − {target} (the error rate)" if target in ACCURACY_TARGETS else target
+    return f"Fitted target: **{what}**, written L below in place of the validation loss.\n\n"
 
 
 def _caveats(result: dict, rows: Sequence[dict]) -> list[str]:

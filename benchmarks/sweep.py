@@ -39,6 +39,8 @@ from dit.flops import count
 from dit.model import SpacetimeDiT
 from launch.config import CONFIG_DIR, JobConfig, load_config
 
+SAMPLE_KEYS = ("fid", "fvd", "clip_score")
+"""Sample-metric keys of a run's final record that a results row carries (with every ``probe_*``)."""
 EMBEDDINGS = ("patch_embed.", "pos_embed.", "t_embedder.", "fps_embedder.", "label_embed.", "text_proj.")
 
 
@@ -231,7 +233,13 @@ def status(run: dict) -> dict:
         "flops": sum(r.get("flops", 0.0) for r in steps),
         "wall_s": sum(a["end"] - a["start"] for a in attempts if "end" in a),
         "steps_done": max(records, default=0),
-    }
+    } | sample_scores(final)
+
+
+def sample_scores(record: dict) -> dict:
+    """The sample metrics of a metrics record (``eval.sample_metrics``: ``probe_*``, ``fid``, ``fvd``,
+    ``clip_score``), for ``benchmarks.scaling fit --target``."""
+    return {k: v for k, v in record.items() if k.startswith("probe_") or k in SAMPLE_KEYS}
 
 
 def collect(out_dir: str | os.PathLike) -> list[dict]:

@@ -209,3 +209,33 @@ def test_lse_jacobian_matches_finite_differences():
             for s in (1, -1)
         )
         assert np.allclose(J[:, :, k], (up - down) / 2e-6, atol=1e-7), k
+
+
+def test_target_fits_the_probe_error_rate(tmp_path, capsys):
+    """``--target probe_overall`` fits 1 − probe_overall with the law a loss would get (here a known
+    frontier), not the ``loss`` column (garbage here); a perfect score and a run without the key are
+    skipped and named, and an unknown target is refused."""
+    rng = np.random.default_rng(3)
+    C = np.logspace(15, 21, 13)
+    error = 0.05 + 30.0 * C**-0.1 * np.exp(rng.normal(0, 0.002, C.size))
+    rows = [
+        {"name": f"c{c:.0e}", "params": (c / 6) ** 0.5, "tokens": (c / 6) ** 0.5, "flops": c, "budget": c,
+         "loss": 9.9, "probe_overall": 1.0 - e}
+        for c, e in zip(C, error, strict=True)
+    ]  # fmt: skip
+    rows += [
+        {"name": "perfect", "params": 1e6, "tokens": 1e9, "loss": 1.0, "probe_overall": 1.0},
+        {"name": "no-probe", "params": 1e6, "tokens": 1e9, "loss": 1.0},
+    ]
+    path = _write(tmp_path / "results.jsonl", rows)
+    loaded = scaling.load_runs(path, target="probe_overall")
+    assert [r["loss"] for r in loaded[:13]] == pytest.approx(error) and loaded[0]["val_loss"] == 9.9
+    assert scaling.load_runs(path)[0]["loss"] == 9.9  # the default target is the validation loss
+    result = scaling.fit(loaded, n_boot=0)
+    assert result["n_runs"] == 13 and result["n_skipped"] == 2
+    assert result["frontier"]["alpha"] == pytest.approx(0.1, abs=0.02)
+    assert result["frontier"]["E"] == pytest.approx(0.05, abs=0.02)
+    with pytest.raises(ValueError, match="--target 'clip_score'"):
+        scaling.load_runs(path, target="clip_score")
+    fid_rows = scaling.load_runs(_write(tmp_path / "f.jsonl", [dict(rows[0], fid=12.5)]), target="fid")
+    assert fid_rows[0]["loss"] == 12.5  # lower-is-better targets are fitted as they are
