@@ -80,8 +80,13 @@ def test_grid_errors_name_the_file_and_key(tmp_path, shards):
 @pytest.mark.slow
 def test_local_sweep_resumes_skips_and_collects_a_failed_run(tmp_path, shards):
     out = tmp_path / "out"
-    # lr = -1 is refused by the trainer's config check: that run fails, the others go on
-    sweep.plan(_grid(tmp_path, shards, widths=[32], budgets=[1e10], lrs=[1e-3, -1.0]), out)
+    # lr = -1 is refused by the trainer's config check: that run fails, the others go on; the final
+    # evaluation also scores two samples (prompts: the first held-out captions) with the probe
+    grid = _grid(tmp_path, shards, widths=[32], budgets=[1e10], lrs=[1e-3, -1.0])
+    fields = json.loads(grid.read_text())
+    fields["overrides"] += ["eval.sample_metrics=true", "eval.sample_count=2", "sample.steps=2"]
+    grid.write_text(json.dumps(fields))
+    sweep.plan(grid, out)
     proc = run([sys.executable, "-m", "benchmarks.sweep", "run", str(out), "--local"], timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]  # one run failed
     proc = run([sys.executable, "-m", "benchmarks.sweep", "collect", str(out)])
@@ -92,6 +97,14 @@ def test_local_sweep_resumes_skips_and_collects_a_failed_run(tmp_path, shards):
     plan = {r["lr"]: r for r in sweep.read_plan(out)["runs"]}
     assert ok["steps_done"] == plan[1e-3]["steps"] and ok["wall_s"] > 0
     assert ok["loss"] > 0 and ok["tokens"] > 0
+    # the last evaluation's sample scores, as the run logged them (a failed run has none)
+    logged = Path(sweep._value(plan[1e-3]["overrides"], "run.dir")) / "metrics.jsonl"
+    final = [r for r in map(json.loads, logged.read_text().splitlines()) if r["step"] == ok["steps_done"]][-1]
+    assert ok["probe_n"] == 2 and 0 <= ok["probe_overall"] <= 1
+    assert {k: v for k, v in ok.items() if k.startswith("probe_")} == {
+        k: v for k, v in final.items() if k.startswith("probe_")
+    }
+    assert not any(k.startswith("probe_") for k in failed)
     table = (out / "lr_table.md").read_text()  # two learning rates: which one won, per width
     assert "| 32 | – | **" in table and table.rstrip().endswith("| 0.001 |")
     # the logged FLOPs are the sampled batches' own: near the planned budget, not equal to it

@@ -1,0 +1,196 @@
+"""Sample metrics in the loop (``eval.sample_metrics``), ``python -m launch.evaluate`` and the grid image.
+
+The logged ``probe_*`` numbers are checked to be the probe's own: ``python -m data.probe score`` of the
+samples folder the trainer wrote, and ``launch.evaluate`` regenerating the same prompts from the saved
+checkpoint with the same seeds prints them again. A 2-process dp=2 run logs what one process logs with
+an odd prompt count (rank 1 draws one padding sample, uncounted). The models here are untrained, so
+the accuracies are mostly 0; ``probe_flicker`` (a mean over every pixel outside the object) is the
+number that would differ if anything else were scored.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch import sample_metrics as sm
+from launch.config import load_config
+from launch.metrics import Metrics, Progress, scalar_tag
+from tests.launch.conftest import ROOT, metrics, run, train_cmd
+from tests.launch.test_torchrun import torchrun_cmd
+
+PROMPTS = [
+    "a red circle moves slowly from left to right on a white background",
+    "a blue square moves quickly from top to bottom on a yellow background",
+    "a green triangle on a black background",
+]
+SAMPLE = [
+    "train.steps=2",
+    "eval.every=1",
+    "eval.batches=1",
+    "eval.timesteps=1",
+    "eval.sample_metrics=true",
+    f"eval.sample_prompts={json.dumps(PROMPTS)}",
+    "run.progress=lines",
+]
+
+
+def test_shares_are_padded_and_seeds_depend_on_the_prompt_alone():
+    assert sm.share(3, 0, 2) == ([0, 2], 2)
+    assert sm.share(3, 1, 2) == ([1, 1], 1)  # padded with its own prompt, one counted
+    assert sm.share(1, 1, 2) == ([0], 0)  # more ranks than prompts: a repeat, nothing counted
+    assert sm.share(5, 0, 1) == ([0, 1, 2, 3, 4], 5)
+    seeds = {sm.prompt_seed(0, i) for i in range(16)} | {sm.prompt_seed(1, i) for i in range(16)}
+    assert len(seeds) == 32
+
+
+def test_thumbnail_is_one_row_of_evenly_spaced_frames():
+    frames = np.arange(40 * 128 * 96 * 3, dtype=np.int64).reshape(40, 128, 96, 3).astype(np.uint8)
+    row = sm.thumbnail(frames)
+    # 16 of 40 frames, every 2nd pixel (128 > GRID_HEIGHT = 64): 64 × (16 · 48)
+    assert row.shape == (64, 16 * 48, 3)
+    np.testing.assert_array_equal(row[:, :48], frames[0, ::2, ::2])
+    np.testing.assert_array_equal(row[:, -48:], frames[39, ::2, ::2])
+
+
+def test_config_errors_name_the_keys(shards):
+    base = [f"data.shards={shards}", f"data.val_shards={shards}"]
+    with pytest.raises(ValueError, match="eval.sample_metrics=true .* eval.every=0"):
+        load_config(None, [*base, "eval.sample_metrics=true", "eval.every=0"])
+    with pytest.raises(ValueError, match="eval.sample_metrics=true: data.codec='latents:4,1,8'"):
+        load_config(
+            None, [*base, "eval.sample_metrics=true", "data.codec=latents:4,1,8", "model.arch.in_channels=4"]
+        )
+    with pytest.raises(ValueError, match=r"eval.sample_prompts.1: an empty prompt"):
+        load_config(None, [*base, "eval.sample_prompts=[a, ' ']"])
+    with pytest.raises(ValueError, match="eval.sample_count"):
+        load_config(None, [*base, "eval.sample_count=0"])
+
+
+def test_prompts_nothing_can_score_are_an_error():
+    sm.check_scorable(PROMPTS, fidelity_on=False, source="x")
+    with pytest.raises(
+        ValueError, match="'a cat' is not in the built-in dataset's grammar.*eval.fid_features"
+    ):
+        sm.check_scorable([*PROMPTS, "a cat"], fidelity_on=False, source="eval.sample_prompts")
+    sm.check_scorable(["a cat"], fidelity_on=True, source="x")  # the Fréchet/CLIP metrics score it
+    assert not sm.probe_applies(["a cat"]) and sm.probe_applies(PROMPTS)
+
+
+def test_metrics_image_and_eval_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert scalar_tag("probe_overall") == "eval/probe_overall" and scalar_tag("fvd") == "eval/fvd"
+    assert scalar_tag("val_loss") == "val/loss" and scalar_tag("loss") == "train/loss"
+    m = Metrics(tmp_path, True, __import__("torch").device("cpu"), True, Progress(1, "lines"))
+    grid = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    m.image("eval/samples", grid, 3)
+    m.write({"step": 3, "probe_overall": 0.25})
+    with pytest.raises(ValueError, match="H×W×3 uint8"):
+        m.image("eval/samples", grid[..., 0], 3)
+    m.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    (img,) = acc.Images("eval/samples")
+    assert (img.step, img.width, img.height) == (3, 40, 24)
+    assert [s.value for s in acc.Scalars("eval/probe_overall")] == [0.25]
+
+
+def _probe_cli(folder) -> dict:
+    proc = run([sys.executable, "-m", "data.probe", "score", str(folder)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def _as_logged(result: dict) -> dict:
+    """``data.probe score``'s JSON as the flat keys the trainer logs."""
+    out = {f"probe_{k}": v for k, v in result["accuracy"].items()}
+    out |= {f"probe_{k}": v for k, v in result["temporal"].items()}
+    return out | {"probe_overall": result["overall"], "probe_found": result["found"], "probe_n": result["n"]}
+
+
+def _sample_records(run_dir) -> dict:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("probe_")} for r in metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, overrides):
+    rd = tmp_path_factory.mktemp("sample-metrics") / "run"
+    proc = run(train_cmd(rd, *SAMPLE, "checkpoint.every=0", overrides=overrides))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return rd
+
+
+@pytest.mark.slow
+def test_the_logged_numbers_are_the_probe_s_numbers(one_process, tmp_path):
+    rd = one_process
+    logged = _sample_records(rd)
+    assert sorted(logged) == [1, 2]
+    for step, values in logged.items():
+        assert values["probe_n"] == 3
+        for k in ("overall", "color", "background", "shape", "direction", "speed", "found", "flicker"):
+            assert 0.0 <= values[f"probe_{k}"] <= 1.0, (step, k)
+        folder = rd / "samples" / f"eval-{step:08d}"
+        assert sorted(p.name for p in folder.iterdir()) == [
+            f"{i:03d}.{e}" for i in range(3) for e in ("mp4", "txt")
+        ]
+        assert [(folder / f"{i:03d}.txt").read_text() for i in range(3)] == PROMPTS
+        assert values == _as_logged(_probe_cli(folder))  # exactly: the same arithmetic on the same files
+    # the final checkpoint's EMA regenerates the same videos from the same per-prompt seeds
+    out = tmp_path / "again"
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.evaluate", str(rd), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)
+    assert printed["step"] == 2 and printed["prompts"] == 3
+    assert {k: v for k, v in printed.items() if k.startswith("probe_")} == logged[2]
+    for i in range(3):
+        assert (out / f"{i:03d}.mp4").read_bytes() == (
+            rd / "samples" / "eval-00000002" / f"{i:03d}.mp4"
+        ).read_bytes()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(rd / "tb"))
+    acc.Reload()
+    assert [s.step for s in acc.Scalars("eval/probe_overall")] == [1, 2]
+    assert [s.value for s in acc.Scalars("eval/probe_flicker")] == pytest.approx(
+        [logged[1]["probe_flicker"], logged[2]["probe_flicker"]]
+    )
+    grids = acc.Images("eval/samples")
+    assert [g.step for g in grids] == [1, 2]
+    assert (grids[0].height, grids[0].width) == (3 * 32, 4 * 32)  # rows: prompts, columns: frames
+
+
+@pytest.mark.slow
+def test_evaluate_cli_names_a_bad_path_and_a_bad_option(tmp_path, one_process):
+    proc = run([sys.executable, "-m", "launch.evaluate", str(tmp_path / "nothing")])
+    assert proc.returncode == 2 and "nothing: no such run directory" in proc.stderr
+    proc = run([sys.executable, "-m", "launch.evaluate", str(one_process), "--count", "0"])
+    assert proc.returncode == 2 and "--count=0" in proc.stderr
+
+
+@pytest.mark.slow
+def test_dp2_logs_the_single_process_numbers(tmp_path, overrides, one_process):
+    """dp=2 with 3 prompts: rank 0 draws prompts 0 and 2, rank 1 prompt 1 and a padding repeat. The model
+    barely moves in its steps (``train.lr=1e-12``): dp=2 trains on another global batch than one process,
+    and the comparison is about evaluation, not training; one process's run here uses the same lr."""
+    runs = {}
+    for name, cmd in (("one", train_cmd), ("dp2", torchrun_cmd)):
+        rd = tmp_path / name
+        proc = run(
+            cmd(rd, *SAMPLE, "train.lr=1e-12", "train.steps=1", "parallel.dp_shard=-1", overrides=overrides)
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _sample_records(rd)[1]
+    one, two = runs["one"], runs["dp2"]
+    assert two["probe_n"] == one["probe_n"] == 3  # the padding sample is not counted
+    assert {k: v for k, v in two.items() if k != "probe_flicker"} == {
+        k: v for k, v in one.items() if k != "probe_flicker"
+    }
+    assert two["probe_flicker"] == pytest.approx(one["probe_flicker"], abs=1e-4)
