@@ -154,7 +154,7 @@ class _Features(nn.Module):
         self.net, self.key, self.path, self.prepare, self.what = net, key, path, prepare, what
         self.kwargs = _accepted_kwargs(net)
         # run a small input through now, so a wrong file fails at start-up instead of at the first eval
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
             out = self(probe)
         self.num_features = int(out.shape[1])
 
@@ -204,6 +204,13 @@ def clips_for_fvd(clips: torch.Tensor) -> torch.Tensor:
     frames = frames[:, :, top : top + FVD_SIZE, left : left + FVD_SIZE]
     x = frames.reshape(b, t, c, FVD_SIZE, FVD_SIZE).permute(0, 2, 1, 3, 4)  # B, 3, T, 224, 224
     return (x * 2 - 1).contiguous()
+
+
+def _probe_input(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Random uint8 frames from a private generator: building the metrics leaves the global RNG (and so
+    the training run's random stream) untouched."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
 
 
 def _frechet(features: _Features, device: torch.device) -> FrechetInceptionDistance:
@@ -296,14 +303,13 @@ class VideoFidelity:
         if cfg.fid_features:
             where = (f"{key}.fid_features", cfg.fid_features)
             net = load_feature_net(cfg.fid_features, where[0], self.device)
-            probe = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, device=self.device)
+            probe = _probe_input((2, 3, 32, 32), self.device)
             features = _Features(net, *where, frames_for_fid, "N×3×299×299 uint8 frames in [0, 255]", probe)
             self.fid = _frechet(features, self.device)
         if cfg.fvd_features:
             where = (f"{key}.fvd_features", cfg.fvd_features)
             net = load_feature_net(cfg.fvd_features, where[0], self.device)
-            shape = (2, 3, PROBE_FRAMES, 32, 32)
-            probe = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device)
+            probe = _probe_input((2, 3, PROBE_FRAMES, 32, 32), self.device)
             features = _Features(net, *where, clips_for_fvd, "B×3×T×224×224 clips in [-1, 1]", probe)
             self.fvd = _frechet(features, self.device)
         if cfg.clip_model:

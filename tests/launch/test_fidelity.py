@@ -164,11 +164,20 @@ def test_features_run_in_fp32_under_the_callers_autocast(tmp_path):
     fake, real = two_sets(3)
     values = []
     for autocast in (False, True):
-        m = VideoFidelity(cfg, CPU)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            m = VideoFidelity(cfg, CPU)
             m.update(fake, real=real)
         values.append(m.compute()["fid"])
     assert values[1] == values[0]
+
+
+def test_building_leaves_the_global_rng_alone(nets):
+    """The start-up probe draws from a private generator: the training run's random stream is unchanged."""
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    VideoFidelity(FidelityConfig(fid_features=nets["fid"], fvd_features=nets["fvd"]), CPU)
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_input_conventions():
