@@ -20,8 +20,9 @@ blue and a black are as far apart as they look):
   distance), the largest connected blob per frame. No object is ``found`` when the contrast is too low,
   the blob is missing in most frames, too large to be one shape (noise), or the rest of the frame is not
   a plain background. Its colour is the median of the blob's inner half (the pixels farthest from the
-  background, so blurred edges do not pull it towards the background), named by the nearest palette
-  colour other than the background's (the grammar never draws both in one colour).
+  background, so blurred edges do not pull it towards the background), named by the palette colour
+  (other than the background's: the grammar never draws both in one colour) it lies closest to, allowing
+  for an object blended up to 40% towards the background (:data:`FAINT`).
 * shape: from the blob's fill of its bounding box (circle π/4, square 1, triangle 1/2) and the vertical
   offset of its centroid from the box centre (a triangle's lies 1/6 of its height below; a circle's and a
   square's at the centre). Both are invariant to scaling either axis, so a squashed frame reads the same.
@@ -71,6 +72,8 @@ MIN_CONTRAST = 12.0
 MIN_MOTION = 0.15
 """Net displacement, as a fraction of the travel range, below which a clip shows no motion (the grammar's
 slowest motion crosses 0.4 of it)."""
+FAINT = 0.6
+"""Faintest object colour still named as its palette colour: the share of the way from the background."""
 MAX_AREA = 0.3
 """Largest share of the frame one shape may cover (the grammar's circle covers ≤ 6%): more is noise."""
 MIN_PLAIN = 0.85
@@ -119,6 +122,18 @@ def _nearest_colour(lab: np.ndarray, exclude: str | None = None) -> str:
     d = np.linalg.norm(_PALETTE - lab, axis=-1)
     if exclude is not None:
         d[_NAMES.index(exclude)] = np.inf
+    return _NAMES[int(np.argmin(d))]
+
+
+def _object_colour(lab: np.ndarray, background: str) -> str:
+    """The palette colour P (not the background B) for which ``lab`` lies closest to the segment from
+    B + FAINT·(P − B) to P: a faint object (a generative model's, blended towards its background) still
+    reads as its own colour, not as whichever palette entry lies between the two."""
+    b = _PALETTE[_NAMES.index(background)]
+    seg = _PALETTE - b  # 10, 3
+    alpha = np.clip(((lab - b) * seg).sum(-1) / np.maximum((seg * seg).sum(-1), 1e-6), FAINT, 1.0)
+    d = np.linalg.norm(b + alpha[:, None] * seg - lab, axis=-1)
+    d[_NAMES.index(background)] = np.inf
     return _NAMES[int(np.argmin(d))]
 
 
@@ -227,7 +242,7 @@ def measure(frames: np.ndarray) -> dict:
     track = np.array([geo[f]["centre"] for f in idx])  # found frames, 2: (x, y) in px
     direction, speed, frac = _motion(track, idx, t, (w, h), extent)
     out.update(
-        color=_nearest_colour(colour_lab, exclude=background),
+        color=_object_colour(colour_lab, background),
         shape=_shape(fill, asym),
         direction=direction,
         speed=speed,

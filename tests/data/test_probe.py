@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from data import probe
 from data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS, write_raw
@@ -75,6 +76,24 @@ def test_ground_truth_clips_score_at_least_95_percent(truth, size):
     assert r["overall"] == pytest.approx(np.mean(list(r["accuracy"].values())))
     # a shape moving at constant speed on a plain background: smooth, stable, no flicker
     assert r["temporal"]["jerk"] < 0.05 and r["temporal"]["area_cv"] < 0.1 and r["temporal"]["flicker"] < 0.01
+
+
+def test_blurred_faint_off_colour_clips_still_read(truth):
+    """The demo's samples are blurry, off in colour by tens of levels, their object fainter: the 32×32
+    clips blended 20% towards the background, blurred (σ 0.7 px), cast by up to ±15 levels per channel
+    and noised (σ 4). Shape suffers most from the blur (the corners of a 9-px square round off)."""
+    _, clips = truth
+    rng = np.random.default_rng(3)
+    degraded = []
+    for frames, caption in clips:
+        x = squash(frames).astype(np.float32)
+        bg = np.median(np.concatenate([x[:, 0], x[:, -1]]).reshape(-1, 3), axis=0)
+        x = ndimage.gaussian_filter(0.8 * x + 0.2 * bg, (0, 0.7, 0.7, 0))
+        x += rng.uniform(-15, 15, 3) + rng.normal(0, 4, x.shape)
+        degraded.append((np.clip(x, 0, 255).astype(np.uint8), caption))
+    acc = probe.score(degraded)["accuracy"]
+    assert acc["color"] >= 0.9 and acc["background"] >= 0.95 and acc["shape"] >= 0.8, acc
+    assert acc["direction"] >= 0.95 and acc["speed"] >= 0.95, acc
 
 
 def test_shuffled_captions_fall_to_chance(truth):
