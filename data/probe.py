@@ -67,6 +67,8 @@ from data.video import MediaError, decode_all_frames, media_kind, open_image
 
 ATTRIBUTES = ("color", "background", "shape", "direction", "speed")
 """The scored attributes, in report order (``color``: the issue's spelling of the object's colour)."""
+TEMPORAL = ("jerk", "area_cv", "flicker")
+"""The temporal numbers of a clip (see the module docstring)."""
 MIN_CONTRAST = 12.0
 """CIELAB distance below which no object stands out from the background (palette pairs are ≥ 30 apart)."""
 MIN_MOTION = 0.15
@@ -308,19 +310,26 @@ def score(clips: Iterable[tuple[np.ndarray, str]], per_clip: bool = False) -> di
             continue
         seen = measure(frames)
         rows.append({"caption": caption, "measured": seen, "correct": _truth_correct(truth, seen)})
-    accuracy = {a: _mean([r["correct"][a] for r in rows]) for a in ATTRIBUTES}
-    out = {
-        "n": len(rows),
-        "n_moving": sum(r["correct"]["direction"] is not None for r in rows),
-        "skipped": skipped,
-        "accuracy": accuracy,
-        "overall": _mean(accuracy.values()),
-        "found": _mean([float(r["measured"]["found"]) for r in rows]),
-        "temporal": {k: _mean([r["measured"][k] for r in rows]) for k in ("jerk", "area_cv", "flicker")},
-    }
+    out = summarize(rows)
+    out["skipped"] = skipped
     if per_clip:
         out["clips"] = rows
     return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """:func:`score`'s summary of per-clip rows (``score(..., per_clip=True)["clips"]``, possibly
+    gathered from several processes and put back in order): ``n``, ``n_moving``, ``accuracy``,
+    ``overall``, ``found``, ``temporal``."""
+    accuracy = {a: _mean([r["correct"][a] for r in rows]) for a in ATTRIBUTES}
+    return {
+        "n": len(rows),
+        "n_moving": sum(r["correct"]["direction"] is not None for r in rows),
+        "accuracy": accuracy,
+        "overall": _mean(accuracy.values()),
+        "found": _mean([float(r["measured"]["found"]) for r in rows]),
+        "temporal": {k: _mean([r["measured"][k] for r in rows]) for k in TEMPORAL},
+    }
 
 
 def read_media(path: Path) -> np.ndarray:

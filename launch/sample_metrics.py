@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data.batch import Batch
-from data.probe import ATTRIBUTES, parse_caption, score_paths
+from data.probe import parse_caption, score_paths, summarize
 from dit.config import DiTConfig
 from launch.batches import derive_seed
 from launch.config import JobConfig, SampleConfig
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_STREAM = 2
 """Tells the seeds of evaluation samples from any other seed made of the same numbers."""
-TEMPORAL = ("jerk", "area_cv", "flicker")
-"""The probe's temporal numbers (``probe_jerk`` …)."""
 GRID_HEIGHT = 64
 """Largest row height of the sample grid (frames are subsampled by a whole stride to fit)."""
 GRID_COLUMNS = 16
@@ -246,20 +244,14 @@ class SampleEval:
 
     @staticmethod
     def _probe_values(rows: list[dict]) -> dict:
-        """:func:`data.probe.score`'s arithmetic over the per-clip rows, in prompt order, as flat keys."""
-        accuracy = {a: _mean([r["correct"][a] for r in rows]) for a in ATTRIBUTES}
-        values = {f"probe_{a}": v for a, v in accuracy.items()}
-        values["probe_overall"] = _mean(accuracy.values())
-        values["probe_found"] = _mean([float(r["measured"]["found"]) for r in rows])
-        values |= {f"probe_{k}": _mean([r["measured"][k] for r in rows]) for k in TEMPORAL}
-        values["probe_n"] = len(rows)
+        """:func:`data.probe.summarize` of the per-clip rows, in prompt order, as flat keys."""
+        summary = summarize(rows)
+        values = {f"probe_{a}": v for a, v in summary["accuracy"].items()}
+        values["probe_overall"] = summary["overall"]
+        values["probe_found"] = summary["found"]
+        values |= {f"probe_{k}": v for k, v in summary["temporal"].items()}
+        values["probe_n"] = summary["n"]
         return values
-
-
-def _mean(values) -> float | None:
-    # as data.probe.score averages: over the defined values, None when there is none
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 def _gather(obj) -> list:
