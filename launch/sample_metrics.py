@@ -455,7 +455,13 @@ def _evaluate(a) -> dict:
     paths = {k: getattr(a, k) if getattr(a, k) is not None else (getattr(cfg.eval, k) if cfg else "")
              for k in ("fid_features", "fvd_features", "clip_model")}  # fmt: skip
     paths = {k: v for k, v in paths.items() if v}
-    fidelity = build_fidelity(paths, torch.device(a.device), key="--")
+    try:
+        fidelity = build_fidelity(paths, torch.device(a.device), key="eval")
+    except ValueError as e:  # a path given on the command line is named by its flag
+        msg = str(e)
+        for k in (k for k in paths if getattr(a, k) is not None):
+            msg = msg.replace(f"eval.{k}=", f"--{k.replace('_', '-')} ")
+        raise ValueError(msg) from None
     need_real = "fid_features" in paths or "fvd_features" in paths
     prompts = list(cfg.eval.sample_prompts) if cfg else []
     if a.prompts_file:

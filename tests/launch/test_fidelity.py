@@ -207,10 +207,14 @@ def byte_vocab() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> str:
-    """A tiny random CLIPModel + CLIPProcessor saved with save_pretrained (safetensors)."""
+    return tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def tiny_clip(d: Path) -> str:
+    """A tiny random CLIPModel + CLIPProcessor saved with save_pretrained (safetensors) into ``d``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    d = tmp_path_factory.mktemp("clip")
+    d.mkdir(parents=True, exist_ok=True)
     vocab = byte_vocab()
     (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (d / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")

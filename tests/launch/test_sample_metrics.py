@@ -194,3 +194,64 @@ def test_dp2_logs_the_single_process_numbers(tmp_path, overrides, one_process):
         k: v for k, v in one.items() if k != "probe_flicker"
     }
     assert two["probe_flicker"] == pytest.approx(one["probe_flicker"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_fid_fvd_and_clip_against_the_held_out_clips(
+    tmp_path, one_process, monkeypatch, capsys
+):
+    """``launch.evaluate`` (in this process) with tiny feature networks (each frame's / clip's mean colour)
+    and a tiny CLIP: the printed FID, FVD and CLIP score are the closed-form Fréchet distances and the
+    CLIP mean computed here from the videos it decoded (recorded on their way out of the real decoder:
+    the mp4s are lossy) paired with their own prompts, against the moving held-out clips of the run's
+    ``data.val_shards``."""
+    import torch
+
+    import launch.sample
+    from launch.fidelity import clips_for_fvd, frames_for_fid
+    from tests.launch import test_fidelity as tf
+
+    decoded = []
+
+    def recorded(codec, z):
+        decoded.append(real_decode(codec, z))
+        return decoded[-1]
+
+    real_decode = launch.sample.decode
+    monkeypatch.setattr(launch.sample, "decode", recorded)
+    nets = {"fid": tf.script(tf.FrameMeans(), tmp_path / "fid.pt")}
+    nets["fvd"] = tf.script(tf.ClipMeans(), tmp_path / "fvd.pt")
+    clip_dir = tf.tiny_clip(tmp_path / "clip")
+    argv = [
+        str(one_process),
+        "--out",
+        str(tmp_path / "scored"),
+        "--count",
+        "6",
+        "--fid-features",
+        nets["fid"],
+    ]
+    argv += ["--fvd-features", nets["fvd"], "--clip-model", clip_dir]
+    assert sm.cli(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cfg = load_config(one_process / "config.yaml")
+    fake = np.concatenate(decoded[-len(PROMPTS) :])  # the generated clips, in prompt order
+    assert len(fake) == len(PROMPTS)
+    _, real = sm.held_out(cfg, 6, lambda _: True, lambda b, j: sm.pixels_of(b, j, None))
+    real = [c for c in real if c.shape[0] > 1]  # stills are not clips
+    assert len(real) >= 2
+
+    def frame_means(videos) -> np.ndarray:  # every frame an image: (frames, 3)
+        frames = [torch.from_numpy(v).permute(0, 3, 1, 2) for v in videos]  # T, 3, H, W each
+        return np.concatenate([frames_for_fid(f).float().mean((2, 3)).numpy() for f in frames])
+
+    def clip_means(videos) -> np.ndarray:  # (clips, 3)
+        clips = [torch.from_numpy(v).permute(3, 0, 1, 2)[None] for v in videos]  # 1, 3, T, H, W each
+        return np.concatenate([clips_for_fvd(c).mean((2, 3, 4)).numpy() for c in clips])
+
+    assert printed["fid"] == pytest.approx(tf.frechet(frame_means(fake), frame_means(real)), rel=1e-3)
+    assert printed["fvd"] == pytest.approx(tf.frechet(clip_means(fake), clip_means(real)), rel=1e-3)
+    assert printed["clip_score"] == pytest.approx(tf.direct_clip_score(clip_dir, fake, PROMPTS), rel=1e-4)
+
+    assert sm.cli([str(one_process), "--fid-features", str(tmp_path / "no.pt")]) == 2
+    assert f"--fid-features '{tmp_path / 'no.pt'}': no such file" in capsys.readouterr().err
