@@ -35,7 +35,8 @@ blue and a black are as far apart as they look):
 Temporal numbers (per clip; :func:`score` averages them over the clips where they are defined):
 
 * ``jerk``: the mean norm of the centroid track's third difference, in units of the frame's shorter
-  side (0 for a constant velocity; a track that jumps scores high). Needs 4 frames with the object.
+  side (0 for a constant velocity; a track that jumps scores high), over runs of at least 4
+  consecutive frames with the object (a frame where it is missed is not a jump; ``area_cv`` counts it).
 * ``area_cv``: the coefficient of variation (std / mean) of the object's area over the frames (a frame
   without the object counts area 0), 0 for a shape of constant size.
 * ``flicker``: the mean absolute frame-to-frame change of the pixels outside the object (its mask in
@@ -252,11 +253,18 @@ def measure(frames: np.ndarray) -> dict:
         fill=fill,
         asym=asym,
     )
-    if len(idx) >= 4:
-        out["jerk"] = float(np.linalg.norm(np.diff(track, n=3, axis=0), axis=-1).mean() / min(h, w))
+    out["jerk"] = _jerk(track, idx, min(h, w))
     if t > 1:
         out["area_cv"] = float(areas.std() / areas.mean())
     return out
+
+
+def _jerk(track: np.ndarray, idx: np.ndarray, side: int) -> float | None:
+    """Mean norm of the centroid track's third difference over runs of ≥ 4 consecutive frames with the
+    object (a frame where it was missed is a gap, not a jump), in units of the frame's shorter side."""
+    runs = np.split(np.arange(len(idx)), np.nonzero(np.diff(idx) != 1)[0] + 1)
+    jumps = [np.linalg.norm(np.diff(track[r], n=3, axis=0), axis=-1) for r in runs if len(r) >= 4]
+    return float(np.concatenate(jumps).mean() / side) if jumps else None
 
 
 def _flicker(frames: np.ndarray, masks: np.ndarray) -> float | None:

@@ -36,6 +36,8 @@ def export_config(cfg: JobConfig, step: int | None, source: Path) -> dict:
         "text_encoder": cfg.data.text_encoder,
         "max_text_len": cfg.data.max_text_len,
         "sample": dataclasses.asdict(cfg.sample),
+        "seed": cfg.seed,  # the run's seed and precision: launch.evaluate reproduces its eval samples
+        "precision": cfg.run.precision,
         "step": step,
         "source": str(source),
     }
@@ -50,6 +52,8 @@ _SCALARS = {
     "max_text_len": int,
     "step": int | None,
     "source": str,
+    "seed": int,
+    "precision": str,
 }
 _SECTIONS = {"arch": DiTConfig, "diffusion": DiffusionConfig, "sample": SampleConfig}
 

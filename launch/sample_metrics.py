@@ -384,7 +384,10 @@ def _parser():
     p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the run's sample.sampler")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg)")
     p.add_argument(
-        "--seed", type=int, help="seed of the prompts' noise (default: the run's seed, as in training)"
+        "--seed",
+        type=int,
+        help="seed of the prompts' noise (default: the run's seed, as in training; 0 for an "
+        "older export without one)",
     )
     p.add_argument(
         "--out", help="folder for the samples (NNN.mp4 + NNN.txt; default: SOURCE/samples/evaluate-STEP)"
@@ -393,7 +396,10 @@ def _parser():
     p.add_argument("--fvd-features", help="default: the run's eval.fvd_features")
     p.add_argument("--clip-model", help="default: the run's eval.clip_model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"),
+        help="default: the run's run.precision (as its training-time samples), auto for an older export",
+    )  # fmt: skip
     return p
 
 
@@ -448,7 +454,8 @@ def _evaluate(a) -> dict:
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     settings = _with_options(info.get("sample") or SampleConfig(), a)
-    bf16 = bf16_compute(a.precision, a.device)
+    precision = a.precision or (cfg.run.precision if cfg else info.get("precision", "auto"))
+    bf16 = bf16_compute(precision, a.device)
     codec = build_codec(info["codec"], device=a.device, dtype=encoder_dtype(bf16, a.device))
     if not getattr(codec, "decodes", True):
         raise ValueError(f"{src}: its codec {info['codec']!r} only declares latent geometry: cannot decode")
@@ -485,7 +492,7 @@ def _evaluate(a) -> dict:
     arch = info["arch"]
     text = TextEncoder(info["text_encoder"], info["max_text_len"], a.device, encoder_dtype(bf16, a.device)) \
         if arch.conditioning == "text" else None  # fmt: skip
-    seed = a.seed if a.seed is not None else (cfg.seed if cfg else 0)
+    seed = a.seed if a.seed is not None else (cfg.seed if cfg else info.get("seed", 0))
     out = Path(a.out) if a.out else src / "samples" / f"evaluate-{step if step is not None else 'export'}"
     ev = SampleEval(prompts, settings, seed, probe_applies(prompts), fidelity, real)
     values, _ = ev.run(model, make_objective(info["diffusion"]), arch, codec.compression, text,

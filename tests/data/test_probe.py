@@ -142,6 +142,14 @@ def test_measure_reads_a_drawn_clip():
     gone = frames.copy()
     gone[::2] = COLOURS["white"]
     assert probe.measure(gone)["area_cv"] == pytest.approx(1.0)
+    # one frame missed in a steady motion is a gap, not a jump (its third differences span no gap)
+    gap = frames.copy()
+    gap[3] = COLOURS["white"]
+    assert probe.measure(gap)["jerk"] == pytest.approx(0.0, abs=1e-9)
+    jolt = frames.copy()
+    jolt[5] = COLOURS["white"]
+    jolt[5, 13:19, 2 + 3 * 5 + 4 : 2 + 3 * 5 + 10] = COLOURS["red"]  # 4 px ahead of its place in one frame
+    assert probe.measure(jolt)["jerk"] > 0.05
     with pytest.raises(ValueError, match="T×H×W×3 uint8"):
         probe.measure(frames.astype(np.float32))
 

@@ -118,7 +118,8 @@ def _sample_records(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, overrides):
     rd = tmp_path_factory.mktemp("sample-metrics") / "run"
-    proc = run(train_cmd(rd, *SAMPLE, "checkpoint.every=0", overrides=overrides))
+    # bf16 on a CPU: launch.evaluate must take the run's precision, not its device's default (fp32)
+    proc = run(train_cmd(rd, *SAMPLE, "checkpoint.every=0", "run.precision=bf16", overrides=overrides))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return rd
 
@@ -153,6 +154,17 @@ def test_the_logged_numbers_are_the_probe_s_numbers(one_process, tmp_path):
         assert (out / f"{i:03d}.mp4").read_bytes() == (
             rd / "samples" / "eval-00000002" / f"{i:03d}.mp4"
         ).read_bytes()
+
+    # so does an export of it, from the seed and precision it records, given the prompts
+    proc = run([sys.executable, "-m", "launch.export", str(rd), str(tmp_path / "export")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    proc = run(
+        [sys.executable, "-m", "launch.evaluate", str(tmp_path / "export"), "--out", str(tmp_path / "exp"),
+         "--prompts-file", str(tmp_path / "prompts.txt")]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {k: v for k, v in json.loads(proc.stdout).items() if k.startswith("probe_")} == logged[2]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
