@@ -1,6 +1,7 @@
 """The built-in dataset: captioned moving-shape clips, encoded as real H.264 and sharded.
 
     python -m data.synthetic OUT_DIR --num 512 --seed 0 [--val-num 32] [--image-fraction 0.15]
+        [--frames 8,48] [--fps 8] [--size 32x32]
 
 Each clip shows one shape (circle, square, triangle) in one colour crossing a plain background in one
 direction at one speed, and its caption says exactly that ("a red circle moves quickly from left to
@@ -8,6 +9,11 @@ right on a blue background"). Durations are 8–48 frames at 8–30 fps, sizes s
 ratios; a fraction are still images ("a red circle on a blue background"). Everything is derived
 from (seed, index), so a seed always gives the same shards. Clips go through ``data.shards``
 like any user data: ``OUT_DIR/train-*.tar`` + ``index.json`` (and ``val-*.tar`` with ``--val-num``).
+
+``--fps`` and ``--size`` pin the frame rate and the frame size (the CPU demo uses ``--frames 8,8 --fps 8
+--size 32x32``: every clip is exactly one 8-frame, 32×32 training sample at the trainer's 8 fps, so the
+whole motion the caption names is in it, uncropped). They replace the drawn value after the draw, so
+every other attribute of a (seed, index) stays what it is without them.
 """
 
 from __future__ import annotations
@@ -73,12 +79,28 @@ def shape_mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np
 
 
 def describe(
-    rng: np.random.Generator, still: bool, frames: tuple[int, int] = (8, 48), scale: int = 1
+    rng: np.random.Generator,
+    still: bool,
+    frames: tuple[int, int] = (8, 48),
+    scale: int = 1,
+    fps: int | None = None,
+    size: tuple[int, int] | None = None,
 ) -> dict:
-    """Random attributes of one sample and its caption (``frames``: inclusive length range)."""
+    """Random attributes of one sample and its caption.
+
+    Args:
+        rng: the sample's generator (everything is drawn from it, in a fixed order).
+        still: a still image (no motion, no frames, no fps).
+        frames: inclusive clip length range.
+        scale: multiplies the drawn size.
+        fps: if set, every clip's frame rate (the rate is still drawn, so later draws do not move).
+        size: if set, every sample's (width, height) instead of the drawn ``scale``·size.
+    """
     fg, bg = rng.choice(list(COLOURS), size=2, replace=False)
     shape = str(rng.choice(SHAPES))
     w, h = (scale * v for v in SIZES[rng.integers(len(SIZES))])
+    if size is not None:
+        w, h = size
     spec = {"shape": shape, "colour": str(fg), "background": str(bg), "width": w, "height": h}
     if still:
         spec["caption"] = f"a {fg} {shape} on a {bg} background"
@@ -91,6 +113,8 @@ def describe(
         frames=int(rng.integers(frames[0], frames[1] + 1)),
         fps=int(rng.choice(FPS)),
     )
+    if fps is not None:
+        spec["fps"] = fps
     spec["caption"] = f"a {fg} {shape} moves {speed} {direction} on a {bg} background"
     return spec
 
@@ -119,14 +143,23 @@ def render(spec: dict, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_raw(
-    folder: Path, num: int, seed: int, image_fraction: float, start: int = 0, frames=(8, 48), scale: int = 1
+    folder: Path,
+    num: int,
+    seed: int,
+    image_fraction: float,
+    start: int = 0,
+    frames=(8, 48),
+    scale: int = 1,
+    fps: int | None = None,
+    size: tuple[int, int] | None = None,
 ) -> None:
-    """Render ``num`` samples into ``folder`` as media files with sidecar captions."""
+    """Render ``num`` samples into ``folder`` as media files with sidecar captions (``frames``,
+    ``scale``, ``fps``, ``size``: see :func:`describe`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + num):
         rng = np.random.default_rng([seed, i])
         still = rng.random() < image_fraction
-        spec = describe(rng, still, frames, scale)
+        spec = describe(rng, still, frames, scale, fps, size)
         pixels = render(spec, rng)
         if still:
             buf = io.BytesIO()
@@ -150,15 +183,18 @@ def generate(
     processes: int = 1,
     frames: tuple[int, int] = (8, 48),
     scale: int = 1,
+    fps: int | None = None,
+    size: tuple[int, int] | None = None,
 ) -> dict:
-    """Render and shard the dataset; returns the train index."""
+    """Render and shard the dataset; returns the train index (``frames``, ``scale``, ``fps``, ``size``:
+    see :func:`describe`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".raw-") as tmp:
         for prefix, count, start in (("train", num, 0), ("val", val_num, num)):
             if count == 0:
                 continue
             raw = Path(tmp) / prefix
-            write_raw(raw, count, seed, image_fraction, start=start, frames=frames, scale=scale)
+            write_raw(raw, count, seed, image_fraction, start, frames, scale, fps, size)
             index = write_shards(
                 list_sources(raw), out_dir, prefix=prefix, max_samples=samples_per_shard, processes=processes
             )
@@ -179,10 +215,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--frames", default="8,48", help="clip length range MIN,MAX in frames")
     p.add_argument("--scale", type=int, default=1, help="multiply every resolution (1: 64–128 px)")
+    p.add_argument("--fps", type=int, default=None, help="every clip's frame rate (default: drawn, 8–30)")
+    p.add_argument("--size", default=None, help="every sample's WIDTHxHEIGHT (default: drawn, 64–128 px)")
     a = p.parse_args(argv)
     frames = tuple(int(v) for v in a.frames.split(","))
     if a.num < 1:
         p.error("--num must be at least 1")
+    if a.fps is not None and a.fps < 1:
+        p.error(f"--fps {a.fps}: must be at least 1")
+    size = None
+    if a.size is not None:
+        try:
+            size = tuple(int(v) for v in a.size.lower().split("x"))
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) < 8 or any(v % 2 for v in size):
+            p.error(f"--size {a.size!r}: expected WIDTHxHEIGHT, even numbers ≥ 8 (H.264 needs even sizes)")
     index = generate(
         a.out_dir,
         a.num,
@@ -193,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         a.processes,
         frames,
         a.scale,
+        a.fps,
+        size,
     )
     print(
         json.dumps(
