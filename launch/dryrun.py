@@ -11,6 +11,8 @@ worse, silently train on something else) minutes into a job on many GPUs:
   text encoder's width against ``model.arch.text_dim`` when its folder is here;
 - the settings :func:`launch.config.cross_field_errors` checks (``eval.every`` without
   ``data.val_shards``, …);
+- with ``eval.sample_metrics``: the feature-network files and CLIP folder exist, fixed prompts are in
+  the built-in grammar unless a network scores them, a Fréchet distance gets at least 2 prompts;
 - the parallel layout against ``--world-size`` and the heads (:func:`parallel.parallelize.make_dims`),
   the DeepSpeed engine's own constraints, and every bucket's (and the samples') tokens against the
   context-parallel cut: tokens divisible by cp (× tp under sequence parallelism), whole latent frames
@@ -78,6 +80,7 @@ def check(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> dict:
     dims = _layout(cfg, world_size, errors)
     comp = _codec(cfg, errors)
     _text_encoder(cfg, errors, warnings)
+    errors += sample_metric_errors(cfg)
     if not cfg.data.buckets.buckets:
         errors.append("data.buckets: no buckets (set data.bucket_file or data.buckets.buckets)")
     buckets = [_bucket(cfg, b, comp, dims, errors) for b in cfg.data.buckets.buckets]
@@ -108,6 +111,38 @@ def check(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> dict:
         report["plan_bucket"], report["plan"] = _plans(cfg, sized, dims, gpu, errors, warnings)
     report["ok"] = not errors
     return report
+
+
+def sample_metric_errors(cfg: JobConfig) -> list[str]:
+    """What ``eval.sample_metrics`` would refuse at start-up, from the config and the files it names
+    (kept out of :func:`launch.config.cross_field_errors`: a checkpoint's config is loaded on machines
+    without the run's feature networks, e.g. to sample from it)."""
+    e = cfg.eval
+    if not e.sample_metrics:
+        return []
+    errors = []
+    for key, path in (("fid_features", e.fid_features), ("fvd_features", e.fvd_features)):
+        if path and not Path(path).is_file():
+            errors.append(f"eval.{key}={path!r}: no such file")
+    if e.clip_model and not Path(e.clip_model).is_dir():
+        errors.append(f"eval.clip_model={e.clip_model!r}: no such folder")
+    networks = bool(e.fid_features or e.fvd_features or e.clip_model)
+    if e.sample_prompts and not networks:
+        from data.probe import parse_caption  # scipy: only when asked for
+
+        bad = [q for q in e.sample_prompts if parse_caption(q) is None]
+        if bad:
+            errors.append(
+                f"eval.sample_prompts: {bad[0]!r} is not in the built-in dataset's grammar, so the probe "
+                "cannot score it, and no eval.fid_features/fvd_features/clip_model is set: nothing would"
+            )
+    count = len(e.sample_prompts) or e.sample_count
+    if (e.fid_features or e.fvd_features) and count < 2:
+        errors.append(
+            f"eval.fid_features/eval.fvd_features: a Fréchet distance needs at least 2 generated clips; "
+            f"{count} prompt (eval.sample_prompts / eval.sample_count)"
+        )
+    return errors
 
 
 def _layout(cfg: JobConfig, world_size: int, errors: list[str]) -> ParallelDims | None:

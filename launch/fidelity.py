@@ -8,11 +8,11 @@ and checking what a network returns before any sample is scored.
 
 Every network comes from a local path the user names in the config; nothing is downloaded:
 
-- ``eval.fid_features``: an image feature network as a TorchScript file (or a ``torch.export``
-  ``.pt2``), e.g. the reference ``inception-2015-12-05.pt``. It receives B×3×299×299 **uint8** frames
+- ``eval.fid_features``: an image feature network as a TorchScript file, e.g. the reference
+  ``inception-2015-12-05.pt``. It receives B×3×299×299 **uint8** frames
   in [0, 255] (frames resized bilinearly, ``align_corners=False``, and rounded), the convention of
   the reference TorchScript Inception and of torchmetrics' own, and returns B×F features.
-- ``eval.fvd_features``: a video feature network, same formats, e.g. the reference FVD I3D
+- ``eval.fvd_features``: a video feature network, a TorchScript file too, e.g. the reference FVD I3D
   ``i3d_torchscript.pt``. It receives B×3×T×224×224 **float32 in [-1, 1]**: every frame resized
   bilinearly so that its shorter side is 224, then centre-cropped to 224×224 (the preprocessing of
   the StyleGAN-V-derived FVD implementations that call the I3D with its own resizing turned off).
@@ -24,10 +24,15 @@ Every network comes from a local path the user names in the config; nothing is d
   ``model.safetensors``, tokenizer and preprocessor files), loaded with ``local_files_only`` and
   safetensors only.
 
-Loading a TorchScript (or ``.pt2``) file runs the program stored in it: that is the format the
-reference FVD I3D ships in, and the user names the file explicitly in the config. This is the one
-place the framework loads code from a file, and only on that explicit request; shards and
-checkpoints never are. A ``.safetensors`` file holds weights without a network and is refused.
+Loading a TorchScript file runs the TorchScript program stored in it (TorchScript's own interpreter
+and unpickler, which rebuild tensors and TorchScript objects only, never arbitrary Python): that is
+the format the reference FVD I3D ships in, and the user names the file. This is the one place the
+framework loads a program from a file, and only on that explicit request; shards and checkpoints never
+are. A ``torch.export`` ``.pt2`` is refused: ``torch.export.load`` falls back to full pickle for its
+sample inputs, so a crafted file could run any Python. A ``.safetensors`` file holds weights without a
+network and is refused too. Every network is run once at construction on a small input of the clips'
+own length (a wrong file, a wrong output shape or non-finite features fail at start-up, not at the
+first evaluation).
 """
 
 from __future__ import annotations
@@ -64,10 +69,10 @@ class FidelityConfig:
     """Feature networks for FID, FVD and the CLIP score, all local files (empty: that metric is off)."""
 
     fid_features: str = ""
-    """A TorchScript (or torch.export ``.pt2``) image feature network: B×3×299×299 uint8 in [0, 255]
+    """A TorchScript image feature network: B×3×299×299 uint8 in [0, 255]
     → B×F, e.g. the reference ``inception-2015-12-05.pt``. FID uses every frame of every clip."""
     fvd_features: str = ""
-    """A TorchScript (or ``.pt2``) video feature network: B×3×T×224×224 float in [-1, 1] → B×F, e.g.
+    """A TorchScript video feature network: B×3×T×224×224 float in [-1, 1] → B×F, e.g.
     the reference FVD I3D ``i3d_torchscript.pt``."""
     clip_model: str = ""
     """A local transformers CLIP folder (config.json, model.safetensors, tokenizer and preprocessor
@@ -93,7 +98,7 @@ class FidelityConfig:
 
 
 def load_feature_net(path: str, key: str, device: torch.device) -> nn.Module:
-    """A TorchScript (``torch.jit.load``) or ``torch.export`` (``.pt2``) network from a local file.
+    """A TorchScript network (``torch.jit.load``) from a local file.
 
     Args:
         path: the file the user named.
@@ -107,14 +112,15 @@ def load_feature_net(path: str, key: str, device: torch.device) -> nn.Module:
     if p.suffix == ".safetensors":
         raise ValueError(
             f"{where}: a .safetensors file holds weights without a network; give a TorchScript file "
-            "(torch.jit.script/trace(net).save(...)) or a torch.export .pt2"
+            "(torch.jit.script/trace(net).save(...))"
         )
     if p.suffix == ".pt2":
-        try:
-            # an exported program is frozen in the mode it was exported in (its .eval() is unsupported)
-            return torch.export.load(p).module().to(device)
-        except Exception as e:
-            raise ValueError(f"{where}: not a torch.export program ({_first_line(e)})") from e
+        # torch.export.load retries its sample inputs with full pickle when the safe load fails: a
+        # crafted .pt2 could run any Python, so it is not opened at all
+        raise ValueError(
+            f"{where}: a torch.export .pt2 is not accepted (loading one may unpickle arbitrary objects); "
+            "save the network as TorchScript: torch.jit.script/trace(net).save(...)"
+        )
     try:
         with warnings.catch_warnings():
             # torch 2.13 deprecates TorchScript; the reference Inception and I3D ship only as TorchScript
@@ -167,19 +173,31 @@ class _Features(nn.Module):
         try:
             out = self.net(inp, **self.kwargs)
         except Exception as e:
-            short = inp.ndim == 5 and inp.shape[2] < PROBE_FRAMES
-            hint = f"; clips under the {PROBE_FRAMES} frames probed at start-up may be too short" * short
+            hint = ""
+            if inp.ndim == 5:  # a video network's temporal pooling needs enough frames (the I3D ~10+)
+                hint = f"; clips of {inp.shape[2]} frames may be too short for it"
             raise ValueError(
                 f"{self.key}={self.path!r}: the network failed on a {_shape(inp)} {inp.dtype} input "
                 f"({self.what}): {_first_line(e)}{hint}"
             ) from e
-        if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == inp.shape[0]):
+        if not (
+            isinstance(out, torch.Tensor)
+            and out.ndim == 2
+            and out.shape[0] == inp.shape[0]
+            and out.shape[1] > 0
+        ):
             got = f"a {_shape(out)} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
             raise ValueError(
                 f"{self.key}={self.path!r}: for a {_shape(inp)} input ({self.what}) the network returned "
                 f"{got}; expected a {inp.shape[0]}×F feature tensor"
             )
-        return out.float()
+        out = out.float()
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"{self.key}={self.path!r}: for a {_shape(inp)} input ({self.what}) the network returned "
+                "non-finite features (NaN or inf)"
+            )
+        return out
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -295,21 +313,29 @@ class VideoFidelity:
         cfg: which networks to load (empty fields: metric off).
         device: where the networks run and the states live.
         key: the config section the fields came from, for errors.
+        clip: (frames, height, width) of the clips that will be scored: the networks are tried on two
+            such clips at construction (default: 16 frames of 32×32).
     """
 
-    def __init__(self, cfg: FidelityConfig, device: torch.device, key: str = "eval"):
+    def __init__(
+        self,
+        cfg: FidelityConfig,
+        device: torch.device,
+        key: str = "eval",
+        clip: tuple[int, int, int] | None = None,
+    ):
         self.device = torch.device(device)
         self.fid = self.fvd = self.clip = None
         if cfg.fid_features:
             where = (f"{key}.fid_features", cfg.fid_features)
             net = load_feature_net(cfg.fid_features, where[0], self.device)
-            probe = _probe_input((2, 3, 32, 32), self.device)
+            probe = _probe_input((2, 3, *(clip or (1, 32, 32))[1:]), self.device)
             features = _Features(net, *where, frames_for_fid, "N×3×299×299 uint8 frames in [0, 255]", probe)
             self.fid = _frechet(features, self.device)
         if cfg.fvd_features:
             where = (f"{key}.fvd_features", cfg.fvd_features)
             net = load_feature_net(cfg.fvd_features, where[0], self.device)
-            probe = _probe_input((2, 3, PROBE_FRAMES, 32, 32), self.device)
+            probe = _probe_input((2, 3, *(clip or (PROBE_FRAMES, 32, 32))), self.device)
             features = _Features(net, *where, clips_for_fvd, "B×3×T×224×224 clips in [-1, 1]", probe)
             self.fvd = _frechet(features, self.device)
         if cfg.clip_model:

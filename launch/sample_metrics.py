@@ -73,16 +73,17 @@ def fidelity_paths(cfg: JobConfig) -> dict[str, str]:
                               ("clip_model", e.clip_model)) if v}  # fmt: skip
 
 
-def build_fidelity(paths: dict[str, str], device: torch.device, key: str = "eval"):
+def build_fidelity(paths: dict[str, str], device: torch.device, settings: SampleConfig, key: str = "eval"):
     """:class:`launch.fidelity.VideoFidelity` of ``paths`` (None when empty; torchmetrics is imported only
-    then: it costs seconds of start-up). Errors name ``key.field`` and the path."""
+    then: it costs seconds of start-up), its networks tried on clips of the ``sample`` settings' shape.
+    Errors name ``key.field`` and the path."""
     if not paths:
         return None
     from launch.fidelity import FidelityConfig, VideoFidelity
 
     fc = FidelityConfig(**paths)
     fc.validate(key)
-    return VideoFidelity(fc, device, key=key)
+    return VideoFidelity(fc, device, key=key, clip=(settings.frames, settings.height, settings.width))
 
 
 def probe_applies(prompts: list[str]) -> bool:
@@ -285,7 +286,7 @@ def from_config(
 ) -> SampleEval:
     """The :class:`SampleEval` of a training run: prompts and held-out clips read once (every rank reads
     the same pass), the fidelity networks loaded on every rank. Errors name the config keys."""
-    fidelity = build_fidelity(fidelity_paths(cfg), device)
+    fidelity = build_fidelity(fidelity_paths(cfg), device, cfg.sample)
     need_real = bool(cfg.eval.fid_features or cfg.eval.fvd_features)
     prompts, source = list(cfg.eval.sample_prompts), "eval.sample_prompts"
     real: list[np.ndarray] = []
@@ -309,6 +310,11 @@ def from_config(
                 "generated ones against: raise eval.sample_count"
             )
     check_scorable(prompts, fidelity is not None, source)
+    if need_real and len(prompts) < 2:  # known now, not after the first stretch of training
+        raise ValueError(
+            f"eval.fid_features/eval.fvd_features: a Fréchet distance needs at least 2 generated clips, but "
+            f"{source} gives {len(prompts)} prompt: give more eval.sample_prompts or raise eval.sample_count"
+        )
     return SampleEval(
         prompts=prompts,
         settings=cfg.sample,
@@ -392,9 +398,15 @@ def _parser():
     p.add_argument(
         "--out", help="folder for the samples (NNN.mp4 + NNN.txt; default: SOURCE/samples/evaluate-STEP)"
     )
-    p.add_argument("--fid-features", help="default: the run's eval.fid_features")
-    p.add_argument("--fvd-features", help="default: the run's eval.fvd_features")
-    p.add_argument("--clip-model", help="default: the run's eval.clip_model")
+    p.add_argument(
+        "--fid-features", help="a local file/folder (the run's eval.fid_features is not read: name it here)"
+    )
+    p.add_argument(
+        "--fvd-features", help="a local file/folder (the run's eval.fvd_features is not read: name it here)"
+    )
+    p.add_argument(
+        "--clip-model", help="a local file/folder (the run's eval.clip_model is not read: name it here)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--precision", choices=("auto", "bf16", "fp32"),
@@ -434,7 +446,7 @@ def _evaluate(a) -> dict:
     from data.encoders import TextEncoder, build_codec
     from dit.diffusion import make_objective
     from launch.batches import bf16_compute, encoder_dtype
-    from launch.sample import decode, load_for_inference, read_prompts
+    from launch.sample import decode, load_for_inference
     from parallel.checkpoint import CheckpointError
     from parallel.config import check_range
 
@@ -459,20 +471,26 @@ def _evaluate(a) -> dict:
     codec = build_codec(info["codec"], device=a.device, dtype=encoder_dtype(bf16, a.device))
     if not getattr(codec, "decodes", True):
         raise ValueError(f"{src}: its codec {info['codec']!r} only declares latent geometry: cannot decode")
-    paths = {k: getattr(a, k) if getattr(a, k) is not None else (getattr(cfg.eval, k) if cfg else "")
-             for k in ("fid_features", "fvd_features", "clip_model")}  # fmt: skip
-    paths = {k: v for k, v in paths.items() if v}
+    # the networks come from this command line only, never from the run's config.yaml: a TorchScript
+    # file is a program, and a checkpoint directory (with its config) may come from someone else
+    paths = {k: getattr(a, k) for k in ("fid_features", "fvd_features", "clip_model") if getattr(a, k)}
     try:
-        fidelity = build_fidelity(paths, torch.device(a.device), key="eval")
-    except ValueError as e:  # a path given on the command line is named by its flag
+        fidelity = build_fidelity(paths, torch.device(a.device), settings, key="eval")
+    except ValueError as e:  # named by its flag
         msg = str(e)
-        for k in (k for k in paths if getattr(a, k) is not None):
+        for k in paths:
             msg = msg.replace(f"eval.{k}=", f"--{k.replace('_', '-')} ")
         raise ValueError(msg) from None
     need_real = "fid_features" in paths or "fvd_features" in paths
     prompts = list(cfg.eval.sample_prompts) if cfg else []
     if a.prompts_file:
-        prompts = read_prompts(None, a.prompts_file)
+        try:
+            lines = Path(a.prompts_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompts-file {a.prompts_file}: not UTF-8 text") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file {a.prompts_file}: no prompts (one per non-blank line)")
     real: list[np.ndarray] = []
     if (not prompts or need_real) and not (cfg and cfg.data.val_shards):
         raise ValueError(f"{src}: no held-out set to take {'real clips' if need_real else 'prompts'} from "
@@ -494,6 +512,8 @@ def _evaluate(a) -> dict:
         if arch.conditioning == "text" else None  # fmt: skip
     seed = a.seed if a.seed is not None else (cfg.seed if cfg else info.get("seed", 0))
     out = Path(a.out) if a.out else src / "samples" / f"evaluate-{step if step is not None else 'export'}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     ev = SampleEval(prompts, settings, seed, probe_applies(prompts), fidelity, real)
     values, _ = ev.run(model, make_objective(info["diffusion"]), arch, codec.compression, text,
                        lambda z: decode(codec, z), out, a.device, bf16)  # fmt: skip

@@ -157,6 +157,12 @@ DEFECTS = [
     ("cp cuts a frame", "video-1b3", ["--world-size", "2", "parallel.cp=2", ONE % (9, 32, 32)],
      ["bucket 9x32x32", "per-frame timesteps", "parallel.cp=2"]),
     ("text width", "video-1b3", ["model.arch.text_dim=2048"], ["model.arch.text_dim=2048", "4096-wide"]),
+    ("no FID net", "tiny", ["eval.sample_metrics=true", "eval.fid_features=/no/such.pt"],
+     ["eval.fid_features='/no/such.pt'", "no such file"]),
+    ("unscorable prompt", "tiny", ["eval.sample_metrics=true", "eval.sample_prompts=[a cat]"],
+     ["eval.sample_prompts", "'a cat'", "grammar"]),
+    ("FVD of one clip", "tiny", ["eval.sample_metrics=true", f"eval.fvd_features={CONFIG_DIR / 'tiny.yaml'}",
+     "eval.sample_prompts=[a red circle on a blue background]"], ["eval.fvd_features", "at least 2"]),
 ]  # fmt: skip
 
 

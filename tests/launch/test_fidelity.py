@@ -70,6 +70,20 @@ class Projected(torch.nn.Module):
         return x.float().mean((2, 3)) @ self.w
 
 
+class Empty(torch.nn.Module):
+    """No features: B×0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean((2, 3))[:, :0]
+
+
+class NotFinite(torch.nn.Module):
+    """NaN features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean((2, 3)) * float("nan")
+
+
 class Needs16(torch.nn.Module):
     """A video network with temporal pooling that needs 16 frames (like the reference I3D's minimum)."""
 
@@ -141,19 +155,39 @@ def test_identical_sets_give_zero_and_reset_forgets(nets):
     assert m.compute()["fid"] > 100
 
 
-def test_exported_program_gives_the_torchscript_value(nets, tmp_path):
-    """A torch.export .pt2 (no keyword arguments, dynamic batch) scores like the TorchScript file."""
+class _Trap:
+    """Unpickling it leaves a file behind: the sign that a loader ran pickle on it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_torch_export_file_is_refused_unopened(tmp_path):
+    """``torch.export.load`` falls back to full pickle for a .pt2's sample inputs: a .pt2 whose sample
+    inputs are a pickle that touches a file is refused without running it, also renamed to .pt (then
+    it is no TorchScript archive, and TorchScript's loader does not run Python pickles)."""
+    import zipfile
+
     example = torch.zeros(2, 3, 299, 299, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=2, max=1024)
-    program = torch.export.export(PlainMeans(), (example,), dynamic_shapes={"x": {0: batch}})
-    torch.export.save(program, str(tmp_path / "means.pt2"))
-    fake, real = two_sets(2)
-    values = []
-    for path in (str(tmp_path / "means.pt2"), nets["fid"]):
-        m = VideoFidelity(FidelityConfig(fid_features=path), CPU)
-        m.update(fake, real=real)
-        values.append(m.compute()["fid"])
-    assert values[0] == pytest.approx(values[1], rel=1e-9)
+    torch.export.save(torch.export.export(PlainMeans(), (example,)), str(tmp_path / "good.pt2"))
+    trap = tmp_path / "trap.pt"
+    torch.save(_Trap(str(tmp_path / "PWNED")), trap)
+    with zipfile.ZipFile(tmp_path / "good.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("sample_inputs/model.pt"):
+                data = trap.read_bytes()
+            dst.writestr(item, data)
+    for name in ("good.pt2", "evil.pt2"):
+        with pytest.raises(ValueError, match=r"fid_features='.*\.pt2': a torch.export \.pt2 is not accepted"):
+            VideoFidelity(FidelityConfig(fid_features=str(tmp_path / name)), CPU)
+    (tmp_path / "evil.pt2").rename(tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"not a TorchScript file"):
+        VideoFidelity(FidelityConfig(fid_features=str(tmp_path / "evil.pt")), CPU)
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_features_run_in_fp32_under_the_callers_autocast(tmp_path):
@@ -356,10 +390,6 @@ def test_bad_feature_files_name_the_key_and_path(tmp_path):
     torch.save({"w": torch.ones(2)}, state)
     with pytest.raises(ValueError, match=rf"eval\.fvd_features='{state}': not a TorchScript file"):
         VideoFidelity(FidelityConfig(fvd_features=str(state)), CPU)
-    junk = tmp_path / "junk.pt2"
-    junk.write_text("not a program")
-    with pytest.raises(ValueError, match=rf"eval\.fid_features='{junk}': not a torch.export program"):
-        VideoFidelity(FidelityConfig(fid_features=str(junk)), CPU)
     weights = tmp_path / "i3d.safetensors"
     weights.write_bytes(b"{}")
     with pytest.raises(
@@ -379,6 +409,16 @@ def test_wrong_output_and_failing_network_are_reported(nets, tmp_path):
         ValueError, match=r"eval\.fid_features='.*i3d\.pt': the network failed on a 2×3×299×299"
     ):
         VideoFidelity(FidelityConfig(fid_features=nets["fvd"]), CPU)
+    # no features at all, or NaN: refused at start-up, not scored as a perfect 0
+    for bad, said in ((Empty(), "returned a 2×0 tensor"), (NotFinite(), "non-finite features")):
+        path = script(bad, tmp_path / f"{type(bad).__name__}.pt")
+        with pytest.raises(ValueError, match=rf"eval\.fid_features='.*{type(bad).__name__}\.pt': .*{said}"):
+            VideoFidelity(FidelityConfig(fid_features=path), CPU)
+    # tried on clips of the length the run scores: a net that needs 16 frames fails at start-up for 8
+    with pytest.raises(ValueError, match=r"needs16\.pt': the network failed on a 2×3×8×224×224 .*too short"):
+        VideoFidelity(
+            FidelityConfig(fvd_features=script(Needs16(), tmp_path / "needs16.pt")), CPU, clip=(8, 4, 4)
+        )
     # a video net that needs 16 frames fails on 8-frame clips at update, and the error says why
     m = VideoFidelity(FidelityConfig(fvd_features=script(Needs16(), tmp_path / "needs16.pt")), CPU)
     with pytest.raises(ValueError, match=r"needs16\.pt': the network failed on a 1×3×8×224×224 .*too short"):

@@ -188,6 +188,21 @@ def test_evaluate_cli_names_a_bad_path_and_a_bad_option(tmp_path, one_process):
 
 
 @pytest.mark.slow
+def test_evaluate_names_a_bad_prompts_file_and_out(tmp_path, one_process, capsys):
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00a red")
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["--prompts-file", str(tmp_path / "blank.txt")], "blank.txt: no prompts"),
+        (["--prompts-file", str(tmp_path / "binary.txt")], "binary.txt: not UTF-8 text"),
+        (["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'}: exists and is not a folder"),
+    ]
+    for extra, said in cases:
+        assert sm.cli([str(one_process), *extra]) == 2, extra
+        assert said in capsys.readouterr().err, extra
+
+
+@pytest.mark.slow
 def test_dp2_logs_the_single_process_numbers(tmp_path, overrides, one_process):
     """dp=2 with 3 prompts: rank 0 draws prompts 0 and 2, rank 1 prompt 1 and a padding repeat. The model
     barely moves in its steps (``train.lr=1e-12``): dp=2 trains on another global batch than one process,
