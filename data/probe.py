@@ -12,7 +12,12 @@ dataset clips at their own size and squashed to the demo's 32×32, near chance w
 and on noise.
 
 How the pixels are read (all in CIELAB, where a distance is a perceived colour difference, so a dark
-blue and a black are as far apart as they look):
+blue and a black are as far apart as they look), after :func:`reduce_frames`: a frame whose shorter side
+is 256 px or more is area-averaged by the integer factor ``min(H, W) // 128`` (a video as it is decoded,
+so 1080p never sits in memory at full size; clips up to 255 px are read as they are), a clip longer than
+:data:`MAX_FRAMES` frames is read at that many evenly spaced frames, and what is still beyond
+:data:`MAX_PIXELS` is refused (skipped, named). Every reading below is a ratio of the frame, so the
+reduction does not change it:
 
 * background: the per-channel median of the border pixels over all frames (the object covers a small
   part of the border at most); its name is the nearest palette colour (black, white and gray included).
@@ -36,7 +41,8 @@ Temporal numbers (per clip; :func:`score` averages them over the clips where the
 
 * ``jerk``: the mean norm of the centroid track's third difference, in units of the frame's shorter
   side (0 for a constant velocity; a track that jumps scores high), over runs of at least 4
-  consecutive frames with the object (a frame where it is missed is not a jump; ``area_cv`` counts it).
+  consecutive frames with the object (a frame where it is missed is not a jump; ``area_cv`` counts it);
+  for a clip read at :data:`MAX_FRAMES` of its frames, per kept frame.
 * ``area_cv``: the coefficient of variation (std / mean) of the object's area over the frames (a frame
   without the object counts area 0), 0 for a shape of constant size.
 * ``flicker``: the mean absolute frame-to-frame change of the pixels outside the object (its mask in
@@ -44,11 +50,14 @@ Temporal numbers (per clip; :func:`score` averages them over the clips where the
 
 Scoring rules: direction and speed are scored over moving clips only (a caption with a motion); a clip
 where no object is found counts as wrong for colour, shape, direction and speed (never dropped); captions
-outside the grammar are ``skipped`` (counted). :func:`score_paths` reads a folder as it is: every media
-file with a sidecar ``.txt`` caption (the layout of ``data.synthetic`` raw files, ``launch.sample`` and a
-run's training samples). A media file without a caption, one that cannot be decoded, or a caption
-outside the grammar is skipped, counted and named on stderr; a missing path, a folder without media, or
-nothing scorable at all is an error naming the path (exit status 2).
+outside the grammar are ``skipped`` (counted); case, a byte-order mark, extra whitespace and a final
+period do not matter (:func:`normalize_caption`). :func:`score_paths` reads a folder as it is: every
+media file with a sidecar ``.txt`` caption (the layout of ``data.synthetic`` raw files, ``launch.sample``
+and a run's training samples), each file once however often it is named. A media file without a
+caption, with a caption that is not UTF-8 text or outside the grammar, one that cannot be decoded
+(frames changing size mid-stream included) or is too large, and an entry with a media extension that is
+no file (a folder, a broken link) are skipped, counted and named on stderr; a missing path, a folder
+without media, or nothing scorable at all is an error naming the path (exit status 2).
 """
 
 from __future__ import annotations
@@ -60,11 +69,20 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import av
 import numpy as np
 from scipy import ndimage
 
 from data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS
-from data.video import MediaError, decode_all_frames, media_kind, open_image
+from data.video import (
+    DEFAULT_MAX_PIXELS,
+    MediaError,
+    check_pixels,
+    media_kind,
+    open_image,
+    open_video,
+    video_stream,
+)
 
 ATTRIBUTES = ("color", "background", "shape", "direction", "speed")
 """The scored attributes, in report order (``color``: the issue's spelling of the object's colour)."""
@@ -81,6 +99,18 @@ MAX_AREA = 0.3
 """Largest share of the frame one shape may cover (the grammar's circle covers ≤ 6%): more is noise."""
 MIN_PLAIN = 0.85
 """Share of the pixels outside the object that must be close to the background for an object to count."""
+REDUCE_SIDE = 128
+"""Frames are area-averaged by the integer factor ``min(H, W) // REDUCE_SIDE`` before they are read (no
+change up to 255 px: the demo's 32 px and the dataset's 64–128 px clips are read as they are); every
+reading is a ratio (fill, travel as a share of the frame), so it does not depend on the size."""
+MAX_FRAMES = 64
+"""A longer clip is read at this many evenly spaced frames (the jerk is then per kept frame)."""
+MAX_PIXELS = 1 << 24
+"""Pixels (frames × height × width, after :func:`reduce_frames`) the probe reads at most: its CIELAB
+arrays take ~75 bytes a pixel, so ~1.2 GB. Only a frame wider than ~4:1 gets there; it is refused."""
+MAX_DECODED = 1 << 27
+"""Pixels a video may decode to (after the spatial reduction, before :data:`MAX_FRAMES` picks frames):
+~400 MB, an hour of 1080p at 25 fps is beyond it (refused as too long)."""
 
 _grammar = re.compile(
     r"a (?P<colour>\w+) (?P<shape>\w+)(?: moves (?P<speed>\w+) (?P<direction>from \w+ to \w+))?"
@@ -92,11 +122,21 @@ class ProbeError(ValueError):
     """A path that cannot be scored at all (missing, an empty folder, nothing scorable)."""
 
 
+def normalize_caption(caption: str) -> str:
+    """A caption as the grammar is matched against it: a leading UTF-8 byte-order mark dropped (text read
+    as UTF-8 rather than ``utf-8-sig`` keeps it), case folded, every run of whitespace (NBSP, tabs,
+    newlines included) one space, the ends stripped, and one trailing period dropped."""
+    text = " ".join(caption.strip().lstrip("\ufeff").casefold().split())
+    return text.removesuffix(".").rstrip()
+
+
 def parse_caption(caption: str) -> dict | None:
     """``{"colour", "background", "shape", "direction", "speed"}`` for a caption in
     :func:`data.synthetic.describe`'s grammar (direction and speed None for a still), None otherwise
-    (a word outside the dataset's vocabulary, another sentence)."""
-    m = _grammar.fullmatch(caption.strip())
+    (a word outside the dataset's vocabulary, another sentence). The caption is read as
+    :func:`normalize_caption` writes it: case, a byte-order mark, extra whitespace and a final period do
+    not matter."""
+    m = _grammar.fullmatch(normalize_caption(caption))
     if m is None:
         return None
     out = m.groupdict()
@@ -188,11 +228,42 @@ def _motion(track: np.ndarray, idx: np.ndarray, t: int, size: tuple[int, int], e
     return direction, speed, frac
 
 
+def _area_average(frame: np.ndarray, k: int) -> np.ndarray:
+    """An H×W×3 uint8 frame averaged over k×k blocks (the last H mod k rows, W mod k columns dropped)."""
+    h, w = frame.shape[0] // k, frame.shape[1] // k
+    blocks = frame[: h * k, : w * k].reshape(h, k, w, k, 3)  # h, k, w, k, 3
+    total = blocks.sum(axis=(1, 3), dtype=np.uint32)  # h, w, 3
+    return ((total + k * k // 2) // (k * k)).astype(np.uint8)
+
+
+def reduce_frames(frames: np.ndarray) -> np.ndarray:
+    """The frames the probe reads: at most :data:`MAX_FRAMES` of them, evenly spaced (first and last
+    kept), each area-averaged by ``min(H, W) // REDUCE_SIDE`` (the input itself when nothing changes).
+    Idempotent: a reduced clip's shorter side is 128–255 px, which is reduced no further.
+
+    Raises:
+        ValueError: more than :data:`MAX_PIXELS` pixels left to read.
+    """
+    t, h, w = frames.shape[:3]
+    if t > MAX_FRAMES:
+        frames = frames[np.linspace(0, t - 1, MAX_FRAMES).round().astype(int)]
+    k = min(h, w) // REDUCE_SIDE
+    if k > 1:
+        frames = np.stack([_area_average(f, k) for f in frames])  # one frame at a time: bounded memory
+    if frames.shape[0] * frames.shape[1] * frames.shape[2] > MAX_PIXELS:
+        raise ValueError(
+            f"{t}×{h}×{w} frames are too large for the probe: {frames.shape[0]}×{frames.shape[1]}×"
+            f"{frames.shape[2]} after reduction, more than MAX_PIXELS={MAX_PIXELS}"
+        )
+    return frames
+
+
 def measure(frames: np.ndarray) -> dict:
     """What the pixels of one clip show.
 
     Args:
-        frames: T×H×W×3 uint8 (T = 1 for a still).
+        frames: T×H×W×3 uint8 (T = 1 for a still), read as :func:`reduce_frames` returns them (at most
+            :data:`MAX_FRAMES` frames, the shorter side below 256 px).
 
     Returns:
         ``found`` (an object was seen), ``color``, ``background``, ``shape``, ``direction``, ``speed``
@@ -200,10 +271,14 @@ def measure(frames: np.ndarray) -> dict:
         when nothing was found), ``travel`` (the net displacement as a fraction of the travel range),
         ``fill``, ``asym``, and the temporal numbers ``jerk``, ``area_cv``, ``flicker`` (None where
         undefined; see the module docstring).
+
+    Raises:
+        ValueError: not T×H×W×3 uint8, or too many pixels even reduced (:func:`reduce_frames`).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
         raise ValueError(f"measure() takes T×H×W×3 uint8 frames, got {frames.shape} {frames.dtype}")
+    frames = reduce_frames(frames)
     t, h, w, _ = frames.shape
     lab = _lab(frames)  # T, H, W, 3
     border = np.concatenate(
@@ -340,60 +415,127 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def read_media(path: Path) -> np.ndarray:
-    """T×H×W×3 uint8 frames of a video, or 1×H×W×3 of a still (a MediaError when undecodable)."""
+def read_media(path: Path, full: bool = False) -> np.ndarray:
+    """T×H×W×3 uint8 frames of a video, or 1×H×W×3 of a still, each frame area-averaged as
+    :func:`reduce_frames` does as it is decoded (so a long high-resolution video never sits in memory at
+    its full size; ``full``: at the source size).
+
+    Raises:
+        MediaError: undecodable, no frames, frames of different sizes in one video, more than
+            :data:`MAX_DECODED` pixels.
+    """
     data = path.read_bytes()
     kind = media_kind(path.suffix)
     if kind == "image":
         with open_image(data, 1 << 26) as im:
-            return np.asarray(im.convert("RGB"))[None]
-    frames, _, _ = decode_all_frames(data, ext=path.suffix)
+            frame = np.asarray(im.convert("RGB"))
+        k = 1 if full else min(frame.shape[:2]) // REDUCE_SIDE
+        return (_area_average(frame, k) if k > 1 else frame)[None]
+    frames, first, pixels = [], None, 0
+    try:
+        with open_video(data, path.suffix) as container:
+            stream = video_stream(container, DEFAULT_MAX_PIXELS)
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                if frame.pts is None:  # as decode_all_frames: a frame without a time is left out
+                    continue
+                if first is None:  # the declared size was checked; the decoded one may differ
+                    check_pixels(frame.width, frame.height, DEFAULT_MAX_PIXELS, video=True)
+                    first = (frame.height, frame.width)
+                elif (frame.height, frame.width) != first:
+                    size = f"{frame.width}×{frame.height}, the first {first[1]}×{first[0]}"
+                    raise MediaError("frame_size_changes", f"frame {len(frames)} is {size}")
+                rgb = frame.to_ndarray(format="rgb24")
+                k = 1 if full else min(first) // REDUCE_SIDE
+                frames.append(_area_average(rgb, k) if k > 1 else rgb)
+                pixels += frames[-1].shape[0] * frames[-1].shape[1]
+                if pixels > MAX_DECODED and not full:
+                    raise MediaError("too_long", f"more than {MAX_DECODED} pixels after reduction")
+    except av.error.FFmpegError as e:
+        raise MediaError("undecodable", str(e)) from e
     if not frames:
         raise MediaError("undecodable", "no frames")
     return np.stack(frames)
 
 
-def _media_files(paths: list[str | Path]) -> list[Path]:
-    files = []
+def _why_not_a_file(f: Path) -> str:
+    if f.is_dir():
+        return "a folder with a media file's name, not a file"
+    if f.is_symlink() and not f.exists():
+        return "a symbolic link whose target does not exist"
+    return "not a regular file"
+
+
+def _media_files(paths: list[str | Path]) -> tuple[list[Path], dict[str, str]]:
+    """The media files under ``paths`` (each file once, by its resolved path, in the order given) and
+    the entries inside folders that carry a media extension but are no file (named, with the reason)."""
+    files, bad, seen = [], {}, set()
+
+    def add(f: Path) -> None:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            files.append(f)
+
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and media_kind(f.suffix))
-            if not found:
+            entries = sorted(f for f in p.rglob("*") if media_kind(f.suffix))
+            if not entries:
                 raise ProbeError(f"{p}: no video or image files in this folder")
-            files += found
+            for f in entries:
+                if f.is_file():
+                    add(f)
+                else:
+                    bad[str(f)] = _why_not_a_file(f)
         elif p.is_file():
             if not media_kind(p.suffix):
                 raise ProbeError(f"{p}: not a video or image file (by its extension)")
-            files.append(p)
+            add(p)
         else:
             raise ProbeError(f"{p}: no such file or folder")
-    return files
+    return files, bad
+
+
+def _caption(f: Path) -> tuple[str | None, str | None]:
+    """(caption, None) from ``f``'s sidecar ``.txt``, or (None, why it cannot be used)."""
+    txt = f.with_suffix(".txt")
+    if not txt.is_file():
+        return None, f"no caption ({txt.name} is missing)"
+    try:
+        caption = txt.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return None, f"caption is not UTF-8 text ({txt.name})"
+    except OSError as e:
+        return None, f"cannot read the caption {txt.name}: {e.strerror or e}"
+    if parse_caption(caption) is None:
+        return None, f"caption not in the built-in dataset's grammar: {caption[:80]!r}"
+    return caption, None
 
 
 def score_paths(paths: list[str | Path], per_clip: bool = False) -> dict:
     """:func:`score` of media files and folders (searched recursively), each file's caption read from
-    its sidecar ``.txt``. Files without a caption, undecodable ones and captions outside the grammar are
+    its sidecar ``.txt``; a file named twice (or reached twice through a link) is scored once. Files
+    without a usable caption (missing, not UTF-8, outside the grammar), undecodable ones, ones too large
+    for the probe and entries with a media extension that are no file (a folder, a broken link) are
     skipped: counted in ``skipped`` and named with the reason in ``skipped_files`` (and on stderr).
 
     Raises:
         ProbeError: a path that does not exist, a folder without media files, nothing scorable.
     """
-    files, bad = _media_files(paths), {}
+    files, bad = _media_files(paths)
 
     def clips():
         for f in files:
-            txt = f.with_suffix(".txt")
-            if not txt.is_file():
-                bad[str(f)] = f"no caption ({txt.name} is missing)"
-                continue
-            caption = txt.read_text(encoding="utf-8").strip()
-            if parse_caption(caption) is None:
-                bad[str(f)] = f"caption not in the built-in dataset's grammar: {caption[:80]!r}"
+            caption, why = _caption(f)
+            if why is not None:
+                bad[str(f)] = why
                 continue
             try:
-                frames = read_media(f)
+                frames = reduce_frames(read_media(f))
             except (MediaError, OSError) as e:
                 bad[str(f)] = f"cannot decode: {e}"
+                continue
+            except ValueError as e:  # reduce_frames: too many pixels even reduced
+                bad[str(f)] = str(e)
                 continue
             yield frames, caption
 
