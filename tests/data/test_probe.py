@@ -1,18 +1,23 @@
 """The probe (``data.probe``) verified on ground truth: held-out ``data.synthetic`` clips written as real
 H.264 / PNG / JPEG files, read back through PyAV, at their own size and squashed to the demo's 32×32."""
 
+import io
 import json
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
 from data import probe
-from data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS, write_raw
+from data.probe import MAX_FRAMES
+from data.synthetic import COLOURS, DIRECTIONS, SHAPES, SPEEDS, describe, render, write_raw
+from data.video import MediaError
 from launch.sample import write_mp4
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,3 +229,127 @@ def test_cli_errors_name_the_path(tmp_path):
     (empty / "a.txt").write_text("a red circle on a white background")
     r = run_cli("score", str(empty))
     assert r.returncode == 2 and "nothing could be scored" in r.stderr and "a.mp4" in r.stderr
+
+
+def test_parse_caption_ignores_case_bom_whitespace_and_one_final_period():
+    caption = "a red circle moves slowly from left to right on a white background"
+    want = probe.parse_caption(caption)
+    variants = {
+        "case": "A Red CIRCLE moves slowly from left to right on a White background",
+        "bom": "\ufeff" + caption,
+        "double space": caption.replace(" ", "  "),
+        "nbsp": caption.replace(" ", "\u00a0", 2),
+        "tab and newlines": "  " + caption.replace(" moves", "\tmoves") + "\r\n\n",
+        "final period": caption + ".",
+        "period after space": caption + " .",
+    }
+    for what, text in variants.items():
+        assert probe.parse_caption(text) == want, what
+    assert probe.parse_caption(caption + "..") is None  # one period, not any punctuation
+    assert probe.parse_caption("a red circle on a white. background") is None
+
+
+def _mjpeg_avi(sizes: list[int]) -> bytes:
+    """An MJPEG .avi whose frame i is sizes[i]² (a red square moving right on white): each JPEG frame
+    carries its own size, so the stream can change size mid-way."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="avi") as c:
+        s = c.add_stream("mjpeg", rate=8)
+        s.width, s.height, s.pix_fmt = sizes[0], sizes[0], "yuvj420p"
+        for i, size in enumerate(sizes):
+            a = np.full((size, size, 3), 255, np.uint8)
+            a[10:18, 4 + 2 * i : 12 + 2 * i] = (255, 0, 0)
+            jpeg = io.BytesIO()
+            Image.fromarray(a).save(jpeg, "JPEG", quality=95)
+            packet = av.Packet(jpeg.getvalue())
+            packet.stream, packet.pts, packet.dts, packet.time_base = s, i, i, Fraction(1, 8)
+            c.mux(packet)
+    return buf.getvalue()
+
+
+def test_read_media_refuses_frames_that_change_size(tmp_path):
+    same, varying = tmp_path / "same.avi", tmp_path / "varying.avi"
+    same.write_bytes(_mjpeg_avi([32] * 8))
+    varying.write_bytes(_mjpeg_avi([32] * 4 + [48] * 4))
+    assert probe.read_media(same).shape == (8, 32, 32, 3)
+    with pytest.raises(MediaError, match="frame 4 is 48×48, the first 32×32"):
+        probe.read_media(varying)
+
+
+def test_score_paths_skips_bad_captions_odd_entries_and_scores_each_file_once(truth, tmp_path, capsys):
+    """A folder with one good clip, captions in UTF-16 / binary / with a BOM, a video whose frames change
+    size, a folder named x.mp4 and a broken x.mp4 link; the good clip also named a second time."""
+    _, clips = truth
+    frames, caption = next((squash(f[:8]), c) for f, c in clips if probe.parse_caption(c)["direction"])
+    write_mp4(tmp_path / "good.mp4", frames, 8, caption=caption)
+    for name, text in {
+        "utf16": caption.encode("utf-16"),
+        "binary": b"\xff\xfe\x00\x81garbage",
+        "bom": b"\xef\xbb\xbf" + caption.upper().encode(),
+    }.items():
+        (tmp_path / f"{name}.mp4").write_bytes((tmp_path / "good.mp4").read_bytes())
+        (tmp_path / f"{name}.txt").write_bytes(text)
+    (tmp_path / "varying.avi").write_bytes(_mjpeg_avi([32] * 4 + [48] * 4))
+    (tmp_path / "varying.txt").write_text(caption)
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    assert probe.main(["score", str(tmp_path), str(tmp_path / "good.mp4"), "--per-clip"]) == 0
+    std = capsys.readouterr()
+    out = json.loads(std.out)
+    assert [Path(c["path"]).name for c in out["clips"]] == ["bom.mp4", "good.mp4"]  # good.mp4 once
+    assert out["n"] == 2 and out["accuracy"]["color"] == 1.0
+    why = {Path(p).name: w for p, w in out["skipped_files"].items()}
+    assert out["skipped"] == len(why) == 5
+    assert why["utf16.mp4"] == "caption is not UTF-8 text (utf16.txt)"
+    assert why["binary.mp4"] == "caption is not UTF-8 text (binary.txt)"
+    assert "frame_size_changes" in why["varying.avi"]
+    assert "folder" in why["folder.mp4"] and "target does not exist" in why["dangling.mp4"]
+    for name in why:
+        assert f"{name}: {why[name]}" in std.err
+
+
+@pytest.mark.parametrize("side", [32, 64, 128, 255])
+def test_small_clips_are_read_as_they_are(side):
+    frames = np.random.default_rng(side).integers(0, 256, (MAX_FRAMES, side, side + 7, 3), dtype=np.uint8)
+    assert probe.reduce_frames(frames) is frames
+
+
+def _rendered(seed: int, size: tuple[int, int], frames: int = 8) -> tuple[np.ndarray, str]:
+    spec = describe(np.random.default_rng([seed, 0]), still=False, frames=(frames, frames), size=size)
+    return render(spec, np.random.default_rng([seed, 1])), spec["caption"]
+
+
+def test_large_and_long_clips_read_like_their_small_versions(tmp_path):
+    """The same clips drawn at 96×54 and at 720p (area-averaged by 5 to 144×256), and 8-frame clips
+    repeated in time to 200 frames (read at 64): every attribute reads the same."""
+    keys = ("found", *probe.ATTRIBUTES)
+    for seed in range(6):
+        small, caption = _rendered(seed, (96, 54))
+        large, _ = _rendered(seed, (1280, 720))
+        assert probe.reduce_frames(large).shape == (8, 144, 256, 3)
+        want = probe.measure(small)
+        assert probe.score([(small, caption)])["overall"] == 1.0
+        got = probe.measure(large)
+        assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, seed
+        long = np.repeat(small, 25, axis=0)  # 200 frames: each shown 25 times, the motion unchanged
+        reduced = probe.reduce_frames(long)
+        assert len(reduced) == MAX_FRAMES and (reduced[[0, -1]] == long[[0, -1]]).all()
+        got = probe.measure(long)
+        assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, seed
+    # read from a 720p mp4, the video is reduced as it is decoded: the same frames as reducing after
+    write_mp4(tmp_path / "big.mp4", large, 8, caption=caption)
+    full = probe.read_media(tmp_path / "big.mp4", full=True)
+    assert full.shape == (8, 720, 1280, 3)
+    assert (probe.read_media(tmp_path / "big.mp4") == probe.reduce_frames(full)).all()
+
+
+def test_clips_beyond_the_pixel_budget_are_refused_and_skipped_by_name(tmp_path, monkeypatch, capsys):
+    frames, caption = _rendered(0, (96, 54))
+    write_mp4(tmp_path / "wide.mp4", frames, 8, caption=caption)
+    write_mp4(tmp_path / "ok.mp4", frames[:, :16, :16], 8, caption=caption)
+    monkeypatch.setattr(probe, "MAX_PIXELS", 8 * 32 * 32)  # fits ok.mp4 (16²), not wide.mp4 (96×54)
+    with pytest.raises(ValueError, match="too large for the probe.*MAX_PIXELS=8192"):
+        probe.measure(frames)
+    out = probe.score_paths([tmp_path])
+    assert out["n"] == 1 and list(out["skipped_files"]) == [str(tmp_path / "wide.mp4")]
+    assert "wide.mp4: 8×54×96 frames are too large" in capsys.readouterr().err
