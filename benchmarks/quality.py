@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import shlex
 import sys
 import time
@@ -45,6 +46,8 @@ from parallel.checkpoint import CheckpointError
 
 HELD_OUT = 1_000_000
 """First ``data.synthetic`` index the prompts are drawn at: no training set reaches it (the demo's is 544)."""
+SOURCE = "RUN_OR_EXPORT"
+"""The positional argument's name in usage and error messages."""
 COLUMNS = (*ATTRIBUTES, "overall", "found", "jerk", "nfe", "s_per_sample")
 
 
@@ -209,19 +212,28 @@ def markdown(result: dict, command: str) -> str:
     )
 
 
-def _list(text: str, cast, name: str) -> list:
+def _list(parser: argparse.ArgumentParser, text: str, cast, name: str) -> list:
+    """The comma-separated values of flag ``name``; anything else (a word, nothing, nan or inf for a
+    number) is a usage error naming the flag (exit status 2)."""
     try:
         values = [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"error: {name} {text!r}: expected a comma-separated list of numbers") from None
+        parser.error(f"{name} {text!r}: expected a comma-separated list of numbers")
     if not values:
-        raise SystemExit(f"error: {name} is empty")
+        parser.error(f"{name} {text!r}: no values")
+    if cast is not str and not all(math.isfinite(v) for v in values):
+        parser.error(f"{name} {text!r}: every value must be a finite number")
     return values
+
+
+def _source_error(e: Exception) -> str:
+    """The loader's message in this CLI's terms: its ``init.from`` (a training key) is the argument."""
+    return str(e).replace("init.from=", f"{SOURCE} ").replace("init.from", SOURCE)
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
-    p.add_argument("src", help="run directory, checkpoint or export of a model trained on the built-in data")
+    p.add_argument("src", metavar=SOURCE, help="run directory, checkpoint or export (built-in data)")
     p.add_argument("--samplers", default=",".join(SAMPLER_NAMES))
     p.add_argument("--steps", default="4,8,16,32,50")
     p.add_argument("--cfg", default="1,2,4,6", help="CFG scales (at the run's sample.sampler and steps)")
@@ -231,18 +243,18 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="report path (default benchmarks/results/quality-DATE.md); JSON beside it")
     a = p.parse_args(argv)
-    samplers = _list(a.samplers, str, "--samplers")
+    samplers = _list(p, a.samplers, str, "--samplers")
     for s in samplers:
         if s not in SAMPLER_NAMES:
             p.error(f"--samplers: {s!r} is not one of {', '.join(SAMPLER_NAMES)} (there is no UniPC)")
-    steps = _list(a.steps, int, "--steps")
-    cfgs = _list(a.cfg, float, "--cfg")
+    steps = _list(p, a.steps, int, "--steps")
+    cfgs = _list(p, a.cfg, float, "--cfg")
     if min(steps) < 1 or a.prompts < 1 or a.batch_size < 1 or min(cfgs) < 0:
         p.error("--steps, --prompts and --batch-size must be ≥ 1 and --cfg ≥ 0")
     try:
         result = run(a.src, samplers, steps, cfgs, a.prompts, a.seed, a.batch_size, a.device)
     except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        p.error(_source_error(e))
     out = Path(a.out) if a.out else report.RESULTS / f"quality-{dt.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(

@@ -16,8 +16,6 @@ from dit.model import build_model
 from launch.config import load_config
 from launch.export import export_config
 
-pytestmark = pytest.mark.slow  # samples 20 small batches through MiniLM and a DiT: ~half a minute
-
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
@@ -44,6 +42,7 @@ def test_held_out_prompts_are_moving_captions_of_the_grammar_and_reproducible():
     assert len(set(prompts)) > 15  # drawn, not one caption repeated
 
 
+@pytest.mark.slow  # samples 20 small batches through MiniLM and a DiT: ~half a minute
 def test_quality_report_tables_and_json(export, tmp_path):
     src, cfg = export
     out = tmp_path / "quality-test.md"
@@ -94,12 +93,31 @@ def test_quality_report_tables_and_json(export, tmp_path):
     )
 
 
-def test_quality_refuses_unknown_samplers_and_bad_lists(export, capsys):
-    src, _ = export
-    with pytest.raises(SystemExit):
-        quality.main([str(src), "--samplers", "unipc"])
-    assert "'unipc' is not one of" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--steps 'four'"):
-        quality.main([str(src), "--steps", "four"])
-    with pytest.raises(SystemExit, match="nope"):
-        quality.main([str(src.parent / "nope")])
+@pytest.mark.parametrize(
+    "flag, value, why",
+    [
+        ("--samplers", "unipc", "'unipc' is not one of"),
+        ("--steps", "four", "--steps 'four': expected a comma-separated list of numbers"),
+        ("--steps", "4,x", "--steps '4,x': expected a comma-separated list of numbers"),
+        ("--steps", ",,", "--steps ',,': no values"),
+        ("--cfg", "nan", "--cfg 'nan': every value must be a finite number"),
+        ("--cfg", "1,inf", "--cfg '1,inf': every value must be a finite number"),
+        ("--cfg", "-1", "--cfg ≥ 0"),
+    ],
+)
+def test_quality_refuses_bad_flags_as_usage_errors(tmp_path, capsys, flag, value, why):
+    """Refused before any model is loaded (the source is an empty folder), exit status 2, nothing written."""
+    out = tmp_path / "q.md"
+    with pytest.raises(SystemExit) as e:
+        quality.main([str(tmp_path), flag, value, "--out", str(out)])
+    assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_quality_names_a_bad_source_by_its_own_argument(tmp_path, capsys):
+    for src, what in [(tmp_path / "nope", "no such file or directory"), (tmp_path, "an empty directory")]:
+        with pytest.raises(SystemExit) as e:
+            quality.main([str(src), "--out", str(tmp_path / "q.md")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"RUN_OR_EXPORT {src}: {what}" in err, err
+        assert "init.from" not in err  # a training config key this command does not have
