@@ -201,10 +201,10 @@ class EvalConfig:
     """Prompts taken from ``data.val_shards`` when ``sample_prompts`` is empty, and the number of
     held-out clips the Fréchet metrics compare against."""
     fid_features: str = ""
-    """FID on frames: a local Inception-style feature network (a TorchScript or ``torch.export`` .pt2
-    file, e.g. the reference ``inception-2015-12-05.pt``; empty: no FID). Nothing is downloaded."""
+    """FID on frames: a local Inception-style feature network as a TorchScript file (e.g. the reference
+    ``inception-2015-12-05.pt``; empty: no FID). Nothing is downloaded (:mod:`launch.fidelity`)."""
     fvd_features: str = ""
-    """FVD on clips: a local I3D-style feature network (TorchScript or .pt2 file, e.g. the reference
+    """FVD on clips: a local I3D-style feature network as a TorchScript file (e.g. the reference
     ``i3d_torchscript.pt``; empty: no FVD)."""
     clip_model: str = ""
     """CLIP text–video score: a local transformers CLIP folder (empty: no CLIP score)."""
