@@ -67,13 +67,13 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> HeldOut:
     """
     if not cfg.data.val_shards:
         raise ValueError("eval.every is set but data.val_shards is empty")
-    mine, first, total, error = [], None, 0, None
+    mine, first, total, error = {}, None, 0, None
     try:
         for i, batch in enumerate(_one_pass(val_loader(cfg), cfg.eval.batches)):
             first = batch if first is None else first
             total += 1
             if i % dp_size == dp_rank:
-                mine.append(batch)
+                mine[i] = batch
     except Exception as e:  # noqa: BLE001 (whatever it is, the others must hear of it before a collective)
         error = e
     if agreed_count(0 if error is None else -1) < 0:
@@ -92,8 +92,17 @@ def held_out_batches(cfg: JobConfig, dp_rank: int, dp_size: int) -> HeldOut:
         per_rank,
         "" if total % dp_size == 0 else " (the others repeat one, uncounted)",
     )
-    scored = len(mine)
-    return HeldOut(mine + [mine[0] if mine else first] * (per_rank - scored), scored)
+    indices, scored = share(total, dp_rank, dp_size)
+    return HeldOut([mine.get(i, first) for i in indices], scored)
+
+
+def share(n: int, dp_rank: int, dp_size: int) -> tuple[list[int], int]:
+    """Indices ``dp_rank, dp_rank + dp_size, …`` of ``n`` items, padded with a repeat (the rank's first,
+    or item 0 for a rank with none) to ``ceil(n / dp_size)`` so every rank makes as many forwards;
+    returns (indices, how many of them count)."""
+    mine = list(range(dp_rank, n, dp_size))
+    per_rank = -(-n // dp_size)
+    return mine + [mine[0] if mine else 0] * (per_rank - len(mine)), len(mine)
 
 
 def val_loader(cfg: JobConfig) -> Loader:

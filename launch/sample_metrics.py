@@ -40,7 +40,7 @@ from dit.config import DiTConfig
 from launch.batches import derive_seed
 from launch.config import JobConfig, SampleConfig
 from launch.distributed import all_reduce
-from launch.evaluate import agreed_count, one_pass, text_from_rank0, val_loader
+from launch.evaluate import agreed_count, one_pass, share, text_from_rank0, val_loader
 from launch.sample import latents_for, to_uint8, write_mp4
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,6 @@ GRID_COLUMNS = 16
 def prompt_seed(seed: int, i: int) -> int:
     """Seed of the noise of evaluation prompt ``i``: a function of (``seed``, ``i``) alone."""
     return derive_seed(seed, i, SAMPLE_STREAM)
-
-
-def share(n: int, dp_rank: int, dp_size: int) -> tuple[list[int], int]:
-    """Prompt indices ``dp_rank, dp_rank + dp_size, …`` of ``n``, padded with a repeat to ``ceil(n /
-    dp_size)`` so every rank draws as many samples; returns (indices, how many of them count)."""
-    mine = list(range(dp_rank, n, dp_size))
-    per_rank = -(-n // dp_size)
-    return mine + [mine[0] if mine else 0] * (per_rank - len(mine)), len(mine)
 
 
 def fidelity_paths(cfg: JobConfig) -> dict[str, str]:
