@@ -8,6 +8,7 @@ step) and resume exactly.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,7 @@ class Conditioner:
         self.compression, channels = codec_geometry(cfg.data.codec)
         self._codec = None
         self.text: TextEncoder | None = None
+        self._text_cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()  # data.text_cache
         if channels != self.arch.in_channels:
             raise ValueError(
                 f"data.codec={cfg.data.codec!r} makes {channels}-channel latents but "
@@ -124,7 +126,25 @@ class Conditioner:
                     f"data.text_encoder={self.cfg.data.text_encoder!r} gives {self.text.dim}-wide states but "
                     f"model.arch.text_dim={self.arch.text_dim}"
                 )
-        return self.text(texts)
+        if self.cfg.data.text_cache == 0:
+            return self.text(texts)
+        return self._cached_text(texts)
+
+    def _cached_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """:meth:`encode_text` through the ``data.text_cache`` LRU: each caption is encoded alone, so its
+        states are a function of the caption only, whether they come from the cache or not."""
+        cache, out = self._text_cache, []
+        for text in texts:
+            hit = cache.get(text)
+            if hit is None:
+                emb, mask = self.text([text])
+                hit = cache[text] = (emb[0], mask[0])
+                if len(cache) > self.cfg.data.text_cache:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(text)
+            out.append(hit)
+        return torch.stack([e for e, _ in out]), torch.stack([m for _, m in out])
 
     def __call__(self, batch: Batch, gen: torch.Generator, train: bool = True) -> Prepared:
         dev = self.device

@@ -1,5 +1,6 @@
 """Model inputs from loader batches: caption dropout, the task mix, I2V conditioning channels."""
 
+import pytest
 import torch
 
 from data.batch import Batch
@@ -87,3 +88,44 @@ def test_a_real_start_refuses_buckets_the_codec_would_truncate_or_the_patch_not_
     eight = "data.buckets.buckets=[{frames: 8, height: 64, width: 64, batch_size: 1}]"
     with pytest.raises(ValueError, match=r"bucket 8x64x64: 8 frames: the causal codec .* silently keep 5"):
         expect_for(load_config(None, [eight, f"data.codec={wan}"]))
+
+
+def test_text_cache_gives_each_caption_its_own_states_whatever_the_batch_and_drops_the_oldest():
+    """``data.text_cache``: a cached caption's states are those of encoding it alone (the real MiniLM),
+    so they do not depend on which batch or cache state the caption met, and at most N are kept."""
+    cached = _conditioner("data.text_cache=2", "data.max_text_len=12")
+    plain = _conditioner("data.max_text_len=12")
+    calls = []
+    a, b, c = "a red circle", "a blue square moves quickly", "a green triangle on a black background"
+    emb, mask = cached.encode_text([a, b, a])
+    encoder = cached.text
+    cached.text = lambda texts: calls.append(list(texts)) or encoder(texts)  # a spy on the real encoder
+    alone = {t: plain.encode_text([t]) for t in (a, b, c)}
+    for i, t in enumerate([a, b, a]):
+        assert torch.equal(emb[i], alone[t][0][0]) and torch.equal(mask[i], alone[t][1][0])
+    assert mask[0].sum() < mask.shape[1]  # padded: the mask is per caption, not all-true
+    again, _ = cached.encode_text([b, a])
+    assert calls == [] and torch.equal(again[0], emb[1])  # both from the cache
+    cached.encode_text([c])  # a third caption: the least recently used (b) is dropped
+    cached.encode_text([a])
+    cached.encode_text([b])
+    assert calls == [[c], [b]]
+    late = _conditioner("data.text_cache=2", "data.max_text_len=12")
+    assert torch.equal(late.encode_text([c, b])[0][1], emb[1])  # b met in another batch: the same states
+
+
+def test_text_cache_runs_inside_the_conditioner_on_raw_batches_and_refuses_a_negative_size():
+    cond = _conditioner("data.text_cache=8", "data.max_text_len=12", "train.cfg_dropout=0")
+    batch = _batch(b=3)
+    batch = Batch(
+        bucket=batch.bucket,
+        key=batch.key,
+        text=["a red circle", "a blue square", "a red circle"],
+        fps=batch.fps,
+        video=batch.video,
+    )
+    prep = cond(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(prep.kwargs["context"][0], prep.kwargs["context"][2])
+    assert not torch.equal(prep.kwargs["context"][0], prep.kwargs["context"][1])
+    with pytest.raises(ValueError, match="data.text_cache"):
+        load_config(None, ["data.text_cache=-1"])
