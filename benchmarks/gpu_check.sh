@@ -145,6 +145,37 @@ run_case() {
     say "  $name: $status${detail:+ ($detail)}"
 }
 
+# start_case NAME LIMIT … -- CMD…: run_case, or with JOBS > 1 the same in the background (at most JOBS
+# at once), its row kept aside until finish_cases appends every row in the order the cases started.
+JOBS=1
+STARTED=0
+start_case() {
+    if ((JOBS <= 1)); then
+        run_case "$@"
+        return 0
+    fi
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n 2>/dev/null || sleep 0.1; done # (no wait -n: bash < 4.3)
+    STARTED=$((STARTED + 1))
+    (CASES="$WORK/case-$SECTION-$STARTED.tsv" && : >"$CASES" && run_case "$@") &
+}
+
+# in_order CMD…: CMD's rows (a case recorded without running) take their place among start_case's.
+in_order() {
+    ((JOBS <= 1)) && { "$@"; return 0; }
+    STARTED=$((STARTED + 1))
+    local CASES="$WORK/case-$SECTION-$STARTED.tsv"
+    : >"$CASES"
+    "$@"
+}
+
+# finish_cases: wait for the cases start_case left running, then add their rows to cases.tsv.
+finish_cases() {
+    wait || true
+    local i
+    for ((i = 1; i <= STARTED; i++)); do cat "$WORK/case-$SECTION-$i.tsv" >>"$CASES"; done
+    STARTED=0
+}
+
 # ---------------------------------------------------------------------------------------- environment
 say "output: $OUT"
 NGPU=0 GPU="" PLAN_GPU=h100
@@ -235,6 +266,9 @@ if [[ $SMOKE == 1 ]]; then
     STEP_ARGS=(--presets tiny --shapes 4x8x8 --depth 2 --text-len 8 "${SMOKE_ARGS[@]}")
     ATTN_ARGS=(--attn-shapes 2x128x256,2x128x512 "${SMOKE_ARGS[@]}")
     STEP_LIMIT=60 COMPILED_LIMIT=60 ATTN_LIMIT=60 TRAIN_LIMIT=90
+    # Two cases at a time in sections 1-3 (still one process per case): each is one thread, mostly
+    # importing torch, and a CI machine has two cores. A GPU run keeps its measurements one at a time.
+    JOBS=2
 else
     DEVICE=cuda
     # 21×60×104 latents = 480×832 pixels, 81 frames (Wan VAE 4×8×8), 32,760 tokens at patch 1×2×2
@@ -286,13 +320,14 @@ for path in walk(yaml.safe_load(open(sys.argv[1]))):
     print(f"{path}={sys.argv[2]}/{placeholder.get(path, 'missing')}")
 EOF
         )
-        run_case "dryrun-$name" 60 --stdout "json/1-dryrun-$name.json" -- \
+        start_case "dryrun-$name" 60 --stdout "json/1-dryrun-$name.json" -- \
             "$PYTHON" -m launch.train --config "$config" --dry-run --world-size "$world" --gpu "$PLAN_GPU" \
             ${overrides[@]+"${overrides[@]}"} # (bash < 4.4 calls an empty "${a[@]}" unbound)
     done
-    run_case plan-video-1b3-fit 60 --stdout json/1-plan-video-1b3-fit.json -- \
+    start_case plan-video-1b3-fit 60 --stdout json/1-plan-video-1b3-fit.json -- \
         "$PYTHON" -m benchmarks.plan video-1b3 --frames 21 --height 60 --width 104 --gpu "$PLAN_GPU" \
         --gpus 1 --fit
+    finish_cases
 fi
 RESERVE=0
 
@@ -308,16 +343,17 @@ else
         for ac in "${AC_MODES[@]}"; do
             name="steps-ac=$ac-compile=$compile"
             if [[ $compile == on && $SMOKE == 1 ]]; then
-                record "$name" skipped 0 "--cpu-smoke: inductor's C++ build of each block takes minutes on a CPU"
+                in_order record "$name" skipped 0 "--cpu-smoke: inductor's C++ build of each block takes minutes on a CPU"
                 continue
             fi
-            run_case "$name" "$([[ $compile == on ]] && echo "$COMPILED_LIMIT" || echo "$STEP_LIMIT")" \
+            start_case "$name" "$([[ $compile == on ]] && echo "$COMPILED_LIMIT" || echo "$STEP_LIMIT")" \
                 --json "json/2-$name.json" -- \
                 "$PYTHON" -m benchmarks.throughput --device "$DEVICE" "${STEP_ARGS[@]}" --backends sdpa \
                 --ac "$ac" --compile "$compile" --no-attention --no-report \
                 --json "$OUT/json/2-$name.json"
         done
     done
+    finish_cases
 fi
 RESERVE=0
 
@@ -331,10 +367,11 @@ else
     RESERVE=$((PARITY ? 120 : 0)) section 3 "$TITLE3" 75
     for backend in "${ATTN_BACKENDS[@]}"; do
         name="attention-${backend/:/-}"
-        run_case "$name" "$ATTN_LIMIT" --json "json/3-$name.json" -- \
+        start_case "$name" "$ATTN_LIMIT" --json "json/3-$name.json" -- \
             "$PYTHON" -m benchmarks.throughput --device "$DEVICE" --no-train --backends "$backend" \
             "${ATTN_ARGS[@]}" --no-report --json "$OUT/json/3-$name.json"
     done
+    finish_cases
 fi
 RESERVE=0
 
