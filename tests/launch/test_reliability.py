@@ -36,18 +36,22 @@ def test_resume_with_another_model_or_objective_is_refused_naming_the_keys(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved_config = (rd / "config.yaml").read_text()
 
-    for change, key in (
-        ("model.arch.depth=2", "model.arch.depth: 4 → 2"),
-        ("model.arch.fps_conditioning=false", "model.arch.fps_conditioning: True → False"),
-        ("diffusion.objective=ddpm", "diffusion.objective: 'flow' → 'ddpm'"),
-    ):
-        proc = run(train_cmd(rd, "train.steps=4", "data.num_workers=0", change, overrides=overrides))
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        assert key in proc.stderr and "init.from=" in proc.stderr and "step-00000002" in proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert max(r["step"] for r in metrics(rd)) == 2  # nothing trained
-        assert (rd / "config.yaml").read_text() == saved_config  # the reference is not overwritten
-        assert not (rd / LOCK).exists()  # a refused run leaves the directory unlocked
+    # one run with three changes (one launch, not three): the refusal must name every one of them, so
+    # each key is compared on its own
+    changes = {
+        "model.arch.depth=2": "model.arch.depth: 4 → 2",
+        "model.arch.fps_conditioning=false": "model.arch.fps_conditioning: True → False",
+        "diffusion.objective=ddpm": "diffusion.objective: 'flow' → 'ddpm'",
+    }
+    proc = run(train_cmd(rd, "train.steps=4", "data.num_workers=0", *changes, overrides=overrides))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for key in changes.values():
+        assert key in proc.stderr, (key, proc.stderr[-3000:])
+    assert "init.from=" in proc.stderr and "step-00000002" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert max(r["step"] for r in metrics(rd)) == 2  # nothing trained
+    assert (rd / "config.yaml").read_text() == saved_config  # the reference is not overwritten
+    assert not (rd / LOCK).exists()  # a refused run leaves the directory unlocked
 
     # settings that do not change what the weights mean (steps, lr, data) still resume
     proc = run(train_cmd(rd, "train.steps=3", "train.lr=5e-4", "data.num_workers=0", overrides=overrides))
