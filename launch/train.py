@@ -27,7 +27,7 @@ from data.batch import Batch
 from data.pipeline import Loader, build_loader
 from dit.diffusion import Objective, make_objective
 from dit.flops import count, peak_flops
-from launch import evaluate, sample_metrics
+from launch import evaluate
 from launch.batches import Conditioner, expect_for, run_bf16, step_seed
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
@@ -353,7 +353,12 @@ def _train(tr: Trainer) -> dict:
             f"{cfg.model.preset}: {n:,} parameters, {env.world} process(es) on {dev}; run dir {tr.run_dir}"
         )
     held_out = evaluate.held_out_batches(cfg, tr.dp_rank, tr.dims.dp) if cfg.eval.every else None
-    score_samples = sample_metrics.for_trainer(tr) if cfg.eval.sample_metrics else None
+    score_samples = None
+    if cfg.eval.sample_metrics:
+        # imported here: it brings the probe and scipy, which a run without sample metrics never uses
+        from launch import sample_metrics
+
+        score_samples = sample_metrics.for_trainer(tr)
     peak = peak_flops() if dev.type == "cuda" else None
     batches = iter(tr.loader)
     record: dict = {}
