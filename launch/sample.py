@@ -49,7 +49,8 @@ def load_for_inference(
     else:
         path = ckpt.resolve(src)
         cfg = load_config(path / "config.yaml")
-        info = export_config(cfg, None, path) | {
+        step = ckpt.marker(path).get("step")  # the marker was verified by resolve
+        info = export_config(cfg, step if isinstance(step, int) else None, path) | {
             "arch": cfg.model.arch,
             "diffusion": cfg.diffusion,
             "sample": cfg.sample,

@@ -73,7 +73,8 @@ def test_run_writes_config_metrics_checkpoints_samples_and_tensorboard(tmp_path,
     val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
     assert sorted(val) == [3, 6]
     # the logged number is the validation loss of the EMA weights saved at step 6, scored again here
-    model, _ = load_for_inference(rd, use_ema=True)
+    model, info = load_for_inference(rd, use_ema=True)
+    assert info["step"] == 6  # the step of the checkpoint it read (reports name it)
     cond = Conditioner(saved, torch.device("cpu"))
     held_out = evaluate.held_out_batches(saved, 0, 1)
     again = evaluate.validation_loss(model, make_objective(saved.diffusion), cond, held_out, saved, 0)
