@@ -68,7 +68,16 @@ fi
 mkdir -p "$OUT/logs" "$OUT/json"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+# on exit, cases still running in the background (--cpu-smoke runs two at a time) are stopped first:
+# their timeout processes (own process groups, so Ctrl-C misses them), then their shells
+stop_cases() {
+    local pid
+    for pid in $(jobs -p); do
+        pkill -TERM -P "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+    done
+}
+trap 'stop_cases; rm -rf "$WORK"' EXIT
 
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -149,6 +158,7 @@ run_case() {
 # at once), its row kept aside until finish_cases appends every row in the order the cases started.
 JOBS=1
 STARTED=0
+CASE_NAMES=()
 start_case() {
     if ((JOBS <= 1)); then
         run_case "$@"
@@ -156,13 +166,17 @@ start_case() {
     fi
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n 2>/dev/null || sleep 0.1; done # (no wait -n: bash < 4.3)
     STARTED=$((STARTED + 1))
-    (CASES="$WORK/case-$SECTION-$STARTED.tsv" && : >"$CASES" && run_case "$@") &
+    CASE_NAMES[STARTED]=$1
+    local rows="$WORK/case-$SECTION-$STARTED.tsv"
+    : >"$rows" # made here, so a case whose shell dies still leaves its (empty) file
+    (CASES="$rows" && run_case "$@") &
 }
 
 # in_order CMD…: CMD's rows (a case recorded without running) take their place among start_case's.
 in_order() {
     ((JOBS <= 1)) && { "$@"; return 0; }
     STARTED=$((STARTED + 1))
+    CASE_NAMES[STARTED]=""
     local CASES="$WORK/case-$SECTION-$STARTED.tsv"
     : >"$CASES"
     "$@"
@@ -171,8 +185,15 @@ in_order() {
 # finish_cases: wait for the cases start_case left running, then add their rows to cases.tsv.
 finish_cases() {
     wait || true
-    local i
-    for ((i = 1; i <= STARTED; i++)); do cat "$WORK/case-$SECTION-$i.tsv" >>"$CASES"; done
+    local i rows
+    for ((i = 1; i <= STARTED; i++)); do
+        rows="$WORK/case-$SECTION-$i.tsv"
+        if [[ -s $rows ]]; then
+            cat "$rows" >>"$CASES"
+        elif [[ -n ${CASE_NAMES[i]:-} ]]; then # its shell died before recording: a failure, not a gap
+            record "${CASE_NAMES[i]}" failed 0 "no result: the case's shell exited before recording one"
+        fi
+    done
     STARTED=0
 }
 

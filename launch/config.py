@@ -97,7 +97,8 @@ class TrainData(DataConfig):
     so a caption seen again is not encoded again (0: off). With the cache each caption is encoded on its
     own, so its states never depend on the batch it came in (resume stays exact). It costs
     ``max_text_len × text_dim × 4`` bytes a caption: 37 KB for MiniLM at 24 tokens, 8 MB for UMT5-XXL at
-    512. Worth it where the encoder is a large share of a step (the CPU demo: ~20 %)."""
+    512 (4096 of those: 32 GB of host memory a rank). It pays only when captions repeat, as in the CPU
+    demo (~20 % of a step): each miss is encoded as a batch of one, so mostly unique captions are slower."""
 
     def validate(self, key: str = "data") -> None:
         for name, low, high in (

@@ -43,14 +43,18 @@ def load_for_inference(
     ``sample``) from an export directory or a checkpoint / run directory (verified). A damaged or foreign
     file (weights, ``config.json``) is a :class:`~parallel.checkpoint.CheckpointError` naming it."""
     src = Path(src)
-    weights, _ = read_weights(src, use_ema)
     if (src / "config.json").is_file():
+        weights, _ = read_weights(src, use_ema)
         info = read_export_config(src / "config.json")
     else:
-        path = ckpt.resolve(src)
+        # one checkpoint for the weights, the config and the step (a run still training may add one)
+        try:
+            path = ckpt.resolve(src)
+        except FileNotFoundError:
+            path = src  # read_weights names what is there instead
+        weights, _ = read_weights(path, use_ema)
         cfg = load_config(path / "config.yaml")
-        step = ckpt.marker(path).get("step")  # the marker was verified by resolve
-        info = export_config(cfg, step if isinstance(step, int) else None, path) | {
+        info = export_config(cfg, ckpt.marker(path)["step"], path) | {
             "arch": cfg.model.arch,
             "diffusion": cfg.diffusion,
             "sample": cfg.sample,
