@@ -16,6 +16,7 @@ POS_EMBEDS = ("rope3d", "sincos3d", "learned")
 MODULATIONS = ("per_block", "shared")
 CONDITIONINGS = ("text", "class", "none")
 BACKENDS = ("sdpa", "flash_attn", "math")
+TEXT_NULLS = ("masked", "empty_prompt")
 PARAMETRIZATIONS = ("standard", "mup")
 
 
@@ -69,6 +70,15 @@ class DiTConfig:
     """Extra input channels concatenated to ``x`` (I2V first frame + mask, control maps)."""
     fps_conditioning: bool = False
     """Add an embedding of the clip's frame rate to the timestep embedding (needs ``fps``)."""
+    text_mask: bool = True
+    """Mask the padded text tokens in cross-attention. Wan's pipelines pad the UMT5 states with zeros to
+    ``text_len`` and mask nothing (the zero rows are attended): a model trained so is ``False``."""
+    text_null: str = "masked"
+    """The null caption of CFG and caption dropout: ``masked`` (an all-masked context, attended nowhere)
+    or ``empty_prompt`` (the encoded empty string, as Wan's pipelines use)."""
+    text_len: int | None = None
+    """Tokens every caption is padded to, when the model's function depends on it (an unmasked pad:
+    Wan 512); ``None``: the data's ``max_text_len``, which must otherwise equal this."""
     cross_attn_norm: bool = True
     """LayerNorm (with affine) on the residual stream before cross-attention (Wan)."""
     norm_eps: float = 1e-6
@@ -98,6 +108,7 @@ class DiTConfig:
             ("modulation", MODULATIONS),
             ("conditioning", CONDITIONINGS),
             ("attention_backend", BACKENDS),
+            ("text_null", TEXT_NULLS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DiTConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -107,6 +118,8 @@ class DiTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"DiTConfig.{name}={getattr(self, name)}: must be at least 1")
+        if self.text_len is not None and self.text_len < 1:
+            raise ValueError(f"DiTConfig.text_len={self.text_len}: must be at least 1 (or None)")
         if self.cond_channels < 0 or (self.ffn_dim is not None and self.ffn_dim < 1) or self.mlp_ratio <= 0:
             raise ValueError("DiTConfig: cond_channels must be ≥ 0, ffn_dim ≥ 1 (or None), mlp_ratio > 0")
         if self.hidden_size % self.num_heads:

@@ -52,6 +52,10 @@ class DiffusionConfig:
     """DDPM target: ``eps`` or ``v``."""
     zero_terminal_snr: bool = False
     """DDPM: rescale so ᾱ_{N-1} = 0 (Lin et al. 2024); requires ``prediction='v'``."""
+    t_range: tuple[float, float] = (0.0, 1.0)
+    """Flow: train only on times in [lo, hi] (after the shift), the share of the noise levels one expert
+    of a mixture-of-experts model owns: Wan2.2-A14B's high-noise expert takes t ≥ its boundary 0.875,
+    the low-noise expert the rest. (0, 1) is every time."""
 
 
 @dataclass

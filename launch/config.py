@@ -299,6 +299,9 @@ class InitConfig:
     scheduler or loader state. Written ``init.from`` in YAML and overrides."""
     use_ema: bool = True
     """Take the EMA weights when the source has them."""
+    expert: str = ""
+    """For a two-expert diffusers pipeline root (Wan2.2-A14B): ``high_noise`` (its ``transformer/``,
+    used at t ≥ the boundary) or ``low_noise`` (``transformer_2/``); empty for every other source."""
     min_match: float = 0.5
     """Least share of the source's tensors whose names are parameters of the model, and of the
     parameters of the source's own architecture (its config) that the source holds; below either (and
@@ -347,6 +350,15 @@ class JobConfig:
             getattr(self, name).validate(name)
         check_range(self.diffusion.shift, "diffusion.shift", 0.0, open_low=True)
         check_range(self.diffusion.num_timesteps, "diffusion.num_timesteps", 1)
+        lo, hi = self.diffusion.t_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"diffusion.t_range={[lo, hi]}: expected 0 ≤ lo < hi ≤ 1")
+        text_len = self.model.arch.text_len
+        if text_len is not None and self.data.max_text_len != text_len:
+            raise ValueError(
+                f"data.max_text_len={self.data.max_text_len} but model.arch.text_len={text_len}: the model "
+                "was trained on captions padded to that length (an unmasked pad changes its output)"
+            )
         errors = cross_field_errors(self)
         if errors:
             raise ValueError("; ".join(errors))
@@ -473,6 +485,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ValueError(f"config key {key}: {e.msg if hasattr(e, 'msg') else e}") from e
+    text_len = cfg.model.arch.text_len
+    given = any(OmegaConf.select(n, "data.max_text_len") is not None for n in (file_cfg, cli_cfg))
+    if text_len is not None and not given:
+        cfg.data.max_text_len = text_len  # the length the model was trained at (Wan: 512)
     inline = OmegaConf.select(cli_cfg, "data.buckets.buckets") is not None
     if inline and OmegaConf.select(cli_cfg, "data.bucket_file") is None:
         cfg.data.bucket_file = ""  # the file's bucket_file would silently replace the override
