@@ -118,6 +118,31 @@ def sum_grad(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return _SumGrad.apply(x, group)
 
 
+class _SumPartials(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return _waited(funcol.all_reduce(x.contiguous(), "sum", group))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # Each rank uses the sum on its own slice of the features (its heads), so each rank's gradient
+        # of the sum is partial too; every rank's part gets the whole gradient: the sum of them all.
+        # (Megatron's reduce-from-tp-region passes the gradient through unchanged: right only when
+        # what follows the sum is computed identically on every rank.)
+        return _waited(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
+
+
+def sum_partials(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """All-reduce (sum) of a per-rank partial statistic that each rank then uses on its own part of the
+    features, e.g. the sum of squares of a token's q over this rank's heads for an RMSNorm across all
+    heads (Wan, LTX) under tensor parallelism. Backward: the all-reduce (sum) of the gradient, since
+    each rank's gradient of the sum covers only its own heads."""
+    if group_size(group) == 1:
+        return x
+    return _SumPartials.apply(x, group)
+
+
 def all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup | None) -> Tensor:
     """Split ``x`` along ``scatter_dim`` over the ranks and concatenate what arrives along ``gather_dim``
     (Ulysses: B×N/P×H×Dh → B×N×H/P×Dh with scatter 2, gather 1). Backward: the inverse all-to-all.

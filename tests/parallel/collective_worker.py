@@ -11,7 +11,14 @@ import torch
 import torch.distributed as dist
 
 from dit.attention import AttentionCore, attention
-from parallel.collectives import all_to_all, gather_replicated, local_chunk, split_full_grad, sum_grad
+from parallel.collectives import (
+    all_to_all,
+    gather_replicated,
+    local_chunk,
+    split_full_grad,
+    sum_grad,
+    sum_partials,
+)
 from parallel.context import RingAttention, UlyssesAttention
 from tests.parallel.group import serve
 from tests.parallel.op_recorder import OpRecorder
@@ -90,6 +97,23 @@ def _compiled(group) -> dict[str, float]:
     return {"compiled_fullgraph": max(_err(c, e) for e, c in zip(*results, strict=True))}
 
 
+def _rms_across_ranks(group) -> float:
+    """An RMSNorm over all heads of a token with the heads split over the ranks (the across-heads qk norm
+    under tensor parallelism): each rank's sum of squares over its heads, :func:`sum_partials`, its own
+    heads normalised. Forward and input gradient against the whole norm in one process."""
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 5, 2 * n, 3, generator=g, requires_grad=True)  # B, N, H, Dh
+    w = torch.randn(2, 5, 2 * n, 3, generator=g)
+    ref = q * torch.rsqrt(q.pow(2).flatten(2).mean(-1)[..., None, None] + 1e-6)
+    (ref * w).sum().backward()
+    mine = q.detach().chunk(n, 2)[r].requires_grad_()  # B, N, H/n, Dh: this rank's heads
+    total = sum_partials(mine.pow(2).sum((2, 3)), group)  # B, N: over every head
+    got = mine * torch.rsqrt(total / q[0, 0].numel() + 1e-6)[..., None, None]
+    (got * w.chunk(n, 2)[r]).sum().backward()
+    return max(_err(got, ref.detach().chunk(n, 2)[r]), _err(mine.grad, q.grad.chunk(n, 2)[r]))
+
+
 def checks(group) -> dict[str, float]:
     n, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator().manual_seed(1)
@@ -114,6 +138,14 @@ def checks(group) -> dict[str, float]:
     y = x.detach().clone().requires_grad_()
     (sum_grad(y, group) * w * (r + 1)).sum().backward()
     out["sum_grad"] = _err(y.grad, w * sum(range(1, n + 1)))
+
+    # sum_partials: forward = the sum of every rank's part; backward = the sum of every rank's gradient
+    y = x.detach().chunk(n, 1)[r].clone().requires_grad_()
+    total = sum_partials(y, group)
+    (total * w.chunk(n, 1)[0] * (r + 1)).sum().backward()
+    out["sum_partials_forward"] = _err(total, sum(x.detach().chunk(n, 1)))
+    out["sum_partials_backward"] = _err(y.grad, w.chunk(n, 1)[0] * sum(range(1, n + 1)))
+    out["rms_across_ranks"] = _rms_across_ranks(group)
 
     # all_to_all sequence→heads: rank r gets every token of heads r·H/n … ; backward inverts it
     h = torch.randn(2, 4 * n, 2 * n, 3, generator=g, requires_grad=True)  # B, N, H, Dh

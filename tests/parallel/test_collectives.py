@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from dit.attention import attention
-from parallel.collectives import all_to_all, gather_replicated, local_chunk, split_full_grad, sum_grad
+from parallel.collectives import (
+    all_to_all,
+    gather_replicated,
+    local_chunk,
+    split_full_grad,
+    sum_grad,
+    sum_partials,
+)
 from parallel.ring import ring_attention
 from tests.parallel.collective_worker import worker
 from tests.parallel.group import run_group
@@ -21,6 +28,9 @@ CHECKS = [
     "split_forward",
     "split_backward",
     "sum_grad",
+    "sum_partials_forward",
+    "sum_partials_backward",
+    "rms_across_ranks",
     "all_to_all_forward",
     "all_to_all_backward",
     "ulysses",
@@ -75,5 +85,6 @@ def test_one_rank_bypass_is_the_identity():
     assert gather_replicated(x, 1, None) is x
     assert local_chunk(x, 1, None) is x
     assert split_full_grad(x, 1, None) is x and sum_grad(x, None) is x
+    assert sum_partials(x, None) is x
     q, k, v = torch.randn(3, 2, 8, 4, 16).unbind(0)
     assert torch.allclose(ring_attention(q, k, v, None), attention(q, k, v), atol=1e-6)
