@@ -1,0 +1,258 @@
+"""Reading and writing diffusers transformer weights: model folders, pipeline roots, sharded indexes and
+single ``.safetensors`` files. Safetensors only: a pickle (``.bin``, ``.pt`` …) is never opened."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = WEIGHTS + ".index.json"
+PIPELINE_INDEX = "model_index.json"
+# weight files that are pickles underneath: loading one can run arbitrary code
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# init.expert → the pipeline root's folder (WanPipeline: transformer runs t ≥ boundary, transformer_2 below)
+EXPERT_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}
+
+
+@dataclass
+class DiffusersModel:
+    """A diffusers transformer as plain data."""
+
+    class_name: str
+    """diffusers class (``config.json``'s ``_class_name``), e.g. ``WanTransformer3DModel``."""
+    config: dict
+    """``config.json`` without the ``_``-prefixed bookkeeping keys."""
+    state: dict[str, Tensor]
+    """diffusers parameter name → tensor."""
+    path: Path | None
+    """Where it was read from or written to; None for one made in memory."""
+
+
+def is_diffusers(path: str | Path) -> bool:
+    """Whether ``path`` looks like a diffusers transformer or pipeline root (what
+    :func:`read_diffusers` takes), judged from file names, ``config.json``'s ``_class_name`` or, for
+    a lone ``.safetensors``, its tensor names. Nothing but JSON and safetensors headers is read."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            return False
+        if _class_beside(path) is not None:
+            return True
+        with safe_open(path, "pt") as f:
+            return _guess_class(list(f.keys())) is not None
+    if not path.is_dir():
+        return False
+    if (path / PIPELINE_INDEX).is_file():
+        return True
+    return _class_beside(path / WEIGHTS) is not None
+
+
+def read_diffusers(path: str | Path, expert: str = "") -> DiffusersModel:
+    """Read a diffusers transformer.
+
+    Args:
+        path: a model folder (``config.json`` and ``diffusion_pytorch_model.safetensors``, or shards
+            listed by ``diffusion_pytorch_model.safetensors.index.json``), a pipeline root
+            (``model_index.json``: its ``transformer/``, or ``transformer_2/`` for the low-noise expert),
+            or one ``.safetensors`` file (with a ``config.json`` beside it, or one whose class and shapes
+            follow from its tensors).
+        expert: ``high_noise`` or ``low_noise`` (``init.expert``): which transformer of a two-expert
+            pipeline root (Wan2.2-A14B); empty for everything else.
+
+    Raises:
+        ValueError: a two-expert root without ``expert`` (or ``expert`` on anything else), a pickle
+            weight file, an index naming shards outside the folder, a config that is not diffusers'.
+        FileNotFoundError: no weights where they should be.
+    """
+    path = Path(path)
+    if expert and expert not in EXPERT_FOLDERS:
+        raise ValueError(f"init.expert={expert!r}: expected one of {sorted(EXPERT_FOLDERS)} (or empty)")
+    if path.is_dir() and (path / PIPELINE_INDEX).is_file():
+        path = _pipeline_transformer(path, expert)
+    elif expert:
+        raise ValueError(
+            f"init.expert={expert!r} picks a transformer of a two-expert pipeline root, but {path} is not "
+            f"one (no {PIPELINE_INDEX}): leave init.expert empty"
+        )
+    if path.is_file():
+        return _read_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such diffusers model folder or .safetensors file")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (a diffusers model folder has one)")
+    class_name, config = _read_config(config_file)
+    return DiffusersModel(class_name, config, _read_folder_weights(path), path)
+
+
+def write_diffusers(m: DiffusersModel, out: str | Path) -> Path:
+    """Write ``config.json`` (with ``_class_name`` and ``_diffusers_version``) and
+    ``diffusion_pytorch_model.safetensors`` into folder ``out`` (created); sets and returns ``m.path``.
+
+    Args:
+        m: the model.
+        out: the folder ``from_pretrained`` will be pointed at.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in m.state.items()}, out / WEIGHTS, metadata={"format": "pt"})
+    config = {"_class_name": m.class_name, "_diffusers_version": _diffusers_version(), **m.config}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    m.path = out
+    return out
+
+
+def wan_boundary(root: str | Path) -> float | None:
+    """The boundary of a two-expert Wan2.2 pipeline root (``model_index.json``'s ``boundary_ratio``: the
+    high-noise expert runs t ≥ ratio × 1000); None for anything else.
+
+    Args:
+        root: a pipeline root (or any path: None when it has no ``model_index.json``).
+    """
+    index = Path(root) / PIPELINE_INDEX
+    if not index.is_file():
+        return None
+    ratio = _read_json(index).get("boundary_ratio")
+    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio < 1):
+        raise ValueError(f"{index}: boundary_ratio={ratio!r} is not a number in (0, 1)")
+    return None if ratio is None else float(ratio)
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON object expected, not {type(data).__name__}")
+    return data
+
+
+def _read_config(path: Path) -> tuple[str, dict]:
+    data = _read_json(path)
+    class_name = data.get("_class_name")
+    if not isinstance(class_name, str):
+        raise ValueError(f"{path}: no _class_name: not a diffusers model config")
+    return class_name, {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def _class_beside(weights: Path) -> str | None:
+    """``_class_name`` of the ``config.json`` in ``weights``' folder, if it has a readable one."""
+    config = weights.parent / "config.json"
+    try:
+        return _read_config(config)[0] if config.is_file() else None
+    except ValueError:
+        return None
+
+
+def _pipeline_transformer(root: Path, expert: str) -> Path:
+    """The transformer folder of a pipeline root for ``expert``."""
+    index = _read_json(root / PIPELINE_INDEX)
+
+    def present(name: str) -> bool:
+        entry = index.get(name)
+        return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+    two = present("transformer") and present("transformer_2")
+    if two and not expert:
+        raise ValueError(
+            f"{root} is a two-expert pipeline root (transformer/ for high noise, transformer_2/ for low "
+            f"noise): set init.expert to 'high_noise' or 'low_noise'"
+        )
+    if expert and not two:
+        raise ValueError(f"init.expert={expert!r}: {root} has one transformer, not two experts")
+    name = EXPERT_FOLDERS[expert] if expert else "transformer"
+    if not present(name) or not (root / name).is_dir():
+        raise FileNotFoundError(f"{root / PIPELINE_INDEX}: no {name}/ transformer in this pipeline root")
+    return root / name
+
+
+def _refuse_pickles(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder}: weights only in pickle files ({', '.join(pickles)}), which can run code when "
+            f"loaded; only safetensors are read: convert them to {WEIGHTS} with a trusted tool"
+        )
+
+
+def _read_folder_weights(folder: Path) -> dict[str, Tensor]:
+    if (folder / INDEX).is_file():
+        return _read_sharded(folder / INDEX)
+    if (folder / WEIGHTS).is_file():
+        return load_file(folder / WEIGHTS)
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:  # e.g. a variant such as diffusion_pytorch_model.fp16.safetensors
+        return load_file(found[0])
+    _refuse_pickles(folder)
+    what = f"{len(found)} .safetensors files ({', '.join(p.name for p in found)})" if found else "none"
+    raise FileNotFoundError(f"{folder}: expected {WEIGHTS} or {INDEX}; found {what}")
+
+
+def _read_sharded(index_file: Path) -> dict[str, Tensor]:
+    """All shards an index lists; each must be a file in the index's folder and hold exactly the tensors
+    the index assigns it."""
+    weight_map = _read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file}: no weight_map")
+    folder = index_file.parent.resolve()
+    by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(key)
+    state: dict[str, Tensor] = {}
+    for shard, keys in sorted(by_shard.items()):
+        file = (folder / shard).resolve() if isinstance(shard, str) else None
+        if file is None or Path(shard).is_absolute() or file.parent != folder:
+            raise ValueError(f"{index_file}: shard {shard!r} is not a file name inside {folder}; refused")
+        if file.suffix != ".safetensors":
+            raise ValueError(f"{index_file}: shard {shard!r} is not a .safetensors file; refused")
+        tensors = load_file(file)
+        if set(tensors) != keys:
+            missing, extra = sorted(keys - set(tensors)), sorted(set(tensors) - keys)
+            raise ValueError(
+                f"{file}: does not match {index_file.name} (missing {missing}, unlisted {extra})"
+            )
+        state.update(tensors)
+    return state
+
+
+def _read_file(path: Path) -> DiffusersModel:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: a pickle file, which can run code when loaded; only safetensors are read")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: not a .safetensors file")
+    state = load_file(path)
+    if _class_beside(path) is not None:
+        class_name, config = _read_config(path.parent / "config.json")
+        return DiffusersModel(class_name, config, state, path)
+    from launch.interop import ltx, wan
+
+    for module in (wan, ltx):
+        if module.owns(list(state)):
+            return DiffusersModel(module.CLASS_NAME, module.infer_config(state, path), state, path)
+    raise ValueError(
+        f"{path}: no config.json beside it and its tensor names are neither Wan's nor LTX-Video's; pass the "
+        f"diffusers model folder (config.json + weights) instead"
+    )
+
+
+def _guess_class(keys: list[str]) -> str | None:
+    from launch.interop import ltx, wan
+
+    return next((m.CLASS_NAME for m in (wan, ltx) if m.owns(keys)), None)
+
+
+def _diffusers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:  # not needed at run time; any release with both classes reads this
+        return "0.32.0"
