@@ -17,6 +17,12 @@ MODULATIONS = ("per_block", "shared")
 CONDITIONINGS = ("text", "class", "none")
 BACKENDS = ("sdpa", "flash_attn", "math")
 TEXT_NULLS = ("masked", "empty_prompt")
+QK_NORMS = ("none", "per_head", "across_heads")
+BLOCK_NORMS = ("layernorm", "rmsnorm")
+# run configs and exports written before qk_norm was a choice hold a bool (YAML/JSON ``true``), or the
+# string OmegaConf makes of one when it merges a bool into a str field
+_LEGACY_QK_NORM = {True: "per_head", False: "none", "True": "per_head", "true": "per_head",
+                   "False": "none", "false": "none"}  # fmt: skip
 PARAMETRIZATIONS = ("standard", "mup")
 
 
@@ -47,8 +53,14 @@ class DiTConfig:
     attention_layout: str = "full"
     """``full``: joint attention over all T·H·W tokens (Sora/Wan). ``factorized``: blocks
     alternate spatial attention within a frame and temporal attention across frames (Latte)."""
-    qk_norm: bool = False
-    """RMSNorm over each head's queries and keys before attention (stabilises large models)."""
+    qk_norm: str | bool = "none"
+    """RMSNorm of the queries and keys before attention (stabilises large models): ``none``,
+    ``per_head`` (over each head's Dh channels, weight (Dh,); SD3/Flux) or ``across_heads`` (over all
+    H·Dh channels of a token, weight (D,); Wan, LTX-Video: diffusers' ``rms_norm_across_heads``). A
+    bool (configs written before this was a choice) means ``per_head`` (True) or ``none`` (False)."""
+    block_norm: str = "layernorm"
+    """The two parameter-free pre-norms of every block (before self-attention and before the MLP):
+    ``layernorm`` (DiT, Wan) or ``rmsnorm`` (LTX-Video). The final layer's norm is a LayerNorm either way."""
     pos_embed: str = "rope3d"
     """Position encoding: ``rope3d`` (rotary on t/h/w slices of each head), ``sincos3d``
     (fixed additive, DiT-style), or ``learned`` (additive, separate t/h/w tables)."""
@@ -101,6 +113,8 @@ class DiTConfig:
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.max_latent_size = tuple(int(p) for p in self.max_latent_size)
+        if isinstance(self.qk_norm, bool | str) and self.qk_norm in _LEGACY_QK_NORM:
+            self.qk_norm = _LEGACY_QK_NORM[self.qk_norm]
         for name, allowed in (
             ("mlp", MLP_KINDS),
             ("attention_layout", LAYOUTS),
@@ -109,6 +123,8 @@ class DiTConfig:
             ("conditioning", CONDITIONINGS),
             ("attention_backend", BACKENDS),
             ("text_null", TEXT_NULLS),
+            ("qk_norm", QK_NORMS),
+            ("block_norm", BLOCK_NORMS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DiTConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -173,7 +189,7 @@ def _dit(hidden: int, depth: int, heads: int) -> DiTConfig:
         mlp_ratio=4.0,
         mlp="gelu_tanh",
         attention_layout="full",
-        qk_norm=False,
+        qk_norm="none",
         pos_embed="sincos3d",
         modulation="per_block",
         conditioning="class",
@@ -183,7 +199,8 @@ def _dit(hidden: int, depth: int, heads: int) -> DiTConfig:
 
 
 def _wan(hidden: int, depth: int, heads: int, ffn: int, text_dim: int = 4096, in_ch: int = 16) -> DiTConfig:
-    # Wan-2.1-shaped video model: joint 3D attention with 3D RoPE, qk RMSNorm, adaLN-single,
+    # Wan-2.1-shaped video model: joint 3D attention with 3D RoPE, qk RMSNorm (per head, where Wan's is
+    # across heads: these presets are our own models, not Wan's weights), adaLN-single,
     # text cross-attention (UMT5-XXL states, 4096 wide), patch 1×2×2 on 16-channel Wan-VAE latents.
     return DiTConfig(
         in_channels=in_ch,
@@ -194,7 +211,7 @@ def _wan(hidden: int, depth: int, heads: int, ffn: int, text_dim: int = 4096, in
         ffn_dim=ffn,
         mlp="gelu_tanh",
         attention_layout="full",
-        qk_norm=True,
+        qk_norm="per_head",
         pos_embed="rope3d",
         modulation="shared",
         conditioning="text",

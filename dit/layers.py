@@ -1,4 +1,4 @@
-"""Building blocks: modulation, MLPs, and the self-/cross-attention modules.
+"""Building blocks: modulation, MLPs, norms, and the self-/cross-attention modules.
 
 Module and parameter names here are API: tensor-parallel plans and checkpoint converters key on
 them (``attn.q``, ``attn.o``, ``mlp.fc1``, ``mlp.fc2``, ``modulation.linear`` …).
@@ -125,10 +125,81 @@ class MLP(nn.Module):
         return self.fc2(h)
 
 
-def _qk_norm(enabled: bool, head_dim: int, eps: float) -> nn.Module:
-    # Per-head RMSNorm (as SD3/Flux): a head's statistics stay on the rank that owns the head under
-    # tensor parallelism, unlike Wan's norm across all heads.
-    return nn.RMSNorm(head_dim, eps=eps) if enabled else nn.Identity()
+class SumSquares(nn.Module):
+    """Parameter-free reduction point of :class:`AcrossHeadsRMSNorm`: the hook tensor parallelism replaces.
+
+    ``forward(x) -> Tensor``: x is B×N×H×Dh (fp32) over the heads this process holds; the result is the
+    B×N×1×1 sum of squares over those H·Dh channels. Under tensor parallelism a rank holds H/tp heads,
+    so a replacement returns the sum over *all* ranks' heads: ``parallel.collectives.sum_partials`` of
+    this module's result over the tp group (one all-reduce of B×N floats; its backward all-reduces the
+    gradient, since each rank's gradient of the sum covers only its own heads).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.square().sum(dim=(-2, -1), keepdim=True)  # B, N, 1, 1
+
+
+class AcrossHeadsRMSNorm(nn.Module):
+    """RMSNorm of a token's queries (or keys) over all heads together: Wan's and LTX-Video's qk norm
+    (diffusers' ``rms_norm_across_heads``, an ``nn.RMSNorm(H·Dh)`` on the projection before the head
+    split), applied here to the B×N×H×Dh view after the split.
+
+    ``y = x · rsqrt(Σ_{h,d} x² / dim + eps) · weight``, computed in fp32. ``dim`` is the width of the
+    whole model (H·Dh over all heads), fixed at construction: the denominator stays global when a rank
+    holds only its heads. The statistic comes from the ``sum_squares`` submodule (:class:`SumSquares`),
+    the one point tensor parallelism replaces (with an all-reduce over the tp group). The weight,
+    ``(dim,)`` in head-major order, is applied as ``weight.view(H_local, Dh)``: a rank holding heads
+    a…b holds rows a·Dh…b·Dh of it, the same cut as the q/k projection's output channels.
+
+    Returns fp32 under autocast (as CUDA autocast runs an RMSNorm), else x's dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.sum_squares = SumSquares()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(self.sum_squares(xf) / self.dim + self.eps)  # B, N, 1, 1
+        out = xf * rstd * self.weight.float().view(x.shape[-2], x.shape[-1])  # B, N, H, Dh
+        return out if autocast_on(x) else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+def qk_norm_module(kind: str | bool, dim: int, heads: int, eps: float) -> nn.Module:
+    """The q or k norm of an attention of width ``dim`` with ``heads`` heads.
+
+    Args:
+        kind: ``none``, ``per_head`` (an ``nn.RMSNorm(head_dim)``, as SD3/Flux: a head's statistics
+            stay on the rank that owns the head under tensor parallelism) or ``across_heads``
+            (:class:`AcrossHeadsRMSNorm`, Wan/LTX); a bool means ``per_head``/``none``.
+        dim, heads, eps: the attention's width, head count and the norm's epsilon.
+    """
+    if isinstance(kind, bool):
+        kind = "per_head" if kind else "none"
+    if kind == "per_head":
+        return nn.RMSNorm(dim // heads, eps=eps)
+    if kind == "across_heads":
+        return AcrossHeadsRMSNorm(dim, eps=eps)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"qk_norm={kind!r}: expected 'none', 'per_head' or 'across_heads'")
+
+
+def block_norm_module(kind: str, dim: int, eps: float) -> nn.Module:
+    """A parameter-free pre-norm of a block: ``layernorm`` (DiT, Wan) or ``rmsnorm`` (LTX-Video)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps, elementwise_affine=False)
+    raise ValueError(f"block_norm={kind!r}: expected 'layernorm' or 'rmsnorm'")
 
 
 class SelfAttention(nn.Module):
@@ -142,7 +213,7 @@ class SelfAttention(nn.Module):
         self,
         dim: int,
         heads: int,
-        qk_norm: bool,
+        qk_norm: str | bool,
         eps: float,
         backend: str,
         axis: str = "full",
@@ -154,8 +225,8 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
-        self.norm_q = _qk_norm(qk_norm, dim // heads, eps)
-        self.norm_k = _qk_norm(qk_norm, dim // heads, eps)
+        self.norm_q = qk_norm_module(qk_norm, dim, heads, eps)
+        self.norm_k = qk_norm_module(qk_norm, dim, heads, eps)
         self.core = AttentionCore(backend)
 
     def forward(self, x: Tensor, grid: Grid, rope: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -199,7 +270,7 @@ class CrossAttention(nn.Module):
     """Queries from the video tokens, keys and values from the projected text states."""
 
     def __init__(
-        self, dim: int, heads: int, qk_norm: bool, eps: float, backend: str, logit_mult: float = 1.0
+        self, dim: int, heads: int, qk_norm: str | bool, eps: float, backend: str, logit_mult: float = 1.0
     ):
         super().__init__()
         self.head_dim, self.logit_mult = dim // heads, logit_mult
@@ -207,8 +278,8 @@ class CrossAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
-        self.norm_q = _qk_norm(qk_norm, dim // heads, eps)
-        self.norm_k = _qk_norm(qk_norm, dim // heads, eps)
+        self.norm_q = qk_norm_module(qk_norm, dim, heads, eps)
+        self.norm_k = qk_norm_module(qk_norm, dim, heads, eps)
         self.core = AttentionCore(backend)
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:

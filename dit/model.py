@@ -33,12 +33,14 @@ from dit.embeddings import (
 )
 from dit.layers import (
     MLP,
+    AcrossHeadsRMSNorm,
     AdaLNModulation,
     CrossAttention,
     Fp32LayerNorm,
     Grid,
     SelfAttention,
     TableModulation,
+    block_norm_module,
     compute_dtype,
     gated_residual,
     modulate,
@@ -119,7 +121,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         d, eps = cfg.hidden_size, cfg.norm_eps
         self.modulation = _modulation(cfg, 6)
-        self.norm1 = nn.LayerNorm(d, eps=eps, elementwise_affine=False)
+        self.norm1 = block_norm_module(cfg.block_norm, d, eps)
         self.attn = SelfAttention(
             d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, axis, mup.logit_mult(cfg)
         )
@@ -129,7 +131,7 @@ class DiTBlock(nn.Module):
             self.cross_attn = CrossAttention(
                 d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, mup.logit_mult(cfg)
             )
-        self.norm2 = nn.LayerNorm(d, eps=eps, elementwise_affine=False)
+        self.norm2 = block_norm_module(cfg.block_norm, d, eps)
         self.mlp = MLP(d, cfg.ffn_hidden, cfg.mlp)
 
     def forward(
@@ -316,7 +318,9 @@ class SpacetimeDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm | nn.RMSNorm) and m.weight is not None:
+            elif isinstance(m, AcrossHeadsRMSNorm) or (
+                isinstance(m, nn.LayerNorm | nn.RMSNorm) and m.weight is not None
+            ):
                 m.reset_parameters()
         small = [self.t_embedder, self.fps_embedder, self.text_proj, self.label_embed, self.pos_embed]
         for m in filter(None, small):
