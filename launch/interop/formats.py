@@ -4,6 +4,7 @@ single ``.safetensors`` files. Safetensors only: a pickle (``.bin``, ``.pt`` …
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,3 +257,63 @@ def _diffusers_version() -> str:
         return version("diffusers")
     except PackageNotFoundError:  # not needed at run time; any release with both classes reads this
         return "0.32.0"
+
+
+# ---- mapping -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rename:
+    """One tensor's two names, and the exact (reshape-only) transforms between its two layouts."""
+
+    ours: str
+    theirs: str
+    to_ours: Callable[[Tensor], Tensor] = lambda t: t
+    to_theirs: Callable[[Tensor], Tensor] = lambda t: t
+
+
+def map_state(
+    renames: list[Rename], state: dict[str, Tensor], to_ours: bool, where: str
+) -> dict[str, Tensor]:
+    """Rename every tensor of ``state`` by ``renames`` (diffusers → ours when ``to_ours``, else back).
+
+    Args:
+        renames: the complete mapping of this architecture.
+        state: the source state dict; each of its tensors must be named in ``renames`` and each name of
+            the source side of ``renames`` must be in it.
+        to_ours: direction.
+        where: the source (class name and path), for the error.
+
+    Raises:
+        ValueError: listing the source tensors nothing maps, and the expected ones that are missing.
+    """
+    src = {(r.theirs if to_ours else r.ours): r for r in renames}
+    unmapped, missing = sorted(set(state) - set(src)), sorted(set(src) - set(state))
+    if unmapped or missing:
+        raise ValueError(
+            f"{where}: tensors do not match the config: "
+            + "; ".join(
+                f"{what} ({len(names)}): {', '.join(names[:8])}{' …' if len(names) > 8 else ''}"
+                for what, names in (("unmapped source tensors", unmapped), ("missing tensors", missing))
+                if names
+            )
+        )
+    out = {}
+    for name, r in src.items():
+        out[r.ours if to_ours else r.theirs] = (r.to_ours if to_ours else r.to_theirs)(state[name])
+    return out
+
+
+def check_shapes(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every tensor has the shape the config implies (``expected``: name → shape), else an error."""
+    wrong = [
+        f"{k} {tuple(v.shape)} (config implies {tuple(expected[k])})"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(expected[k])
+    ]
+    if wrong:
+        raise ValueError(f"{where}: tensor shapes do not match its config: {'; '.join(wrong[:8])}")
+
+
+def refuse(class_name: str, where: object, problems: list[str]) -> None:
+    """A ``ValueError`` naming the class and every field we cannot express, if there are any."""
+    if problems:
+        raise ValueError(f"{where}: {class_name} with {'; '.join(problems)}: not expressible, refused")
