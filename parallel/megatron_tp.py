@@ -3,7 +3,9 @@
 :mod:`parallel.tp_plan`'s plan, the one :mod:`parallel.tensor` translates into DTensor styles, here
 translated into modules: ``column`` and ``row`` linears become megatron's column/row-parallel linears
 (one all-reduce per sub-layer), ``head_norm`` a qk RMSNorm summing its weight's gradient over the tp
-group. Everything else stays a plain replicated module.
+group, ``across_heads_norm`` the across-heads qk RMSNorm on this rank's heads (its weight's rows of
+those heads, one all-reduce of each token's sum of squares: :mod:`parallel.across_heads`). Everything
+else stays a plain replicated module.
 This path serves ``parallel.engine=deepspeed``: ZeRO partitions plain tensors and learns which are
 tensor-parallel slices from megatron's parameter attributes and :class:`parallel.zero.DeepSpeedGroups`.
 
@@ -37,8 +39,10 @@ from megatron.core.tensor_parallel.layers import (
 )
 from torch import Tensor, nn
 
+from dit.layers import AcrossHeadsRMSNorm
+from parallel.across_heads import TPSumSquares
 from parallel.collectives import group_rank, group_size, sum_grad
-from parallel.tp_plan import COLUMN, HEAD_NORM, ROW, check_tp, resolve_plan
+from parallel.tp_plan import ACROSS_HEADS_NORM, COLUMN, HEAD_NORM, ROW, check_tp, resolve_plan
 
 
 def _no_init(weight: Tensor) -> None:
@@ -120,18 +124,35 @@ class TPHeadRMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, sum_grad(self.weight, self.tp_group), self.eps)
 
 
+class TPAcrossHeadsRMSNorm(AcrossHeadsRMSNorm):
+    """The across-heads qk RMSNorm on this rank's heads: the rows of the (D,) weight for those heads
+    (a tensor-parallel slice along dim 0, like the q/k projection's output features; its gradient is
+    whole on each rank) and a :class:`~parallel.across_heads.TPSumSquares` hook. The width it divides
+    by stays the whole D; the forward is the model's own."""
+
+    def __init__(self, full: AcrossHeadsRMSNorm, tp_group: dist.ProcessGroup):
+        w = full.weight
+        super().__init__(full.dim, eps=full.eps)
+        n, r = group_size(tp_group), group_rank(tp_group)
+        self.weight = nn.Parameter(w.detach().chunk(n, dim=0)[r].clone(), requires_grad=w.requires_grad)
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+        self.sum_squares = TPSumSquares(tp_group)
+
+
 # the plan's sharded kinds → the module that replaces a planned one; every other kind stays a plain
 # replicated module (sequence parallelism, the only use of residual_input/residual_norm, is refused)
 MEGATRON_MODULES: dict[str, type[nn.Module]] = {
     COLUMN: TPColumnLinear,
     ROW: TPRowLinear,
     HEAD_NORM: TPHeadRMSNorm,
+    ACROSS_HEADS_NORM: TPAcrossHeadsRMSNorm,
 }
 
 
 def tp_plan(model: nn.Module) -> dict[str, str]:
-    """Module name → ``column``, ``row`` or ``head_norm``: the modules of ``model`` that
-    :func:`apply_megatron_tp` replaces (:mod:`parallel.tp_plan`'s plan, sharded kinds only)."""
+    """Module name → ``column``, ``row``, ``head_norm`` or ``across_heads_norm``: the modules of
+    ``model`` that :func:`apply_megatron_tp` replaces (:mod:`parallel.tp_plan`'s plan, sharded kinds
+    only)."""
     return {name: kind for name, kind in resolve_plan(model).items() if kind in MEGATRON_MODULES}
 
 
@@ -185,8 +206,9 @@ def apply_megatron_tp(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         full, cls = getattr(parent, attr), MEGATRON_MODULES[kind]
-        # the head norm is our own module, not a megatron layer: it takes no ModelParallelConfig
-        new = cls(full, tp_group) if cls is TPHeadRMSNorm else cls(full, config, tp_group)
+        # the qk norms are our own modules, not megatron layers: they take no ModelParallelConfig
+        norm = cls in (TPHeadRMSNorm, TPAcrossHeadsRMSNorm)
+        new = cls(full, tp_group) if norm else cls(full, config, tp_group)
         setattr(parent, attr, new.to(device))
     return model
 
@@ -219,6 +241,7 @@ __all__ = [
     "TPColumnLinear",
     "TPRowLinear",
     "TPHeadRMSNorm",
+    "TPAcrossHeadsRMSNorm",
     "tp_plan",
     "check_megatron_tp",
     "apply_megatron_tp",

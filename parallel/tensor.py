@@ -3,8 +3,10 @@
 ``column`` and ``row`` linears become ``ColwiseParallel``/``RowwiseParallel`` (one all-reduce per
 sub-layer). The per-head qk RMSNorm runs on the local heads: its weight is a replicated DTensor whose
 input is sharded along the head axis (``SequenceParallel(sequence_dim=2)``), so DTensor sums its
-gradient over the ranks. The LayerNorms of the block carry no parameters (adaLN supplies scale and
-shift) and run on the replicated residual stream.
+gradient over the ranks. The across-heads qk RMSNorm (:class:`AcrossHeadsNormParallel`) runs on them
+too, with its weight sharded like the heads and one all-reduce of each token's sum of squares. The
+LayerNorms of the block carry no parameters (adaLN supplies scale and shift) and run on the
+replicated residual stream.
 
 Everything outside the sharded kinds (patch and timestep embeddings, modulation, caption projection, the
 final layer) is replicated: its inputs and output gradients are identical on every tensor-parallel
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -30,8 +32,19 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils._pytree import tree_map
 
+from parallel.across_heads import TPSumSquares
+
 # check_tp is the shared shape check, imported from here by parallel.parallelize
-from parallel.tp_plan import COLUMN, HEAD_NORM, RESIDUAL_INPUT, RESIDUAL_NORM, ROW, check_tp, resolve_plan
+from parallel.tp_plan import (
+    ACROSS_HEADS_NORM,
+    COLUMN,
+    HEAD_NORM,
+    RESIDUAL_INPUT,
+    RESIDUAL_NORM,
+    ROW,
+    check_tp,
+    resolve_plan,
+)
 
 
 class ReplicateParallel(ParallelStyle):
@@ -59,6 +72,37 @@ class ReplicateParallel(ParallelStyle):
         distribute_module(module, device_mesh)
         module.register_forward_pre_hook(pre, with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: tree_map(unwrap, out))
+        return module
+
+
+class AcrossHeadsNormParallel(ParallelStyle):
+    """An :class:`dit.layers.AcrossHeadsRMSNorm` on this rank's heads (:mod:`parallel.across_heads`).
+
+    Its (D,) weight becomes a ``Shard(0)`` DTensor (this rank's heads' rows, as ``ColwiseParallel`` cuts
+    the q/k output features), its B×N×H/tp×Dh input a DTensor sharded on the head axis, and its
+    ``sum_squares`` hook a :class:`~parallel.across_heads.TPSumSquares` (one all-reduce of B×N floats).
+    The module's forward runs on these DTensors: the weight's view to H×Dh keeps the shard on the head
+    axis, so each rank scales its heads by its rows and the weight's gradient is local, as DTensor
+    sees it. Output: this rank's heads as a plain tensor, as the attention core expects.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard_weight(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            if mod is module:  # the hook below holds no parameters
+                w = distribute_tensor(mod.weight, mesh, [Shard(0)])
+                mod.register_parameter("weight", nn.Parameter(w, requires_grad=mod.weight.requires_grad))
+
+        def heads(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            x = inputs[0]  # B, N, H/tp, Dh
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, [Shard(2)], run_check=False)
+            return (x, *inputs[1:])
+
+        def local(mod: nn.Module, out: DTensor, mesh: DeviceMesh) -> Tensor:
+            return out.to_local()  # B, N, H/tp, Dh
+
+        distribute_module(module, device_mesh, shard_weight, heads, local)
+        module.sum_squares = TPSumSquares(device_mesh.get_group(), device_mesh)
         return module
 
 
@@ -102,6 +146,8 @@ def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Para
             styles[name] = RowwiseParallel(output_layouts=seq)
         elif kind == HEAD_NORM:  # B, N, H/tp, Dh: sharded on the head axis
             styles[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        elif kind == ACROSS_HEADS_NORM:  # B, N, H/tp, Dh and the weight rows of those heads
+            styles[name] = AcrossHeadsNormParallel()
         elif kind == RESIDUAL_INPUT:
             if sequence_parallel:
                 styles[name] = GatherResidualInput()

@@ -2,7 +2,8 @@
 
 Megatron's split: q/k/v, the MLP input and the SwiGLU gate column-wise, so each rank holds whole heads
 and a slice of the hidden units; the attention and MLP outputs row-wise, ending in one reduction per
-sub-layer. The per-head qk RMSNorm runs on the rank's own heads. Everything else holding parameters
+sub-layer. The qk RMSNorm runs on the rank's own heads (per head, or across all heads with one
+all-reduce of each token's sum of squares). Everything else holding parameters
 (patch, timestep and caption embeddings, modulation, the final layer) is replicated.
 
 Two engines translate this plan: :mod:`parallel.tensor` into DTensor styles (``parallel.engine=fsdp``)
@@ -16,6 +17,11 @@ Kinds:
   tp ranks (all-reduce, or reduce-scatter back to the sequence cut under sequence parallelism).
 - ``head_norm``: a per-head ``nn.RMSNorm`` seeing only this rank's heads: its weight is replicated and
   its gradient, partial on each rank, is summed over the tp ranks.
+- ``across_heads_norm``: a qk RMSNorm over all heads of a token (:class:`dit.layers.AcrossHeadsRMSNorm`,
+  ``model.arch.qk_norm=across_heads``): its (D,) weight is split like the q/k output features (this
+  rank's heads' rows, so its gradient is whole on each rank), and its ``sum_squares`` hook is replaced by
+  one that sums each token's sum of squares over the tp ranks (:func:`parallel.collectives.sum_partials`).
+  It takes the names planned ``head_norm``: the module's type decides which.
 - ``residual_input``: a sub-layer whose first input is the residual stream; under sequence
   parallelism that arrives cut along the sequence and is all-gathered here. No parameters of its own.
 - ``residual_norm``: an affine norm on the residual stream: replicated; under sequence parallelism it
@@ -31,9 +37,11 @@ from __future__ import annotations
 
 from torch import nn
 
-COLUMN, ROW, HEAD_NORM = "column", "row", "head_norm"
+from dit.layers import AcrossHeadsRMSNorm
+
+COLUMN, ROW, HEAD_NORM, ACROSS_HEADS_NORM = "column", "row", "head_norm", "across_heads_norm"
 RESIDUAL_INPUT, RESIDUAL_NORM, REPLICATE = "residual_input", "residual_norm", "replicate"
-SHARDED = (COLUMN, ROW, HEAD_NORM)
+SHARDED = (COLUMN, ROW, HEAD_NORM, ACROSS_HEADS_NORM)
 """The kinds whose parameters or gradients are split over the tp ranks (the rest compute replicated)."""
 
 # ``*`` stands for one dotted segment (a block index)
@@ -81,10 +89,13 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             continue
         if isinstance(module, nn.Identity):
             return None  # the option is switched off: nothing to split
+        if kind == HEAD_NORM and isinstance(module, AcrossHeadsRMSNorm):
+            return ACROSS_HEADS_NORM  # qk_norm=across_heads: the statistic spans the tp ranks
         if not isinstance(module, _EXPECTED[kind]):
+            expected = _EXPECTED[kind].__name__ + (" or AcrossHeadsRMSNorm" if kind == HEAD_NORM else "")
             raise TypeError(
                 f"tensor-parallel plan (parallel/tp_plan.py): {name!r} matches {pattern!r} ({kind}) "
-                f"but is a {type(module).__name__}, not an {_EXPECTED[kind].__name__}"
+                f"but is a {type(module).__name__}, not an {expected}"
             )
         if kind == RESIDUAL_NORM and not module.elementwise_affine:
             return None  # no weight: nothing to replicate or sum

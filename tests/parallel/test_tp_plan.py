@@ -14,7 +14,14 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from dit.model import SpacetimeDiT
 from parallel import megatron_tp, tensor
-from parallel.megatron_tp import TPColumnLinear, TPHeadRMSNorm, TPRowLinear, check_megatron_tp
+from parallel.megatron_tp import (
+    TPAcrossHeadsRMSNorm,
+    TPColumnLinear,
+    TPHeadRMSNorm,
+    TPRowLinear,
+    check_megatron_tp,
+)
+from parallel.tensor import AcrossHeadsNormParallel
 from parallel.tp_plan import check_tp, resolve_plan
 from tests.parallel.group import run_group
 from tests.parallel.tp_plan_worker import Case, every_option, worker
@@ -22,9 +29,9 @@ from tests.parallel.tp_plan_worker import Case, every_option, worker
 OPTIONS = [("gelu_tanh", "full"), ("swiglu", "factorized"), ("swiglu", "full"), ("gelu_tanh", "factorized")]
 
 
-def _meta_model(mlp: str, layout: str) -> SpacetimeDiT:
+def _meta_model(mlp: str, layout: str, qk_norm: str = "per_head") -> SpacetimeDiT:
     with torch.device("meta"):
-        return SpacetimeDiT(every_option(mlp, layout))
+        return SpacetimeDiT(every_option(mlp, layout, qk_norm))
 
 
 def _dtensor_kind(style) -> str | None:
@@ -35,16 +42,24 @@ def _dtensor_kind(style) -> str | None:
         return "row"
     if isinstance(style, SequenceParallel) and style.sequence_sharding[0].dim == 2:
         return "head_norm"  # input sharded on the head axis of B, N, H, Dh
+    if isinstance(style, AcrossHeadsNormParallel):
+        return "across_heads_norm"
     return None
 
 
-_MEGATRON_KIND = {TPColumnLinear: "column", TPRowLinear: "row", TPHeadRMSNorm: "head_norm"}
+_MEGATRON_KIND = {
+    TPColumnLinear: "column",
+    TPRowLinear: "row",
+    TPHeadRMSNorm: "head_norm",
+    TPAcrossHeadsRMSNorm: "across_heads_norm",
+}
 
 
 @pytest.mark.parametrize("mlp,layout", OPTIONS)
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_both_translations_split_the_same_modules(mlp, layout, sequence_parallel):
-    model = _meta_model(mlp, layout)
+@pytest.mark.parametrize("qk_norm", ["per_head", "across_heads"])
+def test_both_translations_split_the_same_modules(mlp, layout, sequence_parallel, qk_norm):
+    model = _meta_model(mlp, layout, qk_norm)
     styles = tensor.tp_plan(model, sequence_parallel)
     split_dt = {n: k for n, s in styles.items() if (k := _dtensor_kind(s)) is not None}
     # what apply_megatron_tp would build for each name (the class, not the plan's word for it)
@@ -61,6 +76,7 @@ def test_both_translations_split_the_same_modules(mlp, layout, sequence_parallel
     assert linears and linears <= set(split_dt)
     norms = {n for n in split_dt if n.endswith(("norm_q", "norm_k"))}
     assert len(norms) == 2 * 2 * model.cfg.depth  # q and k, self and cross, in every block
+    assert {split_dt[n] for n in norms} == {"head_norm" if qk_norm == "per_head" else "across_heads_norm"}
     assert ("blocks.0.mlp.gate" in split_dt) == (mlp == "swiglu")
     # DTensor: every parameter-holding module gets a style, so every parameter becomes a DTensor
     owners = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
@@ -108,12 +124,16 @@ def test_one_shape_check_for_both_engines():
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    cases = [Case("gelu_full", "gelu_tanh", "full"), Case("swiglu_factorized", "swiglu", "factorized")]
+    cases = [
+        Case("gelu_full", "gelu_tanh", "full"),
+        Case("swiglu_factorized", "swiglu", "factorized"),
+        Case("across_heads", "swiglu", "full", qk_norm="across_heads"),
+    ]
     return run_group(2, worker, cases, tmp_path_factory.mktemp("tp_plan"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gelu_full", "swiglu_factorized"])
+@pytest.mark.parametrize("name", ["gelu_full", "swiglu_factorized", "across_heads"])
 def test_both_translations_give_the_same_slices_and_gradients(two_ranks, name):
     """On 2 gloo ranks: DTensor and megatron slice the same parameters and give every rank the same
     local gradients; both outputs equal one process's. A module only one translation splits gives a
@@ -130,8 +150,30 @@ def test_both_translations_give_the_same_slices_and_gradients(two_ranks, name):
     assert not bad, (tol, bad)
     for key in ("out_dt", "out_mg"):
         torch.testing.assert_close(got[key], got["out_ref"], rtol=1e-5, atol=1e-6)
-    # a replicated head norm's gradient on rank 0 is the whole one (summed over the two ranks' heads)
+    # a replicated head norm's gradient on rank 0 is the whole one (summed over the two ranks' heads);
+    # an across-heads norm's is the rows of rank 0's heads, the first half
     for n in ("blocks.0.attn.norm_q.weight", "blocks.1.cross_attn.norm_k.weight"):
         want = got["grads_ref"][n]
         assert want.abs().max() > 0
+        if name == "across_heads":
+            want = want.chunk(2)[0]
         torch.testing.assert_close(got["grads_dt_rank0"][n], want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gelu_full", "across_heads"])
+@pytest.mark.parametrize("engine", ["dt", "mg"])
+def test_whole_gradients_equal_one_process(two_ranks, name, engine):
+    """Every parameter's whole gradient (gathered over the 2 gloo ranks) equals one process's, for
+    both translations. With the across-heads qk norm this checks its collective's backward: the sum
+    of squares' gradient summed over the ranks (passed through unsummed, the q/k weights' gradients
+    miss the other rank's heads' share; summed twice, they double it)."""
+    got = two_ranks[name]
+    assert "error" not in got, got.get("error")
+    tol = 1e-5 * max(g.abs().max() for g in got["grads_ref"].values())
+    bad = {n: d for n, d in got[f"whole_diff_{engine}"].items() if not d <= tol}
+    assert not bad, (tol, bad)
+    if name == "across_heads":  # the norm's weight is split like the heads, and has a gradient
+        assert "blocks.0.attn.norm_q.weight" in got["sliced_dt"]
+        assert got["grads_ref"]["blocks.0.attn.norm_q.weight"].shape == (32,)
+        assert got["grads_ref"]["blocks.1.cross_attn.norm_k.weight"].abs().max() > 0

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from dit.config import DiTConfig
-from parallel.megatron_tp import apply_megatron_tp
+from parallel.megatron_tp import apply_megatron_tp, full_tensor
 from parallel.tensor import apply_tensor_parallel
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
@@ -30,14 +30,15 @@ class Case:
     name: str
     mlp: str
     layout: str
+    qk_norm: str = "per_head"
 
 
-def every_option(mlp: str, layout: str) -> DiTConfig:
-    """A tiny model with everything the plan names switched on: qk norm, text cross-attention with
-    its affine norm, the given MLP kind and attention layout."""
+def every_option(mlp: str, layout: str, qk_norm: str = "per_head") -> DiTConfig:
+    """A tiny model with everything the plan names switched on: qk norm (per head or across heads),
+    text cross-attention with its affine norm, the given MLP kind and attention layout."""
     return DiTConfig(
         in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, patch_size=(1, 2, 2),
-        mlp=mlp, attention_layout=layout, qk_norm=True, conditioning="text", cross_attn_norm=True,
+        mlp=mlp, attention_layout=layout, qk_norm=qk_norm, conditioning="text", cross_attn_norm=True,
     )  # fmt: skip
 
 
@@ -69,15 +70,28 @@ def _run(model: nn.Module, data: dict) -> tuple[torch.Tensor, dict[str, torch.Te
     return out.detach(), grads
 
 
+def _whole_grad_diff(model: nn.Module, grads_ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per parameter, the largest difference between its whole gradient (a DTensor's gathered, or a
+    megatron slice's gathered over the tp group) and one process's. A collective call for every rank."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        whole = g.full_tensor() if isinstance(g, DTensor) else full_tensor(g, dist.group.WORLD, like=p)
+        out[name] = float((whole - grads_ref[name]).abs().max())
+    return out
+
+
 def run_case(case: Case) -> dict:
-    cfg = every_option(case.mlp, case.layout)
+    cfg = every_option(case.mlp, case.layout, case.qk_norm)
     data = _inputs(cfg)
     out_ref, grads_ref = _run(random_model(cfg), data)
     dtensor = random_model(cfg)
     apply_tensor_parallel(dtensor, init_device_mesh("cpu", (dist.get_world_size(),)))
     out_dt, grads_dt = _run(dtensor, data)
+    whole_dt = _whole_grad_diff(dtensor, grads_ref)
     megatron = apply_megatron_tp(random_model(cfg), dist.group.WORLD)
     out_mg, grads_mg = _run(megatron, data)
+    whole_mg = _whole_grad_diff(megatron, grads_ref)
     # per parameter, the largest difference over the ranks (inf for slices of different shapes) and
     # the largest megatron gradient, to judge it by
     names = sorted(grads_dt)
@@ -97,6 +111,8 @@ def run_case(case: Case) -> dict:
         "out_mg": out_mg,
         "grads_ref": grads_ref,
         "grads_dt_rank0": grads_dt,
+        "whole_diff_dt": whole_dt,
+        "whole_diff_mg": whole_mg,
     }
 
 
