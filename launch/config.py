@@ -67,7 +67,11 @@ class ModelConfig:
     """The network: a preset from :data:`dit.config.PRESETS`, optionally edited field by field."""
 
     preset: str = "tiny"
-    """Preset name; fills ``arch`` before the YAML and overrides are applied."""
+    """Preset name; fills ``arch`` before the YAML and overrides are applied. ``from_init`` takes the
+    architecture (and the text convention, ``arch.text_*``) from ``init.from`` instead: an export's
+    config.json, a run's or checkpoint's config.yaml, or a diffusers model's config.json; the YAML's
+    and the overrides' ``model.arch.*`` still apply on top. A config that sets every ``model.arch``
+    field (a run's saved config.yaml) does not read the source."""
     arch: DiTConfig = field(default_factory=DiTConfig)
     """The architecture; set single fields to change the preset (``model.arch.depth=4``)."""
 
@@ -295,8 +299,11 @@ class InitConfig:
     """Start from existing weights (fine-tuning)."""
 
     from_: str = ""
-    """An export directory (model.safetensors) or a DCP checkpoint; weights only, never optimizer,
-    scheduler or loader state. Written ``init.from`` in YAML and overrides."""
+    """Where the weights come from: an export directory (model.safetensors + config.json), a checkpoint
+    (or a run directory: its newest intact one), or a diffusers model (a folder with config.json and
+    diffusion_pytorch_model*.safetensors, sharded with an index or not; a pipeline root with
+    model_index.json; or one .safetensors file). Weights only, never optimizer, scheduler or loader
+    state. Written ``init.from`` in YAML and overrides."""
     use_ema: bool = True
     """Take the EMA weights when the source has them."""
     expert: str = ""
@@ -305,9 +312,15 @@ class InitConfig:
     min_match: float = 0.5
     """Least share of the source's tensors whose names are parameters of the model, and of the
     parameters of the source's own architecture (its config) that the source holds; below either (and
-    always when none match: another library's names) ``init.from`` is an error naming the keys. The
-    model's own new layers (names the source lacks) do not count against it; lower it to load part of
-    a deeper model, or a partial file on purpose."""
+    always when none match: another library's names) ``init.from`` is an error naming the keys. Lower
+    it to load part of a deeper model, or a partial file on purpose (the model's own parameters the
+    source lacks must then be listed in ``init.new``)."""
+    new: list[str] = field(default_factory=list)
+    """fnmatch patterns of the model's parameters that may start fresh (``["blocks.12.*",
+    "fps_embedder.*"]``): layers the source does not have, or ``text_proj.*`` for a new text encoder
+    width. Every other parameter must come from the source (copied, or inflated for more input channels
+    or a temporal patch), else ``init.from`` is an error naming the missing ones; a pattern that names
+    no parameter of the model is an error too."""
     freeze: list[str] = field(default_factory=list)
     """fnmatch patterns of parameter names to freeze (``blocks.*.attn.*``)."""
 
@@ -472,9 +485,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for node in (file_cfg, cli_cfg):
         _rename_from(node)
     preset = OmegaConf.select(cli_cfg, "model.preset") or OmegaConf.select(file_cfg, "model.preset") or "tiny"
-    if preset not in PRESETS:
-        raise ValueError(f"model.preset={preset!r}: expected one of {', '.join(sorted(PRESETS))}")
-    schema = OmegaConf.structured(JobConfig(model=ModelConfig(preset=preset, arch=PRESETS[preset].replace())))
+    arch = _preset_arch(preset, file_cfg, cli_cfg)
+    schema = OmegaConf.structured(JobConfig(model=ModelConfig(preset=preset, arch=arch)))
     try:
         # a ``???`` in the file means "the user must set this"; merging it would keep the schema default
         missing = sorted(k for k in OmegaConf.missing_keys(file_cfg) if OmegaConf.select(cli_cfg, k) is None)
@@ -499,6 +511,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg.data.bucket_file = ""  # now inline, so the saved config stands on its own
     cfg.validate()
     return cfg
+
+
+FROM_INIT = "from_init"
+"""``model.preset`` that takes the architecture from ``init.from``."""
+
+
+def _preset_arch(preset: str, file_cfg, cli_cfg) -> DiTConfig:
+    """The architecture ``model.preset`` names, before the file's and overrides' ``model.arch.*``."""
+    if preset != FROM_INIT:
+        if preset not in PRESETS:
+            choices = ", ".join([*sorted(PRESETS), FROM_INIT])
+            raise ValueError(f"model.preset={preset!r}: expected one of {choices}")
+        return PRESETS[preset].replace()
+    given: set[str] = set()
+    for node in (file_cfg, cli_cfg):
+        arch = OmegaConf.select(node, "model.arch")
+        if OmegaConf.is_dict(arch):
+            given |= set(arch.keys())
+    if {f.name for f in dataclasses.fields(DiTConfig)} <= given:
+        return DiTConfig()  # every field is set (a run's saved config.yaml): the source is not read
+    source = OmegaConf.select(cli_cfg, "init.from_") or OmegaConf.select(file_cfg, "init.from_")
+    expert = OmegaConf.select(cli_cfg, "init.expert") or OmegaConf.select(file_cfg, "init.expert") or ""
+    if not source:
+        raise ValueError(
+            "model.preset=from_init takes the architecture from init.from, but init.from is not set: name "
+            "the source (an export, a run or checkpoint, or a diffusers model) or another preset"
+        )
+    from launch.finetune import source_arch  # imports launch.export, which imports this module
+
+    return source_arch(str(source), str(expert))
 
 
 # what a checkpoint's weights and optimizer state mean: resuming with one of these changed would load

@@ -5,6 +5,13 @@ architecture, diffusion objective, codec and text encoder: everything ``launch.s
 ``init.from`` need). Reads the checkpoint in one process, whatever world size wrote it: a DCP
 checkpoint's shards, or the whole tensors a DeepSpeed checkpoint carries. The checkpoint is verified
 first (see :mod:`parallel.checkpoint`); a run directory exports its newest intact checkpoint.
+
+``--format diffusers`` writes what diffusers loads instead (``WanTransformer3DModel.from_pretrained`` or
+``LTXVideoTransformer3DModel.from_pretrained``, by the architecture), from a run, a checkpoint or an export
+folder (such as ``launch.convert`` writes); ``--pipeline`` makes it a pipeline root (``model_index.json``,
+``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that ``WanPipeline`` /
+``LTXPipeline.from_pretrained`` loads, with the run's ``data.codec`` and ``data.text_encoder`` folders
+copied in. :func:`load_model` gives users' scripts the model of any of these sources.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import types
 import typing
 from pathlib import Path
@@ -20,6 +28,7 @@ import torch
 
 from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig
+from dit.model import SpacetimeDiT, build_model
 from launch.config import JobConfig, SampleConfig, load_config
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
@@ -122,6 +131,32 @@ def _is(value, hint) -> bool:
     return False
 
 
+def write_export(out: str | Path, arch: DiTConfig, state: dict, extra: dict, ema: dict | None = None) -> Path:
+    """Write an export folder: ``model.safetensors`` (and ``ema.safetensors``) and ``config.json`` with
+    ``format``, ``arch`` and the ``extra`` keys (those of :func:`export_config`: ``diffusion``, ``codec``,
+    ``source`` …). The config is read back with :func:`read_export_config`, so a key it would refuse is
+    an error here, before anyone relies on the folder.
+
+    Args:
+        out: the folder (created).
+        arch: the architecture of ``state``.
+        state: the model's state dict.
+        extra: further config.json keys (sections as dataclasses or dicts).
+        ema: EMA weights, when there are any.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    step = extra.get("step")
+    ckpt.write_safetensors(
+        out, {"model.safetensors": state, "ema.safetensors": ema}, -1 if step is None else step
+    )
+    config = {"format": "spacetime-dit", **extra, "arch": arch}
+    config = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in config.items()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    read_export_config(out / "config.json")
+    return out
+
+
 def export(src: str | Path, out_dir: str | Path) -> Path:
     """Export the newest intact checkpoint at ``src`` (a checkpoint, its folder or a run directory)."""
     path = ckpt.resolve(src)
@@ -131,27 +166,217 @@ def export(src: str | Path, out_dir: str | Path) -> Path:
         bad = [name for name, t in (state.get(key) or {}).items() if not torch.isfinite(t).all()]
         if bad:  # the trainer never saves such a state: this checkpoint was altered or is foreign
             raise CheckpointError(f"{path}: {key} weights {', '.join(bad[:3])} hold NaN or inf; not exported")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     step = int(state["step"])
-    ckpt.write_safetensors(
-        out, {"model.safetensors": state["model"], "ema.safetensors": state.get("ema")}, step
-    )
     config = export_config(cfg, step, path)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    extra = {k: v for k, v in config.items() if k not in ("format", "arch")}
+    return write_export(out_dir, cfg.model.arch, state["model"], extra, ema=state.get("ema"))
+
+
+def load_model(path: str | Path, use_ema: bool = True, expert: str = "") -> SpacetimeDiT:
+    """The model at ``path`` in eval mode on the CPU, for users' own scripts.
+
+    Args:
+        path: an export folder, a checkpoint (or a run / checkpoints/ folder: its newest intact one), or
+            a diffusers model (model folder, pipeline root, sharded index or single ``.safetensors``).
+        use_ema: the EMA weights when the source has them.
+        expert: ``high_noise`` or ``low_noise`` for a two-expert diffusers pipeline root.
+
+    Raises:
+        CheckpointError: a damaged file, a source naming no architecture, or weights that do not fit it.
+    """
+    from launch.finetune import arch_dict_to_config, read_weights  # finetune imports this module
+
+    state, arch = read_weights(path, use_ema, expert, key="load_model")
+    if arch is None:
+        raise CheckpointError(f"{path}: names no architecture (no config.json 'arch' or config.yaml)")
+    model = build_model(arch_dict_to_config(arch, str(path)), device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # weights of another architecture than the config says
+        raise CheckpointError(f"{path}: the weights do not fit the arch of its config: {e}") from None
+    return model.eval()
+
+
+def _read_source(src: str | Path, use_ema: bool) -> tuple[dict, dict]:
+    """(weights, export config with ``arch``) of an export folder or a checkpoint / run (verified)."""
+    src = Path(src)
+    if (src / "model.safetensors").is_file():
+        if not (src / "config.json").is_file():
+            raise CheckpointError(f"{src}: an export without config.json names no architecture")
+        info = read_export_config(src / "config.json")
+        name = "ema.safetensors" if use_ema and (src / "ema.safetensors").is_file() else "model.safetensors"
+        state = ckpt.read_safetensors(src / name)
+    else:
+        path = ckpt.resolve(src)
+        cfg = load_config(path / "config.yaml")
+        full = ckpt.read_full(path, {"model", "ema"})
+        state = full["ema"] if use_ema and full.get("ema") else full["model"]
+        info = export_config(cfg, None, path) | {"arch": cfg.model.arch, "diffusion": cfg.diffusion}
+    if "arch" not in info:
+        raise CheckpointError(f"{src / 'config.json'}: no 'arch': the architecture is needed")
+    return state, info
+
+
+def export_diffusers(src: str | Path, out: str | Path, pipeline: bool = False, use_ema: bool = True) -> Path:
+    """Write the model at ``src`` (run, checkpoint or export folder) in diffusers' format.
+
+    Args:
+        src: the source.
+        out: the model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), or with
+            ``pipeline`` the pipeline root (the model in ``transformer/``).
+        pipeline: also copy the run's VAE and text encoder in and write the scheduler and
+            ``model_index.json``.
+        use_ema: export the EMA weights when the source has them.
+
+    Raises:
+        ValueError: the architecture (or, for a pipeline, the codec, text encoder or diffusion settings)
+            has no diffusers equivalent; the message lists the fields.
+    """
+    from launch import interop
+
+    state, info = _read_source(src, use_ema)
+    model = interop.to_diffusers(info["arch"], state)  # a ValueError lists what diffusers cannot express
+    out = Path(out)
+    if pipeline:
+        parts = _pipeline_parts(info, model.class_name)  # every refusal before any file is written
+        interop.write_diffusers(model, out / "transformer")
+        _write_pipeline(out, parts)
+    else:
+        interop.write_diffusers(model, out)
     return out
+
+
+# per transformer class: its pipeline and the text convention the pipeline applies (arch.text_mask,
+# arch.text_null): WanPipeline pads with zeros and masks nothing, LTXPipeline masks; both encode "" as
+# the null
+_PIPELINES = {
+    "WanTransformer3DModel": ("WanPipeline", {"text_mask": False, "text_null": "empty_prompt"}),
+    "LTXVideoTransformer3DModel": ("LTXPipeline", {"text_mask": True, "text_null": "empty_prompt"}),
+}
+# transformers encoder classes for encoder-decoder model types (only the encoder is used)
+_ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+def _pipeline_parts(info: dict, class_name: str) -> dict:
+    """What a pipeline root is made of (VAE and text encoder folders and classes, scheduler shift), or a
+    ValueError listing every setting of the source that a diffusers pipeline cannot take."""
+    errors, parts = [], {"class_name": class_name}
+    pipeline, convention = _PIPELINES[class_name]
+    arch = info["arch"]
+    for name, want in convention.items():
+        if getattr(arch, name) != want:
+            errors.append(f"model.arch.{name}={getattr(arch, name)!r} ({pipeline} applies {want!r})")
+    diffusion = info.get("diffusion")
+    if diffusion is None or diffusion.objective != "flow" or diffusion.shift_base_tokens is not None:
+        errors.append(
+            "diffusion: a flow model with a fixed shift (diffusion.objective='flow', "
+            "diffusion.shift_base_tokens=null) is what FlowMatchEulerDiscreteScheduler samples"
+        )
+    parts["shift"] = diffusion.shift if diffusion is not None else 1.0
+    parts["pipeline"] = pipeline
+    codec = Path(info.get("codec") or "pixel")
+    vae = _json(codec / "config.json") if codec.is_dir() else {}
+    if not isinstance(vae.get("_class_name"), str):
+        errors.append(
+            f"data.codec={str(codec)!r} is not a diffusers VAE folder (config.json with _class_name)"
+        )
+    parts["vae"] = (codec, vae.get("_class_name"))
+    text = Path(info.get("text_encoder") or "minilm")
+    config = _json(text / "config.json") if str(text) != "minilm" and text.is_dir() else {}
+    encoder = _ENCODER_CLASSES.get(config.get("model_type")) or (config.get("architectures") or [None])[0]
+    if encoder is None or not any(text.glob("*.safetensors")):
+        errors.append(
+            f"data.text_encoder={str(text)!r} is not a transformers model folder with safetensors weights"
+        )
+    parts["text_encoder"] = (text, encoder)
+    if errors:
+        raise ValueError(f"--pipeline: {pipeline} cannot take this model: " + "; ".join(errors))
+    return parts
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_pipeline(out: Path, parts: dict) -> None:
+    """The rest of a pipeline root next to ``out/transformer``: the VAE and text encoder weights copied,
+    the tokenizer saved by transformers (so its class is the one ``model_index.json`` names), a
+    FlowMatchEulerDiscreteScheduler with the run's shift, and ``model_index.json``."""
+    from transformers import AutoTokenizer
+
+    version = _json(out / "transformer" / "config.json").get("_diffusers_version", "0.0.0")
+    codec, vae_class = parts["vae"]
+    _copy(codec, out / "vae", lambda n: n == "config.json" or n.startswith("diffusion_pytorch_model"))
+    text, encoder_class = parts["text_encoder"]
+    _copy(text, out / "text_encoder", lambda n: n == "config.json" or ".safetensors" in n)
+    tokenizer = AutoTokenizer.from_pretrained(text, local_files_only=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    scheduler = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "_diffusers_version": version,
+        "num_train_timesteps": 1000,
+        "shift": parts["shift"],
+        "use_dynamic_shifting": False,
+    }
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    index = {
+        "_class_name": parts["pipeline"],
+        "_diffusers_version": version,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", encoder_class],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "transformer": ["diffusers", parts["class_name"]],
+        "vae": ["diffusers", vae_class],
+    }
+    if parts["pipeline"] == "WanPipeline":  # one expert, a scalar timestep per sample
+        index |= {"transformer_2": [None, None], "boundary_ratio": None, "expand_timesteps": False}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy(src: Path, dst: Path, keep) -> None:
+    """Copy the files of ``src`` whose names ``keep`` accepts into ``dst`` (weights, their index, config)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and keep(f.name):
+            shutil.copy2(f, dst / f.name)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.splitlines()[0])
-    p.add_argument("source", help="a checkpoint directory, a checkpoints/ folder or a run directory")
+    p.add_argument(
+        "source",
+        help="a checkpoint directory, a checkpoints/ folder, a run directory (or, with "
+        "--format diffusers, an export folder)",
+    )
     p.add_argument("out_dir")
+    p.add_argument(
+        "--format",
+        choices=("spacetime-dit", "diffusers"),
+        default="spacetime-dit",
+        help="spacetime-dit: our export (init.from, launch.sample); diffusers: what diffusers loads",
+    )
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="--format diffusers: a whole pipeline root with the run's VAE and text encoder",
+    )
+    p.add_argument("--no-ema", action="store_true", help="--format diffusers: the raw weights, not the EMA")
     a = p.parse_args(argv)
+    if a.pipeline and a.format != "diffusers":
+        p.error("--pipeline needs --format diffusers")
     try:
-        out = export(a.source, a.out_dir)
-    except CheckpointError as e:  # a damaged or foreign file: the message names it, a traceback would not
+        if a.format == "diffusers":
+            out = export_diffusers(a.source, a.out_dir, pipeline=a.pipeline, use_ema=not a.no_ema)
+        else:
+            out = export(a.source, a.out_dir)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:  # the message names the file or the fields
         raise SystemExit(f"error: {e}") from None
-    print(f"exported {ckpt.resolve(a.source)} → {out} ({', '.join(sorted(f.name for f in out.iterdir()))})")
+    print(f"exported {a.source} → {out} ({', '.join(sorted(f.name for f in out.iterdir()))})")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,33 @@
-"""Start from existing weights: ``init.from`` (an export or a checkpoint), inflation, freezing.
+"""Start from existing weights: ``init.from`` (an export, a checkpoint or a diffusers model), inflation,
+freezing.
 
-Only weights are read, never optimizer, scheduler or data-loader state. Where the new model differs
-from the source it is adapted so that, at step 0, it computes what the source computed wherever the
-source is defined:
+Only weights are read, never optimizer, scheduler or data-loader state. A diffusers model (a model folder,
+a pipeline root, a sharded index or one ``.safetensors``) is read with :func:`launch.interop.read_diffusers`
+and renamed to this model's parameters by :func:`launch.interop.to_ours`. Where the new model differs from
+the source it is adapted so that, at step 0, it computes what the source computed wherever the source is
+defined:
 
 - more input channels (``cond_channels`` for image-to-video): the source's channels are copied, the
   new ones start at zero;
 - a temporal patch (image model, pt = 1 → video model, pt > 1): the patch embedding is spread evenly
   over the pt frames and the output projection repeated for each, so a still clip maps as before;
 - blocks or embedders the source lacks start as the identity (their output projections are zero);
-- a different text width re-initialises only the text projection (``text_proj.*``).
+- a different text width re-initialises the text projection (``text_proj.*``).
 
-Any other shape mismatch is an error naming the parameter. So is a source whose names do not fit the
-model: none matching (another library's layout, e.g. a diffusers folder converted by hand), or fewer
-than ``init.min_match`` of the source's tensors. Names the model has and the source lacks are new
-layers and never count against it.
+Loading is strict: every parameter of the model must come from the source (copied or inflated), except
+those matching a pattern of ``init.new`` (new blocks, a new text projection), else it is an error naming
+what the source lacks, before any weight changes. Any other shape mismatch is an error naming the
+parameter. So is a source whose names do not fit the model (none matching, or fewer than
+``init.min_match`` of the source's tensors: another library's layout or another model).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +43,10 @@ from parallel import checkpoint as ckpt
 _ZERO_WHEN_NEW = ("attn.o.", "cross_attn.o.", "mlp.fc2.", "fps_embedder.fc2.", "label_embed.")
 ACCEPTS = (
     "init.from takes an export directory (model.safetensors + config.json, from python -m launch.export), "
-    "a checkpoint (a step-XXXXXXXX/ directory with COMPLETE) or a run or checkpoints/ directory holding one"
+    "a checkpoint (a step-XXXXXXXX/ directory with COMPLETE) or a run or checkpoints/ directory holding one, "
+    "or a diffusers model: a model folder (config.json + diffusion_pytorch_model*.safetensors, sharded with "
+    "an index or not), a pipeline root (model_index.json; init.expert picks transformer_2/ of a two-expert "
+    "one) or a single .safetensors file"
 )
 
 
@@ -46,7 +56,8 @@ class InitReport:
     inflated: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    """In the model, not in the source: kept fresh (identity where that applies)."""
+    """In the model, not in the source: kept fresh (identity where that applies); each matches
+    ``init.new``."""
     unexpected: list[str] = field(default_factory=list)
     """In the source, not in the model: ignored."""
 
@@ -60,21 +71,33 @@ class InitReport:
         return "; ".join(parts)
 
 
-def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict, dict | None]:
-    """(state dict, source arch as a dict or None) from an export directory or a checkpoint/run (verified,
-    see :mod:`parallel.checkpoint`). A damaged or foreign file is a :class:`CheckpointError` naming it."""
+def read_weights(
+    path: str | Path, use_ema: bool = True, expert: str = "", key: str = "init.from"
+) -> tuple[dict, dict | None]:
+    """(state dict, source arch as a dict or None) from an export directory, a checkpoint/run (verified,
+    see :mod:`parallel.checkpoint`) or a diffusers model (``expert``: ``init.expert`` for a two-expert
+    pipeline root). A damaged or foreign file is a :class:`CheckpointError` naming it; a diffusers
+    configuration this model cannot express is a ``ValueError`` naming its class and fields. ``key`` is
+    what the errors call ``path`` (``init.from``)."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
+        _no_expert(path, expert)
         name = "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors"
         config = path / "config.json"
         arch = read_export_config(config).get("arch") if config.is_file() else None
         return ckpt.read_safetensors(path / name), dataclasses.asdict(arch) if arch is not None else None
     if not path.exists():
-        raise FileNotFoundError(f"init.from={path}: no such file or directory; {ACCEPTS}")
+        raise FileNotFoundError(f"{key}={path}: no such file or directory; {ACCEPTS}")
+    if path.is_file() and path.name in ("model.safetensors", "ema.safetensors"):
+        raise FileNotFoundError(f"{key}={path}: {_what_is_there(path)}; {ACCEPTS}")
+    cfg, state = _read_diffusers(path, expert, key=key)
+    if cfg is not None:
+        return state, dataclasses.asdict(cfg)
+    _no_expert(path, expert)
     try:
         found = ckpt.resolve(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"init.from={path}: {_what_is_there(path)}; {ACCEPTS}") from None
+        raise FileNotFoundError(f"{key}={path}: {_what_is_there(path)}; {ACCEPTS}") from None
     state = ckpt.read_full(found, {"model", "ema"})
     weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
     arch = None
@@ -83,6 +106,28 @@ def read_weights(path: str | Path, use_ema: bool = True) -> tuple[dict, dict | N
 
         arch = OmegaConf.to_container(OmegaConf.load(found / "config.yaml")).get("model", {}).get("arch")
     return weights, arch
+
+
+def _read_diffusers(
+    path: Path, expert: str, config_only: bool = False, key: str = "init.from"
+) -> tuple[DiTConfig | None, dict]:
+    """(our config, our state) of a diffusers source at ``path``; (None, {}) when it is not one."""
+    from launch import interop
+
+    if not interop.is_diffusers(path):
+        return None, {}
+    try:
+        return interop.to_ours(interop.read_diffusers(path, expert=expert))
+    except (ValueError, KeyError) as e:  # what we cannot express, or a two-expert root without expert
+        raise ValueError(f"{key}={path}: {e}") from None
+
+
+def _no_expert(path: Path, expert: str) -> None:
+    if expert:
+        raise ValueError(
+            f"init.expert={expert!r} picks one transformer of a two-expert diffusers pipeline root, but "
+            f"init.from={path} is not a diffusers model: leave init.expert empty"
+        )
 
 
 def _what_is_there(path: Path) -> str:
@@ -94,15 +139,48 @@ def _what_is_there(path: Path) -> str:
     names = sorted(p.name for p in path.iterdir())
     if not names:
         return "an empty directory"
-    config = path / "config.json"
-    diffusers = "model_index.json" in names or any(n.startswith("diffusion_pytorch_model") for n in names)
-    if diffusers or (config.is_file() and "_diffusers_version" in config.read_text(errors="replace")):
-        return (
-            "a diffusers folder; its weights are named for diffusers' classes, not this model's, and are "
-            "not read"
-        )
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     return f"a directory holding {shown}, and no complete checkpoint"
+
+
+def arch_dict_to_config(arch: dict, where: str) -> DiTConfig:
+    """A :class:`DiTConfig` from a plain dict (YAML/JSON lists become tuples); an error names ``where``."""
+    try:
+        return DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its model.arch is not this version's DiTConfig ({e})") from None
+
+
+def source_arch(path: str | Path, expert: str = "") -> DiTConfig:
+    """The architecture of ``init.from`` (``model.preset=from_init``): an export's config.json ``arch``,
+    a run's or checkpoint's config.yaml ``model.arch``, or the :class:`DiTConfig` of a diffusers model
+    (:func:`launch.interop.to_ours`, text convention included). Every error names ``init.from``."""
+    path = Path(path)
+    where = f"model.preset=from_init: init.from={path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: no such file or directory")
+    cfg, _ = _read_diffusers(path, expert, config_only=True)
+    if cfg is not None:
+        return cfg
+    if path.is_dir() and (path / "config.json").is_file():
+        arch = read_export_config(path / "config.json").get("arch")
+        if arch is None:
+            raise ValueError(f"{where}: {path / 'config.json'} names no architecture ('arch')")
+        return arch
+    if path.is_dir() and not (path / "config.yaml").is_file():
+        try:
+            path = ckpt.resolve(path)  # a checkpoints/ folder: its newest intact checkpoint's config
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where}: {_what_is_there(path)}; {ACCEPTS}") from None
+    config = path / "config.yaml"
+    if not config.is_file():
+        raise ValueError(f"{where}: names no architecture (no config.json or config.yaml); {ACCEPTS}")
+    from omegaconf import OmegaConf
+
+    arch = (OmegaConf.to_container(OmegaConf.load(config)).get("model") or {}).get("arch")
+    if not isinstance(arch, dict):
+        raise ValueError(f"{where}: {config} has no model.arch")
+    return arch_dict_to_config(arch, f"{where} ({config})")
 
 
 def _own_names(src_arch: dict | None) -> set[str] | None:
@@ -155,7 +233,13 @@ def _check_names(path: str | Path, source: dict, params: dict, min_match: float)
 
 @torch.no_grad()
 def apply_init(
-    model: nn.Module, path: str | Path, arch: DiTConfig, use_ema: bool = True, min_match: float = 0.5
+    model: nn.Module,
+    path: str | Path,
+    arch: DiTConfig,
+    use_ema: bool = True,
+    min_match: float = 0.5,
+    expert: str = "",
+    new: Sequence[str] = (),
 ) -> InitReport:
     """Copy (and adapt) the weights at ``path`` into a freshly initialised ``model``; see the module doc.
 
@@ -166,43 +250,85 @@ def apply_init(
         use_ema: take the source's EMA weights when it has them.
         min_match: least share of the source's tensors whose names the model has (``init.min_match``);
             below it, or with none, this raises before changing any weight.
+        expert: ``init.expert`` (which transformer of a two-expert diffusers pipeline root).
+        new: ``init.new``: fnmatch patterns of the model's parameters that may start fresh; any other
+            parameter the source does not provide raises before changing any weight.
     """
-    source, src_arch = read_weights(path, use_ema)
+    source, src_arch = read_weights(path, use_ema, expert)
     pt_src = (src_arch or {}).get("patch_size", arch.patch_size)[0]
     report = InitReport()
     params = dict(model.named_parameters())
     _check_names(path, source, params, min_match)
     _check_complete(path, source, src_arch, min_match)
+    plan = _plan(path, source, params)
+    for name, action in plan.items():
+        getattr(report, action).append(name)
+    _check_strict(path, report, params, new)
+    for name, p in params.items():
+        action = plan[name]
+        if action == "missing" and any(k in name for k in _ZERO_WHEN_NEW):
+            p.zero_()
+        elif action == "loaded":
+            p.copy_(source[name].to(p.dtype))
+        elif action == "inflated" and name == "patch_embed.proj.weight":
+            p.copy_(_inflate_patch_in(source[name].to(p.dtype), p, arch, pt_src))
+        elif action == "inflated":
+            p.copy_(_inflate_patch_out(source[name].to(p.dtype), p, arch, pt_src))
+    report.unexpected = sorted(set(source) - set(params))
+    return report
+
+
+def _plan(path: str | Path, source: dict, params: dict) -> dict[str, str]:
+    """What happens to each parameter (an :class:`InitReport` field name), decided before any copy."""
     # a new text encoder width makes the whole text projection new, not just its first layer
     new_text = any(
         n.startswith("text_proj.") and n in source and source[n].shape != p.shape for n, p in params.items()
     )
+    plan = {}
     for name, p in params.items():
         if new_text and name.startswith("text_proj."):
-            report.reinitialised.append(name)  # keep the fresh init
-            continue
-        if name not in source:
-            report.missing.append(name)
-            if any(k in name for k in _ZERO_WHEN_NEW):
-                p.zero_()
-            continue
-        src = source[name].to(p.dtype)
-        if src.shape == p.shape:
-            p.copy_(src)
-            report.loaded.append(name)
-        elif name == "patch_embed.proj.weight":
-            p.copy_(_inflate_patch_in(src, p, arch, pt_src))
-            report.inflated.append(name)
-        elif name.startswith("final.linear."):
-            p.copy_(_inflate_patch_out(src, p, arch, pt_src))
-            report.inflated.append(name)
+            plan[name] = "reinitialised"  # keep the fresh init
+        elif name not in source:
+            plan[name] = "missing"
+        elif source[name].shape == p.shape:
+            plan[name] = "loaded"
+        elif name == "patch_embed.proj.weight" or name.startswith("final.linear."):
+            plan[name] = "inflated"
         else:
             raise ValueError(
-                f"init.from={path}: parameter {name} has shape {tuple(src.shape)} in the source but "
+                f"init.from={path}: parameter {name} has shape {tuple(source[name].shape)} in the source but "
                 f"{tuple(p.shape)} in the model"
             )
-    report.unexpected = sorted(set(source) - set(params))
-    return report
+    return plan
+
+
+def _check_strict(path: str | Path, report: InitReport, params: dict, new: Sequence[str]) -> None:
+    """Refuse to start any parameter fresh that ``init.new`` does not name, and an ``init.new`` pattern
+    naming no parameter of the model (a typo would otherwise hide a fresh layer)."""
+    for pattern in new:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in params):
+            raise ValueError(f"init.new: pattern {pattern!r} matches no parameter name of the model")
+    fresh = [n for n in (*report.reinitialised, *report.missing) if not _matches(n, new)]
+    if not fresh:
+        return
+    suggest = list(dict.fromkeys(_pattern_of(n) for n in fresh))
+    raise ValueError(
+        f"init.from={path}: {len(fresh)} of the model's {len(params)} parameters would start fresh, not "
+        f"from the source (e.g. {', '.join(fresh[:5])}{' …' if len(fresh) > 5 else ''}). If they are new "
+        f"on purpose, list them in init.new (fnmatch patterns), e.g. init.new={json.dumps(suggest[:8])}; "
+        "otherwise init.from names another architecture than model.arch (model.preset=from_init takes "
+        "the source's)"
+    )
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _pattern_of(name: str) -> str:
+    """A pattern covering ``name``'s block or top-level module (``blocks.3.*``, ``text_proj.*``)."""
+    m = re.match(r"(blocks\.\d+\.|[^.]+\.)", name)
+    return f"{m.group(1)}*" if m else name
 
 
 def _inflate_patch_in(src: torch.Tensor, dst: torch.Tensor, arch: DiTConfig, pt_src: int) -> torch.Tensor:
