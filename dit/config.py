@@ -1,7 +1,9 @@
 """Model configuration: one typed dataclass and a plain dict of named presets.
 
 Presets that name a published model reproduce its architecture (DiT-S/B/L/XL with patch 2, from
-Peebles & Xie 2023), or its size where only the size is the point (Wan-2.1-1.3B and -14B shapes).
+Peebles & Xie 2023; ``wan2.1-*``, ``wan2.2-*`` and ``ltx-video-2b`` exactly as their diffusers
+``transformer/config.json``, parameter for parameter), or its size where only the size is the point
+(``video-1b3``/``video-14b``: Wan-2.1 shapes with our own per-head qk norm and text convention).
 Fields are plain ``str``/``int``/``float``/``tuple`` so OmegaConf structured configs can hold them.
 """
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 MLP_KINDS = ("gelu_tanh", "swiglu")
 LAYOUTS = ("full", "factorized")
-POS_EMBEDS = ("rope3d", "sincos3d", "learned")
+POS_EMBEDS = ("rope3d", "sincos3d", "learned", "rope_ltx")
 MODULATIONS = ("per_block", "shared")
 CONDITIONINGS = ("text", "class", "none")
 BACKENDS = ("sdpa", "flash_attn", "math")
@@ -62,12 +64,21 @@ class DiTConfig:
     """The two parameter-free pre-norms of every block (before self-attention and before the MLP):
     ``layernorm`` (DiT, Wan) or ``rmsnorm`` (LTX-Video). The final layer's norm is a LayerNorm either way."""
     pos_embed: str = "rope3d"
-    """Position encoding: ``rope3d`` (rotary on t/h/w slices of each head), ``sincos3d``
-    (fixed additive, DiT-style), or ``learned`` (additive, separate t/h/w tables)."""
+    """Position encoding: ``rope3d`` (rotary on t/h/w slices of each head, Wan), ``sincos3d`` (fixed
+    additive, DiT-style), ``learned`` (additive, separate t/h/w tables) or ``rope_ltx`` (LTX-Video's
+    rotary over the whole inner width, on fractional coordinates scaled by the VAE compression and the
+    clip's frame rate: the forward needs ``fps``)."""
     max_latent_size: tuple[int, int, int] = (64, 128, 128)
     """Largest (T, H, W) in patches a ``learned`` position table covers."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies."""
+    rope_base: tuple[int, int, int] = (20, 2048, 2048)
+    """``rope_ltx``: the (frames, height, width) in pixels that coordinate 1 stands for (LTX-Video's
+    ``base_num_frames``/``base_height``/``base_width``)."""
+    rope_compression: tuple[int, int, int] = (8, 32, 32)
+    """``rope_ltx``: the VAE's (temporal, spatial, spatial) compression. A token's coordinate is its
+    patch index × compression × patch / base, the temporal one divided by the clip's fps (LTXPipeline's
+    ``rope_interpolation_scale = (8 / frame_rate, 32, 32)``)."""
     modulation: str = "per_block"
     """Timestep modulation: ``per_block`` adaLN-Zero (a linear per block, DiT) or ``shared``
     adaLN-single (one projection for all blocks plus a learned table per block, PixArt-α/Wan)."""
@@ -113,6 +124,8 @@ class DiTConfig:
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.max_latent_size = tuple(int(p) for p in self.max_latent_size)
+        self.rope_base = tuple(int(p) for p in self.rope_base)
+        self.rope_compression = tuple(int(p) for p in self.rope_compression)
         if isinstance(self.qk_norm, bool | str) and self.qk_norm in _LEGACY_QK_NORM:
             self.qk_norm = _LEGACY_QK_NORM[self.qk_norm]
         for name, allowed in (
@@ -152,10 +165,20 @@ class DiTConfig:
             raise ValueError("DiTConfig.mup_base_width must be ≥ 1 and mup_base_head_dim ≥ 0")
         if self.pos_embed == "rope3d" and self.head_dim < 6:
             raise ValueError(f"DiTConfig: rope3d needs head_dim >= 6, got {self.head_dim}")
+        if self.pos_embed == "rope_ltx" and self.hidden_size < 6:
+            raise ValueError(f"DiTConfig: rope_ltx needs hidden_size >= 6, got {self.hidden_size}")
+        for name in ("rope_base", "rope_compression"):
+            if len(getattr(self, name)) != 3 or min(getattr(self, name)) < 1:
+                raise ValueError(f"DiTConfig.{name}={getattr(self, name)}: expected three positive ints")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def needs_fps(self) -> bool:
+        """Whether the forward needs the clip's ``fps`` (fps conditioning, or LTX's RoPE)."""
+        return self.fps_conditioning or self.pos_embed == "rope_ltx"
 
     @property
     def ffn_hidden(self) -> int:
@@ -220,6 +243,64 @@ def _wan(hidden: int, depth: int, heads: int, ffn: int, text_dim: int = 4096, in
     )
 
 
+def _wan_published(hidden: int, depth: int, heads: int, ffn: int, in_ch: int = 16) -> DiTConfig:
+    # The published Wan 2.x transformers (diffusers' WanTransformer3DModel, transformer/config.json):
+    # head_dim 128, qk RMSNorm across heads, affine cross-attention norm, eps 1e-6, freq_dim 256, patch
+    # 1×2×2, UMT5-XXL states (4096) padded with zeros to 512 tokens and attended unmasked, the encoded
+    # empty prompt as CFG's null (WanPipeline).
+    return DiTConfig(
+        in_channels=in_ch,
+        patch_size=(1, 2, 2),
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        ffn_dim=ffn,
+        mlp="gelu_tanh",
+        attention_layout="full",
+        qk_norm="across_heads",
+        pos_embed="rope3d",
+        modulation="shared",
+        conditioning="text",
+        text_dim=4096,
+        text_mask=False,
+        text_null="empty_prompt",
+        text_len=512,
+        cross_attn_norm=True,
+        norm_eps=1e-6,
+        freq_dim=256,
+    )
+
+
+def _ltx_video_2b() -> DiTConfig:
+    # LTX-Video 2B (diffusers' LTXVideoTransformer3DModel defaults = the published transformer/config.json:
+    # 28 layers, 32 heads × 64, 128 latent channels, patch 1, caption_channels 4096): RMSNorm block
+    # norms without affine, qk RMSNorm across heads, no norm before cross-attention, LTX's RoPE over the
+    # whole inner width; T5-XXL states padded to 128 tokens with a mask, the encoded empty prompt as the
+    # CFG null (LTXPipeline's default negative prompt "").
+    return DiTConfig(
+        in_channels=128,
+        patch_size=(1, 1, 1),
+        hidden_size=2048,
+        depth=28,
+        num_heads=32,
+        ffn_dim=8192,
+        mlp="gelu_tanh",
+        attention_layout="full",
+        qk_norm="across_heads",
+        block_norm="rmsnorm",
+        pos_embed="rope_ltx",
+        modulation="shared",
+        conditioning="text",
+        text_dim=4096,
+        text_mask=True,
+        text_null="empty_prompt",
+        text_len=128,
+        cross_attn_norm=False,
+        norm_eps=1e-6,
+        freq_dim=256,
+    )
+
+
 PRESETS: dict[str, DiTConfig] = {
     "dit-s/2": _dit(384, 12, 6),
     "dit-b/2": _dit(768, 12, 12),
@@ -230,6 +311,14 @@ PRESETS: dict[str, DiTConfig] = {
     "video-small": _wan(768, 12, 12, 3072),
     "video-1b3": _wan(1536, 30, 12, 8960),
     "video-14b": _wan(5120, 40, 40, 13824),
+    # Published models, exactly (their weights load through init.from): the Wan2.2-T2V-A14B preset is one
+    # expert (the high- and low-noise experts are two models of this shape); Wan2.2-TI2V-5B takes
+    # per-frame timesteps (t = 0 on the clean first frame for I2V) on 48-channel Wan2.2-VAE latents.
+    "wan2.1-t2v-1.3b": _wan_published(1536, 30, 12, 8960),
+    "wan2.1-t2v-14b": _wan_published(5120, 40, 40, 13824),
+    "wan2.2-ti2v-5b": _wan_published(3072, 30, 24, 14336, in_ch=48),
+    "wan2.2-t2v-a14b": _wan_published(5120, 40, 40, 13824),
+    "ltx-video-2b": _ltx_video_2b(),
 }
 
 # Latent (T, H, W) each preset is usually measured at: DiT at 256² images (32² SD-VAE latents),
@@ -243,6 +332,14 @@ DEFAULT_LATENT_SIZE: dict[str, tuple[int, int, int]] = {
     "video-small": (9, 32, 32),
     "video-1b3": (21, 60, 104),
     "video-14b": (21, 60, 104),
+    # the published models at their pipelines' default clip: Wan 81 frames at 480×832 (1.3B) or 720×1280
+    # through a 4×8×8 VAE; Wan2.2-TI2V 121 frames at 704×1280 through its 4×16×16 VAE; LTX-Video 161
+    # frames at 512×704 through its 8×32×32 VAE
+    "wan2.1-t2v-1.3b": (21, 60, 104),
+    "wan2.1-t2v-14b": (21, 90, 160),
+    "wan2.2-ti2v-5b": (31, 44, 80),
+    "wan2.2-t2v-a14b": (21, 90, 160),
+    "ltx-video-2b": (21, 16, 22),
 }
 
 

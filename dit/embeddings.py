@@ -138,9 +138,86 @@ class Rope3D(nn.Module):
         return angle.cos(), angle.sin()
 
 
+class RopeLTX(nn.Module):
+    """LTX-Video's rotary embedding (diffusers' ``LTXVideoRotaryPosEmbed``): one rotation over the whole
+    inner width D = H·Dh of a token, not per head.
+
+    A token's (f, h, w) patch index becomes a fractional coordinate ``index × scale``, with scale =
+    (compression_t / fps, compression_s, compression_s) × patch / base: its place in pixels (and, in
+    time, in seconds) relative to the base size. ``D // 6`` frequencies ``theta^linspace(0, 1) · π/2``
+    each rotate one channel pair per axis, interleaved (frequency-major, then f/h/w), at angle
+    ``freq · (2·coord − 1)``; the ``D % 6`` leading channels are not rotated. Parameter-free.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        patch_size: tuple[int, int, int],
+        base: tuple[int, int, int],
+        compression: tuple[int, int, int],
+        theta: float = 10000.0,
+    ):
+        super().__init__()
+        self.dim, self.heads, self.theta = dim, heads, theta
+        self.patch_size, self.base, self.compression = patch_size, base, compression
+
+    def forward(
+        self, grid: tuple[int, int, int], fps: Tensor, device: torch.device | str | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The cos and sin tables of the tokens of ``grid``.
+
+        Args:
+            grid: the patch grid (frames, height, width).
+            fps: the clip's frame rate: a 0-dim tensor (one table for the batch) or B values.
+            device: where the tables are made.
+
+        Returns:
+            N×H×Dh/2 tables for a 0-dim ``fps``, else N×B×H×Dh/2 (token-first, so a context-parallel cut
+            along the tokens slices dim 0 of every table kind); :func:`apply_rope` takes either.
+        """
+        pos = grid_positions(grid, device).float()  # N, 3
+        fps = fps.to(device=device, dtype=torch.float32)
+        per_sample = fps.ndim == 1
+        fps = fps[:, None] if per_sample else fps  # B, 1 or ()
+        # the operations in diffusers' order: index × interpolation scale × patch / base
+        coords = [
+            pos[:, 0] * (self.compression[0] / fps) * self.patch_size[0] / self.base[0],  # B, N or N
+            pos[:, 1] * float(self.compression[1]) * self.patch_size[1] / self.base[1],  # N
+            pos[:, 2] * float(self.compression[2]) * self.patch_size[2] / self.base[2],
+        ]
+        coords = torch.stack(torch.broadcast_tensors(*coords), dim=-1)  # (B,) N, 3
+        freqs = self.theta ** torch.linspace(0.0, 1.0, self.dim // 6, device=device, dtype=torch.float32)
+        freqs = freqs * math.pi / 2.0
+        angle = (freqs * (coords[..., None] * 2 - 1)).transpose(-1, -2).flatten(-2)  # (B,) N, 3·(D//6)
+        pad = (self.dim % 6) // 2  # channel pairs left unrotated, before the rotated ones
+        angle = F.pad(angle, (pad, 0))  # (B,) N, D/2
+        angle = angle.unflatten(-1, (self.heads, -1))  # (B,) N, H, Dh/2
+        if per_sample:
+            angle = angle.transpose(0, 1)  # N, B, H, Dh/2
+        return angle.cos(), angle.sin()
+
+
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate adjacent channel pairs of B×N×H×Dh queries or keys; computed in fp32."""
-    cos, sin = (r[None, :, None, :] for r in rope)  # 1, N, 1, Dh/2
+    """Rotate adjacent channel pairs of B×N×H×Dh queries or keys; computed in fp32.
+
+    Args:
+        x: B×N×H×Dh.
+        rope: cos and sin tables, token-first: N×Dh/2 (one angle per head channel pair, every head
+            alike: :class:`Rope3D`), N×H×Dh/2 (per head: :class:`RopeLTX`) or N×B×H×Dh/2 (per sample
+            and head: :class:`RopeLTX` with per-sample frame rates). A table with a head axis must hold
+            exactly x's heads (under tensor parallelism, this rank's).
+    """
+    cos, sin = rope
+    if cos.ndim == 2:
+        cos, sin = (r[None, :, None, :] for r in (cos, sin))  # 1, N, 1, Dh/2
+    else:
+        if cos.shape[-2] != x.shape[-2]:
+            raise ValueError(f"RoPE table for {cos.shape[-2]} heads applied to {x.shape[-2]} heads")
+        if cos.ndim == 3:
+            cos, sin = cos[None], sin[None]  # 1, N, H, Dh/2
+        else:
+            cos, sin = cos.transpose(0, 1), sin.transpose(0, 1)  # B, N, H, Dh/2 (a view)
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # B, N, H, Dh/2 each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # B, N, H, Dh/2, 2
     return out.flatten(-2).type_as(x)

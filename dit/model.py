@@ -26,6 +26,7 @@ from dit.embeddings import (
     LearnedPos3D,
     PatchEmbed,
     Rope3D,
+    RopeLTX,
     SinCos3D,
     TextProjection,
     TimestepEmbedder,
@@ -63,6 +64,15 @@ def _additive_pos_embed(cfg: DiTConfig) -> nn.Module | None:
     return None  # rope3d rotates q and k inside attention instead
 
 
+def _rope(cfg: DiTConfig) -> nn.Module | None:
+    if cfg.pos_embed == "rope3d":
+        return Rope3D(cfg.head_dim, cfg.rope_theta)
+    if cfg.pos_embed == "rope_ltx":
+        base, comp = cfg.rope_base, cfg.rope_compression
+        return RopeLTX(cfg.hidden_size, cfg.num_heads, cfg.patch_size, base, comp, cfg.rope_theta)
+    return None  # additive positions
+
+
 def block_axes(cfg: DiTConfig) -> list[str]:
     """Attention axis of each block: all ``full``, or ``space``/``time`` alternating (Latte)."""
     if cfg.attention_layout == "full":
@@ -70,7 +80,8 @@ def block_axes(cfg: DiTConfig) -> list[str]:
     return ["space" if i % 2 == 0 else "time" for i in range(cfg.depth)]
 
 
-Rope = tuple[Tensor, Tensor]  # the cos and sin tables of 3D RoPE, one row per token
+# the cos and sin tables of the RoPE, token-first: N×Dh/2 (rope3d), N×H×Dh/2 or N×B×H×Dh/2 (rope_ltx)
+Rope = tuple[Tensor, Tensor]
 
 
 class SequenceStart(nn.Module):
@@ -186,7 +197,7 @@ class SpacetimeDiT(nn.Module):
         self.t_proj = (
             nn.Sequential(nn.SiLU(), Fp32Linear(d, 6 * d)) if cfg.modulation == "shared" else nn.Identity()
         )
-        self.rope = Rope3D(cfg.head_dim, cfg.rope_theta) if cfg.pos_embed == "rope3d" else None
+        self.rope = _rope(cfg)
         self.pos_embed = _additive_pos_embed(cfg)
         self.seq_start = SequenceStart()
         self.blocks = nn.ModuleList(DiTBlock(cfg, axis) for axis in block_axes(cfg))
@@ -215,13 +226,14 @@ class SpacetimeDiT(nn.Module):
             context_mask: B×L bool, True for real (unpadded) text tokens.
             labels: B class ids; ``cfg.num_classes`` is the null class (``conditioning='class'``).
             cond: B×cond_channels×F×H×W extra input channels (I2V first frame + mask, control maps).
-            fps: B frame rates (``fps_conditioning``).
+            fps: the clip's frame rate, B values (``fps_conditioning``, ``pos_embed='rope_ltx'``); for
+                ``rope_ltx`` alone a 0-dim tensor or a number also works (one table for the batch).
 
         Returns:
             B×C_out×F×H×W.
         """
         grid = self.grid(x, cond)
-        h, rope = self._tokens(x, cond, grid)  # B, N, D
+        h, rope = self._tokens(x, cond, grid, fps)  # B, N, D
         c = self._conditioning(t, x, labels, fps)  # B, F', D  (F' = 1 or grid frames)
         if self.text_proj is not None:
             if context is None:
@@ -261,7 +273,9 @@ class SpacetimeDiT(nn.Module):
             raise ValueError(f"latent size (F, H, W)={size} is not divisible by patch_size={cfg.patch_size}")
         return Grid(*(s // p for s, p in zip(size, cfg.patch_size, strict=True)))
 
-    def _tokens(self, x: Tensor, cond: Tensor | None, grid: Grid) -> tuple[Tensor, Rope | None]:
+    def _tokens(
+        self, x: Tensor, cond: Tensor | None, grid: Grid, fps: Tensor | float | None
+    ) -> tuple[Tensor, Rope | None]:
         """The embedded patches with their additive positions (B×N×D), and the RoPE tables."""
         if cond is not None:
             x = torch.cat([x, cond], dim=1)  # B, C + Cc, F, H, W
@@ -272,7 +286,12 @@ class SpacetimeDiT(nn.Module):
             h = h.float()
         if self.pos_embed is not None:
             h = h + self.pos_embed(grid, x.device).to(h.dtype)
-        rope = self.rope(grid, x.device) if self.rope is not None else None
+        if isinstance(self.rope, RopeLTX):
+            if fps is None:
+                raise ValueError("SpacetimeDiT(pos_embed='rope_ltx') needs fps (the clip's frame rate)")
+            rope = self.rope(grid, torch.as_tensor(fps), x.device)
+        else:
+            rope = self.rope(grid, x.device) if self.rope is not None else None
         return h, rope
 
     def _conditioning(self, t: Tensor, x: Tensor, labels: Tensor | None, fps: Tensor | None) -> Tensor:

@@ -151,3 +151,74 @@ def test_rmsnorm_block_norm_is_a_parameter_free_rmsnorm():
     b.load_state_dict(a.state_dict())
     xs, t, kw = inputs(cfg)
     assert (a(xs, t, **kw) - b(xs, t, **kw)).abs().max() > 1e-4
+
+
+def _diffusers_ltx_rope(dim, heads, grid, fps, patch, base, comp):
+    """diffusers' LTX RoPE on one sample: (cos, sin) 1×N×D and its rotation of a 1×N×D query."""
+    from diffusers.models.transformers.transformer_ltx import LTXVideoRotaryPosEmbed, apply_rotary_emb
+
+    rope = LTXVideoRotaryPosEmbed(dim, *base, patch_size=patch[1], patch_size_t=patch[0])
+    scale = (comp[0] / fps, comp[1], comp[2])
+    return rope(torch.zeros(1, 1, dim), *grid, rope_interpolation_scale=scale), apply_rotary_emb
+
+
+@pytest.mark.parametrize(
+    ("heads", "head_dim", "patch"),
+    [(4, 6, (1, 1, 1)), (2, 10, (1, 1, 1)), (3, 8, (2, 1, 1))],  # D = 24, 20 (D % 6 = 2), 24 with pt = 2
+)
+def test_ltx_rope_equals_diffusers_with_two_frame_rates_in_a_batch(heads, head_dim, patch):
+    from dit.embeddings import RopeLTX, apply_rope
+
+    pytest.importorskip("diffusers")
+    dim, grid, fps = heads * head_dim, (3, 4, 5), torch.tensor([25.0, 12.0])
+    base, comp = (20, 2048, 2048), (8, 32, 32)
+    ours = RopeLTX(dim, heads, patch, base, comp)
+    cos, sin = ours(grid, fps)  # N, B, H, Dh/2
+    n = 3 * 4 * 5
+    assert cos.shape == (n, 2, heads, head_dim // 2)
+    q = torch.randn(2, n, dim, generator=torch.Generator().manual_seed(0))
+    rotated = apply_rope(q.unflatten(-1, (heads, head_dim)), (cos, sin)).flatten(-2)  # B, N, D
+    for i, f in enumerate(fps.tolist()):
+        (d_cos, d_sin), rotate = _diffusers_ltx_rope(dim, heads, grid, f, patch, base, comp)
+        # their tables repeat each angle over its channel pair; ours hold one angle per pair
+        torch.testing.assert_close(cos[:, i].flatten(-2), d_cos[0, :, ::2], rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin[:, i].flatten(-2), d_sin[0, :, ::2], rtol=0, atol=1e-6)
+        torch.testing.assert_close(rotated[i], rotate(q[i : i + 1], (d_cos, d_sin))[0], rtol=0, atol=1e-6)
+        # one frame rate for the batch: a shared N×H×Dh/2 table, the same rotation
+        shared = ours(grid, torch.tensor(f))
+        assert shared[0].shape == (n, heads, head_dim // 2)
+        one = apply_rope(q[i : i + 1].unflatten(-1, (heads, head_dim)), shared).flatten(-2)
+        torch.testing.assert_close(one[0], rotated[i], rtol=0, atol=0)
+    # the two frame rates give other time coordinates (the spatial ones agree)
+    assert (cos[:, 0] - cos[:, 1]).abs().max() > 1e-3
+
+
+def test_ltx_rope_tables_are_token_first_for_the_context_parallel_cut():
+    """parallel.context keeps a rank's chunk of every table along dim 0 (``local_chunk(z, 0, cp)``) with
+    its chunk of the tokens along dim 1: both table kinds must rotate a chunk as the whole does."""
+    from dit.embeddings import RopeLTX, apply_rope
+
+    rope = RopeLTX(24, 4, (1, 1, 1), (20, 2048, 2048), (8, 32, 32))
+    q = torch.randn(2, 4 * 2 * 3, 4, 6, generator=torch.Generator().manual_seed(0))  # B, N, H, Dh
+    for fps in (torch.tensor(24.0), torch.tensor([24.0, 30.0])):
+        tables = rope((4, 2, 3), fps)
+        whole = apply_rope(q, tables)
+        for rank in range(2):
+            chunk = tuple(z.chunk(2, dim=0)[rank] for z in tables)
+            torch.testing.assert_close(
+                apply_rope(q.chunk(2, dim=1)[rank], chunk), whole.chunk(2, dim=1)[rank]
+            )
+
+
+def test_rope_ltx_model_needs_fps_and_uses_it():
+    cfg = get_preset("tiny", depth=1, pos_embed="rope_ltx", qk_norm="across_heads", block_norm="rmsnorm")
+    assert cfg.needs_fps and not get_preset("tiny").needs_fps
+    model = random_model(cfg)
+    x, t, kw = inputs(cfg)
+    with pytest.raises(ValueError, match="rope_ltx.*needs fps"):
+        model(x, t, **kw)
+    a = model(x, t, **kw, fps=torch.tensor([24.0, 24.0]))
+    torch.testing.assert_close(model(x, t, **kw, fps=24.0), a, rtol=1e-6, atol=1e-6)  # shared table
+    b = model(x, t, **kw, fps=torch.tensor([24.0, 8.0]))
+    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-6)  # per sample: sample 0 unchanged
+    assert (b[1] - a[1]).abs().max() > 1e-4
