@@ -55,7 +55,9 @@ class DiffusionConfig:
     t_range: tuple[float, float] = (0.0, 1.0)
     """Flow: train only on times in [lo, hi] (after the shift), the share of the noise levels one expert
     of a mixture-of-experts model owns: Wan2.2-A14B's high-noise expert takes t ≥ its boundary 0.875,
-    the low-noise expert the rest. (0, 1) is every time."""
+    the low-noise expert the rest. (0, 1) is every time. Inside the range the times keep the configured
+    distribution (``timestep_sampling`` and the shift, truncated to [lo, hi] and renormalised: drawn by
+    inverting its CDF, one uniform draw per sample); the validation loss grid covers [lo, hi]."""
 
 
 @dataclass
@@ -161,8 +163,12 @@ class Objective:
         return LossOutput(loss=loss, per_frame=per_frame, t=t)
 
 
-def _shift(t: Tensor, alpha: float) -> Tensor:
+def flow_shift(t: Tensor, alpha: float) -> Tensor:
+    """The flow time shift t ← α·t / (1 + (α-1)·t) (SD3's, Wan's ``flow_shift``)."""
     return alpha * t / (1 + (alpha - 1) * t)
+
+
+_shift = flow_shift
 
 
 class FlowMatching(Objective):
@@ -178,6 +184,8 @@ class FlowMatching(Objective):
 
     def sample_t(self, b: int, tokens: int | None, device, generator=None) -> Tensor:
         cfg = self.cfg
+        if tuple(cfg.t_range) != (0.0, 1.0):
+            return self._sample_t_in_range(b, tokens, device, generator)
         u = torch.rand(b, device=device, generator=generator)
         if cfg.timestep_sampling == "uniform":
             t = u
@@ -191,6 +199,49 @@ class FlowMatching(Objective):
                 f"DiffusionConfig.timestep_sampling={cfg.timestep_sampling!r}: uniform|logit_normal|mode"
             )
         return _shift(t, self.shift_for(tokens))
+
+    def _time_of_quantile(self, u: Tensor, shift: float) -> Tensor:
+        """The training time at quantile ``u`` of the configured distribution (float64): monotone in
+        ``u``, increasing except for ``mode``, whose formula already maps u to t decreasingly."""
+        cfg = self.cfg
+        if cfg.timestep_sampling == "uniform":
+            t = u
+        elif cfg.timestep_sampling == "logit_normal":
+            t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.special.ndtri(u))
+        elif cfg.timestep_sampling == "mode":
+            t = 1 - u - cfg.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+        else:
+            raise ValueError(
+                f"DiffusionConfig.timestep_sampling={cfg.timestep_sampling!r}: uniform|logit_normal|mode"
+            )
+        return _shift(t, shift)
+
+    def _sample_t_in_range(self, b: int, tokens: int | None, device, generator=None) -> Tensor:
+        """Times of the configured distribution conditioned on ``t_range``: the quantiles whose times
+        bound the range are found by bisection, then one uniform draw between them per sample."""
+        cfg = self.cfg
+        lo, hi = (float(v) for v in cfg.t_range)
+        if cfg.timestep_sampling == "mode" and not -1 <= cfg.mode_scale <= 1 / (math.pi / 2 - 1):
+            raise ValueError(
+                f"DiffusionConfig.mode_scale={cfg.mode_scale}: with t_range the mode density must be "
+                "monotone in its quantile (mode_scale in [-1, 1.75])"
+            )
+        shift = self.shift_for(tokens)
+        sign = -1.0 if cfg.timestep_sampling == "mode" else 1.0  # make the quantile map increasing
+
+        def quantile_of(t: float) -> float:
+            a, z = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+            for _ in range(60):  # bisection to float64 resolution
+                mid = (a + z) / 2
+                if sign * float(self._time_of_quantile(mid, shift)) < sign * t:
+                    a = mid
+                else:
+                    z = mid
+            return float((a + z) / 2)
+
+        q_lo, q_hi = sorted((quantile_of(lo), quantile_of(hi)))
+        u = q_lo + (q_hi - q_lo) * torch.rand(b, device=device, generator=generator, dtype=torch.float64)
+        return self._time_of_quantile(u, shift).clamp(lo, hi).float()
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return 1 - t, t
@@ -240,6 +291,8 @@ class DDPM(Objective):
         super().__init__(cfg)
         if cfg.prediction not in ("eps", "v"):
             raise ValueError(f"DiffusionConfig.prediction={cfg.prediction!r}: eps|v")
+        if tuple(cfg.t_range) != (0.0, 1.0):
+            raise ValueError(f"diffusion.t_range={list(cfg.t_range)} applies to objective=flow only")
         if cfg.zero_terminal_snr and cfg.prediction != "v":
             raise ValueError(
                 "DiffusionConfig.zero_terminal_snr needs prediction='v' (ε is undefined at zero SNR)"

@@ -4,6 +4,10 @@ Raw batches (``video`` + ``text``) are encoded here with the configured codec an
 batches (``latent`` + ``text_emb``/``text_mask``) pass through. Every random choice (caption dropout,
 task) is drawn from the generator the caller passes, so a step's draws depend only on (seed, rank,
 step) and resume exactly.
+
+The text convention (``model.arch.text_mask`` / ``text_null``) is applied here for training and by
+:func:`launch.sample.conditions` for sampling, with the same two functions (:func:`text_states`,
+:func:`null_condition`), so caption dropout's null is the null classifier-free guidance uses.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class Conditioner:
         self._codec = None
         self.text: TextEncoder | None = None
         self._text_cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()  # data.text_cache
+        self._empty: tuple[Tensor, Tensor] | None = None  # the encoded "" (text_null=empty_prompt)
         if channels != self.arch.in_channels:
             raise ValueError(
                 f"data.codec={cfg.data.codec!r} makes {channels}-channel latents but "
@@ -146,6 +151,17 @@ class Conditioner:
             out.append(hit)
         return torch.stack([e for e, _ in out]), torch.stack([m for _, m in out])
 
+    def empty_prompt(self) -> tuple[Tensor, Tensor] | None:
+        """The encoded empty caption (1×L×D, 1×L), the null of ``model.arch.text_null=empty_prompt``;
+        None for the other nulls. Encoded once, alone (as :meth:`encode_text` encodes a cache miss), so it
+        is the same tensor whichever batch drops a caption; with latent shards this loads the text
+        encoder on the first use."""
+        if self.arch.conditioning != "text" or self.arch.text_null != "empty_prompt":
+            return None
+        if self._empty is None:
+            self._empty = self.encode_text([""])
+        return self._empty
+
     def __call__(self, batch: Batch, gen: torch.Generator, train: bool = True) -> Prepared:
         dev = self.device
         if batch.latent is not None:
@@ -159,7 +175,7 @@ class Conditioner:
             kwargs["fps"] = batch.fps.to(dev, non_blocking=True)
         if train and self.cfg.train.cfg_dropout > 0 and self.arch.conditioning != "none":
             drop = torch.rand(b, generator=gen) < self.cfg.train.cfg_dropout
-            null = null_condition(self.arch, kwargs)
+            null = null_condition(self.arch, kwargs, self.empty_prompt())
             for k, v in null.items():
                 mask = drop.to(dev).view(-1, *([1] * (v.ndim - 1)))
                 kwargs[k] = torch.where(mask, v, kwargs[k])
@@ -177,6 +193,7 @@ class Conditioner:
                 mask = mask if mask is not None else torch.ones(emb.shape[:2], dtype=torch.bool)
             else:
                 emb, mask = self.encode_text(batch.text)
+            emb, mask = text_states(self.arch, emb, mask)
             # loader tensors may be pinned: copies overlap with the host's work
             return {
                 "context": emb.to(dev, non_blocking=True).float(),
@@ -208,13 +225,38 @@ class Conditioner:
         return clean if clean.any() else None
 
 
-def null_condition(arch: DiTConfig, like: dict) -> dict:
-    """The unconditional inputs for classifier-free guidance, shaped like the conditional ``like``:
-    zero, fully masked text states, or the null class label ``num_classes``."""
+def text_states(arch: DiTConfig, emb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder states and their padding mask (B×L×D, B×L) as the model takes them under
+    ``model.arch.text_mask``: unchanged when True; when False (Wan) the states past each caption's
+    length are zero and the mask is all True, so the zero rows are attended as the model was trained."""
+    if arch.text_mask:
+        return emb, mask
+    return emb * mask[..., None].to(emb.dtype), torch.ones_like(mask)
+
+
+def null_condition(arch: DiTConfig, like: dict, empty_prompt: tuple[Tensor, Tensor] | None = None) -> dict:
+    """The unconditional inputs for classifier-free guidance and caption dropout, shaped like the
+    conditional ``like``: under ``model.arch.text_null=masked`` zero, fully masked text states; under
+    ``empty_prompt`` the encoded empty caption ``empty_prompt`` (1×L×D states, 1×L mask, as the text
+    encoder returns them; :func:`text_states` applies the convention) on every row; for a
+    class-conditional model the null class label ``num_classes``."""
     if arch.conditioning == "text":
+        ctx, ctx_mask = like["context"], like["context_mask"]
+        if arch.text_null == "masked":
+            return {"context": torch.zeros_like(ctx), "context_mask": torch.zeros_like(ctx_mask)}
+        if empty_prompt is None:
+            raise ValueError("model.arch.text_null=empty_prompt: the encoded empty caption is needed")
+        emb, mask = text_states(arch, *empty_prompt)
+        if emb.shape[1:] != ctx.shape[1:]:
+            raise ValueError(
+                f"model.arch.text_null=empty_prompt: the empty caption's states are {tuple(emb.shape[1:])} "
+                f"but the captions' {tuple(ctx.shape[1:])} (latent shards encoded at another "
+                "data.max_text_len or with another data.text_encoder?)"
+            )
+        b = ctx.shape[0]
         return {
-            "context": torch.zeros_like(like["context"]),
-            "context_mask": torch.zeros_like(like["context_mask"]),
+            "context": emb.to(ctx.device, ctx.dtype).expand(b, -1, -1),
+            "context_mask": mask.to(ctx.device).expand(b, -1),
         }
     if arch.conditioning == "class":
         return {"labels": torch.full_like(like["labels"], arch.num_classes)}

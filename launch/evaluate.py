@@ -156,7 +156,12 @@ def noise_seed(seed: int, key: str, point: int) -> int:
 
 
 def grid_times(obj: Objective, cfg: JobConfig, b: int, i: int, device) -> torch.Tensor:
+    """The ``i``-th of ``eval.timesteps`` evenly spaced times, at the centres of equal cells of
+    ``diffusion.t_range`` (the times the model trains on; (0, 1): t_i = (i + 0.5) / n)."""
     u = (i + 0.5) / cfg.eval.timesteps
+    lo, hi = cfg.diffusion.t_range
+    if (lo, hi) != (0.0, 1.0):
+        u = lo + (hi - lo) * u
     if cfg.diffusion.objective == "ddpm":
         return torch.full((b,), int(u * cfg.diffusion.num_timesteps), dtype=torch.long, device=device)
     return torch.full((b,), u, device=device)

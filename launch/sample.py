@@ -8,6 +8,12 @@ Text-to-video by default; ``--image`` pins the first frame (image-to-video); ``-
 clip to ``--strength`` and denoises it (video-to-video). Several prompts (``--prompt`` repeated or one
 per line in ``--prompts``) are sampled in batches and written as ``OUT-0.mp4``, ``OUT-1.mp4`` …
 Latents are decoded through the codec/VAE the model was trained with.
+
+``--grid diffusers`` walks the σ grid of the diffusers scheduler of the sampler (``FlowMatchEuler`` for
+``euler``, ``UniPCMultistep`` for ``unipc``), so a model imported from a Wan pipeline samples what
+``WanPipeline`` samples. Two experts (Wan2.2-A14B): ``--low-noise LOW`` takes the low-noise expert (the
+source is the high-noise one) and ``--boundary B`` the switch (steps at network time ≥ 1000·B run
+the source); ``B`` defaults to the pipeline root's ``boundary_ratio`` when the source is one.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from data.video import MediaError, decode_clip, decode_image, encode_h264, media
 from dit.config import DiTConfig
 from dit.diffusion import make_objective
 from dit.model import build_model
-from dit.sampling import SAMPLER_NAMES, sample
-from launch.batches import bf16_compute, encoder_dtype, null_condition
+from dit.sampling import GRIDS, SAMPLER_NAMES, Experts, sample
+from launch.batches import bf16_compute, encoder_dtype, null_condition, text_states
 from launch.config import RunConfig, SampleConfig, load_config
 from launch.export import export_config, read_export_config
 from launch.finetune import read_weights
@@ -133,7 +139,8 @@ class SampleRequest:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> SampleRequest:
-        """The request of parsed :func:`build_parser` options (each field has an option of its name)."""
+        """The request of parsed :func:`build_parser` options (each field has an option of its name;
+        ``--grid``, ``--low-noise`` and ``--boundary`` are read by :func:`main`)."""
         return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -168,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1: off)")
+    p.add_argument(
+        "--grid",
+        choices=GRIDS,
+        default="uniform",
+        help="sampling grid: uniform (ours) or diffusers (the grid of the sampler's diffusers scheduler, "
+        "as WanPipeline steps)",
+    )
+    p.add_argument(
+        "--low-noise",
+        dest="low_noise",
+        help="the low-noise expert of a two-expert model (Wan2.2-A14B); the source is the high-noise one",
+    )
+    p.add_argument(
+        "--boundary",
+        type=float,
+        help="two experts: the high-noise expert runs at t >= BOUNDARY (default: the pipeline root's "
+        "boundary_ratio)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if an EMA exists")
@@ -187,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     try:
         req = SampleRequest.from_args(a)  # before any weight is read
+        if a.boundary is not None:
+            check_range(a.boundary, "--boundary", 0.0, 1.0)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     for path in (a.image, a.video, a.prompts):
@@ -195,21 +222,61 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(a.prompt, a.prompts)
     try:
         model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
-    except CheckpointError as e:  # a damaged or foreign file: the message names it
+        if a.low_noise:
+            low, low_info = load_for_inference(a.low_noise, use_ema=not a.no_ema, device=a.device)
+            model = experts(model, info, low, low_info, a.source, a.boundary)
+    except (CheckpointError, ValueError) as e:  # a damaged or foreign file: the message names it
         raise SystemExit(f"error: {e}") from None
-    written = generate(model, info, prompts, req)
+    written = generate(model, info, prompts, req, grid=a.grid)
     print("wrote " + ", ".join(str(w) for w in written))
 
 
-def generate(model, info: dict, prompts: list[str], req: SampleRequest) -> list[Path]:
+def experts(high, info: dict, low, low_info: dict, source: str | Path, boundary: float | None) -> Experts:
+    """The two-expert model of ``launch.sample SOURCE --low-noise LOW [--boundary B]``: ``high`` runs at
+    network times ≥ 1000·B, ``low`` below (as ``WanPipeline`` with ``transformer_2``).
+
+    Args:
+        high, info: the source's model and info (:func:`load_for_inference`).
+        low, low_info: the low-noise expert's.
+        source: the source path: a Wan2.2 pipeline root gives the default boundary.
+        boundary: ``--boundary``; None takes the root's ``boundary_ratio``.
+
+    Raises:
+        ValueError: the experts' architectures or text conventions differ, or no boundary is known.
+    """
+    fields = ("in_channels", "text_dim", "conditioning", "text_mask", "text_null", "text_len", "patch_size")
+    differ = [f for f in fields if getattr(info["arch"], f) != getattr(low_info["arch"], f)]
+    if differ:
+        raise ValueError(f"--low-noise: the experts differ in model.arch.{', model.arch.'.join(differ)}")
+    if boundary is None:
+        boundary = _root_boundary(Path(source))
+    if boundary is None:
+        raise ValueError(
+            f"--low-noise: give --boundary (the source {source} is no pipeline root with a boundary_ratio)"
+        )
+    return Experts(high, low, boundary)
+
+
+def _root_boundary(root: Path) -> float | None:
+    """``boundary_ratio`` of a diffusers pipeline root (Wan2.2-A14B), or None."""
+    if not (root / "model_index.json").is_file():
+        return None
+    from launch.interop import wan_boundary  # only for a diffusers root
+
+    return wan_boundary(root)
+
+
+def generate(model, info: dict, prompts: list[str], req: SampleRequest, grid: str = "uniform") -> list[Path]:
     """Sample, decode and write one mp4 per prompt; returns the paths written.
 
     Args:
-        model: The DiT in eval mode (:func:`load_for_inference`).
+        model: The DiT in eval mode (:func:`load_for_inference`), or an :class:`~dit.sampling.Experts`
+            pair (:func:`experts`).
         info: Its ``arch``, ``diffusion``, ``codec``, ``text_encoder``, ``max_text_len`` and ``sample``
             (the run's sampling defaults, for the request's None fields).
         prompts: Captions, or class ids as strings for a class-conditional model.
         req: What to generate and where.
+        grid: The sampling grid (``--grid``, :func:`dit.sampling.sampling_grid`).
     """
     arch, defaults = info["arch"], info.get("sample") or SampleConfig()
     frames, height = req.frames or defaults.frames, req.height or defaults.height
@@ -254,6 +321,7 @@ def generate(model, info: dict, prompts: list[str], req: SampleRequest) -> list[
             video=video,
             strength=req.strength,
             bf16=bf16,
+            grid=grid,
         )
         for n, clip in enumerate(clips, start):
             path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
@@ -298,30 +366,29 @@ def latents_for(
     video: torch.Tensor | None = None,
     strength: float = 1.0,
     bf16: bool = False,
+    grid: str = "uniform",
+    noise: torch.Tensor | None = None,
+    empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sampled latents, one per prompt (class ids as strings for a class-conditional model).
 
     Args:
+        model: the DiT, or an :class:`~dit.sampling.Experts` pair.
         compression: the codec's :class:`~data.buckets.Compression`, for the latent shape.
         encode_text: captions → (states, mask); used by text-conditioned models.
         frames, height, width: the clip in pixels.
         first_frame: 1×C×H×W latent for image-to-video; video: 1×C×T×H×W latents for video-to-video.
         bf16: run the model under bf16 autocast (the training precision; the weights stay as they
             are, the sampler integrates in fp32).
+        grid: the sampling grid (:func:`dit.sampling.sampling_grid`).
+        noise: the initial noise (B×C×T×H×W latents), e.g. a reference pipeline's; None: from ``seed``.
+        empty_prompt: see :func:`conditions`.
     """
     b, comp = len(prompts), compression
     shape = (b, arch.in_channels, comp.latent_frames(frames), height // comp.spatial, width // comp.spatial)
-    model_kwargs: dict = {}
-    if arch.conditioning == "text":
-        emb, mask = encode_text(prompts)
-        model_kwargs = {"context": emb.to(device), "context_mask": mask.to(device)}
-    elif arch.conditioning == "class":
-        model_kwargs = {"labels": torch.tensor([_class_id(p, arch) for p in prompts], device=device)}
-    if arch.fps_conditioning:
-        model_kwargs["fps"] = torch.full((b,), float(fps), device=device)
-    uncond_kwargs = None
-    if cfg_scale != 1:
-        uncond_kwargs = {**model_kwargs, **null_condition(arch, model_kwargs)}
+    model_kwargs, uncond_kwargs = conditions(
+        arch, encode_text, prompts, fps=fps, cfg_scale=cfg_scale, device=device, empty_prompt=empty_prompt
+    )
     # no weight-cast cache across the sampler's steps: under ZeRO-3 it would hold a bf16 copy of every
     # weight for the whole loop; recasting each step costs little next to the matmuls
     dev = torch.device(device).type
@@ -341,7 +408,49 @@ def latents_for(
             first_frame_as="cond" if arch.cond_channels else "frames",
             video=None if video is None else video.expand(b, -1, -1, -1, -1),
             strength=strength,
+            grid=grid,
+            noise=noise,
         )
+
+
+def conditions(
+    arch: DiTConfig,
+    encode_text,
+    prompts: list[str],
+    *,
+    fps: float,
+    cfg_scale: float,
+    device,
+    empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[dict, dict | None]:
+    """The model's conditional keyword arguments for ``prompts`` and, with guidance, the unconditional
+    ones, under the model's text convention (``arch.text_mask`` / ``arch.text_null``, the functions
+    caption dropout uses: the CFG null is the training null).
+
+    Args:
+        arch: the model's architecture.
+        encode_text: captions → (states, mask) as the text encoder returns them.
+        prompts: captions (class ids as strings for a class-conditional model).
+        fps: the clip's frame rate (fps-conditioned models).
+        cfg_scale: guidance; 1 makes no unconditional inputs.
+        device: where the inputs go.
+        empty_prompt: the encoded empty caption for ``text_null=empty_prompt``; None encodes it with
+            ``encode_text([""])`` (alone, as :meth:`launch.batches.Conditioner.empty_prompt` does).
+            A caller whose ``encode_text`` does not encode what it is given must pass it.
+    """
+    b, model_kwargs = len(prompts), {}
+    if arch.conditioning == "text":
+        emb, mask = text_states(arch, *encode_text(prompts))
+        model_kwargs = {"context": emb.to(device), "context_mask": mask.to(device)}
+    elif arch.conditioning == "class":
+        model_kwargs = {"labels": torch.tensor([_class_id(p, arch) for p in prompts], device=device)}
+    if arch.fps_conditioning:
+        model_kwargs["fps"] = torch.full((b,), float(fps), device=device)
+    if cfg_scale == 1:
+        return model_kwargs, None
+    if arch.conditioning == "text" and arch.text_null == "empty_prompt" and empty_prompt is None:
+        empty_prompt = encode_text([""])
+    return model_kwargs, {**model_kwargs, **null_condition(arch, model_kwargs, empty_prompt)}
 
 
 def _class_id(prompt: str, arch: DiTConfig) -> int:
