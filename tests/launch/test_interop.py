@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from dit.config import DiTConfig
 from dit.model import build_model
 from launch import interop
-from launch.interop import wan
+from launch.interop import ltx, wan
 from tests.launch.diffusers_models import build_ltx, build_wan, tiny_wan, tiny_wan_pipeline_root
 
 RTOL = 1e-5
@@ -303,3 +303,39 @@ def test_ltx_round_trip_and_refusals(tmp_path):
         interop.to_ours(m)
     with pytest.raises(ValueError, match=r"block_norm='layernorm' \(LTX: 'rmsnorm'\)"):
         interop.to_diffusers(cfg.replace(block_norm="layernorm"), state)
+
+
+# the transformer/config.json of the published diffusers checkpoints (Wan-AI/*-Diffusers, LTX-Video)
+WAN_13B = dict(
+    patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, eps=1e-6,
+    qk_norm="rms_norm_across_heads", image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+)  # fmt: skip
+WAN_14B = dict(WAN_13B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+LTX_2B = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+    attention_head_dim=64, cross_attention_dim=2048, num_layers=28, activation_fn="gelu-approximate",
+    qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096,
+    attention_bias=True, attention_out_bias=True,
+)  # fmt: skip
+PUBLISHED = {
+    "wan2.1-t2v-1.3b": (wan, WAN_13B),
+    "wan2.1-t2v-14b": (wan, WAN_14B),
+    "wan2.2-ti2v-5b": (
+        wan,
+        dict(WAN_13B, num_attention_heads=24, ffn_dim=14336, in_channels=48, out_channels=48),
+    ),
+    "wan2.2-t2v-a14b": (wan, WAN_14B),  # each expert
+    "ltx-video-2b": (ltx, LTX_2B),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_published_configs_give_our_presets(preset):
+    """Importing a published checkpoint yields exactly the preset of the same name (text convention too),
+    so a fine-tune of the import and one of the preset are the same model."""
+    from dit.config import get_preset
+
+    module, config = PUBLISHED[preset]
+    assert module.config_to_ours(config, preset) == get_preset(preset)
