@@ -32,13 +32,20 @@ PEAK_TFLOPS_BF16 = {
 }
 
 
+def _text_len(cfg: DiTConfig, text_len: int | None) -> int:
+    # the length the model was trained at when it has one (an unmasked pad, or LTX's 128), else 512
+    if text_len is not None:
+        return text_len
+    return cfg.text_len if cfg.text_len is not None else 512
+
+
 def macs_breakdown(
     cfg: DiTConfig,
     frames: int,
     height: int,
     width: int,
     batch: int = 1,
-    text_len: int = 512,
+    text_len: int | None = None,
     per_frame_t: bool = False,
 ) -> dict[str, int]:
     """Forward MACs by component for latents of size (frames, height, width).
@@ -47,7 +54,8 @@ def macs_breakdown(
         cfg: the architecture.
         frames, height, width: latent T, H, W (divisible by the patch).
         batch: samples per forward.
-        text_len: text tokens L for cross-attention.
+        text_len: text tokens L for cross-attention; None: the model's ``text_len`` (Wan 512, LTX 128),
+            else 512.
         per_frame_t: timesteps per latent frame (I2V), which runs the embedding and modulation
             linears once per frame instead of once per sample.
     """
@@ -57,7 +65,7 @@ def macs_breakdown(
     d, f = cfg.hidden_size, cfg.ffn_hidden
     nf = gt if per_frame_t else 1  # modulation vectors per sample
     text = cfg.conditioning == "text"
-    l = text_len if text else 0
+    l = _text_len(cfg, text_len) if text else 0
     out = {
         "patch_embed": n * (cfg.in_channels + cfg.cond_channels) * cfg.patch_volume * d,
         "timestep_embed": nf * (cfg.freq_dim * d + d * d),
@@ -89,7 +97,7 @@ def count(
     height: int,
     width: int,
     batch: int = 1,
-    text_len: int = 512,
+    text_len: int | None = None,
     per_frame_t: bool = False,
 ) -> dict:
     """Parameters, tokens and FLOPs of one forward / one training step (see module docstring)."""
@@ -103,7 +111,7 @@ def count(
         "params": params,
         "tokens": (frames // pt) * (height // ph) * (width // pw),
         "batch": batch,
-        "text_len": text_len if cfg.conditioning == "text" else 0,
+        "text_len": _text_len(cfg, text_len) if cfg.conditioning == "text" else 0,
         "macs_fwd": macs,
         "flops_fwd": 2 * macs,
         "flops_train_step": 3 * 2 * macs,
@@ -144,7 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--height", type=int, help="latent height H")
     p.add_argument("--width", type=int, help="latent width W")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text-len", type=int, default=512, help="text tokens for cross-attention")
+    p.add_argument(
+        "--text-len",
+        type=int,
+        help="text tokens for cross-attention (default: the preset's text_len, else 512)",
+    )
     p.add_argument("--per-frame-t", action="store_true", help="per-frame timesteps (I2V)")
     p.add_argument("--layout", choices=["full", "factorized"], help="override the attention layout")
     a = p.parse_args(argv)

@@ -140,3 +140,16 @@ def test_our_own_video_presets_keep_their_per_head_norm(name):
         True,
         "masked",
     )
+
+
+def test_flops_count_the_text_length_the_model_was_trained_at():
+    from dit.flops import count
+
+    ltx, tiny = PRESETS["ltx-video-2b"], PRESETS["tiny"]
+    size = DEFAULT_LATENT_SIZE["ltx-video-2b"]
+    assert count(ltx, *size)["text_len"] == 128
+    assert count(ltx, *size)["macs_fwd"] == count(ltx, *size, text_len=128)["macs_fwd"]
+    assert count(ltx, *size)["macs_fwd"] < count(ltx, *size, text_len=512)["macs_fwd"]
+    assert (
+        count(tiny, 4, 8, 8)["macs_fwd"] == count(tiny, 4, 8, 8, text_len=512)["macs_fwd"]
+    )  # no text_len: 512
