@@ -23,7 +23,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from dit.config import DiTConfig
 from dit.embeddings import Fp32Linear, LearnedPos3D
-from dit.layers import Fp32LayerNorm, TableModulation
+from dit.layers import AcrossHeadsRMSNorm, Fp32LayerNorm, TableModulation
 from dit.model import SpacetimeDiT
 from parallel.config import ParallelConfig, checkpoint_every, is_selective
 from parallel.context import apply_sequence_cut, check_cp_degrees
@@ -198,8 +198,9 @@ def _shard(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, bf16: bool, o
 
 # Modules whose parameters enter fp32 arithmetic under bf16 autocast: the fp32 layers of dit/ (time
 # embedding, modulation, output head, the affine cross-attention norm), the adaLN tables and learned
-# positions added to the fp32 residual, and RMSNorm (CUDA autocast runs it in fp32)
-FP32_COMPUTE = (Fp32Linear, Fp32LayerNorm, TableModulation, LearnedPos3D, nn.RMSNorm)
+# positions added to the fp32 residual, and the qk RMSNorms (CUDA autocast runs nn.RMSNorm in fp32;
+# AcrossHeadsRMSNorm computes in fp32 itself)
+FP32_COMPUTE = (Fp32Linear, Fp32LayerNorm, TableModulation, LearnedPos3D, nn.RMSNorm, AcrossHeadsRMSNorm)
 
 
 def fp32_compute_modules(root: nn.Module, skip: nn.Module | None = None) -> list[nn.Module]:

@@ -33,10 +33,10 @@ GLOBAL_BATCH = 4
 STEPS = 3
 
 
-def arch(layout: str = "full", heads: int = 4) -> DiTConfig:
+def arch(layout: str = "full", heads: int = 4, qk_norm: str = "per_head") -> DiTConfig:
     return DiTConfig(
         in_channels=4, hidden_size=32, depth=2, num_heads=heads, text_dim=16, patch_size=(1, 2, 2),
-        mlp="swiglu", qk_norm=True, attention_layout=layout,
+        mlp="swiglu", qk_norm=qk_norm, attention_layout=layout,
     )  # fmt: skip
 
 
@@ -45,6 +45,11 @@ class Case:
     name: str
     parallel: dict = field(default_factory=dict)
     layout: str = "full"
+    qk_norm: str = "per_head"
+    """``model.arch.qk_norm``: ``across_heads`` (Wan, LTX) all-reduces a statistic over the tp ranks."""
+
+    def arch(self) -> DiTConfig:
+        return arch(self.layout, qk_norm=self.qk_norm)
 
     @property
     def split_batch(self) -> bool:
@@ -126,7 +131,7 @@ def train(cfg: DiTConfig, pcfg: ParallelConfig, world: int, fixed_draws: bool = 
 
 
 def reference(case: Case) -> dict:
-    return train(arch(case.layout), ParallelConfig(), world=1, fixed_draws=case.split_batch)
+    return train(case.arch(), ParallelConfig(), world=1, fixed_draws=case.split_batch)
 
 
 def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
@@ -136,5 +141,5 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) ->
         port,
         cases,
         out_dir,
-        lambda c: train(arch(c.layout), ParallelConfig(**c.parallel), world, c.split_batch),
+        lambda c: train(c.arch(), ParallelConfig(**c.parallel), world, c.split_batch),
     )

@@ -14,6 +14,8 @@ from tests.parallel.parity_worker import Case, arch, reference, train, worker
 
 pytestmark = pytest.mark.slow
 
+ACROSS = "across_heads"
+
 
 CASES_2 = [
     Case("dp_replicate2", {"dp_replicate": 2, "dp_shard": 1}),
@@ -26,6 +28,9 @@ CASES_2 = [
     Case("cp2_ulysses_factorized", {"cp": 2, "cp_ring": 1, "dp_shard": 1}, layout="factorized"),
     Case("cp2_ring_factorized", {"cp": 2, "cp_ring": 2, "dp_shard": 1}, layout="factorized"),
     Case("tp2_checkpointed", {"tp": 2, "dp_shard": 1, "activation_checkpointing": "full"}),
+    # Wan's and LTX's qk norm spans all heads: one all-reduce over the tp ranks (parallel.across_heads)
+    Case("tp2_sp_across_heads", {"tp": 2, "dp_shard": 1}, qk_norm=ACROSS),
+    Case("tp2_no_sp_across_heads", {"tp": 2, "dp_shard": 1, "sequence_parallel": False}, qk_norm=ACROSS),
 ]
 CASES_4 = [
     Case("dp_shard2_tp2", {"dp_shard": 2, "tp": 2}),
@@ -34,6 +39,7 @@ CASES_4 = [
     Case("hsdp2x2_every2", {"dp_replicate": 2, "dp_shard": 2, "activation_checkpointing": "every_2"}),
     Case("cp2_tp2", {"cp": 2, "tp": 2, "dp_shard": 1}),
     Case("cp2_ring_tp2_factorized", {"cp": 2, "cp_ring": 2, "tp": 2, "dp_shard": 1}, layout="factorized"),
+    Case("dp_shard2_tp2_across_heads", {"dp_shard": 2, "tp": 2}, qk_norm=ACROSS),
 ]
 
 
