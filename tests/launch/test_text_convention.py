@@ -1,0 +1,94 @@
+"""The text convention (``model.arch.text_mask`` / ``text_null`` / ``text_len``) with the real MiniLM
+encoder: what the model is given in training (the Conditioner, caption dropout's null) and in sampling
+(``launch.sample.conditions``: the CFG null), for each combination."""
+
+import pytest
+import torch
+
+from data.batch import Batch
+from launch.batches import Conditioner
+from launch.config import load_config
+from launch.sample import conditions
+
+CAPTIONS = ["a red circle moves slowly from left to right", "a blue square", "green"]
+
+
+def _batch(b=3):
+    return Batch(
+        bucket="4x16x16",
+        key=[f"k{i}" for i in range(b)],
+        text=CAPTIONS[:b],
+        fps=torch.full((b,), 8.0),
+        latent=torch.randn(b, 48, 1, 4, 4),
+    )
+
+
+def _conditioner(*overrides):
+    cfg = load_config(None, ["data.max_text_len=16", *overrides])
+    return Conditioner(cfg, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    """The encoder's own output (states zero past each caption, the padding mask): the reference."""
+    cond = _conditioner()
+    return cond.encode_text(CAPTIONS), cond.encode_text([""])
+
+
+@pytest.mark.parametrize("text_mask", [True, False])
+@pytest.mark.parametrize("text_null", ["masked", "empty_prompt"])
+def test_each_convention_gives_its_states_mask_and_null(encoded, text_mask, text_null):
+    (emb, pad), (empty_emb, empty_pad) = encoded
+    assert not pad.all() and pad[:, 0].all()  # the short captions are padded: the masks matter here
+    over = [f"model.arch.text_mask={text_mask}", f"model.arch.text_null={text_null}"]
+    cond = _conditioner("train.cfg_dropout=0", *over)
+    prep = cond(_batch(), torch.Generator().manual_seed(0))
+    ctx, mask = prep.kwargs["context"], prep.kwargs["context_mask"]
+    assert torch.equal(ctx, emb)  # zero-padded states either way (Wan: zeros past the caption)
+    assert torch.all(ctx[~pad] == 0) and torch.all(ctx[pad].abs().sum(-1) > 0)
+    assert torch.equal(mask, pad if text_mask else torch.ones_like(pad))  # Wan: nothing masked
+
+    dropped = _conditioner("train.cfg_dropout=0.999", *over)(_batch(), torch.Generator().manual_seed(0))
+    null_ctx, null_mask = dropped.kwargs["context"], dropped.kwargs["context_mask"]
+    if text_null == "masked":  # today's null: zero states attended nowhere
+        assert torch.all(null_ctx == 0) and not null_mask.any()
+    else:  # the encoded empty caption on every row, under the same mask convention
+        assert torch.equal(null_ctx, empty_emb.expand(3, -1, -1)) and null_ctx.abs().sum() > 0
+        assert torch.equal(null_mask, (empty_pad if text_mask else torch.ones_like(empty_pad)).expand(3, -1))
+
+    # sampling: the conditional inputs are training's, and the CFG null is the dropout null
+    arch = cond.arch
+    cfg_on, uncond = conditions(arch, cond.encode_text, CAPTIONS, fps=8.0, cfg_scale=4.0, device="cpu")
+    assert torch.equal(cfg_on["context"], ctx) and torch.equal(cfg_on["context_mask"], mask)
+    assert torch.equal(uncond["context"], null_ctx) and torch.equal(uncond["context_mask"], null_mask)
+    _, none = conditions(arch, cond.encode_text, CAPTIONS, fps=8.0, cfg_scale=1.0, device="cpu")
+    assert none is None
+
+
+def test_latent_shards_follow_the_convention_and_the_empty_null_must_fit_them(encoded):
+    """Precomputed states (latent shards) get the same convention: Wan's zeroes states the shard masks
+    and unmasks them; an empty-prompt null of another length than the shard's states is refused."""
+    (emb, pad), (empty_emb, _) = encoded
+    noisy = emb + (~pad)[..., None] * 5.0  # a shard whose padding rows are not zero
+    batch = _batch()
+    batch.text_emb, batch.text_mask = noisy, pad
+    wan = ["model.arch.text_mask=false", "model.arch.text_null=empty_prompt"]
+    prep = _conditioner("train.cfg_dropout=0", *wan)(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(prep.kwargs["context"], emb) and prep.kwargs["context_mask"].all()
+    default = _conditioner("train.cfg_dropout=0")(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(default.kwargs["context"], noisy) and torch.equal(default.kwargs["context_mask"], pad)
+    batch.text_emb, batch.text_mask = noisy[:, :8], pad[:, :8]  # encoded at another data.max_text_len
+    with pytest.raises(ValueError, match="data.max_text_len"):
+        _conditioner("train.cfg_dropout=0.999", *wan)(batch, torch.Generator().manual_seed(0))
+
+
+def test_text_len_is_the_padding_length_of_captions_and_the_empty_prompt():
+    """With ``model.arch.text_len`` (Wan: 512) every caption and the empty prompt are padded to it, and
+    a different ``data.max_text_len`` is refused."""
+    over = ["model.arch.text_len=20", "data.max_text_len=20", "model.arch.text_mask=false"]
+    cond = Conditioner(load_config(None, [*over, "model.arch.text_null=empty_prompt"]), torch.device("cpu"))
+    emb, mask = cond.encode_text(["a blue square"])
+    empty, _ = cond.empty_prompt()
+    assert emb.shape[1] == mask.shape[1] == empty.shape[1] == 20
+    with pytest.raises(ValueError, match="data.max_text_len=16 but model.arch.text_len=20"):
+        load_config(None, ["model.arch.text_len=20", "data.max_text_len=16"])
