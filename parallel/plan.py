@@ -150,6 +150,20 @@ class _Cut:
     cp_ring: int = 1  # ring degree: cp = cp_ulysses · cp_ring
 
 
+def _qk_norm_bytes(arch: DiTConfig, tokens: int, tp: int) -> int:
+    """What one qk norm of ``tokens`` tokens saves on a rank holding 1/``tp`` of the heads, in fp32.
+
+    ``per_head``: the fused RMSNorm's input and one rstd per head. ``across_heads`` (unfused, see
+    :class:`dit.layers.AcrossHeadsRMSNorm`): its input, the normalised product the weight multiplies,
+    and one rstd per token (whole on every tp rank: the statistic is all-reduced)."""
+    d, h = arch.hidden_size, arch.num_heads
+    if arch.qk_norm == "per_head":
+        return (4 * tokens * d + 4 * tokens * h) // tp
+    if arch.qk_norm == "across_heads":
+        return 2 * 4 * tokens * d // tp + 4 * tokens
+    return 0
+
+
 def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
     """Bytes autograd saves in one block's forward under bf16 autocast on CUDA, by what saves them.
 
@@ -164,13 +178,12 @@ def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
     """
     n, ns, l, t = cut.n, cut.ns, cut.l, cut.tp
     d, f, h = arch.hidden_size, arch.ffn_hidden, arch.num_heads
-    qk = arch.qk_norm
     ln = lambda tokens: 4 * tokens * d + 8 * tokens  # noqa: E731  fp32 input + fp32 mean, rstd
     terms = {
         "residual_in": ln(ns),  # norm1's input: the block input (what `full` checkpointing keeps)
         "modulate_attn": 4 * ns * d,  # fp32 LayerNorm output, saved by the × (1 + scale)
         "qkv_in": 2 * n * d,  # the bf16 modulated input (all-gathered over tp under sequence parallelism)
-        "qk_norm": 2 * (4 * n * d + 4 * n * h) // t if qk else 0,  # fp32 RMSNorm inputs + rstd
+        "qk_norm": 2 * _qk_norm_bytes(arch, n, t),  # fp32 RMSNorm inputs + rstd, for q and k
         "attn_qkv_out": (4 * 2 * n * d + 4 * n * h) // t,  # the kernel's q, k, v, output, fp32 LSE
         "ulysses_out": 2 * n * d // t if cut.cp_ulysses > 1 else 0,  # o's input: all-to-all result
         "gate_attn": 4 * ns * d,  # fp32 attention output, saved by × gate
@@ -179,9 +192,9 @@ def block_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
         terms |= {
             "cross_norm_in": ln(ns),
             "cross_q_in": 2 * n * d,
-            "cross_q_norm": (4 * n * d + 4 * n * h) // t if qk else 0,
+            "cross_q_norm": _qk_norm_bytes(arch, n, t),
             "cross_attn_q_out": (2 * 2 * n * d + 4 * n * h) // t,
-            "cross_kv": ((4 * l * d + 4 * l * h if qk else 0) + 2 * 2 * l * d) // t,
+            "cross_kv": _qk_norm_bytes(arch, l, t) + 2 * 2 * l * d // t,
             "cross_o_in": 2 * n * d // t,  # output × has-caption mask, a new tensor
         }
     terms |= {
