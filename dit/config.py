@@ -28,6 +28,15 @@ _LEGACY_QK_NORM = {True: "per_head", False: "none", "True": "per_head", "true": 
 PARAMETRIZATIONS = ("standard", "mup")
 
 
+def qk_norm_kind(value):
+    """``DiTConfig.qk_norm`` as written today: a legacy bool (or its ``"True"``/``"false"`` string) becomes
+    ``per_head``/``none``; anything else is returned as is (the dataclass checks it). For comparing a
+    saved config with a current one (resume)."""
+    if isinstance(value, bool | str) and value in _LEGACY_QK_NORM:
+        return _LEGACY_QK_NORM[value]
+    return value
+
+
 @dataclass
 class DiTConfig:
     """Architecture of a :class:`dit.model.SpacetimeDiT`."""
@@ -126,8 +135,7 @@ class DiTConfig:
         self.max_latent_size = tuple(int(p) for p in self.max_latent_size)
         self.rope_base = tuple(int(p) for p in self.rope_base)
         self.rope_compression = tuple(int(p) for p in self.rope_compression)
-        if isinstance(self.qk_norm, bool | str) and self.qk_norm in _LEGACY_QK_NORM:
-            self.qk_norm = _LEGACY_QK_NORM[self.qk_norm]
+        self.qk_norm = qk_norm_kind(self.qk_norm)
         for name, allowed in (
             ("mlp", MLP_KINDS),
             ("attention_layout", LAYOUTS),
@@ -355,4 +363,4 @@ def get_preset(name: str, **overrides) -> DiTConfig:
     return PRESETS[name].replace(**overrides)
 
 
-__all__ = ["DiTConfig", "PRESETS", "DEFAULT_LATENT_SIZE", "get_preset"]
+__all__ = ["DiTConfig", "PRESETS", "DEFAULT_LATENT_SIZE", "get_preset", "qk_norm_kind"]

@@ -104,7 +104,10 @@ def test_per_head_and_across_heads_models_compute_different_functions():
     [(True, "per_head"), (False, "none"), ("True", "per_head"), ("true", "per_head"), ("false", "none")],
 )
 def test_legacy_qk_norm_booleans_map_to_kinds(given, kind):
-    assert DiTConfig(qk_norm=given).qk_norm == kind
+    from dit.config import qk_norm_kind
+
+    assert DiTConfig(qk_norm=given).qk_norm == kind == qk_norm_kind(given)
+    assert qk_norm_kind("across_heads") == "across_heads"
 
 
 def test_bad_qk_norm_and_block_norm_name_the_field():
