@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from data.encoders import TextEncoder, build_codec
 from data.video import MediaError, decode_clip, decode_image, encode_h264, media_kind, probe
 from dit.config import DiTConfig
-from dit.diffusion import make_objective
+from dit.diffusion import DiffusionConfig, make_objective
 from dit.model import build_model
 from dit.sampling import GRIDS, SAMPLER_NAMES, Experts, sample
 from launch.batches import bf16_compute, encoder_dtype, null_condition, text_states
@@ -43,12 +44,16 @@ from parallel.config import check_choice, check_range
 
 
 def load_for_inference(
-    src: str | Path, use_ema: bool = True, device: str = "cpu"
+    src: str | Path, use_ema: bool = True, device: str = "cpu", expert: str = ""
 ) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, info with ``arch``, ``diffusion``, ``codec``, ``text_encoder``, ``max_text_len``,
-    ``sample``) from an export directory or a checkpoint / run directory (verified). A damaged or foreign
-    file (weights, ``config.json``) is a :class:`~parallel.checkpoint.CheckpointError` naming it."""
+    ``sample``) from an export directory or a checkpoint / run directory (verified), or a diffusers model
+    folder or pipeline root (:func:`load_diffusers`; ``expert`` picks one of a two-expert root). A damaged
+    or foreign file (weights, ``config.json``) is a :class:`~parallel.checkpoint.CheckpointError` naming
+    it."""
     src = Path(src)
+    if _is_diffusers(src):
+        return load_diffusers(src, expert, device)
     if (src / "config.json").is_file():
         weights, _ = read_weights(src, use_ema)
         info = read_export_config(src / "config.json")
@@ -73,6 +78,51 @@ def load_for_inference(
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:  # weights of another architecture than the config says
         raise CheckpointError(f"{src}: the weights do not fit the arch of its config: {e}") from None
+    return model.eval(), info
+
+
+def _is_diffusers(src: Path) -> bool:
+    """A diffusers pipeline root or model folder (``config.json`` with ``_class_name``), not our export."""
+    if (src / "model_index.json").is_file():
+        return True
+    from launch.interop import is_diffusers  # only when the source may be one
+
+    return (src / "config.json").is_file() and is_diffusers(src)
+
+
+def load_diffusers(src: Path, expert: str = "", device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A diffusers transformer (model folder or pipeline root) as :func:`load_for_inference` returns
+    models: the architecture and text convention from its ``config.json`` (:func:`launch.interop.to_ours`),
+    the flow shift from the root's ``scheduler/scheduler_config.json`` (``shift``, or UniPC's
+    ``flow_shift``; 1 without one), the root's ``vae/`` and ``text_encoder/`` folders when it has them
+    (else ``codec`` / ``text_encoder`` are None: the latents can be sampled, not decoded).
+
+    Args:
+        src: the folder or root.
+        expert: ``high_noise`` / ``low_noise`` for a two-expert root (Wan2.2-A14B).
+        device: where the model is built.
+    """
+    from launch.interop import read_diffusers, to_ours
+
+    try:
+        arch, state = to_ours(read_diffusers(src, expert=expert))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    model = build_model(arch, device=device)
+    model.load_state_dict(state, strict=True)
+    shift = 1.0
+    sched = src / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        conf = json.loads(sched.read_text())
+        shift = float(conf.get("flow_shift", conf.get("shift", 1.0)))
+    info = {
+        "arch": arch,
+        "diffusion": DiffusionConfig(objective="flow", shift=shift),
+        "codec": str(src / "vae") if (src / "vae").is_dir() else None,
+        "text_encoder": str(src / "text_encoder") if (src / "text_encoder").is_dir() else None,
+        "max_text_len": arch.text_len or 512,
+        "sample": None,
+    }
     return model.eval(), info
 
 
@@ -221,7 +271,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{path}: no such file")
     prompts = read_prompts(a.prompt, a.prompts)
     try:
-        model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
+        if not a.low_noise and _root_boundary(Path(a.source)) is not None:  # a two-expert pipeline root
+            model, info = load_for_inference(a.source, device=a.device, expert="high_noise")
+            low, low_info = load_for_inference(a.source, device=a.device, expert="low_noise")
+            model = experts(model, info, low, low_info, a.source, a.boundary)
+        else:
+            model, info = load_for_inference(a.source, use_ema=not a.no_ema, device=a.device)
         if a.low_noise:
             low, low_info = load_for_inference(a.low_noise, use_ema=not a.no_ema, device=a.device)
             model = experts(model, info, low, low_info, a.source, a.boundary)
@@ -283,6 +338,13 @@ def generate(model, info: dict, prompts: list[str], req: SampleRequest, grid: st
     width, fps = req.width or defaults.width, req.fps or defaults.fps
     bf16 = bf16_compute(req.precision, req.device)
     enc_dtype = encoder_dtype(bf16, req.device)
+    missing = [k for k in ("codec", "text_encoder") if k in info and info[k] is None]
+    if missing and (missing != ["text_encoder"] or arch.conditioning == "text"):
+        raise SystemExit(
+            f"error: the source has no {' and no '.join(m.replace('codec', 'vae') + '/' for m in missing)} "
+            "folder to decode / encode with (a diffusers transformer alone samples latents only: "
+            "launch.sample.latents_for)"
+        )
     codec = build_codec(info["codec"], device=req.device, dtype=enc_dtype)
     if not getattr(codec, "decodes", True):  # before any sampling, not after it
         raise SystemExit(
