@@ -8,6 +8,8 @@ transformer (a model folder, a pipeline root, a sharded index or one ``.safetens
 The export's ``arch`` carries the source's text convention (Wan: 512 zero-padded tokens, no mask, the
 empty prompt as null) and its ``diffusion`` the flow shift of the pipeline root's scheduler and, for one
 expert of Wan2.2-A14B, that expert's timestep range (``diffusion.t_range``) at the root's boundary.
+LTX-Video's scheduler shifts by sequence length (``use_dynamic_shifting``, exponential in diffusers'
+``mu``), which ``diffusion.shift`` cannot state: its export keeps the scheduler's static ``shift``.
 """
 
 from __future__ import annotations

@@ -66,9 +66,12 @@ def read_diffusers(path: str | Path, expert: str = "") -> DiffusersModel:
         expert: ``high_noise`` or ``low_noise`` (``init.expert``): which transformer of a two-expert
             pipeline root (Wan2.2-A14B); empty for everything else.
 
+    A folder's pickle weights (``.bin``, ``.pt`` …) are never opened: beside safetensors they are
+    ignored, alone they are an error naming them.
+
     Raises:
-        ValueError: a two-expert root without ``expert`` (or ``expert`` on anything else), a pickle
-            weight file, an index naming shards outside the folder, a config that is not diffusers'.
+        ValueError: a two-expert root without ``expert`` (or ``expert`` on anything else), pickle-only
+            weights, an index naming shards outside the folder, a config that is not diffusers'.
         FileNotFoundError: no weights where they should be.
     """
     path = Path(path)

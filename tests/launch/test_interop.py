@@ -339,3 +339,24 @@ def test_published_configs_give_our_presets(preset):
 
     module, config = PUBLISHED[preset]
     assert module.config_to_ours(config, preset) == get_preset(preset)
+
+
+def test_lone_ltx_file_infers_the_published_config(tmp_path):
+    """LTX-Video 2B's shapes (meta tensors) give its published config; a tiny LTX file without its
+    config.json is refused with the way out."""
+    shapes = {
+        "proj_in.weight": (2048, 128),
+        "proj_out.weight": (128, 2048),
+        "caption_projection.linear_1.weight": (2048, 4096),
+        "transformer_blocks.0.attn2.to_k.weight": (2048, 2048),
+        "transformer_blocks.27.attn2.to_k.weight": (2048, 2048),
+    }
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    assert ltx.owns(list(state)) and not wan.owns(list(state))
+    assert ltx.infer_config(state, "x.safetensors") == LTX_2B
+    lone = tmp_path / "ltx.safetensors"
+    lone.write_bytes(
+        (saved(build_ltx(), tmp_path / "ltx") / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    with pytest.raises(ValueError, match=r"LTX-Video transformer 36 wide.*pass the diffusers model folder"):
+        interop.read_diffusers(lone)
