@@ -47,6 +47,9 @@ CASES_2 = [
     Case("zero3", 3, resume=True, export=True, freeze=True),
     Case("zero2_accum2", 2, grad_accum=2),
     Case("zero3_offload", 3, offload=True),
+    # the across-heads qk norm's weight is a tp slice along dim 0 (megatron attributes): trained,
+    # clipped, checkpointed and exported like the q/k projections
+    Case("zero1_tp2_across_heads", 1, tp=2, resume=True, export=True, qk_norm="across_heads"),
 ]
 CASES_4 = [
     Case("zero1_tp2", 1, tp=2, resume=True, export=True),
@@ -111,8 +114,8 @@ def test_reload_continues_bitwise(case, results):
 @pytest.mark.parametrize("case", [c for c in CASES_2 + CASES_4 if c.export], ids=lambda c: c.name)
 def test_export_matches_reference_weights(case, results):
     _, root = results[case.name]
-    keys = list(build_model(arch()).state_dict())  # what launch.export writes
-    initial = random_model(arch()).state_dict()
+    keys = list(build_model(case.arch()).state_dict())  # what launch.export writes
+    initial = random_model(case.arch()).state_dict()
     exported0 = load_file(root / f"{case.name}-export0" / "model.safetensors")
     assert sorted(exported0) == sorted(keys)
     for k in keys:

@@ -54,6 +54,11 @@ class Case:
     """Freeze the timestep embedder (``init.freeze``): trained by no one, exported all the same."""
     resume: bool = False
     export: bool = False
+    qk_norm: str = "per_head"
+    """``model.arch.qk_norm``; ``across_heads`` splits the norm's weight over the tp ranks."""
+
+    def arch(self):
+        return arch(qk_norm=self.qk_norm)
 
 
 def train_cfg(case: Case) -> TrainConfig:
@@ -78,7 +83,7 @@ def per_sample_loss(model, objective, data: dict[str, torch.Tensor], bf16: bool 
 
 
 def _model(case: Case, seed: int = 0) -> torch.nn.Module:
-    model = random_model(arch(), seed=seed)
+    model = random_model(case.arch(), seed=seed)
     for p in model.t_embedder.parameters():
         p.requires_grad_(not case.freeze)
     return model
@@ -86,7 +91,7 @@ def _model(case: Case, seed: int = 0) -> torch.nn.Module:
 
 def reference(case: Case) -> dict:
     """``STEPS`` steps in one process: the FSDP trainer's optimizer, schedule, clipping and loss."""
-    cfg, tcfg = arch(), train_cfg(case)
+    cfg, tcfg = case.arch(), train_cfg(case)
     model = _model(case)
     opt = build_optimizer(model, tcfg, torch.device("cpu"))
     sched = build_scheduler(opt, tcfg)
