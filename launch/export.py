@@ -313,7 +313,12 @@ def _write_pipeline(out: Path, parts: dict) -> None:
     _copy(codec, out / "vae", lambda n: n == "config.json" or n.startswith("diffusion_pytorch_model"))
     text, encoder_class = parts["text_encoder"]
     _copy(text, out / "text_encoder", lambda n: n == "config.json" or ".safetensors" in n)
-    tokenizer = AutoTokenizer.from_pretrained(text, local_files_only=True)
+    # a pipeline root keeps its tokenizer beside the encoder (text_encoder/ and tokenizer/)
+    beside = text.parent / "tokenizer"
+    has_own = any((text / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json"))
+    tokenizer = AutoTokenizer.from_pretrained(
+        text if has_own or not beside.is_dir() else beside, local_files_only=True
+    )
     tokenizer.save_pretrained(out / "tokenizer")
     scheduler = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",

@@ -38,6 +38,7 @@ from dit.config import DiTConfig
 from dit.model import SpacetimeDiT
 from launch.export import read_export_config
 from parallel import checkpoint as ckpt
+from parallel.checkpoint import CheckpointError
 
 # the last layer of each residual branch or embedder: zero makes a module the source lacks an identity
 _ZERO_WHEN_NEW = ("attn.o.", "cross_attn.o.", "mlp.fc2.", "fps_embedder.fc2.", "label_embed.")
@@ -108,18 +109,22 @@ def read_weights(
     return weights, arch
 
 
-def _read_diffusers(
-    path: Path, expert: str, config_only: bool = False, key: str = "init.from"
-) -> tuple[DiTConfig | None, dict]:
+def _read_diffusers(path: Path, expert: str, key: str = "init.from") -> tuple[DiTConfig | None, dict]:
     """(our config, our state) of a diffusers source at ``path``; (None, {}) when it is not one."""
+    from safetensors import SafetensorError
+
     from launch import interop
 
-    if not interop.is_diffusers(path):
-        return None, {}
     try:
+        if not interop.is_diffusers(path):
+            return None, {}
         return interop.to_ours(interop.read_diffusers(path, expert=expert))
     except (ValueError, KeyError) as e:  # what we cannot express, or a two-expert root without expert
         raise ValueError(f"{key}={path}: {e}") from None
+    except FileNotFoundError as e:  # a diffusers folder without its weights (renamed, deleted)
+        raise FileNotFoundError(f"{key}={path}: {e}") from None
+    except SafetensorError as e:  # an empty or truncated weights file
+        raise CheckpointError(f"{key}={path}: a weights file is not readable safetensors ({e})") from None
 
 
 def _no_expert(path: Path, expert: str) -> None:
@@ -159,7 +164,8 @@ def source_arch(path: str | Path, expert: str = "") -> DiTConfig:
     where = f"model.preset=from_init: init.from={path}"
     if not path.exists():
         raise FileNotFoundError(f"{where}: no such file or directory")
-    cfg, _ = _read_diffusers(path, expert, config_only=True)
+    # the whole weights are read for their config: to_ours checks the tensors against it
+    cfg, _ = _read_diffusers(path, expert, key="init.from")
     if cfg is not None:
         return cfg
     if path.is_dir() and (path / "config.json").is_file():

@@ -1,0 +1,210 @@
+"""``python -m launch.export SRC OUT --format diffusers [--pipeline]`` and ``launch.export.load_model``, on
+tiny random diffusers Wan models and tiny local VAE / text-encoder folders built by the tests (CPU, fp32).
+
+Stock diffusers loads what we write (``WanTransformer3DModel.from_pretrained``,
+``WanPipeline.from_pretrained``; its loader needs ``accelerate`` for these classes). The text encoder's
+tokenizer is MiniLM's (a BERT WordPiece tokenizer, shipped with the package) saved beside a tiny UMT5
+encoder of its vocabulary: no UMT5 SentencePiece model can be built offline, and WanPipeline only calls
+the tokenizer's ``__call__``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dit.config import get_preset
+from dit.diffusion import DiffusionConfig
+from dit.model import build_model
+from launch import interop
+from launch.config import JobConfig, ModelConfig, TrainData, to_yaml
+from launch.export import load_model, main, write_export
+from parallel import checkpoint as ckpt
+from parallel.checkpoint import CheckpointError
+from tests.launch.diffusers_models import perturb_, tiny_wan, tiny_wan_pipeline_root
+
+RTOL = 1e-5
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _inputs(cfg):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 2, 6, 10, generator=gen)  # a non-square grid
+    return x, torch.tensor([937.5, 12.25]), torch.randn(2, 7, cfg.text_dim, generator=gen)
+
+
+def _wan_export(tmp_path, **extra):
+    """Our export of a tiny Wan, with EMA weights that differ from the raw ones."""
+    cfg, state = interop.to_ours(interop.read_diffusers(tiny_wan(tmp_path)))
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    info = {"step": 7, "diffusion": DiffusionConfig(shift=3.0), **extra}
+    return cfg, state, ema, write_export(tmp_path / "export", cfg, state, info, ema=ema)
+
+
+def _stock(folder):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(folder).eval()
+
+
+def test_export_to_diffusers_loads_in_stock_diffusers_and_computes_ours(tmp_path):
+    cfg, state, ema, export = _wan_export(tmp_path)
+    x, t, ctx = _inputs(cfg)
+    for flags, weights in (([], ema), (["--no-ema"], state)):
+        out = tmp_path / f"diffusers{len(flags)}"
+        main([str(export), str(out), "--format", "diffusers", *flags])
+        ours = build_model(cfg)
+        ours.load_state_dict(weights)
+        with torch.no_grad():
+            want = ours.eval()(x, t, ctx)
+            got = _stock(out)(x, t, ctx, return_dict=False)[0]
+        assert _rel(got, want) <= RTOL
+    # and it reads back into the same weights (init.from of our own diffusers export)
+    back = interop.to_ours(interop.read_diffusers(tmp_path / "diffusers1"))[1]
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_export_from_a_checkpoint(tmp_path):
+    cfg, state, ema, _ = _wan_export(tmp_path)
+    job = JobConfig(model=ModelConfig(arch=cfg), data=TrainData(max_text_len=cfg.text_len))
+    root = tmp_path / "run" / "checkpoints"
+    full = {"model": state, "ema": ema, "step": torch.tensor(3)}
+    ckpt.save(root, 3, full, {}, rank=0, files={"config.yaml": to_yaml(job)})
+    main([str(tmp_path / "run"), str(tmp_path / "out"), "--format", "diffusers"])
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        want = load_model(tmp_path / "run")(x, t, ctx)  # the EMA, as the export
+        got = _stock(tmp_path / "out")(x, t, ctx, return_dict=False)[0]
+    assert _rel(got, want) <= RTOL
+
+
+def test_what_diffusers_cannot_express_is_listed(tmp_path, capsys):
+    arch = get_preset("tiny").replace(fps_conditioning=True)
+    model = build_model(arch, seed=0)
+    export = write_export(tmp_path / "export", arch, model.state_dict(), {"step": 1})
+    with pytest.raises(ValueError) as want:
+        interop.to_diffusers(arch, model.state_dict())
+    with pytest.raises(SystemExit) as e:
+        main([str(export), str(tmp_path / "out"), "--format", "diffusers"])
+    assert str(e.value) == f"error: {want.value}" and "fps_conditioning" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _vae(tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+        scale_factor_spatial=2,  # its one downsampling stage (decoding is not run here)
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae"
+
+
+def _text_encoder(tmp_path, width: int):
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    from data.encoders import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    perturb_(UMT5EncoderModel(config), seed=1).save_pretrained(tmp_path / "umt5")
+    tokenizer.save_pretrained(tmp_path / "umt5")
+    return tmp_path / "umt5"
+
+
+def test_pipeline_export_loads_and_generates_with_wan_pipeline(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    codec, text = _vae(tmp_path), _text_encoder(tmp_path, width=24)  # the tiny Wan's text_dim
+    cfg, _, ema, export = _wan_export(tmp_path, codec=str(codec), text_encoder=str(text))
+    out = tmp_path / "pipeline"
+    main([str(export), str(out), "--format", "diffusers", "--pipeline"])
+    pipe = WanPipeline.from_pretrained(out)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    assert type(pipe.text_encoder).__name__ == "UMT5EncoderModel" and pipe.transformer_2 is None
+    back = interop.to_ours(interop.read_diffusers(out))[1]  # the pipeline root's transformer/
+    assert all(torch.equal(back[k], ema[k]) for k in ema)
+    for name in ("vae", "text_encoder"):  # the run's weights, copied
+        src = codec if name == "vae" else text
+        (weights,) = (out / name).glob("*.safetensors")
+        assert weights.read_bytes() == (src / weights.name).read_bytes()
+    latents = pipe(
+        "a red circle", num_frames=5, height=16, width=16, num_inference_steps=2, output_type="latent"
+    ).frames
+    assert latents.shape == (
+        1,
+        4,
+        2,
+        8,
+        8,
+    )  # 5 frames / 4 + 1, 16 px / 2 and torch.isfinite(latents).all() and latents.std() > 0.1
+
+
+def test_pipeline_refusals_name_the_keys(tmp_path):
+    cfg, _, _, export = _wan_export(tmp_path, codec="pixel", text_encoder="minilm")
+    with pytest.raises(SystemExit) as e:
+        main([str(export), str(tmp_path / "out"), "--format", "diffusers", "--pipeline"])
+    said = str(e.value)
+    assert "data.codec='pixel' is not a diffusers VAE folder" in said
+    assert "data.text_encoder='minilm' is not a transformers model folder" in said
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    config = json.loads((export / "config.json").read_text())
+    config["arch"]["text_mask"] = True  # our masked convention: WanPipeline masks nothing
+    (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"text_mask=True"):
+        main([str(export), str(tmp_path / "out"), "--format", "diffusers", "--pipeline"])
+    with pytest.raises(SystemExit):  # argparse: --pipeline is a diffusers-format option
+        main([str(export), str(tmp_path / "out"), "--pipeline"])
+
+
+def test_load_model_from_every_source_kind(tmp_path):
+    cfg, state, ema, export = _wan_export(tmp_path)
+    root = tiny_wan_pipeline_root(tmp_path, experts=2)
+    _, low = interop.to_ours(interop.read_diffusers(root, expert="low_noise"))
+    job = JobConfig(model=ModelConfig(arch=cfg), data=TrainData(max_text_len=cfg.text_len))
+    ckpt.save(tmp_path / "run" / "checkpoints", 2, {"model": state, "ema": ema, "step": torch.tensor(2)}, {},
+              rank=0, files={"config.yaml": to_yaml(job)})  # fmt: skip
+    cases = [
+        (export, {}, ema),
+        (export, {"use_ema": False}, state),
+        (tmp_path / "run", {}, ema),
+        (tmp_path / "run" / "checkpoints" / "step-00000002", {"use_ema": False}, state),
+        (tmp_path / "wan-t2v", {}, state),  # the diffusers folder the export came from
+        (root, {"expert": "low_noise"}, low),
+    ]
+    for path, kw, want in cases:
+        model = load_model(path, **kw)
+        assert not model.training and all(p.device.type == "cpu" for p in model.parameters())
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items()), (path, kw)
+    with pytest.raises(ValueError, match=rf"load_model={root}: .*set init.expert"):
+        load_model(root)
+
+
+def test_legacy_export_with_a_boolean_qk_norm_loads(tmp_path):
+    """Exports written before qk_norm had three values hold ``true``/``false``: still read (per_head/none)."""
+    arch = get_preset("tiny").replace(qk_norm="per_head")
+    model = build_model(arch, seed=0)
+    export = write_export(tmp_path / "export", arch, model.state_dict(), {"step": 1})
+    config = json.loads((export / "config.json").read_text())
+    config["arch"]["qk_norm"] = True
+    (export / "config.json").write_text(json.dumps(config))
+    loaded = load_model(export)
+    assert loaded.cfg == arch and loaded.cfg.qk_norm == "per_head"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    config["arch"]["qk_norm"] = False
+    (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="the weights do not fit the arch of its config"):
+        load_model(export)  # no norm weights in a qk_norm=none model: the bool was read as such

@@ -1,0 +1,250 @@
+"""init.from a diffusers model (every source kind), strict loading with ``init.new``, init.expert and
+``model.preset=from_init``, on tiny random diffusers Wan models saved by the tests (CPU, fp32).
+
+The reference weights are the ones :func:`launch.interop.to_ours` gives for the same folder (its own
+parity with diffusers' forward is ``tests/launch/test_interop.py``); the forward checks here compare with
+diffusers' module itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dit.model import build_model
+from launch import interop
+from launch.config import load_config, to_yaml
+from launch.export import write_export
+from launch.finetune import apply_init, source_arch
+from parallel import checkpoint as ckpt
+from parallel.checkpoint import CheckpointError
+from tests.launch.conftest import assert_same_losses, losses_by_step, metrics, run, train_cmd
+from tests.launch.diffusers_models import build_wan, tiny_wan, tiny_wan_pipeline_root
+
+GEN_SEED = 0
+
+
+def _ours(path, **read):
+    return interop.to_ours(interop.read_diffusers(path, **read))
+
+
+def _inputs(cfg, frames: int = 2):
+    gen = torch.Generator().manual_seed(GEN_SEED)
+    x = torch.randn(2, cfg.in_channels, frames, 6, 10, generator=gen)  # a non-square grid
+    ctx = torch.randn(2, 7, cfg.text_dim, generator=gen)
+    return x, torch.tensor([937.5, 12.25]), ctx
+
+
+def _source(tmp_path, kind: str):
+    """The same tiny Wan (seed 0) as each kind of init.from source."""
+    if kind == "folder":
+        return tiny_wan(tmp_path)
+    if kind == "pipeline":
+        return tiny_wan_pipeline_root(tmp_path)
+    if kind == "index":  # shards of ≤ 20 kB and their index, as save_pretrained writes a large model
+        out = tmp_path / "sharded"
+        build_wan("t2v", 0).save_pretrained(out, max_shard_size="20KB")
+        assert (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
+        return out
+    return tiny_wan(tmp_path) / "diffusion_pytorch_model.safetensors"  # one file, config.json beside it
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipeline", "index", "file"])
+def test_every_diffusers_source_kind_loads_every_tensor(tmp_path, kind):
+    want_cfg, want = _ours(tiny_wan(tmp_path / "ref"))
+    path = _source(tmp_path, kind)
+    assert source_arch(path) == want_cfg  # model.preset=from_init's architecture
+    model = build_model(want_cfg, seed=1)
+    report = apply_init(model, path, want_cfg)
+    assert sorted(report.loaded) == sorted(want) and not (report.missing or report.inflated)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, want[name]), name
+
+
+def test_two_expert_root_needs_init_expert_and_loads_the_named_one(tmp_path):
+    root = tiny_wan_pipeline_root(tmp_path, experts=2)
+    high_cfg, high = _ours(root / "transformer")
+    _, low = _ours(root / "transformer_2")
+    model = build_model(high_cfg, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"init.from={root}: .*two-expert.*set init.expert"):
+        apply_init(model, root, high_cfg)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=rf"init.from={root}: .*two-expert.*set init.expert"):
+        load_config(_yaml(tmp_path, root))  # from_init reads the architecture the same way
+    for expert, want in (("high_noise", high), ("low_noise", low)):
+        model = build_model(high_cfg, seed=1)
+        apply_init(model, root, high_cfg, expert=expert)
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(high["final.linear.weight"], low["final.linear.weight"])  # other weights
+    assert load_config(_yaml(tmp_path, root, "  expert: low_noise\n")).model.arch == high_cfg
+    with pytest.raises(ValueError, match=r"init.expert='low_noise'.*not a diffusers model"):
+        apply_init(
+            build_model(high_cfg), _export(tmp_path, root / "transformer"), high_cfg, expert="low_noise"
+        )
+
+
+def test_a_renamed_or_empty_weights_file_is_an_error_not_a_fresh_start(tmp_path):
+    folder = tiny_wan(tmp_path)
+    cfg, _ = _ours(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    model = build_model(cfg, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights.rename(folder / "diffusion_pytorch_model.safetensors.bak")
+    with pytest.raises(
+        FileNotFoundError, match=rf"init.from={folder}: .*diffusion_pytorch_model.safetensors"
+    ):
+        apply_init(model, folder, cfg)
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"init.from={folder}: a weights file is not readable"):
+        apply_init(model, folder, cfg)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_missing_tensors_are_an_error_unless_init_new_lists_them(tmp_path):
+    ref = build_wan("t2v", 0)
+    folder = tmp_path / "wan"
+    ref.save_pretrained(folder)
+    cfg, _ = _ours(folder)
+    deeper = cfg.replace(depth=cfg.depth + 1)  # one block the source lacks
+    model = build_model(deeper, seed=1)
+    n_new = sum(n.startswith(f"blocks.{cfg.depth}.") for n, _ in model.named_parameters())
+    with pytest.raises(ValueError) as e:
+        apply_init(model, folder, deeper)
+    said = str(e.value)
+    n_all = len(list(model.parameters()))
+    assert f"init.from={folder}: {n_new} of the model's {n_all} parameters would start fresh" in said
+    assert f'init.new=["blocks.{cfg.depth}.*"]' in said and f"blocks.{cfg.depth}.attn" in said
+    with pytest.raises(ValueError, match=r"init.new: pattern 'blockz.\*' matches no parameter"):
+        apply_init(model, folder, deeper, new=[f"blocks.{cfg.depth}.*", "blockz.*"])
+
+    report = apply_init(model, folder, deeper, new=[f"blocks.{cfg.depth}.*"])
+    assert len(report.missing) == n_new and all(n.startswith(f"blocks.{cfg.depth}.") for n in report.missing)
+    # the new block starts as the identity: the deeper model computes what the source computes
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, ctx, return_dict=False)[0]
+        got = model.eval()(x, t, ctx)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+def test_more_input_channels_inflate_and_count_as_loaded(tmp_path):
+    """Image-to-video: cond_channels more inputs, the new ones start at zero; no init.new needed."""
+    ref = build_wan("t2v", 0)
+    folder = tmp_path / "wan"
+    ref.save_pretrained(folder)
+    cfg, _ = _ours(folder)
+    i2v = cfg.replace(cond_channels=3)
+    model = build_model(i2v, seed=1)
+    report = apply_init(model, folder, i2v)
+    assert report.inflated == ["patch_embed.proj.weight"] and not report.missing
+    x, t, ctx = _inputs(cfg)
+    cond = torch.randn(2, 3, *x.shape[2:], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(x, t, ctx, return_dict=False)[0]
+        got = model.eval()(x, t, ctx, cond=cond)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+def _yaml(tmp_path, source, init_extra: str = "", arch: str = "") -> str:
+    path = tmp_path / "ft.yaml"
+    model = "model:\n  preset: from_init\n" + ("  arch:\n" + arch if arch else "")
+    path.write_text(f"{model}init:\n  from: {source}\n{init_extra}")
+    return str(path)
+
+
+def _export(tmp_path, folder):
+    cfg, state = _ours(folder)
+    return write_export(tmp_path / "export", cfg, state, {"step": None, "source": str(folder)})
+
+
+def test_from_init_takes_the_sources_architecture_and_text_convention(tmp_path):
+    folder = tiny_wan(tmp_path)
+    want, state = _ours(folder)
+    cfg = load_config(_yaml(tmp_path, folder))
+    assert cfg.model.preset == "from_init" and cfg.model.arch == want
+    assert (want.text_mask, want.text_null, want.text_len) == (False, "empty_prompt", 512)
+    assert cfg.data.max_text_len == 512  # the length Wan was trained at
+    # the file's and the overrides' model.arch.* apply on top
+    cfg = load_config(_yaml(tmp_path, folder, arch="    text_len: 24\n"), ["model.arch.norm_eps=1e-5"])
+    assert cfg.model.arch == want.replace(text_len=24, norm_eps=1e-5) and cfg.data.max_text_len == 24
+
+    # an export's config.json and a checkpoint's config.yaml name the architecture as well
+    export = _export(tmp_path, folder)
+    assert load_config(_yaml(tmp_path, export)).model.arch == want
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(to_yaml(cfg))
+    run_root = tmp_path / "run" / "checkpoints"
+    step = {"model": state, "ema": state, "step": torch.tensor(1)}
+    ckpt.save(run_root, 1, step, {}, rank=0, files={"config.yaml": saved.read_text()})
+    for src in (run_root.parent, run_root / "step-00000001"):
+        assert load_config(_yaml(tmp_path, src)).model.arch == cfg.model.arch
+
+    # a run's saved config sets every arch field: it loads without its source
+    shutil.rmtree(folder)
+    assert load_config(saved).model.arch == cfg.model.arch
+
+
+def test_from_init_errors_name_init_from(tmp_path):
+    with pytest.raises(ValueError, match="model.preset=from_init takes the architecture from init.from, but"):
+        load_config(_yaml(tmp_path, '""'))
+    with pytest.raises(FileNotFoundError, match=rf"init.from={tmp_path / 'nowhere'}: no such file"):
+        load_config(_yaml(tmp_path, tmp_path / "nowhere"))
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "config.json").write_text(
+        json.dumps({"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1"})
+    )
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file({"x_embedder.weight": torch.randn(4, 4)}, other / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match=rf"init.from={other}: .*'FluxTransformer2DModel' is not supported"):
+        load_config(_yaml(tmp_path, other))
+    with pytest.raises(ValueError, match="model.preset='nope': expected one of .*from_init"):
+        load_config(None, ["model.preset=nope"])
+
+
+# ---- through the trainer -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_init_from_a_diffusers_wan_trains_resumes_exactly_and_exports(tmp_path, overrides):
+    """A fine-tune config naming only the source (and the run's data): trains, resumes bit for bit
+    from a checkpoint, and its checkpoint exports to a folder stock diffusers loads and that computes
+    what the run's model computes. A renamed weights file stops the trainer before any step."""
+    from diffusers import WanTransformer3DModel
+
+    from launch.export import load_model
+
+    # the pixel codec's 48 channels and MiniLM's 384-wide states
+    folder = tiny_wan(tmp_path, in_channels=48, out_channels=48, text_dim=384)
+    config = _yaml(tmp_path, folder, arch="    text_len: 24\n")  # MiniLM captions padded to 24
+    cmd = [*train_cmd(tmp_path / "run", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=0",
+                      overrides=overrides), "--config", config]  # fmt: skip
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = len(_ours(folder)[1])
+    assert f"init.from={folder}: {n} loaded" in proc.stderr and "missing" not in proc.stderr
+    want = {s: v[0] for s, v in losses_by_step(metrics(tmp_path / "run")).items()}
+    assert sorted(want) == [1, 2, 3, 4]
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")  # as if stopped after step 3
+    proc = run(cmd)
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert_same_losses(tmp_path / "run", want)
+
+    out = tmp_path / "diffusers"
+    proc = run(["python", "-m", "launch.export", str(tmp_path / "run"), str(out), "--format", "diffusers"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = load_model(tmp_path / "run"), WanTransformer3DModel.from_pretrained(out).eval()
+    x, t, ctx = _inputs(load_config(tmp_path / "run" / "config.yaml").model.arch)
+    with torch.no_grad():
+        a, b = ours(x, t, ctx), theirs(x, t, ctx, return_dict=False)[0]
+    assert ((a - b).norm() / b.norm()).item() <= 1e-5
+
+    (folder / "diffusion_pytorch_model.safetensors").rename(folder / "weights.old")
+    proc = run([*train_cmd(tmp_path / "run2", "train.steps=1", overrides=overrides), "--config", config])
+    assert proc.returncode != 0 and f"init.from={folder}" in proc.stderr
+    assert not (tmp_path / "run2" / "checkpoints").is_dir()
