@@ -23,7 +23,7 @@ from launch.config import JobConfig, ModelConfig, TrainData, to_yaml
 from launch.export import load_model, main, write_export
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
-from tests.launch.diffusers_models import perturb_, tiny_wan, tiny_wan_pipeline_root
+from tests.launch.diffusers_models import perturb_, tiny_ltx, tiny_wan, tiny_wan_pipeline_root
 
 RTOL = 1e-5
 
@@ -67,6 +67,28 @@ def test_export_to_diffusers_loads_in_stock_diffusers_and_computes_ours(tmp_path
     # and it reads back into the same weights (init.from of our own diffusers export)
     back = interop.to_ours(interop.read_diffusers(tmp_path / "diffusers1"))[1]
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_ltx_export_loads_in_stock_diffusers_and_computes_ours(tmp_path):
+    """LTX-Video: LTXPipeline's call (tokens packed (f h w), rope scaled by 8 / fps) against ours."""
+    from diffusers import LTXVideoTransformer3DModel
+    from einops import rearrange
+
+    cfg, state = interop.to_ours(interop.read_diffusers(tiny_ltx(tmp_path)))
+    export = write_export(tmp_path / "export", cfg, state, {"step": 1})
+    main([str(export), str(tmp_path / "out"), "--format", "diffusers"])
+    theirs = LTXVideoTransformer3DModel.from_pretrained(tmp_path / "out").eval()
+    gen = torch.Generator().manual_seed(3)
+    b, c, f, h, w = 2, cfg.in_channels, 3, 4, 5
+    x, ctx = torch.randn(b, c, f, h, w, generator=gen), torch.randn(b, 6, cfg.text_dim, generator=gen)
+    mask, t, fps = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]), torch.tensor([850.0, 3.5]), 24.0
+    with torch.no_grad():
+        want = load_model(export)(x, t, ctx, context_mask=mask.bool(), fps=torch.full((b,), fps))
+        got = theirs(
+            rearrange(x, "b c f h w -> b (f h w) c"), ctx, t, mask, num_frames=f, height=h, width=w,
+            rope_interpolation_scale=(8 / fps, 32, 32), return_dict=False,
+        )[0]  # fmt: skip
+    assert _rel(rearrange(got, "b (f h w) c -> b c f h w", f=f, h=h, w=w), want) <= RTOL
 
 
 def test_export_from_a_checkpoint(tmp_path):
