@@ -114,7 +114,10 @@ class DiTConfig:
     cross_attn_norm: bool = True
     """LayerNorm (with affine) on the residual stream before cross-attention (Wan)."""
     norm_eps: float = 1e-6
-    """Epsilon of every LayerNorm/RMSNorm."""
+    """Epsilon of every LayerNorm/RMSNorm (the q/k norms' too, unless ``qk_norm_eps`` is set)."""
+    qk_norm_eps: float | None = None
+    """Epsilon of the q/k RMSNorms; ``None``: ``norm_eps``. LTX-Video's attention fixes it at 1e-5 while
+    its other norms use 1e-6."""
     freq_dim: int = 256
     """Width of the sinusoidal timestep features before the timestep MLP."""
     attention_backend: str = "sdpa"
@@ -155,6 +158,8 @@ class DiTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"DiTConfig.{name}={getattr(self, name)}: must be at least 1")
+        if self.qk_norm_eps is not None and not self.qk_norm_eps > 0:
+            raise ValueError(f"DiTConfig.qk_norm_eps={self.qk_norm_eps}: must be > 0 (or None)")
         if self.text_len is not None and self.text_len < 1:
             raise ValueError(f"DiTConfig.text_len={self.text_len}: must be at least 1 (or None)")
         if self.cond_channels < 0 or (self.ffn_dim is not None and self.ffn_dim < 1) or self.mlp_ratio <= 0:
@@ -302,6 +307,7 @@ def _ltx_video_2b() -> DiTConfig:
         text_dim=4096,
         text_mask=True,
         text_null="empty_prompt",
+        qk_norm_eps=1e-5,  # LTXAttention's RMSNorm(eps=1e-5) whatever norm_eps says
         text_len=128,
         cross_attn_norm=False,
         norm_eps=1e-6,

@@ -133,14 +133,15 @@ class DiTBlock(nn.Module):
         d, eps = cfg.hidden_size, cfg.norm_eps
         self.modulation = _modulation(cfg, 6)
         self.norm1 = block_norm_module(cfg.block_norm, d, eps)
+        qk_eps = cfg.qk_norm_eps if cfg.qk_norm_eps is not None else eps
         self.attn = SelfAttention(
-            d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, axis, mup.logit_mult(cfg)
+            d, cfg.num_heads, cfg.qk_norm, qk_eps, cfg.attention_backend, axis, mup.logit_mult(cfg)
         )
         self.cross_attn = None
         if cfg.conditioning == "text":
             self.norm_cross = Fp32LayerNorm(d, eps=eps) if cfg.cross_attn_norm else nn.Identity()
             self.cross_attn = CrossAttention(
-                d, cfg.num_heads, cfg.qk_norm, eps, cfg.attention_backend, mup.logit_mult(cfg)
+                d, cfg.num_heads, cfg.qk_norm, qk_eps, cfg.attention_backend, mup.logit_mult(cfg)
             )
         self.norm2 = block_norm_module(cfg.block_norm, d, eps)
         self.mlp = MLP(d, cfg.ffn_hidden, cfg.mlp)

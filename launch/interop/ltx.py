@@ -37,6 +37,7 @@ ROPE_BASE, ROPE_COMPRESSION = (20, 2048, 2048), (8, 32, 32)
 TEXT_LEN = 128
 # LTX's final LayerNorm has eps 1e-6 whatever norm_eps says; our one norm_eps must agree
 FINAL_EPS = 1e-6
+QK_EPS = 1e-5  # LTXAttention's q/k RMSNorm: eps fixed at 1e-5
 PUBLISHED_HEADS = {2048: 32}  # LTX-Video 2B: 64-wide heads
 
 
@@ -122,6 +123,7 @@ def config_to_ours(config: dict, where: object) -> DiTConfig:
             text_dim=config.get("caption_channels", 4096),
             cross_attn_norm=False,
             norm_eps=FINAL_EPS,
+            qk_norm_eps=QK_EPS,
             freq_dim=256,  # PixArtAlphaCombinedTimestepSizeEmbeddings: 256 sinusoidal channels
             text_mask=True,
             text_null="empty_prompt",
@@ -152,7 +154,8 @@ def inexpressible(cfg: DiTConfig) -> list[str]:
         patch_size=(1, 1, 1), mlp="gelu_tanh", ffn_hidden=4 * cfg.hidden_size, attention_layout="full",
         qk_norm="across_heads", block_norm="rmsnorm", pos_embed="rope_ltx", rope_theta=10000.0,
         rope_base=ROPE_BASE, modulation="shared", conditioning="text", cross_attn_norm=False,
-        norm_eps=FINAL_EPS, freq_dim=256, fps_conditioning=False, parametrization="standard",
+        norm_eps=FINAL_EPS, qk_norm_eps=QK_EPS, freq_dim=256, fps_conditioning=False,
+        parametrization="standard",
     )  # fmt: skip
     return [f"{k}={getattr(cfg, k)!r} (LTX: {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
 
