@@ -6,16 +6,27 @@ timed in alternating iterations in one process, so the ratio is meaningful even 
 Reports tokens/s, achieved TFLOP/s (model FLOPs from ``dit.flops``) and MFU where the device's peak
 is known, and writes a dated report to ``benchmarks/results/``.
 
+For a Wan-shaped preset (qk RMSNorm across heads: the ``wan2.*`` ones) SpacetimeDiT is *imported* from
+the diffusers model it is timed against, through the path a fine-tune takes (``save_pretrained`` →
+``launch.interop.read_diffusers`` → ``to_ours``), so both hold the same weights; the report adds the
+forward's output difference on the same inputs (Wan's text convention: ``text_len`` tokens, no mask).
+
     python -m benchmarks.model_step                                   # CPU default: video-small, 5×16×16
     python -m benchmarks.model_step --preset video-1b3 --frames 21 --height 60 --width 104 \\
         --device cuda --dtype bf16                                    # the 480p 81-frame target
+    python -m benchmarks.model_step --preset wan2.1-t2v-1.3b --depth 3 --frames 1 --height 16 \\
+        --width 16                                                    # imported Wan on a CPU (8 GiB)
+    python -m benchmarks.model_step --preset wan2.1-t2v-1.3b --frames 21 --height 60 --width 104 \\
+        --device cuda --dtype bf16                                    # the same, full depth, 480p
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -34,7 +45,8 @@ def wan_reference(cfg: DiTConfig) -> torch.nn.Module | None:
         and cfg.modulation == "shared"
         and cfg.pos_embed == "rope3d"
         and cfg.mlp == "gelu_tanh"
-        and cfg.qk_norm
+        and cfg.qk_norm == "across_heads"  # Wan's qk RMSNorm spans all heads; a per-head model is not Wan
+        and cfg.block_norm == "layernorm"
         and cfg.attention_layout == "full"
         and cfg.cross_attn_norm
         and not cfg.learn_sigma
@@ -59,6 +71,48 @@ def wan_reference(cfg: DiTConfig) -> torch.nn.Module | None:
         qk_norm="rms_norm_across_heads",
         eps=cfg.norm_eps,
     )
+
+
+def perturb_constant_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add ``scale`` × N(0, 1) to every parameter initialised to one value (norm weights 1, biases 0).
+
+    diffusers initialises the rest randomly; perturbing only the constant tensors keeps the activations'
+    scale while making a mapping that drops or swaps a norm's weight show up in the output difference.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 0 and bool((p == p.flatten()[0]).all()):
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def import_wan(wan: torch.nn.Module) -> tuple[DiTConfig, torch.nn.Module]:
+    """SpacetimeDiT imported from diffusers' Wan as a fine-tune would: its saved folder, read back.
+
+    ``save_pretrained`` writes what a downloaded transformer/ folder holds; ``launch.interop`` reads
+    the safetensors and maps every tensor (strict: nothing missing, nothing left over).
+    """
+    from launch.interop import read_diffusers, to_ours
+
+    with tempfile.TemporaryDirectory(prefix="model_step-wan-") as tmp:
+        wan.save_pretrained(tmp)
+        cfg, state = to_ours(read_diffusers(tmp))
+    model = build_model(cfg, device="cpu")
+    model.load_state_dict(state, strict=True)
+    return cfg, model
+
+
+def output_difference(ours: torch.nn.Module, wan: torch.nn.Module, x, t, ctx, mask) -> dict[str, float]:
+    """Max absolute and relative (‖ours − wan‖ / ‖wan‖) difference of one fp32 forward on the same inputs."""
+    with torch.no_grad():
+        want = wan(x, t, encoder_hidden_states=ctx, return_dict=False)[0].float()
+        got = ours(x, t, context=ctx, context_mask=mask).float()
+    return {
+        "max_abs": (got - want).abs().max().item(),
+        "relative": ((got - want).norm() / want.norm()).item(),
+        "output_rms": want.pow(2).mean().sqrt().item(),
+    }
 
 
 def _same_init(model: torch.nn.Module, seed: int) -> None:
@@ -116,7 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="latent width W (default 16; 32; 104)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument(
-        "--text-len", type=int, help="text tokens (default 64; 32 with --parallel; 512 with --mfu)"
+        "--text-len",
+        type=int,
+        help="text tokens (default: the preset's text_len (Wan: 512), else 64; 32 --parallel; 512 --mfu)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -130,8 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ac-modes", default="none,full,every_2", help="--mfu: activation-checkpointing modes")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    defaults = {  # mode → (preset, (T, H, W), text_len, warmup, iters)
-        "step": ("video-small", (5, 16, 16), 64, 3, 15),
+    defaults = {  # mode → (preset, (T, H, W), text_len, warmup, iters); step: the preset's text_len or 64
+        "step": ("video-small", (5, 16, 16), None, 3, 15),
         "parallel": (None, (8, 32, 32), 32, 2, 7),
         "mfu": ("video-1b3", DEFAULT_LATENT_SIZE["video-1b3"], 512, 3, 10),
     }["parallel" if a.parallel else "mfu" if a.mfu else "step"]
@@ -146,6 +202,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def _models(a: argparse.Namespace, cfg: DiTConfig, device: torch.device, inputs: tuple) -> tuple:
+    """The timed models with their calls, the architecture ours was built with, and the fp32 output
+    difference of one forward when ours is imported from the diffusers reference (else None)."""
+    x, t, ctx, mask = inputs
+    wan = None if a.no_reference else wan_reference(cfg)
+    diff = None
+    if wan is None:
+        ours = build_model(cfg, device="cpu")
+        _same_init(ours, a.seed)
+    else:
+        # diffusers' own random init (seeded) with its constant tensors perturbed, then imported: the
+        # two models hold the same weights, so their step times compare the implementations alone
+        perturb_constant_(wan, a.seed)
+        cfg, ours = import_wan(wan)
+        wan.to(device)
+        mask = mask if cfg.text_mask else None  # Wan's convention: padded states, nothing masked
+        diff = output_difference(ours.to(device), wan, x, t, ctx, mask)
+    models = {"spacetime-dit": (ours.to(device), lambda m: m(x, t, context=ctx, context_mask=mask))}
+    if wan is not None:
+        models["diffusers-wan"] = (wan, lambda m: m(x, t, encoder_hidden_states=ctx, return_dict=False)[0])
+    return models, cfg, diff
+
+
+def _timed(a: argparse.Namespace, models: dict, device: torch.device) -> dict[str, list[float]]:
+    """Per-iteration forward+backward seconds of each model, timed in alternating iterations."""
+    if a.compile:
+        for model, _ in models.values():
+            for block in model.blocks:
+                block.compile()
+    autocast_dtype = torch.bfloat16 if a.dtype == "bf16" else None
+    steps = {name: _step_fn(m, call, device, autocast_dtype) for name, (m, call) in models.items()}
+    for _ in range(a.warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(a.iters):  # alternate, so drift on a shared machine hits both alike
+        for name, step in steps.items():
+            times[name].append(step())
+    return times
+
+
+def _load() -> str:
+    """The 1/5/15-minute load average (CPU runs share the machine: a high load widens the spread)."""
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     if a.parallel:
@@ -157,39 +262,53 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(a.device)
     overrides = {"depth": a.depth} if a.depth else {}
     cfg = get_preset(a.preset, **overrides)
-    autocast_dtype = torch.bfloat16 if a.dtype == "bf16" else None
+    a.text_len = a.text_len or cfg.text_len or 64  # a Wan preset: its pipeline's 512 tokens
 
     g = torch.Generator().manual_seed(a.seed)
     x = torch.randn(a.batch, cfg.in_channels, a.frames, a.height, a.width, generator=g).to(device)
     t = (torch.rand(a.batch, generator=g) * 1000).to(device)
     ctx = torch.randn(a.batch, a.text_len, cfg.text_dim, generator=g).to(device)
     mask = torch.ones(a.batch, a.text_len, dtype=torch.bool, device=device)
-
-    ours = build_model(cfg, device="cpu")
-    _same_init(ours, a.seed)
-    models = {"spacetime-dit": (ours.to(device), lambda m: m(x, t, context=ctx, context_mask=mask))}
-    wan = None if a.no_reference else wan_reference(cfg)
-    if wan is not None:
-        _same_init(wan, a.seed)
-        models["diffusers-wan"] = (
-            wan.to(device),
-            lambda m: m(x, t, encoder_hidden_states=ctx, return_dict=False)[0],
-        )
-    if a.compile:
-        for model, _ in models.values():
-            for block in model.blocks:
-                block.compile()
-
-    steps = {name: _step_fn(m, call, device, autocast_dtype) for name, (m, call) in models.items()}
-    for _ in range(a.warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(a.iters):  # alternate, so drift on a shared machine hits both alike
-        for name, step in steps.items():
-            times[name].append(step())
+    models, cfg, diff = _models(a, cfg, device, (x, t, ctx, mask))
+    load_before = _load()
+    times = _timed(a, models, device)
 
     flops = count(cfg, a.frames, a.height, a.width, a.batch, a.text_len)
+    rows = _rows(a, models, times, flops, device)
+    result = {"rows": rows, "flops": flops}
+    body = report.table(rows)
+    if "diffusers-wan" in times:
+        ratio = statistics.median(times["diffusers-wan"]) / statistics.median(times["spacetime-dit"])
+        result["ratio"] = ratio
+        body += (
+            f"\n\nSpeed ratio (diffusers-wan step time / spacetime-dit step time): **{ratio:.3f}** "
+            f"(≥ 1.0 means ours is at least as fast). Per-iteration times (s): "
+            + "; ".join(f"{n}: {', '.join(f'{v:.4f}' for v in ts)}" for n, ts in times.items())
+        )
+    if diff is not None:
+        result["difference"] = diff
+        body += (
+            "\n\nOutput difference, SpacetimeDiT imported from the diffusers model vs the diffusers model, "
+            f"one fp32 forward on the same inputs: max |Δ| = {diff['max_abs']:.3e}, relative "
+            f"‖Δ‖/‖ref‖ = **{diff['relative']:.3e}** (output RMS {diff['output_rms']:.3e})."
+        )
+    extra = {"dtype": a.dtype, "compile": a.compile}
+    if diff is not None:
+        extra["weights"] = "diffusers init (seeded, constant tensors perturbed), imported via launch.interop"
+    extra["load average 1/5/15 min (before / after timing)"] = f"{load_before} / {_load()}"
+    config = _config(a, cfg, flops, **extra)
+    name = f"model_step-{a.preset.replace('/', '')}-{device.type}-{a.dtype}"
+    if diff is not None:
+        name = f"model_step-wan-import-{device.type}" + ("" if a.dtype == "fp32" else f"-{a.dtype}")
+    title = f"Model step: {a.preset}{' imported from diffusers' if diff else ''} on {device.type}"
+    path = report.write(name, "benchmarks.model_step", title, device, config, body, packages=("diffusers",))
+    print(body)
+    print(f"report: {path}")
+    return result
+
+
+def _rows(a: argparse.Namespace, models: dict, times: dict, flops: dict, device: torch.device) -> list[dict]:
+    """One report row per timed model: median step time, tokens/s, TFLOP/s and MFU."""
     peak = peak_flops() if device.type == "cuda" else None
     rows = []
     for name, ts in times.items():
@@ -207,30 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "max_memory_GiB": _cuda_memory(device),
             }
         )
-    result = {"rows": rows, "flops": flops}
-    body = report.table(rows)
-    if "diffusers-wan" in times:
-        ratio = statistics.median(times["diffusers-wan"]) / statistics.median(times["spacetime-dit"])
-        result["ratio"] = ratio
-        body += (
-            f"\n\nSpeed ratio (diffusers-wan step time / spacetime-dit step time): **{ratio:.3f}** "
-            f"(≥ 1.0 means ours is at least as fast). Per-iteration times (s): "
-            + "; ".join(f"{n}: {', '.join(f'{v:.4f}' for v in ts)}" for n, ts in times.items())
-        )
-    config = _config(a, cfg, flops, dtype=a.dtype, compile=a.compile)
-    name = f"model_step-{a.preset.replace('/', '')}-{device.type}-{a.dtype}"
-    path = report.write(
-        name,
-        "benchmarks.model_step",
-        f"Model step: {a.preset} on {device.type}",
-        device,
-        config,
-        body,
-        packages=("diffusers",),
-    )
-    print(body)
-    print(f"report: {path}")
-    return result
+    return rows
 
 
 def _config(a: argparse.Namespace, cfg: DiTConfig, flops: dict, **extra) -> dict:

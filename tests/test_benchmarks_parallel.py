@@ -1,15 +1,19 @@
 """The parallel-layout benchmark's measurements: comm formulas against bytes really sent, and
-activation bytes per rank under cp=2 against one process (2 gloo ranks, a tiny model)."""
+activation bytes per rank under cp=2 against one process (2 gloo ranks, a tiny model); and the step
+benchmark's import of diffusers' Wan (same weights on both sides, the output difference reported)."""
 
 from __future__ import annotations
+
+import re
+import sys
 
 import pytest
 import torch
 
-from benchmarks import model_step
+from benchmarks import model_step, report
 from benchmarks.comm_volume import attention_comm_bytes
 from benchmarks.parallel_layouts import Layout, Spec, run_group, summarize
-from dit.config import DiTConfig
+from dit.config import PRESETS, DiTConfig, get_preset
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +67,42 @@ def test_ring_backward_sends_fp32_gradients_whatever_the_activation_dtype():
 def test_mfu_sweep_refuses_cpu():
     with pytest.raises(SystemExit, match="needs CUDA"):
         model_step.main(["--mfu"])
+
+
+def test_wan_shaped_means_across_heads_qk_norm():
+    # qk_norm is a str: "none" and "per_head" are truthy but not Wan's norm, so no reference is built
+    wan = get_preset("wan2.1-t2v-1.3b", depth=1, hidden_size=32, num_heads=2, ffn_dim=48, text_dim=24)
+    assert model_step.wan_reference(wan) is not None
+    for kind in ("none", "per_head"):
+        assert model_step.wan_reference(wan.replace(qk_norm=kind)) is None
+    assert model_step.wan_reference(get_preset("video-small", depth=1)) is None
+
+
+def test_imported_wan_step_reports_same_output_and_a_ratio(tmp_path):
+    """A tiny Wan-shaped run: ours is imported from diffusers' Wan (save_pretrained → read_diffusers →
+    to_ours), both are timed, and the report carries the ratio and the forward's output difference."""
+    tiny = get_preset(
+        "wan2.1-t2v-1.3b", hidden_size=32, num_heads=2, depth=2, ffn_dim=48, text_dim=24, in_channels=4,
+        freq_dim=32,
+    )  # fmt: skip
+    args = ["--preset", "wan-tiny", "--frames", "2", "--height", "4", "--width", "6", "--warmup", "0",
+            "--iters", "1", "--device", "cpu"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "wan-tiny", tiny)
+        mp.setattr(report, "RESULTS", tmp_path)
+        mp.setattr(sys, "argv", ["benchmarks/model_step.py", *args])
+        result = model_step.main(args)
+    diff = result["difference"]
+    assert diff["output_rms"] > 0.1  # a real output, not a trivially zero one
+    assert diff["relative"] <= 1e-5
+    assert 0 <= diff["max_abs"] <= 1e-5 * 10 * diff["output_rms"]
+    assert [r["model"] for r in result["rows"]] == ["spacetime-dit", "diffusers-wan"]
+    assert result["rows"][0]["params"] == result["rows"][1]["params"]
+    (path,) = tmp_path.glob("*-model_step-wan-import-cpu.md")
+    text = path.read_text()
+    assert "--preset wan-tiny" in text and "qk_norm='across_heads'" in text
+    assert "- text_len: `512`" in text  # Wan's text convention by default
+    ratio = float(re.search(r"Speed ratio .*?\*\*([0-9.]+)\*\*", text).group(1))
+    assert ratio > 0 and ratio == pytest.approx(result["ratio"], abs=1e-3)
+    rel = float(re.search(r"relative ‖Δ‖/‖ref‖ = \*\*([0-9.e+-]+)\*\*", text).group(1))
+    assert rel == pytest.approx(diff["relative"], rel=1e-3)
