@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Replicate
 
 from dit.layers import SumSquares
 from parallel.collectives import sum_partials
@@ -27,19 +27,21 @@ from parallel.collectives import sum_partials
 
 class _ReplicatePartialGrad(torch.autograd.Function):
     """A tensor every rank holds whole, as a ``Replicate`` DTensor, whose backward hands on this rank's
-    *partial* gradient (DTensor's own ``from_local`` would sum it over the mesh, and then
-    :func:`~parallel.collectives.sum_partials`'s backward would sum it again)."""
+    *share* of the gradient unsummed: :func:`~parallel.collectives.sum_partials`'s backward sums it
+    (DTensor's own ``from_local`` would sum it too, and the gradient would be counted ``tp`` times)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, mesh: DeviceMesh) -> DTensor:
-        ctx.mesh = mesh
         return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
 
     @staticmethod
     def backward(ctx, grad: DTensor):
-        # a Partial gradient (each rank's heads' share) is passed on as it is; a Replicate one is split
-        # into shares (v/n each) that sum to it, so sum_partials' backward restores it exactly
-        return grad.redistribute(ctx.mesh, [Partial()]).to_local(), None
+        # The statistic scales only this rank's heads (x · rstd with x sharded on the head axis), so
+        # what arrives is this rank's share: eager DTensor labels it Partial; a compiled block's
+        # backward labels it as the forward output was (Replicate, AOTAutograd's guess at the tangent)
+        # with the same values (measured: per-block torch.compile equals eager). The local values are
+        # the share either way; redistributing by the label would all-reduce it a second time.
+        return grad.to_local(), None
 
 
 class TPSumSquares(SumSquares):

@@ -31,6 +31,9 @@ class Case:
     mlp: str
     layout: str
     qk_norm: str = "per_head"
+    compiled: bool = False
+    """Also run the DTensor model with per-block ``torch.compile`` (aot_eager: dynamo and AOTAutograd,
+    where a DTensor gradient's placement can differ from eager's, without inductor's C++ build)."""
 
 
 def every_option(mlp: str, layout: str, qk_norm: str = "per_head") -> DiTConfig:
@@ -89,6 +92,14 @@ def run_case(case: Case) -> dict:
     apply_tensor_parallel(dtensor, init_device_mesh("cpu", (dist.get_world_size(),)))
     out_dt, grads_dt = _run(dtensor, data)
     whole_dt = _whole_grad_diff(dtensor, grads_ref)
+    compiled = {}
+    if case.compiled:
+        model = random_model(cfg)
+        apply_tensor_parallel(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+        for block in model.blocks:
+            block.compile(backend="aot_eager")
+        out, _ = _run(model, data)
+        compiled = {"out_compiled": out, "whole_diff_compiled": _whole_grad_diff(model, grads_ref)}
     megatron = apply_megatron_tp(random_model(cfg), dist.group.WORLD)
     out_mg, grads_mg = _run(megatron, data)
     whole_mg = _whole_grad_diff(megatron, grads_ref)
@@ -113,6 +124,7 @@ def run_case(case: Case) -> dict:
         "grads_dt_rank0": grads_dt,
         "whole_diff_dt": whole_dt,
         "whole_diff_mg": whole_mg,
+        **compiled,
     }
 
 
