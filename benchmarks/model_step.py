@@ -47,6 +47,9 @@ def wan_reference(cfg: DiTConfig) -> torch.nn.Module | None:
         and cfg.mlp == "gelu_tanh"
         and cfg.qk_norm == "across_heads"  # Wan's qk RMSNorm spans all heads; a per-head model is not Wan
         and cfg.block_norm == "layernorm"
+        and cfg.qk_norm_eps in (None, cfg.norm_eps)  # Wan's q/k norms use the model's eps
+        and cfg.rope_theta == 10000.0
+        and cfg.parametrization == "standard"
         and cfg.attention_layout == "full"
         and cfg.cross_attn_norm
         and not cfg.learn_sigma
@@ -284,6 +287,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"\n\nSpeed ratio (diffusers-wan step time / spacetime-dit step time): **{ratio:.3f}** "
             f"(≥ 1.0 means ours is at least as fast). Per-iteration times (s): "
             + "; ".join(f"{n}: {', '.join(f'{v:.4f}' for v in ts)}" for n, ts in times.items())
+        )
+    elif not a.no_reference:
+        body += (
+            f"\n\nNo diffusers reference: {a.preset} is not Wan-shaped (wan_reference; its qk_norm is "
+            f"{cfg.qk_norm!r}, Wan's 'across_heads'), so only SpacetimeDiT is timed; the wan2.* presets "
+            "are timed against diffusers with the same weights."
         )
     if diff is not None:
         result["difference"] = diff
