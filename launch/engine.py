@@ -224,7 +224,13 @@ def initial_model(cfg: JobConfig) -> nn.Module:
     model = build_model(cfg.model.arch, device="cpu", seed=cfg.seed)
     if cfg.init.from_:
         report = apply_init(
-            model, cfg.init.from_, cfg.model.arch, use_ema=cfg.init.use_ema, min_match=cfg.init.min_match
+            model,
+            cfg.init.from_,
+            cfg.model.arch,
+            use_ema=cfg.init.use_ema,
+            min_match=cfg.init.min_match,
+            expert=cfg.init.expert,
+            new=cfg.init.new,
         )
         log.info("init.from=%s: %s", cfg.init.from_, report.summary())
     return model

@@ -248,3 +248,21 @@ def test_init_from_a_diffusers_wan_trains_resumes_exactly_and_exports(tmp_path, 
     proc = run([*train_cmd(tmp_path / "run2", "train.steps=1", overrides=overrides), "--config", config])
     assert proc.returncode != 0 and f"init.from={folder}" in proc.stderr
     assert not (tmp_path / "run2" / "checkpoints").is_dir()
+
+
+def test_the_trainers_initial_model_takes_init_expert_and_init_new(tmp_path):
+    """``launch.engine.initial_model`` (what every training rank builds) passes ``init.expert`` and
+    ``init.new`` on: the low-noise expert of a two-expert root loads into a model one block deeper
+    when the new block is listed, and is refused when it is not."""
+    from launch.engine import initial_model
+
+    root = tiny_wan_pipeline_root(tmp_path, experts=2)
+    _, low = _ours(root / "transformer_2")
+    yaml = _yaml(tmp_path, root, "  expert: low_noise\n")
+    depth = load_config(yaml).model.arch.depth
+    cfg = load_config(yaml, [f"model.arch.depth={depth + 1}", f'init.new=["blocks.{depth}.*"]'])
+    state = initial_model(cfg).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in low.items())  # the named expert, every tensor
+    assert torch.count_nonzero(state[f"blocks.{depth}.attn.o.weight"]) == 0  # new block: identity
+    with pytest.raises(ValueError, match=rf'init.new=\["blocks.{depth}.\*"\]'):
+        initial_model(load_config(yaml, [f"model.arch.depth={depth + 1}"]))
