@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.pipeline import DataConfig, limits
-from dit.config import PRESETS, DiTConfig
+from dit.config import PRESETS, DiTConfig, qk_norm_kind
 from dit.diffusion import DiffusionConfig
 from dit.sampling import SAMPLER_NAMES
 from launch.distributed import preempt_signum
@@ -590,6 +590,8 @@ def resume_differences(saved: dict, cfg: JobConfig) -> list[str]:
     config (the plain dict of a run's ``config.yaml``) and ``cfg``. A key the saved config lacks
     (written by an older version) is not compared."""
     a, b = _flat(saved), _flat(yaml.safe_load(to_yaml(cfg)))
+    if "model.arch.qk_norm" in a:  # a run saved before qk_norm had kinds wrote a bool
+        a["model.arch.qk_norm"] = qk_norm_kind(a["model.arch.qk_norm"])
 
     def fixed(k: str) -> bool:
         if k in _NEVER or not any(k == f or k.startswith(f + ".") for f in RESUME_FIXED):

@@ -147,3 +147,17 @@ def test_a_section_built_in_code_validates_itself_under_the_key_it_is_given():
         ParallelConfig(activation_checkpointing="some").validate()
     with pytest.raises(ValueError, match=r"train\.betas\.1=1\.0: must be >= 0\.0 and < 1\.0"):
         TrainConfig(betas=(0.9, 1.0)).validate()
+
+
+def test_resume_reads_a_legacy_boolean_qk_norm_as_its_kind():
+    """A run saved before ``qk_norm`` had kinds wrote ``qk_norm: true``; resuming it with today's
+    ``per_head`` (what true means) is no change, while ``false`` against ``per_head`` is one."""
+    import yaml
+
+    from launch.config import resume_differences, to_yaml
+
+    cfg = load_config(None, ["model.arch.qk_norm=per_head"])
+    saved = yaml.safe_load(to_yaml(cfg))
+    for legacy, want in ((True, []), (False, ["model.arch.qk_norm: 'none' → 'per_head'"])):
+        saved["model"]["arch"]["qk_norm"] = legacy
+        assert resume_differences(saved, cfg) == want
