@@ -86,12 +86,14 @@ def test_imported_wan_step_reports_same_output_and_a_ratio(tmp_path):
         freq_dim=32,
     )  # fmt: skip
     args = ["--preset", "wan-tiny", "--frames", "2", "--height", "4", "--width", "6", "--warmup", "0",
-            "--iters", "1", "--device", "cpu"]  # fmt: skip
+            "--iters", "2", "--device", "cpu", "--threads", "1"]  # fmt: skip
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(PRESETS, "wan-tiny", tiny)
         mp.setattr(report, "RESULTS", tmp_path)
         mp.setattr(sys, "argv", ["benchmarks/model_step.py", *args])
         result = model_step.main(args)
+    assert torch.get_num_threads() == threads  # --threads applies to the run only
     diff = result["difference"]
     assert diff["output_rms"] > 0.1  # a real output, not a trivially zero one
     assert diff["relative"] <= 1e-5
@@ -104,5 +106,6 @@ def test_imported_wan_step_reports_same_output_and_a_ratio(tmp_path):
     assert "- text_len: `512`" in text  # Wan's text convention by default
     ratio = float(re.search(r"Speed ratio .*?\*\*([0-9.]+)\*\*", text).group(1))
     assert ratio > 0 and ratio == pytest.approx(result["ratio"], abs=1e-3)
+    assert result["paired_ratio"] > 0 and "- torch threads: `1`" in text
     rel = float(re.search(r"relative ‖Δ‖/‖ref‖ = \*\*([0-9.e+-]+)\*\*", text).group(1))
     assert rel == pytest.approx(diff["relative"], rel=1e-3)
