@@ -211,6 +211,26 @@ def minilm_path() -> Path:
     return path
 
 
+_TOKENIZER_FILES = (
+    "tokenizer_config.json", "tokenizer.json", "spiece.model", "vocab.txt", "vocab.json",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
+def tokenizer_folder(path: Path) -> Path:
+    """Where the tokenizer of the text encoder folder ``path`` is: the folder itself, or, in a diffusers
+    pipeline root (``text_encoder/`` beside ``tokenizer/``, as Wan's and LTX's are laid out), its sibling
+    ``tokenizer/``. Neither holding a tokenizer is an error: transformers would build an untrained
+    default tokenizer from the model's config and encode every caption as garbage, silently."""
+    for folder in (path, path.parent / "tokenizer"):
+        if any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            return folder
+    raise FileNotFoundError(
+        f"--text-encoder {path}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])} …) in it or in a "
+        f"sibling tokenizer/ folder (a diffusers pipeline root's layout)"
+    )
+
+
 class TextEncoder:
     """Token states of a transformers encoder: ``(emb B×L×D fp32, mask B×L bool)`` with L = max_length."""
 
@@ -238,7 +258,7 @@ class TextEncoder:
         )
         self.model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path), local_files_only=True)
         self.max_length, self.device = max_length, device
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
         self.name = f"{config.model_type}:{path.name}"

@@ -130,6 +130,27 @@ def test_t5_encoder_from_a_local_folder(tmp_path):
     assert emb.shape == (2, 8, 16) and enc.dim == 16 and mask.sum(1).tolist() == [3, 8]
 
 
+def test_text_encoder_of_a_pipeline_root_finds_its_sibling_tokenizer(tmp_path):
+    """A diffusers pipeline root keeps the tokenizer in ``tokenizer/`` beside ``text_encoder/`` (Wan,
+    LTX): naming the encoder folder is enough, and it tokenizes as the tokenizer in one folder does."""
+    one = tmp_path / "one"
+    _tiny_t5(one)
+    root = tmp_path / "root"
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "text_encoder").mkdir()
+    for f in one.iterdir():
+        model_file = f.name in ("config.json", "model.safetensors")
+        f.rename(root / ("text_encoder" if model_file else "tokenizer") / f.name)
+    (root / "tokenizer").rename(root / "elsewhere")
+    # without it transformers would build an untrained default tokenizer: an error naming the folder
+    with pytest.raises(FileNotFoundError, match=rf"{root / 'text_encoder'}: no tokenizer files"):
+        TextEncoder(root / "text_encoder", max_length=8)
+    (root / "elsewhere").rename(root / "tokenizer")
+    enc = TextEncoder(root / "text_encoder", max_length=8)
+    _, mask = enc(["a red circle", "a blue square moves on a red background"])
+    assert mask.sum(1).tolist() == [3, 8]
+
+
 @pytest.mark.slow
 def test_encode_cli_under_torchrun_writes_latent_shards_the_loader_reads(tmp_path):
     from data.buckets import load_bucket_file
