@@ -171,7 +171,7 @@ class Conditioner:
             x0 = self.codec.encode(batch.video.to(dev, non_blocking=True)).to(dev).float()
         b, t = x0.shape[0], x0.shape[2]
         kwargs = self._condition(batch, b)
-        if self.arch.fps_conditioning:
+        if self.arch.needs_fps:
             kwargs["fps"] = batch.fps.to(dev, non_blocking=True)
         if train and self.cfg.train.cfg_dropout > 0 and self.arch.conditioning != "none":
             drop = torch.rand(b, generator=gen) < self.cfg.train.cfg_dropout

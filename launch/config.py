@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.pipeline import DataConfig, limits
 from dit.config import PRESETS, DiTConfig, qk_norm_kind
 from dit.diffusion import DiffusionConfig
-from dit.sampling import SAMPLER_NAMES
+from dit.sampling import GRIDS, SAMPLER_NAMES
 from launch.distributed import preempt_signum
 from parallel.config import ParallelConfig, check_choice, check_range
 
@@ -284,11 +284,16 @@ class SampleConfig:
     """One of :data:`dit.sampling.SAMPLER_NAMES` (``euler``, ``heun``, ``ddim``, ``dpm++2m``)."""
     cfg: float = 4.0
     """Classifier-free guidance scale (1: none)."""
+    grid: str = "uniform"
+    """Sampling grid (:data:`dit.sampling.GRIDS`): ``uniform`` (t from 1 to 0 in equal steps, shifted) or
+    ``diffusers`` (the σ grid of the sampler's diffusers scheduler: FlowMatchEuler for ``euler``, UniPC
+    for ``unipc``, so samples equal ``WanPipeline``'s)."""
     use_ema: bool = True
     """Sample with the EMA weights when the run keeps them."""
 
     def validate(self, key: str = "sample") -> None:
         check_choice(self.sampler, SAMPLER_NAMES, f"{key}.sampler")
+        check_choice(self.grid, GRIDS, f"{key}.grid")
         for name in ("steps", "frames", "height", "width"):
             check_range(getattr(self, name), f"{key}.{name}", 1)
         check_range(self.fps, f"{key}.fps", 0.0, open_low=True)

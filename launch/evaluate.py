@@ -296,6 +296,7 @@ def draw_samples(
         seed=seed,
         device=conditioner.device,
         bf16=run_bf16(cfg, conditioner.device),
+        grid=s.grid,
     )
     model.train(was_training)
     return decode(conditioner.codec, z) if _rank() == 0 else np.zeros((0, 0, 0, 0, 3), np.uint8)

@@ -228,9 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid",
         choices=GRIDS,
-        default="uniform",
         help="sampling grid: uniform (ours) or diffusers (the grid of the sampler's diffusers scheduler, "
-        "as WanPipeline steps)",
+        "as WanPipeline steps); default: the run's sample.grid",
     )
     p.add_argument(
         "--low-noise",
@@ -321,7 +320,9 @@ def _root_boundary(root: Path) -> float | None:
     return wan_boundary(root)
 
 
-def generate(model, info: dict, prompts: list[str], req: SampleRequest, grid: str = "uniform") -> list[Path]:
+def generate(
+    model, info: dict, prompts: list[str], req: SampleRequest, grid: str | None = None
+) -> list[Path]:
     """Sample, decode and write one mp4 per prompt; returns the paths written.
 
     Args:
@@ -331,14 +332,14 @@ def generate(model, info: dict, prompts: list[str], req: SampleRequest, grid: st
             (the run's sampling defaults, for the request's None fields).
         prompts: Captions, or class ids as strings for a class-conditional model.
         req: What to generate and where.
-        grid: The sampling grid (``--grid``, :func:`dit.sampling.sampling_grid`).
+        grid: The sampling grid (``--grid``, :func:`dit.sampling.sampling_grid`); None: the run's.
     """
     arch, defaults = info["arch"], info.get("sample") or SampleConfig()
     frames, height = req.frames or defaults.frames, req.height or defaults.height
     width, fps = req.width or defaults.width, req.fps or defaults.fps
     bf16 = bf16_compute(req.precision, req.device)
     enc_dtype = encoder_dtype(bf16, req.device)
-    missing = [k for k in ("codec", "text_encoder") if k in info and info[k] is None]
+    missing = [k for k in ("codec", "text_encoder") if info.get(k) is None]
     if missing and (missing != ["text_encoder"] or arch.conditioning == "text"):
         raise SystemExit(
             f"error: the source has no {' and no '.join(m.replace('codec', 'vae') + '/' for m in missing)} "
@@ -383,7 +384,7 @@ def generate(model, info: dict, prompts: list[str], req: SampleRequest, grid: st
             video=video,
             strength=req.strength,
             bf16=bf16,
-            grid=grid,
+            grid=grid or defaults.grid,
         )
         for n, clip in enumerate(clips, start):
             path = out if len(prompts) == 1 else out.with_name(f"{out.stem}-{n}{out.suffix}")
@@ -506,7 +507,7 @@ def conditions(
         model_kwargs = {"context": emb.to(device), "context_mask": mask.to(device)}
     elif arch.conditioning == "class":
         model_kwargs = {"labels": torch.tensor([_class_id(p, arch) for p in prompts], device=device)}
-    if arch.fps_conditioning:
+    if arch.needs_fps:
         model_kwargs["fps"] = torch.full((b,), float(fps), device=device)
     if cfg_scale == 1:
         return model_kwargs, None

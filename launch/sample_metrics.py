@@ -23,6 +23,7 @@ The values are flat keys (``probe_overall``, ``probe_color`` …, ``probe_jerk``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -177,6 +178,11 @@ class SampleEval:
         s, n = self.settings, len(self.prompts)
         indices, scored = share(n, self.dp_rank, self.dp_size)
         states = encode_text(self.prompts) if arch.conditioning == "text" else None
+        # the lambda below hands out rows of ``states`` whatever it is asked: the CFG null of an
+        # empty-prompt model is encoded here, alone, as the trainer's dropout null is
+        empty = None
+        if arch.conditioning == "text" and arch.text_null == "empty_prompt":
+            empty = encode_text([""])
         was_training = model.training
         model.eval()
         latents = []
@@ -186,7 +192,7 @@ class SampleEval:
                 lambda _, i=i: (states[0][i : i + 1], states[1][i : i + 1]),  # this prompt's row of all
                 [self.prompts[i]], frames=s.frames, height=s.height, width=s.width, fps=s.fps,
                 steps=s.steps, sampler=s.sampler, cfg_scale=s.cfg, seed=prompt_seed(self.seed, i),
-                device=device, bf16=bf16,
+                device=device, bf16=bf16, grid=s.grid, empty_prompt=empty,
             )  # fmt: skip
             latents.append(z)
         model.train(was_training)
@@ -426,7 +432,10 @@ def cli(argv: list[str] | None = None) -> int:
 
     a = _parser().parse_args(argv)
     try:
-        result = _evaluate(a)
+        # libraries imported on the way print on stdout (DeepSpeed's accelerator notice, which
+        # transformers pulls in through accelerate): stdout carries the JSON object only
+        with contextlib.redirect_stdout(sys.stderr):
+            result = _evaluate(a)
     except (ValueError, OSError) as e:  # FileNotFoundError included
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -134,3 +134,31 @@ def test_text_cache_runs_inside_the_conditioner_on_raw_batches_and_refuses_a_neg
     assert not torch.equal(prep.kwargs["context"][0], prep.kwargs["context"][1])
     with pytest.raises(ValueError, match="data.text_cache"):
         load_config(None, ["data.text_cache=-1"])
+
+
+def test_an_ltx_rope_model_gets_the_clips_fps_in_training_and_sampling():
+    """LTX's RoPE scales time by the clip's frame rate (``DiTConfig.needs_fps``) without fps
+    conditioning: the trainer's batches and the sampler's inputs both carry ``fps``, and the model runs
+    on them (before, both passed fps only to fps-conditioned models and the forward refused)."""
+    from launch.sample import conditions
+
+    ltx = [
+        "model.arch.fps_conditioning=false", "model.arch.pos_embed=rope_ltx", "model.arch.patch_size=[1,2,2]",
+        "model.arch.qk_norm=across_heads", "model.arch.block_norm=rmsnorm", "train.cfg_dropout=0",
+    ]  # fmt: skip
+    cond = _conditioner(*ltx)
+    assert not cond.arch.fps_conditioning and cond.arch.needs_fps
+    batch = _batch()
+    batch.fps = torch.tensor([8.0, 8.0, 24.0, 24.0, 12.5, 12.5])
+    prep = cond(batch, torch.Generator().manual_seed(0))
+    assert prep.kwargs["fps"].tolist() == batch.fps.tolist()
+    from dit.model import build_model
+
+    model = build_model(cond.arch, seed=0)
+    t = torch.full((6,), 500.0)
+    with torch.no_grad():
+        out = model(prep.x0, t, **prep.kwargs)
+    assert out.shape == prep.x0.shape
+    kw, _ = conditions(cond.arch, lambda texts: (torch.randn(len(texts), 5, 384), torch.ones(len(texts), 5,
+                       dtype=torch.bool)), ["a"], fps=12.5, cfg_scale=1, device="cpu")  # fmt: skip
+    assert kw["fps"].tolist() == [12.5]

@@ -161,3 +161,10 @@ def test_resume_reads_a_legacy_boolean_qk_norm_as_its_kind():
     for legacy, want in ((True, []), (False, ["model.arch.qk_norm: 'none' → 'per_head'"])):
         saved["model"]["arch"]["qk_norm"] = legacy
         assert resume_differences(saved, cfg) == want
+
+
+def test_sample_grid_is_checked_and_defaults_to_uniform():
+    assert load_config(None).sample.grid == "uniform"
+    assert load_config(None, ["sample.grid=diffusers"]).sample.grid == "diffusers"
+    with pytest.raises(ValueError, match=r"sample\.grid"):
+        load_config(None, ["sample.grid=linear"])

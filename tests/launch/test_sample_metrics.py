@@ -282,3 +282,58 @@ def test_evaluate_scores_fid_fvd_and_clip_against_the_held_out_clips(
 
     assert sm.cli([str(one_process), "--fid-features", str(tmp_path / "no.pt")]) == 2
     assert f"--fid-features '{tmp_path / 'no.pt'}': no such file" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_null_model_is_guided_by_the_encoded_empty_prompt(tmp_path):
+    """``text_null=empty_prompt`` (Wan's convention): the in-loop samples' CFG null is the encoded ""
+    (as the trainer's dropout null), not the prompt's own states, and ``sample.grid`` is honoured: the
+    latents equal ``launch.sample.latents_for`` given an encoder that encodes what it is asked."""
+    import torch
+
+    from data.buckets import Compression
+    from dit.config import get_preset
+    from dit.diffusion import DiffusionConfig, make_objective
+    from dit.model import build_model
+    from launch.config import SampleConfig
+    from launch.sample import latents_for
+
+    arch = get_preset("tiny", text_dim=16, text_null="empty_prompt", text_mask=False)
+    model = build_model(arch, seed=0)
+    with torch.no_grad():  # every zero-initialised output layer non-zero: the text must matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    model.eval()
+    obj = make_objective(DiffusionConfig(shift=3.0))
+    table = {}
+
+    def encode(texts):  # a fixed random state per caption (4 tokens), as a text encoder gives
+        out = []
+        for t in texts:
+            g = torch.Generator().manual_seed(len(table) + 1)
+            out.append(table.setdefault(t, torch.randn(4, 16, generator=g)))
+        return torch.stack(out), torch.ones(len(texts), 4, dtype=torch.bool)
+
+    settings = SampleConfig(
+        frames=2, height=16, width=16, steps=3, cfg=4.0, sampler="unipc", grid="diffusers"
+    )
+    got = []
+
+    def decode(z):
+        got.append(z.clone())
+        return np.zeros((1, 2, 16, 16, 3), np.uint8)
+
+    comp = Compression(1, 4, causal=False)
+    se = sm.SampleEval(prompts=PROMPTS[:2], settings=settings, seed=5, probe=False)
+    se.run(model, obj, arch, comp, encode, decode, tmp_path / "out", "cpu", bf16=False)
+    kw = dict(frames=2, height=16, width=16, fps=settings.fps, steps=3, sampler="unipc", cfg_scale=4.0)
+    for i, z in enumerate(got):
+        seed = sm.prompt_seed(5, i)
+        want = latents_for(model, obj, arch, comp, encode, [PROMPTS[i]], seed=seed, device="cpu",
+                           grid="diffusers", **kw)  # fmt: skip
+        assert torch.equal(z, want), i
+        own = encode([PROMPTS[i]])  # the bug this guards against: the prompt as its own null
+        other = latents_for(model, obj, arch, comp, encode, [PROMPTS[i]], seed=seed, device="cpu",
+                            grid="diffusers", empty_prompt=own, **kw)  # fmt: skip
+        assert not torch.allclose(z, other)
+        uniform = latents_for(model, obj, arch, comp, encode, [PROMPTS[i]], seed=seed, device="cpu", **kw)
+        assert not torch.allclose(z, uniform)  # the grid reached the sampler
