@@ -109,8 +109,11 @@ def read_weights(
     return weights, arch
 
 
-def _read_diffusers(path: Path, expert: str, key: str = "init.from") -> tuple[DiTConfig | None, dict]:
-    """(our config, our state) of a diffusers source at ``path``; (None, {}) when it is not one."""
+def _read_diffusers(
+    path: Path, expert: str, key: str = "init.from", meta: bool = False
+) -> tuple[DiTConfig | None, dict]:
+    """(our config, our state) of a diffusers source at ``path``; (None, {}) when it is not one. With
+    ``meta`` only the safetensors headers are read (meta tensors: names, shapes and dtypes)."""
     from safetensors import SafetensorError
 
     from launch import interop
@@ -118,7 +121,7 @@ def _read_diffusers(path: Path, expert: str, key: str = "init.from") -> tuple[Di
     try:
         if not interop.is_diffusers(path):
             return None, {}
-        return interop.to_ours(interop.read_diffusers(path, expert=expert))
+        return interop.to_ours(interop.read_diffusers(path, expert=expert, meta=meta))
     except (ValueError, KeyError) as e:  # what we cannot express, or a two-expert root without expert
         raise ValueError(f"{key}={path}: {e}") from None
     except FileNotFoundError as e:  # a diffusers folder without its weights (renamed, deleted)
@@ -164,8 +167,9 @@ def source_arch(path: str | Path, expert: str = "") -> DiTConfig:
     where = f"model.preset=from_init: init.from={path}"
     if not path.exists():
         raise FileNotFoundError(f"{where}: no such file or directory")
-    # the whole weights are read for their config: to_ours checks the tensors against it
-    cfg, _ = _read_diffusers(path, expert, key="init.from")
+    # only config.json and the safetensors headers: to_ours checks the tensor names and shapes against
+    # the config without the weights (a 14B model's are tens of GB, read on every rank at start-up)
+    cfg, _ = _read_diffusers(path, expert, key="init.from", meta=True)
     if cfg is not None:
         return cfg
     if path.is_dir() and (path / "config.json").is_file():

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -54,7 +55,7 @@ def is_diffusers(path: str | Path) -> bool:
     return _class_beside(path / WEIGHTS) is not None
 
 
-def read_diffusers(path: str | Path, expert: str = "") -> DiffusersModel:
+def read_diffusers(path: str | Path, expert: str = "", meta: bool = False) -> DiffusersModel:
     """Read a diffusers transformer.
 
     Args:
@@ -65,6 +66,9 @@ def read_diffusers(path: str | Path, expert: str = "") -> DiffusersModel:
             follow from its tensors).
         expert: ``high_noise`` or ``low_noise`` (``init.expert``): which transformer of a two-expert
             pipeline root (Wan2.2-A14B); empty for everything else.
+        meta: read only the safetensors headers: every tensor is a ``meta`` tensor of its shape and dtype
+            (enough for :func:`launch.interop.to_ours` to give the config and check the names and shapes,
+            without reading tens of GB of weights).
 
     A folder's pickle weights (``.bin``, ``.pt`` …) are never opened: beside safetensors they are
     ignored, alone they are an error naming them.
@@ -85,14 +89,14 @@ def read_diffusers(path: str | Path, expert: str = "") -> DiffusersModel:
             f"one (no {PIPELINE_INDEX}): leave init.expert empty"
         )
     if path.is_file():
-        return _read_file(path)
+        return _read_file(path, meta)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such diffusers model folder or .safetensors file")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (a diffusers model folder has one)")
     class_name, config = _read_config(config_file)
-    return DiffusersModel(class_name, config, _read_folder_weights(path), path)
+    return DiffusersModel(class_name, config, _read_folder_weights(path, meta), path)
 
 
 def write_diffusers(m: DiffusersModel, out: str | Path) -> Path:
@@ -187,20 +191,53 @@ def _refuse_pickles(folder: Path) -> None:
         )
 
 
-def _read_folder_weights(folder: Path) -> dict[str, Tensor]:
+_META_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _load(file: Path, meta: bool) -> dict[str, Tensor]:
+    """A safetensors file's tensors, or (``meta``) meta tensors of the shapes and dtypes its header lists:
+    the 8-byte header length and the JSON header are all that is read (plain JSON, nothing executed)."""
+    if not meta:
+        return load_file(file)
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100 * 2**20:
+            raise SafetensorError(f"{file}: not a safetensors file (header length {size})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as e:
+            raise SafetensorError(f"{file}: unreadable safetensors header ({e})") from None
+    out = {}
+    for name, entry in header.items() if isinstance(header, dict) else ():
+        if name == "__metadata__":
+            continue
+        dtype = _META_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        sizes_ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        if dtype is None or not sizes_ok:
+            raise SafetensorError(f"{file}: tensor {name!r} has no readable dtype and shape in the header")
+        out[name] = torch.empty(shape, dtype=dtype, device="meta")
+    return out
+
+
+def _read_folder_weights(folder: Path, meta: bool = False) -> dict[str, Tensor]:
     if (folder / INDEX).is_file():
-        return _read_sharded(folder / INDEX)
+        return _read_sharded(folder / INDEX, meta)
     if (folder / WEIGHTS).is_file():
-        return load_file(folder / WEIGHTS)
+        return _load(folder / WEIGHTS, meta)
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:  # e.g. a variant such as diffusion_pytorch_model.fp16.safetensors
-        return load_file(found[0])
+        return _load(found[0], meta)
     _refuse_pickles(folder)
     what = f"{len(found)} .safetensors files ({', '.join(p.name for p in found)})" if found else "none"
     raise FileNotFoundError(f"{folder}: expected {WEIGHTS} or {INDEX}; found {what}")
 
 
-def _read_sharded(index_file: Path) -> dict[str, Tensor]:
+def _read_sharded(index_file: Path, meta: bool = False) -> dict[str, Tensor]:
     """All shards an index lists; each must be a file in the index's folder and hold exactly the tensors
     the index assigns it."""
     weight_map = _read_json(index_file).get("weight_map")
@@ -217,7 +254,7 @@ def _read_sharded(index_file: Path) -> dict[str, Tensor]:
             raise ValueError(f"{index_file}: shard {shard!r} is not a file name inside {folder}; refused")
         if file.suffix != ".safetensors":
             raise ValueError(f"{index_file}: shard {shard!r} is not a .safetensors file; refused")
-        tensors = load_file(file)
+        tensors = _load(file, meta)
         if set(tensors) != keys:
             missing, extra = sorted(keys - set(tensors)), sorted(set(tensors) - keys)
             raise ValueError(
@@ -227,12 +264,12 @@ def _read_sharded(index_file: Path) -> dict[str, Tensor]:
     return state
 
 
-def _read_file(path: Path) -> DiffusersModel:
+def _read_file(path: Path, meta: bool = False) -> DiffusersModel:
     if path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: a pickle file, which can run code when loaded; only safetensors are read")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: not a .safetensors file")
-    state = load_file(path)
+    state = _load(path, meta)
     if _class_beside(path) is not None:
         class_name, config = _read_config(path.parent / "config.json")
         return DiffusersModel(class_name, config, state, path)

@@ -266,3 +266,20 @@ def test_the_trainers_initial_model_takes_init_expert_and_init_new(tmp_path):
     assert torch.count_nonzero(state[f"blocks.{depth}.attn.o.weight"]) == 0  # new block: identity
     with pytest.raises(ValueError, match=rf'init.new=\["blocks.{depth}.\*"\]'):
         initial_model(load_config(yaml, [f"model.arch.depth={depth + 1}"]))
+
+
+def test_from_init_reads_only_the_config_and_the_tensor_headers(tmp_path):
+    """``model.preset=from_init`` needs the architecture, not the weights: it reads ``config.json`` and
+    the safetensors headers (names, shapes, dtypes), so a 14B source is not loaded on every rank just to
+    build the config. Here the weights' data bytes are cut off: the architecture still comes out (equal
+    to a full read's), while loading the weights is the named error."""
+    folder = tiny_wan(tmp_path)
+    want, _ = _ours(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[: header + 16])  # the header whole, the tensor data gone
+    assert source_arch(folder) == want
+    assert load_config(_yaml(tmp_path, folder)).model.arch == want
+    with pytest.raises(CheckpointError, match=rf"init.from={folder}: a weights file is not readable"):
+        apply_init(build_model(want, seed=1), folder, want)
