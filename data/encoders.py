@@ -124,7 +124,8 @@ def _vae_geometry(name: str, cfg) -> tuple[Compression, int]:
     """``(compression, latent channels)`` of a VAE of class ``name`` from its config (a dict or the
     model's own ``config``)."""
     if name == "AutoencoderKLWan":
-        spatial = 2 ** (len(cfg["dim_mult"]) - 1)
+        # Wan2.2's VAE patchifies 2×2 before its 8× encoder: 16× in all (patch_size 2, 48 channels)
+        spatial = 2 ** (len(cfg["dim_mult"]) - 1) * (cfg.get("patch_size") or 1)
         return Compression(2 ** sum(cfg["temperal_downsample"]), spatial, causal=True), cfg["z_dim"]
     if name == "AutoencoderKLHunyuanVideo":
         spatial = cfg["spatial_compression_ratio"]

@@ -193,20 +193,7 @@ def test_recipe_dry_run_passes_on_tiny_stand_ins(recipe, roots, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        "wan2.1-t2v-1.3b-finetune",
-        pytest.param(
-            "wan2.2-ti2v-5b-i2v",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="data.encoders._vae_geometry derives AutoencoderKLWan's spatial compression from "
-                "dim_mult alone (8) and ignores its patch_size (Wan2.2's VAE: 2, so 16)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("recipe", ["wan2.1-t2v-1.3b-finetune", "wan2.2-ti2v-5b-i2v"])
 def test_dry_run_codec_geometry_is_what_the_vae_does(recipe, roots, tmp_path, capsys):
     """The compression the dry run reports (and buckets, tokens and the memory plan follow) equals what
     the stand-in VAE does to a real clip: 9 frames of 64×64 pixels."""
