@@ -385,7 +385,12 @@ class JobConfig:
 def _rename_from(node) -> None:
     # ``from`` is a Python keyword, so the dataclass field is ``from_``; users write ``init.from``.
     init = node.get("init") if hasattr(node, "get") else None
-    if init is not None and "from" in init:
+    if init is None or "from" not in init.keys():  # noqa: SIM118 (``in`` is False for a ``???`` value)
+        return
+    if OmegaConf.is_missing(init, "from"):  # a recipe's required source, set on the command line
+        init["from_"] = "???"
+        del init["from"]
+    else:
         init["from_"] = init.pop("from")
 
 
@@ -496,7 +501,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         # a ``???`` in the file means "the user must set this"; merging it would keep the schema default
         missing = sorted(k for k in OmegaConf.missing_keys(file_cfg) if OmegaConf.select(cli_cfg, k) is None)
         if missing:
-            raise ValueError(f"{path}: set {', '.join(missing)} (marked ??? in the file)")
+            named = (k.replace("init.from_", "init.from") for k in missing)
+            raise ValueError(f"{path}: set {', '.join(named)} (marked ??? in the file)")
         merged = OmegaConf.merge(schema, file_cfg, cli_cfg)
         cfg: JobConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

@@ -168,3 +168,13 @@ def test_sample_grid_is_checked_and_defaults_to_uniform():
     assert load_config(None, ["sample.grid=diffusers"]).sample.grid == "diffusers"
     with pytest.raises(ValueError, match=r"sample\.grid"):
         load_config(None, ["sample.grid=linear"])
+
+
+def test_a_required_init_from_is_named_and_set_from_the_command_line(tmp_path):
+    """A recipe's ``init.from: ???`` (the source the user must name) is reported as ``init.from`` and
+    satisfied by the ``init.from=…`` override (the field is ``from_`` underneath)."""
+    path = tmp_path / "ft.yaml"
+    path.write_text("init:\n  from: ???\n")
+    with pytest.raises(ValueError, match=r"set init\.from \(marked \?\?\? in the file\)"):
+        load_config(path)
+    assert load_config(path, ["init.from=/models/wan"]).init.from_ == "/models/wan"

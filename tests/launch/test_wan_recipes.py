@@ -32,7 +32,7 @@ RECIPES = {
     "wan2.2-ti2v-5b-i2v": dict(preset="wan2.2-ti2v-5b", vae=Compression(4, 16), shift=5.0, fps=24),
 }
 # the keys marked ??? in the recipes, with the values a user gives
-PATHS = ("data.shards", "data.val_shards", "data.codec", "data.text_encoder")
+PATHS = ("init.from", "data.shards", "data.val_shards", "data.codec", "data.text_encoder")
 TEXT_DIM = 24  # the tiny Wan's text_dim (tests/launch/diffusers_models.py)
 
 
@@ -149,13 +149,15 @@ def test_recipe_loads_with_the_published_shapes_and_wan_settings(recipe):
     assert (s.sampler, s.grid, s.cfg, s.fps) == ("unipc", "diffusers", 5.0, want["fps"])
     assert cfg.data.buckets.fps == want["fps"] and cfg.data.buckets.buckets
     assert cfg.run.precision == "bf16" and cfg.parallel.engine == "fsdp" and cfg.parallel.dp_shard == -1
-    assert cfg.train.lr <= 2e-5 and cfg.init.from_.startswith("/models/")  # the root users override
+    assert cfg.train.lr <= 2e-5 and cfg.init.from_ == "/placeholder/from"  # required: the user names it
     # every bucket, and the sample size, is a whole clip of the published VAE and the model's patch
     sample = Bucket(s.frames, s.height, s.width, 1)
     for b in [*cfg.data.buckets.buckets, sample]:
         assert check_bucket(b, want["vae"], arch.patch_size) == [], b
     # the paths a user must give are required (a forgotten one is an error naming it)
-    with pytest.raises(ValueError, match="data.codec, data.shards, data.text_encoder, data.val_shards"):
+    with pytest.raises(
+        ValueError, match="set data.codec, data.shards, data.text_encoder, data.val_shards, init.from "
+    ):
         load_config(_path(recipe))
 
 
