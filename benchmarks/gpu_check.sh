@@ -313,9 +313,12 @@ else
     RESERVE=$((PARITY ? 410 : 385)) section 1 "$TITLE1" 75
     # Placeholder folders for the paths a config must be given (`???`): dry runs read a VAE's
     # config.json (geometry, no weights) and list the shards, nothing more.
-    mkdir -p "$WORK/shards" "$WORK/val" "$WORK/wan-vae" "$WORK/umt5"
+    mkdir -p "$WORK/shards" "$WORK/val" "$WORK/wan-vae" "$WORK/wan22-vae" "$WORK/umt5"
     printf '{"_class_name": "AutoencoderKLWan", "z_dim": 16, "dim_mult": [1, 2, 4, 4], "temperal_downsample": [false, true, true]}\n' \
         >"$WORK/wan-vae/config.json"
+    # Wan2.2's VAE (the TI2V recipe): a 2×2 patchify before the 8× encoder, 48 channels
+    printf '{"_class_name": "AutoencoderKLWan", "z_dim": 48, "in_channels": 12, "out_channels": 12, "patch_size": 2, "is_residual": true, "dim_mult": [1, 2, 4, 4], "temperal_downsample": [false, true, true]}\n' \
+        >"$WORK/wan22-vae/config.json"
     printf '{"architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_model": 4096}\n' >"$WORK/umt5/config.json"
     for config in launch/configs/*.yaml; do
         name=$(basename "$config" .yaml)
@@ -329,7 +332,9 @@ else
             "$PYTHON" - "$config" "$WORK" <<'EOF' 2>>"$OUT/logs/1-placeholders.log"
 import sys, yaml
 placeholder = {"data.shards": "shards", "data.val_shards": "val", "data.codec": "wan-vae",
-               "data.text_encoder": "umt5"}
+               "data.text_encoder": "umt5", "init.from": "diffusers-root"}  # the source is not read
+if sys.argv[1].rsplit("/", 1)[-1].startswith("wan2.2"):
+    placeholder["data.codec"] = "wan22-vae"
 def walk(node, prefix=""):
     for key, value in (node or {}).items():
         path = f"{prefix}{key}"

@@ -40,10 +40,29 @@ def folders(tmp_path_factory):
             }
         )
     )
+    wan22 = root / "Wan2.2-VAE"  # 2×2 patchify before the 8× encoder, 48 channels: 4×16×16
+    wan22.mkdir()
+    (wan22 / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "AutoencoderKLWan",
+                "base_dim": 160,
+                "z_dim": 48,
+                "in_channels": 12,
+                "out_channels": 12,
+                "patch_size": 2,
+                "is_residual": True,
+                "scale_factor_spatial": 16,
+                "dim_mult": [1, 2, 4, 4],
+                "num_res_blocks": 2,
+                "temperal_downsample": [False, True, True],
+            }
+        )
+    )
     umt5 = root / "umt5-xxl"
     umt5.mkdir()
     (umt5 / "config.json").write_text(json.dumps({"model_type": "umt5", "d_model": 4096}))
-    return {"wan": wan, "umt5": umt5, "root": root}
+    return {"wan": wan, "wan22": wan22, "umt5": umt5, "root": root}
 
 
 def required(path, folders) -> list[str]:
@@ -54,8 +73,9 @@ def required(path, folders) -> list[str]:
     values = {
         "data.shards": "/lus/latents",
         "data.val_shards": "/lus/latents-val",
-        "data.codec": str(folders["wan"]),
+        "data.codec": str(folders["wan22" if path.name.startswith("wan2.2") else "wan"]),
         "data.text_encoder": str(folders["umt5"]),
+        "init.from": "/models/diffusers-root",  # the dry run checks the plan, not the source
     }
     missing = OmegaConf.missing_keys(OmegaConf.load(path))
     unknown = missing - values.keys()
