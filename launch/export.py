@@ -338,8 +338,11 @@ def _write_pipeline(out: Path, parts: dict) -> None:
         "transformer": ["diffusers", parts["class_name"]],
         "vae": ["diffusers", vae_class],
     }
-    if parts["pipeline"] == "WanPipeline":  # one expert, a scalar timestep per sample
-        index |= {"transformer_2": [None, None], "boundary_ratio": None, "expand_timesteps": False}
+    if parts["pipeline"] == "WanPipeline":
+        # one expert. Wan2.2-TI2V's root (its VAE patchifies 2×2: 4×16×16) sets expand_timesteps: a
+        # timestep per token, so WanImageToVideoPipeline keeps the image's latent frame at t = 0
+        ti2v = (_json(codec / "config.json").get("patch_size") or 1) > 1
+        index |= {"transformer_2": [None, None], "boundary_ratio": None, "expand_timesteps": ti2v}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 

@@ -166,13 +166,28 @@ def test_pipeline_export_loads_and_generates_with_wan_pipeline(tmp_path):
     latents = pipe(
         "a red circle", num_frames=5, height=16, width=16, num_inference_steps=2, output_type="latent"
     ).frames
-    assert latents.shape == (
-        1,
-        4,
-        2,
-        8,
-        8,
-    )  # 5 frames / 4 + 1, 16 px / 2 and torch.isfinite(latents).all() and latents.std() > 0.1
+    assert latents.shape == (1, 4, 2, 8, 8)  # 5 frames / 4 + 1, 16 px / 2
+    assert torch.isfinite(latents).all() and latents.std() > 0.1
+    assert json.loads((out / "model_index.json").read_text())["expand_timesteps"] is False  # Wan2.1's VAE
+
+
+def test_a_wan22_vae_pipeline_sets_expand_timesteps(tmp_path):
+    """Wan2.2-TI2V's published root sets ``expand_timesteps`` (a timestep per token: the image frame at
+    t = 0); an export with a Wan2.2 VAE (2×2 patchify, 16×) writes it too, a Wan2.1 VAE does not."""
+    from launch.export import _write_pipeline
+
+    vae = tmp_path / "vae22"
+    vae.mkdir()
+    (vae / "config.json").write_text(
+        json.dumps({"_class_name": "AutoencoderKLWan", "z_dim": 48, "patch_size": 2, "in_channels": 12})
+    )
+    text = _text_encoder(tmp_path, width=24)
+    out = tmp_path / "root"
+    (out / "transformer").mkdir(parents=True)
+    parts = {"vae": (vae, "AutoencoderKLWan"), "text_encoder": (text, "UMT5EncoderModel"), "shift": 5.0}
+    parts |= {"pipeline": "WanPipeline", "class_name": "WanTransformer3DModel"}
+    _write_pipeline(out, parts)
+    assert json.loads((out / "model_index.json").read_text())["expand_timesteps"] is True
 
 
 def test_pipeline_refusals_name_the_keys(tmp_path):
