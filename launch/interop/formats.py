@@ -238,20 +238,28 @@ def _read_folder_weights(folder: Path, meta: bool = False) -> dict[str, Tensor]:
 
 
 def _read_sharded(index_file: Path, meta: bool = False) -> dict[str, Tensor]:
-    """All shards an index lists; each must be a file in the index's folder and hold exactly the tensors
-    the index assigns it."""
+    """All shards an index lists; each must be a plain file name in the index's folder and hold exactly
+    the tensors the index assigns it.
+
+    The NAME is checked, not where it leads: in the Hugging Face hub cache every file of
+    ``snapshots/<rev>/transformer/`` is a symlink into ``blobs/``, and the shards are opened through
+    those links as diffusers does; a name with a folder part (``../x``, ``sub/x``) or an absolute path
+    is refused."""
     weight_map = _read_json(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_file}: no weight_map")
-    folder = index_file.parent.resolve()
+    folder = index_file.parent  # not resolved: the index itself may be a link into blobs/
     by_shard: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ValueError(f"{index_file}: shard {shard!r} of {key!r} is not a file name; refused")
         by_shard.setdefault(shard, set()).add(key)
     state: dict[str, Tensor] = {}
     for shard, keys in sorted(by_shard.items()):
-        file = (folder / shard).resolve() if isinstance(shard, str) else None
-        if file is None or Path(shard).is_absolute() or file.parent != folder:
+        plain = shard not in ("", ".", "..") and "\\" not in shard and Path(shard).name == shard
+        if not plain:
             raise ValueError(f"{index_file}: shard {shard!r} is not a file name inside {folder}; refused")
+        file = folder / shard
         if file.suffix != ".safetensors":
             raise ValueError(f"{index_file}: shard {shard!r} is not a .safetensors file; refused")
         tensors = _load(file, meta)

@@ -173,6 +173,37 @@ def test_sharded_index_reads_the_same_tensors_and_refuses_escaping_shards(tmp_pa
         interop.read_diffusers(sharded)
 
 
+def test_sharded_model_in_the_hub_cache_layout_loads(tmp_path):
+    """The Hugging Face hub cache: every file of ``snapshots/<rev>/transformer/`` is a symlink into
+    ``blobs/`` (a hash name, another folder); the shards are read through the links as diffusers does,
+    while an index naming a path (``../x``, an absolute one) is still refused."""
+    whole = load_file(tiny_wan(tmp_path) / "diffusion_pytorch_model.safetensors")
+    keys = sorted(whole)
+    blobs, snap = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc" / "transformer"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}  # fmt: skip
+    index = {"metadata": {}, "weight_map": {k: n for n, names in shards.items() for k in names}}
+    files = {
+        n: (lambda f, names=names: save_file({k: whole[k] for k in names}, f)) for n, names in shards.items()
+    }
+    files["config.json"] = lambda f: f.write_text((tmp_path / "wan-t2v" / "config.json").read_text())
+    files["diffusion_pytorch_model.safetensors.index.json"] = lambda f: f.write_text(json.dumps(index))
+    for i, (name, write) in enumerate(files.items()):
+        write(blobs / f"blob{i}")
+        (snap / name).symlink_to(f"../../../blobs/blob{i}")
+    got = interop.read_diffusers(snap).state
+    assert sorted(got) == keys and all(torch.equal(got[k], whole[k]) for k in keys)
+    assert sorted(interop.read_diffusers(snap, meta=True).state) == keys
+
+    for bad in ("../transformer/" + next(iter(shards)), str(snap / next(iter(shards))), ".", ".."):
+        index["weight_map"][keys[0]] = bad
+        (blobs / "blob3").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=r"is not a file name inside"):
+            interop.read_diffusers(snap)
+
+
 def test_pickle_weights_are_refused_by_name(tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()
