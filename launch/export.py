@@ -137,14 +137,25 @@ def write_export(out: str | Path, arch: DiTConfig, state: dict, extra: dict, ema
     ``source`` …). The config is read back with :func:`read_export_config`, so a key it would refuse is
     an error here, before anyone relies on the folder.
 
+    Exporting into an existing export folder replaces that export (``launch.export RUN OUT`` run again
+    writes the newer checkpoint): an ``ema.safetensors`` that this write does not replace is removed, as
+    readers prefer it to ``model.safetensors``. A folder holding a diffusers model or pipeline root is
+    refused rather than mixed into.
+
     Args:
         out: the folder (created).
         arch: the architecture of ``state``.
         state: the model's state dict.
         extra: further config.json keys (sections as dataclasses or dicts).
         ema: EMA weights, when there are any.
+
+    Raises:
+        ValueError: ``out`` is a file, or a folder holding a diffusers model.
     """
     out = Path(out)
+    check_export_folder(out)
+    if not ema:
+        (out / "ema.safetensors").unlink(missing_ok=True)  # an older export's EMA would be loaded instead
     out.mkdir(parents=True, exist_ok=True)
     step = extra.get("step")
     ckpt.write_safetensors(
@@ -155,6 +166,29 @@ def write_export(out: str | Path, arch: DiTConfig, state: dict, extra: dict, ema
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     read_export_config(out / "config.json")
     return out
+
+
+def check_export_folder(out: str | Path) -> None:
+    """Refuse ``out`` as an export folder when it is a file or holds a diffusers model (its
+    ``diffusion_pytorch_model*`` weights or a pipeline root's ``model_index.json``): an export written
+    there would leave a folder that readers take for one or the other depending on their rules.
+
+    Raises:
+        ValueError: naming ``out`` and what it holds.
+    """
+    from launch.interop.formats import PIPELINE_INDEX
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: a file; an export is written to a folder (OUT names a file)")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name.startswith("diffusion_pytorch_model"))
+    foreign += [PIPELINE_INDEX] if (out / PIPELINE_INDEX).exists() else []
+    if foreign:
+        raise ValueError(
+            f"{out}: holds a diffusers model ({', '.join(foreign[:4])}); write the export to another folder"
+        )
 
 
 def export(src: str | Path, out_dir: str | Path) -> Path:

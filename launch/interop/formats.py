@@ -103,17 +103,50 @@ def write_diffusers(m: DiffusersModel, out: str | Path) -> Path:
     """Write ``config.json`` (with ``_class_name`` and ``_diffusers_version``) and
     ``diffusion_pytorch_model.safetensors`` into folder ``out`` (created); sets and returns ``m.path``.
 
+    Writing into a folder that already holds a diffusers model replaces it: every diffusers weight file
+    there (``diffusion_pytorch_model*``: other shards, their ``.index.json``, variants) is removed first,
+    since an old index or variant would otherwise be loaded in place of what was just written. A folder
+    holding another kind of model (a spacetime-dit export's ``model.safetensors``, a pipeline root's
+    ``model_index.json``) is refused, not mixed into.
+
     Args:
         m: the model.
         out: the folder ``from_pretrained`` will be pointed at.
+
+    Raises:
+        ValueError: ``out`` is a file, or a folder holding another kind of model.
     """
     out = Path(out)
+    _clear_model_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in m.state.items()}, out / WEIGHTS, metadata={"format": "pt"})
     config = {"_class_name": m.class_name, "_diffusers_version": _diffusers_version(), **m.config}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     m.path = out
     return out
+
+
+# files that make a folder another kind of model than a diffusers model folder: writing one into it
+# would leave a folder our reader and diffusers read differently
+_NOT_A_MODEL_FOLDER = ("model.safetensors", "ema.safetensors", PIPELINE_INDEX)
+
+
+def _clear_model_folder(out: Path) -> None:
+    """Remove the diffusers weight files of an existing model folder ``out`` (nothing else), after
+    refusing a file or a folder holding another kind of model; see :func:`write_diffusers`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: a file; a diffusers model is written to a folder")
+    if not out.is_dir():
+        return
+    foreign = [name for name in _NOT_A_MODEL_FOLDER if (out / name).exists()]
+    if foreign:
+        raise ValueError(
+            f"{out}: holds {', '.join(foreign)} (a spacetime-dit export or a pipeline root), not a "
+            f"diffusers model folder: write the diffusers model to another folder"
+        )
+    for f in out.iterdir():
+        if f.name.startswith("diffusion_pytorch_model") and (f.is_file() or f.is_symlink()):
+            f.unlink()
 
 
 def wan_boundary(root: str | Path) -> float | None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dit.model import build_model
-from launch import convert
+from launch import convert, interop
 from launch.export import read_export_config
 from launch.finetune import read_weights
 from tests.launch.diffusers_models import build_wan, tiny_wan, tiny_wan_pipeline_root
@@ -71,3 +71,18 @@ def test_convert_refuses_what_it_cannot_express(tmp_path):
     ):
         convert.main(["from-diffusers", str(src), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_into_an_older_export_replaces_it(tmp_path):
+    """An export folder that held a run's export with an EMA: after converting into it, ``init.from`` /
+    ``load_model`` read the converted weights, not the old EMA (which readers prefer)."""
+    from launch.export import load_model, write_export
+
+    old = tiny_wan(tmp_path, seed=1, name="old")
+    cfg, state = interop.to_ours(interop.read_diffusers(old))
+    out = write_export(tmp_path / "export", cfg, state, {"step": 5}, ema={k: v + 1 for k, v in state.items()})
+    convert.main(["from-diffusers", str(tiny_wan(tmp_path, seed=2, name="new")), str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    want = build_wan("t2v", seed=2).state_dict()["proj_out.weight"]
+    assert torch.equal(load_model(out).state_dict()["final.linear.weight"], want)
+    assert torch.equal(read_weights(out)[0]["final.linear.weight"], want)

@@ -117,6 +117,35 @@ def test_what_diffusers_cannot_express_is_listed(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_exporting_again_into_a_folder_replaces_what_it_held(tmp_path):
+    """A second export into the same OUT leaves only what it wrote: diffusers weights of a sharded model
+    that was there (its index would be read in place of the new file, by us and by diffusers) are
+    removed; a folder holding the other format is refused, not mixed into."""
+    cfg, state, ema, export = _wan_export(tmp_path)
+    out = tmp_path / "diffusers"
+    older = perturb_(_stock(tmp_path / "wan-t2v"), seed=5)  # another model, saved in shards
+    older.save_pretrained(out, max_shard_size="20KB")
+    assert (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    main([str(export), str(out), "--format", "diffusers"])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    want = interop.to_diffusers(cfg, ema).state
+    ours_read = interop.read_diffusers(out).state
+    stock = _stock(out).state_dict()
+    assert all(torch.equal(ours_read[k], v) and torch.equal(stock[k], v) for k, v in want.items())
+    assert not torch.equal(older.state_dict()["proj_out.weight"], want["proj_out.weight"])
+
+    with pytest.raises(SystemExit, match=r"holds model\.safetensors.*not a diffusers model folder"):
+        main([str(export), str(export), "--format", "diffusers"])  # into our export: refused
+    with pytest.raises(ValueError, match=r"holds a diffusers model \(diffusion_pytorch_model\.safetensors\)"):
+        write_export(out, cfg, state, {"step": 1})  # our export into a diffusers folder: refused
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert (export / "model.safetensors").is_file() and (export / "ema.safetensors").is_file()
+
+    again = write_export(export, cfg, state, {"step": 8})  # no EMA this time: the old one goes
+    assert sorted(p.name for p in again.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(torch.equal(v, state[k]) for k, v in load_model(again).state_dict().items())
+
+
 def _vae(tmp_path):
     from diffusers import AutoencoderKLWan
 
