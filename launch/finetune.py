@@ -19,6 +19,17 @@ those matching a pattern of ``init.new`` (new blocks, a new text projection), el
 what the source lacks, before any weight changes. Any other shape mismatch is an error naming the
 parameter. So is a source whose names do not fit the model (none matching, or fewer than
 ``init.min_match`` of the source's tensors: another library's layout or another model).
+
+Loading is also refused when it would give a model that computes another function than the source with
+the same tensors. Where the source names its architecture (a diffusers model's config.json through
+:func:`launch.interop.to_ours`, an export's config.json, a run's config.yaml), every ``model.arch`` field
+that changes the function without changing a parameter's shape (:func:`arch_changes`: norms and their
+epsilons, position encoding, heads, attention layout, modulation, the text convention, μP) must equal the
+source's, and a diffusers source's tensors must all have a place in the model (a Wan source into
+``qk_norm=none`` would drop its q/k norms). Each is an error naming ``model.arch.FIELD: source → model``
+and suggesting ``model.preset=from_init``, unless ``init.allow_arch_changes`` lists the field: a change
+made on purpose (fine-tuning a Wan model into the masked text convention, a shallower model from a deeper
+diffusers source with ``depth``).
 """
 
 from __future__ import annotations
@@ -49,6 +60,18 @@ ACCEPTS = (
     "an index or not), a pipeline root (model_index.json; init.expert picks transformer_2/ of a two-expert "
     "one) or a single .safetensors file"
 )
+# DiTConfig fields not compared with the source's (every other field is, so a field added later is too):
+# those that set a parameter's shape or add parameters, which the shape and strict checks cover and
+# where the deliberate adaptations live (inflation of channels and of the temporal patch, a deeper
+# model, a new text width, new embedders: learn_sigma doubles the output rows), and the attention
+# kernel, which computes the same attention
+_NOT_COMPARED = frozenset(
+    {
+        "in_channels", "out_channels", "learn_sigma", "patch_size", "hidden_size", "depth", "mlp_ratio",
+        "ffn_dim", "text_dim", "num_classes", "cond_channels", "freq_dim", "max_latent_size",
+        "attention_backend",
+    }
+)  # fmt: skip
 
 
 @dataclass
@@ -60,7 +83,7 @@ class InitReport:
     """In the model, not in the source: kept fresh (identity where that applies); each matches
     ``init.new``."""
     unexpected: list[str] = field(default_factory=list)
-    """In the source, not in the model: ignored."""
+    """In the source, not in the model: ignored (an error for a diffusers source, see the module doc)."""
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} loaded"]
@@ -80,20 +103,30 @@ def read_weights(
     pipeline root). A damaged or foreign file is a :class:`CheckpointError` naming it; a diffusers
     configuration this model cannot express is a ``ValueError`` naming its class and fields. ``key`` is
     what the errors call ``path`` (``init.from``)."""
+    state, arch, _ = _read_source(path, use_ema, expert, key)
+    return state, arch
+
+
+def _read_source(path: str | Path, use_ema: bool, expert: str, key: str) -> tuple[dict, dict | None, bool]:
+    """:func:`read_weights`, and whether the source is a diffusers model."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
         _no_expert(path, expert)
         name = "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors"
         config = path / "config.json"
         arch = read_export_config(config).get("arch") if config.is_file() else None
-        return ckpt.read_safetensors(path / name), dataclasses.asdict(arch) if arch is not None else None
+        return (
+            ckpt.read_safetensors(path / name),
+            dataclasses.asdict(arch) if arch is not None else None,
+            False,
+        )
     if not path.exists():
         raise FileNotFoundError(f"{key}={path}: no such file or directory; {ACCEPTS}")
     if path.is_file() and path.name in ("model.safetensors", "ema.safetensors"):
         raise FileNotFoundError(f"{key}={path}: {_what_is_there(path)}; {ACCEPTS}")
     cfg, state = _read_diffusers(path, expert, key=key)
     if cfg is not None:
-        return state, dataclasses.asdict(cfg)
+        return state, dataclasses.asdict(cfg), True
     _no_expert(path, expert)
     try:
         found = ckpt.resolve(path)
@@ -106,7 +139,7 @@ def read_weights(
         from omegaconf import OmegaConf
 
         arch = OmegaConf.to_container(OmegaConf.load(found / "config.yaml")).get("model", {}).get("arch")
-    return weights, arch
+    return weights, arch, False
 
 
 def _read_diffusers(
@@ -193,16 +226,24 @@ def source_arch(path: str | Path, expert: str = "") -> DiTConfig:
     return arch_dict_to_config(arch, f"{where} ({config})")
 
 
-def _own_names(src_arch: dict | None) -> set[str] | None:
-    """The parameter names a model of the source's own architecture has (None: no usable arch)."""
+def _source_config(src_arch: dict | None) -> DiTConfig | None:
+    """The source's own architecture as a :class:`DiTConfig` (None: none named, or an arch of another
+    version of this code, which only the name checks then judge)."""
     if src_arch is None:
         return None
     try:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in src_arch.items()}
-        with torch.device("meta"):
-            return {n for n, _ in SpacetimeDiT(DiTConfig(**fields)).named_parameters()}
-    except (TypeError, ValueError):  # an arch of another version of this code: the name check alone
+        return DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in src_arch.items()})
+    except (TypeError, ValueError):
         return None
+
+
+def _own_names(src_arch: dict | None) -> set[str] | None:
+    """The parameter names a model of the source's own architecture has (None: no usable arch)."""
+    own = _source_config(src_arch)
+    if own is None:
+        return None
+    with torch.device("meta"):
+        return {n for n, _ in SpacetimeDiT(own).named_parameters()}
 
 
 def _check_complete(path: str | Path, source: dict, src_arch: dict | None, min_match: float) -> None:
@@ -220,6 +261,91 @@ def _check_complete(path: str | Path, source: dict, src_arch: dict | None, min_m
             f"architecture (its config; below init.min_match={min_match:g}), lacking e.g. {lacking[:4]}: "
             "a partial or truncated weights file, not a model to start from"
         )
+
+
+def arch_changes(source: DiTConfig, model: DiTConfig) -> dict[str, tuple]:
+    """``{field: (source's value, model's value)}`` for each field where ``model`` computes another
+    function than ``source`` with the same tensors: every field but those of ``_NOT_COMPARED``, each only
+    where it has an effect in both (an epsilon of a q/k norm both have, a RoPE setting both use, the
+    caption length where the padding is attended). Dropping the frame-rate embedding counts; adding one
+    does not (it starts as the identity)."""
+    changes = {}
+    for f in dataclasses.fields(DiTConfig):
+        a, b = getattr(source, f.name), getattr(model, f.name)
+        if f.name not in _NOT_COMPARED and a != b and _has_effect(f.name, source, model):
+            changes[f.name] = (a, b)
+    return changes
+
+
+def _has_effect(name: str, src: DiTConfig, dst: DiTConfig) -> bool:
+    """Whether a difference in field ``name`` changes what the model computes (see :func:`arch_changes`)."""
+    both = lambda field, *values: getattr(src, field) in values and getattr(dst, field) in values  # noqa: E731
+    if name == "qk_norm_eps":  # None means norm_eps: compare the epsilon each q/k norm uses
+        eps = lambda c: c.norm_eps if c.qk_norm_eps is None else c.qk_norm_eps  # noqa: E731
+        return both("qk_norm", "per_head", "across_heads") and eps(src) != eps(dst)
+    if name == "rope_theta":
+        return both("pos_embed", "rope3d", "rope_ltx")
+    if name in ("rope_base", "rope_compression"):
+        return both("pos_embed", "rope_ltx")
+    if name in ("mup_base_width", "mup_base_head_dim"):
+        base = lambda c: (c.mup_base_width, c.mup_base_head_dim or c.head_dim)  # noqa: E731
+        return both("parametrization", "mup") and base(src) != base(dst)
+    if name in ("text_mask", "text_null"):
+        return both("conditioning", "text")
+    if name == "text_len":  # masked padding is attended nowhere: its length matters only unmasked
+        return both("conditioning", "text") and not (src.text_mask and dst.text_mask)
+    if name == "fps_conditioning":
+        return src.fps_conditioning  # a new fps embedder starts as the identity: an adaptation
+    return True
+
+
+def _check_arch(path: str | Path, src: DiTConfig, arch: DiTConfig, allow: Sequence[str]) -> None:
+    """Refuse a model that computes another function than the source (:func:`arch_changes`) in a field
+    ``init.allow_arch_changes`` does not list."""
+    changes = {k: v for k, v in arch_changes(src, arch).items() if k not in allow}
+    if not changes:
+        return
+    said = "; ".join(f"model.arch.{k}: {a!r} → {b!r}" for k, (a, b) in changes.items())
+    raise ValueError(
+        f"init.from={path}: the model would compute another function than the source with the same "
+        f"weights (source → model): {said}. Take the source's architecture with model.preset=from_init "
+        "(or set these model.arch fields to the source's values); to change them on purpose, list them "
+        f"in init.allow_arch_changes={json.dumps(list(changes))}"
+    )
+
+
+def _check_unexpected(
+    path: str | Path, unexpected: list[str], src: DiTConfig, arch: DiTConfig, allow: Sequence[str]
+) -> None:
+    """Refuse a diffusers source whose tensors do not all have a place in the model (to_ours mapped each
+    to our names, so one left over is a part of the source the model would drop). Blocks past the
+    model's depth are dropped on purpose only with ``depth`` in ``init.allow_arch_changes``; any other
+    tensor only as the consequence of a function change the list allows (:func:`_check_arch` ran first,
+    so every change left is allowed: ``qk_norm=none`` drops the q/k norms)."""
+    deeper = [n for n in unexpected if (m := re.match(r"blocks\.(\d+)\.", n)) and int(m[1]) >= arch.depth]
+    rest = [n for n in unexpected if n not in deeper]
+    refused = (deeper if "depth" not in allow else []) + (rest if not arch_changes(src, arch) else [])
+    if not refused:
+        return
+    shown = ", ".join(refused[:6]) + (" …" if len(refused) > 6 else "")
+    if deeper and "depth" not in allow:
+        why = f"the source has {src.depth} blocks, the model {arch.depth}: to drop the rest on purpose, "
+        why += 'list init.allow_arch_changes=["depth"]'
+    else:
+        why = "the model's architecture has no place for them: take the source's with model.preset=from_init"
+    raise ValueError(
+        f"init.from={path}: {len(refused)} of the source's tensors would be dropped ({shown}); {why}"
+    )
+
+
+def _check_allowed(allow: Sequence[str]) -> None:
+    """Refuse an ``init.allow_arch_changes`` entry that is not a field of ``model.arch`` (a typo)."""
+    names = {f.name for f in dataclasses.fields(DiTConfig)}
+    for name in allow:
+        if name not in names:
+            raise ValueError(
+                f"init.allow_arch_changes: {name!r} is not a model.arch field: one of {sorted(names)}"
+            )
 
 
 def _check_names(path: str | Path, source: dict, params: dict, min_match: float) -> None:
@@ -250,6 +376,7 @@ def apply_init(
     min_match: float = 0.5,
     expert: str = "",
     new: Sequence[str] = (),
+    allow_arch_changes: Sequence[str] = (),
 ) -> InitReport:
     """Copy (and adapt) the weights at ``path`` into a freshly initialised ``model``; see the module doc.
 
@@ -263,17 +390,27 @@ def apply_init(
         expert: ``init.expert`` (which transformer of a two-expert diffusers pipeline root).
         new: ``init.new``: fnmatch patterns of the model's parameters that may start fresh; any other
             parameter the source does not provide raises before changing any weight.
+        allow_arch_changes: ``init.allow_arch_changes``: ``model.arch`` fields that may differ from the
+            source's although the model then computes another function (see the module doc); any
+            other such difference raises before changing any weight.
     """
-    source, src_arch = read_weights(path, use_ema, expert)
+    _check_allowed(allow_arch_changes)
+    source, src_arch, from_diffusers = _read_source(path, use_ema, expert, "init.from")
     pt_src = (src_arch or {}).get("patch_size", arch.patch_size)[0]
     report = InitReport()
     params = dict(model.named_parameters())
     _check_names(path, source, params, min_match)
     _check_complete(path, source, src_arch, min_match)
+    src_cfg = _source_config(src_arch)
+    if src_cfg is not None:
+        _check_arch(path, src_cfg, arch, allow_arch_changes)
     plan = _plan(path, source, params)
     for name, action in plan.items():
         getattr(report, action).append(name)
     _check_strict(path, report, params, new)
+    report.unexpected = sorted(set(source) - set(params))
+    if from_diffusers:
+        _check_unexpected(path, report.unexpected, src_cfg, arch, allow_arch_changes)
     for name, p in params.items():
         action = plan[name]
         if action == "missing" and any(k in name for k in _ZERO_WHEN_NEW):
@@ -284,7 +421,6 @@ def apply_init(
             p.copy_(_inflate_patch_in(source[name].to(p.dtype), p, arch, pt_src))
         elif action == "inflated":
             p.copy_(_inflate_patch_out(source[name].to(p.dtype), p, arch, pt_src))
-    report.unexpected = sorted(set(source) - set(params))
     return report
 
 

@@ -283,3 +283,117 @@ def test_from_init_reads_only_the_config_and_the_tensor_headers(tmp_path):
     assert load_config(_yaml(tmp_path, folder)).model.arch == want
     with pytest.raises(CheckpointError, match=rf"init.from={folder}: a weights file is not readable"):
         apply_init(build_model(want, seed=1), folder, want)
+
+
+# ---- a model that would compute another function (same tensors, other arch) ---------------------------
+_LTX_CHANGES = [
+    {"pos_embed": "rope3d"},
+    {"block_norm": "layernorm"},
+    {"text_mask": False},
+    {"qk_norm_eps": None},  # None: norm_eps (1e-6), not LTX's 1e-5
+    {"rope_compression": (4, 16, 16)},
+]
+_WAN_CHANGES = [
+    {"qk_norm": "none"},  # would drop the source's q/k norm weights
+    {"num_heads": 4},  # the across-heads norm and the projections keep their shapes
+    {"attention_layout": "factorized"},
+    {"text_mask": True, "text_null": "masked"},  # our convention instead of Wan's
+    {"text_len": 24},  # Wan attends its zero padding: the padded length is part of the function
+    {"norm_eps": 1e-5},
+    {"rope_theta": 500.0},
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "change"), [("ltx", c) for c in _LTX_CHANGES] + [("wan", c) for c in _WAN_CHANGES]
+)
+def test_a_model_computing_another_function_is_refused_naming_each_field(tmp_path, family, change):
+    """Review M4: the same tensors in a model whose arch differs in a field that changes the function
+    (not a shape) loaded silently ("65 loaded"). Now an error naming ``model.arch.FIELD: source →
+    model``, suggesting ``model.preset=from_init`` and ``init.allow_arch_changes``, before any weight
+    changes; with the fields listed in ``init.allow_arch_changes`` every tensor loads."""
+    from tests.launch.diffusers_models import tiny_ltx
+
+    folder = tiny_ltx(tmp_path) if family == "ltx" else tiny_wan(tmp_path)
+    src, want = _ours(folder)
+    arch = src.replace(**change)
+    model = build_model(arch, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"init.from={folder}: the model would compute another") as e:
+        apply_init(model, folder, arch)
+    said = str(e.value)
+    for name, value in change.items():
+        assert f"model.arch.{name}: {getattr(src, name)!r} → {value!r}" in said
+    assert "model.preset=from_init" in said and f"init.allow_arch_changes={json.dumps(list(change))}" in said
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    report = apply_init(model, folder, arch, allow_arch_changes=list(change))  # on purpose
+    assert sorted(report.loaded) == sorted(n for n, _ in model.named_parameters())
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    dropped = sorted(set(want) - set(report.loaded))
+    assert report.unexpected == dropped and bool(dropped) == ("qk_norm" in change)
+
+
+def test_an_unknown_allow_arch_changes_field_is_named(tmp_path):
+    folder = tiny_wan(tmp_path)
+    src, _ = _ours(folder)
+    with pytest.raises(ValueError, match=r"init.allow_arch_changes: 'txt_mask' is not a model.arch field"):
+        apply_init(build_model(src, seed=1), folder, src, allow_arch_changes=["txt_mask"])
+
+
+def test_a_shallower_model_drops_diffusers_blocks_only_when_depth_is_allowed(tmp_path):
+    """A diffusers source's tensors all have a place in a model of its architecture; blocks past the
+    model's depth would be dropped: an error unless ``init.allow_arch_changes`` names ``depth``."""
+    folder = tiny_wan(tmp_path)
+    src, want = _ours(folder)
+    arch = src.replace(depth=src.depth - 1)
+    last = f"blocks.{arch.depth}."
+    with pytest.raises(ValueError, match=rf"would be dropped \({last}.*source has {src.depth} blocks") as e:
+        apply_init(build_model(arch, seed=1), folder, arch)
+    assert 'init.allow_arch_changes=["depth"]' in str(e.value)
+    model = build_model(arch, seed=1)
+    report = apply_init(model, folder, arch, allow_arch_changes=["depth"])
+    assert report.unexpected == sorted(n for n in want if n.startswith(last)) and report.unexpected
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_changes_that_keep_the_function_or_adapt_it_need_no_opt_in(tmp_path):
+    """Not a function change: the caption length of a masked convention (LTX), an explicit q/k epsilon
+    equal to the one the source uses, the attention kernel. The deliberate adaptations (more input
+    channels, a deeper model with init.new, a new text width, an fps embedder) change shapes or add
+    layers and keep working (their forward checks are above and in test_finetune.py)."""
+    from tests.launch.diffusers_models import tiny_ltx
+
+    ltx = tiny_ltx(tmp_path)
+    src, _ = _ours(ltx)
+    assert src.text_mask and src.qk_norm_eps == 1e-5
+    same = src.replace(text_len=64, attention_backend="math")
+    apply_init(build_model(same, seed=1), ltx, same)
+    wan_src, _ = _ours(tiny_wan(tmp_path))
+    explicit = wan_src.replace(qk_norm_eps=wan_src.norm_eps)
+    apply_init(build_model(explicit, seed=1), tiny_wan(tmp_path, name="again"), explicit)
+    adapted = wan_src.replace(
+        cond_channels=2, depth=wan_src.depth + 1, text_dim=wan_src.text_dim * 2, fps_conditioning=True
+    )
+    new = [f"blocks.{wan_src.depth}.*", "text_proj.*", "fps_embedder.*"]
+    report = apply_init(build_model(adapted, seed=1), tiny_wan(tmp_path, name="third"), adapted, new=new)
+    assert report.inflated == ["patch_embed.proj.weight"] and report.reinitialised and report.missing
+
+
+def test_the_published_presets_compute_what_the_published_configs_do():
+    """The recipes name a preset (``wan2.1-t2v-1.3b`` …) and init.from the published folder: the
+    function check must find no difference between the preset and what to_ours reads from the published
+    config.json (built on the meta device: no weights)."""
+    import diffusers
+
+    from dit.config import PRESETS
+    from launch.finetune import arch_changes
+    from tests.dit.test_presets import PUBLISHED
+
+    for name, (class_name, config) in PUBLISHED.items():
+        with torch.device("meta"):
+            theirs = getattr(diffusers, class_name).from_config(config)
+        source = interop.DiffusersModel(class_name, dict(theirs.config), dict(theirs.state_dict()), None)
+        cfg, _ = interop.to_ours(source)
+        assert arch_changes(cfg, PRESETS[name]) == {}, name
+        assert arch_changes(cfg, PRESETS["video-1b3"]), name  # and the check sees our own preset's
