@@ -4,7 +4,8 @@
 translated into modules: ``column`` and ``row`` linears become megatron's column/row-parallel linears
 (one all-reduce per sub-layer), ``head_norm`` a qk RMSNorm summing its weight's gradient over the tp
 group, ``across_heads_norm`` the across-heads qk RMSNorm on this rank's heads (its weight's rows of
-those heads, one all-reduce of each token's sum of squares: :mod:`parallel.across_heads`). Everything
+those heads, one all-reduce of each token's sum of squares: :mod:`parallel.across_heads`); LTX's
+per-head RoPE tables reach each self-attention cut to its heads (:mod:`parallel.rope_heads`). Everything
 else stays a plain replicated module.
 This path serves ``parallel.engine=deepspeed``: ZeRO partitions plain tensors and learns which are
 tensor-parallel slices from megatron's parameter attributes and :class:`parallel.zero.DeepSpeedGroups`.
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from dit.layers import AcrossHeadsRMSNorm
 from parallel.across_heads import TPSumSquares
 from parallel.collectives import group_rank, group_size, sum_grad
+from parallel.rope_heads import cut_rope_heads
 from parallel.tp_plan import ACROSS_HEADS_NORM, COLUMN, HEAD_NORM, ROW, check_tp, resolve_plan
 
 
@@ -210,6 +212,7 @@ def apply_megatron_tp(
         norm = cls in (TPHeadRMSNorm, TPAcrossHeadsRMSNorm)
         new = cls(full, tp_group) if norm else cls(full, config, tp_group)
         setattr(parent, attr, new.to(device))
+    cut_rope_heads(model, group_rank(tp_group), tp)  # rope_ltx: this rank's heads of the tables
     return model
 
 

@@ -4,9 +4,10 @@
 sub-layer). The per-head qk RMSNorm runs on the local heads: its weight is a replicated DTensor whose
 input is sharded along the head axis (``SequenceParallel(sequence_dim=2)``), so DTensor sums its
 gradient over the ranks. The across-heads qk RMSNorm (:class:`AcrossHeadsNormParallel`) runs on them
-too, with its weight sharded like the heads and one all-reduce of each token's sum of squares. The
-LayerNorms of the block carry no parameters (adaLN supplies scale and shift) and run on the
-replicated residual stream.
+too, with its weight sharded like the heads and one all-reduce of each token's sum of squares. LTX's
+RoPE tables, which have a head axis, reach each self-attention cut to its heads
+(:mod:`parallel.rope_heads`). The LayerNorms of the block carry no parameters (adaLN supplies scale and
+shift) and run on the replicated residual stream.
 
 Everything outside the sharded kinds (patch and timestep embeddings, modulation, caption projection, the
 final layer) is replicated: its inputs and output gradients are identical on every tensor-parallel
@@ -33,6 +34,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils._pytree import tree_map
 
 from parallel.across_heads import TPSumSquares
+from parallel.rope_heads import cut_rope_heads
 
 # check_tp is the shared shape check, imported from here by parallel.parallelize
 from parallel.tp_plan import (
@@ -171,6 +173,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     check_tp(model.cfg, tp_mesh.size())
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # init.freeze
     parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel))
+    cut_rope_heads(model, tp_mesh.get_local_rank(), tp_mesh.size())  # rope_ltx: this rank's heads
     # torch's styles register new nn.Parameters, trainable whatever the old ones were
     for name, p in model.named_parameters():
         if name in frozen:

@@ -128,12 +128,13 @@ def two_ranks(tmp_path_factory):
         Case("gelu_full", "gelu_tanh", "full"),
         Case("swiglu_factorized", "swiglu", "factorized"),
         Case("across_heads", "swiglu", "full", qk_norm="across_heads", compiled=True),
+        Case("ltx", "gelu_tanh", "full", ltx=True, compiled=True),
     ]
     return run_group(2, worker, cases, tmp_path_factory.mktemp("tp_plan"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gelu_full", "swiglu_factorized", "across_heads"])
+@pytest.mark.parametrize("name", ["gelu_full", "swiglu_factorized", "across_heads", "ltx"])
 def test_both_translations_give_the_same_slices_and_gradients(two_ranks, name):
     """On 2 gloo ranks: DTensor and megatron slice the same parameters and give every rank the same
     local gradients; both outputs equal one process's. A module only one translation splits gives a
@@ -155,7 +156,7 @@ def test_both_translations_give_the_same_slices_and_gradients(two_ranks, name):
     for n in ("blocks.0.attn.norm_q.weight", "blocks.1.cross_attn.norm_k.weight"):
         want = got["grads_ref"][n]
         assert want.abs().max() > 0
-        if name == "across_heads":
+        if name in ("across_heads", "ltx"):
             want = want.chunk(2)[0]
         torch.testing.assert_close(got["grads_dt_rank0"][n], want, rtol=1e-5, atol=1e-7)
 
@@ -164,7 +165,7 @@ def test_both_translations_give_the_same_slices_and_gradients(two_ranks, name):
 @pytest.mark.parametrize(
     "name,engine",
     [("gelu_full", "dt"), ("gelu_full", "mg"), ("across_heads", "dt"), ("across_heads", "mg"),
-     ("across_heads", "compiled")],
+     ("across_heads", "compiled"), ("ltx", "dt"), ("ltx", "mg"), ("ltx", "compiled")],
 )  # fmt: skip
 def test_whole_gradients_equal_one_process(two_ranks, name, engine):
     """Every parameter's whole gradient (gathered over the 2 gloo ranks) equals one process's, for
@@ -180,7 +181,27 @@ def test_whole_gradients_equal_one_process(two_ranks, name, engine):
     tol = 1e-5 * max(g.abs().max() for g in got["grads_ref"].values())
     bad = {n: d for n, d in got[f"whole_diff_{engine}"].items() if not d <= tol}
     assert not bad, (tol, bad)
-    if name == "across_heads":  # the norm's weight is split like the heads, and has a gradient
+    if name in ("across_heads", "ltx"):  # the norm's weight is split like the heads, and has a gradient
         assert "blocks.0.attn.norm_q.weight" in got["sliced_dt"]
         assert got["grads_ref"]["blocks.0.attn.norm_q.weight"].shape == (32,)
         assert got["grads_ref"]["blocks.1.cross_attn.norm_k.weight"].abs().max() > 0
+
+
+@pytest.mark.slow
+def test_ltx_rope_cut_to_each_ranks_heads(two_ranks):
+    """LTX-Video's RoPE (``pos_embed=rope_ltx``) rotates the whole inner width, so its tables have a head
+    axis and each tp rank must rotate its own heads with its part of them (:mod:`parallel.rope_heads`).
+    Both translations equal one process with per-sample frame rates (N×B×H×Dh/2 tables, the trainer's;
+    forward and whole gradients above) and with one frame rate for the batch (N×H×Dh/2, the sampler's).
+    The control: each rank given the other rank's heads of the tables (every head rotated by another
+    head's angles) changes the output a hundred times beyond the tolerance: the comparison sees a wrong
+    cut (tiny random weights give small attention logits, so RoPE moves the output by parts per thousand)."""
+    got = two_ranks["ltx"]
+    assert "error" not in got, got.get("error")
+    for key in ("out_dt_scalar_fps", "out_mg_scalar_fps"):
+        torch.testing.assert_close(got[key], got["out_ref_scalar_fps"], rtol=1e-5, atol=1e-6)
+    assert (got["out_ref_scalar_fps"] - got["out_ref"]).abs().max() > 1e-4  # sample 1 at 8 fps, not 24
+    assert len(got["hooks"]) == 2 and all("RopeHeads" in h for h in got["hooks"])  # one per self-attention
+    wrong = (got["out_dt_other_heads"] - got["out_ref"]).abs().max()
+    assert wrong > 100 * 1e-5 * got["out_ref"].abs().max()  # a hundred times the tolerance
+    assert "blocks.0.attn.q.weight" in got["sliced_dt"] and "blocks.0.attn.norm_q.weight" in got["sliced_mg"]

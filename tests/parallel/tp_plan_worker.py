@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from dit.config import DiTConfig
 from parallel.megatron_tp import apply_megatron_tp, full_tensor
+from parallel.rope_heads import RopeHeads
 from parallel.tensor import apply_tensor_parallel
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
@@ -34,6 +35,14 @@ class Case:
     compiled: bool = False
     """Also run the DTensor model with per-block ``torch.compile`` (aot_eager: dynamo and AOTAutograd,
     where a DTensor gradient's placement can differ from eager's, without inductor's C++ build)."""
+    ltx: bool = False
+    """The LTX-shaped model (:func:`ltx_shaped`, in ``layout``) instead of :func:`every_option`; its
+    mlp and qk_norm are LTX's whatever ``mlp`` and ``qk_norm`` say."""
+
+    def arch(self) -> DiTConfig:
+        if self.ltx:
+            return ltx_shaped(self.layout)
+        return every_option(self.mlp, self.layout, self.qk_norm)
 
 
 def every_option(mlp: str, layout: str, qk_norm: str = "per_head") -> DiTConfig:
@@ -42,6 +51,19 @@ def every_option(mlp: str, layout: str, qk_norm: str = "per_head") -> DiTConfig:
     return DiTConfig(
         in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, patch_size=(1, 2, 2),
         mlp=mlp, attention_layout=layout, qk_norm=qk_norm, conditioning="text", cross_attn_norm=True,
+    )  # fmt: skip
+
+
+def ltx_shaped(layout: str = "full") -> DiTConfig:
+    """A tiny LTX-Video-shaped model (``ltx-video-2b``'s options): LTX's RoPE over the whole inner width
+    (per-head tables: a tp rank needs its heads' part), the qk norm across heads, RMSNorm block norms,
+    no norm before cross-attention, no fps embedding (fps reaches the RoPE only). Width 32 is not a
+    multiple of 6: its first channel pair is left unrotated, in head 0, as LTX does."""
+    return DiTConfig(
+        in_channels=4, hidden_size=32, depth=2, num_heads=4, ffn_dim=64, text_dim=16, patch_size=(1, 1, 1),
+        mlp="gelu_tanh", attention_layout=layout, qk_norm="across_heads", qk_norm_eps=1e-5,
+        block_norm="rmsnorm", pos_embed="rope_ltx", modulation="shared", conditioning="text",
+        cross_attn_norm=False, fps_conditioning=False, norm_eps=1e-6,
     )  # fmt: skip
 
 
@@ -56,13 +78,20 @@ def _inputs(cfg: DiTConfig) -> dict:
         "context": torch.randn(b, 3, cfg.text_dim, generator=g),
         "context_mask": mask,
         "weight": torch.randn(b, cfg.out_ch, 2, 4, 4, generator=g),  # of the summed output
+        # one frame rate per sample, as the trainer passes it: N×B×H×Dh/2 tables under rope_ltx
+        "fps": torch.tensor([24.0, 8.0]),
     }
+
+
+def _forward(model: nn.Module, data: dict, fps: torch.Tensor) -> torch.Tensor:
+    kwargs = {"fps": fps} if model.cfg.needs_fps else {}
+    return model(data["x"], data["t"], context=data["context"], context_mask=data["context_mask"], **kwargs)
 
 
 def _run(model: nn.Module, data: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Output and every parameter's gradient as this rank's optimizer step sees it: a DTensor
     gradient placed like its parameter (a head norm's ``Partial`` one summed), then its local slice."""
-    out = model(data["x"], data["t"], context=data["context"], context_mask=data["context_mask"])
+    out = _forward(model, data, data["fps"])
     (out * data["weight"]).sum().backward()
     grads = {}
     for name, p in model.named_parameters():
@@ -85,17 +114,41 @@ def _whole_grad_diff(model: nn.Module, grads_ref: dict[str, torch.Tensor]) -> di
 
 
 def run_case(case: Case) -> dict:
-    cfg = every_option(case.mlp, case.layout, case.qk_norm)
+    cfg = case.arch()
     data = _inputs(cfg)
-    out_ref, grads_ref = _run(random_model(cfg), data)
+    reference = random_model(cfg)
+    out_ref, grads_ref = _run(reference, data)
     dtensor = random_model(cfg)
     apply_tensor_parallel(dtensor, init_device_mesh("cpu", (dist.get_world_size(),)))
     out_dt, grads_dt = _run(dtensor, data)
     whole_dt = _whole_grad_diff(dtensor, grads_ref)
+    scalar = {}
+    if cfg.needs_fps:  # one frame rate for the batch: N×H×Dh/2 tables, the sampler's
+        with torch.no_grad():
+            fps = torch.tensor(24.0)
+            scalar = {"out_ref_scalar_fps": _forward(reference, data, fps)}
+            scalar["out_dt_scalar_fps"] = _forward(dtensor, data, fps)
+            # the control: every rank given the other rank's heads of the tables
+            hooks = [
+                h
+                for m in dtensor.modules()
+                for h in m._forward_pre_hooks.values()
+                if isinstance(h, RopeHeads)
+            ]
+            scalar["hooks"] = [repr(h) for h in hooks]
+            for h in set(hooks):
+                h.rank = dist.get_world_size() - 1 - h.rank
+            scalar["out_dt_other_heads"] = _forward(dtensor, data, data["fps"])
+            for h in set(hooks):
+                h.rank = dist.get_world_size() - 1 - h.rank
     compiled = {}
     if case.compiled:
         model = random_model(cfg)
         apply_tensor_parallel(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+        # a fresh dynamo per case: after one case's tp blocks are compiled, recompiling DiTBlock.forward
+        # for another model in the same process fails in AOTAutograd's tracing with a RecursionError
+        # (torch 2.13, CPU; each model alone compiles, as it does in a job: one model per process)
+        torch._dynamo.reset()
         for block in model.blocks:
             block.compile(backend="aot_eager")
         out, _ = _run(model, data)
@@ -103,6 +156,9 @@ def run_case(case: Case) -> dict:
     megatron = apply_megatron_tp(random_model(cfg), dist.group.WORLD)
     out_mg, grads_mg = _run(megatron, data)
     whole_mg = _whole_grad_diff(megatron, grads_ref)
+    if cfg.needs_fps:
+        with torch.no_grad():
+            scalar["out_mg_scalar_fps"] = _forward(megatron, data, torch.tensor(24.0))
     # per parameter, the largest difference over the ranks (inf for slices of different shapes) and
     # the largest megatron gradient, to judge it by
     names = sorted(grads_dt)
@@ -125,6 +181,7 @@ def run_case(case: Case) -> dict:
         "whole_diff_dt": whole_dt,
         "whole_diff_mg": whole_mg,
         **compiled,
+        **scalar,
     }
 
 
