@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from data.batch import Batch
@@ -92,7 +93,10 @@ class Conditioner:
 
     The codec (VAE) and the text encoder are frozen and load on first use, in bf16 on CUDA when the run
     is bf16: with latent shards (which carry text states) a rank that never decodes samples never
-    loads either (see :func:`launch.evaluate.draw_samples`).
+    loads either (see :func:`launch.evaluate.draw_samples`). Caption dropout's empty-prompt null
+    (``model.arch.text_null=empty_prompt``, ``train.cfg_dropout`` > 0) is encoded at construction by
+    rank 0 alone with an encoder it then frees, and broadcast: with ``torch.distributed`` initialised,
+    construct the Conditioner on every rank (a collective).
     """
 
     def __init__(self, cfg: JobConfig, device: torch.device):
@@ -111,6 +115,14 @@ class Conditioner:
             )
         weights = torch.tensor([cfg.train.task_t2v, cfg.train.task_i2v, cfg.train.task_continuation])
         self.task_probs = weights / weights.sum()
+        a = self.arch
+        if a.conditioning == "text" and a.text_null == "empty_prompt" and cfg.train.cfg_dropout > 0:
+            # caption dropout's null, encoded now: rank 0 loads the text encoder, encodes "", frees it and
+            # broadcasts the states, so a run on latent shards keeps no text encoder on any GPU (UMT5-XXL
+            # is ~11 GB in bf16); a raw-video run loads it again for its captions on first use
+            self._empty = broadcast_from_rank0(self._encode_once, [""], device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the freed encoder's memory back to the other users of the GPU
 
     @property
     def codec(self):
@@ -119,18 +131,30 @@ class Conditioner:
             self._codec = build_codec(self.cfg.data.codec, device=str(self.device), dtype=self.encoder_dtype)
         return self._codec
 
+    def _text_encoder(self) -> TextEncoder:
+        """A new ``data.text_encoder`` on the training device, its width checked against the model's."""
+        data = self.cfg.data
+        text = TextEncoder(data.text_encoder, data.max_text_len, str(self.device), self.encoder_dtype)
+        if text.dim != self.arch.text_dim:
+            raise ValueError(
+                f"data.text_encoder={data.text_encoder!r} gives {text.dim}-wide states but "
+                f"model.arch.text_dim={self.arch.text_dim}"
+            )
+        return text
+
+    def _encode_once(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """``texts`` encoded by the kept encoder if there is one, else by one loaded for this call alone
+        (freed on return): each text alone, as :meth:`encode_text` encodes a cache miss."""
+        if self.text is not None:
+            return self.encode_text(texts)
+        encoder = self._text_encoder()
+        out = [encoder([text]) for text in texts]
+        return torch.cat([e for e, _ in out]), torch.cat([m for _, m in out])
+
     def encode_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Captions → (B×L×D fp32 states, B×L bool mask) on the CPU."""
         if self.text is None:
-            data = self.cfg.data
-            self.text = TextEncoder(
-                data.text_encoder, data.max_text_len, str(self.device), self.encoder_dtype
-            )
-            if self.text.dim != self.arch.text_dim:
-                raise ValueError(
-                    f"data.text_encoder={self.cfg.data.text_encoder!r} gives {self.text.dim}-wide states but "
-                    f"model.arch.text_dim={self.arch.text_dim}"
-                )
+            self.text = self._text_encoder()
         if self.cfg.data.text_cache == 0:
             return self.text(texts)
         return self._cached_text(texts)
@@ -154,12 +178,13 @@ class Conditioner:
     def empty_prompt(self) -> tuple[Tensor, Tensor] | None:
         """The encoded empty caption (1×L×D, 1×L), the null of ``model.arch.text_null=empty_prompt``;
         None for the other nulls. Encoded once, alone (as :meth:`encode_text` encodes a cache miss), so it
-        is the same tensor whichever batch drops a caption; with latent shards this loads the text
-        encoder on the first use."""
+        is the same tensor whichever batch drops a caption: at construction when caption dropout uses it
+        (see the class), else here on first use, by this process alone and without keeping an encoder
+        that was not loaded."""
         if self.arch.conditioning != "text" or self.arch.text_null != "empty_prompt":
             return None
         if self._empty is None:
-            self._empty = self.encode_text([""])
+            self._empty = self._encode_once([""])
         return self._empty
 
     def __call__(self, batch: Batch, gen: torch.Generator, train: bool = True) -> Prepared:
@@ -223,6 +248,40 @@ class Conditioner:
         if self.arch.cond_channels:
             kwargs["cond"] = cond_channels(x0, clean, self.arch)
         return clean if clean.any() else None
+
+
+def broadcast_from_rank0(encode, texts: list[str], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """``encode(texts)`` (→ B×L×D states, B×L bool mask) run on rank 0 alone and broadcast to every rank
+    of the default group, on ``device`` (the backend's: CUDA for NCCL); without ``torch.distributed``
+    (or with one process) it is simply called. A collective: every rank must call it. Rank 0's error
+    is raised there after the others are told, and they raise a RuntimeError pointing to its log.
+
+    Args:
+        encode: the text encoder call, made on rank 0 only.
+        texts: the captions.
+        device: where the broadcast tensors live, and where the states are returned.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return encode(texts)
+    rank0 = dist.get_rank() == 0
+    emb = mask = error = None
+    if rank0:
+        try:
+            emb, mask = encode(texts)
+        except Exception as e:  # the others wait in the broadcast: tell them, then raise
+            error = e
+    shape = torch.tensor(emb.shape if emb is not None else (-1, 0, 0), device=device)
+    dist.broadcast(shape, 0)
+    if error is not None:
+        raise error
+    b, length, d = shape.tolist()
+    if b < 0:
+        raise RuntimeError(f"rank 0 could not encode the captions {texts[:3]!r}; see its log")
+    emb = emb.to(device) if rank0 else torch.empty(b, length, d, device=device)
+    keep = mask.to(device, torch.uint8) if rank0 else torch.empty(b, length, dtype=torch.uint8, device=device)
+    dist.broadcast(emb, 0)
+    dist.broadcast(keep, 0)  # as bytes: not every backend broadcasts bool
+    return emb, keep.bool()
 
 
 def text_states(arch: DiTConfig, emb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

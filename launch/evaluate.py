@@ -25,7 +25,7 @@ from torch import nn
 from data.batch import Batch
 from data.pipeline import Loader, build_loader
 from dit.diffusion import Objective
-from launch.batches import Conditioner, derive_seed, expect_for, run_bf16
+from launch.batches import Conditioner, broadcast_from_rank0, derive_seed, expect_for, run_bf16
 from launch.config import JobConfig
 from launch.distributed import all_reduce
 from launch.sample import decode, latents_for
@@ -236,33 +236,12 @@ def _rank() -> int:
 
 
 def text_from_rank0(conditioner: Conditioner):
-    """Caption encoder for samples: rank 0 runs the text encoder and broadcasts the states, so no other
-    rank loads it for samples (with latent shards, which carry text states, none loads it at all)."""
+    """Caption encoder for samples: rank 0 runs the text encoder and broadcasts the states
+    (:func:`launch.batches.broadcast_from_rank0`), so no other rank loads it for samples (with latent
+    shards, which carry text states, none loads it at all)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return conditioner.encode_text
-
-    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, rank0 = conditioner.device, dist.get_rank() == 0
-        emb = mask = error = None
-        if rank0:
-            try:
-                emb, mask = conditioner.encode_text(prompts)
-            except Exception as e:  # the others wait in the broadcast: tell them, then raise
-                error = e
-        shape = torch.tensor(emb.shape if emb is not None else (-1, 0, 0), device=dev)
-        dist.broadcast(shape, 0)
-        if error is not None:
-            raise error
-        b, length, d = shape.tolist()
-        if b < 0:
-            raise RuntimeError("rank 0 could not encode the sample captions (sample.prompts); see its log")
-        emb = emb.to(dev) if rank0 else torch.empty(b, length, d, device=dev)
-        keep = mask.to(dev, torch.uint8) if rank0 else torch.empty(b, length, dtype=torch.uint8, device=dev)
-        dist.broadcast(emb, 0)
-        dist.broadcast(keep, 0)  # as bytes: not every backend broadcasts bool
-        return emb, keep.bool()
-
-    return encode
+    return lambda prompts: broadcast_from_rank0(conditioner.encode_text, prompts, conditioner.device)
 
 
 @torch.no_grad()

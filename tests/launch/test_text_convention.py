@@ -2,13 +2,18 @@
 encoder: what the model is given in training (the Conditioner, caption dropout's null) and in sampling
 (``launch.sample.conditions``: the CFG null), for each combination."""
 
+import gc
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from data.batch import Batch
+from data.encoders import TextEncoder
 from launch.batches import Conditioner
 from launch.config import load_config
 from launch.sample import conditions
+from tests.parallel.group import run_group, serve
 
 CAPTIONS = ["a red circle moves slowly from left to right", "a blue square", "green"]
 
@@ -92,3 +97,75 @@ def test_text_len_is_the_padding_length_of_captions_and_the_empty_prompt():
     assert emb.shape[1] == mask.shape[1] == empty.shape[1] == 20
     with pytest.raises(ValueError, match="data.max_text_len=16 but model.arch.text_len=20"):
         load_config(None, ["model.arch.text_len=20", "data.max_text_len=16"])
+
+
+def _live_text_encoders() -> int:
+    gc.collect()
+    return sum(type(o) is TextEncoder for o in gc.get_objects())
+
+
+def test_latent_shards_get_the_encoded_empty_null_without_keeping_the_encoder(encoded):
+    """Latent shards carry their text states: the Conditioner encodes caption dropout's empty-prompt
+    null at construction with an encoder it frees (UMT5-XXL would otherwise stay on every GPU), and
+    that null is the encoded ""; a raw-caption Conditioner gets the same null."""
+    (emb, pad), (empty_emb, empty_pad) = encoded
+    wan = ["model.arch.text_null=empty_prompt", "train.cfg_dropout=0.999"]
+    before = _live_text_encoders()
+    cond = _conditioner(*wan)
+    assert cond.text is None and _live_text_encoders() == before  # none kept, none left alive
+    batch = _batch()
+    batch.text_emb, batch.text_mask = emb, pad
+    prep = cond(batch, torch.Generator().manual_seed(0))
+    assert cond.text is None and _live_text_encoders() == before
+    assert torch.equal(cond.empty_prompt()[0], empty_emb) and torch.equal(cond.empty_prompt()[1], empty_pad)
+    assert torch.equal(prep.kwargs["context"], empty_emb.expand(3, -1, -1))  # every caption dropped
+    raw = _conditioner(*wan)
+    again = raw(_batch(), torch.Generator().manual_seed(0))  # raw captions: the encoder is loaded and kept
+    assert raw.text is not None and torch.equal(again.kwargs["context"], prep.kwargs["context"])
+
+
+def _null_case(case: str) -> dict:
+    """One rank's side of :func:`test_the_empty_null_is_encoded_on_rank0_alone_and_broadcast`."""
+    built = []
+    real_init = TextEncoder.__init__
+
+    def counting_init(self, *args, **kwargs):  # the real encoder, counted
+        built.append(1)
+        real_init(self, *args, **kwargs)
+
+    TextEncoder.__init__ = counting_init
+    try:
+        over = ["model.arch.text_null=empty_prompt", "train.cfg_dropout=0.5"]
+        if case == "missing_encoder":
+            over.append("data.text_encoder=/nonexistent/umt5")
+        try:
+            cond = _conditioner(*over)
+        except Exception as e:
+            mine = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            mine = {"empty": cond.empty_prompt(), "kept": cond.text is not None}
+    finally:
+        TextEncoder.__init__ = real_init
+    mine["built"] = len(built)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {"ranks": every}
+
+
+def _null_worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    serve(rank, world, port, cases, out_dir, _null_case, name=lambda case: case)
+
+
+@pytest.mark.slow
+def test_the_empty_null_is_encoded_on_rank0_alone_and_broadcast(encoded, tmp_path):
+    """Two gloo ranks: rank 0 alone builds the text encoder, neither keeps one, and both hold the
+    encoded "" of one process; rank 0's failure is raised on both ranks (no rank left waiting)."""
+    _, (empty_emb, empty_pad) = encoded
+    got = run_group(2, _null_worker, ["ok", "missing_encoder"], tmp_path, names=["ok", "missing_encoder"])
+    ranks = got["ok"]["ranks"]
+    assert [r["built"] for r in ranks] == [1, 0] and not any(r["kept"] for r in ranks)
+    for r in ranks:
+        assert torch.equal(r["empty"][0], empty_emb) and torch.equal(r["empty"][1], empty_pad)
+    failed = got["missing_encoder"]["ranks"]
+    assert "FileNotFoundError" in failed[0]["error"] and "/nonexistent/umt5" in failed[0]["error"]
+    assert "RuntimeError: rank 0 could not encode" in failed[1]["error"]
