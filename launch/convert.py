@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--codec", default="", help="data.codec for inference (default: the root's vae/)")
     f.add_argument("--text-encoder", default="", help="data.text_encoder (default: the root's text_encoder/)")
     a = p.parse_args(argv)
+    if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():  # before reading GBs of weights
+        p.error(f"OUT {a.out_dir} is a file: the export is a folder (model.safetensors + config.json)")
     try:
         out = from_diffusers(a.source, a.out_dir, a.expert, a.codec, a.text_encoder)
     except (CheckpointError, ValueError, FileNotFoundError) as e:  # the message names the file or the fields

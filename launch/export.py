@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.pipeline and a.format != "diffusers":
         p.error("--pipeline needs --format diffusers")
+    if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
+        p.error(f"OUT {a.out_dir} is a file: the export is written to a folder")
     try:
         if a.format == "diffusers":
             out = export_diffusers(a.source, a.out_dir, pipeline=a.pipeline, use_ema=not a.no_ema)

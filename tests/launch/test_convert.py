@@ -86,3 +86,13 @@ def test_convert_into_an_older_export_replaces_it(tmp_path):
     want = build_wan("t2v", seed=2).state_dict()["proj_out.weight"]
     assert torch.equal(load_model(out).state_dict()["final.linear.weight"], want)
     assert torch.equal(read_weights(out)[0]["final.linear.weight"], want)
+
+
+def test_convert_into_an_existing_file_is_a_usage_error(tmp_path, capsys):
+    """OUT naming a file: argparse's exit 2 and a line naming it (no traceback: the command ends in
+    argparse's ``SystemExit(2)``), before the source is read; the file is untouched."""
+    (out := tmp_path / "afile").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        convert.main(["from-diffusers", str(tmp_path / "not-read"), str(out)])
+    assert e.value.code == 2 and f"OUT {out} is a file" in capsys.readouterr().err
+    assert out.read_text() == "mine"
