@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import types
 import typing
@@ -254,6 +255,13 @@ def _read_source(src: str | Path, use_ema: bool) -> tuple[dict, dict]:
 def export_diffusers(src: str | Path, out: str | Path, pipeline: bool = False, use_ema: bool = True) -> Path:
     """Write the model at ``src`` (run, checkpoint or export folder) in diffusers' format.
 
+    A pipeline root is written whole or not at all: every refusal comes before anything is written, the
+    root is assembled in a hidden sibling folder (``.OUT.tmp-PID``) and renamed to ``OUT`` at the end,
+    so a failure leaves no partial root. An existing ``OUT`` must be empty or a pipeline root (only
+    ``model_index.json`` and component folders), which the new root then replaces; anything else there
+    is refused, never deleted. A model folder replaces the diffusers weights of an existing one (see
+    :func:`launch.interop.write_diffusers`).
+
     Args:
         src: the source.
         out: the model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), or with
@@ -264,19 +272,27 @@ def export_diffusers(src: str | Path, out: str | Path, pipeline: bool = False, u
 
     Raises:
         ValueError: the architecture (or, for a pipeline, the codec, text encoder or diffusion settings)
-            has no diffusers equivalent; the message lists the fields.
+            has no diffusers equivalent, or ``out`` holds something else; the message lists the fields.
     """
     from launch import interop
 
     state, info = _read_source(src, use_ema)
     model = interop.to_diffusers(info["arch"], state)  # a ValueError lists what diffusers cannot express
     out = Path(out)
-    if pipeline:
-        parts = _pipeline_parts(info, model.class_name)  # every refusal before any file is written
-        interop.write_diffusers(model, out / "transformer")
-        _write_pipeline(out, parts)
-    else:
+    if not pipeline:
         interop.write_diffusers(model, out)
+        return out
+    parts = _pipeline_parts(info, model.class_name)  # every refusal before any file is written
+    _check_pipeline_destination(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this same process id: ours
+    try:
+        interop.write_diffusers(model, tmp / "transformer")
+        _write_pipeline(tmp, parts)
+        _replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a partial root on failure
     return out
 
 
@@ -287,45 +303,140 @@ _PIPELINES = {
     "WanTransformer3DModel": ("WanPipeline", {"text_mask": False, "text_null": "empty_prompt"}),
     "LTXVideoTransformer3DModel": ("LTXPipeline", {"text_mask": True, "text_null": "empty_prompt"}),
 }
+# WanPipeline's max_sequence_length: the text is zero-padded to it and nothing is masked, so the length
+# is part of the function the model computes
+_WAN_TEXT_LEN = 512
 # transformers encoder classes for encoder-decoder model types (only the encoder is used)
 _ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}
+# what a pipeline root we write holds (an existing OUT of only these is a root the new one replaces)
+_ROOT_ENTRIES = {
+    "model_index.json",
+    "transformer",
+    "transformer_2",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+}
 
 
 def _pipeline_parts(info: dict, class_name: str) -> dict:
-    """What a pipeline root is made of (VAE and text encoder folders and classes, scheduler shift), or a
-    ValueError listing every setting of the source that a diffusers pipeline cannot take."""
-    errors, parts = [], {"class_name": class_name}
-    pipeline, convention = _PIPELINES[class_name]
-    arch = info["arch"]
-    for name, want in convention.items():
-        if getattr(arch, name) != want:
-            errors.append(f"model.arch.{name}={getattr(arch, name)!r} ({pipeline} applies {want!r})")
+    """What a pipeline root is made of (VAE and text encoder folders and classes, the loaded tokenizer,
+    scheduler shift), or a ValueError listing every setting of the source that a diffusers pipeline cannot
+    take (nothing is written here)."""
+    pipeline, _ = _PIPELINES[class_name]
+    errors = _pipeline_model_errors(info, class_name)
     diffusion = info.get("diffusion")
-    if diffusion is None or diffusion.objective != "flow" or diffusion.shift_base_tokens is not None:
-        errors.append(
-            "diffusion: a flow model with a fixed shift (diffusion.objective='flow', "
-            "diffusion.shift_base_tokens=null) is what FlowMatchEulerDiscreteScheduler samples"
-        )
+    parts = {"class_name": class_name, "pipeline": pipeline}
     parts["shift"] = diffusion.shift if diffusion is not None else 1.0
-    parts["pipeline"] = pipeline
     codec = Path(info.get("codec") or "pixel")
     vae = _json(codec / "config.json") if codec.is_dir() else {}
     if not isinstance(vae.get("_class_name"), str):
         errors.append(
             f"data.codec={str(codec)!r} is not a diffusers VAE folder (config.json with _class_name)"
         )
+    elif not any(f.is_file() for f in codec.glob("diffusion_pytorch_model*.safetensors")):
+        errors.append(f"data.codec={str(codec)!r} has no diffusion_pytorch_model*.safetensors weights")
     parts["vae"] = (codec, vae.get("_class_name"))
     text = Path(info.get("text_encoder") or "minilm")
     config = _json(text / "config.json") if str(text) != "minilm" and text.is_dir() else {}
     encoder = _ENCODER_CLASSES.get(config.get("model_type")) or (config.get("architectures") or [None])[0]
-    if encoder is None or not any(text.glob("*.safetensors")):
+    if encoder is None or not any(f.is_file() for f in text.glob("*.safetensors")):
         errors.append(
             f"data.text_encoder={str(text)!r} is not a transformers model folder with safetensors weights"
         )
+    else:
+        parts["tokenizer"] = _tokenizer(text, errors)
     parts["text_encoder"] = (text, encoder)
     if errors:
         raise ValueError(f"--pipeline: {pipeline} cannot take this model: " + "; ".join(errors))
     return parts
+
+
+def _pipeline_model_errors(info: dict, class_name: str) -> list[str]:
+    """The settings of the model and its diffusion that the pipeline of ``class_name`` would not
+    reproduce: its text convention and length, conditioning channels, the scheduler's flow time."""
+    errors = []
+    pipeline, convention = _PIPELINES[class_name]
+    arch = info["arch"]
+    for name, want in convention.items():
+        if getattr(arch, name) != want:
+            errors.append(f"model.arch.{name}={getattr(arch, name)!r} ({pipeline} applies {want!r})")
+    text_len = arch.text_len if arch.text_len is not None else info.get("max_text_len")
+    if class_name == "WanTransformer3DModel" and text_len != _WAN_TEXT_LEN:
+        errors.append(
+            f"model.arch.text_len={arch.text_len!r} / data.max_text_len={info.get('max_text_len')!r} "
+            f"({pipeline} zero-pads the text to {_WAN_TEXT_LEN} tokens unmasked: another length is "
+            f"another function)"
+        )
+    if arch.cond_channels > 0:
+        errors.append(
+            f"model.arch.cond_channels={arch.cond_channels} ({pipeline} feeds the transformer the noisy "
+            f"latents only, no conditioning channels)"
+        )
+    diffusion = info.get("diffusion")
+    if diffusion is None or diffusion.objective != "flow" or diffusion.shift_base_tokens is not None:
+        errors.append(
+            "diffusion: a flow model with a fixed shift (diffusion.objective='flow', "
+            "diffusion.shift_base_tokens=null) is what FlowMatchEulerDiscreteScheduler samples"
+        )
+    elif tuple(diffusion.t_range) != (0.0, 1.0):
+        errors.append(
+            f"diffusion.t_range={tuple(diffusion.t_range)} (one expert's share of flow time; {pipeline} "
+            f"runs this one transformer at every timestep)"
+        )
+    return errors
+
+
+def _tokenizer(text: Path, errors: list[str]):
+    """The tokenizer of the text encoder folder ``text`` (its own files or a pipeline root's sibling
+    ``tokenizer/``, as :func:`data.encoders.tokenizer_folder` finds it), loaded; None and an entry in
+    ``errors`` when there is none or it does not load."""
+    from transformers import AutoTokenizer
+
+    from data.encoders import tokenizer_folder
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_folder(text), local_files_only=True)
+    except FileNotFoundError:
+        errors.append(
+            f"data.text_encoder={str(text)!r} has no tokenizer (in it or in a sibling tokenizer/ folder)"
+        )
+    except (OSError, ValueError, TypeError) as e:  # files transformers cannot build a tokenizer from
+        errors.append(f"data.text_encoder={str(text)!r}: its tokenizer does not load ({e})")
+    return None
+
+
+def _check_pipeline_destination(out: Path) -> None:
+    """Refuse ``out`` unless it is absent, an empty folder or a pipeline root (only its entries)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: a file; a pipeline root is written to a folder")
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()}
+    if names and ("model_index.json" not in names or names - _ROOT_ENTRIES):
+        other = sorted(names - _ROOT_ENTRIES) or sorted(names)
+        raise ValueError(
+            f"{out}: not empty and not a pipeline root (holds {', '.join(other[:4])}): a new root "
+            f"would replace it; choose an empty or new folder"
+        )
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Rename the complete folder ``new`` to ``out``; an existing ``out`` (checked by
+    :func:`_check_pipeline_destination`) is moved aside first and removed once ``new`` is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        old.rename(out)  # put the previous root back
+        raise
+    shutil.rmtree(old)
 
 
 def _json(path: Path) -> dict:
@@ -340,19 +451,12 @@ def _write_pipeline(out: Path, parts: dict) -> None:
     """The rest of a pipeline root next to ``out/transformer``: the VAE and text encoder weights copied,
     the tokenizer saved by transformers (so its class is the one ``model_index.json`` names), a
     FlowMatchEulerDiscreteScheduler with the run's shift, and ``model_index.json``."""
-    from transformers import AutoTokenizer
-
     version = _json(out / "transformer" / "config.json").get("_diffusers_version", "0.0.0")
     codec, vae_class = parts["vae"]
     _copy(codec, out / "vae", lambda n: n == "config.json" or n.startswith("diffusion_pytorch_model"))
     text, encoder_class = parts["text_encoder"]
     _copy(text, out / "text_encoder", lambda n: n == "config.json" or ".safetensors" in n)
-    # a pipeline root keeps its tokenizer beside the encoder (text_encoder/ and tokenizer/)
-    beside = text.parent / "tokenizer"
-    has_own = any((text / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json"))
-    tokenizer = AutoTokenizer.from_pretrained(
-        text if has_own or not beside.is_dir() else beside, local_files_only=True
-    )
+    tokenizer = parts["tokenizer"]  # loaded by _pipeline_parts (its own files or the root's tokenizer/)
     tokenizer.save_pretrained(out / "tokenizer")
     scheduler = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -418,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
             out = export_diffusers(a.source, a.out_dir, pipeline=a.pipeline, use_ema=not a.no_ema)
         else:
             out = export(a.source, a.out_dir)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:  # the message names the file or the fields
+    except (CheckpointError, ValueError, OSError) as e:  # the message names the file or the fields
         raise SystemExit(f"error: {e}") from None
     print(f"exported {a.source} → {out} ({', '.join(sorted(f.name for f in out.iterdir()))})")
 

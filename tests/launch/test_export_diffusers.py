@@ -203,6 +203,8 @@ def test_pipeline_export_loads_and_generates_with_wan_pipeline(tmp_path):
 def test_a_wan22_vae_pipeline_sets_expand_timesteps(tmp_path):
     """Wan2.2-TI2V's published root sets ``expand_timesteps`` (a timestep per token: the image frame at
     t = 0); an export with a Wan2.2 VAE (2×2 patchify, 16×) writes it too, a Wan2.1 VAE does not."""
+    from transformers import AutoTokenizer
+
     from launch.export import _write_pipeline
 
     vae = tmp_path / "vae22"
@@ -214,6 +216,7 @@ def test_a_wan22_vae_pipeline_sets_expand_timesteps(tmp_path):
     out = tmp_path / "root"
     (out / "transformer").mkdir(parents=True)
     parts = {"vae": (vae, "AutoencoderKLWan"), "text_encoder": (text, "UMT5EncoderModel"), "shift": 5.0}
+    parts["tokenizer"] = AutoTokenizer.from_pretrained(text, local_files_only=True)
     parts |= {"pipeline": "WanPipeline", "class_name": "WanTransformer3DModel"}
     _write_pipeline(out, parts)
     assert json.loads((out / "model_index.json").read_text())["expand_timesteps"] is True
@@ -234,6 +237,74 @@ def test_pipeline_refusals_name_the_keys(tmp_path):
         main([str(export), str(tmp_path / "out"), "--format", "diffusers", "--pipeline"])
     with pytest.raises(SystemExit):  # argparse: --pipeline is a diffusers-format option
         main([str(export), str(tmp_path / "out"), "--pipeline"])
+
+
+def test_pipeline_refuses_everything_before_writing(tmp_path):
+    """Every setting a WanPipeline would not reproduce is named in one error, before anything is written:
+    a text length other than its 512 unmasked tokens, conditioning channels, one expert's t_range, a VAE
+    folder with only its config.json, a text encoder without a tokenizer."""
+    import shutil
+
+    cfg, _, _, _ = _wan_export(tmp_path)
+    vae = tmp_path / "vae-config-only"
+    vae.mkdir()
+    shutil.copy(_vae(tmp_path) / "config.json", vae)
+    bare = tmp_path / "umt5-no-tokenizer"  # the encoder's config and weights, no tokenizer files
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(_text_encoder(tmp_path, width=24) / name, bare)
+    arch = cfg.replace(text_len=256, cond_channels=4)
+    info = {"step": 1, "max_text_len": 256, "codec": str(vae), "text_encoder": str(bare)}
+    info["diffusion"] = DiffusionConfig(shift=3.0, t_range=(0.9, 1.0))
+    export = write_export(tmp_path / "export2", arch, build_model(arch).state_dict(), info)
+    with pytest.raises(SystemExit) as e:
+        main([str(export), str(tmp_path / "out"), "--format", "diffusers", "--pipeline"])
+    for named in (
+        "model.arch.text_len=256 / data.max_text_len=256",
+        "model.arch.cond_channels=4",
+        "diffusion.t_range=(0.9, 1.0)",
+        f"data.codec={str(vae)!r} has no diffusion_pytorch_model*.safetensors weights",
+        f"data.text_encoder={str(bare)!r} has no tokenizer",
+    ):
+        assert named in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir() if "out" in p.name) == []  # no root, no temporary
+
+
+def test_pipeline_root_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The root is built beside OUT and renamed at the end: a failure while writing (a full disk, by
+    fault injection into the copy of the encoder weights: nothing here can fill a disk) leaves no partial
+    root and keeps a previous one; exporting again replaces a previous root; a non-empty OUT that is not
+    a pipeline root is refused and kept."""
+    import errno
+    import shutil
+
+    codec, text = _vae(tmp_path), _text_encoder(tmp_path, width=24)
+    cfg, state, ema, export = _wan_export(tmp_path, codec=str(codec), text_encoder=str(text))
+    out = tmp_path / "root"
+    main([str(export), str(out), "--format", "diffusers", "--pipeline", "--no-ema"])
+    copy = shutil.copy2
+
+    def disk_full(src, dst, **kw):
+        if "text_encoder" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return copy(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", disk_full)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        main([str(export), str(out), "--format", "diffusers", "--pipeline"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if "root" in p.name) == ["root"]  # no temporary
+    back = interop.to_ours(interop.read_diffusers(out))[1]
+    assert all(torch.equal(back[k], state[k]) for k in state)  # the previous root, whole
+    main([str(export), str(out), "--format", "diffusers", "--pipeline"])  # again: replaces it
+    back = interop.to_ours(interop.read_diffusers(out))[1]
+    assert all(torch.equal(back[k], ema[k]) for k in ema)
+    assert sorted(p.name for p in tmp_path.iterdir() if "root" in p.name) == ["root"]
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"not empty and not a pipeline root \(holds notes\.txt\)"):
+        main([str(export), str(out), "--format", "diffusers", "--pipeline"])
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model_index.json").is_file()
 
 
 def test_load_model_from_every_source_kind(tmp_path):
