@@ -254,3 +254,101 @@ def test_a_partial_source_is_an_error_unless_min_match_is_lowered(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
     report = apply_init(dst, export, arch, min_match=0.0, new=["*"])
     assert report.loaded == ["final.linear.bias"]
+
+
+# ---- a model that would compute another function than the source (review M4) ---------------------------
+def _run_checkpoint(tmp_path, arch, arch_yaml: dict):
+    """A run's checkpoint of a model of ``arch`` whose config.yaml holds ``model.arch: arch_yaml``."""
+    import yaml
+
+    from parallel import checkpoint as ckpt
+
+    model = build_model(arch, seed=0)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    files = {"config.yaml": yaml.safe_dump({"model": {"arch": arch_yaml}})}
+    ckpt.save(tmp_path / "run" / "checkpoints", 1, {"model": state, "step": torch.tensor(1)}, {}, 0, files)
+    return model, tmp_path / "run"
+
+
+@pytest.mark.parametrize("change", [{"pos_embed": "sincos3d"}, {"attention_layout": "factorized"},
+                                    {"modulation": "per_block"}, {"text_mask": False}])  # fmt: skip
+def test_an_export_into_a_model_computing_another_function_is_refused(tmp_path, change):
+    """An export's config.json names its architecture: a model whose arch differs in a field that
+    changes the function is refused, naming ``model.arch.FIELD: source → model``, before any weight
+    changes (``modulation`` also changes parameters: the arch error comes first and says why)."""
+    src_arch = get_preset("tiny")
+    _, export = _export(tmp_path, src_arch)
+    arch = src_arch.replace(**change)
+    dst = build_model(arch, seed=1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    (name, value), = change.items()  # fmt: skip
+    with pytest.raises(
+        ValueError, match=rf"init.from={export}: the model would compute another function"
+    ) as e:
+        apply_init(dst, export, arch)
+    assert f"model.arch.{name}: {getattr(src_arch, name)!r} → {value!r}" in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
+def test_a_runs_saved_arch_is_compared_and_legacy_values_read_as_their_kind(tmp_path):
+    """A run's config.yaml ``model.arch`` (written by an older version: a boolean qk_norm, fields it did
+    not have yet) is the source's architecture: the same model loads, one with another q/k norm is
+    refused (per_head → none would otherwise drop the norms silently: an export's or a run's unexpected
+    tensors are only reported), and ``init.allow_arch_changes`` lets it through."""
+    arch = get_preset("tiny")
+    assert arch.qk_norm == "per_head"
+    legacy = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(arch).items()}
+    legacy["qk_norm"] = True
+    del legacy["block_norm"], legacy["text_null"]  # not in an old run's config: their defaults then
+    src, run_dir = _run_checkpoint(tmp_path, arch, legacy)
+    model = build_model(arch, seed=1)
+    apply_init(model, run_dir, arch)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+
+    none = arch.replace(qk_norm="none")
+    with pytest.raises(ValueError, match=r"model.arch.qk_norm: 'per_head' → 'none'"):
+        apply_init(build_model(none, seed=1), run_dir, none)
+    report = apply_init(build_model(none, seed=1), run_dir, none, allow_arch_changes=["qk_norm"])
+    assert report.unexpected and all(".norm_q." in n or ".norm_k." in n for n in report.unexpected)
+
+
+def test_an_export_may_still_load_into_a_shallower_model(tmp_path):
+    """Part of a deeper export (init.min_match's documented use): its extra blocks are reported as
+    unexpected, not refused; only a diffusers source's are (test_init_diffusers.py)."""
+    src_arch = get_preset("tiny").replace(depth=3)
+    _, export = _export(tmp_path, src_arch)
+    arch = src_arch.replace(depth=2)
+    report = apply_init(build_model(arch, seed=1), export, arch)
+    assert report.unexpected and all(n.startswith("blocks.2.") for n in report.unexpected)
+
+
+def test_arch_changes_counts_only_differences_with_an_effect():
+    from launch.finetune import arch_changes
+
+    base = get_preset("tiny")  # per_head q/k norm, rope3d, masked text
+    same = [
+        base.replace(qk_norm_eps=base.norm_eps),  # the epsilon None stands for
+        base.replace(rope_base=(1, 2, 3), rope_compression=(2, 4, 4)),  # rope_ltx's only
+        base.replace(text_len=77),  # masked padding: its length does not matter
+        base.replace(fps_conditioning=True),  # a new fps embedder starts as the identity
+        base.replace(attention_backend="math", depth=5, cond_channels=3, text_dim=768, mup_base_width=64),
+        base.replace(parametrization="mup", mup_base_head_dim=base.head_dim).replace(
+            parametrization="standard"
+        ),
+    ]
+    for cfg in same:
+        assert arch_changes(base, cfg) == {}, cfg
+    mup = base.replace(parametrization="mup")
+    assert arch_changes(mup, mup.replace(mup_base_head_dim=mup.head_dim)) == {}  # 0 means head_dim
+    assert arch_changes(mup, mup.replace(mup_base_width=64)) == {"mup_base_width": (128, 64)}
+    assert arch_changes(base, mup) == {"parametrization": ("standard", "mup")}
+    assert arch_changes(base.replace(fps_conditioning=True), base) == {"fps_conditioning": (True, False)}
+    unmasked = base.replace(text_mask=False, text_len=512)
+    assert arch_changes(unmasked, unmasked.replace(text_len=24)) == {"text_len": (512, 24)}
+    assert arch_changes(base, base.replace(qk_norm_eps=1e-5)) == {"qk_norm_eps": (None, 1e-5)}
+    ltx = base.replace(pos_embed="rope_ltx")
+    assert arch_changes(ltx, ltx.replace(rope_base=(1, 2, 3))) == {"rope_base": ((20, 2048, 2048), (1, 2, 3))}
+    assert arch_changes(base, base.replace(num_heads=2, conditioning="none")) == {
+        "num_heads": (4, 2),
+        "conditioning": ("text", "none"),
+    }
