@@ -203,7 +203,10 @@ class Conditioner:
             null = null_condition(self.arch, kwargs, self.empty_prompt())
             for k, v in null.items():
                 mask = drop.to(dev).view(-1, *([1] * (v.ndim - 1)))
-                kwargs[k] = torch.where(mask, v, kwargs[k])
+                kept = kwargs.get(k)
+                if kept is None:  # no mask (text_mask=False) but a masked null: the kept rows attend all
+                    kept = torch.ones_like(v)
+                kwargs[k] = torch.where(mask, v, kept)
         cond_frames = self._tasks(x0, kwargs, gen) if train else None
         frames = torch.full((b,), t, device=dev)
         if cond_frames is not None:
@@ -222,7 +225,7 @@ class Conditioner:
             # loader tensors may be pinned: copies overlap with the host's work
             return {
                 "context": emb.to(dev, non_blocking=True).float(),
-                "context_mask": mask.to(dev, non_blocking=True),
+                "context_mask": None if mask is None else mask.to(dev, non_blocking=True),
             }
         if kind == "class":
             if batch.label is None:
@@ -284,25 +287,29 @@ def broadcast_from_rank0(encode, texts: list[str], device: torch.device | str) -
     return emb, keep.bool()
 
 
-def text_states(arch: DiTConfig, emb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def text_states(arch: DiTConfig, emb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
     """Encoder states and their padding mask (B×L×D, B×L) as the model takes them under
     ``model.arch.text_mask``: unchanged when True; when False (Wan) the states past each caption's
-    length are zero and the mask is all True, so the zero rows are attended as the model was trained."""
+    length are zero and the mask is None: every token is attended (the zero rows too, as the model was
+    trained), and cross-attention takes the unmasked kernels (FlashAttention, SDPA's flash), which an
+    all-True mask would keep it from."""
     if arch.text_mask:
         return emb, mask
-    return emb * mask[..., None].to(emb.dtype), torch.ones_like(mask)
+    return emb * mask[..., None].to(emb.dtype), None
 
 
 def null_condition(arch: DiTConfig, like: dict, empty_prompt: tuple[Tensor, Tensor] | None = None) -> dict:
     """The unconditional inputs for classifier-free guidance and caption dropout, shaped like the
     conditional ``like``: under ``model.arch.text_null=masked`` zero, fully masked text states; under
     ``empty_prompt`` the encoded empty caption ``empty_prompt`` (1×L×D states, 1×L mask, as the text
-    encoder returns them; :func:`text_states` applies the convention) on every row; for a
+    encoder returns them; :func:`text_states` applies the convention) on every row, and under
+    ``text_mask=False`` only those states (the conditional inputs' mask, None, stays); for a
     class-conditional model the null class label ``num_classes``."""
     if arch.conditioning == "text":
-        ctx, ctx_mask = like["context"], like["context_mask"]
+        ctx = like["context"]
         if arch.text_null == "masked":
-            return {"context": torch.zeros_like(ctx), "context_mask": torch.zeros_like(ctx_mask)}
+            nowhere = torch.zeros(ctx.shape[:2], dtype=torch.bool, device=ctx.device)  # B×L
+            return {"context": torch.zeros_like(ctx), "context_mask": nowhere}
         if empty_prompt is None:
             raise ValueError("model.arch.text_null=empty_prompt: the encoded empty caption is needed")
         emb, mask = text_states(arch, *empty_prompt)
@@ -313,10 +320,10 @@ def null_condition(arch: DiTConfig, like: dict, empty_prompt: tuple[Tensor, Tens
                 "data.max_text_len or with another data.text_encoder?)"
             )
         b = ctx.shape[0]
-        return {
-            "context": emb.to(ctx.device, ctx.dtype).expand(b, -1, -1),
-            "context_mask": mask.to(ctx.device).expand(b, -1),
-        }
+        null = {"context": emb.to(ctx.device, ctx.dtype).expand(b, -1, -1)}
+        if mask is not None:
+            null["context_mask"] = mask.to(ctx.device).expand(b, -1)
+        return null
     if arch.conditioning == "class":
         return {"labels": torch.full_like(like["labels"], arch.num_classes)}
     return {}

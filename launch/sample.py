@@ -504,7 +504,7 @@ def conditions(
     b, model_kwargs = len(prompts), {}
     if arch.conditioning == "text":
         emb, mask = text_states(arch, *encode_text(prompts))
-        model_kwargs = {"context": emb.to(device), "context_mask": mask.to(device)}
+        model_kwargs = {"context": emb.to(device), "context_mask": None if mask is None else mask.to(device)}
     elif arch.conditioning == "class":
         model_kwargs = {"labels": torch.tensor([_class_id(p, arch) for p in prompts], device=device)}
     if arch.needs_fps:

@@ -13,6 +13,7 @@ from data.encoders import TextEncoder
 from launch.batches import Conditioner
 from launch.config import load_config
 from launch.sample import conditions
+from tests.dit.helpers import random_model
 from tests.parallel.group import run_group, serve
 
 CAPTIONS = ["a red circle moves slowly from left to right", "a blue square", "green"]
@@ -33,6 +34,11 @@ def _conditioner(*overrides):
     return Conditioner(cfg, torch.device("cpu"))
 
 
+def _same(a, b) -> bool:
+    """Both None (no mask) or equal tensors."""
+    return a is None and b is None or (a is not None and b is not None and torch.equal(a, b))
+
+
 @pytest.fixture(scope="module")
 def encoded():
     """The encoder's own output (states zero past each caption, the padding mask): the reference."""
@@ -51,21 +57,21 @@ def test_each_convention_gives_its_states_mask_and_null(encoded, text_mask, text
     ctx, mask = prep.kwargs["context"], prep.kwargs["context_mask"]
     assert torch.equal(ctx, emb)  # zero-padded states either way (Wan: zeros past the caption)
     assert torch.all(ctx[~pad] == 0) and torch.all(ctx[pad].abs().sum(-1) > 0)
-    assert torch.equal(mask, pad if text_mask else torch.ones_like(pad))  # Wan: nothing masked
+    assert torch.equal(mask, pad) if text_mask else mask is None  # Wan: no mask, every token attended
 
     dropped = _conditioner("train.cfg_dropout=0.999", *over)(_batch(), torch.Generator().manual_seed(0))
     null_ctx, null_mask = dropped.kwargs["context"], dropped.kwargs["context_mask"]
     if text_null == "masked":  # today's null: zero states attended nowhere
-        assert torch.all(null_ctx == 0) and not null_mask.any()
+        assert torch.all(null_ctx == 0) and null_mask.shape == pad.shape and not null_mask.any()
     else:  # the encoded empty caption on every row, under the same mask convention
         assert torch.equal(null_ctx, empty_emb.expand(3, -1, -1)) and null_ctx.abs().sum() > 0
-        assert torch.equal(null_mask, (empty_pad if text_mask else torch.ones_like(empty_pad)).expand(3, -1))
+        assert torch.equal(null_mask, empty_pad.expand(3, -1)) if text_mask else null_mask is None
 
     # sampling: the conditional inputs are training's, and the CFG null is the dropout null
     arch = cond.arch
     cfg_on, uncond = conditions(arch, cond.encode_text, CAPTIONS, fps=8.0, cfg_scale=4.0, device="cpu")
-    assert torch.equal(cfg_on["context"], ctx) and torch.equal(cfg_on["context_mask"], mask)
-    assert torch.equal(uncond["context"], null_ctx) and torch.equal(uncond["context_mask"], null_mask)
+    assert torch.equal(cfg_on["context"], ctx) and _same(cfg_on["context_mask"], mask)
+    assert torch.equal(uncond["context"], null_ctx) and _same(uncond["context_mask"], null_mask)
     _, none = conditions(arch, cond.encode_text, CAPTIONS, fps=8.0, cfg_scale=1.0, device="cpu")
     assert none is None
 
@@ -79,7 +85,7 @@ def test_latent_shards_follow_the_convention_and_the_empty_null_must_fit_them(en
     batch.text_emb, batch.text_mask = noisy, pad
     wan = ["model.arch.text_mask=false", "model.arch.text_null=empty_prompt"]
     prep = _conditioner("train.cfg_dropout=0", *wan)(batch, torch.Generator().manual_seed(0))
-    assert torch.equal(prep.kwargs["context"], emb) and prep.kwargs["context_mask"].all()
+    assert torch.equal(prep.kwargs["context"], emb) and prep.kwargs["context_mask"] is None
     default = _conditioner("train.cfg_dropout=0")(batch, torch.Generator().manual_seed(0))
     assert torch.equal(default.kwargs["context"], noisy) and torch.equal(default.kwargs["context_mask"], pad)
     batch.text_emb, batch.text_mask = noisy[:, :8], pad[:, :8]  # encoded at another data.max_text_len
@@ -169,3 +175,37 @@ def test_the_empty_null_is_encoded_on_rank0_alone_and_broadcast(encoded, tmp_pat
     failed = got["missing_encoder"]["ranks"]
     assert "FileNotFoundError" in failed[0]["error"] and "/nonexistent/umt5" in failed[0]["error"]
     assert "RuntimeError: rank 0 could not encode" in failed[1]["error"]
+
+
+@pytest.mark.parametrize("text_null", ["masked", "empty_prompt"])
+def test_an_unmasked_convention_gives_no_mask_and_the_same_function(encoded, text_null):
+    """``text_mask=False`` hands the model ``context_mask=None``, so cross-attention reaches its
+    unmasked kernels (FlashAttention, SDPA's flash: which kernel CUDA then picks only a GPU shows),
+    and the model computes what it computes with an all-True mask, bit for bit here; caption dropout
+    replaces states (the empty prompt) or masks only the dropped rows (the masked null)."""
+    (emb, pad), (empty_emb, _) = encoded
+    over = ["model.arch.text_mask=false", f"model.arch.text_null={text_null}"]
+    batch = _batch()
+    batch.text_emb, batch.text_mask = emb, pad
+    cond = _conditioner("train.cfg_dropout=0", *over)
+    kw = cond(batch, torch.Generator().manual_seed(0)).kwargs
+    assert kw["context_mask"] is None
+    model = random_model(cond.arch).eval()
+    seen = []
+    model.blocks[0].cross_attn.core.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["key_mask"]), with_kwargs=True
+    )
+    x, t = torch.randn(3, cond.arch.in_channels, 1, 4, 4), torch.tensor([100.0, 500.0, 900.0])
+    with torch.no_grad():
+        out = model(x, t, **kw)
+        all_true = model(x, t, **{**kw, "context_mask": torch.ones_like(pad)})
+    assert seen[0] is None and seen[1].all()  # the unmasked call, then the masked one
+    assert torch.equal(out, all_true) and not torch.equal(out, model(x, t, **{**kw, "context_mask": pad}))
+
+    drop = _conditioner("train.cfg_dropout=0.5", *over)(batch, torch.Generator().manual_seed(0)).kwargs
+    dropped = (drop["context"] != emb).flatten(1).any(1)
+    assert dropped.any() and not dropped.all()  # both kinds of row in the batch
+    if text_null == "empty_prompt":  # states replaced, still no mask
+        assert drop["context_mask"] is None and torch.equal(drop["context"][dropped][0], empty_emb[0])
+    else:  # dropped rows attend nowhere, kept rows everywhere
+        assert torch.equal(drop["context_mask"], ~dropped[:, None].expand_as(pad))
