@@ -28,6 +28,7 @@ from parallel.config import ParallelConfig
 from parallel.parallelize import build_parallel_model, make_dims
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
+from tests.parallel.tp_plan_worker import ltx_shaped
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -47,8 +48,13 @@ class Case:
     layout: str = "full"
     qk_norm: str = "per_head"
     """``model.arch.qk_norm``: ``across_heads`` (Wan, LTX) all-reduces a statistic over the tp ranks."""
+    ltx: bool = False
+    """The LTX-Video-shaped model (:func:`tests.parallel.tp_plan_worker.ltx_shaped`, patch 1×2×2):
+    per-sample RoPE tables with a head axis, cut over the tokens (cp) and the heads (tp); qk_norm unused."""
 
     def arch(self) -> DiTConfig:
+        if self.ltx:
+            return ltx_shaped(self.layout).replace(patch_size=(1, 2, 2))
         return arch(self.layout, qk_norm=self.qk_norm)
 
     @property
@@ -75,6 +81,7 @@ def batch(cfg: DiTConfig) -> dict:
         "context": torch.randn(b, 5, cfg.text_dim, generator=g),
         "context_mask": mask,
         "cond_frames": cond,
+        "fps": torch.tensor([24.0, 8.0, 30.0, 12.0]),  # the clips' frame rates (LTX's RoPE)
     }
 
 
@@ -110,6 +117,8 @@ def train(cfg: DiTConfig, pcfg: ParallelConfig, world: int, fixed_draws: bool = 
     per = GLOBAL_BATCH // dims.dp
     mine = {k: v[dp_rank * per : (dp_rank + 1) * per] for k, v in data.items()}
     kwargs = {"context": mine["context"], "context_mask": mine["context_mask"]}
+    if cfg.needs_fps:
+        kwargs["fps"] = mine["fps"]  # B values, as launch.batches passes them
     prep = Prepared(mine["x0"], kwargs, mine["cond_frames"], (~mine["cond_frames"]).sum(1))
     fixed = {"noise": mine["noise"], "t": mine["t"]} if fixed_draws else {}
     b, _, frames, h, w = prep.x0.shape
