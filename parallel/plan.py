@@ -216,16 +216,28 @@ def selective_terms(arch: DiTConfig, cut: _Cut) -> dict[str, int]:
     return kept
 
 
+def rope_bytes(arch: DiTConfig, tokens: int, batch: int) -> int:
+    """The RoPE's cos and sin tables, fp32, saved by every block's rotation: made whole on every rank
+    (a cp rank's tokens and a tp rank's heads of them are views). ``rope3d``: N×Dh/2 each, shared by the
+    batch. ``rope_ltx``: N×B×H×Dh/2 = N×B×D/2 each (one frame rate per sample, as the trainer passes
+    it; LTX rotates the whole inner width)."""
+    if arch.pos_embed == "rope3d":
+        return 2 * 4 * tokens * arch.head_dim // 2
+    if arch.pos_embed == "rope_ltx":
+        return 2 * 4 * tokens * batch * arch.hidden_size // 2
+    return 0
+
+
 def outside_terms(arch: DiTConfig, cut: _Cut, batch: int, tokens: int) -> dict[str, int]:
     """Saved bytes outside the blocks: the patch embedding's input (full sequence on every cp rank),
-    the RoPE tables (full sequence: a rank's are a view), the caption projection and its output (shared
-    by every block's k/v), the final layer in fp32 on the cp chunk, the loss."""
+    the RoPE tables (:func:`rope_bytes`), the caption projection and its output (shared by every block's
+    k/v), the final layer in fp32 on the cp chunk, the loss."""
     n, d = cut.n, arch.hidden_size
     out_ch = arch.patch_volume * arch.out_ch
     in_ch = (arch.in_channels + arch.cond_channels) * arch.patch_volume
     return {
         "patch_embed_in": 2 * batch * tokens * in_ch,
-        "rope": 4 * tokens * arch.head_dim if arch.pos_embed == "rope3d" else 0,
+        "rope": rope_bytes(arch, tokens, batch),
         "text_proj": cut.l * (2 * arch.text_dim + 6 * d) if arch.conditioning == "text" else 0,
         "final_layer": 12 * n * d + 8 * n,  # fp32 norm input, modulate input, linear input
         "loss": batch * tokens * out_ch * (4 + 4),  # gathered fp32 prediction, fp32 difference
