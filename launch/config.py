@@ -326,6 +326,12 @@ class InitConfig:
     width. Every other parameter must come from the source (copied, or inflated for more input channels
     or a temporal patch), else ``init.from`` is an error naming the missing ones; a pattern that names
     no parameter of the model is an error too."""
+    allow_arch_changes: list[str] = field(default_factory=list)
+    """``model.arch`` fields that may differ from the source's architecture although the model then
+    computes another function with the same weights (``[text_mask, text_null]`` to fine-tune a Wan model
+    into the masked text convention; ``[depth]`` to drop a diffusers source's last blocks). Where the
+    source names its architecture, any other such difference is an error naming
+    ``model.arch.FIELD: source → model``."""
     freeze: list[str] = field(default_factory=list)
     """fnmatch patterns of parameter names to freeze (``blocks.*.attn.*``)."""
 

@@ -231,6 +231,7 @@ def initial_model(cfg: JobConfig) -> nn.Module:
             min_match=cfg.init.min_match,
             expert=cfg.init.expert,
             new=cfg.init.new,
+            allow_arch_changes=cfg.init.allow_arch_changes,
         )
         log.info("init.from=%s: %s", cfg.init.from_, report.summary())
     return model

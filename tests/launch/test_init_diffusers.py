@@ -8,7 +8,6 @@ diffusers' module itself.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -17,7 +16,7 @@ import torch
 
 from dit.model import build_model
 from launch import interop
-from launch.config import InitConfig, load_config, to_yaml
+from launch.config import load_config, to_yaml
 from launch.export import write_export
 from launch.finetune import apply_init, source_arch
 from parallel import checkpoint as ckpt
@@ -26,15 +25,10 @@ from tests.launch.conftest import assert_same_losses, losses_by_step, metrics, r
 from tests.launch.diffusers_models import build_wan, tiny_wan, tiny_wan_pipeline_root
 
 GEN_SEED = 0
+
+
 # init.allow_arch_changes is read from a config once launch.config's InitConfig has the field and
 # launch.engine.initial_model passes it to apply_init (the integrator's part of review fix M4)
-_NO_ALLOW_KEY = pytest.mark.xfail(
-    "allow_arch_changes" not in {f.name for f in dataclasses.fields(InitConfig)},
-    reason="InitConfig.allow_arch_changes not added yet",
-    strict=True,
-)
-
-
 def _ours(path, **read):
     return interop.to_ours(interop.read_diffusers(path, **read))
 
@@ -218,7 +212,6 @@ def test_from_init_errors_name_init_from(tmp_path):
 
 # ---- through the trainer -----------------------------------------------------------------------------
 @pytest.mark.slow
-@_NO_ALLOW_KEY
 def test_init_from_a_diffusers_wan_trains_resumes_exactly_and_exports(tmp_path, overrides):
     """A fine-tune config naming only the source (and the run's data): trains, resumes bit for bit
     from a checkpoint, and its checkpoint exports to a folder stock diffusers loads and that computes
@@ -409,7 +402,6 @@ def test_the_published_presets_compute_what_the_published_configs_do():
         assert arch_changes(cfg, PRESETS["video-1b3"]), name  # and the check sees our own preset's
 
 
-@_NO_ALLOW_KEY
 def test_the_trainers_initial_model_takes_init_allow_arch_changes(tmp_path):
     """``init.allow_arch_changes`` reaches ``apply_init`` from a config: a Wan source fine-tuned at
     another caption length (its padding is attended, so the length is part of the function) is refused
