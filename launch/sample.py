@@ -355,7 +355,9 @@ def generate(
     obj = make_objective(info["diffusion"])
     text = None
     if arch.conditioning == "text":
-        text = TextEncoder(info["text_encoder"], info["max_text_len"], req.device, enc_dtype)
+        text = TextEncoder(
+            info["text_encoder"], info["max_text_len"], req.device, enc_dtype, arch.text_encoder_mask
+        )
     first = video = None
     if req.image:
         image = _pixels(req.image, 1, fps, (width, height)).to(req.device)  # 1, 3, 1, H, W

@@ -128,6 +128,7 @@ def config_to_ours(config: dict, where: object) -> DiTConfig:
             text_mask=True,
             text_null="empty_prompt",
             text_len=TEXT_LEN,
+            text_encoder_mask=False,  # LTXPipeline runs T5 without attention_mask
         )
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {CLASS_NAME} config gives no valid DiTConfig: {e}") from None

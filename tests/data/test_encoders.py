@@ -193,3 +193,58 @@ def test_encode_cli_under_torchrun_writes_latent_shards_the_loader_reads(tmp_pat
     frames = int(batch.bucket.split("x")[0])
     assert batch.latent.shape == (1, 48, frames, 8, 8) and batch.text_emb.shape == (1, 8, 16)
     assert batch.text_mask.dtype == torch.bool and batch.text[0]
+
+
+def test_an_unmasked_encoder_gives_ltx_pipelines_states(tmp_path):
+    """``encoder_mask=False`` (``model.arch.text_encoder_mask``, LTX-Video) runs T5 on the padded ids
+    without an attention mask, as ``LTXPipeline._get_t5_prompt_embeds`` does (its own code is the
+    reference here): the padding changes a short caption's states; the mask returned is the padding's."""
+    from types import SimpleNamespace
+
+    from diffusers import LTXPipeline
+
+    _tiny_t5(tmp_path)
+    masked, unmasked = TextEncoder(tmp_path, 8), TextEncoder(tmp_path, 8, encoder_mask=False)
+    captions = ["a red circle", "a blue square moves on a red background"]
+    pipe = SimpleNamespace(tokenizer=unmasked.tokenizer, text_encoder=unmasked.model, _execution_device="cpu")
+    ref, ref_mask = LTXPipeline._get_t5_prompt_embeds(pipe, captions, max_sequence_length=8, device="cpu")
+    emb, mask = unmasked(captions)
+    assert torch.equal(mask, ref_mask) and mask.sum(1).tolist() == [3, 8]
+    assert torch.allclose(emb[mask], ref[mask], atol=1e-6, rtol=0) and torch.count_nonzero(emb[~mask]) == 0
+    with_mask, _ = masked(captions)
+    assert torch.allclose(with_mask[1], emb[1], atol=1e-6, rtol=0)  # no padding: the same states
+    assert not torch.allclose(with_mask[0, :3], emb[0, :3], atol=1e-3)  # padded: T5 attended it
+
+
+def test_encode_cli_without_the_encoder_mask_stores_unmasked_states(tmp_path):
+    """``data.encode --no-text-encoder-mask`` writes the states :class:`TextEncoder` gives with
+    ``encoder_mask=False`` and records the choice in ``index.json``."""
+    from data.buckets import load_bucket_file
+    from data.encode import main
+    from data.pipeline import DataConfig, build_loader
+    from data.synthetic import generate
+
+    generate(tmp_path / "raw", num=2, seed=0, samples_per_shard=2)
+    (tmp_path / "b.json").write_text(
+        json.dumps({"fps": 8, "buckets": [[1, 32, 32, 1], [2, 32, 32, 1], [4, 32, 32, 1]]})
+    )
+    _tiny_t5(tmp_path / "t5")
+    args = [str(tmp_path / "raw"), str(tmp_path / "lat"), "--buckets", str(tmp_path / "b.json")]
+    main([*args, "--text-encoder", str(tmp_path / "t5"), "--max-text-len", "24", "--device", "cpu"])
+    main([*args[:1], str(tmp_path / "lat2"), *args[2:], "--text-encoder", str(tmp_path / "t5")]
+         + ["--max-text-len", "24", "--device", "cpu", "--no-text-encoder-mask"])  # fmt: skip
+    assert json.loads((tmp_path / "lat" / "index.json").read_text())["text_encoder_mask"] is True
+    assert json.loads((tmp_path / "lat2" / "index.json").read_text())["text_encoder_mask"] is False
+    buckets = load_bucket_file(str(tmp_path / "b.json"))
+    got = {}
+    for name in ("lat", "lat2"):
+        loader = build_loader(DataConfig(shards=str(tmp_path / name), buckets=buckets, num_workers=0))
+        batch = next(iter(loader))
+        got[name] = (batch.text[0], batch.text_emb[0], batch.text_mask[0])
+    caption = got["lat2"][0]
+    assert not got["lat2"][2].all()  # a padded caption: the two encodings differ
+    assert not torch.allclose(got["lat"][1].float(), got["lat2"][1].float(), atol=1e-3)
+    for name, encoder_mask in (("lat", True), ("lat2", False)):
+        emb, mask = TextEncoder(tmp_path / "t5", 24, encoder_mask=encoder_mask)([caption])
+        assert got[name][0] == caption and torch.equal(got[name][2], mask[0])
+        assert torch.allclose(got[name][1].float(), emb[0], atol=1e-6, rtol=0)

@@ -209,3 +209,27 @@ def test_an_unmasked_convention_gives_no_mask_and_the_same_function(encoded, tex
         assert drop["context_mask"] is None and torch.equal(drop["context"][dropped][0], empty_emb[0])
     else:  # dropped rows attend nowhere, kept rows everywhere
         assert torch.equal(drop["context_mask"], ~dropped[:, None].expand_as(pad))
+
+
+def test_ltx_runs_its_text_encoder_without_the_mask(encoded, tmp_path):
+    """``model.arch.text_encoder_mask=False`` (LTX-Video: the ``ltx-video-2b`` preset and an imported
+    LTX model) encodes captions and the empty-prompt null with the encoder's attention unmasked, as
+    ``LTXPipeline`` does; the default keeps the mask."""
+    from dit.config import PRESETS
+    from launch.interop import read_diffusers, to_ours
+    from tests.launch.diffusers_models import tiny_ltx
+
+    assert PRESETS["ltx-video-2b"].text_encoder_mask is False
+    assert all(PRESETS[p].text_encoder_mask for p in ("tiny", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"))
+    assert to_ours(read_diffusers(tiny_ltx(tmp_path)))[0].text_encoder_mask is False
+    (emb, pad), (empty_emb, _) = encoded
+    cond = _conditioner(
+        "model.arch.text_null=empty_prompt", "model.arch.text_encoder_mask=false", "train.cfg_dropout=0.5"
+    )
+    reference = TextEncoder(None, 16, encoder_mask=False)
+    ref_emb, ref_pad = reference(CAPTIONS)
+    got_emb, got_pad = cond.encode_text(CAPTIONS)
+    assert torch.equal(got_emb, ref_emb) and torch.equal(got_pad, pad)
+    assert torch.equal(cond.empty_prompt()[0], reference([""])[0])
+    assert not torch.allclose(got_emb[1][pad[1]], emb[1][pad[1]], atol=1e-3)  # the padding was attended
+    assert not torch.allclose(cond.empty_prompt()[0], empty_emb, atol=1e-3)
