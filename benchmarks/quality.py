@@ -142,7 +142,15 @@ def run(
         "objective": make_objective(info["diffusion"]),
         "arch": arch,
         "codec": build_codec(info["codec"], device=device, dtype=enc_dtype),
-        "text": _Cached(TextEncoder(info["text_encoder"], info["max_text_len"], device, enc_dtype)),
+        "text": _Cached(
+            TextEncoder(
+                info["text_encoder"],
+                info["max_text_len"],
+                device,
+                enc_dtype,
+                encoder_mask=arch.text_encoder_mask,
+            )  # fmt: skip
+        ),
         "geometry": {
             "frames": defaults.frames,
             "height": defaults.height,
@@ -203,8 +211,8 @@ def markdown(result: dict, command: str) -> str:
         "a visible object is wrong on everything it cannot show; `found`: the share of clips with one). "
         "`jerk` is the centroid track's mean third difference in units of the frame's shorter side "
         "(lower is smoother); `nfe` counts network calls per sample (CFG's two branches run as one "
-        "batched call); `s_per_sample` is wall-clock sampling + decoding. UniPC is not in "
-        f"`dit.sampling` (samplers: {', '.join(SAMPLER_NAMES)}), so it has no rows.\n\n"
+        "batched call); `s_per_sample` is wall-clock sampling + decoding "
+        f"(samplers of `dit.sampling`: {', '.join(SAMPLER_NAMES)}).\n\n"
         f"## Quality per step (CFG {c['default_cfg']})\n\n"
         f"{table(result['steps_table'], ('sampler', 'steps', *COLUMNS))}\n\n"
         f"## CFG scale ({c['default_sampler']}, {c['default_steps']} steps)\n\n"
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> Path:
     samplers = _list(p, a.samplers, str, "--samplers")
     for s in samplers:
         if s not in SAMPLER_NAMES:
-            p.error(f"--samplers: {s!r} is not one of {', '.join(SAMPLER_NAMES)} (there is no UniPC)")
+            p.error(f"--samplers: {s!r} is not one of {', '.join(SAMPLER_NAMES)}")
     steps = _list(p, a.steps, int, "--steps")
     cfgs = _list(p, a.cfg, float, "--cfg")
     if min(steps) < 1 or a.prompts < 1 or a.batch_size < 1 or min(cfgs) < 0:

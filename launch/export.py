@@ -300,8 +300,14 @@ def export_diffusers(src: str | Path, out: str | Path, pipeline: bool = False, u
 # arch.text_null): WanPipeline pads with zeros and masks nothing, LTXPipeline masks; both encode "" as
 # the null
 _PIPELINES = {
-    "WanTransformer3DModel": ("WanPipeline", {"text_mask": False, "text_null": "empty_prompt"}),
-    "LTXVideoTransformer3DModel": ("LTXPipeline", {"text_mask": True, "text_null": "empty_prompt"}),
+    "WanTransformer3DModel": (
+        "WanPipeline",
+        {"text_mask": False, "text_null": "empty_prompt", "text_encoder_mask": True},
+    ),
+    "LTXVideoTransformer3DModel": (
+        "LTXPipeline",
+        {"text_mask": True, "text_null": "empty_prompt", "text_encoder_mask": False},
+    ),
 }
 # WanPipeline's max_sequence_length: the text is zero-padded to it and nothing is masked, so the length
 # is part of the function the model computes

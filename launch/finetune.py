@@ -290,7 +290,7 @@ def _has_effect(name: str, src: DiTConfig, dst: DiTConfig) -> bool:
     if name in ("mup_base_width", "mup_base_head_dim"):
         base = lambda c: (c.mup_base_width, c.mup_base_head_dim or c.head_dim)  # noqa: E731
         return both("parametrization", "mup") and base(src) != base(dst)
-    if name in ("text_mask", "text_null"):
+    if name in ("text_mask", "text_null", "text_encoder_mask"):
         return both("conditioning", "text")
     if name == "text_len":  # masked padding is attended nowhere: its length matters only unmasked
         return both("conditioning", "text") and not (src.text_mask and dst.text_mask)

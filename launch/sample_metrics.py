@@ -509,8 +509,10 @@ def _evaluate(a) -> dict:
             )
     check_scorable(prompts, fidelity is not None, a.prompts_file or str(src))
     arch = info["arch"]
-    text = TextEncoder(info["text_encoder"], info["max_text_len"], a.device, encoder_dtype(bf16, a.device)) \
-        if arch.conditioning == "text" else None  # fmt: skip
+    text = TextEncoder(
+        info["text_encoder"], info["max_text_len"], a.device, encoder_dtype(bf16, a.device),
+        encoder_mask=arch.text_encoder_mask,
+    ) if arch.conditioning == "text" else None  # fmt: skip
     seed = a.seed if a.seed is not None else (cfg.seed if cfg else info.get("seed", 0))
     out = Path(a.out) if a.out else src / "samples" / f"evaluate-{step if step is not None else 'export'}"
     if out.exists() and not out.is_dir():

@@ -96,7 +96,7 @@ def test_quality_report_tables_and_json(export, tmp_path):
 @pytest.mark.parametrize(
     "flag, value, why",
     [
-        ("--samplers", "unipc", "'unipc' is not one of"),
+        ("--samplers", "lms", "'lms' is not one of"),
         ("--steps", "four", "--steps 'four': expected a comma-separated list of numbers"),
         ("--steps", "4,x", "--steps '4,x': expected a comma-separated list of numbers"),
         ("--steps", ",,", "--steps ',,': no values"),
