@@ -12,6 +12,13 @@ folder (such as ``launch.convert`` writes); ``--pipeline`` makes it a pipeline r
 ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that ``WanPipeline`` /
 ``LTXPipeline.from_pretrained`` loads, with the run's ``data.codec`` and ``data.text_encoder`` folders
 copied in. :func:`load_model` gives users' scripts the model of any of these sources.
+
+Two experts (Wan2.2-A14B): ``--low-noise LOW`` exports SRC as the high-noise expert (``transformer/``) and
+LOW as the low-noise one (``transformer_2/``), with ``model_index.json``'s ``boundary_ratio`` from
+``--boundary B`` or, by default, from the experts' ``diffusion.t_range`` (high [B, 1], low [0, B]). Without
+``--pipeline`` the root holds only the two transformers, the scheduler (the flow shift) and
+``model_index.json`` (no VAE or text encoder): ``init.from`` / ``launch.sample`` read it, ``WanPipeline``
+needs ``--pipeline`` to generate.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import shutil
 import types
 import typing
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -252,7 +260,14 @@ def _read_source(src: str | Path, use_ema: bool) -> tuple[dict, dict]:
     return state, info
 
 
-def export_diffusers(src: str | Path, out: str | Path, pipeline: bool = False, use_ema: bool = True) -> Path:
+def export_diffusers(
+    src: str | Path,
+    out: str | Path,
+    pipeline: bool = False,
+    use_ema: bool = True,
+    low_noise: str | Path | None = None,
+    boundary: float | None = None,
+) -> Path:
     """Write the model at ``src`` (run, checkpoint or export folder) in diffusers' format.
 
     A pipeline root is written whole or not at all: every refusal comes before anything is written, the
@@ -263,37 +278,107 @@ def export_diffusers(src: str | Path, out: str | Path, pipeline: bool = False, u
     :func:`launch.interop.write_diffusers`).
 
     Args:
-        src: the source.
+        src: the source (with ``low_noise``: the high-noise expert).
         out: the model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), or with
-            ``pipeline`` the pipeline root (the model in ``transformer/``).
+            ``pipeline`` or ``low_noise`` the pipeline root (the model in ``transformer/``).
         pipeline: also copy the run's VAE and text encoder in and write the scheduler and
             ``model_index.json``.
-        use_ema: export the EMA weights when the source has them.
+        use_ema: export the EMA weights when the source has them (both experts).
+        low_noise: the low-noise expert of a two-expert WanPipeline (Wan2.2-A14B), written to
+            ``transformer_2/``; without ``pipeline`` the root holds the two transformers, the
+            scheduler and ``model_index.json`` only.
+        boundary: ``boundary_ratio`` (the high-noise expert runs t ≥ boundary); None: where the experts'
+            ``diffusion.t_range`` meet.
 
     Raises:
         ValueError: the architecture (or, for a pipeline, the codec, text encoder or diffusion settings)
-            has no diffusers equivalent, or ``out`` holds something else; the message lists the fields.
+            has no diffusers equivalent, the two experts differ or their ranges do not meet at the
+            boundary, or ``out`` holds something else; the message lists the fields.
     """
     from launch import interop
 
     state, info = _read_source(src, use_ema)
     model = interop.to_diffusers(info["arch"], state)  # a ValueError lists what diffusers cannot express
     out = Path(out)
-    if not pipeline:
+    models = {"transformer": model}
+    if low_noise is not None:
+        low_state, low_info = _read_source(low_noise, use_ema)
+        boundary = _experts_boundary(info, low_info, boundary, model.class_name)
+        models["transformer_2"] = interop.to_diffusers(low_info["arch"], low_state)
+    elif boundary is not None:
+        raise ValueError("--boundary is the switch between two experts: give the low-noise one (--low-noise)")
+    if not pipeline and low_noise is None:
         interop.write_diffusers(model, out)
         return out
-    parts = _pipeline_parts(info, model.class_name)  # every refusal before any file is written
+    if pipeline:  # every refusal before any file is written
+        parts = _pipeline_parts(info, model.class_name, experts=low_noise is not None)
+    else:
+        parts = {"class_name": model.class_name, "pipeline": _PIPELINES[model.class_name][0]}
+        parts["shift"] = _static_shift(info.get("diffusion"))
+    parts["boundary"] = boundary
     _check_pipeline_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this same process id: ours
     try:
-        interop.write_diffusers(model, tmp / "transformer")
+        for name, m in models.items():
+            interop.write_diffusers(m, tmp / name)
         _write_pipeline(tmp, parts)
         _replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a partial root on failure
     return out
+
+
+def _experts_boundary(high: dict, low: dict, boundary: float | None, class_name: str) -> float:
+    """The boundary of the two experts ``high`` and ``low`` (their :func:`_read_source` infos): ``boundary``
+    when given, else where their ``diffusion.t_range`` meet (high [b, 1], low [0, b]).
+
+    Raises:
+        ValueError: not Wan (only WanPipeline has a ``transformer_2``), or listing every field in which
+            the experts differ (architecture, text convention, codec, text encoder, objective) and
+            ranges that do not meet at one boundary (or not at ``boundary``).
+    """
+    if class_name != "WanTransformer3DModel":
+        raise ValueError(f"--low-noise: two experts are WanPipeline's (transformer_2); {class_name} has one")
+    pairs = {f.name: (getattr(high["arch"], f.name), getattr(low["arch"], f.name)) for f in fields(DiTConfig)}
+    errors = [f"model.arch.{k} (high: {a!r}, low: {b!r})" for k, (a, b) in pairs.items() if a != b]
+    for key in ("max_text_len", "codec", "text_encoder"):  # unknown (None) in an export without them
+        a, b = high.get(key), low.get(key)
+        if a is not None and b is not None and a != b:
+            errors.append(f"data.{key} (high: {a!r}, low: {b!r})")
+    dh, dl = high.get("diffusion") or DiffusionConfig(), low.get("diffusion") or DiffusionConfig()
+    if dh.objective != dl.objective:
+        errors.append(f"diffusion.objective (high: {dh.objective!r}, low: {dl.objective!r})")
+    hi, lo = tuple(map(float, dh.t_range)), tuple(map(float, dl.t_range))
+    if boundary is None:
+        if hi[1] == 1.0 and lo[0] == 0.0 and hi[0] == lo[1] and 0.0 < hi[0] < 1.0:
+            boundary = hi[0]
+        else:
+            errors.append(
+                f"diffusion.t_range: the high-noise expert's {hi} and the low-noise expert's {lo} do not "
+                f"meet at one boundary b (high [b, 1], low [0, b]); experts trained on every time need "
+                f"--boundary B"
+            )
+    else:  # each expert's own share at B, or every time (an expert whose range was not recorded)
+        for name, got, share in (("high", hi, (boundary, 1.0)), ("low", lo, (0.0, boundary))):
+            if got not in (share, (0.0, 1.0)):
+                errors.append(
+                    f"diffusion.t_range={got} of the {name}-noise expert is not its share {share} at "
+                    f"--boundary {boundary}"
+                )
+    if errors:
+        raise ValueError("--low-noise: the two experts do not make one WanPipeline: " + "; ".join(errors))
+    return boundary
+
+
+def _static_shift(diffusion: DiffusionConfig | None) -> float | None:
+    """The scheduler's shift of a flow model with a fixed one; None (no scheduler) for anything else."""
+    if diffusion is None:
+        return 1.0
+    if diffusion.objective != "flow" or diffusion.shift_base_tokens is not None:
+        return None
+    return diffusion.shift
 
 
 # per transformer class: its pipeline and the text convention the pipeline applies (arch.text_mask,
@@ -326,12 +411,13 @@ _ROOT_ENTRIES = {
 }
 
 
-def _pipeline_parts(info: dict, class_name: str) -> dict:
+def _pipeline_parts(info: dict, class_name: str, experts: bool = False) -> dict:
     """What a pipeline root is made of (VAE and text encoder folders and classes, the loaded tokenizer,
     scheduler shift), or a ValueError listing every setting of the source that a diffusers pipeline cannot
-    take (nothing is written here)."""
+    take (nothing is written here). ``experts``: the source is one of two experts (its ``t_range`` is
+    checked by :func:`_experts_boundary`)."""
     pipeline, _ = _PIPELINES[class_name]
-    errors = _pipeline_model_errors(info, class_name)
+    errors = _pipeline_model_errors(info, class_name, experts)
     diffusion = info.get("diffusion")
     parts = {"class_name": class_name, "pipeline": pipeline}
     parts["shift"] = diffusion.shift if diffusion is not None else 1.0
@@ -359,9 +445,10 @@ def _pipeline_parts(info: dict, class_name: str) -> dict:
     return parts
 
 
-def _pipeline_model_errors(info: dict, class_name: str) -> list[str]:
+def _pipeline_model_errors(info: dict, class_name: str, experts: bool = False) -> list[str]:
     """The settings of the model and its diffusion that the pipeline of ``class_name`` would not
-    reproduce: its text convention and length, conditioning channels, the scheduler's flow time."""
+    reproduce: its text convention and length, conditioning channels, the scheduler's flow time (one
+    expert's ``t_range`` unless ``experts``: the pipeline then switches at the boundary)."""
     errors = []
     pipeline, convention = _PIPELINES[class_name]
     arch = info["arch"]
@@ -386,10 +473,10 @@ def _pipeline_model_errors(info: dict, class_name: str) -> list[str]:
             "diffusion: a flow model with a fixed shift (diffusion.objective='flow', "
             "diffusion.shift_base_tokens=null) is what FlowMatchEulerDiscreteScheduler samples"
         )
-    elif tuple(diffusion.t_range) != (0.0, 1.0):
+    elif tuple(diffusion.t_range) != (0.0, 1.0) and not experts:
         errors.append(
             f"diffusion.t_range={tuple(diffusion.t_range)} (one expert's share of flow time; {pipeline} "
-            f"runs this one transformer at every timestep)"
+            f"runs this one transformer at every timestep: give the other expert with --low-noise)"
         )
     return errors
 
@@ -454,40 +541,56 @@ def _json(path: Path) -> dict:
 
 
 def _write_pipeline(out: Path, parts: dict) -> None:
-    """The rest of a pipeline root next to ``out/transformer``: the VAE and text encoder weights copied,
-    the tokenizer saved by transformers (so its class is the one ``model_index.json`` names), a
-    FlowMatchEulerDiscreteScheduler with the run's shift, and ``model_index.json``."""
+    """The rest of a pipeline root next to ``out/transformer`` (and ``out/transformer_2`` when
+    ``parts['boundary']`` is set): the VAE and text encoder weights copied, the tokenizer saved by
+    transformers (so its class is the one ``model_index.json`` names), a FlowMatchEulerDiscreteScheduler
+    with the run's shift, and ``model_index.json``. Without ``parts['vae']`` (two experts, no
+    ``--pipeline``) the root names no VAE, text encoder or tokenizer, and no scheduler when the shift is
+    None (a model FlowMatchEulerDiscreteScheduler cannot sample)."""
     version = _json(out / "transformer" / "config.json").get("_diffusers_version", "0.0.0")
+    index = {"_class_name": parts["pipeline"], "_diffusers_version": version}
+    if "vae" in parts:
+        index |= _copy_components(out, parts)
+    else:
+        index |= {name: [None, None] for name in ("text_encoder", "tokenizer", "vae")}
+    index["scheduler"] = [None, None]
+    if parts["shift"] is not None:
+        scheduler = {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_diffusers_version": version,
+            "num_train_timesteps": 1000,
+            "shift": parts["shift"],
+            "use_dynamic_shifting": False,
+        }
+        (out / "scheduler").mkdir(parents=True, exist_ok=True)
+        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    index["transformer"] = ["diffusers", parts["class_name"]]
+    if parts["pipeline"] == "WanPipeline":
+        # Wan2.2-TI2V's root (its VAE patchifies 2×2: 4×16×16) sets expand_timesteps: a timestep per
+        # token, so WanImageToVideoPipeline keeps the image's latent frame at t = 0. Two experts
+        # (Wan2.2-A14B): transformer_2 runs below boundary_ratio × 1000
+        codec = parts["vae"][0] if "vae" in parts else None
+        ti2v = codec is not None and (_json(codec / "config.json").get("patch_size") or 1) > 1
+        boundary = parts.get("boundary")
+        second = ["diffusers", parts["class_name"]] if boundary is not None else [None, None]
+        index |= {"transformer_2": second, "boundary_ratio": boundary, "expand_timesteps": ti2v}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_components(out: Path, parts: dict) -> dict:
+    """Copy the VAE and text encoder into ``out`` and save the tokenizer; their ``model_index.json`` rows."""
     codec, vae_class = parts["vae"]
     _copy(codec, out / "vae", lambda n: n == "config.json" or n.startswith("diffusion_pytorch_model"))
     text, encoder_class = parts["text_encoder"]
     _copy(text, out / "text_encoder", lambda n: n == "config.json" or ".safetensors" in n)
     tokenizer = parts["tokenizer"]  # loaded by _pipeline_parts (its own files or the root's tokenizer/)
     tokenizer.save_pretrained(out / "tokenizer")
-    scheduler = {
-        "_class_name": "FlowMatchEulerDiscreteScheduler",
-        "_diffusers_version": version,
-        "num_train_timesteps": 1000,
-        "shift": parts["shift"],
-        "use_dynamic_shifting": False,
-    }
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    index = {
-        "_class_name": parts["pipeline"],
-        "_diffusers_version": version,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    return {
         "text_encoder": ["transformers", encoder_class],
         "tokenizer": ["transformers", type(tokenizer).__name__],
-        "transformer": ["diffusers", parts["class_name"]],
         "vae": ["diffusers", vae_class],
     }
-    if parts["pipeline"] == "WanPipeline":
-        # one expert. Wan2.2-TI2V's root (its VAE patchifies 2×2: 4×16×16) sets expand_timesteps: a
-        # timestep per token, so WanImageToVideoPipeline keeps the image's latent frame at t = 0
-        ti2v = (_json(codec / "config.json").get("patch_size") or 1) > 1
-        index |= {"transformer_2": [None, None], "boundary_ratio": None, "expand_timesteps": ti2v}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _copy(src: Path, dst: Path, keep) -> None:
@@ -517,15 +620,41 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="--format diffusers: a whole pipeline root with the run's VAE and text encoder",
     )
+    p.add_argument(
+        "--low-noise",
+        dest="low_noise",
+        metavar="LOW",
+        help="--format diffusers: the low-noise expert of a two-expert WanPipeline (Wan2.2-A14B), written "
+        "to transformer_2/; the source is the high-noise one (transformer/)",
+    )
+    p.add_argument(
+        "--boundary",
+        type=float,
+        metavar="B",
+        help="with --low-noise: the pipeline's boundary_ratio (the high-noise expert runs t >= B); default: "
+        "where the experts' diffusion.t_range meet",
+    )
     p.add_argument("--no-ema", action="store_true", help="--format diffusers: the raw weights, not the EMA")
     a = p.parse_args(argv)
-    if a.pipeline and a.format != "diffusers":
-        p.error("--pipeline needs --format diffusers")
+    for flag, given in (("--pipeline", a.pipeline), ("--low-noise", a.low_noise)):
+        if given and a.format != "diffusers":
+            p.error(f"{flag} needs --format diffusers")
+    if a.boundary is not None and not a.low_noise:
+        p.error("--boundary needs --low-noise (it is the switch between two experts)")
+    if a.boundary is not None and not 0.0 < a.boundary < 1.0:
+        p.error(f"--boundary {a.boundary}: expected a number in (0, 1)")
     if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
         p.error(f"OUT {a.out_dir} is a file: the export is written to a folder")
     try:
         if a.format == "diffusers":
-            out = export_diffusers(a.source, a.out_dir, pipeline=a.pipeline, use_ema=not a.no_ema)
+            out = export_diffusers(
+                a.source,
+                a.out_dir,
+                pipeline=a.pipeline,
+                use_ema=not a.no_ema,
+                low_noise=a.low_noise,
+                boundary=a.boundary,
+            )
         else:
             out = export(a.source, a.out_dir)
     except (CheckpointError, ValueError, OSError) as e:  # the message names the file or the fields

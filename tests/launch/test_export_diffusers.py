@@ -345,3 +345,126 @@ def test_legacy_export_with_a_boolean_qk_norm_loads(tmp_path):
     (export / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="the weights do not fit the arch of its config"):
         load_model(export)  # no norm weights in a qk_norm=none model: the bool was read as such
+
+
+def _expert_exports(tmp_path, high_range=(0.875, 1.0), low_range=(0.0, 0.875), low_arch=None, **extra):
+    """Our exports of two tiny Wan experts (other weights, EMA differing from the raw ones) with the given
+    ``diffusion.t_range``; (their export folders, their EMA weights)."""
+    folders, emas = [], []
+    for name, seed, t_range in (("high", 0, high_range), ("low", 1, low_range)):
+        cfg, state = interop.to_ours(
+            interop.read_diffusers(tiny_wan(tmp_path, seed=seed, name=f"wan-{name}"))
+        )
+        if name == "low" and low_arch is not None:
+            cfg = cfg.replace(**low_arch)  # a shallower expert keeps the layers it has
+            state = {k: state[k] for k in build_model(cfg).state_dict()}
+        ema = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+        info = {"step": 3, "diffusion": DiffusionConfig(shift=3.0, t_range=t_range), **extra}
+        folders.append(write_export(tmp_path / f"export-{name}", cfg, state, info, ema=ema))
+        emas.append(interop.to_diffusers(cfg, ema).state)
+    return folders, emas
+
+
+def test_two_experts_export_as_one_wan_pipeline_root(tmp_path):
+    """Wan2.2-A14B's layout: ``transformer/`` the high-noise expert, ``transformer_2/`` the low-noise one,
+    ``boundary_ratio`` where the experts' t_ranges meet; stock WanPipeline loads it (and runs both experts
+    in a short generation), our reader takes each expert back."""
+    from diffusers import WanPipeline
+
+    codec, text = _vae(tmp_path), _text_encoder(tmp_path, width=24)
+    (high, low), (want_high, want_low) = _expert_exports(tmp_path, codec=str(codec), text_encoder=str(text))
+    out = tmp_path / "a14b"
+    main([str(high), str(out), "--format", "diffusers", "--pipeline", "--low-noise", str(low)])
+    pipe = WanPipeline.from_pretrained(out)
+    assert pipe.config.boundary_ratio == 0.875 and pipe.transformer_2 is not None
+    for model, want in ((pipe.transformer, want_high), (pipe.transformer_2, want_low)):
+        got = model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(want_high["proj_out.weight"], want_low["proj_out.weight"])  # two models
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"] and index["vae"][1] is not None
+    for expert, want in (("high_noise", want_high), ("low_noise", want_low)):
+        read = interop.read_diffusers(out, expert=expert).state
+        assert all(torch.equal(read[k], want[k]) for k in want)
+    assert interop.wan_boundary(out) == 0.875
+    calls = {"high": 0, "low": 0}  # forward calls of each expert (2 per step: conditional and null)
+    for name, model in (("high", pipe.transformer), ("low", pipe.transformer_2)):
+        model.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    latents = pipe(
+        "a red circle", num_frames=5, height=16, width=16, num_inference_steps=4, output_type="latent"
+    ).frames
+    assert latents.shape == (1, 4, 2, 8, 8) and torch.isfinite(latents).all()
+    steps = pipe.scheduler.timesteps  # shift 3: the steps at t >= 875 run the high-noise expert
+    assert calls == {"high": 2 * int((steps >= 875).sum()), "low": 2 * int((steps < 875).sum())}
+    assert calls["high"] > 0 and calls["low"] > 0
+
+
+def test_two_experts_without_pipeline_and_an_explicit_boundary(tmp_path):
+    """Without ``--pipeline`` the root holds the two transformers, the scheduler and model_index.json
+    (what tells readers which expert is which, and the boundary), no VAE or text encoder. ``--boundary``
+    takes experts trained on every time; it must agree with ranges the experts did record."""
+    (high, low), (want_high, want_low) = _expert_exports(tmp_path, (0.0, 1.0), (0.0, 1.0))
+    out = tmp_path / "experts"
+    with pytest.raises(SystemExit, match=r"diffusion\.t_range: .*\(0\.0, 1\.0\).*need --boundary B"):
+        main([str(high), str(out), "--format", "diffusers", "--low-noise", str(low)])
+    main([str(high), str(out), "--format", "diffusers", "--low-noise", str(low), "--boundary", "0.6"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "transformer",
+        "transformer_2",
+    ]
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["boundary_ratio"] == 0.6 and index["vae"] == [None, None]
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
+    for folder, want in (("transformer", want_high), ("transformer_2", want_low)):
+        got = _stock(out / folder).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    (high2, low2), _ = _expert_exports(tmp_path / "ranged")  # ranges recorded at 0.875
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                str(high2),
+                str(tmp_path / "o2"),
+                "--format",
+                "diffusers",
+                "--low-noise",
+                str(low2),
+                "--boundary",
+                "0.6",
+            ]
+        )
+    assert "diffusion.t_range=(0.875, 1.0) of the high-noise expert is not its share (0.6, 1.0)" in str(
+        e.value
+    )
+    assert "diffusion.t_range=(0.0, 0.875) of the low-noise expert is not its share (0.0, 0.6)" in str(
+        e.value
+    )
+    assert not (tmp_path / "o2").exists()
+
+
+def test_two_expert_refusals_name_the_fields(tmp_path):
+    (high, low), _ = _expert_exports(tmp_path, low_range=(0.0, 0.9), low_arch={"text_null": "masked"})
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main([str(high), str(out), "--format", "diffusers", "--pipeline", "--low-noise", str(low)])
+    said = str(e.value)
+    assert "model.arch.text_null (high: 'empty_prompt', low: 'masked')" in said
+    assert (
+        "diffusion.t_range: the high-noise expert's (0.875, 1.0) and the low-noise expert's (0.0, 0.9)"
+        in said
+    )
+    assert not out.exists()
+    (high, low), _ = _expert_exports(tmp_path / "b")
+    with pytest.raises(
+        SystemExit, match=r"high-noise expert's \(0\.0, 0\.875\) and the low-noise expert's \(0\.875"
+    ):
+        main([str(low), str(out), "--format", "diffusers", "--low-noise", str(high)])  # swapped
+    (_, deeper), _ = _expert_exports(tmp_path / "c", low_arch={"depth": 1})
+    with pytest.raises(SystemExit, match=r"model\.arch\.depth \(high: 2, low: 1\)"):
+        main([str(high), str(out), "--format", "diffusers", "--low-noise", str(deeper)])
+    assert not out.exists()
+    for argv in (["--low-noise", str(low)], ["--format", "diffusers", "--boundary", "0.5"]):
+        with pytest.raises(SystemExit) as e:  # argparse: usage errors (exit 2)
+            main([str(high), str(out), *argv])
+        assert e.value.code == 2
