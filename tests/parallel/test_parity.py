@@ -30,7 +30,7 @@ CASES_2 = [
     Case("tp2_checkpointed", {"tp": 2, "dp_shard": 1, "activation_checkpointing": "full"}),
     # Wan's and LTX's qk norm spans all heads: one all-reduce over the tp ranks (parallel.across_heads)
     Case("tp2_sp_across_heads", {"tp": 2, "dp_shard": 1}, qk_norm=ACROSS),
-    Case("tp2_no_sp_across_heads", {"tp": 2, "dp_shard": 1, "sequence_parallel": False}, qk_norm=ACROSS),
+    # (without sequence parallel and under FSDP x TP: tests/parallel/test_tp_plan.py and test_zero.py)
     # LTX's RoPE tables (token-first, per sample, with a head axis): the cp cut takes their tokens
     Case("cp2_ulysses_ltx", {"cp": 2, "cp_ring": 1, "dp_shard": 1}, ltx=True),
 ]
@@ -41,7 +41,6 @@ CASES_4 = [
     Case("hsdp2x2_every2", {"dp_replicate": 2, "dp_shard": 2, "activation_checkpointing": "every_2"}),
     Case("cp2_tp2", {"cp": 2, "tp": 2, "dp_shard": 1}),
     Case("cp2_ring_tp2_factorized", {"cp": 2, "cp_ring": 2, "tp": 2, "dp_shard": 1}, layout="factorized"),
-    Case("dp_shard2_tp2_across_heads", {"dp_shard": 2, "tp": 2}, qk_norm=ACROSS),
     # ... and the tp cut their heads (parallel.rope_heads), under sequence parallelism and Ulysses
     Case("cp2_tp2_ltx", {"cp": 2, "cp_ring": 1, "tp": 2, "dp_shard": 1}, ltx=True),
 ]
