@@ -88,7 +88,7 @@ def test_quality_report_tables_and_json(export, tmp_path):
                 assert float(cell) == pytest.approx(value, abs=5e-4), key
             else:
                 assert cell == str(value), key
-    assert "UniPC" in text and re.search(
+    assert "samplers of `dit.sampling`: euler, heun" in text and re.search(
         r"command: `python -m benchmarks.quality .*--samplers euler,heun", text
     )
 
