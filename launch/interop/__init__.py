@@ -14,14 +14,33 @@ config field we cannot express is a ``ValueError`` naming the class and the fiel
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from dit.config import DiTConfig
 from launch.interop import ltx, wan
-from launch.interop.formats import DiffusersModel, is_diffusers, read_diffusers, wan_boundary, write_diffusers
+from launch.interop.formats import (
+    DiffusersModel,
+    check_shapes,
+    is_diffusers,
+    map_state,
+    read_diffusers,
+    refuse,
+    wan_boundary,
+    write_diffusers,
+)
 
-# diffusers class → the module that maps it (each has to_ours(config, state) and to_diffusers(cfg, state))
+# diffusers class → the module that describes it: config_to_ours(config, where), inexpressible(cfg),
+# diffusers_config(cfg) and renames(cfg); the mapping itself is done here, once for every class
 _CLASSES = {wan.CLASS_NAME: wan, ltx.CLASS_NAME: ltx}
+
+
+def _expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Our state dict's shapes for ``cfg`` (the model built on the meta device: no memory, no init)."""
+    from dit.model import SpacetimeDiT
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in SpacetimeDiT(cfg).state_dict().items()}
 
 
 def to_ours(m: DiffusersModel) -> tuple[DiTConfig, dict[str, Tensor]]:
@@ -38,7 +57,12 @@ def to_ours(m: DiffusersModel) -> tuple[DiTConfig, dict[str, Tensor]]:
         raise ValueError(
             f"{m.path}: diffusers class {m.class_name!r} is not supported (supported: {sorted(_CLASSES)})"
         )
-    return _CLASSES[m.class_name].to_ours(m.config, m.state, m.path)
+    module = _CLASSES[m.class_name]
+    where = f"{m.path or 'diffusers model'} ({m.class_name})"
+    cfg = module.config_to_ours(m.config, where)
+    ours = map_state(module.renames(cfg), m.state, to_ours=True, where=where)
+    check_shapes(ours, _expected_shapes(cfg), where)
+    return cfg, ours
 
 
 def to_diffusers(cfg: DiTConfig, state: dict[str, Tensor]) -> DiffusersModel:
@@ -54,8 +78,15 @@ def to_diffusers(cfg: DiTConfig, state: dict[str, Tensor]) -> DiffusersModel:
         ValueError: listing every field of ``cfg`` the diffusers class cannot express.
     """
     module = ltx if cfg.pos_embed == "rope_ltx" else wan
-    config, out = module.to_diffusers(cfg, state)
-    return DiffusersModel(module.CLASS_NAME, config, out, None)
+    refuse(module.CLASS_NAME, "DiTConfig", module.inexpressible(cfg))
+    where = f"SpacetimeDiT state for {module.CLASS_NAME}"
+    expected = _expected_shapes(cfg)
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"{where}: tensors the config has no place for: {', '.join(extra[:8])}")
+    check_shapes({k: v for k, v in state.items() if k in expected}, expected, where)
+    out = map_state(module.renames(cfg), state, to_ours=False, where=where)
+    return DiffusersModel(module.CLASS_NAME, module.diffusers_config(cfg), out, None)
 
 
 __all__ = [

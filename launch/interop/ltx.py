@@ -15,8 +15,7 @@ from pathlib import Path
 from torch import Tensor
 
 from dit.config import DiTConfig
-from launch.interop.formats import Rename, check_shapes, map_state, refuse
-from launch.interop.wan import expected_shapes
+from launch.interop.formats import Rename, refuse
 
 CLASS_NAME = "LTXVideoTransformer3DModel"
 # the fields this mapping expresses only at these values (LTX-Video's own)
@@ -134,21 +133,6 @@ def config_to_ours(config: dict, where: object) -> DiTConfig:
         raise ValueError(f"{where}: {CLASS_NAME} config gives no valid DiTConfig: {e}") from None
 
 
-def to_ours(config: dict, state: dict[str, Tensor], path: Path | None) -> tuple[DiTConfig, dict[str, Tensor]]:
-    """Our config and state dict of an LTX-Video transformer.
-
-    Args:
-        config: its ``config.json`` fields.
-        state: its tensors by diffusers name.
-        path: where it came from, for errors.
-    """
-    where = f"{path or 'diffusers model'} ({CLASS_NAME})"
-    cfg = config_to_ours(config, where)
-    ours = map_state(renames(cfg), state, to_ours=True, where=where)
-    check_shapes(ours, expected_shapes(cfg), where)
-    return cfg, ours
-
-
 def inexpressible(cfg: DiTConfig) -> list[str]:
     """Fields of ``cfg`` that ``LTXVideoTransformer3DModel`` cannot express (empty when it can)."""
     wanted = dict(
@@ -161,23 +145,9 @@ def inexpressible(cfg: DiTConfig) -> list[str]:
     return [f"{k}={getattr(cfg, k)!r} (LTX: {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
 
 
-def to_diffusers(cfg: DiTConfig, state: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    """The ``LTXVideoTransformer3DModel`` config and state dict of our model.
-
-    Args:
-        cfg: our architecture (``pos_embed='rope_ltx'``).
-        state: its state dict.
-
-    Raises:
-        ValueError: listing every field LTX-Video cannot express, or tensors that do not match ``cfg``.
-    """
-    refuse(CLASS_NAME, "DiTConfig", inexpressible(cfg))
-    where = f"SpacetimeDiT state for {CLASS_NAME}"
-    expected = expected_shapes(cfg)
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ValueError(f"{where}: tensors the config has no place for: {', '.join(extra[:8])}")
-    check_shapes({k: v for k, v in state.items() if k in expected}, expected, where)
+def diffusers_config(cfg: DiTConfig) -> dict:
+    """The ``LTXVideoTransformer3DModel`` ``config.json`` fields of ``cfg`` (one :func:`inexpressible`
+    accepts)."""
     config = {
         "in_channels": cfg.in_channels + cfg.cond_channels,
         "out_channels": cfg.out_ch,
@@ -189,7 +159,7 @@ def to_diffusers(cfg: DiTConfig, state: dict[str, Tensor]) -> tuple[dict, dict[s
         "caption_channels": cfg.text_dim,
         **FIXED,
     }
-    return config, map_state(renames(cfg), state, to_ours=False, where=where)
+    return config
 
 
 def infer_config(state: dict[str, Tensor], path: Path) -> dict:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from dit.config import DiTConfig
-from launch.interop.formats import Rename, check_shapes, map_state, refuse
+from launch.interop.formats import Rename, refuse
 
 CLASS_NAME = "WanTransformer3DModel"
 QK_NORM = "rms_norm_across_heads"
@@ -75,14 +74,6 @@ def renames(cfg: DiTConfig) -> list[Rename]:
     return rs
 
 
-def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """Our state dict's shapes for ``cfg`` (the model built on the meta device: no memory, no init)."""
-    from dit.model import SpacetimeDiT
-
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in SpacetimeDiT(cfg).state_dict().items()}
-
-
 def config_to_ours(config: dict, where: object) -> DiTConfig:
     """Our architecture for a Wan ``config.json`` (without the ``_`` keys).
 
@@ -134,21 +125,6 @@ def config_to_ours(config: dict, where: object) -> DiTConfig:
         raise ValueError(f"{where}: {CLASS_NAME} config gives no valid DiTConfig: {e}") from None
 
 
-def to_ours(config: dict, state: dict[str, Tensor], path: Path | None) -> tuple[DiTConfig, dict[str, Tensor]]:
-    """Our config and state dict of a Wan transformer.
-
-    Args:
-        config: its ``config.json`` fields.
-        state: its tensors by diffusers name.
-        path: where it came from, for errors.
-    """
-    where = f"{path or 'diffusers model'} ({CLASS_NAME})"
-    cfg = config_to_ours(config, where)
-    ours = map_state(renames(cfg), state, to_ours=True, where=where)
-    check_shapes(ours, expected_shapes(cfg), where)
-    return cfg, ours
-
-
 def inexpressible(cfg: DiTConfig) -> list[str]:
     """Fields of ``cfg`` that ``WanTransformer3DModel`` cannot express (empty when it can)."""
     wanted = dict(
@@ -161,24 +137,9 @@ def inexpressible(cfg: DiTConfig) -> list[str]:
     return [f"{k}={getattr(cfg, k)!r} (Wan: {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
 
 
-def to_diffusers(cfg: DiTConfig, state: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    """The ``WanTransformer3DModel`` config and state dict of our model.
-
-    Args:
-        cfg: our architecture; image-to-video ``cond_channels`` become extra ``in_channels`` (Wan I2V
-            concatenates them the same way).
-        state: its state dict.
-
-    Raises:
-        ValueError: listing every field Wan cannot express, or tensors that do not match ``cfg``.
-    """
-    refuse(CLASS_NAME, "DiTConfig", inexpressible(cfg))
-    where = f"SpacetimeDiT state for {CLASS_NAME}"
-    expected = expected_shapes(cfg)
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ValueError(f"{where}: tensors the config has no place for: {', '.join(extra[:8])}")
-    check_shapes({k: v for k, v in state.items() if k in expected}, expected, where)
+def diffusers_config(cfg: DiTConfig) -> dict:
+    """The ``WanTransformer3DModel`` ``config.json`` fields of ``cfg`` (one :func:`inexpressible` accepts);
+    image-to-video ``cond_channels`` become extra ``in_channels`` (Wan I2V concatenates them so)."""
     config = {
         "patch_size": list(cfg.patch_size),
         "num_attention_heads": cfg.num_heads,
@@ -194,7 +155,7 @@ def to_diffusers(cfg: DiTConfig, state: dict[str, Tensor]) -> tuple[dict, dict[s
         "rope_max_seq_len": 1024,
         **NEUTRAL,
     }
-    return config, map_state(renames(cfg), state, to_ours=False, where=where)
+    return config
 
 
 def infer_config(state: dict[str, Tensor], path: Path) -> dict:
