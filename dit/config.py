@@ -261,30 +261,12 @@ def _wan(hidden: int, depth: int, heads: int, ffn: int, text_dim: int = 4096, in
 
 
 def _wan_published(hidden: int, depth: int, heads: int, ffn: int, in_ch: int = 16) -> DiTConfig:
-    # The published Wan 2.x transformers (diffusers' WanTransformer3DModel, transformer/config.json):
-    # head_dim 128, qk RMSNorm across heads, affine cross-attention norm, eps 1e-6, freq_dim 256, patch
-    # 1×2×2, UMT5-XXL states (4096) padded with zeros to 512 tokens and attended unmasked, the encoded
-    # empty prompt as CFG's null (WanPipeline).
-    return DiTConfig(
-        in_channels=in_ch,
-        patch_size=(1, 2, 2),
-        hidden_size=hidden,
-        depth=depth,
-        num_heads=heads,
-        ffn_dim=ffn,
-        mlp="gelu_tanh",
-        attention_layout="full",
-        qk_norm="across_heads",
-        pos_embed="rope3d",
-        modulation="shared",
-        conditioning="text",
-        text_dim=4096,
-        text_mask=False,
-        text_null="empty_prompt",
-        text_len=512,
-        cross_attn_norm=True,
-        norm_eps=1e-6,
-        freq_dim=256,
+    # The published Wan 2.x transformers (diffusers' WanTransformer3DModel, transformer/config.json): our
+    # Wan-shaped model (head_dim 128, affine cross-attention norm, eps 1e-6, freq_dim 256, patch 1×2×2,
+    # UMT5-XXL states) with Wan's qk RMSNorm across heads and WanPipeline's text convention: states
+    # padded with zeros to 512 tokens and attended unmasked, the encoded empty prompt as CFG's null.
+    return _wan(hidden, depth, heads, ffn, in_ch=in_ch).replace(
+        qk_norm="across_heads", text_mask=False, text_null="empty_prompt", text_len=512
     )
 
 
