@@ -263,13 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         return parallel_main(a)
     if a.mfu:
         return mfu_main(a)
-    threads = torch.get_num_threads()
-    try:
-        if a.threads:
-            torch.set_num_threads(a.threads)
+    with report.torch_threads(a.threads):
         return step_main(a)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called in-process, by tests
 
 
 def step_main(a: argparse.Namespace) -> dict:

@@ -9,6 +9,7 @@ torch is imported only where a device is described, so the GPU check's report ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -24,6 +25,21 @@ if TYPE_CHECKING:
     import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` (None or 0: unchanged) inside, restored after: a benchmark's
+    ``main()`` is also called in-process, by tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def hardware(device: torch.device) -> str:

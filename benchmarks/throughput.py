@@ -480,13 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
         reason), ``peak`` (``flops``, ``label``) and ``report`` (the written file).
     """
     a = parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
-        if a.threads:
-            torch.set_num_threads(a.threads)
+    with report.torch_threads(a.threads):
         return _run(a)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called in-process, by tests
 
 
 def _run(a: argparse.Namespace) -> dict:
