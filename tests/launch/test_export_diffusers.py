@@ -205,7 +205,7 @@ def test_a_wan22_vae_pipeline_sets_expand_timesteps(tmp_path):
     t = 0); an export with a Wan2.2 VAE (2×2 patchify, 16×) writes it too, a Wan2.1 VAE does not."""
     from transformers import AutoTokenizer
 
-    from launch.export import _write_pipeline
+    from launch.diffusers_pipeline import write_pipeline
 
     vae = tmp_path / "vae22"
     vae.mkdir()
@@ -218,7 +218,7 @@ def test_a_wan22_vae_pipeline_sets_expand_timesteps(tmp_path):
     parts = {"vae": (vae, "AutoencoderKLWan"), "text_encoder": (text, "UMT5EncoderModel"), "shift": 5.0}
     parts["tokenizer"] = AutoTokenizer.from_pretrained(text, local_files_only=True)
     parts |= {"pipeline": "WanPipeline", "class_name": "WanTransformer3DModel"}
-    _write_pipeline(out, parts)
+    write_pipeline(out, parts)
     assert json.loads((out / "model_index.json").read_text())["expand_timesteps"] is True
 
 
