@@ -339,6 +339,94 @@ class InitConfig:
         check_range(self.min_match, f"{key}.min_match", 0.0, 1.0)
 
 
+LORA_TARGETS = [
+    "blocks.*.attn.q",
+    "blocks.*.attn.k",
+    "blocks.*.attn.v",
+    "blocks.*.attn.o",
+    "blocks.*.cross_attn.q",
+    "blocks.*.cross_attn.k",
+    "blocks.*.cross_attn.v",
+    "blocks.*.cross_attn.o",
+    "blocks.*.mlp.fc1",
+    "blocks.*.mlp.fc2",
+]
+"""The default LoRA targets: the attention projections and FFN linears of every block (the modules
+diffusers' and ComfyUI's Wan/LTX LoRA formats name)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft on a frozen base (``finetune.lora.*``); off while ``rank`` is 0."""
+
+    rank: int = 0
+    """The adapters' rank r (0: no LoRA, every parameter not in ``init.freeze`` trains)."""
+    alpha: float | None = None
+    """Scale numerator: an adapter adds ``alpha / rank · B·A`` (None: alpha = rank, a scale of 1)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (peft's ``lora_dropout``)."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """fnmatch patterns of module names (``blocks.*.attn.q``) that get adapters; each must match at
+    least one ``nn.Linear`` of the model, else an error naming the pattern."""
+    init: str = "default"
+    """How A and B start (peft's ``init_lora_weights``): ``default`` (A Kaiming-uniform, B zero),
+    ``gaussian`` (A normal with std 1/r, B zero), ``pissa`` (the principal singular directions of each
+    base weight move into A and B and out of the base), ``olora`` (a QR factor of each base weight).
+    Every one starts at the base model's function."""
+    lr: float = 0.0
+    """The adapters' learning rate (0: ``train.lr``)."""
+    plus_ratio: float = 1.0
+    """LoRA+: B learns at ``plus_ratio`` × the adapters' learning rate (musubi-tuner's
+    ``loraplus_lr_ratio``; the LoRA+ paper suggests 16). 1 is plain LoRA."""
+
+    INITS: ClassVar[tuple[str, ...]] = ("default", "gaussian", "pissa", "olora")
+
+    def validate(self, key: str = "finetune.lora") -> None:
+        check_range(self.rank, f"{key}.rank", 0)
+        if self.alpha is not None:
+            check_range(self.alpha, f"{key}.alpha", 0.0, open_low=True)
+        check_range(self.dropout, f"{key}.dropout", 0.0, 1.0, open_high=True)
+        check_choice(self.init, self.INITS, f"{key}.init")
+        check_range(self.lr, f"{key}.lr", 0.0)
+        check_range(self.plus_ratio, f"{key}.plus_ratio", 0.0, open_low=True)
+        if self.rank > 0 and not self.targets:
+            raise ValueError(f"{key}.targets is empty: name the modules that get adapters")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, the factor on every adapter's B·A."""
+        return (self.alpha if self.alpha is not None else self.rank) / max(self.rank, 1)
+
+
+@dataclass
+class FinetuneConfig:
+    """Parameter-efficient and memory-lean fine-tuning of a (usually pretrained, ``init.from``) base."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    base_dtype: str = "fp32"
+    """How the frozen base's weights are stored: ``fp32``, ``bf16`` (half the memory; the matmuls run in
+    bf16 as they do under bf16 autocast anyway) or ``fp8`` (float8_e4m3fn storage with a per-tensor
+    scale, dequantised to bf16 for each matmul: a quarter of fp32). Adapters, their gradients, optimizer
+    states and EMA stay fp32. Needs ``finetune.lora.rank`` > 0 or ``init.freeze`` (only frozen weights
+    are stored so)."""
+    block_swap: int = 0
+    """Hold the frozen base weights of this many blocks (the last ones) in pinned host memory and copy
+    each onto the GPU just before it runs, forward and backward (musubi-tuner's ``blocks_to_swap``): for
+    bases larger than the GPU. Single-GPU or data-parallel without sharding; with FSDP sharding use
+    ``parallel.cpu_offload`` instead."""
+
+    BASE_DTYPES: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "fp8")
+
+    def validate(self, key: str = "finetune") -> None:
+        self.lora.validate(f"{key}.lora")
+        check_choice(self.base_dtype, self.BASE_DTYPES, f"{key}.base_dtype")
+        check_range(self.block_swap, f"{key}.block_swap", 0)
+
+
 @dataclass
 class JobConfig:
     """The whole training job."""
@@ -356,9 +444,10 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     SECTIONS: ClassVar[tuple[str, ...]] = (
-        "run", "data", "train", "eval", "parallel", "checkpoint", "logging", "sample", "init",
+        "run", "data", "train", "eval", "parallel", "checkpoint", "logging", "sample", "init", "finetune",
     )  # fmt: skip
     """The sections with a ``validate(key)`` of their own; ``model.arch`` checks itself when it is built,
     and :meth:`validate` checks the two ranges of ``diffusion`` (``dit/`` does not import these
@@ -431,6 +520,17 @@ def cross_field_errors(cfg: JobConfig) -> list[str]:
             "(a directory, glob or list of val-*.tar) or eval.every=0"
         )
     errors += _sample_metric_errors(cfg)
+    ft = cfg.finetune
+    if ft.base_dtype != "fp32" and not (ft.lora.enabled or cfg.init.freeze):
+        errors.append(
+            f"finetune.base_dtype={ft.base_dtype} stores the frozen base, but nothing is frozen: set "
+            "finetune.lora.rank (LoRA) or init.freeze, or finetune.base_dtype=fp32"
+        )
+    if ft.block_swap and not (ft.lora.enabled or cfg.init.freeze):
+        errors.append(
+            f"finetune.block_swap={ft.block_swap} swaps the frozen base's blocks, but nothing is frozen: "
+            "set finetune.lora.rank (LoRA) or init.freeze, or finetune.block_swap=0"
+        )
     if cfg.logging.sample_every > 0 and cfg.data.codec.startswith("latents:"):
         errors.append(
             f"logging.sample_every={cfg.logging.sample_every}: data.codec={cfg.data.codec!r} only declares "
@@ -573,6 +673,11 @@ RESUME_FIXED = (
     "diffusion.zero_terminal_snr",
     "data.codec",
     "data.text_encoder",
+    # an adapter checkpoint holds A and B of these shapes and scale, on these modules, from this start
+    "finetune.lora.rank",
+    "finetune.lora.alpha",
+    "finetune.lora.targets",
+    "finetune.lora.init",
 )
 
 

@@ -65,6 +65,11 @@ class ParallelConfig:
     ``selective`` (every block, keeping the attention kernels' outputs and log-sum-exp: backward
     recomputes only the linears and element-wise work, not attention, the larger part of the FLOPs of
     long videos; saves a little less memory than ``full``)."""
+    activation_offload: bool = False
+    """Keep the activations saved for backward in host memory (pinned, copied asynchronously) instead of
+    on the GPU (``torch.autograd.graph.save_on_cpu``): trades PCIe traffic for activation memory, e.g. a
+    LoRA of a 14B base on a 24-48 GB GPU. Combines with ``activation_checkpointing`` (then only the
+    checkpointed blocks' inputs are offloaded)."""
     compile: bool = False
     """``torch.compile`` each block (after checkpointing, before FSDP, as torchtitan); ``engine=fsdp``."""
     cpu_offload: bool = False
