@@ -1,0 +1,161 @@
+"""launch.lora: peft LoRA injection on a plain SpacetimeDiT, adapter export forms, low-precision bases."""
+
+import pytest
+import torch
+from torch import nn
+
+from dit.config import get_preset
+from dit.model import SpacetimeDiT
+from launch.config import LORA_TARGETS, LoraConfig
+from launch.lora import apply_lora, is_adapter
+from tests.dit.helpers import inputs, random_model
+
+CFG = get_preset("tiny")
+
+
+def _base(seed: int = 0) -> SpacetimeDiT:
+    # random weights everywhere (adaLN-Zero would make every block the identity and hide the adapters)
+    return random_model(CFG, seed=seed)
+
+
+def _out(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    x, t, kw = inputs(CFG, b=2, t=2, h=4, w=4, text_len=5, seed=seed)
+    with torch.no_grad():
+        return model(x, t, **kw)
+
+
+def _lora(init: str = "default", rank: int = 4, alpha: float | None = 8.0, **kw) -> LoraConfig:
+    return LoraConfig(rank=rank, alpha=alpha, init=init, **kw)
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora"])
+def test_fresh_lora_model_equals_base(init):
+    """Every init starts at the base's function: B = 0 (default, gaussian), or the base weight is
+    factored so W_res + scale·B0·A0 = W (pissa, olora)."""
+    model = _base()
+    ref = _out(model)
+    apply_lora(model, _lora(init))
+    q = model.blocks[0].attn.q
+    b = q.lora_B["default"].weight
+    if init in ("default", "gaussian"):
+        assert torch.equal(b, torch.zeros_like(b))
+        assert q.lora_A["default"].weight.abs().sum() > 0
+        torch.testing.assert_close(_out(model), ref, rtol=0, atol=0)
+    else:
+        assert b.abs().sum() > 0  # the principal directions moved into the adapters ...
+        w0 = _base().blocks[0].attn.q.weight
+        assert (q.base_layer.weight - w0).abs().max() > 1e-3  # ... and out of the base
+        torch.testing.assert_close(_out(model), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_resolve_to_exactly_the_intended_modules():
+    model = _base()
+    report = apply_lora(model, _lora(targets=list(LORA_TARGETS)))
+    parts = [f"{a}.{p}" for a in ("attn", "cross_attn") for p in "qkvo"] + ["mlp.fc1", "mlp.fc2"]
+    want = [f"blocks.{i}.{p}" for i in range(CFG.depth) for p in parts]
+    assert sorted(report.modules) == sorted(want)
+    assert len(report.modules) == 20
+    # the state-dict names are peft's; nothing outside the blocks (t_proj, final.linear) is adapted
+    sd = model.state_dict()
+    assert {"blocks.0.attn.q.base_layer.weight", "blocks.0.attn.q.base_layer.bias"} <= sd.keys()
+    assert sd["blocks.0.attn.q.lora_A.default.weight"].shape == (4, CFG.hidden_size)
+    assert sd["blocks.1.mlp.fc2.lora_B.default.weight"].shape == (CFG.hidden_size, 4)
+    assert "final.linear.weight" in sd and "t_proj.1.weight" in sd
+    # only the adapters train, and their count is r·(in + out) per module
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {k for k in sd if is_adapter(k)} and len(trainable) == 40
+    want_count = sum(4 * (m.in_features + m.out_features) for m in (model.get_submodule(n) for n in want))
+    assert report.trainable == want_count
+    assert report.total == sum(p.numel() for p in model.parameters())
+    assert "20 modules" in report.summary() and f"{want_count:,}" in report.summary()
+
+
+def test_a_narrow_pattern_adapts_only_its_modules():
+    model = _base()
+    report = apply_lora(model, _lora(targets=["blocks.1.attn.[qv]"]))
+    assert report.modules == ["blocks.1.attn.q", "blocks.1.attn.v"]
+    assert isinstance(model.blocks[0].attn.q, nn.Linear) and not hasattr(model.blocks[0].attn.q, "lora_A")
+
+
+def test_unmatched_pattern_is_an_error_naming_key_and_pattern():
+    model = _base()
+    want = r"finetune\.lora\.targets.*'blocks\.\*\.attn\.to_q'.*blocks\.0\.attn\.q"
+    with pytest.raises(ValueError, match=want):
+        apply_lora(model, _lora(targets=["blocks.*.attn.q", "blocks.*.attn.to_q"]))
+    # a pattern that names a module which is not a linear is no target either
+    with pytest.raises(ValueError, match="'blocks.*.attn'"):
+        apply_lora(_base(), _lora(targets=["blocks.*.attn"]))
+
+
+def test_seeded_same_bits_and_caller_rng_untouched():
+    a, b, c = _base(), _base(), _base()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    apply_lora(a, _lora(), seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    apply_lora(b, _lora(), seed=5)
+    apply_lora(c, _lora(), seed=6)
+    ka = {k: v for k, v in a.state_dict().items() if "lora_A" in k}
+    for k, v in ka.items():
+        assert torch.equal(v, b.state_dict()[k])
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in ka.items())
+
+
+def test_dropout_zero_is_identity_and_positive_is_dropout():
+    a, b = _base(), _base()
+    apply_lora(a, _lora())
+    apply_lora(b, _lora(dropout=0.1))
+    assert isinstance(a.blocks[0].mlp.fc1.lora_dropout["default"], nn.Identity)
+    assert isinstance(b.blocks[0].mlp.fc1.lora_dropout["default"], nn.Dropout)
+
+
+def test_meta_build_has_the_same_names_shapes_and_trainability():
+    cpu = _base()
+    apply_lora(cpu, _lora("pissa"))
+    with torch.device("meta"):
+        meta = SpacetimeDiT(CFG)
+    apply_lora(meta, _lora("pissa"))
+    ps = dict(meta.named_parameters())
+    assert all(p.is_meta for p in ps.values())
+    assert {k: (v.shape, v.requires_grad) for k, v in ps.items()} == {
+        k: (v.shape, v.requires_grad) for k, v in cpu.named_parameters()
+    }
+    assert meta.state_dict().keys() == cpu.state_dict().keys()
+    # the FSDP engine's way: materialise and load the CPU model's full state
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(cpu.state_dict())
+    torch.testing.assert_close(_out(meta), _out(cpu), rtol=0, atol=0)
+
+
+def test_only_adapters_get_gradients_and_training_changes_the_output():
+    model = _base()
+    ref = _out(model)
+    apply_lora(model, _lora())
+    x, t, kw = inputs(CFG, b=2, t=2, h=4, w=4, text_len=5)
+    model(x, t, **kw).square().mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(is_adapter(n) for n in grads)
+    assert model.blocks[0].attn.q.lora_B["default"].weight.grad.abs().sum() > 0
+    # B moves → the function moves
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= 0.1 * p.grad
+    assert (_out(model) - ref).abs().max() > 1e-4
+
+
+def test_apply_twice_and_rank_zero_are_errors():
+    model = _base()
+    with pytest.raises(ValueError, match=r"finetune\.lora\.rank=0"):
+        apply_lora(model, LoraConfig())
+    apply_lora(model, _lora())
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(model, _lora())
+
+
+def test_is_adapter_by_path_segment():
+    assert is_adapter("blocks.0.attn.q.lora_A.default.weight")
+    assert is_adapter("_orig_mod.blocks.0.attn.q.lora_B.weight")
+    assert not is_adapter("blocks.0.attn.q.base_layer.weight")
+    assert not is_adapter("blocks.0.lora_Ax.weight")
+    assert not is_adapter("final.linear.weight")
