@@ -15,7 +15,9 @@ adapter name (:func:`adapter_state`) or merged into the base (:func:`merged_stat
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from launch.config import LoraConfig
 
@@ -160,6 +163,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
         raise RuntimeError(f"peft adapted {sorted(set(got) ^ set(names))[:5]} differently from the targets")
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter(name))
+        if is_adapter(name) and p.dtype != torch.float32:
+            # peft gives the adapters the base layer's dtype; they train in fp32 whatever the base is
+            p.data = p.data.float()
+    model.lora_config = copy.deepcopy(cfg)  # adapter_state reads the init and scale from here
     if not meta and cfg.init in MUTATING_INITS:
         # the starting adapters are needed to turn the trained ones into adapters of the original base
         model.lora_initial = {k: v.detach().float().clone().cpu() for k, v in _peft_adapters(model).items()}
@@ -185,13 +192,15 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     the reference of the "LoRA had no effect" check. For pissa/olora the base is then the residual
     W_res, not the original weights."""
     layers = list(lora_modules(model).values())
+    # peft's flag itself rather than enable_adapters(), which also flips the adapters' requires_grad
+    # (FSDP2 and the optimizer hold those parameters; the block must leave nothing changed)
     for m in layers:
-        m.enable_adapters(False)
+        m._disable_adapters = True
     try:
         yield
     finally:
         for m in layers:
-            m.enable_adapters(True)
+            m._disable_adapters = False
 
 
 def _full(t: Tensor) -> Tensor:
@@ -207,3 +216,212 @@ def initial_adapters(model: nn.Module) -> dict[str, Tensor] | None:
     """The adapters as pissa/olora initialised them (peft names, fp32, CPU), kept by :func:`apply_lora`
     on ``model.lora_initial``; None for the other inits (their B starts at zero)."""
     return getattr(model, "lora_initial", None)
+
+
+def _plain(name: str) -> str:
+    """Our plain name of a peft state name: ``...q.base_layer.weight`` → ``...q.weight``,
+    ``...q.lora_A.default.weight`` → ``...q.lora_A.weight``."""
+    parts = name.split(".")
+    out = [
+        p
+        for i, p in enumerate(parts)
+        if p != "base_layer" and not (p == ADAPTER and i and is_adapter(parts[i - 1]))
+    ]
+    return ".".join(out)
+
+
+def adapter_state_from(
+    state: dict[str, Tensor], cfg: LoraConfig, initial: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """The adapters of a peft-named state dict (a checkpoint's) in plain names, ready for other tools.
+
+    Each adapted module ``M`` gives ``M.lora_A.weight`` (r × in) and ``M.lora_B.weight`` (out × r), fp32,
+    with the scale ``alpha / rank`` already multiplied into B: a loader that assumes alpha = rank (no
+    ``.alpha`` key, or one equal to the rank) then adds exactly ``B·A``, which is what the model added.
+
+    For pissa/olora the trained model is ``W_res + s·B·A`` with ``W_res = W − s·B0·A0``, so relative to
+    the published base W it adds ``s·(B·A − B0·A0) = [s·B, −s·B0] · [A; A0]``: adapters of rank 2r
+    (peft's own conversion, ``save_pretrained(path_initial_model_for_weight_conversion=…)``) that apply to
+    the base as published.
+
+    Args:
+        state: peft-named tensors (``...lora_A.default.weight``); base weights in it are ignored.
+        cfg: the run's ``finetune.lora`` (its scale and init).
+        initial: for pissa/olora, the adapters as initialised (peft names, :func:`initial_adapters` of a
+            model built from the same base with :func:`apply_lora`); unused otherwise.
+    """
+    mutating = cfg.init in MUTATING_INITS
+    if mutating and initial is None:
+        raise ValueError(
+            f"finetune.lora.init={cfg.init} moved part of the base into the adapters: converting them to "
+            "adapters of the original base needs the initial adapters (apply_lora on the init.from base)"
+        )
+    plain_initial = {_plain(k): _full(v).float() for k, v in (initial or {}).items() if is_adapter(k)}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not is_adapter(key):
+            continue
+        name, t = _plain(key), _full(value).detach().float()
+        is_b = ".lora_B." in f".{name}"
+        t = t * cfg.scale if is_b else t.clone()
+        if mutating:
+            if name not in plain_initial:
+                raise ValueError(f"the initial adapters have no {name} (another base or targets?)")
+            t0 = plain_initial[name]
+            t = torch.cat([t, -cfg.scale * t0], dim=1) if is_b else torch.cat([t, t0], dim=0)
+        out[name] = t.contiguous()
+    return out
+
+
+def adapter_state(model: nn.Module, initial: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """:func:`adapter_state_from` of a live LoRA model (``model.lora_config``, set by :func:`apply_lora`).
+
+    Args:
+        model: a model adapted by :func:`apply_lora` (DTensor shards are gathered).
+        initial: pissa/olora's initial adapters; default: those :func:`apply_lora` kept on ``model``
+            (a meta/FSDP build keeps none: pass them from the CPU build).
+    """
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("adapter_state: the model has no LoRA adapters (apply_lora was not called)")
+    return adapter_state_from(
+        _peft_adapters(model), cfg, initial if initial is not None else initial_adapters(model)
+    )
+
+
+def _weight_fp32(module: nn.Module) -> Tensor:
+    w = _full(module.weight).detach()
+    return w.float() * _full(module.weight_scale).float() if isinstance(module, Fp8Linear) else w.float()
+
+
+def merged_state(model: nn.Module) -> dict[str, Tensor]:
+    """The plain model's state dict (no ``base_layer``, no adapters), fp32, with ``scale · B·A`` added
+    to each adapted weight: it loads into a plain ``SpacetimeDiT`` of the same ``DiTConfig`` (strict)
+    that computes what the LoRA model computes. A bf16/fp8 base is dequantised first (the merged
+    model is fp32; casting it down is the exporter's choice).
+    """
+    lora = lora_modules(model)
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if is_adapter(key) or key.endswith(".weight_scale"):
+            continue
+        out[_plain(key)] = _full(value).detach().float().clone()
+    for name, m in fp8.items():
+        out[_plain(f"{name}.weight")] = _weight_fp32(m)
+    for name, m in lora.items():
+        a = _full(m.lora_A[ADAPTER].weight).detach().float()
+        b = _full(m.lora_B[ADAPTER].weight).detach().float()
+        out[f"{name}.weight"] += m.scaling[ADAPTER] * (b @ a)  # out × in
+    return out
+
+
+class Fp8Linear(nn.Module):
+    """A frozen linear stored in float8_e4m3fn with one fp32 scale per tensor (``finetune.base_dtype=fp8``).
+
+    The scale is a power of two (the smallest with ``|W| / scale ≤ 448``, e4m3's largest value): e4m3 is
+    floating point, so its relative precision (3 mantissa bits) is the same at any scale, and a power of
+    two multiplies exactly in bf16 too. The forward dequantises to the input's dtype (bf16 under
+    autocast, where the matmul runs anyway): the only full-width copy is that transient one per layer.
+    The weight stays an ``nn.Parameter`` (frozen) so FSDP shards it like any other.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        w = torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.register_buffer("weight_scale", torch.ones((), device=device))
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        """Quantise ``linear`` (values are skipped on meta)."""
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device)
+        if w.is_meta:
+            return m
+        amax = w.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / torch.finfo(torch.float8_e4m3fn).max)))
+        m.weight.copy_((w.detach().float() / scale).to(torch.float8_e4m3fn))
+        m.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3"
+
+
+def _frozen_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    # exactly nn.Linear: Fp32Linear (time embedding, modulation, output head) computes in fp32 on
+    # purpose and is a sliver of the parameters; so are the norms, tables and embeddings left alone
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()) and not is_adapter(n)
+    ]
+
+
+def store_base(model: nn.Module, base_dtype: str) -> None:
+    """Store the frozen base in low precision, in place (``finetune.base_dtype``); adapters stay fp32.
+
+    What changes: every frozen plain ``nn.Linear`` (the blocks' projections and FFN, the text and patch
+    projections: nearly all of a DiT's parameters). ``bf16`` casts their weight and bias; ``fp8`` swaps
+    each for an :class:`Fp8Linear` (torch's float8_e4m3fn, no torchao). The fp32-compute layers (time
+    embedding, modulation, output head, norms) stay fp32 as they are: they are tiny and enter fp32
+    arithmetic. Both need the forward under bf16 autocast (the training engine's), which casts the
+    matmul inputs to one dtype; call after :func:`apply_lora` (pissa/olora factor the fp32 weights).
+
+    Args:
+        model: the model (CPU, or meta: dtypes and modules change, no values).
+        base_dtype: ``fp32`` (nothing), ``bf16`` or ``fp8``.
+    """
+    if base_dtype == "fp32":
+        return
+    if base_dtype not in ("bf16", "fp8"):
+        raise ValueError(f"finetune.base_dtype={base_dtype!r}: expected fp32, bf16 or fp8")
+    targets = _frozen_linears(model)
+    if not targets:
+        raise ValueError(
+            f"finetune.base_dtype={base_dtype}: no frozen linear to store "
+            "(set finetune.lora.rank or init.freeze)"
+        )
+    for name, linear in targets:
+        if base_dtype == "bf16":
+            linear.to(torch.bfloat16)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear.from_linear(linear))
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 (hex) of the plain model's state: for each state-dict entry in sorted name order, its name,
+    dtype, shape and raw bytes.
+
+    Identifies the base a LoRA run was trained on (its checkpoints hold the adapters only). Call it on the
+    CPU model right after ``init.from`` and before :func:`apply_lora` / :func:`store_base` (pissa/olora
+    and a low-precision base change the weights). One pass over the bytes without copies: about the
+    speed of sha256 itself, ~1 GB/s (a minute for a 14B fp32 base).
+    """
+    h = hashlib.sha256()
+    state = model.state_dict()
+    if any(is_adapter(k) or ".base_layer." in k for k in state):
+        raise ValueError(
+            "base_fingerprint: the model has LoRA adapters; fingerprint the base before apply_lora"
+        )
+    for name in sorted(state):
+        t = _full(state[name]).detach()
+        if t.is_meta:
+            raise ValueError(f"base_fingerprint: {name} is on the meta device (no values to hash)")
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

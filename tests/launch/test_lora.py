@@ -7,7 +7,18 @@ from torch import nn
 from dit.config import get_preset
 from dit.model import SpacetimeDiT
 from launch.config import LORA_TARGETS, LoraConfig
-from launch.lora import apply_lora, is_adapter
+from launch.lora import (
+    Fp8Linear,
+    adapter_state,
+    adapter_state_from,
+    adapters_disabled,
+    apply_lora,
+    base_fingerprint,
+    initial_adapters,
+    is_adapter,
+    merged_state,
+    store_base,
+)
 from tests.dit.helpers import inputs, random_model
 
 CFG = get_preset("tiny")
@@ -159,3 +170,159 @@ def test_is_adapter_by_path_segment():
     assert not is_adapter("blocks.0.attn.q.base_layer.weight")
     assert not is_adapter("blocks.0.lora_Ax.weight")
     assert not is_adapter("final.linear.weight")
+
+
+def _train_adapters(model: nn.Module, seed: int = 1) -> None:
+    """Stand-in for training: move every adapter by noise, so B·A ≠ B0·A0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p += 0.05 * torch.randn(p.shape, generator=g)
+
+
+def _plain_model(state: dict) -> SpacetimeDiT:
+    with torch.device("meta"):
+        plain = SpacetimeDiT(CFG)
+    plain.to_empty(device="cpu")
+    plain.load_state_dict(state)  # strict: the names are exactly the plain model's
+    return plain
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_merged_state_loads_into_a_plain_model_that_computes_the_lora_model(init):
+    model = _base()
+    apply_lora(model, _lora(init))
+    _train_adapters(model)
+    merged = merged_state(model)
+    assert all(v.dtype == torch.float32 for v in merged.values())
+    assert not any(is_adapter(k) or "base_layer" in k for k in merged)
+    want = _out(model)
+    torch.testing.assert_close(_out(_plain_model(merged)), want, rtol=1e-5, atol=1e-5)
+    with adapters_disabled(model):  # the guard's reference: the base alone differs from the trained model
+        assert (_out(model) - want).abs().max() > 1e-3
+    assert model.blocks[0].attn.q.lora_B["default"].weight.requires_grad
+
+
+@pytest.mark.parametrize("init", ["default", "pissa", "olora"])
+def test_adapter_state_applies_to_the_original_base(init):
+    """What a loader with alpha = rank does with our file (W + B·A) onto the base as published gives the
+    trained LoRA model; for pissa/olora that needs peft's conversion to rank 2r."""
+    original = _base()
+    model = _base()
+    apply_lora(model, _lora(init, rank=4, alpha=2.0))
+    _train_adapters(model)
+    ad = adapter_state(model)
+    rank = 8 if init != "default" else 4
+    assert ad["blocks.0.attn.q.lora_A.weight"].shape == (rank, CFG.hidden_size)
+    assert ad["blocks.0.mlp.fc2.lora_B.weight"].shape == (CFG.hidden_size, rank)
+    assert len(ad) == 40 and all(v.dtype == torch.float32 for v in ad.values())
+    state = original.state_dict()
+    for key in ad:
+        if ".lora_A." in key:
+            module = key.removesuffix(".lora_A.weight")
+            state[f"{module}.weight"] = state[f"{module}.weight"] + ad[f"{module}.lora_B.weight"] @ ad[key]
+    torch.testing.assert_close(_out(_plain_model(state)), _out(model), rtol=1e-5, atol=1e-5)
+    # a checkpoint's peft-named state gives the same file
+    from_ckpt = adapter_state_from(model.state_dict(), model.lora_config, initial_adapters(model))
+    assert from_ckpt.keys() == ad.keys() and all(torch.equal(from_ckpt[k], ad[k]) for k in ad)
+
+
+def test_pissa_conversion_needs_the_initial_adapters():
+    model = _base()
+    apply_lora(model, _lora("pissa"))
+    with pytest.raises(ValueError, match=r"finetune\.lora\.init=pissa"):
+        adapter_state_from(model.state_dict(), model.lora_config, None)
+    assert initial_adapters(_lora_model("default")) is None
+
+
+def _lora_model(init: str = "default") -> SpacetimeDiT:
+    model = _base()
+    apply_lora(model, _lora(init))
+    _train_adapters(model)
+    return model
+
+
+def _autocast_out(model: nn.Module) -> torch.Tensor:
+    """The forward as the training engine runs it (bf16 autocast; CPU's stands in for CUDA's)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _out(model).float()
+
+
+def test_bf16_base_under_autocast_computes_what_the_fp32_base_does():
+    """Autocast casts each fp32 weight to bf16 for the matmul anyway, so a bf16-stored base changes no
+    result. Only a GPU confirms CUDA autocast's kernels and the memory saved there."""
+    ref = _lora_model()
+    model = _lora_model()
+    store_base(model, "bf16")
+    q = model.blocks[0].attn.q
+    assert q.base_layer.weight.dtype == torch.bfloat16 and q.base_layer.bias.dtype == torch.bfloat16
+    assert q.lora_A["default"].weight.dtype == torch.float32  # adapters stay fp32
+    assert model.final.linear.weight.dtype == torch.float32  # fp32-compute layers stay fp32
+    assert model.t_proj[1].weight.dtype == torch.float32
+    torch.testing.assert_close(_autocast_out(model), _autocast_out(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_base_under_autocast_and_merge():
+    """fp8 storage: e4m3 weights with a power-of-two per-tensor scale, dequantised to the input dtype.
+    Only a GPU confirms the CUDA autocast path and the memory; the arithmetic is the same."""
+    ref = _lora_model()
+    model = _lora_model()
+    w0 = model.blocks[0].mlp.fc1.base_layer.weight.detach().clone()
+    store_base(model, "fp8")
+    fc1 = model.blocks[0].mlp.fc1.base_layer
+    assert isinstance(fc1, Fp8Linear) and fc1.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(model.text_proj.fc1, Fp8Linear)  # frozen, not adapted: stored so too
+    scale = fc1.weight_scale.item()
+    assert scale == 2.0 ** round(torch.log2(torch.tensor(scale)).item())
+    assert w0.abs().max() / scale <= 448 and w0.abs().max() / scale > 224
+    deq = fc1.weight.float() * scale
+    normal = w0.abs() > 2.0**-6 * scale  # e4m3's normal range: 3 mantissa bits, error ≤ 2^-4 relative
+    assert ((deq - w0).abs()[normal] <= 2.0**-4 * w0.abs()[normal]).all()
+    assert (deq != w0).any()
+    assert model.blocks[0].mlp.fc1.lora_B["default"].weight.dtype == torch.float32
+    out, want = _autocast_out(model), _autocast_out(ref)
+    assert (out - want).abs().max() < 0.1 * want.abs().max()
+    # the adapters still learn through the fp8 base
+    x, t, kw = inputs(CFG, b=2, t=2, h=4, w=4, text_len=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, **kw).float().square().mean().backward()
+    assert model.blocks[1].attn.q.lora_A["default"].weight.grad.abs().sum() > 0
+    assert fc1.weight.grad is None
+    # merged: the dequantised base plus the adapters, a plain fp32 model computing what this one does
+    torch.testing.assert_close(_out(_plain_model(merged_state(model))), _out(model), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_meta_build_loads_the_cpu_models_state():
+    cpu = _lora_model()
+    store_base(cpu, "fp8")
+    with torch.device("meta"):
+        meta = SpacetimeDiT(CFG)
+    apply_lora(meta, _lora())
+    store_base(meta, "fp8")
+    assert {k: (v.dtype, v.shape) for k, v in meta.state_dict().items()} == {
+        k: (v.dtype, v.shape) for k, v in cpu.state_dict().items()
+    }
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(cpu.state_dict())
+    torch.testing.assert_close(_out(meta), _out(cpu), rtol=0, atol=0)
+
+
+def test_store_base_without_frozen_linears_is_an_error():
+    with pytest.raises(ValueError, match=r"finetune\.base_dtype=bf16"):
+        store_base(_base(), "bf16")
+
+
+def test_base_fingerprint_identifies_the_base_bits():
+    a, b = _base(seed=0), _base(seed=0)
+    fa = base_fingerprint(a)
+    assert len(fa) == 64 and int(fa, 16) >= 0
+    assert base_fingerprint(b) == fa  # same bits, same fingerprint
+    with torch.no_grad():
+        w = b.blocks[1].mlp.fc2.weight
+        w.view(-1)[7] = torch.nextafter(w.view(-1)[7], torch.tensor(1.0))  # one ulp of one weight
+    assert base_fingerprint(b) != fa
+    assert base_fingerprint(_base(seed=0).to(torch.bfloat16)) != fa  # the dtype is part of it
+    apply_lora(a, _lora())
+    with pytest.raises(ValueError, match="before apply_lora"):
+        base_fingerprint(a)
