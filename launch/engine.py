@@ -28,8 +28,9 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from dit.diffusion import Objective
@@ -56,6 +57,11 @@ class Engine(Protocol):
     sched: LRScheduler
     n_params: int
     """Parameters of the whole model, however they are split over ranks."""
+    n_trainable: int
+    """Of them, those that train (all but ``init.freeze``'s, or a LoRA run's adapters)."""
+    base: dict | None
+    """A LoRA run's base model (``{"init_from": …, "fingerprint": …}``, see :class:`BaseRecord`;
+    the fingerprint on the rank that built the initial weights); None in full training."""
 
     def forward_module(self) -> nn.Module:
         """What the training forward calls (the model, or a wrapper that owns its hooks)."""
@@ -153,6 +159,9 @@ class FsdpEngine:
     rank: int = 0
     """Global rank (which rank file of a checkpoint is this rank's)."""
     n_params: int = 0
+    n_trainable: int = 0
+    base: dict | None = None
+    """A LoRA run's base (:class:`launch.engine.Engine`): its checkpoints hold the adapters only."""
 
     def forward_module(self) -> nn.Module:
         return self.model
@@ -187,7 +196,14 @@ class FsdpEngine:
         return grad_norm, not bad, lr
 
     def _state(self, ema: EMA | None, step: int) -> dict:
-        msd, osd = get_state_dict(self.model, self.opt)
+        if self.base is None:
+            msd, osd = get_state_dict(self.model, self.opt)
+        else:
+            # a LoRA checkpoint holds the trainable state only: the frozen base is rebuilt from init.from
+            # (base.json); the optimizer and the EMA hold the adapters alone already
+            opts = StateDictOptions(ignore_frozen_params=True)
+            msd, osd = get_state_dict(self.model, self.opt, options=opts)
+            msd = adapters_only(msd)
         return {
             "model": msd,
             "optim": osd,
@@ -204,7 +220,7 @@ class FsdpEngine:
     def resume(self, path: Path, ema: EMA | None) -> tuple[int, dict | None]:
         state = self._state(ema, 0)
         own = ckpt.load(path, state, self.rank)
-        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._set_state(state["model"], state["optim"])
         self.sched.load_state_dict(state["sched"])
         if ema:
             ema.load_state_dict(state["ema"])
@@ -218,9 +234,46 @@ class FsdpEngine:
             own = None
         return int(state["step"]), own
 
+    def _set_state(self, msd: dict, osd: dict) -> None:
+        if self.base is None:
+            set_state_dict(self.model, self.opt, model_state_dict=msd, optim_state_dict=osd)
+            return
+        # the adapters alone: the base stays as built; a missing adapter is an error all the same
+        opts = StateDictOptions(strict=False)
+        keys = set_state_dict(self.model, self.opt, model_state_dict=msd, optim_state_dict=osd, options=opts)
+        missing = adapters_only(dict.fromkeys(keys.missing_keys))
+        if missing or keys.unexpected_keys:
+            raise ValueError(
+                f"the checkpoint's adapters do not fit this model (missing {sorted(missing)[:4]}, "
+                f"unexpected {sorted(keys.unexpected_keys)[:4]}): check finetune.lora.targets"
+            )
 
-def initial_model(cfg: JobConfig) -> nn.Module:
-    """The full initial model on CPU: ``init_weights`` with the job's seed, then ``init.from``."""
+
+def adapters_only(state: dict) -> dict:
+    """The LoRA adapters' items of a model state dict (peft's names, :func:`launch.lora.is_adapter`)."""
+    from launch.lora import is_adapter
+
+    return {k: v for k, v in state.items() if is_adapter(k)}
+
+
+@dataclass
+class BaseRecord:
+    """What a LoRA run's checkpoints say of their frozen base (their ``base.json``): ``init.from`` and
+    :func:`launch.lora.base_fingerprint` of the plain model it built (before the adapters)."""
+
+    init_from: str
+    fingerprint: str | None = None
+    """Set by :func:`initial_model` on the process that builds the initial weights (rank 0 of the
+    FSDP engine, every rank of DeepSpeed's)."""
+
+    def as_dict(self) -> dict:
+        return {"init_from": self.init_from, "fingerprint": self.fingerprint}
+
+
+def initial_model(cfg: JobConfig, base: BaseRecord | None = None) -> nn.Module:
+    """The full initial model on CPU: ``init_weights`` with the job's seed, then ``init.from``; in a
+    LoRA run then its fingerprint (into ``base``), the adapters and the base's storage
+    (:func:`adapt`), so its state dict has the names and dtypes of the meta build's."""
     model = build_model(cfg.model.arch, device="cpu", seed=cfg.seed)
     if cfg.init.from_:
         report = apply_init(
@@ -234,7 +287,56 @@ def initial_model(cfg: JobConfig) -> nn.Module:
             allow_arch_changes=cfg.init.allow_arch_changes,
         )
         log.info("init.from=%s: %s", cfg.init.from_, report.summary())
+    if cfg.finetune.lora.enabled and base is not None:
+        from launch.lora import base_fingerprint
+
+        base.fingerprint = base_fingerprint(model)
+    adapt(model, cfg, quiet=True)
     return model
+
+
+def adapt(model: nn.Module, cfg: JobConfig, quiet: bool = False) -> None:
+    """A LoRA run's adapters (``finetune.lora``, seeded by ``seed``: every build gets the same bits;
+    every other parameter frozen) and the frozen base's storage (``finetune.base_dtype``), in place.
+    The same on the meta build (names and dtypes) and on the CPU initial model (values); nothing in
+    full training without ``finetune.base_dtype``."""
+    ft = cfg.finetune
+    if ft.lora.enabled:
+        from launch.lora import apply_lora
+
+        report = apply_lora(model, ft.lora, seed=cfg.seed)
+        if not quiet:
+            log.info("finetune.lora: %s", report.summary())
+    if ft.base_dtype != "fp32":
+        from launch.lora import store_base
+
+        store_base(model, ft.base_dtype)
+
+
+@torch.no_grad()
+def adapter_delta_norm(start: EMA, scale: float) -> float:
+    """The Frobenius norm, over every adapted module, of what the adapters now add to its base weight
+    beyond what they added at the start: ``scale · (B·A − B₀·A₀)`` (B₀ = 0 for the default and gaussian
+    inits, so ``scale · B·A``). ``start`` is the snapshot of the adapters (an :class:`EMA` of the
+    trainable parameters, never updated); its parameters hold the weights now. Whole matrices are
+    gathered (a collective under FSDP: every rank calls this)."""
+    whole = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).float()  # noqa: E731
+    now = dict(zip(start.names, start.params, strict=True))
+    then = dict(zip(start.names, start.shadow, strict=True))
+    total = torch.zeros((), dtype=torch.float64)
+    for name in start.names:
+        if ".lora_A." not in name:
+            continue
+        b_name = name.replace(".lora_A.", ".lora_B.")
+        a, b, a0, b0 = whole(now[name]), whole(now[b_name]), whole(then[name]), whole(then[b_name])
+        delta = scale * (b @ a - b0 @ a0)  # out × in, the weight's shape
+        total += delta.double().pow(2).sum().cpu()
+    return float(total.sqrt())
+
+
+def num_trainable(model: nn.Module) -> int:
+    """Parameters that train (whole counts, however they are split over ranks)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def freeze_logged(model: nn.Module, patterns: list[str]) -> None:
@@ -248,19 +350,33 @@ def build_fsdp_engine(
     cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh: DeviceMesh | None, bf16: bool
 ) -> FsdpEngine:
     """The model built on meta and parallelized before any weight exists; rank 0 makes the initial
-    weights (:func:`initial_model`) and they are broadcast into every rank's shards."""
+    weights (:func:`initial_model`) and they are broadcast into every rank's shards. A LoRA run's
+    adapters are injected into both (:func:`adapt`) before any parallelism."""
+    lora = cfg.finetune.lora
+    base = BaseRecord(cfg.init.from_ or "") if lora.enabled else None
+    if lora.enabled and not cfg.init.from_ and env.rank == 0:
+        log.warning(
+            "finetune.lora.rank=%d without init.from: the base is a freshly initialised model, whose "
+            "adaLN-Zero gates and output layer are zero and stay frozen, so the adapters get no gradient",
+            lora.rank,
+        )
+
+    def prepare(m: nn.Module) -> None:
+        freeze_logged(m, cfg.init.freeze)
+        adapt(m, cfg)
+
     model = build_parallel_model(
         cfg.model.arch,
         dims,
         mesh,
         cfg.parallel,
-        lambda: initial_model(cfg),
+        lambda: initial_model(cfg, base),
         device=env.device,
         bf16=bf16 and env.device.type == "cuda",
-        prepare=lambda m: freeze_logged(m, cfg.init.freeze),
+        prepare=prepare,
     )
     model.train()
-    opt = build_optimizer(model, cfg.train, env.device)
+    opt = build_optimizer(model, cfg.train, env.device, lora=lora)
     return FsdpEngine(
         model=model,
         opt=opt,
@@ -271,7 +387,30 @@ def build_fsdp_engine(
         bf16=bf16,
         rank=env.rank,
         n_params=num_params(model),
+        n_trainable=num_trainable(model),
+        base=base.as_dict() if base else None,
     )
+
+
+def check_finetune_deepspeed(cfg: JobConfig) -> None:
+    """The ``finetune`` settings the DeepSpeed engine refuses, as errors naming the keys (here, not in
+    :mod:`launch.engine_deepspeed`, so that checking needs no DeepSpeed import)."""
+    ft = cfg.finetune
+    if cfg.parallel.engine != "deepspeed":
+        return
+    if ft.lora.enabled:
+        # ZeRO would partition and checkpoint the whole frozen base with the adapters (its checkpoints
+        # and whole-model files are full ones), and nothing here tests its parity with peft's layers
+        raise ValueError(
+            f"finetune.lora.rank={ft.lora.rank} with parallel.engine=deepspeed: LoRA training (adapter-only "
+            "checkpoints, the base fingerprint) is implemented for parallel.engine=fsdp; use "
+            "parallel.engine=fsdp (FSDP2 shards the frozen base as ZeRO-3 would)"
+        )
+    if ft.base_dtype != "fp32":
+        raise ValueError(
+            f"finetune.base_dtype={ft.base_dtype} with parallel.engine=deepspeed: DeepSpeed keeps one dtype "
+            "for all weights; use parallel.engine=fsdp or finetune.base_dtype=fp32"
+        )
 
 
 def build_engine(
@@ -284,6 +423,7 @@ def build_engine(
         bf16: the run computes in bf16 (``launch.batches.run_bf16``).
     """
     if cfg.parallel.engine == "deepspeed":
+        check_finetune_deepspeed(cfg)  # before DeepSpeed's import
         from launch.engine_deepspeed import build_zero_engine  # imports DeepSpeed: only when asked for
 
         return build_zero_engine(cfg, env, dims, mesh, bf16)

@@ -23,6 +23,9 @@ What differs from the FSDP2 engine, and why:
   weights stay fp32 and are the master weights, the engine's forward runs under bf16 autocast.
 - The EMA averages the module's (fp32) weights, each rank over its part: a ZeRO-3 partition or a
   tensor-parallel slice.
+- LoRA (``finetune.lora.rank`` > 0) and a low-precision frozen base (``finetune.base_dtype``) are
+  refused: the adapter-only checkpoints, the base fingerprint and the parity of ZeRO with peft's
+  frozen base layers are the FSDP engine's (see :func:`check_deepspeed`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from dit.model import num_params
 from launch.config import JobConfig
 from launch.distributed import DistEnv
-from launch.engine import freeze_logged, initial_model, layout_of
+from launch.engine import check_finetune_deepspeed, freeze_logged, initial_model, layout_of, num_trainable
 from launch.optim import EMA, build_optimizer, build_scheduler
 from parallel import checkpoint as ckpt
 from parallel import zero
@@ -68,6 +71,9 @@ class ZeroEngine:
     rank: int = 0
     """Global rank (which rank file of a checkpoint is this rank's)."""
     n_params: int = 0
+    n_trainable: int = 0
+    base: dict | None = None
+    """Always None: LoRA runs are refused here (:func:`check_deepspeed`)."""
 
     @property
     def model(self) -> nn.Module:
@@ -159,6 +165,7 @@ def check_deepspeed(cfg: JobConfig, dims: ParallelDims) -> None:
         raise ValueError(
             "parallel.compile=true needs parallel.engine=fsdp (ZeRO-3 hooks break compiled blocks)"
         )
+    check_finetune_deepspeed(cfg)
 
 
 def build_zero_engine(
@@ -176,6 +183,7 @@ def build_zero_engine(
     model = initial_model(cfg).to(env.device)
     n_params = num_params(model)
     freeze_logged(model, cfg.init.freeze)
+    n_trainable = num_trainable(model)  # whole counts: before the tensor-parallel slicing
     apply_megatron_tp(model, groups.tp_group)
     if dims.tp > 1 and p.sequence_parallel and env.rank == 0:
         log.info(
@@ -199,5 +207,5 @@ def build_zero_engine(
     )
     return ZeroEngine(
         ds=ds, opt=opt, groups=groups, dims=dims, device=env.device, bf16=bf16, rank=env.rank,
-        n_params=n_params,
+        n_params=n_params, n_trainable=n_trainable,
     )  # fmt: skip

@@ -10,11 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from dit import mup
-from launch.config import TrainConfig
+from launch.config import LoraConfig, TrainConfig
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    fused: bool | None = None,
+    lora: LoraConfig | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases, norms and embedding tables (1-D or
     named ``*table*``/``*embed*`` vectors), the usual convention from GPT-2 on.
@@ -26,15 +30,26 @@ def build_optimizer(
     Under μP (``model.arch.parametrization=mup``) hidden matrices get ``lr × base/width``
     (:func:`dit.mup.lr_multipliers`); each group records its ``lr_mult``. Weight decay stays coupled
     to each group's learning rate (torch's AdamW), as in the ``mup`` package's MuAdam.
+
+    Args:
+        lora: ``finetune.lora`` of a LoRA run (rank > 0; the model holds peft adapters and only they
+            train): the base learning rate is ``lora.lr`` (0: ``cfg.lr``) and every ``lora_B`` matrix
+            gets ``lr_mult = lora.plus_ratio`` (LoRA+). The μP multipliers name the plain model's
+            weights, so adapters have none of them. Group 0 (the logged lr) is then the A matrices'.
     """
     arch = getattr(model, "cfg", None)
     mults = mup.lr_multipliers(arch) if arch is not None else {}
+    lr = cfg.lr
+    plus = 1.0
+    if lora is not None and lora.enabled:
+        lr, plus = lora.lr or cfg.lr, lora.plus_ratio
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not (p.ndim < 2 or "table" in name)
-        groups.setdefault((decay, mults.get(name, 1.0)), []).append(p)
+        mult = mults.get(name, 1.0) * (plus if ".lora_B." in name else 1.0)
+        groups.setdefault((decay, mult), []).append(p)
     # groups at the base learning rate first: param_groups[0]["lr"] is what the trainer logs as lr
     order = sorted(groups, key=lambda k: (abs(math.log(k[1])), not k[0]))
     return torch.optim.AdamW(
@@ -42,12 +57,12 @@ def build_optimizer(
             {
                 "params": groups[k],
                 "weight_decay": cfg.weight_decay if k[0] else 0.0,
-                "lr": cfg.lr * k[1],
+                "lr": lr * k[1],
                 "lr_mult": k[1],
             }
             for k in order
         ],
-        lr=cfg.lr,
+        lr=lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
         fused=device.type == "cuda" if fused is None else fused,
@@ -82,13 +97,25 @@ class EMA:
 
     ``part(p)`` is the tensor this rank holds of parameter ``p`` (default: ``p`` itself, a DTensor
     shard under FSDP; the ZeRO-3 partition under DeepSpeed, see ``parallel.zero_parts.local_part``).
+
+    ``trainable_only`` (a LoRA run) averages the parameters that train (the adapters) and nothing of the
+    frozen base, whose average would be itself. Full training averages every parameter, frozen ones
+    (``init.freeze``) included, as its checkpoints always held. An EMA that is never updated is a
+    snapshot of the weights it was made with, which :meth:`swapped_in` can put back.
     """
 
-    def __init__(self, model: nn.Module, decay: float, part: Callable[[nn.Parameter], Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        part: Callable[[nn.Parameter], Tensor] | None = None,
+        trainable_only: bool = False,
+    ):
         self.decay = decay
         self.part = part or (lambda p: p)
-        self.names = [n for n, p in model.named_parameters()]
-        self.params = [p for p in model.parameters()]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.shadow = [self.part(p).detach().clone().float() for p in self.params]
         # one foreach per mesh: a foreach op cannot mix meshes, or DTensors and plain tensors (see
         # parallel.grads for when a model's parameters do)

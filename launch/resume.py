@@ -1,8 +1,10 @@
 """What a run directory allows a starting trainer: one writer (its lock) and a resume only of what
-its checkpoint was trained as (the same engine, architecture and objective)."""
+its checkpoint was trained as (the same engine, architecture and objective; for a LoRA run, adapters
+on the same base)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -11,6 +13,9 @@ from launch.config import JobConfig, resume_differences
 from launch.distributed import DistEnv, all_reduce
 from launch.runlock import RunDirLocked, RunLock
 from parallel import checkpoint as ckpt
+
+BASE_FILE = "base.json"
+"""A LoRA checkpoint's record of its frozen base: ``{"init_from": path, "fingerprint": sha256}``."""
 
 
 class ResumeRefused(ValueError):
@@ -43,6 +48,7 @@ def check_resumable(found: Path, cfg: JobConfig, run_dir: Path) -> None:
             f"parallel.engine={cfg.parallel.engine}: their optimizer states differ. Keep the engine, or "
             f"start a new run (another run.dir) with init.from={found} (weights only)"
         )
+    check_kind(found, cfg)
     ref = found / "config.yaml" if (found / "config.yaml").is_file() else run_dir / "config.yaml"
     if not ref.is_file():
         return
@@ -58,3 +64,55 @@ def check_resumable(found: Path, cfg: JobConfig, run_dir: Path) -> None:
             f"objective. Keep those settings to resume, or start a new run (another run.dir) with "
             f"init.from={found} to train from its weights deliberately"
         )
+
+
+def check_kind(found: Path, cfg: JobConfig) -> None:
+    """A LoRA checkpoint (adapters only, with ``base.json``) resumes a LoRA run, a full one full
+    training; either way round is refused, whatever the saved config says (one written before
+    ``finetune`` existed is not compared by :func:`check_resumable`)."""
+    lora = cfg.finetune.lora
+    if (found / BASE_FILE).is_file() and not lora.enabled:
+        raise ResumeRefused(
+            f"{found} holds LoRA adapters only (it has {BASE_FILE}), and this run has "
+            f"finetune.lora.rank=0 (full training): set finetune.lora.* as that run did to resume it, or "
+            f"start a new run (another run.dir); export it merged (launch.export --merge) to train all "
+            f"weights from it"
+        )
+    if lora.enabled and not (found / BASE_FILE).is_file():
+        raise ResumeRefused(
+            f"{found} is a full-training checkpoint (no {BASE_FILE}), and this run has "
+            f"finetune.lora.rank={lora.rank}: a LoRA run resumes only its own adapter checkpoints. Use "
+            f"another run.dir with init.from={found} to put adapters on its weights"
+        )
+
+
+def check_base(found: Path, base: dict | None, cfg: JobConfig, env: DistEnv) -> None:
+    """Refuse to resume a LoRA checkpoint onto another base: the fingerprint of the base this run
+    built from ``init.from`` (known on rank 0, which built it) against the checkpoint's ``base.json``.
+    A collective: every rank raises, the others pointing at rank 0's message.
+
+    Args:
+        base: the engine's record (:class:`launch.engine.BaseRecord`); None in full training.
+    """
+    error = ""
+    if base is not None and env.is_main:
+        error = _base_error(found, base, cfg)
+    if all_reduce(1.0 if error else 0.0, "max", env.device) > 0:
+        raise ResumeRefused(error or f"{found}: the base differs from its {BASE_FILE} (see rank 0's error)")
+
+
+def _base_error(found: Path, base: dict, cfg: JobConfig) -> str:
+    path = found / BASE_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        want = saved["fingerprint"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: unreadable ({type(e).__name__}: {e}); cannot tell which base its adapters belong to"
+    if want == base["fingerprint"]:
+        return ""
+    return (
+        f"{found} holds adapters trained on another base model: init.from={cfg.init.from_ or '(none)'} "
+        f"now gives a base of fingerprint {base['fingerprint']}, and the checkpoint's was {want} "
+        f"(init.from={saved.get('init_from') or '(none)'}, per {path}). Point init.from at the model the "
+        f"run started from, or start a new run (another run.dir)"
+    )

@@ -31,10 +31,18 @@ from launch import evaluate
 from launch.batches import Conditioner, expect_for, run_bf16, step_seed
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
-from launch.engine import Engine, build_engine, global_samples, layout_of, mean_loss, sample_losses
+from launch.engine import (
+    Engine,
+    adapter_delta_norm,
+    build_engine,
+    global_samples,
+    layout_of,
+    mean_loss,
+    sample_losses,
+)
 from launch.metrics import Metrics, Progress, max_memory_gib
 from launch.optim import EMA
-from launch.resume import ResumeRefused, check_resumable, lock_run_dir
+from launch.resume import BASE_FILE, ResumeRefused, check_base, check_resumable, lock_run_dir
 from launch.runlock import RunDirLocked, RunLock
 from launch.sample import write_mp4
 from parallel import checkpoint as ckpt
@@ -93,6 +101,9 @@ class Trainer:
     flops_cache: dict = field(default_factory=dict)
     lock: RunLock | None = None
     """``run.dir``'s lock (rank 0), released by :meth:`close`."""
+    start: EMA | None = None
+    """A LoRA run's adapters as they started (an EMA never updated): the "no effect" guard's reference
+    (:func:`lora_effect`)."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -152,12 +163,15 @@ class Trainer:
 
     def save(self) -> Path:
         files = {"config.yaml": to_yaml(self.cfg)}
+        if self.engine.base is not None:  # a LoRA checkpoint: the adapters, and which base they are for
+            files[BASE_FILE] = json.dumps(self.engine.base, indent=1)
         root = self.run_dir / "checkpoints"
         path = self.engine.save(root, self.step, self.ema, self.rank_state(), files, self.cfg.checkpoint.keep)
         log.info("saved %s", path)
         return path
 
     def resume(self, path: Path) -> None:
+        check_base(path, self.engine.base, self.cfg, self.env)
         self.step, own = self.engine.resume(path, self.ema)
         if own is not None:
             self.restore_rank_state(own)
@@ -316,12 +330,13 @@ def _build(cfg: JobConfig, env: DistEnv, run_dir: Path) -> Trainer:
     torch.manual_seed(cfg.seed)  # the same global RNG state on every rank, whoever built the weights
     dp_rank = dims.dp_rank(mesh)
     decay = cfg.train.ema_decay
+    lora = engine.base is not None
     return Trainer(
         cfg=cfg,
         env=env,
         dims=dims,
         engine=engine,
-        ema=EMA(engine.model, decay, part=engine.ema_part) if decay > 0 else None,
+        ema=EMA(engine.model, decay, part=engine.ema_part, trainable_only=lora) if decay > 0 else None,
         objective=make_objective(cfg.diffusion),
         conditioner=Conditioner(cfg, env.device),
         loader=build_loader(
@@ -329,6 +344,7 @@ def _build(cfg: JobConfig, env: DistEnv, run_dir: Path) -> Trainer:
         ),
         run_dir=run_dir,
         dp_rank=dp_rank,
+        start=EMA(engine.model, 0.0, part=engine.ema_part, trainable_only=True) if lora else None,
     )
 
 
@@ -348,9 +364,11 @@ def _train(tr: Trainer) -> dict:
     metrics = Metrics(tr.run_dir, env.is_main, dev, cfg.logging.tensorboard, progress)
     signals = Preemption(cfg.run.preempt_signal)
     if env.is_main:
-        n = tr.n_params
+        n, trained = tr.n_params, tr.engine.n_trainable
+        share = f" ({trained:,} trainable, {trained / n:.2%})" if trained != n else ""
         progress.line(
-            f"{cfg.model.preset}: {n:,} parameters, {env.world} process(es) on {dev}; run dir {tr.run_dir}"
+            f"{cfg.model.preset}: {n:,} parameters{share}, {env.world} process(es) on {dev}; run dir "
+            f"{tr.run_dir}"
         )
     held_out = evaluate.held_out_batches(cfg, tr.dp_rank, tr.dims.dp) if cfg.eval.every else None
     score_samples = None
@@ -383,6 +401,8 @@ def _train(tr: Trainer) -> dict:
                 )
                 if score_samples is not None:
                     extra |= _with_ema(tr, lambda: score_samples(metrics))
+                if tr.start is not None:
+                    extra |= _with_ema(tr, lambda: lora_effect(tr, held_out))
             if step % cfg.logging.every == 0 or last:
                 tr.check_finite()  # on the logging schedule, and before every save
                 record = metrics.log(step, extra | {"skipped_steps": tr.skipped})
@@ -449,6 +469,67 @@ def _with_ema(tr: Trainer, fn, use_ema: bool = True):
             return fn()
         finally:
             reshard(tr.model)  # before the swap back: FSDP2 would reuse the gathered EMA weights
+
+
+def lora_effect(tr: Trainer, held_out: evaluate.HeldOut) -> dict[str, float]:
+    """The guard against "my LoRA has no effect", on the weights being validated (the EMA's when there
+    is one), every rank (collectives):
+
+    - ``lora/adapter_norm``: :func:`launch.engine.adapter_delta_norm`, what the adapters add to the
+      base weights (scale·B·A for the default and gaussian inits);
+    - ``lora/output_change``: ‖out − out₀‖ / ‖out₀‖, the model's output on each rank's first held-out
+      batch (the middle time of the validation grid, the validation's noise) against out₀, the same
+      forward with the adapters as they started: the base model's output for every init.
+
+    A warning says so while either is 0 after training started."""
+    cfg, dev = tr.cfg, tr.env.device
+    norm = adapter_delta_norm(tr.start, cfg.finetune.lora.scale)
+    out = _fixed_output(tr, held_out)
+    with tr.start.swapped_in():
+        ref = _fixed_output(tr, held_out)
+    counts = held_out.scored > 0  # a rank with only padding batches adds nothing
+    diff = all_reduce(float((out - ref).pow(2).sum()) if counts else 0.0, "sum", dev)
+    size = all_reduce(float(ref.pow(2).sum()) if counts else 0.0, "sum", dev)
+    change = (diff / size) ** 0.5 if size > 0 else 0.0
+    if tr.step > 0 and (norm == 0 or change == 0) and tr.env.is_main:
+        log.warning(
+            "step %d: the LoRA adapters have not changed the model (lora/adapter_norm=%g, "
+            "lora/output_change=%g): check finetune.lora.lr (or train.lr), finetune.lora.targets and "
+            "finetune.lora.rank",
+            tr.step,
+            norm,
+            change,
+        )
+    return {"lora/adapter_norm": norm, "lora/output_change": change}
+
+
+@torch.no_grad()
+def _fixed_output(tr: Trainer, held_out: evaluate.HeldOut) -> torch.Tensor:
+    """The model's output (fp64, on the host) on this rank's first held-out batch, the middle grid time
+    and the validation's noise of each sample: the same input at every validation."""
+    cfg, model, dev = tr.cfg, tr.model, tr.env.device
+    batch = held_out.batches[0]
+    prep = tr.conditioner(batch, torch.Generator().manual_seed(cfg.seed), train=False)
+    point = cfg.eval.timesteps // 2
+    gens = [torch.Generator().manual_seed(evaluate.noise_seed(cfg.seed, k, point)) for k in batch.key]
+    noise = torch.stack([torch.randn(prep.x0.shape[1:], generator=g) for g in gens]).to(dev)
+    t = evaluate.grid_times(tr.objective, cfg, prep.x0.shape[0], point, dev)
+    seen: list[torch.Tensor] = []
+
+    def forward(*args, **kwargs):
+        out = model(*args, **kwargs)
+        seen.append(out.detach().double().cpu())
+        return out
+
+    was_training = model.training
+    model.eval()  # no adapter dropout
+    try:
+        with tr.engine.autocast():
+            tr.objective.loss(forward, prep.x0, prep.kwargs, noise=noise, t=t)
+    finally:
+        model.train(was_training)
+        reshard(model)  # before a swap: FSDP2 would reuse the gathered weights
+    return seen[0]
 
 
 def write_samples(tr: Trainer, metrics: Metrics) -> None:

@@ -1,0 +1,184 @@
+"""LoRA training (``finetune.lora.*``) through the trainer: adapter-only checkpoints with ``base.json``,
+exact resume after SIGKILL, the loss lowering on a trained base, the "no effect" guard's metrics, the
+optimizer's LoRA / LoRA+ learning rates, an EMA of the adapters only, and the refusals (another base,
+a full checkpoint for a LoRA run and the reverse, DeepSpeed)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dit.model import build_model
+from launch.config import LoraConfig, TrainConfig, load_config
+from parallel import checkpoint as ckpt
+from tests.launch.conftest import (
+    assert_same_losses,
+    losses_by_step,
+    metrics,
+    reference_losses,
+    run,
+    start,
+    train_cmd,
+    wait_for,
+)
+
+TINY = ["model.arch.depth=2", "model.arch.hidden_size=64", "model.arch.ffn_dim=128"]
+LORA = ["finetune.lora.rank=4", "finetune.lora.lr=1e-2", "finetune.lora.plus_ratio=4"]
+
+
+def _base(tmp_path, seed=5):
+    """A stand-in for a pretrained base: the tiny model with every weight perturbed. A freshly
+    initialised DiT is adaLN-Zero (gates and output layer zero): frozen so, no adapter gets a gradient."""
+    arch = load_config(None, TINY).model.arch
+    model = build_model(arch, device="cpu", seed=0)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    out = tmp_path / f"base-{seed}"
+    out.mkdir()
+    save_file(state, out / "model.safetensors")
+    return out, state
+
+
+def _cfg(tmp_path, overrides, *extra):
+    return load_config(None, [f"run.dir={tmp_path / 'run'}", *overrides, "data.num_workers=0", *TINY, *extra])
+
+
+def test_build_optimizer_lora_lr_and_plus_ratio():
+    """Only the adapters train; A at finetune.lora.lr, B at plus_ratio × it, group 0 (the logged lr) A's."""
+    from launch.lora import apply_lora
+    from launch.optim import build_optimizer
+
+    arch = load_config(None, TINY).model.arch
+    model = build_model(arch, device="cpu", seed=0)
+    apply_lora(model, LoraConfig(rank=4, lr=3e-3, plus_ratio=8.0))
+    opt = build_optimizer(
+        model, TrainConfig(lr=1e-4), torch.device("cpu"), lora=LoraConfig(rank=4, lr=3e-3, plus_ratio=8.0)
+    )
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i].split(".")[-3] for i in by_param} == {"lora_A", "lora_B"}
+    assert len(by_param) == sum(1 for n, _ in model.named_parameters() if ".lora_" in n)
+    for i, lr in by_param.items():
+        want = 3e-3 * (8.0 if ".lora_B." in names[i] else 1.0)
+        assert math.isclose(lr, want, rel_tol=1e-12), (names[i], lr)
+    assert math.isclose(opt.param_groups[0]["lr"], 3e-3)
+    # finetune.lora.lr=0 is train.lr
+    opt = build_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"), lora=LoraConfig(rank=4))
+    assert {g["lr"] for g in opt.param_groups} == {1e-4}
+
+
+@pytest.mark.slow
+def test_lora_run_lowers_the_loss_saves_adapters_only_and_resumes_bit_for_bit_after_sigkill(
+    tmp_path, overrides
+):
+    """One uninterrupted LoRA run (the reference: loss, guard metrics, checkpoint contents and size)
+    and one killed by SIGKILL after its first checkpoint and rerun: the same losses and adapters."""
+    base, state = _base(tmp_path)
+    extra = [*TINY, *LORA, f"init.from={base}", "train.steps=8", "checkpoint.every=4", "checkpoint.keep=0"]
+    extra += ["eval.every=4", "eval.batches=1", "train.ema_decay=0.5"]
+    ref_dir = tmp_path / "ref"
+    want = reference_losses(train_cmd(ref_dir, *extra, overrides=overrides), 8)
+
+    recs = metrics(ref_dir)
+    val = {r["step"]: r for r in recs if "val_loss" in r}
+    assert sorted(val) == [4, 8]
+    # the guard: the adapters moved the weights and the output, more with more steps
+    for r in val.values():
+        assert r["lora/adapter_norm"] > 0 and r["lora/output_change"] > 0, r
+    assert val[8]["lora/adapter_norm"] > val[4]["lora/adapter_norm"]
+    assert val[8]["val_loss"] < val[4]["val_loss"], val
+
+    saved = ref_dir / "checkpoints" / "step-00000008"
+    from launch.lora import base_fingerprint
+
+    plain = build_model(load_config(None, TINY).model.arch, device="cpu", seed=0)
+    plain.load_state_dict(state)
+    assert json.loads((saved / "base.json").read_text()) == {
+        "init_from": str(base),
+        "fingerprint": base_fingerprint(plain),
+    }
+    full = ckpt.read_full(saved, {"model", "ema"})
+    for key in ("model", "ema"):  # adapters only, peft's names
+        assert full[key] and all(".lora_A." in k or ".lora_B." in k for k in full[key]), sorted(full[key])[:3]
+    # the tensors: adapters, their two AdamW moments, their EMA (fp32), and the step counters
+    from torch.distributed.checkpoint import FileSystemReader
+
+    n_adapters = sum(v.numel() for v in full["model"].values())
+    tensors = FileSystemReader(str(saved)).read_metadata().state_dict_metadata.values()
+    stored = sum(math.prod(m.size) * 4 for m in tensors if hasattr(m, "size"))
+    assert 16 * n_adapters <= stored <= 16 * n_adapters + 4 * (len(full["model"]) + 1)
+    # a full checkpoint holds 4 fp32 copies of the model (weights, AdamW moments, EMA); DCP's overhead
+    # per tensor weighs on a model this small (the tiny preset's: about 6%)
+    n_base = sum(v.numel() for v in state.values())
+    size = sum(f.stat().st_size for f in saved.iterdir())
+    assert size < 0.25 * 16 * n_base, (size, n_base)
+
+    rd = tmp_path / "killed"
+    killed = start(
+        train_cmd(rd, *extra, overrides=overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    marker = rd / "checkpoints" / "step-00000004" / "COMPLETE"
+    assert wait_for(marker.is_file, killed), "the run ended before its first checkpoint"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert max(losses_by_step(metrics(rd))) < 8
+    proc = run(train_cmd(rd, *extra, overrides=overrides))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_losses(rd, want)
+    again = ckpt.read_full(rd / "checkpoints" / "step-00000008", {"model", "ema"})
+    for key in ("model", "ema"):
+        assert all(torch.equal(again[key][k], v) for k, v in full[key].items())
+
+
+def test_resume_refuses_another_base_and_the_other_kind_of_checkpoint(tmp_path, overrides):
+    """A changed base (its fingerprint), a full checkpoint for a LoRA run and a LoRA one for full
+    training are refused naming what differs; a LoRA trainer's EMA holds the adapters alone."""
+    from launch.resume import ResumeRefused
+    from launch.train import setup
+
+    base, _ = _base(tmp_path)
+    lora = [*LORA, f"init.from={base}", "train.ema_decay=0.9"]
+    tr = setup(_cfg(tmp_path, overrides, *lora))
+    try:
+        assert tr.ema.names and all(".lora_" in n for n in tr.ema.names)
+        assert tr.engine.n_trainable == sum(
+            p.numel() for n, p in tr.model.named_parameters() if ".lora_" in n
+        )
+        saved = tr.checkpoint()
+    finally:
+        tr.close()
+    other, _ = _base(tmp_path, seed=6)
+    with pytest.raises(ResumeRefused, match="another base") as e:
+        setup(_cfg(tmp_path, overrides, *lora[:-2], f"init.from={other}", "train.ema_decay=0.9"))
+    fingerprint = json.loads((saved / "base.json").read_text())["fingerprint"]
+    assert fingerprint in str(e.value) and f"init.from={other}" in str(e.value)
+    with pytest.raises(ResumeRefused, match="holds LoRA adapters only"):
+        setup(_cfg(tmp_path, overrides, f"init.from={base}"))
+
+    full_dir = tmp_path / "full"
+    tr = setup(load_config(None, [f"run.dir={full_dir}", *overrides, "data.num_workers=0", *TINY]))
+    try:
+        tr.checkpoint()
+    finally:
+        tr.close()
+    cfg = load_config(None, [f"run.dir={full_dir}", *overrides, "data.num_workers=0", *TINY, *lora])
+    with pytest.raises(ResumeRefused, match="full-training checkpoint"):
+        setup(cfg)
+
+
+def test_deepspeed_refuses_lora_and_a_low_precision_base_naming_the_keys(overrides):
+    from launch.engine import check_finetune_deepspeed
+
+    cfg = load_config(None, [*overrides, *TINY, *LORA, "parallel.engine=deepspeed"])
+    with pytest.raises(ValueError, match=r"finetune\.lora\.rank=4 with parallel\.engine=deepspeed"):
+        check_finetune_deepspeed(cfg)
+    cfg = load_config(None, [*overrides, *TINY, "init.freeze=[blocks.*]", "finetune.base_dtype=bf16"])
+    check_finetune_deepspeed(cfg)  # the FSDP engine's
+    cfg.parallel.engine = "deepspeed"
+    with pytest.raises(ValueError, match=r"finetune\.base_dtype=bf16 with parallel\.engine=deepspeed"):
+        check_finetune_deepspeed(cfg)
