@@ -19,23 +19,29 @@ import copy
 import fnmatch
 import hashlib
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import peft
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from launch.config import LoraConfig
 
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+
 ADAPTER = "default"
 """peft's adapter name; one adapter per model, so it is dropped from every name we write."""
 
-# path segments under which peft keeps adapter weights (LoraLayer.adapter_layer_names)
-_ADAPTER_PARTS = frozenset(LoraLayer.adapter_layer_names)
+# path segments under which peft keeps adapter weights (peft's LoraLayer.adapter_layer_names, spelled
+# out: importing peft pulls in transformers, seconds that a run without LoRA should not pay)
+_ADAPTER_PARTS = frozenset(
+    ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+)
 
 # our init names → peft's init_lora_weights (True is peft's default: A Kaiming-uniform, B zero)
 _PEFT_INIT: dict[str, bool | str] = {
@@ -142,7 +148,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
     """
     if cfg.rank <= 0:
         raise ValueError(f"finetune.lora.rank={cfg.rank}: apply_lora needs a rank > 0")
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
+    import peft  # here, not at the top: see _ADAPTER_PARTS
+
+    if lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA adapters (apply_lora was called twice)")
     names = resolve_targets(model, cfg.targets)
     meta = _is_meta(model)
@@ -158,7 +166,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft.inject_adapter_in_model(pcfg, model, adapter_name=ADAPTER, low_cpu_mem_usage=meta)
-    got = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    got = list(lora_modules(model))
     if got != names:
         raise RuntimeError(f"peft adapted {sorted(set(got) ^ set(names))[:5]} differently from the targets")
     for name, p in model.named_parameters():
@@ -183,7 +191,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
     """The adapted modules by full name (empty for a model without LoRA)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    # a peft layer exists only once peft is imported; until then there is none to look for
+    layer = sys.modules.get("peft.tuners.lora.layer")
+    if layer is None:
+        return {}
+    return {n: m for n, m in model.named_modules() if isinstance(m, layer.LoraLayer)}
 
 
 @contextmanager
@@ -277,7 +289,8 @@ def adapter_state(model: nn.Module, initial: dict[str, Tensor] | None = None) ->
     """:func:`adapter_state_from` of a live LoRA model (``model.lora_config``, set by :func:`apply_lora`).
 
     Args:
-        model: a model adapted by :func:`apply_lora` (DTensor shards are gathered).
+        model: a model adapted by :func:`apply_lora`. DTensor (FSDP/TP) shards are gathered, a
+            collective: call it on every rank.
         initial: pissa/olora's initial adapters; default: those :func:`apply_lora` kept on ``model``
             (a meta/FSDP build keeps none: pass them from the CPU build).
     """
@@ -298,7 +311,8 @@ def merged_state(model: nn.Module) -> dict[str, Tensor]:
     """The plain model's state dict (no ``base_layer``, no adapters), fp32, with ``scale · B·A`` added
     to each adapted weight: it loads into a plain ``SpacetimeDiT`` of the same ``DiTConfig`` (strict)
     that computes what the LoRA model computes. A bf16/fp8 base is dequantised first (the merged
-    model is fp32; casting it down is the exporter's choice).
+    model is fp32; casting it down is the exporter's choice). DTensor (FSDP/TP) shards are gathered, a
+    collective: call it on every rank, or on the CPU model.
     """
     lora = lora_modules(model)
     fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
@@ -410,7 +424,7 @@ def base_fingerprint(model: nn.Module) -> str:
     Identifies the base a LoRA run was trained on (its checkpoints hold the adapters only). Call it on the
     CPU model right after ``init.from`` and before :func:`apply_lora` / :func:`store_base` (pissa/olora
     and a low-precision base change the weights). One pass over the bytes without copies: about the
-    speed of sha256 itself, ~1 GB/s (a minute for a 14B fp32 base).
+    speed of sha256 itself, 0.5–1 GB/s (one to two minutes for a 14B fp32 base).
     """
     h = hashlib.sha256()
     state = model.state_dict()

@@ -24,6 +24,16 @@ from tests.dit.helpers import inputs, random_model
 CFG = get_preset("tiny")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: these models are tiny, and LAPACK's QR/SVD (olora, pissa) on a 64×64 weight ran 100×
+    slower with two threads on a busy 2-core machine (OpenMP waits) than with one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _base(seed: int = 0) -> SpacetimeDiT:
     # random weights everywhere (adaLN-Zero would make every block the identity and hide the adapters)
     return random_model(CFG, seed=seed)
@@ -165,6 +175,11 @@ def test_apply_twice_and_rank_zero_are_errors():
 
 
 def test_is_adapter_by_path_segment():
+    from peft.tuners.lora import LoraLayer
+
+    from launch.lora import _ADAPTER_PARTS
+
+    assert set(LoraLayer.adapter_layer_names) == _ADAPTER_PARTS  # spelled out to import peft lazily
     assert is_adapter("blocks.0.attn.q.lora_A.default.weight")
     assert is_adapter("_orig_mod.blocks.0.attn.q.lora_B.weight")
     assert not is_adapter("blocks.0.attn.q.base_layer.weight")
