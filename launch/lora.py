@@ -374,6 +374,32 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3"
 
 
+class Bf16Linear(nn.Linear):
+    """A frozen linear stored in bf16 (``finetune.base_dtype=bf16``) that computes in its input's dtype.
+
+    Under bf16 autocast nothing changes (autocast would have cast an fp32 weight to the same bf16 for the
+    matmul); without autocast (a CPU run in fp32, a debugging forward) the weight is upcast for the call
+    instead of failing on mixed dtypes. A subclass so that the state-dict names, ``isinstance`` checks
+    (tensor-parallel plans) and FSDP see an ``nn.Linear``.
+    """
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Bf16Linear:
+        """The bf16 copy of ``linear`` (values are skipped on meta)."""
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, torch.bfloat16)
+        m.requires_grad_(False)
+        if not w.is_meta:
+            m.weight.copy_(w)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
 def _frozen_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     # exactly nn.Linear: Fp32Linear (time embedding, modulation, output head) computes in fp32 on
     # purpose and is a sliver of the parameters; so are the norms, tables and embeddings left alone
@@ -388,11 +414,12 @@ def store_base(model: nn.Module, base_dtype: str) -> None:
     """Store the frozen base in low precision, in place (``finetune.base_dtype``); adapters stay fp32.
 
     What changes: every frozen plain ``nn.Linear`` (the blocks' projections and FFN, the text and patch
-    projections: nearly all of a DiT's parameters). ``bf16`` casts their weight and bias; ``fp8`` swaps
-    each for an :class:`Fp8Linear` (torch's float8_e4m3fn, no torchao). The fp32-compute layers (time
-    embedding, modulation, output head, norms) stay fp32 as they are: they are tiny and enter fp32
-    arithmetic. Both need the forward under bf16 autocast (the training engine's), which casts the
-    matmul inputs to one dtype; call after :func:`apply_lora` (pissa/olora factor the fp32 weights).
+    projections: nearly all of a DiT's parameters), swapped for a :class:`Bf16Linear` (same names) or an
+    :class:`Fp8Linear` (torch's float8_e4m3fn with a per-tensor scale, no torchao). Both compute in the
+    input's dtype: bf16 under the training engine's autocast, where the matmuls run in bf16 anyway. The
+    fp32-compute layers (time embedding, modulation, output head, norms) stay fp32 as they are: they
+    are tiny and enter fp32 arithmetic (diffusers keeps Wan's so too, ``_keep_in_fp32_modules``). Call
+    after :func:`apply_lora`: pissa/olora factor the fp32 weights.
 
     Args:
         model: the model (CPU, or meta: dtypes and modules change, no values).
@@ -408,13 +435,11 @@ def store_base(model: nn.Module, base_dtype: str) -> None:
             f"finetune.base_dtype={base_dtype}: no frozen linear to store "
             "(set finetune.lora.rank or init.freeze)"
         )
+    kind = Bf16Linear if base_dtype == "bf16" else Fp8Linear
     for name, linear in targets:
-        if base_dtype == "bf16":
-            linear.to(torch.bfloat16)
-            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear.from_linear(linear))
+        setattr(parent, child, kind.from_linear(linear))
 
 
 def base_fingerprint(model: nn.Module) -> str:
