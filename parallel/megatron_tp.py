@@ -198,22 +198,30 @@ def apply_megatron_tp(
     check_megatron_tp(model.cfg, tp, sequence_parallel, device)
     if tp == 1:
         return model
-    config = ModelParallelConfig(
-        tensor_model_parallel_size=tp,
-        use_cpu_initialization=True,  # no CUDA call while building; moved to `device` below
-        perform_initialization=False,
-        params_dtype=next(model.parameters()).dtype,
-    )
     for name, kind in tp_plan(model).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         full, cls = getattr(parent, attr), MEGATRON_MODULES[kind]
         # the qk norms are our own modules, not megatron layers: they take no ModelParallelConfig
         norm = cls in (TPHeadRMSNorm, TPAcrossHeadsRMSNorm)
-        new = cls(full, tp_group) if norm else cls(full, config, tp_group)
+        new = cls(full, tp_group) if norm else cls(full, _megatron_config(tp, full.weight.dtype), tp_group)
+        # megatron's parameters are new and trainable: a frozen weight (init.freeze, LoRA's base) stays
+        # frozen (megatron then takes its frozen-weight path: no weight gradient)
+        for (_, old), (_, p) in zip(full.named_parameters(), new.named_parameters(), strict=True):
+            p.requires_grad_(old.requires_grad)
         setattr(parent, attr, new.to(device))
     cut_rope_heads(model, group_rank(tp_group), tp)  # rope_ltx: this rank's heads of the tables
     return model
+
+
+def _megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
+    """Megatron's config for a linear of ``dtype`` (a bf16-stored LoRA base next to fp32 adapters)."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,  # no CUDA call while building; moved to `device` by the caller
+        perform_initialization=False,
+        params_dtype=dtype,
+    )
 
 
 def is_tp_sharded(p: Tensor) -> bool:

@@ -42,6 +42,7 @@ from parallel.tp_plan import (
     COLUMN,
     HEAD_NORM,
     RESIDUAL_INPUT,
+    RESIDUAL_LINEAR,
     RESIDUAL_NORM,
     ROW,
     check_tp,
@@ -133,7 +134,8 @@ def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Para
     With ``sequence_parallel`` the residual stream arrives cut along the sequence (B×N/tp×D, see
     :func:`parallel.context.apply_sequence_cut`): each sub-layer all-gathers its input and its
     row-wise output reduce-scatters back to the cut instead of all-reducing; an affine norm on the
-    cut stream sums its weight's gradient over the tp ranks.
+    cut stream sums its weight's gradient over the tp ranks. A linear wrapped by peft's LoRA is planned
+    through its parts (:mod:`parallel.tp_plan`).
 
     Args:
         model: a :class:`dit.model.SpacetimeDiT` (meta device fine).
@@ -153,8 +155,9 @@ def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Para
         elif kind == RESIDUAL_INPUT:
             if sequence_parallel:
                 styles[name] = GatherResidualInput()
-        elif kind == RESIDUAL_NORM and sequence_parallel:
-            # affine LayerNorm on a sequence chunk: a replicated DTensor weight sums its gradient
+        elif kind in (RESIDUAL_NORM, RESIDUAL_LINEAR) and sequence_parallel:
+            # affine LayerNorm (or a row linear's LoRA B) on a sequence chunk: a replicated DTensor
+            # weight sums its gradient over the tp ranks
             styles[name] = SequenceParallel(use_local_output=True)
         else:  # replicate, or a residual norm on the whole (replicated) stream
             styles[name] = ReplicateParallel()

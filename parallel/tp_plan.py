@@ -26,7 +26,17 @@ Kinds:
   parallelism that arrives cut along the sequence and is all-gathered here. No parameters of its own.
 - ``residual_norm``: an affine norm on the residual stream: replicated; under sequence parallelism it
   sees a sequence chunk, so its gradient is summed over the tp ranks.
+- ``residual_linear``: a linear on the residual stream that holds no split of its own: the up-projection
+  (``lora_B``) of a row linear's LoRA adapter. Replicated; under sequence parallelism it sees a sequence
+  chunk, so its gradient is summed over the tp ranks (as ``residual_norm``'s).
 - ``replicate``: every other module holding parameters of its own (not a pattern: what is left).
+
+LoRA (peft, ``finetune.lora``): a planned linear wrapped by peft (``blocks.0.attn.q`` holding
+``base_layer``, ``lora_A.default``, ``lora_B.default``) is planned through its parts, Megatron's split
+applied to the product B·A: for a ``column`` linear the base and B are split column-wise and A (r×in, on
+the whole input) is replicated, so each rank adds its output features' share of B·A·x; for a ``row``
+linear the base and A are split row-wise (A's r outputs summed over the ranks: one extra all-reduce of
+B×N×r) and B is a ``residual_linear``. The wrapper itself plans nothing.
 
 A pattern naming an ``nn.Identity`` (an option switched off: ``qk_norm=False``,
 ``cross_attn_norm=False``) plans nothing; one naming a module of another type than its kind expects
@@ -41,6 +51,7 @@ from dit.layers import AcrossHeadsRMSNorm
 
 COLUMN, ROW, HEAD_NORM, ACROSS_HEADS_NORM = "column", "row", "head_norm", "across_heads_norm"
 RESIDUAL_INPUT, RESIDUAL_NORM, REPLICATE = "residual_input", "residual_norm", "replicate"
+RESIDUAL_LINEAR = "residual_linear"
 SHARDED = (COLUMN, ROW, HEAD_NORM, ACROSS_HEADS_NORM)
 """The kinds whose parameters or gradients are split over the tp ranks (the rest compute replicated)."""
 
@@ -82,6 +93,27 @@ def _matches(pattern: str, name: str) -> bool:
     return len(p) == len(n) and all(a in ("*", b) for a, b in zip(p, n, strict=True))
 
 
+# a planned linear's LoRA parts: the base keeps the kind; (A's, B's) kinds per kind of the base
+_LORA_PARTS: dict[str, tuple[str, str]] = {COLUMN: (REPLICATE, COLUMN), ROW: (ROW, RESIDUAL_LINEAR)}
+
+
+def lora_parts(module: nn.Module) -> list[tuple[str, str]] | None:
+    """``[("base_layer", "base"), ("lora_A.default", "A"), ("lora_B.default", "B"), …]`` for a module
+    wrapped by peft's LoRA (any adapter names), else None. Duck-typed on peft's ``LoraLayer``
+    attributes, so the plan does not import peft."""
+    base, a, b = (getattr(module, k, None) for k in ("base_layer", "lora_A", "lora_B"))
+    if base is None or not isinstance(a, nn.ModuleDict) or not isinstance(b, nn.ModuleDict):
+        return None
+    if getattr(module, "lora_embedding_A", None) or getattr(module, "lora_magnitude_vector", None):
+        raise TypeError(
+            f"tensor-parallel plan: {type(module).__name__} has LoRA parts (embedding adapters or DoRA) "
+            "that parallel.tp cannot split; use parallel.tp=1 with finetune.lora.rank > 0"
+        )
+    parts = [("base_layer", "base")]
+    parts += [(f"lora_A.{k}", "A") for k in a] + [(f"lora_B.{k}", "B") for k in b]
+    return parts
+
+
 def _kind_of(name: str, module: nn.Module) -> str | None:
     """The planned kind of one module (``None``: not planned), checking its type."""
     for pattern, kind in PATTERNS.items():
@@ -89,6 +121,8 @@ def _kind_of(name: str, module: nn.Module) -> str | None:
             continue
         if isinstance(module, nn.Identity):
             return None  # the option is switched off: nothing to split
+        if kind in _LORA_PARTS and lora_parts(module) is not None:
+            return None  # planned through its parts (resolve_plan)
         if kind == HEAD_NORM and isinstance(module, AcrossHeadsRMSNorm):
             return ACROSS_HEADS_NORM  # qk_norm=across_heads: the statistic spans the tp ranks
         if not isinstance(module, _EXPECTED[kind]):
@@ -115,13 +149,40 @@ def resolve_plan(model: nn.Module) -> dict[str, str]:
         ``{name: kind}`` with kinds from this module's docstring.
     """
     plan: dict[str, str] = {}
+    lora: dict[str, str] = {}  # the parts of planned linears wrapped by LoRA → their kinds
     for name, module in model.named_modules():
+        if name in lora:
+            plan[name] = lora[name]
+            continue
         kind = _kind_of(name, module)
+        if kind is None and (parts := lora_parts(module)) is not None:
+            lora.update(_plan_lora(name, module, parts))
+            continue
         if kind is None and any(True for _ in module.parameters(recurse=False)):
             kind = REPLICATE
         if kind is not None:
             plan[name] = kind
     return plan
+
+
+def _plan_lora(name: str, module: nn.Module, parts: list[tuple[str, str]]) -> dict[str, str]:
+    """Kinds of the parts of a peft LoRA wrapper named ``name``: a planned linear's (module doc), or
+    ``replicate`` for every part of an unplanned one (an adapter on a replicated linear)."""
+    kind = next((k for p, k in PATTERNS.items() if _matches(p, name)), None)
+    base = module.base_layer
+    if kind in _LORA_PARTS and not isinstance(base, _EXPECTED[kind]):
+        raise TypeError(
+            f"tensor-parallel plan (parallel/tp_plan.py): {name!r}'s LoRA base is a "
+            f"{type(base).__name__}, not an nn.Linear"
+        )
+    a_kind, b_kind = _LORA_PARTS.get(kind, (REPLICATE, REPLICATE))
+    by_role = {"base": kind if kind in _LORA_PARTS else REPLICATE, "A": a_kind, "B": b_kind}
+    out = {}
+    for part, role in parts:
+        sub = module.get_submodule(part)
+        if any(True for _ in sub.parameters(recurse=False)):
+            out[f"{name}.{part}"] = by_role[role]
+    return out
 
 
 def check_tp(cfg, tp: int) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from dit.model import SpacetimeDiT
+from launch.lora import apply_lora, is_adapter
 from parallel import megatron_tp, tensor
 from parallel.megatron_tp import (
     TPAcrossHeadsRMSNorm,
@@ -24,6 +25,7 @@ from parallel.megatron_tp import (
 from parallel.tensor import AcrossHeadsNormParallel
 from parallel.tp_plan import check_tp, resolve_plan
 from tests.parallel.group import run_group
+from tests.parallel.lora_helpers import LORA
 from tests.parallel.tp_plan_worker import Case, every_option, worker
 
 OPTIONS = [("gelu_tanh", "full"), ("swiglu", "factorized"), ("swiglu", "full"), ("gelu_tanh", "factorized")]
@@ -99,6 +101,38 @@ def test_plan_kinds_follow_the_options():
     )
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_lora_is_planned_through_its_parts(sequence_parallel):
+    """A planned linear wrapped by peft's LoRA: Megatron's split of the base applied to B·A (column: the
+    base and B column-wise, A replicated; row: the base and A row-wise, B on the residual stream, so
+    under sequence parallelism it sees a sequence chunk and sums its gradient). Both translations split
+    the same parts; the wrapper itself is not planned (it holds no parameter of its own)."""
+    model = _meta_model("swiglu", "full")
+    apply_lora(model, LORA)
+    plan = resolve_plan(model)
+    q, o, fc2 = "blocks.1.attn.q", "blocks.0.cross_attn.o", "blocks.1.mlp.fc2"
+    assert q not in plan and o not in plan
+    assert [plan[f"{q}.{p}"] for p in ("base_layer", "lora_A.default", "lora_B.default")] == [
+        "column", "replicate", "column",
+    ]  # fmt: skip
+    for row in (o, fc2):
+        got = [plan[f"{row}.{p}"] for p in ("base_layer", "lora_A.default", "lora_B.default")]
+        assert got == ["row", "row", "residual_linear"]
+    assert plan["blocks.0.mlp.gate"] == "column"  # not a target: planned as before
+    styles = tensor.tp_plan(model, sequence_parallel)
+    split_dt = {n: k for n, s in styles.items() if (k := _dtensor_kind(s)) is not None}
+    split_mg = {
+        n: _MEGATRON_KIND[megatron_tp.MEGATRON_MODULES[k]] for n, k in megatron_tp.tp_plan(model).items()
+    }
+    assert split_dt == split_mg, set(split_dt.items()) ^ set(split_mg.items())
+    b = styles[f"{fc2}.lora_B.default"]
+    assert isinstance(b, SequenceParallel) == sequence_parallel  # the cut stream: gradient summed
+    if sequence_parallel:
+        assert b.sequence_sharding[0].dim == 1
+    owners = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    assert owners <= set(styles)  # every parameter, adapters included, becomes a DTensor
+
+
 def test_a_stale_plan_is_an_error_naming_the_module():
     model = _meta_model("swiglu", "full")
     model.blocks[1].attn.norm_q = nn.LayerNorm(8, device="meta")  # not the per-head RMSNorm planned
@@ -129,6 +163,7 @@ def two_ranks(tmp_path_factory):
         Case("swiglu_factorized", "swiglu", "factorized"),
         Case("across_heads", "swiglu", "full", qk_norm="across_heads", compiled=True),
         Case("ltx", "gelu_tanh", "full", ltx=True, compiled=True),
+        Case("lora", "swiglu", "full", lora=True),
     ]
     return run_group(2, worker, cases, tmp_path_factory.mktemp("tp_plan"))
 
@@ -205,3 +240,26 @@ def test_ltx_rope_cut_to_each_ranks_heads(two_ranks):
     wrong = (got["out_dt_other_heads"] - got["out_ref"]).abs().max()
     assert wrong > 100 * 1e-5 * got["out_ref"].abs().max()  # a hundred times the tolerance
     assert "blocks.0.attn.q.weight" in got["sliced_dt"] and "blocks.0.attn.norm_q.weight" in got["sliced_mg"]
+
+
+@pytest.mark.slow
+def test_lora_under_both_translations_equals_one_process(two_ranks):
+    """LoRA adapters on a frozen base under tp=2, DTensor and megatron: the output and every adapter's
+    whole gradient equal one process's; the base has no gradient; both slice the same adapters (the
+    column linears' B, the row linears' A) and the base stays frozen after megatron's swap."""
+    got = two_ranks["lora"]
+    assert "error" not in got, got.get("error")
+    for key in ("out_dt", "out_mg"):
+        torch.testing.assert_close(got[key], got["out_ref"], rtol=1e-5, atol=1e-6)
+    assert got["grads_ref"] and all(is_adapter(n) for n in got["grads_ref"])
+    assert got["grads_ref"]["blocks.1.attn.q.lora_A.default.weight"].abs().max() > 0
+    tol = 1e-5 * max(g.abs().max() for g in got["grads_ref"].values())
+    for engine in ("dt", "mg"):
+        assert got[f"whole_diff_{engine}"].keys() == got["grads_ref"].keys()
+        bad = {n: d for n, d in got[f"whole_diff_{engine}"].items() if not d <= tol}
+        assert not bad, (engine, tol, bad)
+    assert got["sliced_dt"] == got["sliced_mg"]
+    assert {"blocks.0.attn.q.lora_B.default.weight", "blocks.1.mlp.fc2.lora_A.default.weight"} <= set(
+        got["sliced_dt"]
+    )
+    assert "blocks.0.attn.q.lora_A.default.weight" not in got["sliced_dt"]  # replicated

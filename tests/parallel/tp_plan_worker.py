@@ -24,6 +24,7 @@ from parallel.rope_heads import RopeHeads
 from parallel.tensor import apply_tensor_parallel
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
+from tests.parallel.lora_helpers import lora_model
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Case:
     ltx: bool = False
     """The LTX-shaped model (:func:`ltx_shaped`, in ``layout``) instead of :func:`every_option`; its
     mlp and qk_norm are LTX's whatever ``mlp`` and ``qk_norm`` say."""
+    lora: bool = False
+    """The model with LoRA adapters on a frozen base (:func:`tests.parallel.lora_helpers.lora_model`):
+    planned through their parts (:mod:`parallel.tp_plan`); only the adapters have gradients."""
 
     def arch(self) -> DiTConfig:
         if self.ltx:
@@ -96,6 +100,8 @@ def _run(model: nn.Module, data: dict) -> tuple[torch.Tensor, dict[str, torch.Te
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad
+        if g is None:  # frozen (LoRA's base)
+            continue
         if isinstance(g, DTensor):
             g = g.redistribute(p.device_mesh, p.placements).to_local()
         grads[name] = g.detach().clone()
@@ -108,6 +114,8 @@ def _whole_grad_diff(model: nn.Module, grads_ref: dict[str, torch.Tensor]) -> di
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
+        if g is None:  # frozen (LoRA's base), the same on every rank
+            continue
         whole = g.full_tensor() if isinstance(g, DTensor) else full_tensor(g, dist.group.WORLD, like=p)
         out[name] = float((whole - grads_ref[name]).abs().max())
     return out
@@ -116,9 +124,10 @@ def _whole_grad_diff(model: nn.Module, grads_ref: dict[str, torch.Tensor]) -> di
 def run_case(case: Case) -> dict:
     cfg = case.arch()
     data = _inputs(cfg)
-    reference = random_model(cfg)
+    build = lora_model if case.lora else random_model
+    reference = build(cfg)
     out_ref, grads_ref = _run(reference, data)
-    dtensor = random_model(cfg)
+    dtensor = build(cfg)
     apply_tensor_parallel(dtensor, init_device_mesh("cpu", (dist.get_world_size(),)))
     out_dt, grads_dt = _run(dtensor, data)
     whole_dt = _whole_grad_diff(dtensor, grads_ref)
@@ -143,7 +152,7 @@ def run_case(case: Case) -> dict:
                 h.rank = dist.get_world_size() - 1 - h.rank
     compiled = {}
     if case.compiled:
-        model = random_model(cfg)
+        model = build(cfg)
         apply_tensor_parallel(model, init_device_mesh("cpu", (dist.get_world_size(),)))
         # a fresh dynamo per case: after one case's tp blocks are compiled, recompiling DiTBlock.forward
         # for another model in the same process fails in AOTAutograd's tracing with a RecursionError
@@ -153,7 +162,7 @@ def run_case(case: Case) -> dict:
             block.compile(backend="aot_eager")
         out, _ = _run(model, data)
         compiled = {"out_compiled": out, "whole_diff_compiled": _whole_grad_diff(model, grads_ref)}
-    megatron = apply_megatron_tp(random_model(cfg), dist.group.WORLD)
+    megatron = apply_megatron_tp(build(cfg), dist.group.WORLD)
     out_mg, grads_mg = _run(megatron, data)
     whole_mg = _whole_grad_diff(megatron, grads_ref)
     if cfg.needs_fps:
