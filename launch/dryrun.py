@@ -20,15 +20,19 @@ worse, silently train on something else) minutes into a job on many GPUs:
 - the memory plan (:func:`parallel.plan.plan`) of every valid bucket on ``--gpu`` under the config's
   layout, checkpointing, grad_accum, engine, EMA and offload: the report carries the full plan of the
   bucket predicted to need the most memory (usually the one with the most tokens per batch; caption
-  tokens count too); a bucket not fitting is a warning with what the planner predicts would fit.
+  tokens count too); a bucket not fitting is a warning with what the planner predicts would fit;
+- for a LoRA (``finetune.lora.rank`` > 0; the plan counts ``finetune.base_dtype``, ``block_swap`` and
+  ``parallel.activation_offload``): ``lora_fit``, whether that bucket fits a 24, 48 and 80 GB GPU and
+  the first options that make it (:func:`lora_options`: full checkpointing, a bf16 base, activation
+  offload, block swap, an fp8 base, in that order).
 
 Prints one JSON object on stdout: ``ok``, ``errors``, ``warnings``, ``preset``, ``params``,
 ``world_size``, ``gpu``, ``layout``, ``codec``, ``buckets`` (each: pixel and latent sizes, batch size,
 ``tokens`` per sample, ``tokens_per_batch``, ``flops_train_step`` of the batch, ``memory_gib``,
 ``fits``), ``largest_bucket`` (most tokens per batch) and ``flops_per_step`` (its model FLOPs per
-optimizer step per data-parallel rank, × grad_accum), ``plan_bucket`` and ``plan``. Returns the exit
-code: 0, or 2 when anything is wrong, with the errors also on stderr. Nothing is written (``run.dir``
-is not touched) and nothing is downloaded.
+optimizer step per data-parallel rank, × grad_accum), ``plan_bucket``, ``plan`` and ``lora_fit``.
+Returns the exit code: 0, or 2 when anything is wrong, with the errors also on stderr. Nothing is
+written (``run.dir`` is not touched) and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -106,9 +110,13 @@ def check(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> dict:
         "flops_per_step": largest and largest["flops_train_step"] * cfg.train.grad_accum,
         "plan_bucket": None,
         "plan": None,
+        "lora_fit": None,
     }
     if dims is not None and sized:
         report["plan_bucket"], report["plan"] = _plans(cfg, sized, dims, gpu, errors, warnings)
+    if report["plan"] is not None and cfg.finetune.lora.enabled:
+        bucket = next(b for b in sized if b["name"] == report["plan_bucket"])
+        report["lora_fit"] = {"bucket": bucket["name"], "gpus": lora_options(cfg, bucket, dims)}
     report["ok"] = not errors
     return report
 
@@ -350,8 +358,88 @@ def _plan(cfg: JobConfig, bucket: dict, dims: ParallelDims, gpu: str, **changes)
         "ema": cfg.train.ema_decay > 0,
         "cpu_offload": p.cpu_offload,
         "sequence_parallel": p.sequence_parallel,
+        "finetune": _finetune(cfg),
     }
     return plan(arch, lat["t"], lat["h"], lat["w"], **(kwargs | changes))
+
+
+def _finetune(cfg: JobConfig):
+    from parallel.plan import Finetune
+
+    ft = cfg.finetune
+    return Finetune(ft.lora.rank, ft.base_dtype, ft.block_swap, cfg.parallel.activation_offload)
+
+
+LORA_GPU_GB = (24, 48, 80)
+"""The GPU sizes :func:`lora_options` answers for (an RTX 4090 / L4-class 24 GB, an L40S / A6000 48 GB,
+an A100 / H100 80 GB)."""
+
+
+def lora_options(cfg: JobConfig, bucket: dict, dims: ParallelDims, sizes=LORA_GPU_GB) -> list[dict]:
+    """For each GPU size (GiB): the predicted memory of ``bucket`` as configured, whether it fits, and
+    the first set of options that makes it fit (``fits_with_options``; when none does, all of them),
+    adding one at a time in this order: full activation checkpointing, a bf16 base, activation
+    offload, block swap (as few blocks as fit; whole blocks only, so not under FSDP sharding or tensor
+    parallel), an fp8 base (last: it rounds the base's weights) with block swap again. Capacity is
+    taken as the planner does: less :data:`parallel.plan.FRAGMENTATION` and
+    :data:`parallel.plan.OVERHEAD_GIB`."""
+    from parallel.plan import FRAGMENTATION, OVERHEAD_GIB
+
+    ft, depth = _finetune(cfg), cfg.model.arch.depth
+    swappable = dims.tp == 1 and not (cfg.parallel.engine == "fsdp" and dims.dp_shard * dims.cp > 1)
+    steps = [{}, {"ac": "full"}, {"base_dtype": "bf16"}, {"activation_offload": True}, {"block_swap": 0}]
+    steps += [{"base_dtype": "fp8", "block_swap": ft.block_swap}, {"block_swap": 0}]
+    memo: dict = {}
+
+    def memory(opts: dict) -> float:
+        key = tuple(sorted(opts.items()))
+        if key not in memo:
+            changes = {"ac": opts["ac"]} if "ac" in opts else {}
+            fields = {k: v for k, v in opts.items() if k != "ac"}
+            memo[key] = _plan(
+                cfg, bucket, dims, "h100", finetune=dataclasses.replace(ft, **fields), **changes
+            )
+        return memo[key]["memory_gib"]
+
+    out = []
+    for size in sizes:
+        usable = size * (1 - FRAGMENTATION) - OVERHEAD_GIB
+        opts: dict = {}
+        found = None
+        for step in steps:
+            if step == {"block_swap": 0}:  # the fewest swapped blocks that fit, if any does
+                if not swappable:
+                    continue
+                k = next((k for k in range(1, depth + 1) if memory(opts | {"block_swap": k}) <= usable), None)
+                step = {"block_swap": k if k is not None else depth}
+            opts = opts | step
+            if memory(opts) <= usable:
+                found = opts
+                break
+        entry = {
+            "gpu_gib": size,
+            "usable_gib": usable,
+            "memory_gib": memory({}),
+            "fits": memory({}) <= usable,
+        }
+        # nothing fitting: every option, and how far it still is
+        entry["options"] = _option_keys(found if found is not None else opts, cfg)
+        entry["memory_with_options_gib"] = memory(found if found is not None else opts)
+        entry["fits_with_options"] = found is not None
+        out.append(entry)
+    return out
+
+
+def _option_keys(opts: dict, cfg: JobConfig) -> dict:
+    """The config keys (and values) of an options set, only those that change the config."""
+    keys = {
+        "ac": "parallel.activation_checkpointing",
+        "base_dtype": "finetune.base_dtype",
+        "activation_offload": "parallel.activation_offload",
+        "block_swap": "finetune.block_swap",
+    }
+    now = {"ac": cfg.parallel.activation_checkpointing, **dataclasses.asdict(_finetune(cfg))}
+    return {keys[k]: v for k, v in opts.items() if now.get(k) != v}
 
 
 def _suggestion(cfg: JobConfig, bucket: dict, dims: ParallelDims, gpu: str) -> str:

@@ -1,0 +1,123 @@
+"""The LoRA recipes (``launch/configs/wan2.1-t2v-1.3b-lora.yaml``, ``wan2.2-ti2v-5b-i2v-lora.yaml``) and
+the planner's LoRA case (``parallel.plan``'s ``Finetune``, ``launch.dryrun.lora_options``).
+
+The recipes are their full fine-tune recipe's model, data, diffusion and sampling setup plus
+``finetune.lora``; their dry run passes on tiny local stand-ins of the pipeline roots (those of
+``tests/launch/test_wan_recipes.py``) and says what fits a 24/48/80 GB GPU. The planner's LoRA states
+count the adapters peft really injects (``launch.lora.apply_lora`` on a meta model), and the options it
+suggests for a LoRA of Wan2.1-T2V-14B at 81×480p are the fewest that fit. What only a GPU run can
+confirm: the predicted memory itself (``torch.cuda.max_memory_allocated`` of a real step).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from dit.config import get_preset
+from dit.model import SpacetimeDiT
+from launch.config import CONFIG_DIR, LoraConfig, load_config
+from launch.dryrun import lora_options
+from launch.lora import apply_lora
+from parallel.dims import ParallelDims
+from parallel.plan import BASE_BYTES, GIB, Finetune, adapter_params, plan
+from tests.launch.test_wan_recipes import _dry_run, _pipeline_root, _placeholders, _stand_in
+
+LORA = {"wan2.1-t2v-1.3b-lora": "wan2.1-t2v-1.3b-finetune", "wan2.2-ti2v-5b-i2v-lora": "wan2.2-ti2v-5b-i2v"}
+SAME = ("model", "init", "data", "diffusion", "sample", "eval", "logging")  # as the full recipe
+
+
+def _path(name: str):
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+@pytest.mark.parametrize("recipe", sorted(LORA))
+def test_lora_recipe_is_its_full_recipe_with_adapters_on_a_bf16_base(recipe):
+    lora, full = (load_config(_path(n), _placeholders()) for n in (recipe, LORA[recipe]))
+    for section in SAME:
+        assert getattr(lora, section) == getattr(full, section), section
+    assert lora.train.task_i2v == full.train.task_i2v and lora.train.lr > full.train.lr
+    ft = lora.finetune
+    assert ft.lora.enabled and ft.lora.rank == 32 and ft.lora.scale == 1.0 and ft.base_dtype == "bf16"
+    assert ft.lora.targets == LoraConfig().targets and full.finetune.lora.rank == 0
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wan-lora-roots")
+    # one recipe's stand-ins (the costly part of this file): the other shares the code paths
+    return {name: _pipeline_root(tmp, LORA[name]) for name in ["wan2.1-t2v-1.3b-lora"]}
+
+
+def test_lora_recipe_dry_run_says_what_fits(roots, tmp_path, capsys):
+    recipe = "wan2.1-t2v-1.3b-lora"
+    overrides = [*_stand_in(roots[recipe], tmp_path), "train.ema_decay=0"]
+    code, report, err = _dry_run(capsys, recipe, [*overrides])
+    assert code == 0 and report["ok"], err
+    fit = report["lora_fit"]
+    assert fit["bucket"] == report["plan_bucket"] and [g["gpu_gib"] for g in fit["gpus"]] == [24, 48, 80]
+    plan_ = report["plan"]
+    assert (
+        plan_["settings"]["finetune"]["lora_rank"] == 32
+        and plan_["settings"]["finetune"]["base_dtype"] == "bf16"
+    )
+    arch = load_config(_path(recipe), overrides).model.arch
+    assert plan_["params"]["trainable"] == arch.depth * adapter_params(arch, 32)
+    # a tiny stand-in fits everywhere as configured: no option to turn on
+    assert all(g["fits"] and g["options"] == {} for g in fit["gpus"])
+    # block swap needs whole blocks: under FSDP sharding (world size 8, dp_shard -1) the dry run refuses it
+    code, report, err = _dry_run(capsys, recipe, [*overrides, "finetune.block_swap=1"])
+    assert code == 2 and any(
+        "finetune.block_swap=1" in e and "parallel.cpu_offload" in e for e in report["errors"]
+    )
+
+
+def test_planner_counts_the_adapters_peft_injects():
+    arch = get_preset("tiny", depth=2)
+    with torch.device("meta"):
+        model = SpacetimeDiT(arch)
+    report = apply_lora(model, LoraConfig(rank=4))
+    assert report.trainable == arch.depth * adapter_params(arch, 4)
+    # states: fp32 adapters with gradients, AdamW and EMA; the base in its storage dtype, nothing else
+    for dtype in BASE_BYTES:
+        p = plan(arch, 4, 8, 8, text_len=8, finetune=Finetune(4, dtype), ema=True)
+        mem = {k: v * GIB for k, v in p["memory_breakdown_gib"].items()}
+        base = report.total - report.trainable
+        assert mem["optimizer"] == pytest.approx(8 * report.trainable)
+        assert mem["grads"] == pytest.approx(4 * report.trainable) == pytest.approx(mem["ema"])
+        assert mem["params"] == pytest.approx(BASE_BYTES[dtype] * base + 4 * report.trainable)
+
+
+def _wan14b_options(rank: int):
+    overrides = [
+        *_placeholders(),
+        "model.preset=wan2.1-t2v-14b",
+        "parallel.dp_shard=1",
+        f"finetune.lora.rank={rank}",
+    ]
+    cfg = load_config(_path("wan2.1-t2v-1.3b-lora"), overrides)
+    bucket = {"name": "81x480x832", "batch_size": 1, "latent": {"t": 21, "h": 60, "w": 104}}
+    return cfg, {g["gpu_gib"]: g for g in lora_options(cfg, bucket, ParallelDims(1, 1, 1, 1, 1))}
+
+
+def test_wan14b_lora_at_480p_gets_the_fewest_options_that_fit():
+    cfg, fits = _wan14b_options(16)
+    # as configured (full checkpointing, bf16 base) it fits 80 GB only
+    assert fits[80]["fits"] and fits[80]["options"] == {} and not fits[48]["fits"] and not fits[24]["fits"]
+    swap24 = fits[24]["options"]["finetune.block_swap"]
+    assert fits[24]["options"]["parallel.activation_offload"] is True and swap24 > 0
+    for g in (fits[24], fits[48]):
+        assert g["fits_with_options"] and g["memory_with_options_gib"] <= g["usable_gib"] < g["memory_gib"]
+    # fewest: one swapped block less does not fit
+    ft = Finetune(16, fits[24]["options"].get("finetune.base_dtype", "bf16"), swap24 - 1, True)
+    less = plan(cfg.model.arch, 21, 60, 104, text_len=512, ac="full", ema=False, finetune=ft)
+    assert less["memory_gib"] > fits[24]["usable_gib"]
+    # and without activation offload (the step before block swap) 48 GB does not fit either
+    no_offload = dataclasses.replace(ft, base_dtype="bf16", block_swap=0, activation_offload=False)
+    plain = plan(cfg.model.arch, 21, 60, 104, text_len=512, ac="full", ema=False, finetune=no_offload)
+    assert plain["memory_gib"] > fits[48]["usable_gib"]
+    # rank 32 (the recipe's) on 24 GB: not even with every option; the answer says so and how far
+    _, fits32 = _wan14b_options(32)
+    g = fits32[24]
+    assert not g["fits_with_options"] and g["memory_with_options_gib"] > g["usable_gib"]
+    assert g["options"]["finetune.base_dtype"] == "fp8" and g["options"]["finetune.block_swap"] == 40
