@@ -6,7 +6,8 @@ translated into modules: ``column`` and ``row`` linears become megatron's column
 group, ``across_heads_norm`` the across-heads qk RMSNorm on this rank's heads (its weight's rows of
 those heads, one all-reduce of each token's sum of squares: :mod:`parallel.across_heads`); LTX's
 per-head RoPE tables reach each self-attention cut to its heads (:mod:`parallel.rope_heads`). Everything
-else stays a plain replicated module.
+else stays a plain replicated module. A linear wrapped by peft's LoRA is replaced part by part (its base
+and the split adapter; :mod:`parallel.tp_plan`), frozen weights staying frozen.
 This path serves ``parallel.engine=deepspeed``: ZeRO partitions plain tensors and learns which are
 tensor-parallel slices from megatron's parameter attributes and :class:`parallel.zero.DeepSpeedGroups`.
 
@@ -44,7 +45,15 @@ from dit.layers import AcrossHeadsRMSNorm
 from parallel.across_heads import TPSumSquares
 from parallel.collectives import group_rank, group_size, sum_grad
 from parallel.rope_heads import cut_rope_heads
-from parallel.tp_plan import ACROSS_HEADS_NORM, COLUMN, HEAD_NORM, ROW, check_tp, resolve_plan
+from parallel.tp_plan import (
+    ACROSS_HEADS_NORM,
+    COLUMN,
+    HEAD_NORM,
+    ROW,
+    check_tp,
+    check_tp_weights,
+    resolve_plan,
+)
 
 
 def _no_init(weight: Tensor) -> None:
@@ -196,6 +205,7 @@ def apply_megatron_tp(
     tp = group_size(tp_group)
     device = next(model.parameters()).device
     check_megatron_tp(model.cfg, tp, sequence_parallel, device)
+    check_tp_weights(model, tp)
     if tp == 1:
         return model
     for name, kind in tp_plan(model).items():

@@ -46,6 +46,7 @@ from parallel.tp_plan import (
     RESIDUAL_NORM,
     ROW,
     check_tp,
+    check_tp_weights,
     resolve_plan,
 )
 
@@ -174,6 +175,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         sequence_parallel: ``parallel.sequence_parallel`` (the residual stream is cut along the sequence).
     """
     check_tp(model.cfg, tp_mesh.size())
+    check_tp_weights(model, tp_mesh.size())
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # init.freeze
     parallelize_module(model, tp_mesh, tp_plan(model, sequence_parallel))
     cut_rope_heads(model, tp_mesh.get_local_rank(), tp_mesh.size())  # rope_ltx: this rank's heads

@@ -45,6 +45,7 @@ is an error (the plan is stale), never a silently replicated layer.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from dit.layers import AcrossHeadsRMSNorm
@@ -183,6 +184,21 @@ def _plan_lora(name: str, module: nn.Module, parts: list[tuple[str, str]]) -> di
         if any(True for _ in sub.parameters(recurse=False)):
             out[f"{name}.{part}"] = by_role[role]
     return out
+
+
+def check_tp_weights(model: nn.Module, tp: int) -> None:
+    """A ValueError naming the keys if ``model`` holds weights the plan cannot split over ``tp`` > 1
+    ranks: float8-stored ones (``finetune.base_dtype=fp8``: a weight with its per-tensor scale, which a
+    column or row slice would have to share). A bf16-stored base splits like an fp32 one."""
+    if tp > 1 and any(p.dtype in _FLOAT8 for p in model.parameters()):
+        raise ValueError(
+            f"parallel.tp={tp} with finetune.base_dtype=fp8: tensor parallelism cannot split float8 "
+            "weights with their per-tensor scale; use finetune.base_dtype=bf16, or parallel.tp=1 (FSDP "
+            "shards an fp8 base)"
+        )
+
+
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
 def check_tp(cfg, tp: int) -> None:

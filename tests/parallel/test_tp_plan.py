@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from dit.model import SpacetimeDiT
-from launch.lora import apply_lora, is_adapter
+from launch.lora import apply_lora, is_adapter, store_base
 from parallel import megatron_tp, tensor
 from parallel.megatron_tp import (
     TPAcrossHeadsRMSNorm,
@@ -23,7 +23,7 @@ from parallel.megatron_tp import (
     check_megatron_tp,
 )
 from parallel.tensor import AcrossHeadsNormParallel
-from parallel.tp_plan import check_tp, resolve_plan
+from parallel.tp_plan import check_tp, check_tp_weights, resolve_plan
 from tests.parallel.group import run_group
 from tests.parallel.lora_helpers import LORA
 from tests.parallel.tp_plan_worker import Case, every_option, worker
@@ -131,6 +131,23 @@ def test_lora_is_planned_through_its_parts(sequence_parallel):
         assert b.sequence_sharding[0].dim == 1
     owners = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     assert owners <= set(styles)  # every parameter, adapters included, becomes a DTensor
+
+
+def test_an_fp8_base_is_refused_and_a_bf16_base_splits():
+    """``finetune.base_dtype=fp8`` (float8 weights with a per-tensor scale) cannot be cut into slices:
+    a clear error naming both keys; a bf16-stored base keeps its linears' kinds (``nn.Linear``
+    subclasses) and passes."""
+    for dtype in ("bf16", "fp8"):
+        model = _meta_model("swiglu", "full")
+        apply_lora(model, LORA)
+        store_base(model, dtype)
+        check_tp_weights(model, 1)
+        if dtype == "bf16":
+            check_tp_weights(model, 2)
+            assert resolve_plan(model)["blocks.0.mlp.gate"] == "column"
+            continue
+        with pytest.raises(ValueError, match=r"parallel.tp=2 with finetune.base_dtype=fp8.*bf16"):
+            check_tp_weights(model, 2)
 
 
 def test_a_stale_plan_is_an_error_naming_the_module():
