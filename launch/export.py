@@ -19,6 +19,12 @@ LOW as the low-noise one (``transformer_2/``), with ``model_index.json``'s ``bou
 ``--pipeline`` the root holds only the two transformers, the scheduler (the flow shift) and
 ``model_index.json`` (no VAE or text encoder): ``init.from`` / ``launch.sample`` read it, ``WanPipeline``
 needs ``--pipeline`` to generate.
+
+A LoRA run (``finetune.lora.rank`` > 0) keeps adapters only; its base is rebuilt from ``init.from`` and must
+have the fingerprint of its ``base.json``. Exported plainly (or with ``--merge``), in our format or
+``--format diffusers``, it gives the full model with the adapters merged in; ``--lora`` writes the
+adapters alone as ``OUT/pytorch_lora_weights.safetensors`` (``--lora-format diffusers``, the default, for
+``pipe.load_lora_weights``; ``comfy`` for ComfyUI's LoRA loader; see :mod:`launch.interop.adapters`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from dit.diffusion import DiffusionConfig
 from dit.model import SpacetimeDiT, build_model
 from launch import diffusers_pipeline
 from launch.config import JobConfig, SampleConfig, load_config
+from launch.interop import adapters
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
 
@@ -202,18 +209,52 @@ def check_export_folder(out: str | Path) -> None:
 
 
 def export(src: str | Path, out_dir: str | Path) -> Path:
-    """Export the newest intact checkpoint at ``src`` (a checkpoint, its folder or a run directory)."""
+    """Export the newest intact checkpoint at ``src`` (a checkpoint, its folder or a run directory); a
+    LoRA run's adapters merged into its base (:func:`launch.interop.adapters.lora_weights`)."""
     path = ckpt.resolve(src)
     cfg = load_config(path / "config.yaml")
-    state = ckpt.read_full(path, {"model", "ema", "step"})
-    for key in ("model", "ema"):
-        bad = [name for name, t in (state.get(key) or {}).items() if not torch.isfinite(t).all()]
-        if bad:  # the trainer never saves such a state: this checkpoint was altered or is foreign
-            raise CheckpointError(f"{path}: {key} weights {', '.join(bad[:3])} hold NaN or inf; not exported")
+    if cfg.finetune.lora.enabled:
+        model, ema, step = adapters.lora_weights(path, cfg, merged=True)
+        state = {"model": model, "ema": ema, "step": step}
+    else:
+        state = ckpt.read_full(path, {"model", "ema", "step"})
+    _check_finite(path, state)
     step = int(state["step"])
     config = export_config(cfg, step, path)
     extra = {k: v for k, v in config.items() if k not in ("format", "arch")}
     return write_export(out_dir, cfg.model.arch, state["model"], extra, ema=state.get("ema"))
+
+
+def _check_finite(path: Path, state: dict) -> None:
+    for key in ("model", "ema"):
+        bad = [name for name, t in (state.get(key) or {}).items() if not torch.isfinite(t).all()]
+        if bad:  # the trainer never saves such a state: this checkpoint was altered or is foreign
+            raise CheckpointError(f"{path}: {key} weights {', '.join(bad[:3])} hold NaN or inf; not exported")
+
+
+def export_lora(src: str | Path, out: str | Path, fmt: str = "diffusers", use_ema: bool = True) -> Path:
+    """Write a LoRA run's adapters as ``OUT/pytorch_lora_weights.safetensors`` in ``fmt`` (``diffusers``
+    or ``comfy``, see :mod:`launch.interop.adapters`); returns the file.
+
+    Args:
+        src: a LoRA run, its ``checkpoints/`` folder or a checkpoint.
+        out: the folder.
+        fmt: ``diffusers`` or ``comfy``.
+        use_ema: the EMA of the adapters when the run kept one.
+
+    Raises:
+        ValueError: ``src`` is no LoRA run, or an adapted module the format cannot carry.
+        CheckpointError: a damaged checkpoint, or (pissa/olora) a base that is not the run's.
+    """
+    found = adapters.lora_checkpoint(src)
+    if found is None:
+        raise ValueError(f"--lora: {src} is not a LoRA run (no checkpoint with finetune.lora.rank > 0)")
+    path, cfg = found
+    model, ema, step = adapters.lora_weights(path, cfg, merged=False, use_ema=use_ema)
+    state = ema if ema is not None else model
+    _check_finite(path, {"model": state})
+    meta = adapters.lora_metadata(cfg, path, step, fmt, ema is not None)
+    return adapters.write_lora(out, cfg.model.arch, state, fmt, meta)
 
 
 def load_model(path: str | Path, use_ema: bool = True, expert: str = "") -> SpacetimeDiT:
@@ -230,7 +271,12 @@ def load_model(path: str | Path, use_ema: bool = True, expert: str = "") -> Spac
     """
     from launch.finetune import arch_dict_to_config, read_weights  # finetune imports this module
 
-    state, arch = read_weights(path, use_ema, expert, key="load_model")
+    lora = adapters.lora_checkpoint(path) if not expert else None
+    if lora is not None:  # a LoRA run: its adapters merged into the base it was trained on
+        model_state, ema, _ = adapters.lora_weights(lora[0], lora[1], merged=True, use_ema=use_ema)
+        state, arch = ema if ema is not None else model_state, dataclasses.asdict(lora[1].model.arch)
+    else:
+        state, arch = read_weights(path, use_ema, expert, key="load_model")
     if arch is None:
         raise CheckpointError(f"{path}: names no architecture (no config.json 'arch' or config.yaml)")
     model = build_model(arch_dict_to_config(arch, str(path)), device="cpu")
@@ -253,7 +299,11 @@ def _read_source(src: str | Path, use_ema: bool) -> tuple[dict, dict]:
     else:
         path = ckpt.resolve(src)
         cfg = load_config(path / "config.yaml")
-        full = ckpt.read_full(path, {"model", "ema"})
+        if cfg.finetune.lora.enabled:  # a LoRA run: adapters merged into its base
+            model, ema, _ = adapters.lora_weights(path, cfg, merged=True, use_ema=use_ema)
+            full = {"model": model, "ema": ema}
+        else:
+            full = ckpt.read_full(path, {"model", "ema"})
         state = full["ema"] if use_ema and full.get("ema") else full["model"]
         info = export_config(cfg, None, path) | {"arch": cfg.model.arch, "diffusion": cfg.diffusion}
     if "arch" not in info:
@@ -419,8 +469,32 @@ def main(argv: list[str] | None = None) -> None:
         help="with --low-noise: the pipeline's boundary_ratio (the high-noise expert runs t >= B); default: "
         "where the experts' diffusion.t_range meet",
     )
-    p.add_argument("--no-ema", action="store_true", help="--format diffusers: the raw weights, not the EMA")
+    p.add_argument(
+        "--no-ema", action="store_true", help="--format diffusers, --lora: the raw weights, not the EMA"
+    )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="a LoRA run's adapters alone: OUT/pytorch_lora_weights.safetensors (pipe.load_lora_weights)",
+    )
+    p.add_argument(
+        "--lora-format",
+        choices=("diffusers", "comfy"),
+        help="with --lora: diffusers' keys (default) or ComfyUI's (diffusion_model.<original names>)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA run's adapters merged into its base: a full model (ours, or --format diffusers); "
+        "what a LoRA run exports without --lora anyway",
+    )
     a = p.parse_args(argv)
+    if a.lora_format and not a.lora:
+        p.error("--lora-format needs --lora")
+    if a.lora and (a.merge or a.format != "spacetime-dit"):
+        p.error(
+            "--lora writes the adapters alone (--lora-format picks their keys): not with --merge or --format"
+        )
     for flag, given in (("--pipeline", a.pipeline), ("--low-noise", a.low_noise)):
         if given and a.format != "diffusers":
             p.error(f"{flag} needs --format diffusers")
@@ -431,6 +505,12 @@ def main(argv: list[str] | None = None) -> None:
     if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
         p.error(f"OUT {a.out_dir} is a file: the export is written to a folder")
     try:
+        if a.merge and adapters.lora_checkpoint(a.source) is None:
+            raise ValueError(f"--merge: {a.source} is not a LoRA run; its export is the full model already")
+        if a.lora:
+            out = export_lora(a.source, a.out_dir, a.lora_format or "diffusers", use_ema=not a.no_ema)
+            print(f"exported the adapters of {a.source} → {out}")
+            return
         if a.format == "diffusers":
             out = export_diffusers(
                 a.source,

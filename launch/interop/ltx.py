@@ -72,6 +72,33 @@ def renames(cfg: DiTConfig) -> list[Rename]:
     return rs
 
 
+# our module → the original LTX-Video checkpoint's (Lightricks' repository; ComfyUI keeps these names).
+# Inside the blocks the original names are diffusers' (transformer_blocks.N.attn1.to_q …).
+ORIGINAL_TOP = {
+    "patch_embed.proj": "patchify_proj",
+    "t_embedder.fc1": "adaln_single.emb.timestep_embedder.linear_1",
+    "t_embedder.fc2": "adaln_single.emb.timestep_embedder.linear_2",
+    "t_proj.1": "adaln_single.linear",
+    "text_proj.fc1": "caption_projection.linear_1",
+    "text_proj.fc2": "caption_projection.linear_2",
+    "final.linear": "proj_out",
+}
+LORA_REFUSED: dict[str, str] = {}  # every linear of ours is a linear of LTX's
+
+
+def original_modules(cfg: DiTConfig) -> dict[str, str]:
+    """Our linear modules → their names in the original LTX-Video checkpoint (what ComfyUI's LTXV model
+    and LTX-Video-Trainer's LoRA files use)."""
+    names = dict(ORIGINAL_TOP)
+    for i in range(cfg.depth):
+        for ours, attn in (("attn", "attn1"), ("cross_attn", "attn2")):
+            for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0")):
+                names[f"blocks.{i}.{ours}.{a}"] = f"transformer_blocks.{i}.{attn}.{b}"
+        names[f"blocks.{i}.mlp.fc1"] = f"transformer_blocks.{i}.ff.net.0.proj"
+        names[f"blocks.{i}.mlp.fc2"] = f"transformer_blocks.{i}.ff.net.2"
+    return names
+
+
 def config_to_ours(config: dict, where: object) -> DiTConfig:
     """Our architecture for an LTX-Video ``config.json``.
 

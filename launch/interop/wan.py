@@ -74,6 +74,37 @@ def renames(cfg: DiTConfig) -> list[Rename]:
     return rs
 
 
+# our module → the original Wan checkpoint's (Wan-AI's repository; ComfyUI keeps these names): what LoRA
+# files in the ComfyUI / "non-diffusers" layout are keyed by. Blocks: see original_modules.
+ORIGINAL_TOP = {
+    "t_embedder.fc1": "time_embedding.0",
+    "t_embedder.fc2": "time_embedding.2",
+    "t_proj.1": "time_projection.1",
+    "text_proj.fc1": "text_embedding.0",
+    "text_proj.fc2": "text_embedding.2",
+    "final.linear": "head.head",
+}
+# modules whose adapters no Wan LoRA format can carry as they are, and why
+LORA_REFUSED = {
+    "patch_embed.proj": "Wan's patch embedding is a Conv3d (patch_embedding), ours a linear on patches; "
+    "no LoRA loader maps a linear adapter onto it",
+}
+
+
+def original_modules(cfg: DiTConfig) -> dict[str, str]:
+    """Our linear modules → their names in the original Wan checkpoint (``blocks.0.self_attn.q``,
+    ``blocks.0.ffn.0``, ``head.head`` …), the names ComfyUI's Wan model and diffusers'
+    ``_convert_non_diffusers_wan_lora_to_diffusers`` use."""
+    names = dict(ORIGINAL_TOP)
+    for i in range(cfg.depth):
+        for ours, theirs in (("attn", "self_attn"), ("cross_attn", "cross_attn")):
+            for a in ("q", "k", "v", "o"):
+                names[f"blocks.{i}.{ours}.{a}"] = f"blocks.{i}.{theirs}.{a}"
+        names[f"blocks.{i}.mlp.fc1"] = f"blocks.{i}.ffn.0"
+        names[f"blocks.{i}.mlp.fc2"] = f"blocks.{i}.ffn.2"
+    return names
+
+
 def config_to_ours(config: dict, where: object) -> DiTConfig:
     """Our architecture for a Wan ``config.json`` (without the ``_`` keys).
 
