@@ -1,8 +1,12 @@
 """Apply parallelism to a plain SpacetimeDiT from outside, in DESIGN §4's fixed order.
 
 tensor parallel → sequence cut (context and sequence parallel hooks) → activation checkpointing →
-per-block torch.compile → FSDP2 ``fully_shard`` per block and at the root (HSDP over
-dp_replicate × (dp_shard · cp)). The model is
+memory options (activation offload, block swap: :mod:`parallel.offload`) → per-block torch.compile →
+FSDP2 ``fully_shard`` per block and at the root (HSDP over dp_replicate × (dp_shard · cp)). A model
+with peft LoRA adapters (``finetune.lora``, injected before any of this) goes through the same steps:
+the tensor-parallel plan splits its adapters with their linears (:mod:`parallel.tp_plan`), and FSDP2
+shards the frozen base and the trainable adapters of a block together (it needs one dtype among the
+trainable parameters only, so a bf16-stored base next to fp32 adapters is fine). The model is
 built on the meta device and only materialised afterwards, so no rank ever holds a full copy, except
 rank 0 while it makes the initial weights (see :func:`materialize`). :func:`build_parallel_model` does
 all of it, for the FSDP engine (``launch.engine``), the benchmarks and the parity tests alike.
@@ -28,6 +32,7 @@ from dit.model import SpacetimeDiT
 from parallel.config import ParallelConfig, checkpoint_every, is_selective
 from parallel.context import apply_sequence_cut, check_cp_degrees
 from parallel.dims import ParallelDims
+from parallel.offload import apply_memory_options
 from parallel.tensor import apply_tensor_parallel, check_tp
 
 
@@ -40,30 +45,71 @@ def make_dims(pcfg: ParallelConfig, world: int, arch) -> ParallelDims:
 
 
 def parallelize(
-    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, pcfg: ParallelConfig, bf16: bool = False
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh: DeviceMesh | None,
+    pcfg: ParallelConfig,
+    bf16: bool = False,
+    *,
+    block_swap: int = 0,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Apply every enabled kind of parallelism to ``model`` in place (meta or materialised).
 
     Args:
         dims, mesh: from :class:`ParallelDims` (mesh None: one process).
-        pcfg: activation checkpointing, compile and offload choices.
+        pcfg: activation checkpointing and offload, compile and FSDP offload choices.
         bf16: FSDP keeps bf16 copies of the parameters for compute and reduces gradients in fp32 (CUDA).
+        block_swap: ``finetune.block_swap``: the last this many blocks' frozen weights live in host memory
+            (:func:`parallel.offload.apply_memory_options`); one process without tensor parallelism.
+        device: where the model computes (the memory options' copies); default: where its parameters
+            are, CUDA's current device for a meta model when CUDA is there.
     """
     if pcfg.cpu_offload and not torch.cuda.is_available():
         raise ValueError(
             "parallel.cpu_offload moves FSDP shards between a GPU and host memory: it needs CUDA"
         )
+    check_block_swap(block_swap, dims)
     sp = dims.tp > 1 and pcfg.sequence_parallel
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp)
     cut_sequence(model, dims, mesh, sequence_parallel=sp)
     apply_activation_checkpointing(model, pcfg.activation_checkpointing)
+    if pcfg.activation_offload or block_swap:
+        # hooks that enclose checkpoint's (either order works) and are traced with the block by compile;
+        # FSDP's all-gathered weights are parameters, which the offload leaves on the device
+        apply_memory_options(
+            model,
+            activation_offload=pcfg.activation_offload,
+            block_swap=block_swap,
+            device=device if device is not None else _compute_device(model),
+        )
     if pcfg.compile:
         for block in model.blocks:
             block.compile()
     if dims.dp * dims.cp > 1:
         _shard(model, dims, mesh, bf16, pcfg.cpu_offload)
     return model
+
+
+def check_block_swap(block_swap: int, dims: ParallelDims) -> None:
+    """A ValueError naming the keys unless ``finetune.block_swap`` can run on this layout: it moves whole
+    blocks' weights between host and device, so FSDP (which owns the shards and gathers them) and
+    tensor parallelism (DTensor slices) are out; one process only."""
+    if block_swap and dims.world > 1:
+        raise ValueError(
+            f"finetune.block_swap={block_swap} swaps whole blocks on one process, but the layout has "
+            f"{dims.world} ranks (parallel.dp_replicate={dims.dp_replicate}, parallel.dp_shard="
+            f"{dims.dp_shard}, parallel.cp={dims.cp}, parallel.tp={dims.tp}): with FSDP use "
+            "parallel.cpu_offload instead, or set finetune.block_swap=0"
+        )
+
+
+def _compute_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters())
+    if p.is_meta:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else p.device
+    return p.device
 
 
 def build_parallel_model(
@@ -76,6 +122,7 @@ def build_parallel_model(
     device: torch.device | str = "cpu",
     bf16: bool = False,
     prepare: Callable[[nn.Module], object] | None = None,
+    block_swap: int = 0,
 ) -> nn.Module:
     """A SpacetimeDiT under ``pcfg``'s layout, holding ``init_fn()``'s weights: built on meta,
     parallelized (:func:`parallelize`), then materialised (:func:`materialize`).
@@ -88,13 +135,15 @@ def build_parallel_model(
         device: where the shards live (host memory under ``parallel.cpu_offload``).
         bf16: FSDP mixed precision (bf16 compute copies, fp32 reduction); the trainer asks for it on CUDA.
         prepare: runs on the meta model before any parallelism, e.g. freezing parameters (FSDP2
-            groups parameters by ``requires_grad`` when it shards).
+            groups parameters by ``requires_grad`` when it shards) or injecting LoRA adapters
+            (``launch.lora.apply_lora``: the same names as ``init_fn``'s model).
+        block_swap: ``finetune.block_swap`` (see :func:`parallelize`).
     """
     with torch.device("meta"):
         model = SpacetimeDiT(arch)
     if prepare is not None:
         prepare(model)
-    parallelize(model, dims, mesh, pcfg, bf16)
+    parallelize(model, dims, mesh, pcfg, bf16, block_swap=block_swap, device=device)
     materialize(model, torch.device(device), mesh, init_fn, offload=pcfg.cpu_offload)
     return model
 

@@ -24,10 +24,12 @@ from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig, make_objective
 from launch.batches import Prepared, step_seed
 from launch.engine import FsdpEngine, global_samples, mean_loss, sample_losses
+from launch.lora import apply_lora
 from parallel.config import ParallelConfig
 from parallel.parallelize import build_parallel_model, make_dims
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
+from tests.parallel.lora_helpers import LORA, lora_model
 from tests.parallel.tp_plan_worker import ltx_shaped
 
 GLOBAL_BATCH = 4
@@ -51,6 +53,10 @@ class Case:
     ltx: bool = False
     """The LTX-Video-shaped model (:func:`tests.parallel.tp_plan_worker.ltx_shaped`, patch 1×2×2):
     per-sample RoPE tables with a head axis, cut over the tokens (cp) and the heads (tp); qk_norm unused."""
+    lora: bool = False
+    """peft LoRA adapters (:data:`tests.parallel.lora_helpers.LORA`) on the frozen base, as the trainer
+    builds them: injected into the meta model before any parallelism (``prepare``) and into the CPU model
+    whose state fills it."""
 
     def arch(self) -> DiTConfig:
         if self.ltx:
@@ -89,16 +95,28 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
+        if g is None:  # a frozen parameter (LoRA's base): the test checks which names have gradients
+            continue
         out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
     return out
 
 
-def train(cfg: DiTConfig, pcfg: ParallelConfig, world: int, fixed_draws: bool = False) -> dict:
+def train(
+    cfg: DiTConfig,
+    pcfg: ParallelConfig,
+    world: int,
+    fixed_draws: bool = False,
+    lora: bool = False,
+    block_swap: int = 0,
+) -> dict:
     """Three optimizer steps of ``cfg`` under ``pcfg``; returns losses and first-step gradients.
 
     Args:
         fixed_draws: the batch's fixed noise and times instead of the trainer's draws (see the module
             doc); needed, and only allowed, where ``pcfg`` splits the batch over data-parallel ranks.
+        lora: train the adapters of a frozen base (:func:`tests.parallel.lora_helpers.lora_model`) instead
+            of every weight.
+        block_swap: ``finetune.block_swap`` (one process).
     """
     dims = make_dims(pcfg, world, cfg)
     if world > 1 and fixed_draws != (dims.dp > 1):
@@ -106,8 +124,15 @@ def train(cfg: DiTConfig, pcfg: ParallelConfig, world: int, fixed_draws: bool = 
             f"fixed_draws={fixed_draws} with {dims.dp} data-parallel ranks (see Case.split_batch)"
         )
     mesh = dims.build_mesh("cpu")
-    model = build_parallel_model(cfg, dims, mesh, pcfg, lambda: random_model(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    if lora:
+        model = build_parallel_model(
+            cfg, dims, mesh, pcfg, lambda: lora_model(cfg), prepare=lambda m: apply_lora(m, LORA),
+            block_swap=block_swap,
+        )  # fmt: skip
+    else:
+        model = build_parallel_model(cfg, dims, mesh, pcfg, lambda: random_model(cfg), block_swap=block_swap)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     cpu = torch.device("cpu")
     engine = FsdpEngine(model=model, opt=opt, sched=sched, dims=dims, device=cpu, grad_clip=1.0)
@@ -140,7 +165,7 @@ def train(cfg: DiTConfig, pcfg: ParallelConfig, world: int, fixed_draws: bool = 
 
 
 def reference(case: Case) -> dict:
-    return train(case.arch(), ParallelConfig(), world=1, fixed_draws=case.split_batch)
+    return train(case.arch(), ParallelConfig(), world=1, fixed_draws=case.split_batch, lora=case.lora)
 
 
 def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
@@ -150,5 +175,5 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) ->
         port,
         cases,
         out_dir,
-        lambda c: train(c.arch(), ParallelConfig(**c.parallel), world, c.split_batch),
+        lambda c: train(c.arch(), ParallelConfig(**c.parallel), world, c.split_batch, c.lora),
     )

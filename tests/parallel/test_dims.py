@@ -13,7 +13,7 @@ from dit.model import SpacetimeDiT
 from parallel.config import ParallelConfig, checkpoint_every
 from parallel.context import check_cp_degrees
 from parallel.dims import ParallelDims
-from parallel.parallelize import make_dims, parallelize
+from parallel.parallelize import check_block_swap, make_dims, parallelize
 
 ARCH = DiTConfig(hidden_size=64, num_heads=4, depth=2, text_dim=16, ffn_dim=90)
 
@@ -99,3 +99,13 @@ def test_cpu_offload_without_a_gpu_is_a_config_error():
     pcfg = ParallelConfig(cpu_offload=True)
     with pytest.raises(ValueError, match="parallel.cpu_offload"):
         parallelize(model, make_dims(pcfg, 1, ARCH), None, pcfg)
+
+
+def test_block_swap_needs_one_process():
+    """``finetune.block_swap`` moves whole blocks between host and device: refused under FSDP or tensor
+    parallelism (several ranks), naming the keys and the alternative."""
+    check_block_swap(2, make_dims(ParallelConfig(), 1, ARCH))
+    check_block_swap(0, make_dims(ParallelConfig(dp_shard=2), 2, ARCH))
+    for pcfg in (ParallelConfig(dp_shard=2), ParallelConfig(dp_shard=1, tp=2)):
+        with pytest.raises(ValueError, match=r"finetune.block_swap=2 .*2 ranks.*parallel.cpu_offload"):
+            check_block_swap(2, make_dims(pcfg, 2, ARCH))
