@@ -1,16 +1,49 @@
 """Peak memory and step time of fine-tuning: full vs LoRA (rank 16, 64) vs LoRA + activation offload.
 
-:class:`LiveBytes` measures a step's peak memory on CPU (live tensor bytes by storage).
+``python -m benchmarks.finetune_memory [--preset video-small] [--shapes 4x16x16,4x32x32]
+[--cases full,lora16,lora64,lora16+offload] [--steps 2] [--threads 1]`` runs every case at every
+latent shape, each in a fresh subprocess (nothing one case allocated or cached lingers in the next),
+all in one invocation, and writes ``benchmarks/results/{date}-finetune_memory-cpu.md``.
+
+One case: the model (seeded random weights), LoRA through :func:`launch.lora.apply_lora` on the default
+targets (every block's attention q/k/v/o and FFN fc1/fc2; nothing else trains), activation offload
+through :func:`parallel.offload.apply_memory_options`, AdamW over the trainable parameters, flow
+matching loss on random latents and captions. One warm-up step (it creates AdamW's states), then
+``--steps`` timed steps (median), then one step under :class:`LiveBytes`.
+
+Peak memory: :class:`LiveBytes` counts every tensor storage alive at each op (parameters, gradients,
+AdamW states, inputs, activations, temporaries the ops return) through a ``TorchDispatchMode``, and
+takes the maximum over the step of live bytes minus what the memory options hold in host memory
+(offloaded activations): the device memory a GPU would need, less the allocator's fragmentation and
+kernels' internal workspaces, which it does not see. ``resource.getrusage`` (maxrss) is not used: it
+counts the interpreter, libraries and freed-but-cached pages, and never goes down. Step times come
+from a shared machine: compare the ratios of one run, not absolute times; on CPU an "offloaded"
+activation is a host-to-host copy, so its step time says nothing of a GPU's PCIe overlap.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+CASES = {
+    "full": dict(rank=0, offload=False),
+    "lora16": dict(rank=16, offload=False),
+    "lora64": dict(rank=64, offload=False),
+    "lora16+offload": dict(rank=16, offload=True),
+}
+"""The cases: LoRA rank (0: full fine-tuning) and activation offload."""
 
 
 class LiveBytes(TorchDispatchMode):
@@ -57,3 +90,176 @@ class LiveBytes(TorchDispatchMode):
                 self._add(t.untyped_storage())
         self._update()
         return out
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise ValueError(f"--shapes: {text!r} is not latent TxHxW (e.g. 4x16x16)") from None
+    return t, h, w
+
+
+def run_case(preset: str, case: str, shape: str, steps: int, text_len: int, depth: int | None) -> dict:
+    """One case in this process: trainable parameters, median step seconds, peak and static bytes."""
+    from dit.config import get_preset
+    from dit.model import build_model
+    from launch.config import LoraConfig
+    from launch.lora import apply_lora
+    from parallel.offload import apply_memory_options
+
+    if case not in CASES:
+        raise ValueError(f"--cases: unknown case {case!r}; expected some of {sorted(CASES)}")
+    rank, offload = CASES[case]["rank"], CASES[case]["offload"]
+    arch = get_preset(preset, **({"depth": depth} if depth else {}))
+    model = build_model(arch, seed=0)
+    if rank:
+        apply_lora(model, LoraConfig(rank=rank), seed=0)
+    options = apply_memory_options(model, activation_offload=offload, block_swap=0, device="cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    t_, h, w = _shape(shape)
+    x0 = torch.randn(1, arch.in_channels, t_, h, w, generator=g)
+    ctx = torch.randn(1, text_len, arch.text_dim, generator=g) if arch.conditioning == "text" else None
+    mask = torch.ones(1, text_len, dtype=torch.bool) if ctx is not None else None
+
+    def step() -> None:
+        noise = torch.randn(x0.shape, generator=g)
+        s = torch.rand(1, generator=g)
+        x_t = (1 - s) * x0 + s * noise  # flow matching: predict noise - x0
+        loss = (model(x_t, s * 1000, ctx, mask) - (noise - x0)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # AdamW's states exist from here
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    tracker = LiveBytes(options.host_bytes)
+    states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    tracker.track(
+        [*model.parameters(), *model.buffers(), *states, x0, *(t for t in (ctx, mask) if t is not None)]
+    )
+    static = tracker.live
+    with tracker:
+        step()
+    return {
+        "case": case,
+        "shape": shape,
+        "tokens": (t_ // arch.patch_size[0]) * (h // arch.patch_size[1]) * (w // arch.patch_size[2]),
+        "trainable": sum(p.numel() for p in params),
+        "total": sum(p.numel() for p in model.parameters()),
+        "step_s": statistics.median(times) if times else float("nan"),
+        "peak_bytes": tracker.peak,
+        "static_bytes": static,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.finetune_memory", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--preset", default="video-small")
+    p.add_argument("--depth", type=int, help="override the preset's depth (a fast run)")
+    p.add_argument(
+        "--shapes", default="4x16x16,4x32x32", help="latent TxHxW, comma-separated (two token counts)"
+    )
+    p.add_argument("--cases", default=",".join(CASES), help=f"some of {','.join(CASES)}")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per case (median)")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each case's process")
+    p.add_argument("--out", default="finetune_memory-cpu", help="report name after the date ('' : none)")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a case's subprocess
+    return p.parse_args(argv)
+
+
+def _subprocess(a: argparse.Namespace, case: str, shape: str) -> dict:
+    """One case in a fresh interpreter: its JSON line."""
+    cmd = [sys.executable, "-m", "benchmarks.finetune_memory", "--one", "--cases", case, "--shapes", shape]
+    cmd += ["--preset", a.preset, "--steps", str(a.steps), "--text-len", str(a.text_len)]
+    cmd += ["--threads", str(a.threads)] + (["--depth", str(a.depth)] if a.depth else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"case {case} at {shape} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def rows_with_ratios(results: list[dict]) -> list[dict]:
+    """Report rows: each case with its peak and step time relative to full fine-tuning at the same shape."""
+    full = {r["shape"]: r for r in results if r["case"] == "full"}
+    rows = []
+    for r in results:
+        ref = full.get(r["shape"])
+        rows.append(
+            {
+                "case": r["case"],
+                "latent T×H×W": r["shape"],
+                "tokens": r["tokens"],
+                "trainable params": f"{r['trainable']:,}",
+                "trainable %": f"{100 * r['trainable'] / r['total']:.2f}",
+                "peak MiB": f"{r['peak_bytes'] / 2**20:.0f}",
+                "peak / full": f"{r['peak_bytes'] / ref['peak_bytes']:.3f}" if ref else "",
+                "params+states MiB": f"{r['static_bytes'] / 2**20:.0f}",
+                "step s": f"{r['step_s']:.2f}",
+                "step / full": f"{r['step_s'] / ref['step_s']:.3f}" if ref else "",
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    cases, shapes = a.cases.split(","), a.shapes.split(",")
+    for c in cases:
+        if c not in CASES:
+            raise SystemExit(f"--cases: unknown case {c!r}; expected some of {sorted(CASES)}")
+    for sh in shapes:
+        _shape(sh)
+    if a.one:
+        torch.set_num_threads(a.threads)
+        print(json.dumps(run_case(a.preset, cases[0], shapes[0], a.steps, a.text_len, a.depth)))
+        return {}
+    results = []
+    for sh in shapes:
+        for c in cases:
+            results.append(_subprocess(a, c, sh))
+            r = results[-1]
+            print(
+                f"{c} {sh}: trainable {r['trainable']:,}, peak {r['peak_bytes'] / 2**20:.0f} MiB, "
+                f"{r['step_s']:.2f} s"
+            )
+    rows = rows_with_ratios(results)
+    out = {"rows": rows, "results": results}
+    if a.out:
+        from benchmarks import report
+
+        config = {"preset": a.preset, "depth": a.depth or "preset", "shapes": a.shapes, "cases": a.cases}
+        config |= {"steps": a.steps, "text_len": a.text_len, "threads per case": a.threads}
+        body = report.table(rows) + "\n\n" + METHOD
+        out["path"] = str(
+            report.write(a.out, "benchmarks.finetune_memory", TITLE, torch.device("cpu"), config, body)
+        )
+    return out
+
+
+TITLE = "Fine-tuning memory and step time: full vs LoRA vs LoRA + activation offload (CPU)"
+METHOD = """Method: every case runs in its own subprocess (one invocation runs them all, one after another).
+Peak memory is the maximum over one training step (forward, backward, AdamW step, zero_grad; AdamW's
+states already exist) of the bytes of every live tensor storage, tracked op by op with a
+TorchDispatchMode (benchmarks.finetune_memory.LiveBytes), minus what activation offload holds in host
+memory at that moment: what a GPU would hold, without the caching allocator's fragmentation and kernels'
+internal workspaces. "params+states" is what is alive before the step (parameters, AdamW states,
+inputs). Step time is the median of the timed steps on a CPU shared with other jobs: compare ratios
+within this run, not absolute times. On CPU activation offload copies host to host (the same code path
+as a GPU's pinned device-to-host copies, without the overlap), so its step time is not a GPU's.
+Targets (issue 16): LoRA's peak <= 40% of full fine-tuning's; LoRA's step time <= full's.
+"""
+
+
+if __name__ == "__main__":
+    main()
