@@ -75,9 +75,15 @@ def split(adapters: dict[str, Tensor], where: str = "adapters") -> dict[str, tup
 
 def _class_of(cfg: DiTConfig):
     """The interop module of the diffusers class ``cfg`` is (LTX-Video for ``rope_ltx``, else Wan), after
-    refusing a config that class cannot express (the adapters would fit no published model)."""
+    refusing a config that class cannot express: the adapters would fit no model diffusers or ComfyUI
+    has."""
     module = ltx if cfg.pos_embed == "rope_ltx" else wan
-    refuse(module.CLASS_NAME, "the LoRA's base (model.arch)", module.inexpressible(cfg))
+    try:
+        refuse(module.CLASS_NAME, "--lora: the run's base (model.arch)", module.inexpressible(cfg))
+    except ValueError as e:
+        raise ValueError(
+            f"{e}: its adapters load nowhere but here; export the merged model (launch.export RUN OUT)"
+        ) from None
     return module
 
 
@@ -120,10 +126,10 @@ def lora_state(cfg: DiTConfig, adapters: dict[str, Tensor], fmt: str) -> dict[st
     """
     if fmt not in FORMATS:
         raise ValueError(f"--lora-format {fmt!r}: expected one of {list(FORMATS)}")
+    is_wan = _class_of(cfg) is wan  # first: a base no loader has makes every other check moot
     pairs = split(adapters)
     names = _names(cfg, list(pairs), fmt)
     out: dict[str, Tensor] = {}
-    is_wan = _class_of(cfg) is wan
     for m, (a, b) in pairs.items():
         a, b = a.float().contiguous(), b.float().contiguous()
         if fmt == "diffusers":

@@ -41,6 +41,16 @@ RTOL = 1e-5
 TARGETS = [*LORA_TARGETS, "t_embedder.fc2", "t_proj.1", "text_proj.fc1", "final.linear"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: the models are tiny, and LAPACK's SVD (pissa) ran ~100× slower with two threads on a
+    busy 2-core machine (OpenMP waits) than with one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -199,6 +209,14 @@ def test_export_of_a_pissa_lora_run(tmp_path):
         == json.loads((run / "checkpoints" / "step-00000005" / "base.json").read_text())["fingerprint"]
     )
     assert "lora_adapter_metadata" not in meta and meta["spacetime_dit.init"] == "pissa"
+    main([str(run), str(tmp_path / "raw"), "--lora", "--no-ema", "--lora-format", "comfy"])
+    with safe_open(tmp_path / "raw" / lora_files.LORA_FILE, "pt") as f, safe_open(file, "pt") as g:
+        assert f.metadata()["spacetime_dit.ema"] == "false" and meta["spacetime_dit.ema"] == "true"
+        raw, ema = (
+            f.get_tensor("diffusion_model.blocks.0.ffn.2.lora_up.weight"),
+            g.get_tensor("transformer.blocks.0.ffn.net.2.lora_B.weight"),
+        )
+        assert raw.shape == ema.shape and not torch.equal(raw, ema)  # the raw adapters, not their EMA
     pipe = _stock_pipe(folder)
     pipe.load_lora_weights(tmp_path / "lora")
     main([str(run), str(tmp_path / "merged")])  # a LoRA run's plain export is the merged model
@@ -214,3 +232,31 @@ def test_export_of_a_pissa_lora_run(tmp_path):
         main([str(run), str(tmp_path / "merged2"), "--merge", "--format", "diffusers"])
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_model(run)
+
+
+def test_what_a_lora_file_cannot_carry_is_refused(tmp_path):
+    """Adapters on a module no loader maps (Wan's Conv3d patch embedding), on a base no published class
+    expresses, or from a source that is not a LoRA run: each an error saying what to do."""
+    from dit.config import get_preset
+    from launch.export import write_export
+    from launch.interop import wan
+    from tests.launch.diffusers_models import WAN_TINY
+
+    cfg = wan.config_to_ours(WAN_TINY, "tiny Wan")
+    model = build_model(cfg, seed=0)
+    apply_lora(model, LoraConfig(rank=2, targets=["patch_embed.proj", "blocks.0.attn.q"]))
+    adapters = adapter_state(model)
+    for fmt in lora_files.FORMATS:
+        with pytest.raises(
+            ValueError, match=r"patch_embed\.proj \(Wan's patch embedding is a Conv3d.*targets"
+        ):
+            lora_files.write_lora(tmp_path / "out", cfg, adapters, fmt, {})
+    tiny = get_preset("tiny")  # our own architecture: per-head qk norm, masked text …
+    with pytest.raises(ValueError, match=r"qk_norm='per_head'.*export the merged model"):
+        lora_files.lora_state(tiny, {}, "diffusers")
+    assert not (tmp_path / "out").exists()
+    export = write_export(tmp_path / "export", tiny, build_model(tiny, seed=0).state_dict(), {"step": 1})
+    with pytest.raises(SystemExit, match=r"--lora: .*export is not a LoRA run"):
+        main([str(export), str(tmp_path / "out"), "--lora"])
+    with pytest.raises(SystemExit):  # argparse: --lora-format belongs to --lora
+        main([str(export), str(tmp_path / "out"), "--lora-format", "comfy"])
