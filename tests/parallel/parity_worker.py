@@ -24,12 +24,11 @@ from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig, make_objective
 from launch.batches import Prepared, step_seed
 from launch.engine import FsdpEngine, global_samples, mean_loss, sample_losses
-from launch.lora import apply_lora
 from parallel.config import ParallelConfig
 from parallel.parallelize import build_parallel_model, make_dims
 from tests.dit.helpers import random_model
 from tests.parallel.group import serve
-from tests.parallel.lora_helpers import LORA, lora_model
+from tests.parallel.lora_helpers import lora_model, prepare_lora
 from tests.parallel.tp_plan_worker import ltx_shaped
 
 GLOBAL_BATCH = 4
@@ -57,6 +56,8 @@ class Case:
     """peft LoRA adapters (:data:`tests.parallel.lora_helpers.LORA`) on the frozen base, as the trainer
     builds them: injected into the meta model before any parallelism (``prepare``) and into the CPU model
     whose state fills it."""
+    base_dtype: str = "fp32"
+    """``finetune.base_dtype`` of the LoRA base (bf16: FSDP2 gathers mixed dtypes as bytes)."""
 
     def arch(self) -> DiTConfig:
         if self.ltx:
@@ -108,6 +109,7 @@ def train(
     fixed_draws: bool = False,
     lora: bool = False,
     block_swap: int = 0,
+    base_dtype: str = "fp32",
 ) -> dict:
     """Three optimizer steps of ``cfg`` under ``pcfg``; returns losses and first-step gradients.
 
@@ -117,6 +119,7 @@ def train(
         lora: train the adapters of a frozen base (:func:`tests.parallel.lora_helpers.lora_model`) instead
             of every weight.
         block_swap: ``finetune.block_swap`` (one process).
+        base_dtype: ``finetune.base_dtype`` of the LoRA base.
     """
     dims = make_dims(pcfg, world, cfg)
     if world > 1 and fixed_draws != (dims.dp > 1):
@@ -126,8 +129,8 @@ def train(
     mesh = dims.build_mesh("cpu")
     if lora:
         model = build_parallel_model(
-            cfg, dims, mesh, pcfg, lambda: lora_model(cfg), prepare=lambda m: apply_lora(m, LORA),
-            block_swap=block_swap,
+            cfg, dims, mesh, pcfg, lambda: lora_model(cfg, base_dtype),
+            prepare=lambda m: prepare_lora(m, base_dtype), block_swap=block_swap,
         )  # fmt: skip
     else:
         model = build_parallel_model(cfg, dims, mesh, pcfg, lambda: random_model(cfg), block_swap=block_swap)
@@ -165,7 +168,9 @@ def train(
 
 
 def reference(case: Case) -> dict:
-    return train(case.arch(), ParallelConfig(), world=1, fixed_draws=case.split_batch, lora=case.lora)
+    return train(
+        case.arch(), ParallelConfig(), 1, case.split_batch, lora=case.lora, base_dtype=case.base_dtype
+    )
 
 
 def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
@@ -175,5 +180,7 @@ def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) ->
         port,
         cases,
         out_dir,
-        lambda c: train(c.arch(), ParallelConfig(**c.parallel), world, c.split_batch, c.lora),
+        lambda c: train(
+            c.arch(), ParallelConfig(**c.parallel), world, c.split_batch, c.lora, base_dtype=c.base_dtype
+        ),
     )
