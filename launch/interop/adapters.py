@@ -208,6 +208,8 @@ def lora_checkpoint(src: str | Path) -> tuple[Path, JobConfig] | None:
         path = ckpt.resolve(src)
     except FileNotFoundError:
         return None
+    if not (path / "config.yaml").is_file():  # names no architecture: the caller's error, not ours
+        return None
     cfg = load_config(path / "config.yaml")
     return (path, cfg) if cfg.finetune.lora.enabled else None
 
