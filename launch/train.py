@@ -145,8 +145,13 @@ class Trainer:
     def check_finite(self) -> None:
         """Raise FloatingPointError if any weight or EMA value on any rank is NaN or infinite (a
         collective). A step is applied only when its loss and gradients are finite, but the update
-        itself can still overflow (a huge learning rate, a bad restart): this catches the result."""
-        tensors = [*self.model.parameters(), *(self.ema.shadow if self.ema else [])]
+        itself can still overflow (a huge learning rate, a bad restart): this catches the result.
+        A frozen base stored in low precision (LoRA, ``finetune.base_dtype``) is not read: no update
+        changes it, and float8 has no isfinite."""
+        params = self.model.parameters()
+        if self.engine.base is not None or self.cfg.finetune.base_dtype != "fp32":
+            params = [p for p in params if p.requires_grad]
+        tensors = [*params, *(self.ema.shadow if self.ema else [])]
         parts = [t for t in map(_local, tensors) if t.numel()]
         ok = bool(torch.stack([torch.isfinite(t).all() for t in parts]).all()) if parts else True
         if all_reduce(0.0 if ok else 1.0, "max", self.env.device) > 0:

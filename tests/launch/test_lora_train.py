@@ -182,3 +182,21 @@ def test_deepspeed_refuses_lora_and_a_low_precision_base_naming_the_keys(overrid
     cfg.parallel.engine = "deepspeed"
     with pytest.raises(ValueError, match=r"finetune\.base_dtype=bf16 with parallel\.engine=deepspeed"):
         check_finetune_deepspeed(cfg)
+
+
+def test_fp8_base_trains_and_saves(tmp_path, overrides):
+    """A float8 base (``finetune.base_dtype=fp8``) under the trainer: a step moves the adapters alone,
+    and the save's finiteness check reads the trainable weights (float8 has no isfinite)."""
+    from launch.train import setup
+
+    base, _ = _base(tmp_path)
+    tr = setup(_cfg(tmp_path, overrides, *LORA, f"init.from={base}", "finetune.base_dtype=fp8"))
+    try:
+        frozen = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not p.requires_grad}
+        assert any(p.dtype == torch.float8_e4m3fn for p in frozen.values())
+        tr.train_step(iter(tr.loader))
+        assert all(torch.equal(p, frozen[n]) for n, p in tr.model.named_parameters() if n in frozen)
+        saved = tr.checkpoint()
+    finally:
+        tr.close()
+    assert (saved / "base.json").is_file()
