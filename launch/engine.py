@@ -296,11 +296,18 @@ def initial_model(cfg: JobConfig, base: BaseRecord | None = None) -> nn.Module:
 
 
 def adapt(model: nn.Module, cfg: JobConfig, quiet: bool = False) -> None:
-    """A LoRA run's adapters (``finetune.lora``, seeded by ``seed``: every build gets the same bits;
-    every other parameter frozen) and the frozen base's storage (``finetune.base_dtype``), in place.
-    The same on the meta build (names and dtypes) and on the CPU initial model (values); nothing in
-    full training without ``finetune.base_dtype``."""
+    """``init.freeze``, a LoRA run's adapters (``finetune.lora``, seeded by ``seed``: every build gets
+    the same bits; every other parameter frozen) and the frozen base's storage
+    (``finetune.base_dtype``), in place. The same on the meta build (names, dtypes, modules: an fp8
+    base has a scale per weight) and on the CPU initial model (values).
+
+    Args:
+        quiet: say nothing (the initial model; the meta build says it on every rank)."""
     ft = cfg.finetune
+    if quiet:
+        freeze(model, cfg.init.freeze)
+    else:
+        freeze_logged(model, cfg.init.freeze)
     if ft.lora.enabled:
         from launch.lora import apply_lora
 
@@ -361,10 +368,6 @@ def build_fsdp_engine(
             lora.rank,
         )
 
-    def prepare(m: nn.Module) -> None:
-        freeze_logged(m, cfg.init.freeze)
-        adapt(m, cfg)
-
     model = build_parallel_model(
         cfg.model.arch,
         dims,
@@ -373,7 +376,7 @@ def build_fsdp_engine(
         lambda: initial_model(cfg, base),
         device=env.device,
         bf16=bf16 and env.device.type == "cuda",
-        prepare=prepare,
+        prepare=lambda m: adapt(m, cfg),
     )
     model.train()
     opt = build_optimizer(model, cfg.train, env.device, lora=lora)
