@@ -364,7 +364,7 @@ def _plan(cfg: JobConfig, bucket: dict, dims: ParallelDims, gpu: str, **changes)
 
 
 def _finetune(cfg: JobConfig):
-    from parallel.plan import Finetune
+    from parallel.plan_lora import Finetune
 
     ft = cfg.finetune
     return Finetune(ft.lora.rank, ft.base_dtype, ft.block_swap, cfg.parallel.activation_offload)

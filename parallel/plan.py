@@ -52,14 +52,8 @@ Time (per GPU, per optimizer step = grad_accum micro-steps):
   first gather and the last reduce-scatter; Ulysses all-to-alls and tensor-parallel collectives are on
   the critical path; ring attention's K/V passes overlap its attention.
 
-LoRA (:class:`Finetune`, ``finetune.*``): the frozen base holds no gradient, optimizer state or EMA and
-is stored in ``base_dtype`` (4, 2 or 1 bytes; the trainer's fp32 LoRA base under autocast saves a bf16
-copy of each weight for backward, as an fp8 base saves its dequantised one; a bf16 base none); the
-adapters (the default targets: q, k, v, o of each attention, fc1, fc2) carry fp32 parameters,
-gradients, AdamW and EMA. ``block_swap`` keeps the last blocks' base in host memory (two of them
-resident at a time: the running one and the prefetched next); ``activation_offload`` moves the saved
-activations of every block but the one in backward to host memory. :func:`lora_options` finds the
-options that make a LoRA fit a GPU of a given size.
+LoRA and the memory-lean options (``finetune.*``, ``parallel.activation_offload``): what changes in
+the states and activations is in :mod:`parallel.plan_lora`.
 
 These are predictions, validated so far only against FSDP2's fake-tensor memory tracker and CPU runs
 (``benchmarks/results/2026-12-01-plan-validation.md``); no GPU has run them. Step times are a roofline
@@ -89,6 +83,13 @@ from parallel.plan_inputs import (  # noqa: F401  (re-exported: the planner's AP
     Layout,
     checkpoint_blocks,
     elementwise_bytes,
+)
+from parallel.plan_lora import (  # noqa: F401  (BASE_BYTES re-exported: the planner's API)
+    BASE_BYTES,
+    Finetune,
+    adapter_params,
+    check_finetune,
+    lora_plan_states,
 )
 
 _PARAMS: dict[str, dict[str, int]] = {}
@@ -145,56 +146,6 @@ def _count_params(arch: DiTConfig) -> dict[str, int]:
         "cast_block": cast_block,
         "cast_root": root["cast"] - arch.depth * cast_block,
     }
-
-
-BASE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
-
-
-@dataclass(frozen=True)
-class Finetune:
-    """What the planner counts of ``finetune.*`` and ``parallel.activation_offload`` (defaults: full
-    training, nothing offloaded)."""
-
-    lora_rank: int = 0
-    """``finetune.lora.rank`` (0: every parameter trains)."""
-    base_dtype: str = "fp32"
-    """``finetune.base_dtype`` of the frozen base (LoRA only)."""
-    block_swap: int = 0
-    """``finetune.block_swap``: the last blocks whose frozen base lives in host memory."""
-    activation_offload: bool = False
-    """``parallel.activation_offload``."""
-
-
-def adapter_params(arch: DiTConfig, rank: int) -> int:
-    """LoRA parameters of one block on the default targets: r·(in + out) per adapted linear."""
-    d, f = arch.hidden_size, arch.ffn_hidden
-    attentions = 2 if arch.conditioning == "text" else 1
-    return rank * (attentions * 4 * 2 * d + 2 * (d + f))
-
-
-def lora_state_bytes(arch: DiTConfig, layout: Layout, engine: str, ema: bool, states: dict, ft: Finetune):
-    """:func:`state_bytes`'s result for a LoRA run: base in ``ft.base_dtype`` without gradients or
-    optimizer states (``block_swap`` blocks of it on the host), adapters with all of theirs (fp32)."""
-    depth, t = arch.depth, layout.tp
-    sharded = engine == "fsdp" and layout.dp_shard * layout.cp > 1
-    s = layout.dp_shard * layout.cp if sharded else 1
-    a_block = adapter_params(arch, ft.lora_rank) // t
-    a = depth * a_block // s
-    local, block, root = states["local_params"], states["block_params"], states["root_params"]
-    b = BASE_BYTES[ft.base_dtype]
-    away = ft.block_swap - min(ft.block_swap, 2)  # swapped blocks not resident at the peak
-    out = dict(states) | {
-        "params": b * (local - away * block) // s + 4 * a,
-        "grads": 4 * a,
-        "optimizer": 8 * a,
-        "ema": 4 * a if ema else 0,
-        "host": b * away * block // s,
-    }
-    if sharded:  # the running and the prefetched block gathered (bf16), the adapters' fp32 reduce-scatter
-        out["fsdp_buffers"] = (2 + 2) * block + 4 * a_block + 2 * root
-    elif ft.base_dtype == "bf16":
-        out["casts_block"], out["casts_root"] = 0, 0
-    return out
 
 
 @dataclass(frozen=True)
@@ -466,30 +417,6 @@ def _memory(arch, states: dict, act: dict, ac: str, grad_accum: int, engine: str
     return candidates[where], where
 
 
-def _check_finetune(arch: DiTConfig, layout: Layout, engine: str, ft: Finetune) -> None:
-    """Raise naming the key for a LoRA / memory setting the planner (and the trainer) cannot run."""
-    if ft.lora_rank < 0:
-        raise ValueError(f"finetune.lora.rank={ft.lora_rank} must be ≥ 0")
-    if ft.base_dtype not in BASE_BYTES:
-        raise ValueError(f"finetune.base_dtype={ft.base_dtype!r}: expected one of {sorted(BASE_BYTES)}")
-    if ft.base_dtype != "fp32" and not ft.lora_rank:
-        raise ValueError(
-            f"finetune.base_dtype={ft.base_dtype} stores a frozen base: needs finetune.lora.rank"
-        )
-    if ft.block_swap:
-        if not ft.lora_rank:
-            raise ValueError(
-                f"finetune.block_swap={ft.block_swap} swaps a frozen base: needs finetune.lora.rank"
-            )
-        if not 0 < ft.block_swap <= arch.depth:
-            raise ValueError(f"finetune.block_swap={ft.block_swap}: the model has {arch.depth} blocks")
-        if engine == "fsdp" and layout.dp_shard * layout.cp > 1 or layout.tp > 1:
-            raise ValueError(
-                f"finetune.block_swap={ft.block_swap} swaps whole blocks: it needs unsharded blocks "
-                "(dp_shard = cp = tp = 1); with FSDP sharding use parallel.cpu_offload"
-            )
-
-
 def _check(
     arch: DiTConfig,
     thw: tuple,
@@ -578,7 +505,7 @@ def plan(
     thw = (frames, height, width)
     sp = sequence_parallel and layout.tp > 1 and engine == "fsdp"
     tokens = _check(arch, thw, layout, gpu, engine, zero_stage, batch, grad_accum, sp, text_len)
-    _check_finetune(arch, layout, engine, finetune)
+    check_finetune(arch, layout, engine, finetune)
     checkpoint_blocks(ac, arch.depth)
     g = GPUS[gpu]
     # the split the trainer makes with parallel.cp_ring=0: the largest Ulysses degree the heads allow
@@ -591,11 +518,7 @@ def plan(
     outside = outside_terms(arch, cut, batch, tokens)
     act = activation_bytes(arch, cut, ac, outside)
     if finetune.lora_rank:
-        states = lora_state_bytes(arch, layout, engine, ema, states, finetune)
-        act["working"] -= 2 * arch.hidden_size * arch.ffn_hidden // layout.tp  # no base weight gradient
-        if cpu_offload:  # FSDP2 offloads every sharded state (the base included), DeepSpeed the optimizer
-            moved = ("params", "grads", "optimizer", "ema") if engine == "fsdp" else ("optimizer",)
-            states = states | {"host": states["host"] + sum(states[k] for k in moved)} | {k: 0 for k in moved}
+        states = lora_plan_states(arch, layout, engine, ema, cpu_offload, states, act, finetune)
     off = finetune.activation_offload
     mem, peak_at = _memory(arch, states, act, ac, grad_accum, engine, layout, off)
     blocks_saved = act["saved"] - act["outside"]

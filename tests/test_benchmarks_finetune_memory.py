@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.finetune_memory import LiveBytes, rows_with_ratios, run_case
 from dit.config import get_preset
-from parallel.plan import adapter_params
+from parallel.plan_lora import adapter_params
 
 
 def test_live_bytes_counts_storages_once_and_takes_off_the_host_share():

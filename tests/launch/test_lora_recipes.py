@@ -1,5 +1,5 @@
 """The LoRA recipes (``launch/configs/wan2.1-t2v-1.3b-lora.yaml``, ``wan2.2-ti2v-5b-i2v-lora.yaml``) and
-the planner's LoRA case (``parallel.plan``'s ``Finetune``, ``launch.dryrun.lora_options``).
+the planner's LoRA case (``parallel.plan_lora``'s ``Finetune``, ``launch.dryrun.lora_options``).
 
 The recipes are their full fine-tune recipe's model, data, diffusion and sampling setup plus
 ``finetune.lora``; their dry run passes on tiny local stand-ins of the pipeline roots (those of
@@ -20,7 +20,8 @@ from launch.config import CONFIG_DIR, LoraConfig, load_config
 from launch.dryrun import lora_options
 from launch.lora import apply_lora
 from parallel.dims import ParallelDims
-from parallel.plan import BASE_BYTES, GIB, Finetune, adapter_params, plan
+from parallel.plan import GIB, plan
+from parallel.plan_lora import BASE_BYTES, Finetune, adapter_params
 from tests.launch.test_wan_recipes import _dry_run, _pipeline_root, _placeholders, _stand_in
 
 LORA = {"wan2.1-t2v-1.3b-lora": "wan2.1-t2v-1.3b-finetune", "wan2.2-ti2v-5b-i2v-lora": "wan2.2-ti2v-5b-i2v"}
