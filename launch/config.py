@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -371,8 +372,10 @@ class LoraConfig:
     init: str = "default"
     """How A and B start (peft's ``init_lora_weights``): ``default`` (A Kaiming-uniform, B zero),
     ``gaussian`` (A normal with std 1/r, B zero), ``pissa`` (the principal singular directions of each
-    base weight move into A and B and out of the base), ``olora`` (a QR factor of each base weight).
-    Every one starts at the base model's function."""
+    base weight move into A and B and out of the base; a full SVD of every target, minutes on a 14B
+    base), ``pissa_niter_N`` (the same from a randomized SVD with N subspace iterations: seconds; N = 4
+    is usually close) or ``olora`` (a QR factor of each base weight). Every one starts at the base
+    model's function."""
     lr: float = 0.0
     """The adapters' learning rate (0: ``train.lr``)."""
     plus_ratio: float = 1.0
@@ -386,7 +389,8 @@ class LoraConfig:
         if self.alpha is not None:
             check_range(self.alpha, f"{key}.alpha", 0.0, open_low=True)
         check_range(self.dropout, f"{key}.dropout", 0.0, 1.0, open_high=True)
-        check_choice(self.init, self.INITS, f"{key}.init")
+        if not re.fullmatch(r"pissa_niter_[1-9]\d*", self.init):
+            check_choice(self.init, self.INITS + ("pissa_niter_N",), f"{key}.init")
         check_range(self.lr, f"{key}.lr", 0.0)
         check_range(self.plus_ratio, f"{key}.plus_ratio", 0.0, open_low=True)
         if self.rank > 0 and not self.targets:
@@ -525,6 +529,11 @@ def cross_field_errors(cfg: JobConfig) -> list[str]:
         errors.append(
             f"finetune.base_dtype={ft.base_dtype} stores the frozen base, but nothing is frozen: set "
             "finetune.lora.rank (LoRA) or init.freeze, or finetune.base_dtype=fp32"
+        )
+    if ft.base_dtype == "fp8" and cfg.parallel.tp > 1:
+        errors.append(
+            f"finetune.base_dtype=fp8 with parallel.tp={cfg.parallel.tp}: an fp8 weight has one scale for "
+            "the whole tensor, a tensor-parallel slice cannot carry: use finetune.base_dtype=bf16 or tp=1"
         )
     if ft.block_swap and not (ft.lora.enabled or cfg.init.freeze):
         errors.append(
