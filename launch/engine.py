@@ -270,10 +270,11 @@ class BaseRecord:
         return {"init_from": self.init_from, "fingerprint": self.fingerprint}
 
 
-def initial_model(cfg: JobConfig, base: BaseRecord | None = None) -> nn.Module:
-    """The full initial model on CPU: ``init_weights`` with the job's seed, then ``init.from``; in a
-    LoRA run then its fingerprint (into ``base``), the adapters and the base's storage
-    (:func:`adapt`), so its state dict has the names and dtypes of the meta build's."""
+def base_model(cfg: JobConfig) -> nn.Module:
+    """The plain model a run starts from, on CPU in fp32: ``init_weights`` with the job's seed, then
+    ``init.from`` (:func:`launch.finetune.apply_init`). A LoRA run's frozen base is this model (its
+    fingerprint goes to ``base.json``); :func:`launch.interop.adapters.lora_base` rebuilds it with this
+    very function, so the two cannot build different bases."""
     model = build_model(cfg.model.arch, device="cpu", seed=cfg.seed)
     if cfg.init.from_:
         report = apply_init(
@@ -287,6 +288,14 @@ def initial_model(cfg: JobConfig, base: BaseRecord | None = None) -> nn.Module:
             allow_arch_changes=cfg.init.allow_arch_changes,
         )
         log.info("init.from=%s: %s", cfg.init.from_, report.summary())
+    return model
+
+
+def initial_model(cfg: JobConfig, base: BaseRecord | None = None) -> nn.Module:
+    """The full initial model on CPU: :func:`base_model`; in a LoRA run then its fingerprint (into
+    ``base``), the adapters and the base's storage (:func:`adapt`), so its state dict has the names
+    and dtypes of the meta build's."""
+    model = base_model(cfg)
     if cfg.finetune.lora.enabled and base is not None:
         from launch.lora import base_fingerprint
 

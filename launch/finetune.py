@@ -1,11 +1,16 @@
 """Start from existing weights: ``init.from`` (an export, a checkpoint or a diffusers model), inflation,
 freezing.
 
-Only weights are read, never optimizer, scheduler or data-loader state. A diffusers model (a model folder,
-a pipeline root, a sharded index or one ``.safetensors``) is read with :func:`launch.interop.read_diffusers`
-and renamed to this model's parameters by :func:`launch.interop.to_ours`. Where the new model differs from
-the source it is adapted so that, at step 0, it computes what the source computed wherever the source is
-defined:
+Only weights are read, never optimizer, scheduler or data-loader state. A LoRA run (or one of its
+checkpoints: adapters only, with ``base.json``) gives the model it trained: its base, rebuilt from the
+run's own ``init.from`` and checked against the fingerprint in ``base.json``, with the adapters merged in
+(:func:`launch.interop.adapters.lora_weights`); so ``init.from``, ``launch.sample``, ``launch.evaluate``
+and :func:`launch.export.load_model` all take a LoRA run as they take any run.
+
+A diffusers model (a model folder, a pipeline root, a sharded index or one ``.safetensors``) is read
+with :func:`launch.interop.read_diffusers` and renamed to this model's parameters by
+:func:`launch.interop.to_ours`. Where the new model differs from the source it is adapted so that, at
+step 0, it computes what the source computed wherever the source is defined:
 
 - more input channels (``cond_channels`` for image-to-video): the source's channels are copied, the
   new ones start at zero;
@@ -132,6 +137,14 @@ def _read_source(path: str | Path, use_ema: bool, expert: str, key: str) -> tupl
         found = ckpt.resolve(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{key}={path}: {_what_is_there(path)}; {ACCEPTS}") from None
+    lora = _lora_run(found, key)
+    if lora is not None:
+        # adapters alone (peft's names): the model it trained is its base, rebuilt from the run's own
+        # init.from with its fingerprint checked, with the adapters merged in
+        from launch.interop.adapters import lora_weights
+
+        model, ema, _ = lora_weights(found, lora, merged=True, use_ema=use_ema)
+        return (ema if ema is not None else model), dataclasses.asdict(lora.model.arch), False
     state = ckpt.read_full(found, {"model", "ema"})
     weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
     arch = None
@@ -140,6 +153,38 @@ def _read_source(path: str | Path, use_ema: bool, expert: str, key: str) -> tupl
 
         arch = OmegaConf.to_container(OmegaConf.load(found / "config.yaml")).get("model", {}).get("arch")
     return weights, arch, False
+
+
+def _lora_run(found: Path, key: str):
+    """The config (a :class:`launch.config.JobConfig`) of the LoRA run whose checkpoint ``found`` is:
+    ``finetune.lora.rank`` > 0 in its config.yaml, or a ``base.json`` (what the trainer writes next to
+    adapter-only checkpoints); None for any other checkpoint.
+
+    Raises:
+        CheckpointError: a ``base.json`` without a config.yaml naming a LoRA rank (the adapters' scale,
+            targets and base are unknown), naming ``key``.
+    """
+    from launch.resume import BASE_FILE
+
+    config, has_base = found / "config.yaml", (found / BASE_FILE).is_file()
+    rank = 0
+    if config.is_file():
+        from omegaconf import OmegaConf
+
+        # the raw file first: a config of another version of this code still gives its arch below
+        raw = OmegaConf.to_container(OmegaConf.load(config))
+        rank = ((raw.get("finetune") or {}).get("lora") or {}).get("rank") or 0
+    if not rank and not has_base:
+        return None
+    if not rank:
+        said = "config.yaml has finetune.lora.rank=0" if config.is_file() else "there is no config.yaml"
+        raise CheckpointError(
+            f"{key}={found}: holds {BASE_FILE}, so LoRA adapters only, but {said}: the adapters' rank, "
+            "scale, targets and base are unknown"
+        )
+    from launch.config import load_config
+
+    return load_config(config)
 
 
 def _read_diffusers(

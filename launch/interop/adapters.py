@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dit.config import DiTConfig
-from dit.model import SpacetimeDiT, build_model
+from dit.model import SpacetimeDiT
 from launch.config import JobConfig, load_config
 from launch.interop import ltx, wan
 from launch.interop.formats import is_diffusers, refuse
@@ -236,30 +236,19 @@ def _base_record(path: Path) -> dict:
 
 
 def lora_base(cfg: JobConfig, record: dict) -> SpacetimeDiT:
-    """A LoRA run's frozen base rebuilt as training built it (the run's seed, then ``init.from`` through
-    :func:`launch.finetune.apply_init`), in fp32 whatever ``finetune.base_dtype`` trained on: the base
+    """A LoRA run's frozen base rebuilt as training built it (:func:`launch.engine.base_model`: the run's
+    seed, then ``init.from``), in fp32 whatever ``finetune.base_dtype`` trained on: the base
     as published, which diffusers and ComfyUI apply the adapters to.
 
     Raises:
         CheckpointError: its fingerprint is not the one in ``base.json`` (another file at ``init.from``
             now, or another version of it), naming both.
     """
-    from launch.finetune import apply_init
+    from launch.engine import base_model  # the trainer's own build: the fingerprints cannot drift
     from launch.lora import base_fingerprint
 
-    model = build_model(cfg.model.arch, device="cpu", seed=cfg.seed)
     init = cfg.init
-    if init.from_:
-        apply_init(
-            model,
-            init.from_,
-            cfg.model.arch,
-            use_ema=init.use_ema,
-            min_match=init.min_match,
-            expert=init.expert,
-            new=init.new,
-            allow_arch_changes=init.allow_arch_changes,
-        )
+    model = base_model(cfg)
     found = base_fingerprint(model)
     if found != record["fingerprint"]:
         raise CheckpointError(
