@@ -51,10 +51,12 @@ EVAL_KEYS = ("fid", "fvd", "clip_score")
 
 
 def scalar_tag(key: str) -> str:
-    """Tensorboard tag of a record key: ``val/loss``, ``eval/<key>`` for sample scores, else
-    ``train/<key>``."""
+    """Tensorboard tag of a record key: ``val/loss``, ``eval/<key>`` for sample scores, a key that
+    names its own group (``lora/adapter_norm``) as it is, else ``train/<key>``."""
     if key == "val_loss":
         return "val/loss"
+    if key.startswith("lora/"):  # the LoRA guard's own section, next to val/ (not train/lora/...)
+        return key
     return f"eval/{key}" if key in EVAL_KEYS or key.startswith("probe_") else f"train/{key}"
 
 

@@ -200,3 +200,20 @@ def test_fp8_base_trains_and_saves(tmp_path, overrides):
     finally:
         tr.close()
     assert (saved / "base.json").is_file()
+
+
+def test_lora_guard_metrics_keep_their_tensorboard_section(tmp_path):
+    """``lora/*`` records are tagged as they are (next to ``val/loss``), not ``train/lora/...``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launch.metrics import Metrics, Progress, scalar_tag
+
+    assert scalar_tag("lora/adapter_norm") == "lora/adapter_norm"
+    assert scalar_tag("loss") == "train/loss" and scalar_tag("val_loss") == "val/loss"
+    m = Metrics(tmp_path, True, torch.device("cpu"), True, Progress(1, "lines"))
+    m.write({"step": 4, "lora/adapter_norm": 0.5, "lora/output_change": 0.25, "val_loss": 1.5})
+    m.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"lora/adapter_norm", "lora/output_change", "val/loss"}
+    assert [s.value for s in acc.Scalars("lora/output_change")] == [0.25]
