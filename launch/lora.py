@@ -52,8 +52,29 @@ _PEFT_INIT: dict[str, bool | str] = {
 }
 
 # inits that move part of each base weight into the adapters (W = W_res + scale·B0·A0): their adapters
-# alone do not apply to the base as published (see adapter_state)
+# alone do not apply to the base as published (see adapter_state); pissa_niter_N too (is_mutating)
 MUTATING_INITS = ("pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
+
+
+def is_mutating(init: str) -> bool:
+    """Whether ``finetune.lora.init`` moves part of each base weight into the adapters (``pissa``,
+    ``pissa_niter_N``, ``olora``): the trained adapters then apply to the residual base, and exporting
+    them for the base as published needs the initial ones (:func:`adapter_state_from`)."""
+    return init in MUTATING_INITS or bool(_PISSA_NITER.fullmatch(init))
+
+
+def peft_init(init: str) -> bool | str:
+    """peft's ``init_lora_weights`` for ``finetune.lora.init`` (``pissa_niter_N`` passes through: peft's
+    randomized-SVD PiSSA with N subspace iterations)."""
+    if _PISSA_NITER.fullmatch(init):
+        return init
+    try:
+        return _PEFT_INIT[init]
+    except KeyError:
+        raise ValueError(
+            f"finetune.lora.init={init!r}: expected one of {[*_PEFT_INIT, 'pissa_niter_N']}"
+        ) from None
 
 
 @dataclass
@@ -160,7 +181,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
         lora_alpha=alpha,
         lora_dropout=cfg.dropout,  # 0 → peft puts nn.Identity, no RNG draw in forward
         target_modules=names,
-        init_lora_weights=False if meta else _PEFT_INIT[cfg.init],
+        init_lora_weights=False if meta else peft_init(cfg.init),
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):
@@ -175,7 +196,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
             # peft gives the adapters the base layer's dtype; they train in fp32 whatever the base is
             p.data = p.data.float()
     model.lora_config = copy.deepcopy(cfg)  # adapter_state reads the init and scale from here
-    if not meta and cfg.init in MUTATING_INITS:
+    if not meta and is_mutating(cfg.init):
         # the starting adapters are needed to turn the trained ones into adapters of the original base
         model.lora_initial = {k: v.detach().float().clone().cpu() for k, v in _peft_adapters(model).items()}
     return LoraReport(
@@ -262,7 +283,7 @@ def adapter_state_from(
         initial: for pissa/olora, the adapters as initialised (peft names, :func:`initial_adapters` of a
             model built from the same base with :func:`apply_lora`); unused otherwise.
     """
-    mutating = cfg.init in MUTATING_INITS
+    mutating = is_mutating(cfg.init)
     if mutating and initial is None:
         raise ValueError(
             f"finetune.lora.init={cfg.init} moved part of the base into the adapters: converting them to "

@@ -268,16 +268,16 @@ def lora_weights(
     that turn the original base into the trained model), or with ``merged`` the base's state with them
     merged in (fp32). The base is rebuilt (and its fingerprint checked) when merging or for pissa/olora.
     ``use_ema=False`` leaves the EMA out (None)."""
-    from launch.lora import MUTATING_INITS, adapter_state_from, apply_lora, initial_adapters
+    from launch.lora import adapter_state_from, apply_lora, initial_adapters, is_mutating
 
     lora = cfg.finetune.lora
     record = _base_record(path)
     state = ckpt.read_full(path, {"model", "ema", "step"})
     base = initial = None
-    if merged or lora.init in MUTATING_INITS:
+    if merged or is_mutating(lora.init):
         model = lora_base(cfg, record)
         base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if lora.init in MUTATING_INITS:  # the adapters it started from, as training drew them
+        if is_mutating(lora.init):  # the adapters it started from, as training drew them
             apply_lora(model, lora, seed=cfg.seed)
             initial = initial_adapters(model)
     out = {}

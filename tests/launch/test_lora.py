@@ -49,10 +49,10 @@ def _lora(init: str = "default", rank: int = 4, alpha: float | None = 8.0, **kw)
     return LoraConfig(rank=rank, alpha=alpha, init=init, **kw)
 
 
-@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora"])
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "pissa_niter_2", "olora"])
 def test_fresh_lora_model_equals_base(init):
     """Every init starts at the base's function: B = 0 (default, gaussian), or the base weight is
-    factored so W_res + scale·B0·A0 = W (pissa, olora)."""
+    factored so W_res + scale·B0·A0 = W (pissa, its randomized-SVD pissa_niter_N, olora)."""
     model = _base()
     ref = _out(model)
     apply_lora(model, _lora(init))
@@ -222,7 +222,7 @@ def test_merged_state_loads_into_a_plain_model_that_computes_the_lora_model(init
     assert model.blocks[0].attn.q.lora_B["default"].weight.requires_grad
 
 
-@pytest.mark.parametrize("init", ["default", "pissa", "olora"])
+@pytest.mark.parametrize("init", ["default", "pissa", "pissa_niter_2", "olora"])
 def test_adapter_state_applies_to_the_original_base(init):
     """What a loader with alpha = rank does with our file (W + B·A) onto the base as published gives the
     trained LoRA model; for pissa/olora that needs peft's conversion to rank 2r."""
@@ -244,6 +244,23 @@ def test_adapter_state_applies_to_the_original_base(init):
     # a checkpoint's peft-named state gives the same file
     from_ckpt = adapter_state_from(model.state_dict(), model.lora_config, initial_adapters(model))
     assert from_ckpt.keys() == ad.keys() and all(torch.equal(from_ckpt[k], ad[k]) for k in ad)
+
+
+def test_pissa_niter_is_seeded_and_mutating():
+    """pissa_niter_N draws its randomized SVD from the seed: the rebuild an export makes of the initial
+    adapters (launch.interop.adapters.lora_weights) gets the same bits; it counts as mutating."""
+    from launch.lora import is_mutating, peft_init
+
+    one, two = _base(), _base()
+    apply_lora(one, _lora("pissa_niter_2"), seed=4)
+    apply_lora(two, _lora("pissa_niter_2"), seed=4)
+    assert one.state_dict().keys() == two.state_dict().keys()
+    assert all(torch.equal(v, two.state_dict()[k]) for k, v in one.state_dict().items())
+    assert initial_adapters(one) is not None
+    assert is_mutating("pissa_niter_16") and is_mutating("olora") and not is_mutating("gaussian")
+    assert peft_init("pissa_niter_3") == "pissa_niter_3" and peft_init("default") is True
+    with pytest.raises(ValueError, match=r"finetune\.lora\.init='pissa_niter_'"):
+        peft_init("pissa_niter_")
 
 
 def test_pissa_conversion_needs_the_initial_adapters():
