@@ -1,15 +1,21 @@
-"""Peak memory and step time of fine-tuning: full vs LoRA (rank 16, 64) vs LoRA + activation offload.
+"""Peak memory and step time of fine-tuning: full vs LoRA (rank 16, 64) vs LoRA + activation offload vs
+LoRA on a bf16 base, with and without activation checkpointing.
 
 ``python -m benchmarks.finetune_memory [--preset video-small] [--shapes 4x16x16,4x32x32]
-[--cases full,lora16,lora64,lora16+offload] [--steps 2] [--threads 1]`` runs every case at every
-latent shape, each in a fresh subprocess (nothing one case allocated or cached lingers in the next),
-all in one invocation, and writes ``benchmarks/results/{date}-finetune_memory-cpu.md``.
+[--cases full,lora16,lora64,lora16+offload,lora16+bf16] [--ac full,none] [--steps 2] [--threads 1]``
+runs every case at every latent shape under every checkpointing mode, each in a fresh subprocess
+(nothing one case allocated or cached lingers in the next), all in one invocation, and writes
+``benchmarks/results/{date}-finetune_memory-cpu.md``: one table per checkpointing mode, each case
+against full fine-tuning under the same mode and shape.
 
 One case: the model (seeded random weights), LoRA through :func:`launch.lora.apply_lora` on the default
-targets (every block's attention q/k/v/o and FFN fc1/fc2; nothing else trains), activation offload
-through :func:`parallel.offload.apply_memory_options`, AdamW over the trainable parameters, flow
-matching loss on random latents and captions. One warm-up step (it creates AdamW's states), then
-``--steps`` timed steps (median), then one step under :class:`LiveBytes`.
+targets (every block's attention q/k/v/o and FFN fc1/fc2; nothing else trains), the frozen base stored
+as ``finetune.base_dtype`` says (:func:`launch.lora.store_base`), activation checkpointing as
+``parallel.activation_checkpointing`` (:func:`parallel.parallelize.apply_activation_checkpointing`,
+full fine-tuning included), activation offload through :func:`parallel.offload.apply_memory_options`
+(after checkpointing, as ``parallelize`` orders them), AdamW over the trainable parameters, flow
+matching loss on random latents and captions, fp32 compute (no autocast). One warm-up step (it creates
+AdamW's states), then ``--steps`` timed steps (median), then one step under :class:`LiveBytes`.
 
 Peak memory: :class:`LiveBytes` counts every tensor storage alive at each op (parameters, gradients,
 AdamW states, inputs, activations, temporaries the ops return) through a ``TorchDispatchMode``, and
@@ -38,12 +44,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 CASES = {
-    "full": dict(rank=0, offload=False),
-    "lora16": dict(rank=16, offload=False),
-    "lora64": dict(rank=64, offload=False),
-    "lora16+offload": dict(rank=16, offload=True),
+    "full": dict(rank=0, offload=False, base="fp32"),
+    "lora16": dict(rank=16, offload=False, base="fp32"),
+    "lora64": dict(rank=64, offload=False, base="fp32"),
+    "lora16+offload": dict(rank=16, offload=True, base="fp32"),
+    "lora16+bf16": dict(rank=16, offload=False, base="bf16"),
 }
-"""The cases: LoRA rank (0: full fine-tuning) and activation offload."""
+"""The cases: LoRA rank (0: full fine-tuning), activation offload, ``finetune.base_dtype``."""
+
+AC_MODES = ("full", "none")
+"""``parallel.activation_checkpointing`` modes of the default run, each applied to every case."""
+
+TARGET_PEAK = 0.40
+"""Issue 16's target: LoRA's peak memory at most this fraction of full fine-tuning's (and its step time
+at most full's)."""
 
 
 class LiveBytes(TorchDispatchMode):
@@ -100,21 +114,36 @@ def _shape(text: str) -> tuple[int, int, int]:
     return t, h, w
 
 
-def run_case(preset: str, case: str, shape: str, steps: int, text_len: int, depth: int | None) -> dict:
-    """One case in this process: trainable parameters, median step seconds, peak and static bytes."""
+def run_case(
+    preset: str, case: str, shape: str, steps: int, text_len: int, depth: int | None, ac: str = "none"
+) -> dict:
+    """One case in this process: trainable parameters, median step seconds, peak and static bytes.
+
+    Args:
+        preset, depth: the architecture (``depth`` None: the preset's).
+        case: a key of :data:`CASES`.
+        shape: latent ``TxHxW``.
+        steps: timed steps after the warm-up (0: memory only).
+        text_len: caption tokens.
+        ac: ``parallel.activation_checkpointing`` (``none``, ``full``, ``every_K``, ``selective``).
+    """
     from dit.config import get_preset
     from dit.model import build_model
-    from launch.config import LoraConfig
-    from launch.lora import apply_lora
     from parallel.offload import apply_memory_options
+    from parallel.parallelize import apply_activation_checkpointing
 
     if case not in CASES:
         raise ValueError(f"--cases: unknown case {case!r}; expected some of {sorted(CASES)}")
-    rank, offload = CASES[case]["rank"], CASES[case]["offload"]
+    rank, offload, base = CASES[case]["rank"], CASES[case]["offload"], CASES[case]["base"]
     arch = get_preset(preset, **({"depth": depth} if depth else {}))
     model = build_model(arch, seed=0)
-    if rank:
+    if rank:  # peft (and the transformers it imports): only for a LoRA case
+        from launch.config import LoraConfig
+        from launch.lora import apply_lora, store_base
+
         apply_lora(model, LoraConfig(rank=rank), seed=0)
+        store_base(model, base)
+    apply_activation_checkpointing(model, ac)  # then the memory options, as parallelize orders them
     options = apply_memory_options(model, activation_offload=offload, block_swap=0, device="cpu")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -149,6 +178,7 @@ def run_case(preset: str, case: str, shape: str, steps: int, text_len: int, dept
         step()
     return {
         "case": case,
+        "ac": ac,
         "shape": shape,
         "tokens": (t_ // arch.patch_size[0]) * (h // arch.patch_size[1]) * (w // arch.patch_size[2]),
         "trainable": sum(p.numel() for p in params),
@@ -169,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shapes", default="4x16x16,4x32x32", help="latent TxHxW, comma-separated (two token counts)"
     )
     p.add_argument("--cases", default=",".join(CASES), help=f"some of {','.join(CASES)}")
+    p.add_argument(
+        "--ac", default=",".join(AC_MODES), help="parallel.activation_checkpointing modes, comma-separated"
+    )
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (median)")
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each case's process")
@@ -177,26 +210,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _subprocess(a: argparse.Namespace, case: str, shape: str) -> dict:
-    """One case in a fresh interpreter: its JSON line."""
+def _subprocess(a: argparse.Namespace, case: str, shape: str, ac: str) -> dict:
+    """One case in a fresh interpreter: its JSON line, plus the machine's load average when it ended."""
     cmd = [sys.executable, "-m", "benchmarks.finetune_memory", "--one", "--cases", case, "--shapes", shape]
-    cmd += ["--preset", a.preset, "--steps", str(a.steps), "--text-len", str(a.text_len)]
+    cmd += ["--ac", ac, "--preset", a.preset, "--steps", str(a.steps), "--text-len", str(a.text_len)]
     cmd += ["--threads", str(a.threads)] + (["--depth", str(a.depth)] if a.depth else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
-        raise RuntimeError(f"case {case} at {shape} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"case {case} at {shape} (ac {ac}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"load": os.getloadavg()[0]}
 
 
 def rows_with_ratios(results: list[dict]) -> list[dict]:
-    """Report rows: each case with its peak and step time relative to full fine-tuning at the same shape."""
-    full = {r["shape"]: r for r in results if r["case"] == "full"}
+    """Report rows: each case with its peak and step time relative to full fine-tuning under the same
+    checkpointing mode at the same shape."""
+    full = {(r.get("ac", "none"), r["shape"]): r for r in results if r["case"] == "full"}
     rows = []
     for r in results:
-        ref = full.get(r["shape"])
+        ref = full.get((r.get("ac", "none"), r["shape"]))
         rows.append(
             {
+                "checkpointing": r.get("ac", "none"),
                 "case": r["case"],
                 "latent T×H×W": r["shape"],
                 "tokens": r["tokens"],
@@ -207,56 +242,107 @@ def rows_with_ratios(results: list[dict]) -> list[dict]:
                 "params+states MiB": f"{r['static_bytes'] / 2**20:.0f}",
                 "step s": f"{r['step_s']:.2f}",
                 "step / full": f"{r['step_s'] / ref['step_s']:.3f}" if ref else "",
+                "load": f"{r['load']:.1f}" if "load" in r else "",
             }
         )
     return rows
 
 
+def verdicts(results: list[dict]) -> list[str]:
+    """One line per LoRA case, checkpointing mode and shape: issue 16's two targets (peak ≤
+    :data:`TARGET_PEAK` × full's, step time ≤ full's), each said to hold or not, with the ratio."""
+    full = {(r.get("ac", "none"), r["shape"]): r for r in results if r["case"] == "full"}
+    lines = []
+    for r in results:
+        ref = full.get((r.get("ac", "none"), r["shape"]))
+        if r["case"] == "full" or ref is None:
+            continue
+        peak, step = r["peak_bytes"] / ref["peak_bytes"], r["step_s"] / ref["step_s"]
+        say = {True: "holds", False: "does NOT hold"}
+        lines.append(
+            f"- checkpointing {r.get('ac', 'none')}, {r['tokens']} tokens, {r['case']}: peak / full "
+            f"{peak:.3f} (≤ {TARGET_PEAK:.2f}: {say[peak <= TARGET_PEAK]}); step / full {step:.3f} "
+            f"(≤ 1: {say[step <= 1]})"
+        )
+    return lines
+
+
+def _body(rows: list[dict], results: list[dict], acs: list[str]) -> str:
+    """The report's results: a table per checkpointing mode, the targets, the method."""
+    from benchmarks import report
+
+    parts = []
+    for ac in acs:
+        mine = [{k: v for k, v in r.items() if k != "checkpointing"} for r in rows]
+        mine = [m for m, r in zip(mine, rows, strict=True) if r["checkpointing"] == ac]
+        if mine:
+            parts.append(f"### parallel.activation_checkpointing={ac}\n\n" + report.table(mine))
+    parts.append("### Targets\n\n" + "\n".join(verdicts(results)))
+    return "\n\n".join(parts) + "\n\n" + METHOD
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from parallel.config import checkpoint_every
+
     a = parse_args(argv)
-    cases, shapes = a.cases.split(","), a.shapes.split(",")
+    cases, shapes, acs = a.cases.split(","), a.shapes.split(","), a.ac.split(",")
     for c in cases:
         if c not in CASES:
             raise SystemExit(f"--cases: unknown case {c!r}; expected some of {sorted(CASES)}")
     for sh in shapes:
         _shape(sh)
+    for ac in acs:
+        checkpoint_every(ac, "--ac")
     if a.one:
         torch.set_num_threads(a.threads)
-        print(json.dumps(run_case(a.preset, cases[0], shapes[0], a.steps, a.text_len, a.depth)))
+        print(json.dumps(run_case(a.preset, cases[0], shapes[0], a.steps, a.text_len, a.depth, acs[0])))
         return {}
-    results = []
-    for sh in shapes:
-        for c in cases:
-            results.append(_subprocess(a, c, sh))
-            r = results[-1]
-            print(
-                f"{c} {sh}: trainable {r['trainable']:,}, peak {r['peak_bytes'] / 2**20:.0f} MiB, "
-                f"{r['step_s']:.2f} s"
-            )
+    load_start, results = os.getloadavg(), []
+    for ac in acs:
+        for sh in shapes:
+            for c in cases:
+                results.append(_subprocess(a, c, sh, ac))
+                r = results[-1]
+                print(
+                    f"ac {ac} {c} {sh}: trainable {r['trainable']:,}, peak {r['peak_bytes'] / 2**20:.0f} "
+                    f"MiB, {r['step_s']:.2f} s, load {r['load']:.1f}",
+                    flush=True,
+                )
     rows = rows_with_ratios(results)
-    out = {"rows": rows, "results": results}
+    out = {"rows": rows, "results": results, "verdicts": verdicts(results)}
     if a.out:
         from benchmarks import report
 
         config = {"preset": a.preset, "depth": a.depth or "preset", "shapes": a.shapes, "cases": a.cases}
-        config |= {"steps": a.steps, "text_len": a.text_len, "threads per case": a.threads}
-        body = report.table(rows) + "\n\n" + METHOD
+        config |= {"activation checkpointing": a.ac, "steps": a.steps, "text_len": a.text_len}
+        config |= {"threads per case": a.threads, "CPU cores": os.cpu_count()}
+        end = os.getloadavg()
+        config |= {"load average (1, 5, 15 min) at start": " ".join(f"{v:.1f}" for v in load_start)}
+        config |= {"load average (1, 5, 15 min) at end": " ".join(f"{v:.1f}" for v in end)}
+        body = _body(rows, results, acs)
         out["path"] = str(
             report.write(a.out, "benchmarks.finetune_memory", TITLE, torch.device("cpu"), config, body)
         )
     return out
 
 
-TITLE = "Fine-tuning memory and step time: full vs LoRA vs LoRA + activation offload (CPU)"
-METHOD = """Method: every case runs in its own subprocess (one invocation runs them all, one after another).
+TITLE = "Fine-tuning memory and step time: full vs LoRA vs LoRA + offload / bf16 base, ± checkpointing (CPU)"
+METHOD = """Method: every case runs in its own subprocess, one after another in one invocation, so the ratios
+of a table are measured side by side in one run. Every case of a table runs under the same
+parallel.activation_checkpointing (full fine-tuning too), applied as the trainer applies it (torch's
+composable checkpoint on every block, then the memory options). Compute is fp32 throughout (no autocast):
+"lora16+bf16" stores the frozen base in bf16 (finetune.base_dtype=bf16, launch.lora.store_base) and
+upcasts each weight for its call, a transient fp32 copy that a linear saves for backward when its block
+is not checkpointed (a GPU under bf16 autocast uses the bf16 weight itself and saves no copy).
 Peak memory is the maximum over one training step (forward, backward, AdamW step, zero_grad; AdamW's
 states already exist) of the bytes of every live tensor storage, tracked op by op with a
 TorchDispatchMode (benchmarks.finetune_memory.LiveBytes), minus what activation offload holds in host
 memory at that moment: what a GPU would hold, without the caching allocator's fragmentation and kernels'
 internal workspaces. "params+states" is what is alive before the step (parameters, AdamW states,
-inputs). Step time is the median of the timed steps on a CPU shared with other jobs: compare ratios
-within this run, not absolute times. On CPU activation offload copies host to host (the same code path
-as a GPU's pinned device-to-host copies, without the overlap), so its step time is not a GPU's.
+inputs). Step time is the median of the timed steps on a CPU shared with other jobs ("load": the 1-minute
+load average when the case ended): compare ratios within a table, not absolute times. On CPU activation
+offload copies host to host (the same code path as a GPU's pinned device-to-host copies, without the
+overlap), so its step time is not a GPU's.
 Targets (issue 16): LoRA's peak <= 40% of full fine-tuning's; LoRA's step time <= full's.
 """
 

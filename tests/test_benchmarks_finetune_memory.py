@@ -1,15 +1,17 @@
 """The fine-tuning memory benchmark's logic (``benchmarks.finetune_memory``) on a tiny model, in
 process: the live-bytes tracker against tensors of known sizes, the trainable counts against the
-planner's own adapter formula, the memory ordering of the cases, and the ratios of the report rows.
-The numbers of ``video-small`` come from running the script (its dated report in benchmarks/results)."""
+planner's own adapter formula, the memory ordering of the cases, with and without activation
+checkpointing, the bf16 base's bytes, and the ratios and target lines of the report. The numbers of
+``video-small`` come from running the script (its dated report in benchmarks/results)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmarks.finetune_memory import LiveBytes, rows_with_ratios, run_case
+from benchmarks.finetune_memory import LiveBytes, rows_with_ratios, run_case, verdicts
 from dit.config import get_preset
+from dit.model import SpacetimeDiT
 from parallel.plan_lora import adapter_params
 
 
@@ -33,7 +35,14 @@ def test_live_bytes_counts_storages_once_and_takes_off_the_host_share():
 @pytest.fixture(scope="module")
 def cases():
     kw = dict(preset="tiny", shape="2x8x8", steps=0, text_len=8, depth=2)  # no timed steps: memory only
-    return {c: run_case(case=c, **kw) for c in ("full", "lora16", "lora16+offload")}
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, two spin on a busy 2-core machine
+    try:
+        out = {c: run_case(case=c, **kw) for c in ("full", "lora16", "lora16+offload")}
+        out |= {f"{c} ac": run_case(case=c, ac="full", **kw) for c in ("lora16", "lora16+bf16")}
+    finally:
+        torch.set_num_threads(n)
+    return out
 
 
 def test_trainable_parameters_and_memory_order(cases):
@@ -53,30 +62,43 @@ def test_trainable_parameters_and_memory_order(cases):
     assert full["tokens"] == 2 * 4 * 4
 
 
-def test_rows_relate_each_case_to_full_at_its_shape():
+def test_checkpointing_lowers_the_lora_peak_and_a_bf16_base_halves_the_linears(cases):
+    lora, lora_ac, bf16_ac = cases["lora16"], cases["lora16 ac"], cases["lora16+bf16 ac"]
+    assert lora_ac["ac"] == bf16_ac["ac"] == "full" and lora_ac["static_bytes"] == lora["static_bytes"]
+    # checkpointing keeps each block's input only: less than every activation
+    assert lora_ac["peak_bytes"] < lora["peak_bytes"]
+    # bf16 storage: every frozen plain linear (the blocks' projections and FFN, the patch and text
+    # projections) at 2 bytes instead of 4; the fp32-compute layers and the adapters as they were
+    with torch.device("meta"):
+        plain = SpacetimeDiT(get_preset("tiny", depth=2))
+    linears = sum(p.numel() for m in plain.modules() if type(m) is torch.nn.Linear for p in m.parameters())
+    assert lora_ac["static_bytes"] - bf16_ac["static_bytes"] == 2 * linears
+    assert bf16_ac["trainable"] == lora_ac["trainable"] and bf16_ac["peak_bytes"] < lora_ac["peak_bytes"]
+
+
+def _result(case: str, ac: str, peak: int, step: float, trainable: int = 1, total: int = 11) -> dict:
+    return dict(case=case, ac=ac, shape="s", tokens=4, trainable=trainable, total=total, step_s=step) | dict(
+        peak_bytes=peak, static_bytes=1
+    )
+
+
+def test_rows_relate_each_case_to_full_under_its_checkpointing_at_its_shape():
     results = [
-        dict(
-            case="full",
-            shape="s",
-            tokens=4,
-            trainable=10,
-            total=10,
-            step_s=2.0,
-            peak_bytes=400,
-            static_bytes=1,
-        ),
-        dict(
-            case="lora16",
-            shape="s",
-            tokens=4,
-            trainable=1,
-            total=11,
-            step_s=1.0,
-            peak_bytes=100,
-            static_bytes=1,
-        ),
+        _result("full", "none", 400, 2.0, trainable=10, total=10),
+        _result("lora16", "none", 100, 1.0),
+        _result("full", "full", 200, 4.0, trainable=10, total=10),
+        _result("lora16", "full", 100, 5.0),
     ]
     rows = rows_with_ratios(results)
-    assert [r["peak / full"] for r in rows] == ["1.000", "0.250"]
-    assert [r["step / full"] for r in rows] == ["1.000", "0.500"]
+    assert [r["checkpointing"] for r in rows] == ["none", "none", "full", "full"]
+    assert [r["peak / full"] for r in rows] == ["1.000", "0.250", "1.000", "0.500"]
+    assert [r["step / full"] for r in rows] == ["1.000", "0.500", "1.000", "1.250"]
     assert rows[1]["trainable %"] == "9.09"
+    # the targets: peak <= 0.40 of full's and step <= full's, said for each LoRA case
+    lines = verdicts(results)
+    assert len(lines) == 2
+    assert (
+        "none, 4 tokens, lora16: peak / full 0.250 (≤ 0.40: holds); step / full 0.500 (≤ 1: holds)"
+        in lines[0]
+    )
+    assert "peak / full 0.500 (≤ 0.40: does NOT hold); step / full 1.250 (≤ 1: does NOT hold)" in lines[1]

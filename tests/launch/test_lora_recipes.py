@@ -2,14 +2,16 @@
 the planner's LoRA case (``parallel.plan_lora``'s ``Finetune``, ``launch.dryrun.lora_options``).
 
 The recipes are their full fine-tune recipe's model, data, diffusion and sampling setup plus
-``finetune.lora``; their dry run passes on tiny local stand-ins of the pipeline roots (those of
-``tests/launch/test_wan_recipes.py``) and says what fits a 24/48/80 GB GPU. The planner's LoRA states
+``finetune.lora``; their dry run passes on a tiny local stand-in of the pipeline root (what the dry run
+reads of one: the tiny random transformer and VAE of ``tests/launch/test_wan_recipes.py``, saved, and
+the text encoder's config.json) and says what fits a 24/48/80 GB GPU. The planner's LoRA states
 count the adapters peft really injects (``launch.lora.apply_lora`` on a meta model), and the options it
 suggests for a LoRA of Wan2.1-T2V-14B at 81×480p are the fewest that fit. What only a GPU run can
 confirm: the predicted memory itself (``torch.cuda.max_memory_allocated`` of a real step).
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from launch.lora import apply_lora
 from parallel.dims import ParallelDims
 from parallel.plan import GIB, plan
 from parallel.plan_lora import BASE_BYTES, Finetune, adapter_params
-from tests.launch.test_wan_recipes import _dry_run, _pipeline_root, _placeholders, _stand_in
+from tests.launch.test_wan_recipes import TEXT_DIM, _dry_run, _placeholders, _stand_in, _vae
 
 LORA = {"wan2.1-t2v-1.3b-lora": "wan2.1-t2v-1.3b-finetune", "wan2.2-ti2v-5b-i2v-lora": "wan2.2-ti2v-5b-i2v"}
 SAME = ("model", "init", "data", "diffusion", "sample", "eval", "logging")  # as the full recipe
@@ -44,15 +46,39 @@ def test_lora_recipe_is_its_full_recipe_with_adapters_on_a_bf16_base(recipe):
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("wan-lora-roots")
-    # one recipe's stand-ins (the costly part of this file): the other shares the code paths
-    return {name: _pipeline_root(tmp, LORA[name]) for name in ["wan2.1-t2v-1.3b-lora"]}
+def root(tmp_path_factory):
+    """A Wan2.1 pipeline root as the dry run reads it, shared by the dry runs of this module: the tiny
+    random transformer (config.json and the safetensors header) and VAE (config.json), saved with
+    diffusers, and the UMT5 encoder's config.json (its width; no weights, no tokenizer: the dry run
+    reads neither)."""
+    from transformers import UMT5Config
+
+    from tests.launch.diffusers_models import build_wan
+
+    root = tmp_path_factory.mktemp("wan-lora-root")
+    build_wan("t2v", seed=1).save_pretrained(root / "transformer")
+    _vae("wan2.1-t2v-1.3b-lora").save_pretrained(root / "vae")
+    UMT5Config(d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(
+        root / "text_encoder"
+    )
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "boundary_ratio": None,
+        "expand_timesteps": False,
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
 
 
-def test_lora_recipe_dry_run_says_what_fits(roots, tmp_path, capsys):
+def test_lora_recipe_dry_run_says_what_fits(root, tmp_path, capsys):
     recipe = "wan2.1-t2v-1.3b-lora"
-    overrides = [*_stand_in(roots[recipe], tmp_path), "train.ema_decay=0"]
+    overrides = [*_stand_in(root, tmp_path), "train.ema_decay=0"]
     code, report, err = _dry_run(capsys, recipe, [*overrides])
     assert code == 0 and report["ok"], err
     fit = report["lora_fit"]

@@ -24,6 +24,15 @@ from parallel.offload import MIN_OFFLOAD_BYTES, apply_memory_options
 from parallel.parallelize import apply_activation_checkpointing
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # a tiny model: one thread is fastest, and two spin against each other on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def base():
     model = build_model(get_preset("tiny", depth=2), seed=0)
@@ -45,6 +54,26 @@ def _grads(model) -> dict[str, torch.Tensor]:
     x, t, ctx, mask = _batch()
     model(x, t, ctx, mask).square().mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def want(base) -> dict[str, torch.Tensor]:
+    """The plain model's gradients (every option must reproduce them bit for bit)."""
+    return _grads(copy.deepcopy(base))
+
+
+@pytest.fixture(scope="module")
+def want_frozen(base) -> dict[str, torch.Tensor]:
+    """The gradients with the blocks frozen (what block swap runs on)."""
+    return _grads(_freeze_blocks(copy.deepcopy(base)))
+
+
+@pytest.fixture(scope="module")
+def offload_all_host(base) -> int:
+    """The host bytes of activation offload without checkpointing after forward (every activation)."""
+    model = copy.deepcopy(base)
+    options = apply_memory_options(model, activation_offload=True, block_swap=0, device="cpu")
+    return _after_forward(model, options)[1]
 
 
 def _saved_bytes(model) -> int:
@@ -93,8 +122,7 @@ def _after_forward(model, options) -> tuple[int, int, torch.Tensor]:
     )
 
 
-def test_offload_moves_every_saved_activation_to_the_host_and_keeps_the_gradients(base):
-    want = _grads(copy.deepcopy(base))
+def test_offload_moves_every_saved_activation_to_the_host_and_keeps_the_gradients(base, want):
     expected = _saved_bytes(copy.deepcopy(base))
     plain_live, _, plain_loss = _after_forward(copy.deepcopy(base), None)
     model = copy.deepcopy(base)
@@ -111,11 +139,8 @@ def test_offload_moves_every_saved_activation_to_the_host_and_keeps_the_gradient
 
 
 @pytest.mark.parametrize("order", ["checkpoint_first", "offload_first"])
-def test_offload_under_checkpointing_moves_only_the_checkpoint_inputs(base, order):
-    want = _grads(copy.deepcopy(base))
-    full = copy.deepcopy(base)
-    all_saved = apply_memory_options(full, activation_offload=True, block_swap=0, device="cpu")
-    full_host = _after_forward(full, all_saved)[1]
+def test_offload_under_checkpointing_moves_only_the_checkpoint_inputs(base, want, offload_all_host, order):
+    full_host = offload_all_host
     model = copy.deepcopy(base)
     if order == "checkpoint_first":
         apply_activation_checkpointing(model, "full")
@@ -137,8 +162,8 @@ def _freeze_blocks(model):
 
 
 @pytest.mark.parametrize("ac", ["none", "full"])
-def test_block_swap_keeps_frozen_weights_on_the_host_between_uses(base, ac):
-    want = _grads(_freeze_blocks(copy.deepcopy(base)))
+def test_block_swap_keeps_frozen_weights_on_the_host_between_uses(base, want_frozen, ac):
+    want = want_frozen
     model = _freeze_blocks(copy.deepcopy(base))
     apply_activation_checkpointing(model, ac)
     plain_live = _after_forward(copy.deepcopy(model), None)[0]
