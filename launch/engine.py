@@ -386,6 +386,7 @@ def build_fsdp_engine(
         device=env.device,
         bf16=bf16 and env.device.type == "cuda",
         prepare=lambda m: adapt(m, cfg),
+        block_swap=cfg.finetune.block_swap,
     )
     model.train()
     opt = build_optimizer(model, cfg.train, env.device, lora=lora)
@@ -422,6 +423,14 @@ def check_finetune_deepspeed(cfg: JobConfig) -> None:
         raise ValueError(
             f"finetune.base_dtype={ft.base_dtype} with parallel.engine=deepspeed: DeepSpeed keeps one dtype "
             "for all weights; use parallel.engine=fsdp or finetune.base_dtype=fp32"
+        )
+    if ft.block_swap:
+        # ZeRO-3 partitions every parameter and gathers it itself (block swap would move the empty
+        # partitions' placeholders), and ZeRO-1/2 engines move the whole module to the device when made
+        raise ValueError(
+            f"finetune.block_swap={ft.block_swap} with parallel.engine=deepspeed: DeepSpeed owns where the "
+            "weights live (ZeRO-3 partitions them); use parallel.zero_stage=3 with parallel.cpu_offload, or "
+            "parallel.engine=fsdp on one GPU for block swap. parallel.activation_offload works under both"
         )
 
 

@@ -23,9 +23,11 @@ What differs from the FSDP2 engine, and why:
   weights stay fp32 and are the master weights, the engine's forward runs under bf16 autocast.
 - The EMA averages the module's (fp32) weights, each rank over its part: a ZeRO-3 partition or a
   tensor-parallel slice.
-- LoRA (``finetune.lora.rank`` > 0) and a low-precision frozen base (``finetune.base_dtype``) are
-  refused: the adapter-only checkpoints, the base fingerprint and the parity of ZeRO with peft's
-  frozen base layers are the FSDP engine's (see :func:`check_deepspeed`).
+- LoRA (``finetune.lora.rank`` > 0), a low-precision frozen base (``finetune.base_dtype``) and block
+  swapping (``finetune.block_swap``: DeepSpeed owns where weights live) are refused: the adapter-only
+  checkpoints, the base fingerprint and the parity of ZeRO with peft's frozen base layers are the FSDP
+  engine's (see :func:`check_deepspeed`). ``parallel.activation_offload`` works as under FSDP (after
+  activation checkpointing, before ZeRO wraps the model).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from parallel import checkpoint as ckpt
 from parallel import zero
 from parallel.dims import ParallelDims
 from parallel.megatron_tp import apply_megatron_tp
+from parallel.offload import MemoryOptions, apply_memory_options
 from parallel.parallelize import apply_activation_checkpointing, cut_sequence
 from parallel.zero_parts import local_part, part_of, whole
 
@@ -74,6 +77,8 @@ class ZeroEngine:
     n_trainable: int = 0
     base: dict | None = None
     """Always None: LoRA runs are refused here (:func:`check_deepspeed`)."""
+    memory: MemoryOptions | None = None
+    """``parallel.activation_offload``'s hooks (:func:`parallel.offload.apply_memory_options`)."""
 
     @property
     def model(self) -> nn.Module:
@@ -192,6 +197,11 @@ def build_zero_engine(
         )
     cut_sequence(model, dims, mesh)  # no sequence parallelism: megatron's cuts dim 0 of [s, b, h]
     apply_activation_checkpointing(model, p.activation_checkpointing)  # the FSDP engine's, selective too
+    memory = None
+    if p.activation_offload:
+        # each block's saved activations to pinned host memory, as under FSDP; what ZeRO-3 gathers is a
+        # parameter (or a view of one), which stays. Block swap is refused (check_finetune_deepspeed)
+        memory = apply_memory_options(model, activation_offload=True, block_swap=0, device=env.device)
     model.train()
     opt = build_optimizer(model, cfg.train, env.device)
     ds = zero.build_engine(
@@ -207,5 +217,5 @@ def build_zero_engine(
     )
     return ZeroEngine(
         ds=ds, opt=opt, groups=groups, dims=dims, device=env.device, bf16=bf16, rank=env.rank,
-        n_params=n_params, n_trainable=n_trainable,
+        n_params=n_params, n_trainable=n_trainable, memory=memory,
     )  # fmt: skip

@@ -171,27 +171,122 @@ def test_resume_refuses_another_base_and_the_other_kind_of_checkpoint(tmp_path, 
         setup(cfg)
 
 
-def test_deepspeed_refuses_lora_and_a_low_precision_base_naming_the_keys(overrides):
+def test_deepspeed_refuses_lora_a_low_precision_base_and_block_swap_naming_the_keys(overrides):
     from launch.engine import check_finetune_deepspeed
 
     cfg = load_config(None, [*overrides, *TINY, *LORA, "parallel.engine=deepspeed"])
     with pytest.raises(ValueError, match=r"finetune\.lora\.rank=4 with parallel\.engine=deepspeed"):
         check_finetune_deepspeed(cfg)
-    cfg = load_config(None, [*overrides, *TINY, "init.freeze=[blocks.*]", "finetune.base_dtype=bf16"])
-    check_finetune_deepspeed(cfg)  # the FSDP engine's
-    cfg.parallel.engine = "deepspeed"
-    with pytest.raises(ValueError, match=r"finetune\.base_dtype=bf16 with parallel\.engine=deepspeed"):
-        check_finetune_deepspeed(cfg)
+    freeze = [*overrides, *TINY, "init.freeze=[blocks.*]"]
+    for key, said in (("finetune.base_dtype=bf16", "bf16"), ("finetune.block_swap=1", "1")):
+        cfg = load_config(None, [*freeze, key, "parallel.activation_offload=true"])
+        check_finetune_deepspeed(cfg)  # the FSDP engine's
+        cfg.parallel.engine = "deepspeed"
+        with pytest.raises(ValueError, match=rf"{key.split('=')[0]}={said} with parallel\.engine=deepspeed"):
+            check_finetune_deepspeed(cfg)
+    cfg = load_config(None, [*freeze, "parallel.activation_offload=true", "parallel.engine=deepspeed"])
+    check_finetune_deepspeed(cfg)  # activation offload runs under ZeRO (test below)
 
 
-def test_fp8_base_trains_and_saves(tmp_path, overrides):
-    """A float8 base (``finetune.base_dtype=fp8``) under the trainer: a step moves the adapters alone,
-    and the save's finiteness check reads the trainable weights (float8 has no isfinite)."""
+def _zero_step(case: tuple[str, bool, str]) -> dict:
+    """One ZeRO-3 step of the DeepSpeed engine as the trainer builds it (``build_zero_engine``), with or
+    without ``parallel.activation_offload``: per-sample losses, host bytes held by the offload after
+    the forward, gradient norm, and the losses after the update."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dit.diffusion import make_objective
+    from launch.batches import Conditioner
+    from launch.distributed import DistEnv
+    from launch.engine import sample_losses
+    from launch.engine_deepspeed import build_zero_engine
+    from parallel.dims import MESH_DIMS
+    from parallel.parallelize import make_dims
+    from tests.launch.deepspeed_bf16_worker import latent_batch
+
+    _, offload, base = case
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(
+        None, [*TINY, "parallel.engine=deepspeed", "parallel.zero_stage=3", f"init.from={base}"]
+    )
+    cfg.parallel.activation_offload = offload
+    env = DistEnv(rank, world, rank, torch.device("cpu"))
+    dims = make_dims(cfg.parallel, world, cfg.model.arch)
+    # the trainer's mesh (ParallelDims.build_mesh), which leaves one process without one
+    mesh = init_device_mesh("cpu", (1,) * len(MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    mesh["dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_shard_cp")
+    engine = build_zero_engine(cfg, env, dims, mesh, bf16=False)
+    objective = make_objective(cfg.diffusion)
+    prep = Conditioner(cfg, env.device)(latent_batch(cfg, rank), torch.Generator().manual_seed(rank))
+    per = sample_losses(engine, objective, prep, tokens=None, generator=torch.Generator().manual_seed(7))
+    host = engine.memory.host_bytes() if engine.memory else 0
+    engine.backward(per, float(len(per) * world), last=True)
+    grad_norm, applied, _ = engine.update(per.mean().item())
+    after = sample_losses(engine, objective, prep, tokens=None, generator=torch.Generator().manual_seed(7))
+    hooks = [_memory_hooks(b) if engine.memory else None for b in engine.model.blocks]
+    return {
+        "loss": per.detach(),
+        "host": host,
+        "grad_norm": grad_norm,
+        "applied": applied,
+        "after": after.detach(),
+        "hooks": hooks,
+    }
+
+
+def _zero_worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    from tests.parallel.group import serve
+
+    env = {"LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"}
+    serve(rank, world, port, cases, out_dir, _zero_step, name=lambda c: c[0], env=env)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_activation_offload_equals_it_without(tmp_path):
+    """``parallel.activation_offload`` under ``parallel.engine=deepspeed`` (ZeRO-3, real DeepSpeed on a
+    one-process gloo group: ZeRO-3's gathered weights are what matters): the hooks are on every block,
+    the forward's saved activations sit in host memory, and the step (losses, gradient norm, losses
+    after the update) is bit for bit the one without offload. Only a GPU shows the device memory saved
+    and the copies overlapping compute."""
+    from tests.parallel.group import run_group
+
+    base, _ = _base(tmp_path)
+    cases = [("plain", False, str(base)), ("offload", True, str(base))]
+    got = run_group(1, _zero_worker, cases, tmp_path, names=["plain", "offload"])
+    for name, r in got.items():
+        assert "error" not in r, f"{name}:\n{r['error']}"
+    plain, offload = got["plain"], got["offload"]
+    assert offload["hooks"] == [(True, False), (True, False)] and plain["host"] == 0
+    assert offload["host"] > 0
+    assert plain["applied"] and offload["applied"] and plain["grad_norm"] > 0
+    assert torch.equal(offload["loss"], plain["loss"]) and offload["grad_norm"] == plain["grad_norm"]
+    assert torch.equal(offload["after"], plain["after"])
+    assert not torch.equal(plain["after"], plain["loss"])  # the step changed the model
+
+
+def _memory_hooks(block) -> tuple[bool, bool]:
+    """(activation offload, block swap) as :func:`parallel.offload.apply_memory_options` installed them on
+    ``block`` (its forward pre-hook)."""
+    from parallel.offload import _BlockHooks
+
+    pre = [getattr(h, "__self__", None) for h in block._forward_pre_hooks.values()]
+    (hooks,) = [h for h in pre if isinstance(h, _BlockHooks)]
+    return hooks.offload, hooks.swap is not None
+
+
+def test_fp8_base_with_block_swap_and_activation_offload_trains_and_saves(tmp_path, overrides):
+    """A float8 base (``finetune.base_dtype=fp8``), the last block swapped (``finetune.block_swap``) and
+    activations offloaded, under the trainer (the FSDP engine, one process): the options are installed
+    on the trainer's model, a step moves the adapters alone, and the save's finiteness check reads the
+    trainable weights (float8 has no isfinite). What a GPU alone shows (overlap, memory saved): see
+    ``tests/parallel/test_offload.py``."""
     from launch.train import setup
 
     base, _ = _base(tmp_path)
-    tr = setup(_cfg(tmp_path, overrides, *LORA, f"init.from={base}", "finetune.base_dtype=fp8"))
+    memory = ["finetune.block_swap=1", "parallel.activation_offload=true"]
+    tr = setup(_cfg(tmp_path, overrides, *LORA, f"init.from={base}", "finetune.base_dtype=fp8", *memory))
     try:
+        assert [_memory_hooks(b) for b in tr.model.blocks] == [(True, False), (True, True)]
         frozen = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not p.requires_grad}
         assert any(p.dtype == torch.float8_e4m3fn for p in frozen.values())
         tr.train_step(iter(tr.loader))
