@@ -389,8 +389,9 @@ class LoraConfig:
         if self.alpha is not None:
             check_range(self.alpha, f"{key}.alpha", 0.0, open_low=True)
         check_range(self.dropout, f"{key}.dropout", 0.0, 1.0, open_high=True)
-        if not re.fullmatch(r"pissa_niter_[1-9]\d*", self.init):
-            check_choice(self.init, self.INITS + ("pissa_niter_N",), f"{key}.init")
+        if self.init not in self.INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", self.init):
+            inits = ", ".join(self.INITS)
+            raise ValueError(f"{key}.init={self.init!r}: expected one of {inits} or pissa_niter_<N>, N ≥ 1")
         check_range(self.lr, f"{key}.lr", 0.0)
         check_range(self.plus_ratio, f"{key}.plus_ratio", 0.0, open_low=True)
         if self.rank > 0 and not self.targets:
