@@ -11,7 +11,15 @@ from launch.optim import lr_factor
 
 WAN = ["data.shards=/lat", "data.val_shards=/val", "data.codec=/vae", "data.text_encoder=/umt5"]
 REQUIRED = {"video-1b3": WAN, "video-14b": WAN, "dit-xl-2": ["data.shards=/lat"]}
-REQUIRED |= {n: [*WAN, "init.from=/models/wan"] for n in ("wan2.1-t2v-1.3b-finetune", "wan2.2-ti2v-5b-i2v")}
+REQUIRED |= {
+    n: [*WAN, "init.from=/models/wan"]
+    for n in (
+        "wan2.1-t2v-1.3b-finetune",
+        "wan2.2-ti2v-5b-i2v",
+        "wan2.1-t2v-1.3b-lora",
+        "wan2.2-ti2v-5b-i2v-lora",
+    )
+}
 
 
 @pytest.mark.slow
