@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dit import mup
 from launch.config import LoraConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(
@@ -36,6 +40,11 @@ def build_optimizer(
             train): the base learning rate is ``lora.lr`` (0: ``cfg.lr``) and every ``lora_B`` matrix
             gets ``lr_mult = lora.plus_ratio`` (LoRA+). The μP multipliers name the plain model's
             weights, so adapters have none of them. Group 0 (the logged lr) is then the A matrices'.
+
+    The groups depend on the parameters alone (decay or not, μP multiplier, and in a LoRA run ``lora_B``
+    or not), never on the learning rates: a checkpoint's optimizer state then loads whatever
+    ``finetune.lora.plus_ratio`` (even 1) or ``lr`` the resuming run has, and those take effect (see
+    :func:`build_scheduler`).
     """
     arch = getattr(model, "cfg", None)
     mults = mup.lr_multipliers(arch) if arch is not None else {}
@@ -43,30 +52,52 @@ def build_optimizer(
     plus = 1.0
     if lora is not None and lora.enabled:
         lr, plus = lora.lr or cfg.lr, lora.plus_ratio
-    groups: dict[tuple[bool, float], list] = {}
+    groups: dict[tuple[bool, bool, float], list] = {}  # (is lora_B, decay, μP multiplier)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not (p.ndim < 2 or "table" in name)
-        mult = mults.get(name, 1.0) * (plus if ".lora_B." in name else 1.0)
-        groups.setdefault((decay, mult), []).append(p)
-    # groups at the base learning rate first: param_groups[0]["lr"] is what the trainer logs as lr
-    order = sorted(groups, key=lambda k: (abs(math.log(k[1])), not k[0]))
-    return torch.optim.AdamW(
+        groups.setdefault((".lora_B." in name, decay, mults.get(name, 1.0)), []).append(p)
+    # groups at the base learning rate first: param_groups[0]["lr"] is what the trainer logs as lr;
+    # lora_B's after every other (its multiplier, plus_ratio, may change at resume: the order may not)
+    order = sorted(groups, key=lambda k: (k[0], abs(math.log(k[2])), not k[1]))
+    lr_mult = [k[2] * (plus if k[0] else 1.0) for k in order]
+    opt = torch.optim.AdamW(
         [
             {
                 "params": groups[k],
-                "weight_decay": cfg.weight_decay if k[0] else 0.0,
-                "lr": lr * k[1],
-                "lr_mult": k[1],
+                "weight_decay": cfg.weight_decay if k[1] else 0.0,
+                "lr": lr * m,
+                "lr_mult": m,
             }
-            for k in order
+            for k, m in zip(order, lr_mult, strict=True)
         ],
         lr=lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
         fused=device.type == "cuda" if fused is None else fused,
     )
+    opt.register_load_state_dict_post_hook(_ConfigPeaks([lr * m for m in lr_mult], lr_mult))
+    return opt
+
+
+class _ConfigPeaks:
+    """Optimizer ``load_state_dict`` post-hook: the loaded groups keep this run's peak learning rates
+    (``train.lr``, ``finetune.lora.lr``, ``finetune.lora.plus_ratio``), not the checkpoint's, and the
+    current lr keeps the checkpoint's place in the schedule (lr / initial_lr). DeepSpeed loads the
+    optimizer after the scheduler (:class:`ConfigSchedule` covers the other order); unchanged
+    settings leave every bit as loaded (exact resume)."""
+
+    def __init__(self, peaks: list[float], lr_mult: list[float]):
+        self.peaks, self.lr_mult = peaks, lr_mult
+
+    def __call__(self, opt: torch.optim.Optimizer) -> None:
+        for g, peak, mult in zip(opt.param_groups, self.peaks, self.lr_mult, strict=True):
+            g["lr_mult"] = mult
+            saved = g.get("initial_lr", peak)
+            if saved != peak:
+                g["lr"] = peak * (g["lr"] / saved) if saved else peak
+                g["initial_lr"] = peak
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -88,8 +119,37 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0 - (1 - floor) * min(1.0, (step - start + 1) / decay_steps)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+class ConfigSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose peak learning rates (``base_lrs``) stay this run's after ``load_state_dict``:
+    the checkpoint gives the place in the schedule (``last_epoch``), the config the peaks and the shape
+    (``train.warmup``, ``schedule``, ``steps``: the lambda is never saved). A resumed run therefore
+    trains at the ``train.lr`` / ``finetune.lora.lr`` / ``finetune.lora.plus_ratio`` it was started
+    with (a lower ``train.lr`` after a non-finite step, as the trainer advises, takes effect), logged
+    when they differ from the checkpoint's. With unchanged settings every lr is the bits saved."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        peaks = list(self.base_lrs)
+        super().load_state_dict(state_dict)
+        saved, self.base_lrs = self.base_lrs, peaks
+        if saved != peaks and _rank() == 0:
+            log.warning(
+                "resumed with other learning rates than the checkpoint's (train.lr, finetune.lora.lr or "
+                "finetune.lora.plus_ratio changed): peak lr per parameter group %s, now %s",
+                [f"{x:g}" for x in saved],
+                [f"{x:g}" for x in peaks],
+            )
+        lrs = [peak * f(self.last_epoch) for f, peak in zip(self.lr_lambdas, peaks, strict=True)]
+        for g, lr, peak in zip(self.optimizer.param_groups, lrs, peaks, strict=True):
+            g["lr"], g["initial_lr"] = lr, peak
+        self._last_lr = lrs
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> ConfigSchedule:
+    return ConfigSchedule(opt, lambda step: lr_factor(step, cfg))
 
 
 class EMA:

@@ -71,6 +71,70 @@ def test_build_optimizer_lora_lr_and_plus_ratio():
     assert {g["lr"] for g in opt.param_groups} == {1e-4}
 
 
+def _group_names(model, opt) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def test_optimizer_groups_do_not_depend_on_lora_learning_rates_and_resume_takes_the_new_ones():
+    """LoRA+ at resume: the parameter groups are the same whatever ``finetune.lora.plus_ratio`` (1 too)
+    and ``lr`` (a checkpoint's optimizer state loads), and a resumed optimizer and schedule train at
+    the new settings from the checkpoint's place in the schedule, in either loading order (the FSDP
+    engine loads the optimizer first, DeepSpeed the scheduler), the next scheduler step too; unchanged
+    settings give back the saved bits."""
+    import copy
+
+    from launch.lora import apply_lora
+    from launch.optim import build_optimizer, build_scheduler, lr_factor
+
+    arch = load_config(None, TINY).model.arch
+    model = build_model(arch, device="cpu", seed=0)
+    apply_lora(model, LoraConfig(rank=4))
+    tcfg = TrainConfig(lr=1e-4, warmup=2, steps=10, schedule="cosine")
+    cpu = torch.device("cpu")
+
+    def build(lr, plus):
+        opt = build_optimizer(model, tcfg, cpu, lora=LoraConfig(rank=4, lr=lr, plus_ratio=plus))
+        return opt, build_scheduler(opt, tcfg)
+
+    layouts = {plus: _group_names(model, build(3e-3, plus)[0]) for plus in (1.0, 4.0, 16.0, 0.5)}
+    assert all(groups == layouts[1.0] for groups in layouts.values()), layouts
+    assert len(layouts[1.0]) == 2 and all(".lora_B." in n for n in layouts[1.0][1])
+
+    opt, sched = build(1e-2, 16.0)
+    for _ in range(3):  # past the warmup: the factor differs from 1 and from the first steps'
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    saved_lrs = [g["lr"] for g in opt.param_groups]
+    factor = lr_factor(3, tcfg)
+    assert saved_lrs == [1e-2 * factor, 16e-2 * factor]
+    for fsdp_order in (True, False):
+        opt, sched = build(1e-2, 16.0)  # unchanged: the saved bits
+        _load(opt, sched, saved_opt, saved_sched, fsdp_order)
+        assert [g["lr"] for g in opt.param_groups] == saved_lrs
+        for lr, plus in ((1e-2, 8.0), (5e-3, 1.0)):
+            opt, sched = build(lr, plus)
+            _load(opt, sched, saved_opt, saved_sched, fsdp_order)
+            for got, want in zip(opt.param_groups, (lr, lr * plus), strict=True):
+                assert got["lr"] == pytest.approx(want * factor, rel=1e-12), (fsdp_order, lr, plus)
+                assert got["initial_lr"] == want and got["lr_mult"] == want / lr
+            assert opt.state_dict()["state"].keys() == saved_opt["state"].keys()  # moments loaded
+            opt.step()
+            sched.step()
+            want = [lr * lr_factor(4, tcfg), lr * plus * lr_factor(4, tcfg)]
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx(want, rel=1e-12)
+
+
+def _load(opt, sched, opt_state: dict, sched_state: dict, optimizer_first: bool) -> None:
+    if optimizer_first:
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(sched_state)
+    else:
+        sched.load_state_dict(sched_state)
+        opt.load_state_dict(opt_state)
+
+
 @pytest.fixture
 def one_thread():
     """One thread, as the trainer's subprocesses run (``OMP_NUM_THREADS=1``): an in-process run then
@@ -168,19 +232,36 @@ def test_lora_run_lowers_the_loss_saves_adapters_only_and_resumes_bit_for_bit_af
 
 def test_resume_refuses_another_base_and_the_other_kind_of_checkpoint(tmp_path, overrides):
     """A changed base (its fingerprint), a full checkpoint for a LoRA run and a LoRA one for full
-    training are refused naming what differs; a LoRA trainer's EMA holds the adapters alone."""
+    training are refused naming what differs; a LoRA trainer's EMA holds the adapters alone; another
+    ``finetune.lora.plus_ratio`` and ``lr`` resume, at the new learning rates."""
+    from launch.optim import lr_factor
     from launch.resume import ResumeRefused
     from launch.train import setup
 
     base, _ = _base(tmp_path)
     lora = [*LORA, f"init.from={base}", "train.ema_decay=0.9"]
-    tr = setup(_cfg(tmp_path, overrides, *lora))
+    # saved without LoRA+ (plus_ratio=1), resumed with it and another adapters' lr (below)
+    tr = setup(_cfg(tmp_path, overrides, *lora, "finetune.lora.plus_ratio=1", "finetune.lora.lr=5e-3"))
     try:
         assert tr.ema.names and all(".lora_" in n for n in tr.ema.names)
         assert tr.engine.n_trainable == sum(
             p.numel() for n, p in tr.model.named_parameters() if ".lora_" in n
         )
+        tr.train_step(iter(tr.loader))  # optimizer moments and a step of the schedule to resume
         saved = tr.checkpoint()
+    finally:
+        tr.close()
+    # the parameter groups still load (the old grouping by learning rate had one group, now two), and
+    # the new learning rates apply at the checkpoint's place in the schedule
+    cfg = _cfg(tmp_path, overrides, *lora)
+    tr = setup(cfg)
+    try:
+        assert tr.step == 1  # resumed
+        groups = _group_names(tr.model, tr.engine.opt)
+        assert [all(".lora_B." in n for n in names) for names in groups] == [False, True]
+        lrs = [g["lr"] for g in tr.engine.opt.param_groups]
+        lora_lr = cfg.finetune.lora.lr * lr_factor(1, cfg.train)
+        assert lrs == pytest.approx([lora_lr, cfg.finetune.lora.plus_ratio * lora_lr], rel=1e-12)
     finally:
         tr.close()
     other, _ = _base(tmp_path, seed=6)
