@@ -15,6 +15,7 @@ from dataclasses import dataclass
 MLP_KINDS = ("gelu_tanh", "swiglu")
 LAYOUTS = ("full", "factorized")
 POS_EMBEDS = ("rope3d", "sincos3d", "learned", "rope_ltx")
+ABS_POS_EMBEDS = ("none", "sincos3d", "learned")
 MODULATIONS = ("per_block", "shared")
 CONDITIONINGS = ("text", "class", "none")
 BACKENDS = ("sdpa", "flash_attn", "math")
@@ -77,8 +78,15 @@ class DiTConfig:
     additive, DiT-style), ``learned`` (additive, separate t/h/w tables) or ``rope_ltx`` (LTX-Video's
     rotary over the whole inner width, on fractional coordinates scaled by the VAE compression and the
     clip's frame rate: the forward needs ``fps``)."""
+    abs_pos_embed: str = "none"
+    """An absolute position table added to the patch embedding next to a rotary ``pos_embed``
+    (``rope3d``/``rope_ltx``, which stays): ``none`` (default), ``sincos3d`` or ``learned`` (the tables
+    of those ``pos_embed`` choices). RoPE alone tells a token only relative positions, so from pure noise
+    a model cannot place what the caption asks for at a place in the frame ("from left to right": on the
+    left in the first frame); the additive table gives it where it is."""
     max_latent_size: tuple[int, int, int] = (64, 128, 128)
-    """Largest (T, H, W) in patches a ``learned`` position table covers."""
+    """Largest (T, H, W) in patches a ``learned`` position table covers (``pos_embed`` or
+    ``abs_pos_embed``)."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies."""
     rope_base: tuple[int, int, int] = (20, 2048, 2048)
@@ -147,6 +155,7 @@ class DiTConfig:
             ("mlp", MLP_KINDS),
             ("attention_layout", LAYOUTS),
             ("pos_embed", POS_EMBEDS),
+            ("abs_pos_embed", ABS_POS_EMBEDS),
             ("modulation", MODULATIONS),
             ("conditioning", CONDITIONINGS),
             ("attention_backend", BACKENDS),
@@ -184,6 +193,11 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: rope3d needs head_dim >= 6, got {self.head_dim}")
         if self.pos_embed == "rope_ltx" and self.hidden_size < 6:
             raise ValueError(f"DiTConfig: rope_ltx needs hidden_size >= 6, got {self.hidden_size}")
+        if self.abs_pos_embed != "none" and self.pos_embed not in ("rope3d", "rope_ltx"):
+            raise ValueError(
+                f"DiTConfig.abs_pos_embed={self.abs_pos_embed!r} goes next to a rotary pos_embed (rope3d, "
+                f"rope_ltx); pos_embed={self.pos_embed!r} is already additive"
+            )
         for name in ("rope_base", "rope_compression"):
             if len(getattr(self, name)) != 3 or min(getattr(self, name)) < 1:
                 raise ValueError(f"DiTConfig.{name}={getattr(self, name)}: expected three positive ints")

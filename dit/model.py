@@ -57,9 +57,10 @@ def _modulation(cfg: DiTConfig, n: int) -> nn.Module:
 
 
 def _additive_pos_embed(cfg: DiTConfig) -> nn.Module | None:
-    if cfg.pos_embed == "sincos3d":
+    kind = cfg.pos_embed if cfg.abs_pos_embed == "none" else cfg.abs_pos_embed  # the latter next to a RoPE
+    if kind == "sincos3d":
         return SinCos3D(cfg.hidden_size)
-    if cfg.pos_embed == "learned":
+    if kind == "learned":
         return LearnedPos3D(cfg.hidden_size, cfg.max_latent_size)
     return None  # rope3d rotates q and k inside attention instead
 

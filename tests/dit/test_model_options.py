@@ -225,3 +225,36 @@ def test_rope_ltx_model_needs_fps_and_uses_it():
     b = model(x, t, **kw, fps=torch.tensor([24.0, 8.0]))
     torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-6)  # per sample: sample 0 unchanged
     assert (b[1] - a[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["sincos3d", "learned"])
+@pytest.mark.parametrize("rope", ["rope3d", "rope_ltx"])
+def test_abs_pos_embed_adds_its_table_to_the_patch_embedding_and_keeps_the_rope(kind, rope):
+    """``abs_pos_embed`` = the plain rotary model with the additive table added after the patch embedding."""
+    base = get_preset("tiny", pos_embed=rope, fps_conditioning=rope == "rope_ltx")
+    plain = random_model(base)
+    both = SpacetimeDiT(DiTConfig(**{**vars(base), "abs_pos_embed": kind}))
+    extra = set(both.state_dict()) - set(plain.state_dict())
+    assert extra == ({"pos_embed.t", "pos_embed.h", "pos_embed.w"} if kind == "learned" else set())
+    torch.manual_seed(3)
+    both.load_state_dict({**plain.state_dict(), **{k: torch.randn_like(both.state_dict()[k]) for k in extra}})
+    assert both.rope is not None and type(both.rope) is type(plain.rope)
+    x, t, kw = inputs(both.cfg, t=4, h=6, w=8)
+    grid = both.grid(x)
+    table = both.pos_embed(grid, x.device)
+    hook = plain.patch_embed.register_forward_hook(lambda mod, args, out: out + table)
+    try:
+        want = plain(x, t, **kw)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(both(x, t, **kw), want, rtol=1e-5, atol=1e-5)
+    assert (both(x, t, **kw) - plain(x, t, **kw)).abs().max() > 1e-3  # the table changes the output
+
+
+def test_abs_pos_embed_is_off_by_default_and_only_next_to_a_rope():
+    assert DiTConfig().abs_pos_embed == "none"
+    assert SpacetimeDiT(get_preset("tiny")).pos_embed is None  # the rope3d model has no additive table
+    with pytest.raises(ValueError, match="already additive"):
+        DiTConfig(pos_embed="sincos3d", abs_pos_embed="sincos3d")
+    with pytest.raises(ValueError, match="abs_pos_embed='rope3d'"):
+        DiTConfig(abs_pos_embed="rope3d")
