@@ -271,12 +271,8 @@ def load_model(path: str | Path, use_ema: bool = True, expert: str = "") -> Spac
     """
     from launch.finetune import arch_dict_to_config, read_weights  # finetune imports this module
 
-    lora = adapters.lora_checkpoint(path) if not expert else None
-    if lora is not None:  # a LoRA run: its adapters merged into the base it was trained on
-        model_state, ema, _ = adapters.lora_weights(lora[0], lora[1], merged=True, use_ema=use_ema)
-        state, arch = ema if ema is not None else model_state, dataclasses.asdict(lora[1].model.arch)
-    else:
-        state, arch = read_weights(path, use_ema, expert, key="load_model")
+    # a LoRA run comes back merged: read_weights rebuilds its base (fingerprint checked) and adds B·A·scale
+    state, arch = read_weights(path, use_ema, expert, key="load_model")
     if arch is None:
         raise CheckpointError(f"{path}: names no architecture (no config.json 'arch' or config.yaml)")
     model = build_model(arch_dict_to_config(arch, str(path)), device="cpu")
