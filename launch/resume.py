@@ -75,8 +75,8 @@ def check_kind(found: Path, cfg: JobConfig) -> None:
         raise ResumeRefused(
             f"{found} holds LoRA adapters only (it has {BASE_FILE}), and this run has "
             f"finetune.lora.rank=0 (full training): set finetune.lora.* as that run did to resume it, or "
-            f"start a new run (another run.dir); export it merged (launch.export --merge) to train all "
-            f"weights from it"
+            f"train all weights from it in a new run (another run.dir) with init.from={found}, which loads "
+            f"a LoRA run merged (its adapters added to the base it was trained on)"
         )
     if lora.enabled and not (found / BASE_FILE).is_file():
         raise ResumeRefused(

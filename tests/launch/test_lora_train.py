@@ -269,8 +269,9 @@ def test_resume_refuses_another_base_and_the_other_kind_of_checkpoint(tmp_path, 
         setup(_cfg(tmp_path, overrides, *lora[:-2], f"init.from={other}", "train.ema_decay=0.9"))
     fingerprint = json.loads((saved / "base.json").read_text())["fingerprint"]
     assert fingerprint in str(e.value) and f"init.from={other}" in str(e.value)
-    with pytest.raises(ResumeRefused, match="holds LoRA adapters only"):
+    with pytest.raises(ResumeRefused, match="holds LoRA adapters only") as e:
         setup(_cfg(tmp_path, overrides, f"init.from={base}"))
+    assert f"new run (another run.dir) with init.from={saved}, which loads a LoRA run merged" in str(e.value)
 
     full_dir = tmp_path / "full"
     tr = setup(load_config(None, [f"run.dir={full_dir}", *overrides, "data.num_workers=0", *TINY]))
