@@ -21,7 +21,9 @@ plain model's):
   the device in backward. Trainable parameters (LoRA adapters) stay on the device. What autograd saves
   that is not a view of a parameter stays on the device: with an fp32 base under bf16 autocast that
   includes autocast's bf16 copy of each weight, so block swap pairs with ``finetune.base_dtype=bf16``
-  (or activation offload).
+  (or activation offload). A model built on meta (the FSDP engine's) gets the swapped blocks' frozen
+  tensors allocated in pinned host memory when :func:`parallel.parallelize.materialize` materialises it
+  (:meth:`BlockSwap.allocate_host`): they never occupy the device, even at start-up.
 
 Both run on CPU as an emulation of the same code path (the copies go to fresh host tensors, the
 "device" copies are fresh tensors too), which is what the CPU tests check: saved tensors pass through
@@ -148,7 +150,8 @@ class BlockSwap:
                     yield f"{mod_name}.{attr}" if mod_name else attr, p
 
     def _host(self, s: _Swapped) -> None:
-        """Make the host copies (once; lazily, so a model built on meta and materialised later works)."""
+        """Make the host copies (once) of a block materialised elsewhere (a model materialised on the
+        device by other means than :func:`parallel.parallelize.materialize`: copied out at first use)."""
         for name, p in self.tensors(s.block):
             if name in s.host:
                 continue
@@ -170,6 +173,28 @@ class BlockSwap:
             s.host[name] = host
             self.counter.hold(host)
             p.data = host
+
+    def allocate_host(self) -> list[Tensor]:
+        """Allocate the swapped blocks' frozen tensors that are still on meta directly in host memory
+        (pinned on CUDA) as their host copies, in place of the meta tensors (a model built on meta and
+        not yet materialised). The caller materialises the rest on the device and fills both from the
+        initial state (``load_state_dict`` copies into these in place), so the swapped base never
+        passes through the device: without this its first forward would copy it out, after the whole
+        base had sat on the device at start-up. Returns the new parameters and buffers."""
+        placed = []
+        for s in self.blocks:
+            for mod_name, mod in s.block.named_modules():
+                for store in (mod._parameters, mod._buffers):
+                    for attr, t in list(store.items()):
+                        if t is None or t.requires_grad or not t.is_meta:
+                            continue
+                        host = torch.empty(t.size(), dtype=t.dtype, pin_memory=self.copier.cuda)
+                        new = nn.Parameter(host, requires_grad=False) if store is mod._parameters else host
+                        store[attr] = new
+                        s.host[f"{mod_name}.{attr}" if mod_name else attr] = host
+                        self.counter.hold(host)
+                        placed.append(new)
+        return placed
 
     def evict_all(self) -> None:
         for i in range(len(self.blocks)):
@@ -300,6 +325,7 @@ class MemoryOptions:
     swapped: list[str]
     counter: _Counter
     handles: list = field(default_factory=list)
+    swap: BlockSwap | None = None
 
     def host_bytes(self) -> int:
         return self.counter.live
@@ -309,6 +335,15 @@ class MemoryOptions:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def memory_options(model: nn.Module) -> MemoryOptions | None:
+    """What :func:`apply_memory_options` installed on ``model`` (None: nothing), e.g. for
+    :func:`parallel.parallelize.materialize` to place the swapped blocks in host memory."""
+    return _INSTALLED.get(model)
 
 
 def apply_memory_options(
@@ -322,8 +357,10 @@ def apply_memory_options(
     """Install activation offload and block swapping on ``model.blocks`` (in place; see the module doc).
 
     Args:
-        model: a SpacetimeDiT (anything with ``.blocks``), on meta or materialised; the swapped blocks'
-            host copies are made at their first forward, or now when materialised.
+        model: a SpacetimeDiT (anything with ``.blocks``), on meta or materialised. Materialised: the
+            swapped blocks' frozen tensors are moved to host copies now. On meta: materialise it with
+            :func:`parallel.parallelize.materialize`, which allocates them in host memory
+            (:meth:`BlockSwap.allocate_host`) and only the rest on the device.
         activation_offload: ``parallel.activation_offload``: saved activations of every block to host.
         block_swap: ``finetune.block_swap``: the last this many blocks' frozen tensors live on the host.
         device: where the model computes (``cuda``: pinned copies on side streams; ``cpu``: emulation).
@@ -342,7 +379,8 @@ def apply_memory_options(
     if block_swap:
         swap = BlockSwap(list(zip(names, model.blocks, strict=True))[depth - block_swap :], copier, counter)
     swapped_names = names[depth - block_swap :] if block_swap else []
-    options = MemoryOptions(names if activation_offload else [], swapped_names, counter)
+    options = MemoryOptions(names if activation_offload else [], swapped_names, counter, swap=swap)
+    _INSTALLED[model] = options
     for i, block in enumerate(model.blocks):
         swapped = swap is not None and i >= depth - block_swap
         if not (activation_offload or swapped):

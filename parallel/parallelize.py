@@ -32,7 +32,7 @@ from dit.model import SpacetimeDiT
 from parallel.config import ParallelConfig, checkpoint_every, is_selective
 from parallel.context import apply_sequence_cut, check_cp_degrees
 from parallel.dims import ParallelDims
-from parallel.offload import apply_memory_options
+from parallel.offload import apply_memory_options, memory_options
 from parallel.tensor import apply_tensor_parallel, check_tp
 
 
@@ -289,8 +289,18 @@ def materialize(
     broadcast into every rank's shards: the initial weights are then the same bits whatever the
     layout, which is what makes every parallel mode comparable to one process (DTensor's own random
     initialisation is layout-dependent on CPU).
+
+    Under block swap (``finetune.block_swap``, :func:`parallel.offload.apply_memory_options` installed by
+    :func:`parallelize`) the swapped blocks' frozen tensors are allocated in (pinned) host memory and
+    filled there; only the rest is allocated on ``device``, so the start-up peak is not the whole base.
     """
-    model.to_empty(device="cpu" if offload else device)  # FSDP2 offload keeps shards in host memory
+    target = torch.device("cpu") if offload else device  # FSDP2 offload keeps shards in host memory
+    options = memory_options(model)
+    on_host = options.swap.allocate_host() if options is not None and options.swap is not None else []
+    if on_host:
+        _to_empty_except(model, target, {id(t) for t in on_host})
+    else:
+        model.to_empty(device=target)
     if mesh is None:
         model.load_state_dict(reference().state_dict())
         return
@@ -298,3 +308,16 @@ def materialize(
     full = reference().state_dict() if rank0 else {}
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=opts)
+
+
+def _to_empty_except(model: nn.Module, device: torch.device, keep: set[int]) -> None:
+    """``model.to_empty(device=device)`` for every parameter and buffer but those whose ``id`` is in
+    ``keep`` (already materialised elsewhere: the swapped blocks' host copies). A meta tensor cannot
+    take a device tensor as its ``.data``, so each becomes a new tensor, as ``to_empty`` makes it."""
+    for mod in model.modules():
+        for key, p in list(mod._parameters.items()):
+            if p is not None and id(p) not in keep:
+                mod._parameters[key] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+        for key, b in list(mod._buffers.items()):
+            if b is not None and id(b) not in keep:
+                mod._buffers[key] = torch.empty_like(b, device=device)

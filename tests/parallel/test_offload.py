@@ -16,12 +16,14 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.finetune_memory import LiveBytes
 from dit.config import get_preset
 from dit.model import build_model
-from parallel.offload import MIN_OFFLOAD_BYTES, apply_memory_options
-from parallel.parallelize import apply_activation_checkpointing
+from parallel.config import ParallelConfig
+from parallel.offload import MIN_OFFLOAD_BYTES, apply_memory_options, memory_options
+from parallel.parallelize import apply_activation_checkpointing, build_parallel_model, make_dims
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -192,3 +194,51 @@ def test_block_swap_keeps_frozen_weights_on_the_host_between_uses(base, want_fro
 def test_bad_block_swap_names_the_key(base):
     with pytest.raises(ValueError, match=r"finetune.block_swap=3: the model has 2 blocks"):
         apply_memory_options(copy.deepcopy(base), activation_offload=False, block_swap=3, device="cpu")
+
+
+class _Allocations(TorchDispatchMode):
+    """The storages of the tensors factory ops make, by the device the call asked for (``to_empty``
+    passes its device; the host copies ask for none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_device: dict[str, set[int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        device = (kwargs or {}).get("device")
+        if isinstance(out, torch.Tensor) and device is not None:
+            self.by_device.setdefault(str(device), set()).add(out.untyped_storage().data_ptr())
+        return out
+
+
+def test_block_swap_materialises_the_swapped_base_in_host_memory_only(base, want_frozen):
+    """``build_parallel_model(..., block_swap=1)`` (meta build, then materialise): the swapped block's
+    frozen tensors are allocated as the swap's host copies and filled there from the initial state; only
+    the rest is allocated on the device. CPU emulation: the "device" is ``cpu:0``, which ``to_empty``
+    passes to its allocations, so a swapped tensor made there is seen (the bug: the whole base sat on the
+    device at start-up). Only a GPU shows the device memory saved and the pinned host allocation."""
+    arch = get_preset("tiny", depth=2)
+    dims = make_dims(ParallelConfig(), 1, arch)
+    allocations = _Allocations()
+    with allocations:
+        model = build_parallel_model(
+            arch, dims, None, ParallelConfig(), lambda: copy.deepcopy(base), device=torch.device("cpu", 0),
+            prepare=_freeze_blocks, block_swap=1,
+        )  # fmt: skip
+    on_device = allocations.by_device["cpu:0"]
+    swap = memory_options(model).swap
+    host = swap.blocks[0].host
+    frozen = dict(model.blocks[1].named_parameters())
+    assert host.keys() == frozen.keys() and len(host) > 0
+    for name, p in frozen.items():
+        storage = p.untyped_storage().data_ptr()
+        assert storage == host[name].untyped_storage().data_ptr() and storage not in on_device, name
+        assert torch.equal(p, base.get_parameter(f"blocks.1.{name}")), name  # filled from the initial state
+    rest = [n for n, _ in model.named_parameters() if not n.startswith("blocks.1.")]
+    assert all(model.get_parameter(n).untyped_storage().data_ptr() in on_device for n in rest)
+    got = _grads(model)
+    assert got.keys() == want_frozen.keys() and all(torch.equal(got[n], want_frozen[n]) for n in got)
+    assert all(
+        p.untyped_storage().data_ptr() == host[n].untyped_storage().data_ptr() for n, p in frozen.items()
+    )
