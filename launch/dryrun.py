@@ -14,6 +14,7 @@ worse, silently train on something else) minutes into a job on many GPUs:
 - with ``eval.sample_metrics``: the feature-network files and CLIP folder exist, fixed prompts are in
   the built-in grammar unless a network scores them, a Fréchet distance gets at least 2 prompts;
 - the parallel layout against ``--world-size`` and the heads (:func:`parallel.parallelize.make_dims`),
+  ``finetune.block_swap`` on one process only (:func:`parallel.parallelize.check_block_swap`),
   the DeepSpeed engine's own constraints, and every bucket's (and the samples') tokens against the
   context-parallel cut: tokens divisible by cp (× tp under sequence parallelism), whole latent frames
   per rank for the factorized layout and for per-frame timesteps (image-to-video, continuation);
@@ -52,7 +53,7 @@ from dit.flops import macs_breakdown
 from dit.model import SpacetimeDiT, num_params
 from launch.config import JobConfig, cross_field_errors
 from parallel.dims import ParallelDims
-from parallel.parallelize import make_dims
+from parallel.parallelize import check_block_swap, make_dims
 
 
 def dry_run(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> int:
@@ -163,6 +164,10 @@ def _layout(cfg: JobConfig, world_size: int, errors: list[str]) -> ParallelDims 
     except ValueError as e:
         errors.append(f"--world-size {world_size}: {e}")
         return None
+    try:  # the run's own refusal (parallelize): block swap moves whole blocks on one process
+        check_block_swap(cfg.finetune.block_swap, dims)
+    except ValueError as e:
+        errors.append(f"--world-size {world_size}: {e}")
     if cfg.parallel.engine == "deepspeed":
         # imports DeepSpeed (and megatron-core): only for configs that use it
         from launch.engine_deepspeed import check_deepspeed

@@ -187,6 +187,10 @@ DEFECTS = [
      ["eval.sample_prompts", "'a cat'", "grammar"]),
     ("FVD of one clip", "tiny", ["eval.sample_metrics=true", f"eval.fvd_features={CONFIG_DIR / 'tiny.yaml'}",
      "eval.sample_prompts=[a red circle on a blue background]"], ["eval.fvd_features", "at least 2"]),
+    # two replicas hold whole blocks (the planner's own check passes), but the run refuses block swap
+    ("block swap on 2 ranks", "tiny",
+     ["--world-size", "2", "parallel.dp_replicate=2", "finetune.lora.rank=4", "finetune.block_swap=1"],
+     ["--world-size 2", "finetune.block_swap=1", "2 ranks", "parallel.dp_replicate=2"]),
 ]  # fmt: skip
 
 
