@@ -291,7 +291,9 @@ class _BlockHooks:
             return ("kept", t)
         if self.copier.cuda and t.device.type == "cpu":
             return ("kept", t)
-        if self.params is None:  # under FSDP the gathered parameters exist from here, not at pre()
+        if self.params is None or key not in self.params:
+            # the parameters' storages as they are now: FSDP gathers a block's parameters after pre(),
+            # and ZeRO-3 each submodule's as it runs, so one not seen yet may be a weight gathered since
             self.params = {_storage(q) for q in self.block.parameters()}
         if key in self.params:  # a view of a weight (w.t() of a linear): no copy
             return ("kept", t)

@@ -157,6 +157,28 @@ def test_offload_under_checkpointing_moves_only_the_checkpoint_inputs(base, want
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_weights_gathered_later_in_the_block_are_not_offloaded(base, want, offload_all_host):
+    """ZeRO-3 gathers each submodule's weights as it runs (``param.data`` becomes the gathered tensor),
+    after the block's first saved tensor: the offload must still see a linear's saved weight view as a
+    weight (not copy it to the host). Emulated here by a pre-hook that gives each linear's weight a new
+    storage, as ZeRO-3's gather does; a real ZeRO-3 run is ``tests/launch/test_lora_train.py``'s."""
+
+    def gather(module, args):
+        module.weight.data = module.weight.data.clone()
+
+    model = copy.deepcopy(base)
+    for block in model.blocks:
+        for m in block.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_pre_hook(gather)
+    options = apply_memory_options(model, activation_offload=True, block_swap=0, device="cpu")
+    _, host, loss = _after_forward(model, options)
+    assert host == offload_all_host  # the activations, not one weight more
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
 def _freeze_blocks(model):
     for p in model.blocks.parameters():
         p.requires_grad_(False)
