@@ -6,9 +6,12 @@ plain model's):
 
 - **Activation offload** (``parallel.activation_offload``): every tensor a block saves for backward,
   except parameters (and views of them) and tensors under ``min_bytes``, is copied to pinned host
-  memory as it is saved, on a side CUDA stream (the copy overlaps the forward's compute), and copied
-  back when backward unpacks it. A tensor saved several times in a block (its modulated input feeds q,
-  k and v) is copied once; what every block saves of the same outer tensor (the caption's states) is
+  memory as it is saved, on a side CUDA stream (the copy overlaps the forward's compute). Back in
+  backward it is prefetched: when backward reaches block k (a hook on the block's output gradient),
+  blocks k's and k-1's offloaded tensors start back to the device on the side stream, so block k-1's
+  copy overlaps block k's backward, and an unpack waits on its tensor's copy event (one not prefetched
+  is copied when unpacked). A tensor saved several times in a block (its modulated input feeds q,
+  k and v) is copied once each way; what every block saves of the same outer tensor (the caption's states) is
   copied by each (small next to the activations). With activation checkpointing only what the
   checkpoint itself keeps (the block's inputs) is offloaded: the hooks sit outside checkpoint's and
   stand aside while it recomputes.
@@ -28,9 +31,11 @@ plain model's):
 Both run on CPU as an emulation of the same code path (the copies go to fresh host tensors, the
 "device" copies are fresh tensors too), which is what the CPU tests check: saved tensors pass through
 the hooks, swapped parameters are the host copies between uses and the device copies are freed after
-use, gradients equal the plain run. What only a GPU can confirm: that the copies overlap compute
-(side streams, ``non_blocking`` from pinned memory), the speed of either option, and the device
-memory they save (``torch.cuda.max_memory_allocated``).
+use, the offloaded tensors come back prefetched (:meth:`MemoryOptions.copies_back`), gradients equal
+the plain run. What only a GPU can confirm: that the copies overlap compute (side streams, events,
+``non_blocking`` from pinned memory), the speed of either option, and the device memory they save
+(``torch.cuda.max_memory_allocated``; with the prefetch two blocks' activations are on the device in
+backward, the one computing and the previous).
 
 Call order: after tensor/context parallelism and activation checkpointing, before FSDP (the hooks
 register ahead of checkpoint's, so either order of the two works). Block swap needs whole (unsharded)
@@ -62,10 +67,14 @@ def _storage(t: Tensor) -> int:
 
 
 class _Counter:
-    """Live bytes held in host memory by the options (what a GPU would not hold)."""
+    """Live bytes held in host memory by the options (what a GPU would not hold), and how the offloaded
+    activations came back in backward: ``prefetched`` (started on the side stream when backward reached
+    the next block) or ``on_demand`` (copied when unpacked, on the compute stream)."""
 
     def __init__(self) -> None:
         self.live = 0
+        self.prefetched = 0
+        self.on_demand = 0
 
     def hold(self, t: Tensor) -> None:
         n = t.numel() * t.element_size()
@@ -118,6 +127,18 @@ class _Copier:
             current.wait_event(event)
             for t in tensors:
                 t.record_stream(current)
+
+
+class _Offloaded:
+    """One offloaded saved tensor: its host copy and the event that copy completes on; in backward its
+    device copy (shared by every unpack of it) and the event that copy completes on."""
+
+    __slots__ = ("host", "event", "device", "done", "__weakref__")
+
+    def __init__(self, host: Tensor, event: object) -> None:
+        self.host, self.event = host, event
+        self.device: Tensor | None = None
+        self.done: object = None
 
 
 @dataclass
@@ -252,6 +273,8 @@ class _BlockHooks:
         self.seen: dict = {}  # one forward's offloaded tensors: the same tensor is copied once
         self.params: set[int] | None = None
         self.swapped: dict[int, Tensor] = {}
+        self.records: list[weakref.ref] = []  # the last forward's offloaded tensors, for the prefetch
+        self.previous: _BlockHooks | None = None  # the block before (whose backward comes after this one's)
 
     def pre(self, module, args) -> None:
         recomputing = _recomputing(self.block)
@@ -260,7 +283,7 @@ class _BlockHooks:
             self.swapped = self.swap.views(self.block)
         if recomputing or not torch.is_grad_enabled():
             return  # a checkpoint's recompute saves through checkpoint's own hooks
-        self.params, self.seen = None, {}
+        self.params, self.seen, self.records = None, {}, []
         self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self.ctx.__enter__()
 
@@ -268,19 +291,38 @@ class _BlockHooks:
         if self.ctx is not None:
             self.ctx.__exit__(None, None, None)
             self.ctx, self.seen, self.params = None, {}, None
-        if self.swap is None or _recomputing(self.block):
+        if _recomputing(self.block):
             return  # recomputed for this block's backward, which comes next: stay loaded
         if isinstance(output, Tensor) and output.requires_grad:
             # backward reaches this block when its output's gradient is ready: load it then (and
-            # prefetch the previous swapped block), before checkpoint recomputes or anything unpacks
+            # prefetch the previous swapped block and offloaded activations), before checkpoint
+            # recomputes or anything unpacks
             output.register_hook(self._backward_hook)
-        self.swap.evict(self.swap.index[id(self.block)])
+        if self.swap is not None:
+            self.swap.evict(self.swap.index[id(self.block)])
 
     def _backward_hook(self, grad: Tensor) -> None:
-        self.swap.use(self.block, -1)
-        if not self.swap.evict_queued:  # back to the host when this backward ends
-            self.swap.evict_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self.swap.evict_all)
+        if self.swap is not None:
+            self.swap.use(self.block, -1)
+            if not self.swap.evict_queued:  # back to the host when this backward ends
+                self.swap.evict_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self.swap.evict_all)
+        if self.offload:
+            # this block's activations (already on their way unless it is the last block), and the
+            # previous block's, copied on the side stream while this block's backward computes
+            self.prefetch()
+            if self.previous is not None:
+                self.previous.prefetch()
+
+    def prefetch(self) -> None:
+        """Start copying the last forward's offloaded tensors back to the device on the side stream
+        (each once; the unpack waits on the copy's event)."""
+        for ref in self.records:
+            r = ref()
+            if r is not None and r.device is None:
+                r.device, r.done = self.copier.to_device(r.host, r.event, side=True)
+                self.counter.prefetched += 1
+        self.records = []
 
     def pack(self, t: Tensor):
         key = _storage(t)
@@ -301,7 +343,9 @@ class _BlockHooks:
         if meta not in self.seen:
             host, event = self.copier.to_host(t)
             self.counter.hold(host)
-            self.seen[meta] = (t, ("offloaded", t.device, host, event))  # t held: its address stays unique
+            record = _Offloaded(host, event)
+            self.records.append(weakref.ref(record))
+            self.seen[meta] = (t, ("offloaded", record))  # t held: its address stays unique
         return self.seen[meta][1]
 
     def unpack(self, packed) -> Tensor:
@@ -313,9 +357,12 @@ class _BlockHooks:
             if self.swap is not None:
                 self.swap.use(self.block, -1)  # normally loaded already by the backward hook
             return p.data.as_strided(size, stride, p.data.storage_offset() + offset)
-        _, device, host, event = packed
-        out, done = self.copier.to_device(host, event)
-        return out
+        record = packed[1]
+        if record.device is None:  # not prefetched (a backward that skipped this block's hook)
+            record.device, record.done = self.copier.to_device(record.host, record.event)
+            self.counter.on_demand += 1
+        self.copier.wait([record.device], record.done)
+        return record.device
 
 
 @dataclass
@@ -331,6 +378,11 @@ class MemoryOptions:
 
     def host_bytes(self) -> int:
         return self.counter.live
+
+    def copies_back(self) -> dict[str, int]:
+        """How many offloaded activations came back to the device ``prefetched`` (on the side stream,
+        when backward reached the next block) and ``on_demand`` (when unpacked), since installed."""
+        return {"prefetched": self.counter.prefetched, "on_demand": self.counter.on_demand}
 
     def remove(self) -> None:
         """Remove the hooks (swapped blocks stay where they are)."""
@@ -383,11 +435,13 @@ def apply_memory_options(
     swapped_names = names[depth - block_swap :] if block_swap else []
     options = MemoryOptions(names if activation_offload else [], swapped_names, counter, swap=swap)
     _INSTALLED[model] = options
+    previous = None
     for i, block in enumerate(model.blocks):
         swapped = swap is not None and i >= depth - block_swap
         if not (activation_offload or swapped):
             continue
         hooks = _BlockHooks(block, activation_offload, swap if swapped else None, copier, counter, min_bytes)
+        hooks.previous, previous = previous, hooks
         # ahead of checkpoint's pre-hook and (always_call, appended) after its prepended post-hook:
         # these saved-tensor hooks enclose checkpoint's whichever was installed first
         options.handles.append(block.register_forward_pre_hook(hooks.pre, prepend=True))

@@ -6,8 +6,10 @@ what autograd would have kept, once per tensor) and the device's live bytes afte
 much; with activation checkpointing only the checkpoint's inputs are offloaded, whichever of the two
 was installed first; a swapped block's frozen weights are the host copies before and after forward
 and backward, and the device copies (with the weight views a linear saves) are freed once the block
-ran; gradients equal the plain run bit for bit. What only a GPU can confirm: that the pinned copies on
-the side stream overlap compute, and the speed of both options.
+ran, and (built on meta) never allocated on the device; backward prefetches the offloaded activations
+of the previous block; a weight gathered late in the block (ZeRO-3) is not offloaded; gradients equal
+the plain run bit for bit. What only a GPU can confirm: that the pinned copies on the side stream
+overlap compute, and the speed of both options.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ def offload_all_host(base) -> int:
 
 
 def _saved_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in _saved(model).values())
+
+
+def _saved(model) -> dict:
     """What autograd saves inside the blocks that offload would move: non-parameter tensors of at least
     MIN_OFFLOAD_BYTES that are not views of a parameter, each tensor once per block (by storage and
     view: what is made outside and used by every block, the caption's states, is counted by each)."""
@@ -106,7 +112,7 @@ def _saved_bytes(model) -> int:
     model(x, t, ctx, mask)
     for h in handles:
         h.remove()
-    return sum(t.numel() * t.element_size() for t in seen.values())
+    return seen
 
 
 def _after_forward(model, options) -> tuple[int, int, torch.Tensor]:
@@ -155,6 +161,32 @@ def test_offload_under_checkpointing_moves_only_the_checkpoint_inputs(base, want
     loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert all(torch.equal(got[n], want[n]) for n in want)
+    copies = options.copies_back()  # the checkpoints' inputs came back prefetched too
+    assert copies["prefetched"] >= 2 and copies["on_demand"] == 0
+
+
+def test_backward_prefetches_the_previous_blocks_activations(base, want):
+    """When backward reaches block k, the offloaded tensors of blocks k and k-1 start back to the device
+    (a side stream on CUDA) and the unpack waits on that copy instead of copying on demand: every
+    offloaded tensor comes back prefetched, block 0's already when the last block's backward begins, and
+    the gradients are those of the plain run. What only a GPU can confirm: that the copies overlap the
+    backward's compute (streams and events; on CPU they run in place)."""
+    model = copy.deepcopy(base)
+    expected = len(_saved(copy.deepcopy(base)))
+    options = apply_memory_options(model, activation_offload=True, block_swap=0, device="cpu")
+    at_last_block = []
+
+    def probe(module, args, output):  # after the options' own hook on the last block's output
+        output.register_hook(lambda g: at_last_block.append(options.copies_back()["prefetched"]))
+
+    handle = model.blocks[-1].register_forward_hook(probe)
+    _, host, loss = _after_forward(model, options)
+    handle.remove()
+    loss.backward()
+    assert options.copies_back() == {"prefetched": expected, "on_demand": 0} and expected > 0
+    assert at_last_block == [expected]  # depth 2: both blocks' copies started at the last block
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
 
 
 def test_weights_gathered_later_in_the_block_are_not_offloaded(base, want, offload_all_host):
