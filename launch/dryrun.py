@@ -372,7 +372,8 @@ def _finetune(cfg: JobConfig):
     from parallel.plan_lora import Finetune
 
     ft = cfg.finetune
-    return Finetune(ft.lora.rank, ft.base_dtype, ft.block_swap, cfg.parallel.activation_offload)
+    targets = tuple(ft.lora.targets)
+    return Finetune(ft.lora.rank, ft.base_dtype, ft.block_swap, cfg.parallel.activation_offload, targets)
 
 
 LORA_GPU_GB = (24, 48, 80)

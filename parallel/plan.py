@@ -89,6 +89,7 @@ from parallel.plan_lora import (  # noqa: F401  (BASE_BYTES re-exported: the pla
     Finetune,
     adapter_params,
     check_finetune,
+    lora_params,
     lora_plan_states,
 )
 
@@ -396,12 +397,13 @@ def _memory(arch, states: dict, act: dict, ac: str, grad_accum: int, engine: str
     saved activation, a block recomputed and differentiated; FSDP2 gradients are allocated block by
     block, zero_grad having set them to None, so only a few exist unless an earlier micro-step made
     them), late in backward (every gradient, the first block's activations), the optimizer step.
-    ``off`` (activation offload): of the blocks' saved activations one block's stays on the device."""
+    ``off`` (activation offload): of the blocks' saved activations two blocks' are on the device in
+    backward (the one computing and the previous, prefetched: :mod:`parallel.offload`)."""
     n_ckpt = checkpoint_blocks(ac, arch.depth)[1]
     kept = {k: states[k] for k in ("params", "grads", "optimizer", "ema")}
     temporaries = act["recompute"] + act["working"] + (states["casts_block"] if n_ckpt else 0)
-    blocks = act["saved"] - act["outside"] + states["casts_block"] * (arch.depth - n_ckpt)
-    blocks = blocks // arch.depth if off else blocks
+    every = act["saved"] - act["outside"] + states["casts_block"] * (arch.depth - n_ckpt)
+    blocks = every * min(2, arch.depth) // arch.depth if off else every
     early = kept | {
         "activations": act["outside"] + states["casts_root"] + blocks,
         "fsdp_buffers": states["fsdp_buffers"],
@@ -410,7 +412,7 @@ def _memory(arch, states: dict, act: dict, ac: str, grad_accum: int, engine: str
     if engine == "fsdp" and grad_accum == 1:
         s = layout.dp_shard * layout.cp
         early["grads"] = min(states["grads"], 4 * (states["root_params"] + states["block_params"]) // s)
-    late = early | kept | {"activations": act["outside"] + states["casts_root"] + blocks // arch.depth}
+    late = early | kept | {"activations": act["outside"] + states["casts_root"] + every // arch.depth}
     step = kept | {"activations": 0, "fsdp_buffers": 0, "temporaries": 0}
     candidates = {"backward (first blocks)": early, "backward (last blocks)": late, "optimizer step": step}
     where = max(candidates, key=lambda k: sum(candidates[k].values()))
@@ -522,7 +524,7 @@ def plan(
     off = finetune.activation_offload
     mem, peak_at = _memory(arch, states, act, ac, grad_accum, engine, layout, off)
     blocks_saved = act["saved"] - act["outside"]
-    states["host"] += blocks_saved - blocks_saved // arch.depth if off else 0
+    states["host"] += blocks_saved if off else 0  # every block's host copy lives until its backward
     casts = states["casts_root"] + states["casts_block"] * (arch.depth - checkpoint_blocks(ac, arch.depth)[1])
     total = sum(mem.values())
     usable = g.memory_gib * (1 - FRAGMENTATION) - OVERHEAD_GIB
@@ -553,7 +555,9 @@ def plan(
         "tokens": {"per_sample": tokens, "per_gpu_micro_step": n, "text_len": text_len},
         "params": {"total": param_counts(arch)["total"], "per_gpu_unsharded": states["local_params"]}
         | {
-            "trainable": arch.depth * adapter_params(arch, finetune.lora_rank) if finetune.lora_rank else None
+            "trainable": lora_params(arch, finetune.lora_rank, finetune.targets)[0]
+            if finetune.lora_rank
+            else None
         },
         "flops": {"model_per_step": model_flops, "hardware_per_step": hw},
         "comm_bytes": {k: grad_accum * comm[k] for k in ("fsdp", "cp", "tp")}

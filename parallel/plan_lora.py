@@ -2,20 +2,28 @@
 ``parallel.activation_offload`` change in one GPU's states and activations.
 
 LoRA (:class:`Finetune`, ``finetune.*``): the frozen base holds no gradient, optimizer state or EMA and
-is stored in ``base_dtype`` (4, 2 or 1 bytes; the trainer's fp32 LoRA base under autocast saves a bf16
-copy of each weight for backward, as an fp8 base saves its dequantised one; a bf16 base none); the
-adapters (the default targets: q, k, v, o of each attention, fc1, fc2) carry fp32 parameters,
-gradients, AdamW and EMA. ``block_swap`` keeps the last blocks' base in host memory (two of them
-resident at a time: the running one and the prefetched next); ``activation_offload`` moves the saved
-activations of every block but the one in backward to host memory. :func:`launch.dryrun.lora_options` finds
-the options that make a LoRA fit a GPU of a given size.
+is stored as ``launch.lora.store_base`` stores it: the plain ``nn.Linear`` layers (the blocks'
+projections and FFN, the patch and text projections: nearly all of it) in ``base_dtype`` (4, 2 or 1
+bytes; an fp8 linear keeps its bias in fp32), everything else in fp32 (the fp32-compute linears of the
+time embedding, modulation and head, the norms, the adaLN tables: 0.19B parameters of a 14B Wan). The
+trainer's fp32 LoRA base under autocast saves a bf16 copy of each weight for backward, as an fp8 base
+saves its dequantised one; a bf16 base none. The adapters, r·(in + out) on each linear that
+``finetune.lora.targets`` matches (:func:`lora_params`, against the linears of the model built on
+meta), carry fp32 parameters, gradients, AdamW and EMA. ``block_swap`` keeps the last blocks' base in
+host memory (two of them resident at a time: the running one and the prefetched next);
+``activation_offload`` moves the blocks' saved activations to host memory (counted in
+:func:`parallel.plan.plan`: two blocks' on the device in backward, the one computing and the
+prefetched previous). :func:`launch.dryrun.lora_options` finds the options that make a LoRA fit a GPU
+of a given size.
 
-Pure arithmetic over :class:`dit.config.DiTConfig`, like :mod:`parallel.plan`, which calls
-:func:`check_finetune` and :func:`lora_plan_states`.
+Arithmetic over :class:`dit.config.DiTConfig`, like :mod:`parallel.plan`, which calls
+:func:`check_finetune` and :func:`lora_plan_states`; the model's linears come from one meta build per
+architecture (cached).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 from dit.config import DiTConfig
@@ -37,13 +45,100 @@ class Finetune:
     """``finetune.block_swap``: the last blocks whose frozen base lives in host memory."""
     activation_offload: bool = False
     """``parallel.activation_offload``."""
+    targets: tuple[str, ...] | None = None
+    """``finetune.lora.targets`` (fnmatch patterns of module names); None: the default
+    (``launch.config.LORA_TARGETS``)."""
 
 
-def adapter_params(arch: DiTConfig, rank: int) -> int:
-    """LoRA parameters of one block on the default targets: r·(in + out) per adapted linear."""
-    d, f = arch.hidden_size, arch.ffn_hidden
-    attentions = 2 if arch.conditioning == "text" else 1
-    return rank * (attentions * 4 * 2 * d + 2 * (d + f))
+_LINEARS: dict[str, list[tuple[str, int, int, bool, bool]]] = {}
+
+
+def _linears(arch: DiTConfig) -> list[tuple[str, int, int, bool, bool]]:
+    """``(name, in, out, has bias, plain)`` of every ``nn.Linear`` of the model (built on meta once per
+    architecture); ``plain``: exactly ``nn.Linear``, what ``launch.lora.store_base`` stores in
+    ``finetune.base_dtype`` (not the fp32-compute ``Fp32Linear``)."""
+    key = repr(arch)
+    if key not in _LINEARS:
+        import torch
+        from torch import nn
+
+        from dit.model import SpacetimeDiT
+
+        with torch.device("meta"):
+            model = SpacetimeDiT(arch)
+        _LINEARS[key] = [
+            (n, m.in_features, m.out_features, m.bias is not None, type(m) is nn.Linear)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n
+        ]
+    return _LINEARS[key]
+
+
+def lora_params(arch: DiTConfig, rank: int, targets=None) -> tuple[int, int]:
+    """``(total, largest block's)`` LoRA parameters: r·(in + out) on each linear that a pattern of
+    ``targets`` (``finetune.lora.targets``; None: the default targets) matches, by module name as
+    ``launch.lora.resolve_targets`` matches them.
+
+    Raises:
+        ValueError: a pattern matches no linear, naming ``finetune.lora.targets`` and the pattern.
+    """
+    if targets is None:
+        from launch.config import LORA_TARGETS
+
+        targets = LORA_TARGETS
+    linears = _linears(arch)
+    names = [n for n, *_ in linears]
+    chosen: set[str] = set()
+    for pattern in targets:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            examples = ", ".join(n for n in names if not n.startswith("blocks.") or n.startswith("blocks.0."))
+            raise ValueError(
+                f"finetune.lora.targets: pattern {pattern!r} matches no nn.Linear of the model; its linears "
+                f"are named like {examples}"
+            )
+        chosen.update(hits)
+    per_block = [0] * arch.depth
+    total = 0
+    for name, fan_in, fan_out, _, _ in linears:
+        if name in chosen:
+            n = rank * (fan_in + fan_out)
+            total += n
+            if name.startswith("blocks."):
+                per_block[int(name.split(".")[1])] += n
+    return total, max(per_block, default=0)
+
+
+def adapter_params(arch: DiTConfig, rank: int, targets=None) -> int:
+    """LoRA parameters of the block with the most (every block's, for the default targets): r·(in + out)
+    per adapted linear (:func:`lora_params`)."""
+    return lora_params(arch, rank, targets)[1]
+
+
+def base_bytes(arch: DiTConfig, base_dtype: str, block: int, root: int, tp: int = 1) -> tuple[int, int]:
+    """Bytes of one block's and of the root's frozen base as ``launch.lora.store_base`` stores it: the
+    plain linears' weights (and, but for fp8, biases) in ``base_dtype``, the rest in fp32.
+
+    Args:
+        arch: the architecture.
+        base_dtype: ``finetune.base_dtype``.
+        block, root: the parameters of a block on this tp rank and of the root
+            (:func:`parallel.plan.state_bytes`'s ``block_params``, ``root_params``).
+        tp: tensor-parallel degree (what it splits are plain linears: their share comes off the block's).
+    """
+    from parallel.plan import param_counts
+
+    b = BASE_BYTES[base_dtype]
+    low = {"block": 0, "root": 0}
+    for name, fan_in, fan_out, bias, plain in _linears(arch):
+        if plain:
+            n = fan_in * fan_out + (fan_out if bias and base_dtype != "fp8" else 0)
+            if name.startswith("blocks.0."):
+                low["block"] += n
+            elif not name.startswith("blocks."):
+                low["root"] += n
+    low["block"] -= param_counts(arch)["block_tp_split"] * (tp - 1) // tp
+    return b * low["block"] + 4 * (block - low["block"]), b * low["root"] + 4 * (root - low["root"])
 
 
 def lora_state_bytes(arch: DiTConfig, layout: Layout, engine: str, ema: bool, states: dict, ft: Finetune):
@@ -53,17 +148,18 @@ def lora_state_bytes(arch: DiTConfig, layout: Layout, engine: str, ema: bool, st
     depth, t = arch.depth, layout.tp
     sharded = engine == "fsdp" and layout.dp_shard * layout.cp > 1
     s = layout.dp_shard * layout.cp if sharded else 1
-    a_block = adapter_params(arch, ft.lora_rank) // t
-    a = depth * a_block // s
-    local, block, root = states["local_params"], states["block_params"], states["root_params"]
-    b = BASE_BYTES[ft.base_dtype]
+    total, largest = lora_params(arch, ft.lora_rank, ft.targets)
+    a_block = largest // t
+    a = total // t // s
+    block, root = states["block_params"], states["root_params"]
+    base_block, base_root = base_bytes(arch, ft.base_dtype, block, root, t)
     away = ft.block_swap - min(ft.block_swap, 2)  # swapped blocks not resident at the peak
     out = dict(states) | {
-        "params": b * (local - away * block) // s + 4 * a,
+        "params": ((depth - away) * base_block + base_root) // s + 4 * a,
         "grads": 4 * a,
         "optimizer": 8 * a,
         "ema": 4 * a if ema else 0,
-        "host": b * away * block // s,
+        "host": away * base_block // s,
     }
     if sharded:  # the running and the prefetched block gathered (bf16), the adapters' fp32 reduce-scatter
         out["fsdp_buffers"] = (2 + 2) * block + 4 * a_block + 2 * root

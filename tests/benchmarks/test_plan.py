@@ -226,3 +226,46 @@ def test_cli_refuses_nonsense_numbers_naming_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["video-14b", "--gpus", "8", *args])
     assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_lora_states_count_the_stored_base_and_the_configured_targets():
+    """The LoRA plan's parameters are the bytes ``launch.lora.store_base`` leaves (plain linears in the
+    base dtype, the fp32-compute layers, norms and tables in fp32) plus fp32 adapters on the linears
+    ``finetune.lora.targets`` resolves to (``launch.lora.resolve_targets``), not the default targets; the
+    swapped blocks' base is on the host; an unmatched pattern is an error naming the key."""
+    import copy
+
+    import torch
+
+    from dit.model import SpacetimeDiT
+    from launch.lora import resolve_targets, store_base
+    from parallel.plan_lora import Finetune
+
+    arch = get_preset("tiny", depth=4)
+    targets = ("blocks.*.attn.q", "blocks.1.mlp.fc1", "text_proj.fc1")
+    with torch.device("meta"):
+        model = SpacetimeDiT(arch).requires_grad_(False)
+    modules = dict(model.named_modules())
+    trainable = sum(
+        4 * (modules[n].in_features + modules[n].out_features) for n in resolve_targets(model, targets)
+    )
+    for dtype in ("fp32", "bf16", "fp8"):
+        stored = copy.deepcopy(model)
+        store_base(stored, dtype)
+        block = sum(p.numel() * p.element_size() for p in stored.blocks[0].parameters())
+        base = sum(p.numel() * p.element_size() for p in stored.parameters())
+        for swap in (0, 4):  # 4: two blocks resident (running, prefetched), two on the host
+            ft = Finetune(4, dtype, block_swap=swap, targets=targets)
+            p = plan(arch, 4, 8, 8, text_len=8, finetune=ft, ema=True)
+            mem = {k: v * GIB for k, v in p["memory_breakdown_gib"].items()}
+            assert p["params"]["trainable"] == trainable
+            assert mem["optimizer"] == pytest.approx(8 * trainable) and mem["grads"] == pytest.approx(
+                4 * trainable
+            )
+            assert mem["params"] == pytest.approx(base - 2 * block * (swap > 0) + 4 * trainable), (
+                dtype,
+                swap,
+            )
+            assert p["host_memory_gib"] * GIB == pytest.approx(2 * block * (swap > 0)), (dtype, swap)
+    with pytest.raises(ValueError, match=r"finetune.lora.targets: pattern 'blocks.\*.attn.qq' matches no"):
+        plan(arch, 4, 8, 8, text_len=8, finetune=Finetune(4, targets=("blocks.*.attn.qq",)))
