@@ -3,7 +3,8 @@
 Real DeepSpeed on real gloo groups, fp32, the tiny model: loss and gathered gradients of the first
 step within 1e-5 relative of the single-process reference (the FSDP trainer's arithmetic), four
 steps' losses and gradient norms too; a reload of the step-2 checkpoint continues bit for bit; the
-export has the single-device keys and weights. One spawned group per world size runs all its cases.
+export has the single-device keys and weights; the trainer's ZeRO-3 engine with activation offload
+equals it without. One spawned group per world size runs all its cases.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tests.parallel.zero_worker import (
     SAVE_AFTER,
     STEPS,
     Case,
+    OffloadCase,
     arch,
     reference,
     train_cfg,
@@ -56,6 +58,7 @@ CASES_4 = [
     Case("zero3_tp2", 3, tp=2, resume=True),
 ]
 BF16 = Case("zero2_bf16", 2, bf16=True)  # runs in the world-2 group; checked loosely
+OFFLOAD = OffloadCase("zero3_activation_offload")  # the trainer's engine, in the world-2 group
 
 
 def _spawn(world: int, cases: list[Case], out: Path) -> dict:
@@ -69,7 +72,7 @@ def _spawn(world: int, cases: list[Case], out: Path) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = {}
-    for world, cases in ((2, CASES_2 + [BF16]), (4, CASES_4)):
+    for world, cases in ((2, CASES_2 + [BF16, OFFLOAD]), (4, CASES_4)):
         d = tmp_path_factory.mktemp(f"zero-world{world}")
         for name, result in _spawn(world, cases, d).items():
             assert "error" not in result, f"{name}:\n{result['error']}"
@@ -253,3 +256,18 @@ def test_a_failed_write_on_one_rank_is_one_error_on_every_rank(tmp_path):
     # (DeepSpeed also copies its conversion scripts next to the checkpoints)
     assert [n for n in got["listing"] if "step" in n] == ["step-00000001"]
     assert got["latest"] == "step-00000001"
+
+
+def test_zero3_with_activation_offload_equals_it_without(results):
+    """``parallel.activation_offload`` under ``parallel.engine=deepspeed`` (ZeRO-3 over 2 ranks, the
+    trainer's engine and mesh): the hooks are on every block, the forward's saved activations sit in
+    host memory, and the step (losses, gradient norm, losses after the update) is bit for bit the one
+    without offload. Only a GPU shows the device memory saved and the copies overlapping compute."""
+    got, _ = results[OFFLOAD.name]
+    plain, offload = got["plain"], got["offload"]
+    assert offload["hooks"] == [(True, False), (True, False)] and plain["hooks"] == [None, None]
+    assert offload["host"] > 0 and plain["host"] == 0
+    assert plain["applied"] and offload["applied"] and plain["grad_norm"] > 0
+    assert torch.equal(offload["loss"], plain["loss"]) and offload["grad_norm"] == plain["grad_norm"]
+    assert torch.equal(offload["after"], plain["after"])
+    assert not torch.equal(plain["after"], plain["loss"])  # the step changed the model

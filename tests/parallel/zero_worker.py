@@ -7,7 +7,8 @@ fixed global batch with the trainer's loss convention. Rank 0 records the losses
 first-step gradients, the final whole weights; with ``resume`` a second engine from other initial
 weights loads the step-2 checkpoint and redoes steps 3 and 4 (two, so that a schedule not restored
 shows: the optimizer state alone carries the next step's learning rate); with ``export`` the
-initial and final weights are exported as safetensors.
+initial and final weights are exported as safetensors. An :class:`OffloadCase` runs the trainer's
+DeepSpeed engine with and without ``parallel.activation_offload`` in the same group.
 """
 
 from __future__ import annotations
@@ -24,17 +25,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
+from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 
 from dit.diffusion import DiffusionConfig, make_objective
-from launch.config import TrainConfig
+from dit.model import build_model
+from launch.batches import Conditioner
+from launch.config import TrainConfig, load_config
+from launch.distributed import DistEnv
+from launch.engine import sample_losses
+from launch.engine_deepspeed import build_zero_engine
 from launch.optim import build_optimizer, build_scheduler
 from parallel import checkpoint as ckpt
 from parallel import zero
 from parallel.grads import clip_grad_norm
 from parallel.megatron_tp import apply_megatron_tp, full_tensor
+from parallel.offload import _BlockHooks
+from parallel.parallelize import make_dims
 from tests.dit.emulate import cuda_autocast_flag
 from tests.dit.helpers import random_model
+from tests.launch.deepspeed_bf16_worker import latent_batch
 from tests.parallel.group import exit_without_teardown, serve
 from tests.parallel.parity_worker import GLOBAL_BATCH, arch, batch
 
@@ -221,9 +231,14 @@ def run_case(case: Case, world: int, out_dir: Path) -> dict:
     return result
 
 
-def worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    def run_one(case) -> dict:
+        if isinstance(case, OffloadCase):
+            return run_offload_case(case, Path(out_dir))
+        return run_case(case, world, Path(out_dir))
+
     env = {"LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"}
-    serve(rank, world, port, cases, out_dir, lambda c: run_case(c, world, Path(out_dir)), env=env)
+    serve(rank, world, port, cases, out_dir, run_one, env=env)
 
 
 def write_failure_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -269,3 +284,68 @@ def write_failure_worker(rank: int, world: int, port: int, out_dir: str) -> None
     finally:
         dist.destroy_process_group()
     exit_without_teardown()
+
+
+# ---- the trainer's ZeRO-3 engine with parallel.activation_offload -----------------------------------
+TINY = ["model.arch.depth=2", "model.arch.hidden_size=64", "model.arch.ffn_dim=128"]
+
+
+@dataclass
+class OffloadCase:
+    """One ZeRO-3 step of the trainer's DeepSpeed engine (:func:`launch.engine_deepspeed.build_zero_engine`)
+    with and without ``parallel.activation_offload``, on the tiny preset from a base with every weight
+    perturbed (a fresh adaLN-Zero model would give its blocks no gradient to compare)."""
+
+    name: str
+
+
+def run_offload_case(case: OffloadCase, out_dir: Path) -> dict:
+    base = out_dir / f"{case.name}-base"
+    if dist.get_rank() == 0:
+        model = build_model(load_config(None, TINY).model.arch, device="cpu", seed=0)
+        g = torch.Generator().manual_seed(5)
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+        base.mkdir()
+        save_file(state, base / "model.safetensors")
+    dist.barrier()
+    return {
+        "plain": _trainer_zero_step(base, offload=False),
+        "offload": _trainer_zero_step(base, offload=True),
+    }
+
+
+def _trainer_zero_step(base: Path, offload: bool) -> dict:
+    """Per-sample losses of this rank's batch, host bytes held by the offload after the forward,
+    gradient norm, whether the step applied, the losses after it, and the memory hooks of each block."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(
+        None, [*TINY, "parallel.engine=deepspeed", "parallel.zero_stage=3", f"init.from={base}"]
+    )
+    cfg.parallel.activation_offload = offload
+    env = DistEnv(rank, world, rank, torch.device("cpu"))
+    dims = make_dims(cfg.parallel, world, cfg.model.arch)
+    engine = build_zero_engine(cfg, env, dims, dims.build_mesh("cpu"), bf16=False)  # the trainer's mesh
+    objective = make_objective(cfg.diffusion)
+    prep = Conditioner(cfg, env.device)(latent_batch(cfg, rank), torch.Generator().manual_seed(rank))
+    per = sample_losses(engine, objective, prep, tokens=None, generator=torch.Generator().manual_seed(7))
+    host = engine.memory.host_bytes() if engine.memory else 0
+    engine.backward(per, float(len(per) * world), last=True)
+    grad_norm, applied, _ = engine.update(per.mean().item())
+    after = sample_losses(engine, objective, prep, tokens=None, generator=torch.Generator().manual_seed(7))
+    return {
+        "loss": per.detach(),
+        "host": host,
+        "grad_norm": grad_norm,
+        "applied": applied,
+        "after": after.detach(),
+        "hooks": [_memory_hooks(b) for b in engine.model.blocks],
+    }
+
+
+def _memory_hooks(block) -> tuple[bool, bool] | None:
+    """(activation offload, block swap) as :func:`parallel.offload.apply_memory_options` installed them on
+    ``block`` (its forward pre-hook); None without them."""
+    pre = [getattr(h, "__self__", None) for h in block._forward_pre_hooks.values()]
+    hooks = [h for h in pre if isinstance(h, _BlockHooks)]
+    assert len(hooks) <= 1, hooks
+    return (hooks[0].offload, hooks[0].swap is not None) if hooks else None
