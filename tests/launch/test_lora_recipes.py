@@ -10,6 +10,7 @@ suggests for a LoRA of Wan2.1-T2V-14B at 81×480p are the fewest that fit. What 
 confirm: the predicted memory itself (``torch.cuda.max_memory_allocated`` of a real step).
 """
 
+import copy
 import dataclasses
 import json
 
@@ -20,7 +21,7 @@ from dit.config import get_preset
 from dit.model import SpacetimeDiT
 from launch.config import CONFIG_DIR, LoraConfig, load_config
 from launch.dryrun import lora_options
-from launch.lora import apply_lora
+from launch.lora import apply_lora, store_base
 from parallel.dims import ParallelDims
 from parallel.plan import GIB, plan
 from parallel.plan_lora import BASE_BYTES, Finetune, adapter_params
@@ -105,14 +106,17 @@ def test_planner_counts_the_adapters_peft_injects():
         model = SpacetimeDiT(arch)
     report = apply_lora(model, LoraConfig(rank=4))
     assert report.trainable == arch.depth * adapter_params(arch, 4)
-    # states: fp32 adapters with gradients, AdamW and EMA; the base in its storage dtype, nothing else
+    # states: fp32 adapters with gradients, AdamW and EMA; the parameters as store_base keeps them (plain
+    # linears in the base dtype, the fp32-compute layers, norms and tables in fp32, adapters fp32)
     for dtype in BASE_BYTES:
+        stored = copy.deepcopy(model)
+        store_base(stored, dtype)
+        stored_bytes = sum(p.numel() * p.element_size() for p in stored.parameters())
         p = plan(arch, 4, 8, 8, text_len=8, finetune=Finetune(4, dtype), ema=True)
         mem = {k: v * GIB for k, v in p["memory_breakdown_gib"].items()}
-        base = report.total - report.trainable
         assert mem["optimizer"] == pytest.approx(8 * report.trainable)
         assert mem["grads"] == pytest.approx(4 * report.trainable) == pytest.approx(mem["ema"])
-        assert mem["params"] == pytest.approx(BASE_BYTES[dtype] * base + 4 * report.trainable)
+        assert mem["params"] == pytest.approx(stored_bytes), dtype
 
 
 def _wan14b_options(rank: int):
@@ -129,22 +133,36 @@ def _wan14b_options(rank: int):
 
 def test_wan14b_lora_at_480p_gets_the_fewest_options_that_fit():
     cfg, fits = _wan14b_options(16)
+    arch, depth = cfg.model.arch, cfg.model.arch.depth
+
+    def memory(ft: Finetune) -> float:
+        return plan(arch, 21, 60, 104, text_len=512, ac="full", ema=False, finetune=ft)["memory_gib"]
+
     # as configured (full checkpointing, bf16 base) it fits 80 GB only
     assert fits[80]["fits"] and fits[80]["options"] == {} and not fits[48]["fits"] and not fits[24]["fits"]
-    swap24 = fits[24]["options"]["finetune.block_swap"]
-    assert fits[24]["options"]["parallel.activation_offload"] is True and swap24 > 0
-    for g in (fits[24], fits[48]):
-        assert g["fits_with_options"] and g["memory_with_options_gib"] <= g["usable_gib"] < g["memory_gib"]
+    # 48 GB: activation offload and a few swapped blocks of the bf16 base, not the fp8 base
+    g48 = fits[48]
+    swap48 = g48["options"]["finetune.block_swap"]
+    assert g48["options"] == {"parallel.activation_offload": True, "finetune.block_swap": swap48}
+    assert 0 < swap48 < depth
+    assert (
+        g48["fits_with_options"] and g48["memory_with_options_gib"] <= g48["usable_gib"] < g48["memory_gib"]
+    )
     # fewest: one swapped block less does not fit
-    ft = Finetune(16, fits[24]["options"].get("finetune.base_dtype", "bf16"), swap24 - 1, True)
-    less = plan(cfg.model.arch, 21, 60, 104, text_len=512, ac="full", ema=False, finetune=ft)
-    assert less["memory_gib"] > fits[24]["usable_gib"]
+    ft = Finetune(16, "bf16", swap48 - 1, True)
+    assert memory(ft) > g48["usable_gib"]
     # and without activation offload (the step before block swap) 48 GB does not fit either
-    no_offload = dataclasses.replace(ft, base_dtype="bf16", block_swap=0, activation_offload=False)
-    plain = plan(cfg.model.arch, 21, 60, 104, text_len=512, ac="full", ema=False, finetune=no_offload)
-    assert plain["memory_gib"] > fits[48]["usable_gib"]
-    # rank 32 (the recipe's) on 24 GB: not even with every option; the answer says so and how far
-    _, fits32 = _wan14b_options(32)
-    g = fits32[24]
-    assert not g["fits_with_options"] and g["memory_with_options_gib"] > g["usable_gib"]
-    assert g["options"]["finetune.base_dtype"] == "fp8" and g["options"]["finetune.block_swap"] == 40
+    assert memory(dataclasses.replace(ft, block_swap=0, activation_offload=False)) > g48["usable_gib"]
+    # 24 GB: not even with every option (fp8 base, activation offload, every block swapped), at rank 16
+    # or at the recipe's 32; the answer says so, which options it tried and how far it still is
+    for rank in (16, 32):
+        g = (fits if rank == 16 else _wan14b_options(rank)[1])[24]
+        assert not g["fits"] and not g["fits_with_options"], rank
+        assert g["options"] == {
+            "finetune.base_dtype": "fp8",
+            "parallel.activation_offload": True,
+            "finetune.block_swap": depth,
+        }
+        everything = memory(Finetune(rank, "fp8", depth, True))
+        assert g["memory_with_options_gib"] == pytest.approx(everything)
+        assert g["usable_gib"] < g["memory_with_options_gib"] < g["memory_gib"]
