@@ -29,6 +29,23 @@ _LEGACY_QK_NORM = {True: "per_head", False: "none", "True": "per_head", "true": 
 PARAMETRIZATIONS = ("standard", "mup")
 
 
+LORA_TARGETS = [
+    "blocks.*.attn.q",
+    "blocks.*.attn.k",
+    "blocks.*.attn.v",
+    "blocks.*.attn.o",
+    "blocks.*.cross_attn.q",
+    "blocks.*.cross_attn.k",
+    "blocks.*.cross_attn.v",
+    "blocks.*.cross_attn.o",
+    "blocks.*.mlp.fc1",
+    "blocks.*.mlp.fc2",
+]
+"""The default LoRA targets (``finetune.lora.targets``): the attention projections and FFN linears of
+every block (the modules diffusers' and ComfyUI's Wan/LTX LoRA formats name). Here, with the model's
+module names, so the planner (``parallel/``) can count them without importing ``launch/``."""
+
+
 def qk_norm_kind(value):
     """``DiTConfig.qk_norm`` as written today: a legacy bool (or its ``"True"``/``"false"`` string) becomes
     ``per_head``/``none``; anything else is returned as is (the dataclass checks it). For comparing a

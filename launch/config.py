@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.pipeline import DataConfig, limits
-from dit.config import PRESETS, DiTConfig, qk_norm_kind
+from dit.config import LORA_TARGETS, PRESETS, DiTConfig, qk_norm_kind
 from dit.diffusion import DiffusionConfig
 from dit.sampling import GRIDS, SAMPLER_NAMES
 from launch.distributed import preempt_signum
@@ -338,22 +338,6 @@ class InitConfig:
 
     def validate(self, key: str = "init") -> None:
         check_range(self.min_match, f"{key}.min_match", 0.0, 1.0)
-
-
-LORA_TARGETS = [
-    "blocks.*.attn.q",
-    "blocks.*.attn.k",
-    "blocks.*.attn.v",
-    "blocks.*.attn.o",
-    "blocks.*.cross_attn.q",
-    "blocks.*.cross_attn.k",
-    "blocks.*.cross_attn.v",
-    "blocks.*.cross_attn.o",
-    "blocks.*.mlp.fc1",
-    "blocks.*.mlp.fc2",
-]
-"""The default LoRA targets: the attention projections and FFN linears of every block (the modules
-diffusers' and ComfyUI's Wan/LTX LoRA formats name)."""
 
 
 @dataclass

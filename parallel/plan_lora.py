@@ -26,7 +26,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from dit.config import DiTConfig
+from dit.config import LORA_TARGETS, DiTConfig
 from parallel.plan_inputs import Layout
 
 BASE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
@@ -47,7 +47,7 @@ class Finetune:
     """``parallel.activation_offload``."""
     targets: tuple[str, ...] | None = None
     """``finetune.lora.targets`` (fnmatch patterns of module names); None: the default
-    (``launch.config.LORA_TARGETS``)."""
+    (``dit.config.LORA_TARGETS``)."""
 
 
 _LINEARS: dict[str, list[tuple[str, int, int, bool, bool]]] = {}
@@ -83,8 +83,6 @@ def lora_params(arch: DiTConfig, rank: int, targets=None) -> tuple[int, int]:
         ValueError: a pattern matches no linear, naming ``finetune.lora.targets`` and the pattern.
     """
     if targets is None:
-        from launch.config import LORA_TARGETS
-
         targets = LORA_TARGETS
     linears = _linears(arch)
     names = [n for n, *_ in linears]
