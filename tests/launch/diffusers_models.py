@@ -123,6 +123,24 @@ def tiny_ltx(tmp: Path, seed: int = 0, name: str = "ltx", **overrides) -> Path:
     return out
 
 
+def write_wan_index(root: Path, expand_timesteps: bool = False, **components) -> None:
+    """``root/model_index.json`` of a one-expert ``WanPipeline`` root with a VAE, UMT5 encoder and
+    tokenizer (the recipes' roots); ``components`` override entries (``scheduler=[...]``)."""
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "boundary_ratio": None,
+        "expand_timesteps": expand_timesteps,
+        **components,
+    }
+    (Path(root) / "model_index.json").write_text(json.dumps(index))
+
+
 def tiny_wan_pipeline_root(
     tmp: Path, experts: int = 1, variant: str = "t2v", seed: int = 0, boundary_ratio: float = 0.875
 ) -> Path:

@@ -12,7 +12,6 @@ confirm: the predicted memory itself (``torch.cuda.max_memory_allocated`` of a r
 
 import copy
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -54,7 +53,7 @@ def root(tmp_path_factory):
     reads neither)."""
     from transformers import UMT5Config
 
-    from tests.launch.diffusers_models import build_wan
+    from tests.launch.diffusers_models import build_wan, write_wan_index
 
     root = tmp_path_factory.mktemp("wan-lora-root")
     build_wan("t2v", seed=1).save_pretrained(root / "transformer")
@@ -62,18 +61,7 @@ def root(tmp_path_factory):
     UMT5Config(d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(
         root / "text_encoder"
     )
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": "0.42.1",
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": [None, None],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "boundary_ratio": None,
-        "expand_timesteps": False,
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
+    write_wan_index(root)
     return root
 
 

@@ -25,7 +25,7 @@ from launch.batches import Conditioner
 from launch.config import CONFIG_DIR, load_config
 from launch.export import load_model
 from launch.train import main
-from tests.launch.diffusers_models import build_wan, perturb_
+from tests.launch.diffusers_models import build_wan, perturb_, write_wan_index
 
 RECIPES = {
     "wan2.1-t2v-1.3b-finetune": dict(preset="wan2.1-t2v-1.3b", vae=Compression(4, 8), shift=3.0, fps=16),
@@ -93,18 +93,7 @@ def _pipeline_root(tmp, recipe: str):
     torch.manual_seed(0)
     perturb_(UMT5EncoderModel(config), seed=2).save_pretrained(root / "text_encoder")
     tokenizer.save_pretrained(root / "tokenizer")
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": "0.42.1",
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": [None, None],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "boundary_ratio": None,
-        "expand_timesteps": ti2v,
-    }
-    (root / "model_index.json").write_text(json.dumps(index))
+    write_wan_index(root, expand_timesteps=ti2v)
     return root
 
 
