@@ -104,6 +104,9 @@ class Trainer:
     start: EMA | None = None
     """A LoRA run's adapters as they started (an EMA never updated): the "no effect" guard's reference
     (:func:`lora_effect`)."""
+    start_output: torch.Tensor | None = None
+    """The model's output with :attr:`start`'s adapters on the guard's fixed batch: the same input and
+    weights at every validation, so computed once."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -490,8 +493,10 @@ def lora_effect(tr: Trainer, held_out: evaluate.HeldOut) -> dict[str, float]:
     cfg, dev = tr.cfg, tr.env.device
     norm = adapter_delta_norm(tr.start, cfg.finetune.lora.scale)
     out = _fixed_output(tr, held_out)
-    with tr.start.swapped_in():
-        ref = _fixed_output(tr, held_out)
+    if tr.start_output is None:
+        with tr.start.swapped_in():
+            tr.start_output = _fixed_output(tr, held_out)
+    ref = tr.start_output
     counts = held_out.scored > 0  # a rank with only padding batches adds nothing
     diff = all_reduce(float((out - ref).pow(2).sum()) if counts else 0.0, "sum", dev)
     size = all_reduce(float(ref.pow(2).sum()) if counts else 0.0, "sum", dev)
