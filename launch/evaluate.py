@@ -167,7 +167,7 @@ def grid_times(obj: Objective, cfg: JobConfig, b: int, i: int, device) -> torch.
     return torch.full((b,), u, device=device)
 
 
-def _noise(cfg: JobConfig, keys: list[str], point: int, shape: torch.Size, device) -> torch.Tensor:
+def held_out_noise(cfg: JobConfig, keys: list[str], point: int, shape: torch.Size, device) -> torch.Tensor:
     """B×C×T×H×W noise, each sample's drawn from its own :func:`noise_seed`."""
     gens = [torch.Generator().manual_seed(noise_seed(cfg.seed, k, point)) for k in keys]
     return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
@@ -211,7 +211,7 @@ def validation_loss(
         prep = conditioner(batch, torch.Generator().manual_seed(cfg.seed), train=False)
         device, b = prep.x0.device, prep.x0.shape[0]
         for i in range(cfg.eval.timesteps):
-            noise = _noise(cfg, batch.key, i, prep.x0.shape, device)
+            noise = held_out_noise(cfg, batch.key, i, prep.x0.shape, device)
             t = grid_times(obj, cfg, b, i, device)
             with _precision(cfg, device):
                 out = obj.loss(model, prep.x0, prep.kwargs, noise=noise, t=t)

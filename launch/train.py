@@ -521,8 +521,7 @@ def _fixed_output(tr: Trainer, held_out: evaluate.HeldOut) -> torch.Tensor:
     batch = held_out.batches[0]
     prep = tr.conditioner(batch, torch.Generator().manual_seed(cfg.seed), train=False)
     point = cfg.eval.timesteps // 2
-    gens = [torch.Generator().manual_seed(evaluate.noise_seed(cfg.seed, k, point)) for k in batch.key]
-    noise = torch.stack([torch.randn(prep.x0.shape[1:], generator=g) for g in gens]).to(dev)
+    noise = evaluate.held_out_noise(cfg, batch.key, point, prep.x0.shape, dev)  # the validation's noise
     t = evaluate.grid_times(tr.objective, cfg, prep.x0.shape[0], point, dev)
     seen: list[torch.Tensor] = []
 
