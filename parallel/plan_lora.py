@@ -199,15 +199,9 @@ def check_finetune(arch: DiTConfig, layout: Layout, engine: str, ft: Finetune) -
         raise ValueError(f"finetune.lora.rank={ft.lora_rank} must be ≥ 0")
     if ft.base_dtype not in BASE_BYTES:
         raise ValueError(f"finetune.base_dtype={ft.base_dtype!r}: expected one of {sorted(BASE_BYTES)}")
-    if ft.base_dtype != "fp32" and not ft.lora_rank:
-        raise ValueError(
-            f"finetune.base_dtype={ft.base_dtype} stores a frozen base: needs finetune.lora.rank"
-        )
+    # whether anything is frozen (LoRA or init.freeze) is the config's rule (launch.config
+    # cross_field_errors); without LoRA the planner plans full training, an upper bound for init.freeze
     if ft.block_swap:
-        if not ft.lora_rank:
-            raise ValueError(
-                f"finetune.block_swap={ft.block_swap} swaps a frozen base: needs finetune.lora.rank"
-            )
         if not 0 < ft.block_swap <= arch.depth:
             raise ValueError(f"finetune.block_swap={ft.block_swap}: the model has {arch.depth} blocks")
         if engine == "fsdp" and layout.dp_shard * layout.cp > 1 or layout.tp > 1:

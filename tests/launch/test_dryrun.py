@@ -205,6 +205,15 @@ def test_each_seeded_defect_is_exit_2_naming_it(name, config, extra, named, fold
     assert not (tmp_path / "run").exists()
 
 
+def test_a_frozen_low_precision_base_without_lora_passes_as_the_run_accepts_it(folders, tmp_path, capsys):
+    """init.freeze + finetune.base_dtype=bf16 is a valid run (the config's rule: something is frozen);
+    the planner refused it for want of finetune.lora.rank."""
+    config = CONFIG_DIR / "tiny.yaml"
+    extra = ["init.freeze=[blocks.*]", "finetune.base_dtype=bf16", f"run.dir={tmp_path / 'run'}"]
+    code, report, err = dry_in_process(capsys, config, *required(config, folders), *extra)
+    assert code == 0 and report["ok"], (report["errors"], err)
+
+
 def test_all_defects_are_reported_together(folders, tmp_path, capsys):
     config = CONFIG_DIR / "video-1b3.yaml"
     two = (ONE % (8, 256, 256))[:-1] + ", " + (ONE % (17, 480, 840)).split("=[", 1)[1]
