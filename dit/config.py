@@ -10,6 +10,8 @@ Fields are plain ``str``/``int``/``float``/``tuple`` so OmegaConf structured con
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
 from dataclasses import dataclass
 
 MLP_KINDS = ("gelu_tanh", "swiglu")
@@ -44,6 +46,29 @@ LORA_TARGETS = [
 """The default LoRA targets (``finetune.lora.targets``): the attention projections and FFN linears of
 every block (the modules diffusers' and ComfyUI's Wan/LTX LoRA formats name). Here, with the model's
 module names, so the planner (``parallel/``) can count them without importing ``launch/``."""
+
+
+def match_targets(names: list[str], patterns: list[str] | tuple[str, ...]) -> list[str]:
+    """The module ``names`` (a model's ``nn.Linear`` names, in model order) that any of the fnmatch
+    ``patterns`` (``finetune.lora.targets``) matches, in model order, each once. The LoRA injection
+    (``launch.lora``) and the planner (``parallel.plan_lora``) both resolve targets with it.
+
+    Raises:
+        ValueError: a pattern matches none, naming the key, the pattern and a few of the names there are
+            (a typo would otherwise train nothing: the "LoRA had no effect" complaint).
+    """
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            # the first block's linears and those outside the blocks: every kind of name, once
+            examples = ", ".join([n for n in names if not re.match(r"blocks\.[1-9]", n)][:20])
+            raise ValueError(
+                f"finetune.lora.targets: pattern {pattern!r} matches no nn.Linear of the model; its linears "
+                f"are named like {examples}"
+            )
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
 
 
 def qk_norm_kind(value):

@@ -16,7 +16,6 @@ adapter name (:func:`adapter_state`) or merged into the base (:func:`merged_stat
 from __future__ import annotations
 
 import copy
-import fnmatch
 import hashlib
 import re
 import sys
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dit.config import match_targets
 from launch.config import LoraConfig
 
 if TYPE_CHECKING:
@@ -126,19 +126,7 @@ def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
         ValueError: a pattern matches no ``nn.Linear``, naming the key, the pattern and a few of the
             linears there are (a typo would otherwise train nothing: the "LoRA had no effect" complaint).
     """
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
-    chosen: set[str] = set()
-    for pattern in patterns:
-        hits = fnmatch.filter(linears, pattern)
-        if not hits:
-            # the first block's linears and those outside the blocks: every kind of name, once
-            examples = ", ".join([n for n in linears if not re.match(r"blocks\.[1-9]", n)][:20])
-            raise ValueError(
-                f"finetune.lora.targets: pattern {pattern!r} matches no nn.Linear of the model; its linears "
-                f"are named like {examples}"
-            )
-        chosen.update(hits)
-    return [n for n in linears if n in chosen]  # model order, each once
+    return match_targets([n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n], patterns)
 
 
 def _is_meta(model: nn.Module) -> bool:

@@ -23,10 +23,9 @@ architecture (cached).
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
-from dit.config import LORA_TARGETS, DiTConfig
+from dit.config import LORA_TARGETS, DiTConfig, match_targets
 from parallel.plan_inputs import Layout
 
 BASE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
@@ -85,17 +84,7 @@ def lora_params(arch: DiTConfig, rank: int, targets=None) -> tuple[int, int]:
     if targets is None:
         targets = LORA_TARGETS
     linears = _linears(arch)
-    names = [n for n, *_ in linears]
-    chosen: set[str] = set()
-    for pattern in targets:
-        hits = fnmatch.filter(names, pattern)
-        if not hits:
-            examples = ", ".join(n for n in names if not n.startswith("blocks.") or n.startswith("blocks.0."))
-            raise ValueError(
-                f"finetune.lora.targets: pattern {pattern!r} matches no nn.Linear of the model; its linears "
-                f"are named like {examples}"
-            )
-        chosen.update(hits)
+    chosen = set(match_targets([n for n, *_ in linears], targets))
     per_block = [0] * arch.depth
     total = 0
     for name, fan_in, fan_out, _, _ in linears:
