@@ -311,13 +311,6 @@ def materialize(
 
 
 def _to_empty_except(model: nn.Module, device: torch.device, keep: set[int]) -> None:
-    """``model.to_empty(device=device)`` for every parameter and buffer but those whose ``id`` is in
-    ``keep`` (already materialised elsewhere: the swapped blocks' host copies). A meta tensor cannot
-    take a device tensor as its ``.data``, so each becomes a new tensor, as ``to_empty`` makes it."""
-    for mod in model.modules():
-        for key, p in list(mod._parameters.items()):
-            if p is not None and id(p) not in keep:
-                mod._parameters[key] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
-        for key, b in list(mod._buffers.items()):
-            if b is not None and id(b) not in keep:
-                mod._buffers[key] = torch.empty_like(b, device=device)
+    """``model.to_empty(device=device)`` (the same ``_apply``) for every parameter and buffer but those
+    whose ``id`` is in ``keep`` (already materialised elsewhere: the swapped blocks' host copies)."""
+    model._apply(lambda t: t if id(t) in keep else torch.empty_like(t, device=device))
