@@ -164,7 +164,7 @@ class BlockSwap:
 
     @staticmethod
     def tensors(block: nn.Module):
-        """``(owner module, attribute, tensor)`` of the block's frozen parameters and its buffers."""
+        """``(dotted name, tensor)`` of the block's frozen parameters and its buffers."""
         for mod_name, mod in block.named_modules():
             for attr, p in list(mod._parameters.items()) + list(mod._buffers.items()):
                 if p is not None and not p.requires_grad:
@@ -432,7 +432,7 @@ def apply_memory_options(
     swap = None
     if block_swap:
         swap = BlockSwap(list(zip(names, model.blocks, strict=True))[depth - block_swap :], copier, counter)
-    swapped_names = names[depth - block_swap :] if block_swap else []
+    swapped_names = [s.name for s in swap.blocks] if swap is not None else []
     options = MemoryOptions(names if activation_offload else [], swapped_names, counter, swap=swap)
     _INSTALLED[model] = options
     previous = None
