@@ -126,6 +126,12 @@ class DiTConfig:
     of those ``pos_embed`` choices). RoPE alone tells a token only relative positions, so from pure noise
     a model cannot place what the caption asks for at a place in the frame ("from left to right": on the
     left in the first frame); the additive table gives it where it is."""
+    text_pos_embed: bool = False
+    """Add a learned table of text-token positions to the projected text states. Cross-attention is
+    blind to the order of the text tokens it attends to, so it can only read order from the encoder's
+    states; a sentence encoder trained for pooled meaning (MiniLM) keeps little of it ("from left to
+    right" and "from right to left" become nearly the same set of states). Its size is ``text_len`` (512
+    when that is None)."""
     max_latent_size: tuple[int, int, int] = (64, 128, 128)
     """Largest (T, H, W) in patches a ``learned`` position table covers (``pos_embed`` or
     ``abs_pos_embed``)."""

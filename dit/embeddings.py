@@ -93,13 +93,20 @@ class TimestepEmbedder(nn.Module):
 class TextProjection(nn.Module):
     """Text encoder states (text_dim) → model width: Linear → GELU-tanh → Linear (PixArt-α, Wan)."""
 
-    def __init__(self, text_dim: int, dim: int):
+    def __init__(self, text_dim: int, dim: int, positions: int = 0):
         super().__init__()
         self.fc1 = nn.Linear(text_dim, dim)
         self.fc2 = nn.Linear(dim, dim)
+        # DiTConfig.text_pos_embed: a learned row per text position (none when positions is 0)
+        self.pos = nn.Parameter(torch.empty(positions, dim)) if positions else None
 
     def forward(self, context: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(context), approximate="tanh"))  # B, L, D
+        out = self.fc2(F.gelu(self.fc1(context), approximate="tanh"))  # B, L, D
+        if self.pos is None:
+            return out
+        if out.shape[1] > self.pos.shape[0]:
+            raise ValueError(f"{out.shape[1]} text tokens; the text position table has {self.pos.shape[0]}")
+        return out + self.pos[: out.shape[1]]
 
 
 def grid_positions(grid: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:

@@ -193,7 +193,8 @@ class SpacetimeDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d, cfg.freq_dim)
         self.fps_embedder = TimestepEmbedder(d, cfg.freq_dim) if cfg.fps_conditioning else None
         self.label_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.conditioning == "class" else None
-        self.text_proj = TextProjection(cfg.text_dim, d) if cfg.conditioning == "text" else None
+        rows = (cfg.text_len or 512) if cfg.text_pos_embed else 0  # the text position table
+        self.text_proj = TextProjection(cfg.text_dim, d, rows) if cfg.conditioning == "text" else None
         # adaLN-single computes the six modulation vectors once for all blocks; per-block adaLN-Zero
         # hands every block the conditioning vector itself.
         self.t_proj = (

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dit.config import DiTConfig, get_preset
 from dit.layers import AcrossHeadsRMSNorm, SelfAttention, qk_norm_module
-from dit.model import SpacetimeDiT
+from dit.model import SpacetimeDiT, build_model
 from tests.dit.helpers import inputs, random_model
 
 
@@ -258,3 +258,45 @@ def test_abs_pos_embed_is_off_by_default_and_only_next_to_a_rope():
         DiTConfig(pos_embed="sincos3d", abs_pos_embed="sincos3d")
     with pytest.raises(ValueError, match="abs_pos_embed='rope3d'"):
         DiTConfig(abs_pos_embed="rope3d")
+
+
+def _reversed_text(kw: dict) -> dict:
+    # the same text states in reverse order (the mask with them): the same set of tokens, another order
+    return {**kw, "context": kw["context"].flip(1), "context_mask": kw["context_mask"].flip(1)}
+
+
+def test_cross_attention_alone_cannot_see_the_order_of_the_text_tokens():
+    """Why ``text_pos_embed`` exists: without it, reordering the text states leaves the output unchanged
+    (cross-attention is a weighted sum over the token set), so "from left to right" and "from right to
+    left" differ only as much as the encoder's states do."""
+    plain = random_model(get_preset("tiny"))
+    x, t, kw = inputs(plain.cfg, b=1)
+    torch.testing.assert_close(plain(x, t, **_reversed_text(kw)), plain(x, t, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_text_pos_embed_adds_a_learned_row_per_text_position():
+    """The option = the plain model with its table's first L rows added after the text projection."""
+    assert DiTConfig().text_pos_embed is False
+    base = get_preset("tiny")
+    plain = random_model(base)
+    withpos = SpacetimeDiT(DiTConfig(**{**vars(base), "text_pos_embed": True, "text_len": 9}))
+    assert set(withpos.state_dict()) - set(plain.state_dict()) == {"text_proj.pos"}
+    assert withpos.text_proj.pos.shape == (9, base.hidden_size)
+    torch.manual_seed(5)
+    table = torch.randn(9, base.hidden_size)
+    withpos.load_state_dict({**plain.state_dict(), "text_proj.pos": table})
+    x, t, kw = inputs(base, text_len=7)
+    hook = plain.text_proj.register_forward_hook(lambda mod, args, out: out + table[:7])
+    try:
+        want = plain(x, t, **kw)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(withpos(x, t, **kw), want, rtol=1e-5, atol=1e-5)
+    # now the order of the tokens matters
+    assert (withpos(x, t, **_reversed_text(kw)) - withpos(x, t, **kw)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="10 text tokens; the text position table has 9"):
+        withpos(*inputs(base, text_len=10)[:2], **inputs(base, text_len=10)[2])
+    # no text_len: a 512-row table; initialised like the other embedding tables, N(0, 0.02)
+    fresh = build_model(DiTConfig(**{**vars(base), "text_pos_embed": True}), seed=0)
+    assert fresh.text_proj.pos.shape[0] == 512
+    assert 0.015 < float(fresh.text_proj.pos.detach().std()) < 0.025
