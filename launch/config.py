@@ -26,6 +26,7 @@ from data.pipeline import DataConfig, limits
 from dit.config import LORA_TARGETS, PRESETS, DiTConfig, qk_norm_kind
 from dit.diffusion import DiffusionConfig
 from dit.sampling import GRIDS, SAMPLER_NAMES
+from launch.config_help import expanded_error, leaf_keys, override_error
 from launch.distributed import preempt_signum
 from parallel.config import ParallelConfig, check_choice, check_range
 
@@ -561,11 +562,14 @@ def parse_overrides(overrides: list[str]):
 
     Values are YAML, so a value starting with ``*``, ``&``, ``!``, ``[`` or ``{`` must be quoted for
     YAML as well as for the shell: ``'data.shards="/data/*.tar"'``."""
+    expanded = expanded_error(overrides)  # the shell's work on an unquoted pattern: named, not merged
+    if expanded:
+        raise ValueError(expanded)
     nodes = []
-    for item in overrides:
+    for i, item in enumerate(overrides):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"override {item!r}: expected key=value (e.g. train.steps=100)")
+        if not eq or not key.strip():  # a space for '=', or the file names of an unquoted glob
+            raise ValueError(override_error(overrides, i, leaf_keys(JobConfig())))
         try:
             nodes.append(OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as e:
@@ -607,7 +611,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg: JobConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ValueError(f"config key {key}: {e.msg if hasattr(e, 'msg') else e}") from e
+        msg = str(e.msg if hasattr(e, "msg") else e).split("\n    full_key:")[0]  # one line: the key is said
+        raise ValueError(f"config key {key}: {msg}") from e
     text_len = cfg.model.arch.text_len
     given = any(OmegaConf.select(n, "data.max_text_len") is not None for n in (file_cfg, cli_cfg))
     if text_len is not None and not given:

@@ -30,6 +30,7 @@ from dit.flops import count, peak_flops
 from launch import evaluate
 from launch.batches import Conditioner, expect_for, run_bf16, step_seed
 from launch.config import JobConfig, load_config, save_config, to_yaml
+from launch.config_help import ConfigHelp
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
 from launch.engine import (
     Engine,
@@ -567,13 +568,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = _Parser(prog="python -m launch.train", description="Train a spacetime DiT.")
+    p = _Parser(prog="python -m launch.train", description="Train a spacetime DiT.", add_help=False)
     p.dry_run = "--dry-run" in (sys.argv[1:] if argv is None else argv)
+    p.add_argument(
+        "-h", "--help", action=ConfigHelp, schema=JobConfig, metavar="GROUP",
+        help="show this help and every config key (with GROUP or KEY, e.g. train: only those, in full)",
+    )  # fmt: skip
     p.add_argument("--config", help="YAML config (default: launch/configs/tiny.yaml)")
     p.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 model.arch.depth=4"
     )
-    p.add_argument(
+    only = p.add_mutually_exclusive_group()
+    only.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (--config, then the overrides: the run.dir/config.yaml a run "
+        "would save) as YAML and exit; nothing is created",
+    )
+    only.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the config (buckets vs codec and patch, eval vs val_shards, the parallel layout "
@@ -593,6 +605,9 @@ def main(argv: list[str] | None = None) -> None:
         if a.dry_run:  # the dry run's contract: one JSON object on stdout, whatever went wrong
             print(json.dumps({"ok": False, "errors": [f"config: {e}"], "warnings": []}))
         raise SystemExit(2) from e
+    if a.print_config:
+        print(to_yaml(cfg), end="")
+        return
     if a.dry_run:
         from launch.dryrun import dry_run  # the planner: only when asked for
 
