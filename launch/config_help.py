@@ -251,8 +251,8 @@ def override_error(items: list[str], i: int, keys: list[str]) -> str:
 
 
 def _stray_files(items: list[str], i: int) -> str:
-    """Words that are file names: the shell's expansion of an unquoted glob or brace pattern (the
-    first name stays glued to ``key=``), or a config file given without ``--config``."""
+    """Words that are file names: what the shell made of an unquoted pattern or ``$(ls …)`` after
+    ``key=`` (the first name stays glued to it), or a config file given without ``--config``."""
     files = []
     for w in items[i:]:
         if "=" in w or not _looks_like_path(w):
@@ -266,7 +266,8 @@ def _stray_files(items: list[str], i: int) -> str:
         suggestion = shlex.quote(f"{key}={_glob_for([first, *files])}")
         return (
             f"overrides {named} have no '=': they look like file names the shell expanded from an unquoted "
-            f"glob or brace pattern in {key}= (only the first reached it); quote the override: {suggestion}"
+            f"glob, brace pattern or $(…) in {key}= (only the first reached it); quote the override: "
+            f"{suggestion}"
         )
     return (
         f"override {files[0]!r}: expected key=value; it looks like a file name (an unquoted glob or brace "
