@@ -1,5 +1,6 @@
 """Training metrics: averaged over the steps between logs and across ranks, written to
-``run.dir/metrics.jsonl`` and tensorboard by rank 0, shown as a progress bar or as plain lines.
+``run.dir/metrics.jsonl`` and tensorboard by rank 0, shown by :mod:`launch.progress` as a bar or
+plain lines.
 
 The reduction is two collectives per record (one sum of every running total and count, one max),
 kept here instead of torchmetrics' aggregation classes: importing ``torchmetrics`` costs about 3 s of
@@ -23,13 +24,14 @@ import io
 import json
 import math
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from launch.progress import Progress
 
 MEAN_KEYS = (
     "loss",
@@ -66,39 +68,12 @@ def max_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class Progress:
-    """A one-line progress bar on a terminal; nothing between logs otherwise (the log lines suffice)."""
-
-    def __init__(self, total: int, mode: str = "auto", stream=None):
-        self.stream = stream or sys.stderr
-        self.bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
-        self.total, self.started = total, time.perf_counter()
-
-    def update(self, step: int, text: str = "") -> None:
-        if not self.bar:
-            return
-        frac = step / max(1, self.total)
-        filled = int(30 * frac)
-        elapsed = time.perf_counter() - self.started
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} {elapsed:6.0f}s {text}\x1b[K"
-        )
-        self.stream.flush()
-
-    def line(self, text: str) -> None:
-        if self.bar:
-            self.stream.write("\r\x1b[K")
-        print(text, file=self.stream if self.bar else sys.stdout, flush=True)
-
-    def close(self) -> None:
-        if self.bar:
-            self.stream.write("\n")
-
-
 class Metrics:
     """Accumulates per-step values on every rank; :meth:`log` reduces them and rank 0 writes them."""
 
-    def __init__(self, run_dir: Path, is_main: bool, device: torch.device, tensorboard: bool, progress):
+    def __init__(
+        self, run_dir: Path, is_main: bool, device: torch.device, tensorboard: bool, progress: Progress
+    ):
         self.is_main, self.progress = is_main, progress
         self.device = device if device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors
         self._reset()
@@ -173,9 +148,7 @@ class Metrics:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
                     self.tb.add_scalar(scalar_tag(k), v, record["step"])
-        shown = {k: record[k] for k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s") if k in record}
-        text = "  ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None)
-        self.progress.line(f"step {record['step']:>7d}  {text}")
+        self.progress.record(record)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """One H×W×3 uint8 image in tensorboard's image tab (rank 0; nothing without tensorboard)."""

@@ -43,6 +43,7 @@ from launch.engine import (
 )
 from launch.metrics import Metrics, Progress, max_memory_gib
 from launch.optim import EMA
+from launch.progress import install_log_handler
 from launch.resume import BASE_FILE, ResumeRefused, check_base, check_resumable, lock_run_dir
 from launch.runlock import RunDirLocked, RunLock
 from launch.sample import write_mp4
@@ -369,7 +370,7 @@ def run(cfg: JobConfig) -> dict:
 def _train(tr: Trainer) -> dict:
     cfg, env = tr.cfg, tr.env
     dev = env.device
-    progress = Progress(cfg.train.steps, cfg.run.progress if env.is_main else "lines")
+    progress = Progress(cfg.train.steps, cfg.run.progress if env.is_main else "off")  # rank 0 only
     metrics = Metrics(tr.run_dir, env.is_main, dev, cfg.logging.tensorboard, progress)
     signals = Preemption(cfg.run.preempt_signal)
     if env.is_main:
@@ -400,6 +401,7 @@ def _train(tr: Trainer) -> dict:
             step_time, prev = now - prev, now
             _update_metrics(metrics, stats, step_time, peak, dev)
             step, last = tr.step, tr.step == cfg.train.steps
+            progress.update(step, loss=stats.loss, lr=stats.lr)  # before its record: the line has its rate
             extra = {}
             if cfg.eval.every and (step % cfg.eval.every == 0 or last):
                 extra["val_loss"] = _with_ema(
@@ -419,7 +421,6 @@ def _train(tr: Trainer) -> dict:
                     tr.lock.touch()
             elif extra:
                 metrics.write({"step": step, **extra})
-            progress.update(step, f"loss {stats.loss:.4f}")
             if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or last):
                 write_samples(tr, metrics)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
@@ -597,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--gpu", default="h100", help="--dry-run: GPU type for the plan (h100, h200, a100, b200)")
     a = p.parse_intermixed_args(argv)  # options may follow the overrides: ... key=value --world-size 8
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_handler()  # basicConfig whose records go above the progress bar
     try:
         cfg = load_config(a.config, a.overrides)
     except (ValueError, FileNotFoundError) as e:

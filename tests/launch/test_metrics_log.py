@@ -15,7 +15,7 @@ from tests.parallel.group import run_group, serve
 
 
 class _Quiet:
-    def line(self, text: str) -> None:
+    def record(self, record: dict) -> None:
         pass
 
 
