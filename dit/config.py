@@ -369,8 +369,16 @@ PRESETS: dict[str, DiTConfig] = {
     "dit-b/2": _dit(768, 12, 12),
     "dit-l/2": _dit(1024, 24, 16),
     "dit-xl/2": _dit(1152, 28, 16),
-    # The CPU demo: text conditioning on all-MiniLM-L6-v2 states (384 wide).
+    # The smallest text model (the tests' and tools' base, launch/configs/tiny.yaml): all-MiniLM-L6-v2
+    # states (384 wide) on 4-channel latents.
     "tiny": _wan(64, 2, 4, 256, text_dim=384, in_ch=4),
+    # The built-in CPU demo (launch/configs/demo.yaml): 4×4 RGB pixel patches (48 channels), one token
+    # per 2 frames × 4×4 pixels, MiniLM states read in order (text_pos_embed) and an absolute position
+    # table next to the RoPE so the caption can place the object from pure noise
+    # (benchmarks/results/demo-2026-12-01.md).
+    "demo": _wan(128, 4, 4, 512, text_dim=384, in_ch=48).replace(
+        patch_size=(2, 1, 1), fps_conditioning=True, text_pos_embed=True, abs_pos_embed="learned", text_len=24
+    ),
     "video-small": _wan(768, 12, 12, 3072),
     "video-1b3": _wan(1536, 30, 12, 8960),
     "video-14b": _wan(5120, 40, 40, 13824),
@@ -392,6 +400,7 @@ DEFAULT_LATENT_SIZE: dict[str, tuple[int, int, int]] = {
     "dit-l/2": (1, 32, 32),
     "dit-xl/2": (1, 32, 32),
     "tiny": (4, 8, 8),
+    "demo": (8, 8, 8),
     "video-small": (9, 32, 32),
     "video-1b3": (21, 60, 104),
     "video-14b": (21, 60, 104),
