@@ -276,3 +276,21 @@ def clip_start(assignment: Assignment, u: float) -> float:
     needed = (b.frames - 1) / assignment.fps
     slack = max(0.0, assignment.window[1] - assignment.window[0] - needed - 1e-4)
     return assignment.window[0] + u * slack
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m data.buckets suggest SHARDS … > buckets.json`` (:mod:`data.bucket_suggest`)."""
+    import argparse
+
+    from data import bucket_suggest
+
+    p = argparse.ArgumentParser(
+        prog="python -m data.buckets", description="Bucket files for data.bucket_file."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    bucket_suggest.add_parser(sub)
+    return bucket_suggest.run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import logging
 import os
+import shlex
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,10 +28,22 @@ from data.batch import Batch
 from data.buckets import BucketConfig
 from data.reader import Limits, Shard
 from data.stream import Errors, Expect, StreamSpec, batches, check_shard_rate
-from data.video import DEFAULT_MAX_PIXELS, decode_clip
+from data.video import DEFAULT_MAX_PIXELS, IMAGE_EXTS, VIDEO_EXTS, decode_clip
 from data.worker_signals import StopFlag
 
 log = logging.getLogger(__name__)
+
+
+class NoShards(FileNotFoundError):
+    """``data.shards`` (or ``data.val_shards``) names no shard: a user's error, said in one or two lines."""
+
+
+class NotShards(NoShards):
+    """``data.shards`` names clips or a manifest (what ``python -m data.shards write`` reads), not shards."""
+
+
+class NoBatchError(ValueError):
+    """A whole epoch gave no batch: the data does not fit the buckets (a user's error, said in two lines)."""
 
 
 @dataclass
@@ -58,7 +71,8 @@ class DataConfig:
     min_samples_for_threshold: int = 50
     """Samples a worker must have seen before the error threshold applies."""
     resampled: bool = False
-    """Draw shards with replacement when there are fewer than data-parallel ranks × workers."""
+    """Draw shards with replacement when there are fewer than data-parallel ranks × workers (turned on,
+    with a warning, when there are fewer shards than data-parallel ranks: a few clips on many GPUs)."""
     allow_pipe: bool = False
     """Allow ``pipe:CMD`` entries written in ``shards`` itself (each runs a shell command). Files found
     by a glob or in a directory are always read as files, whatever their names."""
@@ -106,7 +120,8 @@ def list_shards(cfg: DataConfig, key: str = "data.shards") -> list[Shard]:
     if os.path.isdir(spec):
         shards = [Shard(p) for p in sorted(glob.glob(os.path.join(glob.escape(spec), f"{cfg.prefix}-*.tar")))]
         if not shards:
-            raise FileNotFoundError(f"{key}={spec!r}: no {cfg.prefix}-*.tar in this directory")
+            message, clips = _empty_folder(spec, cfg.prefix, key)
+            raise (NotShards if clips else NoShards)(message)
     elif "," in spec:
         shards = []
         for entry in (p.strip() for p in spec.split(",")):
@@ -118,10 +133,64 @@ def list_shards(cfg: DataConfig, key: str = "data.shards") -> list[Shard]:
         shards = [Shard(p) for p in sorted(glob.glob(spec))]
     missing = [s.url for s in shards if not s.pipe and not os.path.isfile(s.url)]
     if missing:
-        raise FileNotFoundError(f"{key}: {missing[0]} does not exist")
+        raise NoShards(f"{key}: {missing[0]} does not exist")
     if not shards:
-        raise FileNotFoundError(f"{key}={spec!r}: no shards found")
+        raise NoShards(f"{key}={spec!r}: no shards found{_glob_hint(spec)}")
+    sources = [s.url for s in shards if not s.pipe and _source_kind(s.url)]
+    if sources:  # a video or a manifest read as a tar would only be counted as one broken shard
+        kind = _source_kind(sources[0])
+        src = sources[0] if kind == "a manifest" else os.path.dirname(sources[0]) or "."
+        raise NotShards(
+            f"{key}={spec!r}: {sources[0]} is {kind}, not a shard (.tar).\nWrite shards first: "
+            f"{_WRITE} {shlex.quote(src)} OUT, then {key}=OUT"
+        )
     return shards
+
+
+_WRITE = "python -m data.shards write"
+
+
+def _source_kind(path: str) -> str | None:
+    """'a video', 'an image' or 'a manifest' when ``path``'s extension says it is a source of
+    :mod:`data.shards` rather than a shard."""
+    ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+    if ext in VIDEO_EXTS:
+        return "a video"
+    if ext in IMAGE_EXTS:
+        return "an image"
+    return "a manifest" if ext in ("csv", "jsonl") else None
+
+
+def _empty_folder(folder: str, prefix: str, key: str) -> tuple[str, bool]:
+    """The error for a directory without ``{prefix}-*.tar``: what it holds instead (clips, other
+    shards) and the command that makes shards of it; and whether it holds clips."""
+    names: list[str] = []
+    for root, _, files in os.walk(folder):
+        names += [os.path.join(root, f) for f in files]
+        if len(names) > 10_000:  # enough to tell clips from shards: a huge tree is not listed whole
+            break
+    clips = sum(_source_kind(n) in ("a video", "an image") for n in names)
+    val = " --prefix val" if prefix == "val" else ""
+    if clips:
+        return (
+            f"{key}={folder!r}: a folder of {clips}{'+' * (len(names) > 10_000)} "
+            f"{'videos/images' if clips > 1 else 'video/image'}, not shards "
+            f"(no {prefix}-*.tar in it).\nWrite shards first: {_WRITE} {shlex.quote(folder)} OUT{val} "
+            f"(a .txt caption beside each clip), then {key}=OUT",
+            True,
+        )
+    others = sorted({os.path.basename(n).split("-")[0] for n in names if n.endswith(".tar") and "-" in n})
+    hint = ""
+    if others:
+        held = ", ".join(f"{o}-*.tar" for o in others)
+        hint = f" (it holds {held}; {prefix} shards are written by {_WRITE} SRC OUT --prefix {prefix})"
+    return f"{key}={folder!r}: no {prefix}-*.tar in this directory{hint}", False
+
+
+def _glob_hint(spec: str) -> str:
+    if not glob.has_magic(spec) and not os.path.exists(spec):
+        return " (no such file or directory)"
+    return ""
 
 
 def _pipes(entry: str, allow: bool, key: str) -> list[Shard]:
@@ -162,6 +231,7 @@ class _EpochStream(IterableDataset):
     def __init__(self, loader: Loader, skip: list[int]):
         self.cfg, self.shards, self.epoch, self.skip = loader.cfg, loader.shards, loader.epoch, skip
         self.dp_rank, self.dp_size, self.expect = loader.dp_rank, loader.dp_size, loader.expect
+        self.resampled = loader.resampled
         self.clip_decoder = loader.clip_decoder
 
     def __iter__(self):
@@ -170,7 +240,7 @@ class _EpochStream(IterableDataset):
         cfg = self.cfg
         spec = StreamSpec(
             shards=split_shards(
-                self.shards, cfg.seed, self.epoch, self.dp_rank, self.dp_size, worker, workers, cfg.resampled
+                self.shards, cfg.seed, self.epoch, self.dp_rank, self.dp_size, worker, workers, self.resampled
             ),
             buckets=cfg.buckets,
             seed=cfg.seed,
@@ -212,6 +282,7 @@ class Loader:
         self.pin_memory, self.key = pin_memory, key
         self.shards = list_shards(cfg, key)
         self.clip_decoder = decode_clip
+        self.resampled = cfg.resampled  # also when there are fewer shards than ranks (_worker_count)
         if not cfg.buckets.buckets:
             raise ValueError("data.buckets: no buckets configured")
         limits(cfg)  # range errors at start-up, not in a worker
@@ -227,14 +298,16 @@ class Loader:
         """``data.num_workers``, lowered to the shards each rank gets (all ranks alike); an error when
         a rank would get none."""
         cfg, n, ranks = self.cfg, len(self.shards), self.dp_size
-        if cfg.resampled:
+        if n < ranks and not cfg.resampled:  # a few clips on many GPUs: draw, as data.resampled=true does
+            self.resampled = True
+            if self.dp_rank == 0:
+                log.warning(
+                    "%s: %d shard%s for %d data-parallel ranks: each rank draws shards with replacement "
+                    "(data.resampled=true); for exact epochs write >= %d shards (%s --min-shards %d)",
+                    *(self.key, n, "s" * (n != 1), ranks, ranks, _WRITE, ranks),
+                )
+        if self.resampled:
             return cfg.num_workers  # shards are drawn with replacement: every worker gets some
-        if n < ranks:
-            raise ValueError(
-                f"{self.key}: {n} shard{'s' * (n != 1)} for {ranks} data-parallel ranks; every rank needs "
-                "one: write more (smaller) shards (python -m data.shards write --min-shards) or set "
-                "data.resampled=true"
-            )
         per_rank = n // ranks
         if cfg.num_workers > per_rank:
             if self.dp_rank == 0:
@@ -287,16 +360,31 @@ class Loader:
                 produced += 1
                 yield batch
             if produced == 0 and not resumed:  # another epoch would give none either: say so, not spin
-                few = ", or too few for a batch with data.drop_partial=true" if self.cfg.drop_partial else ""
-                raise ValueError(
-                    f"{self.key}={self.cfg.shards!r}: a whole epoch gave no batch for this rank "
-                    f"(dp_rank {self.dp_rank} of {self.dp_size}): no sample fits data.buckets (too short"
-                    f"{few}), or every sample failed to decode ({self.error_summary()})"
-                )
+                raise NoBatchError(self._no_batch())
             self.errors_before.extend(self.errors.values())
             self.errors = {}
             self.epoch += 1
             self.consumed, self.next_worker = [0] * self.workers, 0
+
+    def _no_batch(self) -> str:
+        """Why an epoch gave nothing, with what fixes it: buckets made for the data, or short batches."""
+        summary = self.error_summary()
+        filtered, skipped = summary["filtered"] or "none", summary["skipped"] or "none"
+        few = ", or too few for a batch with data.drop_partial=true" if self.cfg.drop_partial else ""
+        fix = []
+        if set(summary["filtered"]) & {"shorter_than_any_bucket", "no_image_bucket", "bucket_not_configured"}:
+            fix.append(
+                "buckets made for these clips: python -m data.buckets suggest "
+                f"{shlex.quote(self.cfg.shards)} > buckets.json, then data.bucket_file=buckets.json"
+            )
+        if "partial_batch" in summary["filtered"]:
+            fix.append("data.drop_partial=false (the last, short batch of each bucket is used)")
+        return (
+            f"{self.key}={self.cfg.shards!r}: a whole epoch gave no batch for this rank "
+            f"(dp_rank {self.dp_rank} of {self.dp_size}): no sample fits data.buckets (too short{few}), or "
+            f"every sample failed to decode ({summary['seen']} read; filtered {filtered}, skipped {skipped})"
+            + (f"\nFix: {'; or '.join(fix)}" if fix else "")
+        )
 
     def _epoch(self) -> Iterator[Batch]:
         dataset = _EpochStream(self, list(self.consumed))

@@ -228,6 +228,11 @@ def _duration_bin(seconds: float) -> str:
     return ">=64s"
 
 
+def index_name(prefix: str) -> str:
+    """The index file of the shards written with ``prefix`` (``index.json`` for ``train``)."""
+    return "index.json" if prefix == "train" else f"index-{prefix}.json"
+
+
 def write_shards(
     items: list[SourceItem],
     out_dir: Path,
@@ -304,8 +309,7 @@ def write_shards(
         "skipped": {k: v for k, v in sorted(skipped.items())},
         "skipped_total": sum(len(v) for v in skipped.values()),
     }
-    name = "index.json" if prefix == "train" else f"index-{prefix}.json"
-    (out_dir / name).write_text(json.dumps(index, indent=1))
+    (out_dir / index_name(prefix)).write_text(json.dumps(index, indent=1))
     return index
 
 
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
                 "shards": len(index["shards"]),
                 "samples": index["samples"],
                 "skipped": index["skipped_total"],
-                "index": str(a.out_dir / "index.json"),
+                "index": str(a.out_dir / index_name(a.prefix)),
             }
         )
     )

@@ -52,6 +52,7 @@ from data.encoders import codec_geometry, minilm_path
 from dit.flops import macs_breakdown
 from dit.model import SpacetimeDiT, num_params
 from launch.config import JobConfig, cross_field_errors
+from launch.datacheck import source_errors, val_shards_warnings
 from parallel.dims import ParallelDims
 from parallel.parallelize import check_block_swap, make_dims
 
@@ -86,6 +87,8 @@ def check(cfg: JobConfig, world_size: int = 1, gpu: str = "h100") -> dict:
     comp = _codec(cfg, errors)
     _text_encoder(cfg, errors, warnings)
     errors += sample_metric_errors(cfg)
+    errors += source_errors(cfg)  # clips where shards belong (a missing path may be on the cluster)
+    warnings += val_shards_warnings(cfg)
     if not cfg.data.buckets.buckets:
         errors.append("data.buckets: no buckets (set data.bucket_file or data.buckets.buckets)")
     buckets = [_bucket(cfg, b, comp, dims, errors) for b in cfg.data.buckets.buckets]

@@ -24,13 +24,14 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from data.batch import Batch
-from data.pipeline import Loader, build_loader
+from data.pipeline import Loader, NoBatchError, NoShards, build_loader
 from dit.diffusion import Objective, make_objective
 from dit.flops import count, peak_flops
 from launch import evaluate
 from launch.batches import Conditioner, expect_for, run_bf16, step_seed
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.config_help import ConfigHelp
+from launch.datacheck import check_sources
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
 from launch.engine import (
     Engine,
@@ -614,8 +615,9 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(dry_run(cfg, world_size=1 if a.world_size is None else a.world_size, gpu=a.gpu))
     try:
+        check_sources(cfg)  # before the model is built: shards (not clips), val_shards not the demo's
         run(cfg)
-    except (RunDirLocked, ResumeRefused, ckpt.CheckpointError) as e:
+    except (RunDirLocked, ResumeRefused, ckpt.CheckpointError, NoShards, NoBatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except KeyboardInterrupt:  # Ctrl-C before the loop installed its handler
