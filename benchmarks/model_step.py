@@ -34,6 +34,7 @@ import torch
 
 from benchmarks import report
 from dit.config import DEFAULT_LATENT_SIZE, DiTConfig, get_preset
+from dit.extras import require
 from dit.flops import count, mfu, peak_flops
 from dit.model import build_model, num_params
 
@@ -58,9 +59,8 @@ def wan_reference(cfg: DiTConfig) -> torch.nn.Module | None:
     )
     if not wan_shaped:
         return None
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
+    diffusers = require("diffusers", "benchmarks.model_step's reference for a Wan-shaped preset")
+    return diffusers.WanTransformer3DModel(
         patch_size=cfg.patch_size,
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,

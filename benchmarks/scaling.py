@@ -55,7 +55,11 @@ from benchmarks.scaling_laws import (
     parametric_theta,
     solve,
 )
-from benchmarks.scaling_report import ACCURACY_TARGETS  # fitted as the error rate 1 − value
+from benchmarks.scaling_report import (
+    ACCURACY_TARGETS,  # fitted as the error rate 1 − value
+    PLOTS,
+)
+from dit.extras import MissingExtra, require
 
 # ---- input ----------------------------------------------------------------------------------------------
 AS_IS_TARGETS = ("loss", "fid", "fvd", "probe_flicker")
@@ -409,12 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "fvd or a probe temporal number")  # fmt: skip
     a = p.parse_args(argv)
     try:
+        if a.out:  # before the fit, not after it
+            require("matplotlib", PLOTS)
         rows = load_runs(a.results, a.where, a.target)
         try:
             result = fit(rows, predict=a.predict, n_boot=a.bootstrap, seed=a.seed)
         except ValueError as e:
             raise ValueError(f"{a.results}: {e}") from e
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result |= {"source": str(a.results), "where": a.where, "target": a.target}

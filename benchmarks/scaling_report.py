@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.scaling_laws import PRED_KEYS, frontier_law, parametric_law
+from dit.extras import require
+
+PLOTS = "benchmarks.scaling fit --out (its PNG plots)"
+"""What needs matplotlib, as the error names it."""
 
 ACCURACY_TARGETS = tuple(
     f"probe_{k}" for k in ("overall", "color", "background", "shape", "direction", "speed")
@@ -32,11 +36,10 @@ def write_outputs(result: dict, rows: Sequence[dict], out_dir: str | os.PathLike
     """
     if len(rows) != len(result["runs"]):
         raise ValueError(f"the result describes {len(result['runs'])} rows, got {len(rows)}")
+    matplotlib = require("matplotlib", PLOTS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fit.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    import matplotlib
-
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 

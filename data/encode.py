@@ -32,6 +32,7 @@ from data.reader import Limits, read_shard
 from data.shards import ShardSink
 from data.stream import Errors, StreamSpec, decode_sample, validate
 from data.video import DEFAULT_MAX_PIXELS, MediaError
+from dit.extras import MissingExtra
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     shards, lim = list_shards(data), limits(data)
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    codec = build_codec(a.vae, device=device)
+    try:
+        codec = build_codec(a.vae, device=device)
+    except MissingExtra as e:  # a VAE folder, and diffusers is not installed
+        p.exit(2, f"error: {e}\n")
     text_encoder = TextEncoder(
         a.text_encoder, max_length=a.max_text_len, device=device, encoder_mask=a.text_encoder_mask
     )

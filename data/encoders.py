@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor
 
 from data.buckets import Compression
+from dit.extras import require
 
 
 class PixelCodec:
@@ -95,14 +96,13 @@ def _declared(spec: str) -> DeclaredLatents:
     return DeclaredLatents(c, t, s, causal=causal)
 
 
-def _vae_classes() -> dict:
-    from diffusers import AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLWan
+VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo")
+"""The diffusers VAE classes a codec folder may name (its ``config.json``'s ``_class_name``)."""
 
-    return {
-        "AutoencoderKLWan": AutoencoderKLWan,
-        "AutoencoderKLCogVideoX": AutoencoderKLCogVideoX,
-        "AutoencoderKLHunyuanVideo": AutoencoderKLHunyuanVideo,
-    }
+
+def _vae_classes(path: Path) -> dict:
+    diffusers = require("diffusers", f"data.codec / --vae {path} (a diffusers VAE)")
+    return {name: getattr(diffusers, name) for name in VAE_CLASSES}
 
 
 def _vae_config(path: Path) -> tuple[str, dict]:
@@ -113,9 +113,9 @@ def _vae_config(path: Path) -> tuple[str, dict]:
         raise FileNotFoundError(f"--vae {path}: no config.json (expected a diffusers save_pretrained folder)")
     config = json.loads(config_file.read_text())
     name = config.get("_class_name") if isinstance(config, dict) else None
-    classes = _vae_classes()
-    if name not in classes:
-        raise ValueError(f"--vae {path}: _class_name={name!r} is not one of {sorted(classes)}")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"--vae {path}: _class_name={name!r} is not one of {sorted(VAE_CLASSES)}")
+    classes = _vae_classes(path)
     init = inspect.signature(classes[name].__init__).parameters.values()
     defaults = {p.name: p.default for p in init if p.default is not inspect.Parameter.empty}
     return name, {**defaults, **config}
@@ -160,7 +160,7 @@ class DiffusersVAE:
     ):
         path = Path(path)
         name, _ = _vae_config(path)
-        self.vae = _vae_classes()[name].from_pretrained(
+        self.vae = _vae_classes(path)[name].from_pretrained(
             path, local_files_only=True, use_safetensors=True, torch_dtype=dtype
         )
         self.vae.to(device).eval().requires_grad_(False)

@@ -130,6 +130,11 @@ class TrainConfig:
 
     steps: int = 1000
     """Optimizer steps to train for (the run ends here)."""
+    schedule_steps: int | None = None
+    """Steps the learning-rate schedule spans (null: ``steps``); after them the lr stays at its final
+    value. Extending a finished 800-step run with ``train.steps=1200 train.schedule_steps=800`` keeps
+    the schedule it trained with (the 400 new steps at its final lr); ``train.steps=1200`` alone
+    stretches the schedule over 1200 steps, which the resume warns about."""
     lr: float = 1e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -139,7 +144,7 @@ class TrainConfig:
     warmup: int = 100
     """Linear warmup steps."""
     decay_fraction: float = 0.2
-    """``wsd``: share of ``steps`` spent in the final linear decay."""
+    """``wsd``: share of the schedule (``schedule_steps``, else ``steps``) spent in the final linear decay."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases, norms and embedding tables)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -180,6 +185,8 @@ class TrainConfig:
             ("continuation_frames", 1, INF),
         ):
             check_range(getattr(self, name), f"{key}.{name}", low, high)
+        if self.schedule_steps is not None:
+            check_range(self.schedule_steps, f"{key}.schedule_steps", 1)
         for i, beta in enumerate(self.betas):
             check_range(beta, f"{key}.betas.{i}", 0.0, 1.0, open_high=True)
         check_range(self.cfg_dropout, f"{key}.cfg_dropout", 0.0, 1.0, open_high=True)

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from parallel.file_mode import as_opened
+
 PIPELINES = {
     "WanTransformer3DModel": (
         "WanPipeline",
@@ -226,3 +228,4 @@ def _copy(src: Path, dst: Path, keep) -> None:
     for f in sorted(src.iterdir()):
         if f.is_file() and keep(f.name):
             shutil.copy2(f, dst / f.name)
+            as_opened(dst / f.name)  # not the source's: one saved by safetensors is 0600

@@ -49,6 +49,7 @@ import torch
 
 from data.buckets import Bucket, Compression, check_bucket, latent_size
 from data.encoders import codec_geometry, minilm_path
+from dit.extras import MissingExtra
 from dit.flops import macs_breakdown
 from dit.model import SpacetimeDiT, num_params
 from launch.config import JobConfig, cross_field_errors
@@ -172,12 +173,15 @@ def _layout(cfg: JobConfig, world_size: int, errors: list[str]) -> ParallelDims 
     except ValueError as e:
         errors.append(f"--world-size {world_size}: {e}")
     if cfg.parallel.engine == "deepspeed":
-        # imports DeepSpeed (and megatron-core): only for configs that use it
-        from launch.engine_deepspeed import check_deepspeed
+        from launch.engine import require_deepspeed
 
         try:
+            require_deepspeed()
+            # imports DeepSpeed (and megatron-core): only for configs that use it
+            from launch.engine_deepspeed import check_deepspeed
+
             check_deepspeed(cfg, dims)
-        except ValueError as e:
+        except (ValueError, MissingExtra) as e:
             errors.append(str(e))
     return dims
 
@@ -197,6 +201,9 @@ def _codec(cfg: JobConfig, errors: list[str]) -> Compression | None:
         comp, channels = codec_geometry(spec)
     except (OSError, ValueError, KeyError, TypeError) as e:
         errors.append(f"data.codec={spec!r}: {e}")
+        return None
+    except MissingExtra as e:  # names the key itself
+        errors.append(str(e))
         return None
     if channels != arch.in_channels:
         errors.append(

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from dit.diffusion import Objective
+from dit.extras import require
 from dit.model import build_model, num_params
 from launch.batches import Prepared
 from launch.config import JobConfig
@@ -405,6 +406,13 @@ def build_fsdp_engine(
     )
 
 
+def require_deepspeed() -> None:
+    """DeepSpeed and megatron-core (the DeepSpeed engine's tensor parallelism), imported, or
+    :class:`dit.extras.MissingExtra` naming the extra to install."""
+    for module in ("deepspeed", "megatron.core"):
+        require(module, "parallel.engine=deepspeed")
+
+
 def check_finetune_deepspeed(cfg: JobConfig) -> None:
     """The ``finetune`` settings the DeepSpeed engine refuses, as errors naming the keys (here, not in
     :mod:`launch.engine_deepspeed`, so that checking needs no DeepSpeed import)."""
@@ -445,6 +453,7 @@ def build_engine(
     """
     if cfg.parallel.engine == "deepspeed":
         check_finetune_deepspeed(cfg)  # before DeepSpeed's import
+        require_deepspeed()
         from launch.engine_deepspeed import build_zero_engine  # imports DeepSpeed: only when asked for
 
         return build_zero_engine(cfg, env, dims, mesh, bf16)

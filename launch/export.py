@@ -43,12 +43,32 @@ import torch
 
 from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig
+from dit.extras import MissingExtra
 from dit.model import SpacetimeDiT, build_model
 from launch import diffusers_pipeline
 from launch.config import JobConfig, SampleConfig, load_config
 from launch.interop import adapters
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
+
+
+@dataclasses.dataclass
+class TrainedTasks:
+    """An export's ``train_tasks``: the task mix of the run that trained it (``train.task_*``), for
+    ``launch.sample --image`` to say when the model never learned image-to-video. Exports written
+    before it was recorded, and imported models, have none: unknown."""
+
+    task_t2v: float = 1.0
+    task_i2v: float = 0.0
+    task_continuation: float = 0.0
+    continuation_frames: int = 2
+    init_from: str = ""
+    """The run's ``init.from``: a fine-tuned model may keep what its source learned."""
+
+    @classmethod
+    def of(cls, cfg: JobConfig) -> TrainedTasks:
+        t = cfg.train
+        return cls(t.task_t2v, t.task_i2v, t.task_continuation, t.continuation_frames, cfg.init.from_)
 
 
 def export_config(cfg: JobConfig, step: int | None, source: Path) -> dict:
@@ -62,6 +82,7 @@ def export_config(cfg: JobConfig, step: int | None, source: Path) -> dict:
         "text_encoder": cfg.data.text_encoder,
         "max_text_len": cfg.data.max_text_len,
         "sample": dataclasses.asdict(cfg.sample),
+        "train_tasks": dataclasses.asdict(TrainedTasks.of(cfg)),
         "seed": cfg.seed,  # the run's seed and precision: launch.evaluate reproduces its eval samples
         "precision": cfg.run.precision,
         "step": step,
@@ -81,13 +102,19 @@ _SCALARS = {
     "seed": int,
     "precision": str,
 }
-_SECTIONS = {"arch": DiTConfig, "diffusion": DiffusionConfig, "sample": SampleConfig}
+_SECTIONS = {
+    "arch": DiTConfig,
+    "diffusion": DiffusionConfig,
+    "sample": SampleConfig,
+    "train_tasks": TrainedTasks,
+}
 
 
 def read_export_config(path: str | Path) -> dict:
     """An export's ``config.json``, checked: known keys with values of the right type, ``arch``,
-    ``diffusion`` and ``sample`` as :class:`DiTConfig`, :class:`DiffusionConfig` and :class:`SampleConfig`
-    (missing fields take their defaults). Every error names the file and the key."""
+    ``diffusion``, ``sample`` and ``train_tasks`` as :class:`DiTConfig`, :class:`DiffusionConfig`,
+    :class:`SampleConfig` and :class:`TrainedTasks` (missing fields take their defaults; an export
+    without ``train_tasks``, older or imported, has none). Every error names the file and the key."""
     path = Path(path)
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -518,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         else:
             out = export(a.source, a.out_dir)
-    except (CheckpointError, ValueError, OSError) as e:  # the message names the file or the fields
+    except (CheckpointError, ValueError, OSError, MissingExtra) as e:  # the message names the file or key
         raise SystemExit(f"error: {e}") from None
     print(f"exported {a.source} → {out} ({', '.join(sorted(f.name for f in out.iterdir()))})")
 

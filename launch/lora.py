@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dit.config import match_targets
+from dit.extras import require
 from launch.config import LoraConfig
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
     """
     if cfg.rank <= 0:
         raise ValueError(f"finetune.lora.rank={cfg.rank}: apply_lora needs a rank > 0")
-    import peft  # here, not at the top: see _ADAPTER_PARTS
+    peft = require("peft", f"finetune.lora.rank={cfg.rank}")  # here, not at the top: see _ADAPTER_PARTS
 
     if lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA adapters (apply_lora was called twice)")

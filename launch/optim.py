@@ -101,28 +101,36 @@ class _ConfigPeaks:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` for the update made at optimizer step ``step`` (0-based)."""
+    """Multiplier of ``cfg.lr`` for the update made at optimizer step ``step`` (0-based). The schedule
+    spans :func:`horizon` steps; after them it stays at its final value."""
     if cfg.warmup > 0 and step < cfg.warmup:
         return (step + 1) / cfg.warmup
     floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
+    steps = horizon(cfg)
     if cfg.schedule == "cosine":
-        span = max(1, cfg.steps - cfg.warmup)
+        span = max(1, steps - cfg.warmup)
         progress = min(1.0, (step - cfg.warmup) / span)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    # wsd: flat at the peak, then a linear decay over the last ``decay_fraction`` of training
-    decay_steps = max(1, round(cfg.decay_fraction * cfg.steps))
-    start = cfg.steps - decay_steps
+    # wsd: flat at the peak, then a linear decay over the last ``decay_fraction`` of the schedule
+    decay_steps = max(1, round(cfg.decay_fraction * steps))
+    start = steps - decay_steps
     if step < start:
         return 1.0
     return 1.0 - (1 - floor) * min(1.0, (step - start + 1) / decay_steps)
 
 
+def horizon(cfg: TrainConfig) -> int:
+    """Steps the schedule spans: ``train.schedule_steps``, or ``train.steps`` when it is not set."""
+    return cfg.steps if cfg.schedule_steps is None else cfg.schedule_steps
+
+
 class ConfigSchedule(torch.optim.lr_scheduler.LambdaLR):
     """``LambdaLR`` whose peak learning rates (``base_lrs``) stay this run's after ``load_state_dict``:
     the checkpoint gives the place in the schedule (``last_epoch``), the config the peaks and the shape
-    (``train.warmup``, ``schedule``, ``steps``: the lambda is never saved). A resumed run therefore
+    (``train.warmup``, ``schedule``, ``steps``, ``schedule_steps``: the lambda is never saved; a changed
+    shape is named at resume by :func:`launch.resume.schedule_change`). A resumed run therefore
     trains at the ``train.lr`` / ``finetune.lora.lr`` / ``finetune.lora.plus_ratio`` it was started
     with (a lower ``train.lr`` after a non-finite step, as the trainer advises, takes effect), logged
     when they differ from the checkpoint's. With unchanged settings every lr is the bits saved."""

@@ -4,15 +4,21 @@ on the same base)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
+import torch.distributed as dist
 import yaml
 
-from launch.config import JobConfig, resume_differences
+from launch.config import JobConfig, TrainConfig, resume_differences
 from launch.distributed import DistEnv, all_reduce
+from launch.optim import horizon, lr_factor
 from launch.runlock import RunDirLocked, RunLock
 from parallel import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
 
 BASE_FILE = "base.json"
 """A LoRA checkpoint's record of its frozen base: ``{"init_from": path, "fingerprint": sha256}``."""
@@ -40,7 +46,9 @@ def lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
 
 def check_resumable(found: Path, cfg: JobConfig, run_dir: Path) -> None:
     """Refuse to resume ``found`` under another engine, architecture or objective (the checkpoint's
-    own ``config.yaml`` is the reference; the run directory's, for checkpoints written without one)."""
+    own ``config.yaml`` is the reference; the run directory's, for checkpoints written without one).
+    A resume that would change the learning-rate schedule is allowed, with a warning on rank 0
+    (:func:`schedule_change`)."""
     engine = ckpt.engine_of(found)
     if engine != cfg.parallel.engine:
         raise ResumeRefused(
@@ -64,6 +72,62 @@ def check_resumable(found: Path, cfg: JobConfig, run_dir: Path) -> None:
             f"objective. Keep those settings to resume, or start a new run (another run.dir) with "
             f"init.from={found} to train from its weights deliberately"
         )
+    warning = schedule_change(saved if isinstance(saved, dict) else {}, cfg, ckpt.marker(found)["step"], ref)
+    if warning and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("%s", warning)
+
+
+SCHEDULE_KEYS = ("steps", "schedule_steps", "schedule", "warmup", "min_lr_ratio", "decay_fraction", "lr")
+"""The ``train.*`` settings the learning-rate schedule is made of (:func:`launch.optim.lr_factor`)."""
+
+
+def schedule_change(saved: dict, cfg: JobConfig, step: int, ref: Path | str) -> str:
+    """The warning for resuming at ``step`` under another learning-rate schedule than the one the saved
+    config (the plain dict of ``ref``, a ``config.yaml``) trained with, or "" when every step still to
+    train gets the same share of its peak lr under both: the same shape, or one that differs only where
+    nothing trains any more. A new peak alone (``train.lr``, ``finetune.lora.lr``) is the warning of
+    :class:`launch.optim.ConfigSchedule`. The warning names the keys (old → new), the lr of the next
+    step under each schedule, and the overrides that restore the old shape while keeping the new
+    ``train.steps`` (``train.schedule_steps`` = the old horizon). A key the saved config lacks (an older
+    version) is not compared; ``schedule_steps`` did not exist then, so it was ``train.steps``."""
+    new = cfg.train
+    train = saved.get("train")
+    if not isinstance(train, dict) or step >= new.steps:
+        return ""
+    values = {"schedule_steps": None} | {k: train[k] for k in SCHEDULE_KEYS if k in train}
+    try:
+        old = dataclasses.replace(new, **values)
+        old.validate()
+        if all(lr_factor(s, old) == lr_factor(s, new) for s in range(step, new.steps)):
+            return ""
+    except (TypeError, ValueError):  # a hand-edited saved config: not a schedule this code can draw
+        return ""
+    changed = [k for k in SCHEDULE_KEYS if getattr(old, k) != getattr(new, k)]
+    keep = [f"train.{k}={getattr(old, k)}" for k in changed if k not in ("steps", "schedule_steps", "lr")]
+    if horizon(old) != horizon(new):
+        keep.append(f"train.schedule_steps={horizon(old)}")
+    lora = saved.get("finetune", {}).get("lora", {}) if isinstance(saved.get("finetune"), dict) else {}
+    was, now = _peak(old, cfg, lora.get("lr") if isinstance(lora, dict) else None), _peak(new, cfg)
+    return (
+        f"resuming at step {step} with another learning-rate schedule than the one it trained with "
+        f"({', '.join(f'train.{k}: {getattr(old, k)} → {getattr(new, k)}' for k in changed)}; per {ref}): "
+        f"step {step + 1} trains at lr {now * lr_factor(step, new):.4g}, where the schedule it trained "
+        f"with gives {was * lr_factor(step, old):.4g} (that schedule spans {horizon(old)} steps, this one "
+        f"{horizon(new)}; after its span the lr stays at its final value). "
+        + (f"The new peak train.lr={new.lr} applies either way. " if old.lr != new.lr else "")
+        + f"To keep the schedule it trained with and still train to step {new.steps}, add to the command: "
+        + " ".join(keep)
+    )
+
+
+def _peak(train: TrainConfig, cfg: JobConfig, lora_lr=None) -> float:
+    """The lr the trainer logs (parameter group 0) at the schedule's peak: a LoRA run's
+    ``finetune.lora.lr`` (``lora_lr``: the saved config's), else ``train.lr``."""
+    lora = cfg.finetune.lora
+    if not lora.enabled:
+        return train.lr
+    given = lora.lr if lora_lr is None else lora_lr
+    return given if isinstance(given, (int, float)) and given else train.lr
 
 
 def check_kind(found: Path, cfg: JobConfig) -> None:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from data.worker_signals import pid_alive
+from parallel.file_mode import as_opened
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class RunLock:
         # exists without its contents, nor unflocked (nobody can judge a fresh lock to be stale)
         fd, tmp = tempfile.mkstemp(prefix=f"{LOCK}.", dir=self.path.parent)
         try:
+            as_opened(fd)  # mkstemp's 0600 would keep others sharing the run dir from judging the lock
             _rewrite(fd, me)
             _try_flock(fd)
             try:

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,12 @@ from data.encoders import TextEncoder, build_codec
 from data.video import MediaError, decode_clip, decode_image, encode_h264, media_kind, probe
 from dit.config import DiTConfig
 from dit.diffusion import DiffusionConfig, make_objective
+from dit.extras import MissingExtra
 from dit.model import build_model
 from dit.sampling import GRIDS, SAMPLER_NAMES, Experts, sample
 from launch.batches import bf16_compute, encoder_dtype, null_condition, text_states
 from launch.config import RunConfig, SampleConfig, load_config
-from launch.export import export_config, read_export_config
+from launch.export import TrainedTasks, export_config, read_export_config
 from launch.finetune import read_weights
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
@@ -69,6 +71,7 @@ def load_for_inference(
             "arch": cfg.model.arch,
             "diffusion": cfg.diffusion,
             "sample": cfg.sample,
+            "train_tasks": TrainedTasks.of(cfg),
         }
     for key in ("arch", "diffusion"):
         if key not in info:
@@ -281,8 +284,37 @@ def main(argv: list[str] | None = None) -> None:
             model = experts(model, info, low, low_info, a.source, a.boundary)
     except (CheckpointError, ValueError) as e:  # a damaged or foreign file: the message names it
         raise SystemExit(f"error: {e}") from None
-    written = generate(model, info, prompts, req, grid=a.grid)
+    if a.image and (note := untrained_i2v(info.get("train_tasks"))):
+        print(f"warning: {a.source}: {note}", file=sys.stderr)
+    try:
+        written = generate(model, info, prompts, req, grid=a.grid)
+    except MissingExtra as e:  # the export's codec is a diffusers VAE, and diffusers is not installed
+        raise SystemExit(f"error: {e}") from None
     print("wrote " + ", ".join(str(w) for w in written))
+
+
+def untrained_i2v(tasks: TrainedTasks | None) -> str:
+    """Why image-to-video from a model trained with ``tasks`` may not follow the image, or "": it was
+    trained with ``train.task_i2v`` > 0 (or continuation from one clean frame, the same task), or its
+    training is unknown (None: an older export, an imported model; Wan2.2 TI2V learned it)."""
+    if tasks is None or tasks.task_i2v > 0:
+        return ""
+    if tasks.task_continuation > 0 and tasks.continuation_frames == 1:
+        return ""
+    if tasks.task_continuation > 0:
+        note = (
+            f"this model was trained with train.task_i2v=0 and task_continuation={tasks.task_continuation:g} "
+            f"(continuation_frames={tasks.continuation_frames}): it saw clean leading latent frames, never "
+            "one alone; expect the frames after the image to follow it loosely"
+        )
+    else:
+        note = (
+            "this model was trained with train.task_i2v=0: it never saw a clean first frame; expect the "
+            "frames after the image to ignore it"
+        )
+    if tasks.init_from:
+        note += f" (unless init.from={tasks.init_from}, which it was fine-tuned from, learned image-to-video)"
+    return note + ". Train with train.task_i2v > 0 for image-to-video"
 
 
 def experts(high, info: dict, low, low_info: dict, source: str | Path, boundary: float | None) -> Experts:

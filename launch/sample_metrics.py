@@ -38,6 +38,7 @@ from torch import nn
 from data.batch import Batch
 from data.probe import parse_caption, score_paths, summarize
 from dit.config import DiTConfig
+from dit.extras import MissingExtra
 from launch.batches import derive_seed
 from launch.config import JobConfig, SampleConfig
 from launch.distributed import all_reduce
@@ -436,7 +437,7 @@ def cli(argv: list[str] | None = None) -> int:
         # transformers pulls in through accelerate): stdout carries the JSON object only
         with contextlib.redirect_stdout(sys.stderr):
             result = _evaluate(a)
-    except (ValueError, OSError) as e:  # FileNotFoundError included
+    except (ValueError, OSError, MissingExtra) as e:  # FileNotFoundError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from data.batch import Batch
 from data.pipeline import Loader, NoBatchError, NoShards, build_loader
 from dit.diffusion import Objective, make_objective
+from dit.extras import MissingExtra
 from dit.flops import count, peak_flops
 from launch import evaluate
 from launch.batches import Conditioner, expect_for, run_bf16, step_seed
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_sources(cfg)  # before the model is built: shards (not clips), val_shards not the demo's
         run(cfg)
-    except (RunDirLocked, ResumeRefused, ckpt.CheckpointError, NoShards, NoBatchError) as e:
+    except (RunDirLocked, ResumeRefused, ckpt.CheckpointError, MissingExtra, NoShards, NoBatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except KeyboardInterrupt:  # Ctrl-C before the loop installed its handler

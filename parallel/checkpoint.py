@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -51,6 +50,7 @@ from parallel.checkpoint_safety import (  # noqa: F401  (CheckpointError, load_p
     read_safetensors,
     save_pt,
 )
+from parallel.file_mode import save_safetensors
 
 # one process without a process group is a supported case here, not a mistake worth a warning
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -318,7 +318,7 @@ def write_safetensors(out: Path, states: dict[str, dict[str, torch.Tensor] | Non
     meta = {"format": "pt", "step": str(step)}
     for name, state in states.items():
         if state:
-            save_file({k: v.contiguous() for k, v in state.items()}, out / name, metadata=meta)
+            save_safetensors({k: v.contiguous() for k, v in state.items()}, out / name, metadata=meta)
             _fsync_file(out / name)
 
 

@@ -30,7 +30,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from dit.config import DiTConfig
@@ -40,6 +39,7 @@ from launch.interop import ltx, wan
 from launch.interop.formats import is_diffusers, refuse
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
+from parallel.file_mode import save_safetensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FORMATS = ("diffusers", "comfy")
@@ -169,7 +169,7 @@ def write_lora(
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: a file; the LoRA is written into a folder (OUT names a file)")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / LORA_FILE, metadata={"format": "pt", **metadata})
+    save_safetensors(state, out / LORA_FILE, metadata={"format": "pt", **metadata})
     return out / LORA_FILE
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from parallel.file_mode import save_safetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
@@ -119,7 +121,8 @@ def write_diffusers(m: DiffusersModel, out: str | Path) -> Path:
     out = Path(out)
     _clear_model_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in m.state.items()}, out / WEIGHTS, metadata={"format": "pt"})
+    state = {k: v.contiguous() for k, v in m.state.items()}
+    save_safetensors(state, out / WEIGHTS, metadata={"format": "pt"})
     config = {"_class_name": m.class_name, "_diffusers_version": _diffusers_version(), **m.config}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     m.path = out
