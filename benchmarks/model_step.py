@@ -454,7 +454,7 @@ def mfu_main(a: argparse.Namespace) -> dict:
     body = report.table(rows) + (
         "\n\nMFU = model FLOPs (3 × forward, dit.flops) per second / the device's dense bf16 peak "
         f"({(peak_flops() or 0) / 1e12:.0f} TFLOP/s); hardware TFLOP/s adds the recomputed forwards of "
-        "checkpointed blocks. Target (DESIGN §7): ≥ 45% MFU for video-1b3 at ~32k tokens on an H100."
+        "checkpointed blocks. Target (docs/design.md §7): ≥ 45% MFU for video-1b3 at ~32k tokens on an H100."
     )
     config = _config(a, cfg, flops, dtype="bf16 autocast, fp32 weights")
     name = f"model_step-mfu-{a.preset.replace('/', '')}-cuda"

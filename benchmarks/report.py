@@ -113,8 +113,8 @@ def write(
 
 # ------------------------------------------------------------------ benchmarks/gpu_check.sh's report
 
-MFU_TARGET = 0.45  # DESIGN §7: video-1b3 at ~32k tokens, bf16, one H100
-ATTENTION_TARGET = 550.0  # DESIGN §7: attention forward TFLOP/s at head dim 128, ≥ 8k tokens
+MFU_TARGET = 0.45  # docs/design.md §7: video-1b3 at ~32k tokens, bf16, one H100
+ATTENTION_TARGET = 550.0  # docs/design.md §7: attention forward TFLOP/s at head dim 128, ≥ 8k tokens
 # parity tolerance on losses and gradient norms: fp32 on CPU is exact up to reduction order; bf16
 # autocast on GPUs differs by the rounding of kernels that see other shapes (cp cuts the tokens)
 PARITY_RTOL = {"cpu-smoke": 1e-4, "gpu": 1e-2}
@@ -446,7 +446,7 @@ def _targets(env: dict, steps: list[dict], attn: list[dict]) -> str:
             target_after=f"{ATTENTION_TARGET:.0f}",
         ),
     ]  # fmt: skip
-    return "Targets (DESIGN §7):\n\n" + "\n".join(lines)
+    return "Targets (docs/design.md §7):\n\n" + "\n".join(lines)
 
 
 NOTES = {

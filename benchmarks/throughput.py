@@ -55,7 +55,7 @@ SDPA_KERNELS = {
 }
 BACKENDS = ("sdpa", "math", "flash_attn", *(f"sdpa:{k}" for k in SDPA_KERNELS))
 # What a bare ``python -m benchmarks.throughput`` sweeps, per device type, as flags that the command
-# line overrides. CPU runs stay short; CUDA covers DESIGN §7's targets (video-1b3 at ~32k tokens,
+# line overrides. CPU runs stay short; CUDA covers docs/design.md §7's targets (video-1b3 at ~32k tokens,
 # attention with head dim 128 at ≥ 8k tokens).
 DEFAULTS = {
     "cpu": "--presets tiny --shapes 4x8x8,5x16x16 --backends sdpa,math --compile off "

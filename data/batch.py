@@ -1,4 +1,4 @@
-"""The loader's hand-off to training: one bucket's samples, stacked (DESIGN.md §1's batch, typed).
+"""The loader's hand-off to training: one bucket's samples, stacked (docs/design.md §1's batch, typed).
 
 Every sample of a batch has the bucket's shape, so the tensors stack. A batch carries either raw
 ``video`` (decoded pixels, encoded by the trainer's codec) or ``latent`` (written by ``data.encode``),

@@ -183,7 +183,7 @@ class FinalLayer(nn.Module):
 
 
 class SpacetimeDiT(nn.Module):
-    """The video/image DiT (see DESIGN.md §3 for the contract)."""
+    """The video/image DiT (see docs/design.md §3 for the contract)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Apply parallelism to a plain SpacetimeDiT from outside, in DESIGN §4's fixed order.
+"""Apply parallelism to a plain SpacetimeDiT from outside, in docs/design.md §4's fixed order.
 
 tensor parallel → sequence cut (context and sequence parallel hooks) → activation checkpointing →
 memory options (activation offload, block swap: :mod:`parallel.offload`) → per-block torch.compile →

@@ -59,6 +59,17 @@ def test_core_dependencies_leave_the_extras_out_and_dev_has_every_one():
     assert {"pytest", "hypothesis", "ruff"} <= _requirement_names(extras["dev"])
 
 
+def test_readme_lists_every_extra_and_links_only_inside_the_repository():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert sorted(re.findall(r"^\| `\[(\w+)\]` \|", readme, re.M)) == sorted(
+        _project()["optional-dependencies"]
+    )
+    for doc in (ROOT / "README.md", ROOT / "docs" / "design.md"):  # the design notes travel with the clone
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{doc.name}: {target}"
+
+
 @pytest.fixture(scope="module")
 def core_env(tmp_path_factory):
     site = tmp_path_factory.mktemp("core-site")

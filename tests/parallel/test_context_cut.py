@@ -1,4 +1,4 @@
-"""The context-parallel sequence cut on clips whose frames do not divide by cp (DESIGN §4).
+"""The context-parallel sequence cut on clips whose frames do not divide by cp (docs/design.md §4).
 
 Two gloo ranks cut one sample's sequence with :func:`parallel.context.apply_sequence_cut` (no FSDP:
 each rank's parameter gradients are its own tokens' part, summed here over the cp group). A cut that

@@ -1,4 +1,4 @@
-"""Every parallel layout equals one process: same global batch, same initial weights, fp32 (DESIGN §4).
+"""Every parallel layout equals one process: same global batch and initial weights, fp32 (docs/design.md §4).
 
 Loss and gathered gradients after one step within 1e-5 relative; the losses of three steps too.
 The ``lora_*`` cases train peft LoRA adapters of a frozen base (issue 16): FSDP2 shards base and

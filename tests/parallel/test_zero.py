@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 and megatron-core tensor parallelism equal one process (DESIGN §4).
+"""DeepSpeed ZeRO-1/2/3 and megatron-core tensor parallelism equal one process (docs/design.md §4).
 
 Real DeepSpeed on real gloo groups, fp32, the tiny model: loss and gathered gradients of the first
 step within 1e-5 relative of the single-process reference (the FSDP trainer's arithmetic), four
