@@ -1,17 +1,18 @@
 """Buckets made for a dataset: ``python -m data.buckets suggest SHARDS > buckets.json``.
 
     python -m data.buckets suggest SHARDS [--budget 4096] [--codec pixel] [--patch 1,2,2] [--fps 16]
-                                          [--durations 3] [--aspects 3] [--resolution R] [--prefix train]
+        [--durations 3] [--min-clips 8] [--aspects 3] [--resolution R] [--max-batch 256] [--prefix train]
 
-Reads only the shards' ``{key}.json`` metadata (held to the loader's own checks: a sample the loader
-would skip is skipped here too) and derives a bucket file for ``data.bucket_file``:
+Uses only the shards' ``{key}.json`` metadata (the shards are read through, nothing is decoded; a
+sample the loader would skip is skipped here too) and derives a bucket file for ``data.bucket_file``:
 
 - **aspect ratios**: the clips' ratios grouped (within 10%), the ``--aspects`` most common groups; each
   group's size is its median clip area (or ``--resolution`` R: area R²) at the group's median ratio,
   height and width rounded to what the codec and the patch take;
 - **durations**: each clip's longest frame count the codec and the temporal patch take (at
-  ``min(--fps, its own fps)``, as the loader samples it), and from those the ``--durations`` lengths at
-  evenly spaced ranks, the shortest always among them, so every clip long enough for any bucket gets one;
+  ``min(--fps, its own fps)``, as the loader samples it), and from those the ``--durations`` lengths
+  (at most one per ``--min-clips`` clips, so a small set fills its batches) at evenly spaced ranks, the
+  shortest always among them, so every clip long enough for any bucket gets one;
 - **batch sizes**: ``--budget`` tokens per batch over the tokens of one sample (at least 1), so
   ``batch × tokens ≤ budget``; a length whose single sample is over the budget is cut to one that fits.
 
@@ -270,6 +271,7 @@ def add_parser(sub) -> None:
         help="print a bucket file (JSON) for data.bucket_file, made from the shards' own clips",
         description="Print a bucket file made for the shards' clips (durations, aspect ratios, sizes) on "
         "stdout, and how many clips each bucket takes on stderr.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("shards", help="shard directory, glob or comma-separated .tar files (as data.shards)")
     p.add_argument("--prefix", default="train", help="shard name prefix in a directory (train, val)")

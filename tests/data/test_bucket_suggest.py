@@ -3,6 +3,7 @@ trainer's checks accept for the codec and patch, that takes every clip long enou
 keeps ``batch × tokens`` within the budget. Real H.264 clips of three shapes (landscape, portrait and
 square, 8 and 24 fps, 3 to 30 frames) and a still, through the real shard writer."""
 
+import io
 import json
 
 import numpy as np
@@ -17,7 +18,7 @@ from data.reader import read_shard
 from data.shards import list_sources, write_shards
 from data.stream import Errors
 from data.video import encode_h264
-from tests.data.conftest import gradient_clip
+from tests.data.conftest import gradient_clip, write_tar
 
 # (frames, height, width, fps): 4:3, 3:4 and 1:1 clips of several lengths; "short" is under 2 frames at
 # 8 fps for a causal 4x codec (it needs 5) but long enough for the pixel codec with a 2-frame patch
@@ -149,3 +150,19 @@ def test_a_wrong_shards_path_is_a_one_line_error(shards, tmp_path, capsys, what)
     assert len(err.strip().splitlines()) <= 2
     if what == "clips":
         assert f"python -m data.shards write '{target}' OUT" in err
+
+
+def test_latent_shards_keep_their_own_buckets(tmp_path, capsys):
+    """Encoded samples (data.encode) carry their bucket: the file lists those shapes, budget-sized."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 2, 4, 4), np.float32))
+    meta = {"kind": "video", "frames": 8, "fps": 8.0, "width": 32, "height": 32, "bucket": "8x32x32"}
+    meta["latent_shape"] = [4, 2, 4, 4]
+    samples = [{"__key__": f"k{i}", "latent.npy": buf.getvalue(), "txt": "a clip", "json": json.dumps(meta)}
+               for i in range(2)]  # fmt: skip
+    write_tar(tmp_path / "train-000000.tar", samples)
+    code, out, err = suggest(
+        capsys, tmp_path, "--codec", "latents:4,4,8", "--patch", "1,1,1", "--budget", 4096
+    )
+    assert code == 0, err
+    assert json.loads(out)["buckets"] == [[8, 32, 32, 4096 // (2 * 4 * 4)]] and "fit no bucket: 0" in err
