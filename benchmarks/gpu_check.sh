@@ -265,7 +265,7 @@ NEED=""
 if [[ ! -s $OUT/env.json ]]; then
     NEED="python ($PYTHON) could not run the environment probe: see logs/0-env.log"
 elif [[ $(read_env torch) == None ]]; then
-    NEED="torch is not importable by $PYTHON ($(read_env torch_error)). Install a CUDA build of torch, e.g. on the cluster: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128, then pip install -e ."
+    NEED="torch is not importable by $PYTHON ($(read_env torch_error)). Install a CUDA build of torch, e.g. on the cluster: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128, then pip install -e '.[deepspeed,diffusers,lora]'"
 fi
 NOGPU=""
 if [[ -z $NEED && $SMOKE == 0 && $(read_env cuda_available) != True ]]; then

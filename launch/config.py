@@ -50,7 +50,8 @@ class RunConfig:
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     progress: str = "auto"
-    """``auto`` (a bar on a terminal, plain lines otherwise), ``bar`` or ``lines``."""
+    """``auto`` (a bar on a terminal, plain lines otherwise), ``bar`` or ``lines``: step/total, steps/s,
+    ETA, loss, lr; a plain line per metrics record (``logging.every``), log records above the bar."""
 
     DEVICES: ClassVar[tuple[str, ...]] = ("auto", "cuda", "cpu")
     PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp32")
