@@ -176,7 +176,7 @@ def _empty_folder(folder: str, prefix: str, key: str) -> tuple[str, bool]:
             f"{key}={folder!r}: a folder of {clips}{'+' * (len(names) > 10_000)} "
             f"{'videos/images' if clips > 1 else 'video/image'}, not shards "
             f"(no {prefix}-*.tar in it).\nWrite shards first: {_WRITE} {shlex.quote(folder)} OUT{val} "
-            f"(a .txt caption beside each clip), then {key}=OUT",
+            f"(a .txt caption beside each clip), then {f'{key}=OUT' if '.' in key else f'use OUT as {key}'}",
             True,
         )
     others = sorted({os.path.basename(n).split("-")[0] for n in names if n.endswith(".tar") and "-" in n})

@@ -26,7 +26,7 @@ from data.pipeline import DataConfig, limits
 from dit.config import LORA_TARGETS, PRESETS, DiTConfig, qk_norm_kind
 from dit.diffusion import DiffusionConfig
 from dit.sampling import GRIDS, SAMPLER_NAMES
-from launch.config_help import expanded_error, leaf_keys, override_error
+from launch.config_help import expanded_error, leaf_keys, list_keys, override_error
 from launch.distributed import preempt_signum
 from parallel.config import ParallelConfig, check_choice, check_range
 
@@ -577,7 +577,8 @@ def parse_overrides(overrides: list[str]):
     for i, item in enumerate(overrides):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():  # a space for '=', or the file names of an unquoted glob
-            raise ValueError(override_error(overrides, i, leaf_keys(JobConfig())))
+            schema = JobConfig()
+            raise ValueError(override_error(overrides, i, leaf_keys(schema), list_keys(schema)))
         try:
             nodes.append(OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as e:
@@ -621,6 +622,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         key = getattr(e, "full_key", None)
         msg = str(e.msg if hasattr(e, "msg") else e).split("\n    full_key:")[0]  # one line: the key is said
         raise ValueError(f"config key {key}: {msg}") from e
+    except TypeError as e:  # OmegaConf's merge of a value into a list or a section (``sample.prompts.0=x``)
+        raise ValueError(f"--config {path} and the overrides do not merge: {e}") from e
     text_len = cfg.model.arch.text_len
     given = any(OmegaConf.select(n, "data.max_text_len") is not None for n in (file_cfg, cli_cfg))
     if text_len is not None and not given:

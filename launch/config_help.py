@@ -103,6 +103,11 @@ def leaf_keys(schema: object) -> list[str]:
     return [k.key for g in groups(schema) for k in g.keys]
 
 
+def list_keys(schema: object) -> frozenset[str]:
+    """The keys whose value is a list (``sample.prompts``): a suggested value goes in ``[...]``."""
+    return frozenset(k.key for g in groups(schema) for k in g.keys if isinstance(k.default, list | tuple))
+
+
 def yaml_value(value: object) -> str:
     """A default as it would be written after ``key=``."""
     plain = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
@@ -186,7 +191,8 @@ def _glob_for(paths: list[str]) -> str:
     head = os.path.commonprefix(paths)
     room = min(len(p) for p in paths) - len(head)  # the end may not overlap the start
     tail = os.path.commonprefix([p[::-1] for p in paths])[::-1][-room:] if room > 0 else ""
-    return f"{head}*{tail}"
+    glob = f"{head}*{tail}"
+    return f'"{glob}"' if glob[0] == "*" else glob  # a leading * is a YAML alias: quoted for YAML too
 
 
 def _as_key(word: str, keys: list[str]) -> tuple[str, str] | None:
@@ -205,13 +211,14 @@ def _as_key(word: str, keys: list[str]) -> tuple[str, str] | None:
     return (close[0], "") if close else None
 
 
-def override_error(items: list[str], i: int, keys: list[str]) -> str:
+def override_error(items: list[str], i: int, keys: list[str], lists: frozenset[str] = frozenset()) -> str:
     """The message for ``items[i]``, an override without ``key=``: what the shell probably did to it.
 
     Args:
         items: all the override words, in order.
         i: the index of the bad one.
         keys: the config's leaf keys (:func:`leaf_keys`).
+        lists: those of them whose value is a list (:func:`list_keys`).
     """
     word = items[i]
     said = f"override {word!r}: expected key=value"
@@ -244,6 +251,8 @@ def override_error(items: list[str], i: int, keys: list[str]) -> str:
                 "(quoted: unquoted, the shell expands a glob or brace pattern into separate words)"
             )
         value = " ".join(values)  # words of one value (a caption) the shell split: quoted, they stay one
+        if key in lists:
+            value = f"[{value}]"
         return f"{said}; did you mean {shlex.quote(f'{key}={value}')}? (no spaces around '=')"
     if _looks_like_path(word):
         return _stray_files(items, i)
@@ -295,7 +304,7 @@ def expanded_error(items: list[str]) -> str | None:
         if (
             len(run) > 1
             and len(set(run)) == len(run)
-            and all(_looks_like_path(v) for v in run)
+            and all(os.path.isfile(v) for v in run)  # what an expansion yields; `run.dir=a run.dir=b` is not
             and _alike(run)
         ):
             suggestion = shlex.quote(f"{key}={_glob_for(run)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def val_shards_warnings(cfg: JobConfig) -> list[str]:
         "data.val_shards=OUT (held-out clips: python -m data.shards write VAL_FOLDER OUT --prefix val), or "
         "turn validation off: eval.every=0 eval.sample_metrics=false"
     ]
+
+
+def suggest_command(cfg: JobConfig) -> str:
+    """``python -m data.buckets suggest`` for this run's shards, codec, patch and frame rate: buckets
+    that fit the clips and the model (the generic command would use the tool's own defaults)."""
+    patch = ",".join(str(p) for p in cfg.model.arch.patch_size)
+    shards, codec = shlex.quote(cfg.data.shards), shlex.quote(cfg.data.codec)
+    return (
+        f"python -m data.buckets suggest {shards} --codec {codec} --patch {patch} "
+        f"--fps {cfg.data.buckets.fps:g} > buckets.json"
+    )
+
+
+class NotScorable(ValueError):
+    """``eval.sample_metrics``: nothing configured can score this run's samples (a user's error, said in
+    one line; raised by :func:`launch.sample_metrics.check_scorable` once the held-out prompts are read)."""
 
 
 def check_sources(cfg: JobConfig) -> None:

@@ -41,6 +41,7 @@ from dit.config import DiTConfig
 from dit.extras import MissingExtra
 from launch.batches import derive_seed
 from launch.config import JobConfig, SampleConfig
+from launch.datacheck import NotScorable
 from launch.distributed import all_reduce
 from launch.evaluate import agreed_count, one_pass, share, text_from_rank0, val_loader
 from launch.sample import latents_for, to_uint8, write_mp4
@@ -86,15 +87,15 @@ def probe_applies(prompts: list[str]) -> bool:
 
 
 def check_scorable(prompts: list[str], fidelity_on: bool, source: str) -> None:
-    """A ValueError when nothing would score the samples of ``prompts`` (named by ``source``)."""
+    """:class:`NotScorable` when nothing would score the samples of ``prompts`` (named by ``source``)."""
     if not prompts:
-        raise ValueError(f"{source}: no prompts to sample")
+        raise NotScorable(f"{source}: no prompts to sample")
     if not fidelity_on and not probe_applies(prompts):
         bad = next(p for p in prompts if parse_caption(p) is None)
-        raise ValueError(
+        raise NotScorable(
             f"{source}: prompt {bad!r} is not in the built-in dataset's grammar, so the probe cannot score "
             "it, and none of eval.fid_features, eval.fvd_features, eval.clip_model is set: nothing would "
-            "score the samples"
+            "score the samples (eval.sample_metrics=false turns the sample scores off)"
         )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -25,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from data.batch import Batch
 from data.pipeline import Loader, NoBatchError, NoShards, build_loader
+from dit.config import PRESETS
 from dit.diffusion import Objective, make_objective
 from dit.extras import MissingExtra
 from dit.flops import count, peak_flops
@@ -32,7 +34,7 @@ from launch import evaluate
 from launch.batches import Conditioner, expect_for, run_bf16, step_seed
 from launch.config import JobConfig, load_config, save_config, to_yaml
 from launch.config_help import ConfigHelp
-from launch.datacheck import check_sources
+from launch.datacheck import NotScorable, check_sources, suggest_command
 from launch.distributed import DistEnv, Preemption, all_reduce, init_distributed, requeue_slurm_job, shutdown
 from launch.engine import (
     Engine,
@@ -378,9 +380,11 @@ def _train(tr: Trainer) -> dict:
     if env.is_main:
         n, trained = tr.n_params, tr.engine.n_trainable
         share = f" ({trained:,} trainable, {trained / n:.2%})" if trained != n else ""
+        name = cfg.model.preset
+        if name in PRESETS and cfg.model.arch != PRESETS[name]:  # say so: tiny.yaml widens the tiny preset
+            name = f"{name} preset with model.arch changes"
         progress.line(
-            f"{cfg.model.preset}: {n:,} parameters{share}, {env.world} process(es) on {dev}; run dir "
-            f"{tr.run_dir}"
+            f"{name}: {n:,} parameters{share}, {env.world} process(es) on {dev}; run dir {tr.run_dir}"
         )
     held_out = evaluate.held_out_batches(cfg, tr.dp_rank, tr.dims.dp) if cfg.eval.every else None
     score_samples = None
@@ -618,8 +622,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_sources(cfg)  # before the model is built: shards (not clips), val_shards not the demo's
         run(cfg)
-    except (RunDirLocked, ResumeRefused, ckpt.CheckpointError, MissingExtra, NoShards, NoBatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (
+        RunDirLocked,
+        ResumeRefused,
+        ckpt.CheckpointError,
+        MissingExtra,
+        NoShards,
+        NoBatchError,
+        NotScorable,
+    ) as e:
+        text = str(e)
+        if isinstance(e, NoBatchError):  # the loader knows the shards, not the model's patch: say it whole
+            generic = f"python -m data.buckets suggest {shlex.quote(cfg.data.shards)} > buckets.json"
+            text = text.replace(generic, suggest_command(cfg))
+        print(f"error: {text}", file=sys.stderr)
         raise SystemExit(2) from e
     except KeyboardInterrupt:  # Ctrl-C before the loop installed its handler
         print("aborted: nothing saved since the newest checkpoint", file=sys.stderr)

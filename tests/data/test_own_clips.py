@@ -9,6 +9,7 @@ warning that names the key and the command that fixes it, and a small set trains
 """
 
 import logging
+import shlex
 from pathlib import Path
 
 import pytest
@@ -143,10 +144,16 @@ def test_clips_no_bucket_takes_stop_the_trainer_with_the_suggest_command(shards,
     assert len(error) == 2, err
     assert error[0].startswith(f"error: data.shards={str(shards)!r}: a whole epoch gave no batch")
     assert "filtered {'shorter_than_any_bucket': 3}" in error[0]
-    assert error[1] == (
-        f"Fix: buckets made for these clips: python -m data.buckets suggest {shards} > buckets.json, then "
-        "data.bucket_file=buckets.json"
-    )
+    # the command names the run's codec, patch and fps (tiny.yaml: pixel, 1,1,1, 8), so typed it works
+    command = f"python -m data.buckets suggest {shards} --codec pixel --patch 1,1,1 --fps 8 > buckets.json"
+    assert error[1] == f"Fix: buckets made for these clips: {command}, then data.bucket_file=buckets.json"
+    from data.buckets import main as buckets_main
+    from launch.config import load_config
+
+    assert buckets_main(shlex.split(command.split(" > ")[0])[3:]) in (0, None)
+    (tmp_path / "buckets.json").write_text(capsys.readouterr().out)
+    cfg = load_config(None, [f"data.shards={shards}", f"data.bucket_file={tmp_path / 'buckets.json'}"])
+    assert all(b.frames == 4 for b in cfg.data.buckets.buckets)  # the 4-frame clips have a bucket now
 
 
 def test_held_out_set_left_at_the_demo_is_a_warning(shards, caplog):
@@ -173,3 +180,16 @@ def test_held_out_set_left_at_the_demo_is_a_warning(shards, caplog):
         [f"data.shards={shards}", "eval.every=0", "eval.sample_metrics=false"],
     ):
         assert check(load_config(demo, overrides))["warnings"] == [], overrides
+
+
+def test_sample_metrics_on_captions_the_probe_cannot_read_is_one_line(clips, shards, tmp_path, capsys):
+    """The demo config (sample metrics on) with the user's own held-out clips: nothing can score their
+    samples, so the run stops with one line naming eval.sample_metrics, not a traceback (found by review)."""
+    fast = ["eval.every=1", "data.num_workers=0", "logging.sample_every=0", "train.steps=1"]
+    buckets = "data.buckets.buckets=[{frames: 4, height: 32, width: 32, batch_size: 2}]"
+    write_shards(list_sources(clips), tmp_path / "val", prefix="val", min_shards=1)
+    argv = [f"data.shards={shards}", f"data.val_shards={tmp_path / 'val'}", f"run.dir={tmp_path / 'r'}"]
+    argv += [buckets, *fast]
+    code, err = _main(["eval.sample_metrics=true", *argv], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "is not in the built-in dataset's grammar" in err and "eval.sample_metrics=false" in err

@@ -185,3 +185,28 @@ def test_repeated_keys_and_unrelated_files_are_not_taken_for_an_expanded_pattern
     assert cfg.data.shards == "other/run.yaml"
     err = fails(["run.dir=/tmp/r", "shards/notes.txt"], capsys)
     assert "expanded" not in err and "it looks like a file name" in err
+
+
+def test_what_a_hint_suggests_loads_when_typed(shard_files, capsys):
+    """A hint is only useful if its suggestion works: each one is typed back (found by review)."""
+    # a list key: the caption goes in [...]
+    err = fails(["sample.prompts", "a", "cat"], capsys)
+    typed = "sample.prompts=" + suggested(err, "sample.prompts")
+    assert load_config(None, [typed]).sample.prompts == ["a cat"]
+    # a glob starting with * is quoted for YAML too (a bare * is an alias)
+    for name in ("cat.tar", "dog.tar"):
+        open(name, "wb").close()  # in the fixture's directory
+    err = fails(["data.shards", "cat.tar", "dog.tar"], capsys)
+    typed = "data.shards=" + suggested(err, "data.shards")
+    assert load_config(None, [typed]).data.shards == "*.tar"
+
+
+def test_a_key_set_twice_to_two_directories_is_not_a_pattern(shard_files):
+    """`cmd run.dir=X "$@"` with run.dir=Y in "$@": the last wins (the values are not existing files)."""
+    assert load_config(None, ["run.dir=runs/base", "run.dir=runs/exp2"]).run.dir == "runs/exp2"
+    assert load_config(None, ["init.from=exports/a", "init.from=exports/b"]).init.from_ == "exports/b"
+
+
+def test_an_item_override_that_cannot_merge_is_one_line(capsys):
+    err = fails(["sample.prompts.0=a cat"], capsys)
+    assert "do not merge" in err
