@@ -1,12 +1,16 @@
 """Fixtures for the trainer tests: a small real synthetic dataset and a CLI runner."""
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,3 +106,46 @@ def assert_same_losses(run_dir, want, context=""):
     assert sorted(got) == sorted(want), context
     for step, values in got.items():
         assert all(v == want[step] for v in values), (step, values, want[step])
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread, as the CLI subprocesses run (``OMP_NUM_THREADS=1``): a run in this process then
+    computes the same bits as a subprocess does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def train_in_process(run_dir, *args, config=None) -> str:
+    """``python -m launch.train run.dir=RUN_DIR ARGS [--config CONFIG]`` in this process, with one thread
+    (for CI time: an interpreter start-up less). For runs whose process boundary is not what a test
+    checks: references, reruns after an interruption, runs that only make a checkpoint. Returns what the
+    run logged (the lines the CLI prints to stderr, from INFO up)."""
+    from launch.config import load_config
+    from launch.train import run as train
+
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)  # what the CLI's logging.basicConfig sets
+    try:
+        with one_thread():
+            train(load_config(config, [f"run.dir={run_dir}", *args]))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return logged.getvalue()
+
+
+def reference_losses_in_process(run_dir, *args, steps: int) -> dict[int, float]:
+    """:func:`reference_losses` of ``train_cmd(run_dir, *args)``, run by :func:`train_in_process`."""
+    train_in_process(run_dir, *args)
+    want = {s: v[0] for s, v in losses_by_step(metrics(run_dir)).items()}
+    assert sorted(want) == list(range(1, steps + 1))
+    return want

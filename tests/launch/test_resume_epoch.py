@@ -12,7 +12,7 @@ import torch
 from data.pipeline import build_loader
 from data.synthetic import generate
 from launch.config import load_config
-from tests.launch.conftest import assert_same_losses, reference_losses, run, train_cmd
+from tests.launch.conftest import assert_same_losses, reference_losses_in_process, run, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,8 @@ def epoch_length(tiny_overrides) -> int:
 def reference(tmp_path_factory, tiny_overrides, epoch_length) -> dict:
     steps = 2 * epoch_length
     rd = tmp_path_factory.mktemp("epoch-ref") / "run"
-    return reference_losses(train_cmd(rd, f"train.steps={steps}", overrides=tiny_overrides), steps)
+    # in this process (CI time); the resumes under test are processes of their own
+    return reference_losses_in_process(rd, *tiny_overrides, f"train.steps={steps}", steps=steps)
 
 
 def test_resume_at_every_step_including_each_epoch_end(tmp_path, tiny_overrides, epoch_length, reference):
