@@ -149,3 +149,34 @@ def reference_losses_in_process(run_dir, *args, steps: int) -> dict[int, float]:
     want = {s: v[0] for s, v in losses_by_step(metrics(run_dir)).items()}
     assert sorted(want) == list(range(1, steps + 1))
     return want
+
+
+def torchrun_cmd(run_dir, *extra, overrides=()):
+    """``train_cmd`` under torchrun: 2 CPU processes (gloo) on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "launch.train",
+        f"run.dir={run_dir}",
+        *overrides,
+        *extra,
+    ]
+
+
+PREEMPT_STEPS = 30
+PREEMPT_RUN = (f"train.steps={PREEMPT_STEPS}", "checkpoint.every=0")
+"""The preemption tests' runs under torchrun (test_torchrun's and the SLURM requeue's): long enough that
+a signal sent after step 2 lands mid-run however slowly the machine runs."""
+
+
+@pytest.fixture(scope="session")
+def torchrun_reference(tmp_path_factory, overrides) -> dict[int, float]:
+    """step → loss of ``PREEMPT_RUN`` uninterrupted under torchrun (2 ranks): the reference of both
+    preemption tests, run once per session (CI time: one torchrun start-up less)."""
+    rd = tmp_path_factory.mktemp("torchrun-reference") / "run"
+    return reference_losses(torchrun_cmd(rd, *PREEMPT_RUN, overrides=overrides), PREEMPT_STEPS)

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from launch.config import CONFIG_DIR
-from tests.launch.conftest import ROOT, assert_same_losses, metrics, reference_losses
+from tests.launch.conftest import PREEMPT_RUN, PREEMPT_STEPS, ROOT, assert_same_losses, metrics
 from tests.launch.slurm_cluster import SlurmCluster, start_slurm_cluster
-from tests.launch.test_torchrun import torchrun_cmd
 
 # An override with a space, quotes and shell metacharacters: it must arrive as one argv item.
 TRICKY = 'note=it\'s a $HOME; `true` && "x"'
@@ -40,10 +39,9 @@ def _wait_for(predicate, what: str, cluster: SlurmCluster, timeout: float = 30) 
 
 @pytest.mark.slow
 def test_usr2_saves_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run(
-    slurm_cluster: SlurmCluster, tmp_path: Path, overrides
+    slurm_cluster: SlurmCluster, tmp_path: Path, overrides, torchrun_reference
 ):
-    steps = ["train.steps=30", "checkpoint.every=0"]
-    want = reference_losses(torchrun_cmd(tmp_path / "ref", *steps, overrides=overrides), 30)
+    steps = PREEMPT_RUN  # the uninterrupted torchrun run of torchrun_reference
 
     # The job inherits this environment (sbatch --export=ALL): the venv's torchrun on PATH, the
     # project importable, and SLURM_CONF for the trainer's `scontrol requeue`.
@@ -76,8 +74,8 @@ def test_usr2_saves_requeues_and_resumes_with_the_losses_of_an_uninterrupted_run
     assert int(info["Restarts"]) == 1, (info, log)
     # srun reports a task (torchrun) killed by a signal as "task 0: User defined signal 2".
     assert "User defined signal 2" not in log, log
-    assert "preempted at step" in log and "resumed from" in log and "done: 30 steps" in log, log
-    assert_same_losses(run_dir, want, log)
+    assert "preempted at step" in log and "resumed from" in log and f"done: {PREEMPT_STEPS} steps" in log, log
+    assert_same_losses(run_dir, torchrun_reference, log)
 
 
 def test_submit_dry_run_builds_sbatch_argv(tmp_path: Path, capsys):

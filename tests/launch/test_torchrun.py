@@ -4,39 +4,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.launch.conftest import (
+    PREEMPT_RUN,
+    PREEMPT_STEPS,
     assert_same_losses,
     losses_by_step,
     metrics,
-    reference_losses,
+    reference_losses_in_process,
     run,
     start,
-    train_cmd,
+    torchrun_cmd,
     wait_for,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def torchrun_cmd(run_dir, *extra, overrides=()):
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "launch.train",
-        f"run.dir={run_dir}",
-        *overrides,
-        *extra,
-    ]
 
 
 def _worker_pid(agent: int, rank: int) -> int | None:
@@ -53,10 +38,9 @@ def _worker_pid(agent: int, rank: int) -> int | None:
 
 
 def test_preemption_signal_on_one_rank_saves_the_same_step_everywhere_and_resumes_exactly(
-    tmp_path, overrides
+    tmp_path, overrides, torchrun_reference
 ):
-    extra = ["train.steps=12", "checkpoint.every=0"]
-    want = reference_losses(torchrun_cmd(tmp_path / "ref", *extra, overrides=overrides), 12)
+    extra = PREEMPT_RUN  # the reference's run (shared with the SLURM requeue test)
 
     rd = tmp_path / "preempted"
     agent = start(
@@ -72,14 +56,14 @@ def test_preemption_signal_on_one_rank_saves_the_same_step_everywhere_and_resume
     out, _ = agent.communicate(timeout=180)
     assert agent.returncode == 0, out[-3000:]
     stopped = max(r["step"] for r in metrics(rd))
-    assert stopped < 12 and f"preempted at step {stopped}" in out
+    assert stopped < PREEMPT_STEPS and f"preempted at step {stopped}" in out
     saved = rd / "checkpoints" / f"step-{stopped:08d}"
     assert (saved / "COMPLETE").is_file()
     assert (saved / "rank-00000.pt").is_file() and (saved / "rank-00001.pt").is_file()
 
     proc = run(torchrun_cmd(rd, *extra, overrides=overrides))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_losses(rd, want)
+    assert_same_losses(rd, torchrun_reference)
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -90,7 +74,7 @@ def test_context_and_tensor_parallel_training_matches_one_process_and_reshards_o
     """The trainer under cp=2 and tp=2 logs the single-process losses (the same batch, noise and initial
     weights on every rank of a group); a cp=2 checkpoint resumes under tp=2 (DCP resharding)."""
     extra = ["train.steps=3", "checkpoint.every=2", "run.progress=lines"]
-    want = reference_losses(train_cmd(tmp_path / "one", *extra, overrides=overrides), 3)
+    want = reference_losses_in_process(tmp_path / "one", *overrides, *extra, steps=3)
     for layout in ("parallel.cp=2", "parallel.tp=2"):
         rd = tmp_path / layout
         proc = run(torchrun_cmd(rd, *extra, layout, overrides=overrides))
