@@ -21,7 +21,14 @@ from launch.export import write_export
 from launch.finetune import apply_init, source_arch
 from parallel import checkpoint as ckpt
 from parallel.checkpoint import CheckpointError
-from tests.launch.conftest import assert_same_losses, losses_by_step, metrics, run, train_cmd
+from tests.launch.conftest import (
+    assert_same_losses,
+    losses_by_step,
+    metrics,
+    run,
+    train_cmd,
+    train_in_process,
+)
 from tests.launch.diffusers_models import build_wan, tiny_wan, tiny_wan_pipeline_root
 
 GEN_SEED = 0
@@ -219,28 +226,27 @@ def test_init_from_a_diffusers_wan_trains_resumes_exactly_and_exports(tmp_path, 
     from diffusers import WanTransformer3DModel
 
     from launch.export import load_model
+    from launch.export import main as export
 
     # the pixel codec's 48 channels and MiniLM's 384-wide states
     folder = tiny_wan(tmp_path, in_channels=48, out_channels=48, text_dim=384)
     # MiniLM captions padded to 24, not Wan's 512: a change of function the config opts in to
     config = _yaml(tmp_path, folder, "  allow_arch_changes: [text_len]\n", arch="    text_len: 24\n")
-    cmd = [*train_cmd(tmp_path / "run", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=0",
-                      overrides=overrides), "--config", config]  # fmt: skip
-    proc = run(cmd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    extra = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=0"]
+    # the first run in this process (CI time), the resume a process of its own
+    logged = train_in_process(tmp_path / "run", *overrides, *extra, config=config)
     n = len(_ours(folder)[1])
-    assert f"init.from={folder}: {n} loaded" in proc.stderr and "missing" not in proc.stderr
+    assert f"init.from={folder}: {n} loaded" in logged and "missing" not in logged
     want = {s: v[0] for s, v in losses_by_step(metrics(tmp_path / "run")).items()}
     assert sorted(want) == [1, 2, 3, 4]
 
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")  # as if stopped after step 3
-    proc = run(cmd)
+    proc = run([*train_cmd(tmp_path / "run", *extra, overrides=overrides), "--config", config])
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
     assert_same_losses(tmp_path / "run", want)
 
     out = tmp_path / "diffusers"
-    proc = run(["python", "-m", "launch.export", str(tmp_path / "run"), str(out), "--format", "diffusers"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    export([str(tmp_path / "run"), str(out), "--format", "diffusers"])  # in this process: CI time
     ours, theirs = load_model(tmp_path / "run"), WanTransformer3DModel.from_pretrained(out).eval()
     x, t, ctx = _inputs(load_config(tmp_path / "run" / "config.yaml").model.arch)
     with torch.no_grad():

@@ -18,8 +18,7 @@ import pytest
 from launch import sample_metrics as sm
 from launch.config import load_config
 from launch.metrics import Metrics, Progress, scalar_tag
-from tests.launch.conftest import ROOT, metrics, run, train_cmd
-from tests.launch.test_torchrun import torchrun_cmd
+from tests.launch.conftest import ROOT, metrics, run, torchrun_cmd, train_in_process
 
 PROMPTS = [
     "a red circle moves slowly from left to right on a white background",
@@ -118,9 +117,9 @@ def _sample_records(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, overrides):
     rd = tmp_path_factory.mktemp("sample-metrics") / "run"
-    # bf16 on a CPU: launch.evaluate must take the run's precision, not its device's default (fp32)
-    proc = run(train_cmd(rd, *SAMPLE, "checkpoint.every=0", "run.precision=bf16", overrides=overrides))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # bf16 on a CPU: launch.evaluate must take the run's precision, not its device's default (fp32).
+    # The run in this process (CI time); launch.evaluate, which must regenerate its samples, is a process.
+    train_in_process(rd, *overrides, *SAMPLE, "checkpoint.every=0", "run.precision=bf16")
     return rd
 
 
@@ -155,9 +154,11 @@ def test_the_logged_numbers_are_the_probe_s_numbers(one_process, tmp_path):
             rd / "samples" / "eval-00000002" / f"{i:03d}.mp4"
         ).read_bytes()
 
-    # so does an export of it, from the seed and precision it records, given the prompts
-    proc = run([sys.executable, "-m", "launch.export", str(rd), str(tmp_path / "export")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # so does an export of it (made in this process), from the seed and precision it records, given the
+    # prompts
+    from launch.export import main as export
+
+    export([str(rd), str(tmp_path / "export")])
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     proc = run(
         [sys.executable, "-m", "launch.evaluate", str(tmp_path / "export"), "--out", str(tmp_path / "exp"),
@@ -207,14 +208,11 @@ def test_dp2_logs_the_single_process_numbers(tmp_path, overrides, one_process):
     """dp=2 with 3 prompts: rank 0 draws prompts 0 and 2, rank 1 prompt 1 and a padding repeat. The model
     barely moves in its steps (``train.lr=1e-12``): dp=2 trains on another global batch than one process,
     and the comparison is about evaluation, not training; one process's run here uses the same lr."""
-    runs = {}
-    for name, cmd in (("one", train_cmd), ("dp2", torchrun_cmd)):
-        rd = tmp_path / name
-        proc = run(
-            cmd(rd, *SAMPLE, "train.lr=1e-12", "train.steps=1", "parallel.dp_shard=-1", overrides=overrides)
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = _sample_records(rd)[1]
+    extra = [*SAMPLE, "train.lr=1e-12", "train.steps=1", "parallel.dp_shard=-1"]
+    train_in_process(tmp_path / "one", *overrides, *extra)  # in this process: CI time
+    proc = run(torchrun_cmd(tmp_path / "dp2", *extra, overrides=overrides))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {name: _sample_records(tmp_path / name)[1] for name in ("one", "dp2")}
     one, two = runs["one"], runs["dp2"]
     assert two["probe_n"] == one["probe_n"] == 3  # the padding sample is not counted
     assert {k: v for k, v in two.items() if k != "probe_flicker"} == {
