@@ -19,7 +19,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from dit.config import DiTConfig
-from parallel.megatron_tp import apply_megatron_tp, full_tensor
 from parallel.rope_heads import RopeHeads
 from parallel.tensor import apply_tensor_parallel
 from tests.dit.helpers import random_model
@@ -111,6 +110,8 @@ def _run(model: nn.Module, data: dict) -> tuple[torch.Tensor, dict[str, torch.Te
 def _whole_grad_diff(model: nn.Module, grads_ref: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per parameter, the largest difference between its whole gradient (a DTensor's gathered, or a
     megatron slice's gathered over the tp group) and one process's. A collective call for every rank."""
+    from parallel.megatron_tp import full_tensor  # (see run_case)
+
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
@@ -122,6 +123,11 @@ def _whole_grad_diff(model: nn.Module, grads_ref: dict[str, torch.Tensor]) -> di
 
 
 def run_case(case: Case) -> dict:
+    # megatron-core is imported here, not with the module: parity_worker and the workers built on it
+    # import this module for ltx_shaped alone, and megatron-core's imports cost each of their spawned
+    # ranks about 2 s of CPU (CI time)
+    from parallel.megatron_tp import apply_megatron_tp
+
     cfg = case.arch()
     data = _inputs(cfg)
     build = lora_model if case.lora else random_model
