@@ -1,0 +1,61 @@
+"""``benchmarks.placement``: the travel it reports is the object's real displacement along the caption's
+direction (checked against the renderer's geometry), and a short run reports it for the prompts it says.
+(Whether the model learns placement is the benchmark's finding, run by hand: see its docstring.)"""
+
+import numpy as np
+import pytest
+
+from benchmarks import placement
+from data.synthetic import SPEEDS
+
+CENTRE_RANGE = 32 - 2 * 0.14 * 32  # data.synthetic.render: the centre stays r = 0.14·size from the edges
+
+
+@pytest.mark.parametrize(
+    "direction", ["from left to right", "from right to left", "from top to bottom", "from bottom to top"]
+)
+@pytest.mark.parametrize("speed", ["slowly", "quickly"])
+def test_truth_travel_is_the_centre_travel_along_the_captions_direction(direction, speed):
+    caption = f"a red circle moves {speed} {direction} on a blue background"
+    want = SPEEDS[speed] * CENTRE_RANGE  # 9.2 px slowly, 20.7 px quickly, positive in every direction
+    assert placement.truth_travel(caption) == pytest.approx(want, abs=0.5)
+
+
+def test_a_static_or_reversed_clip_has_no_or_negative_travel():
+    caption = "a green square moves quickly from left to right on a white background"
+    clip = placement.render(placement._spec(caption), np.random.default_rng(0))
+    assert placement.travel(np.repeat(clip[:1], 8, axis=0), caption) == pytest.approx(0.0, abs=1e-6)
+    assert placement.travel(clip[::-1], caption) == pytest.approx(-0.9 * CENTRE_RANGE, abs=0.5)
+
+
+def test_a_short_run_reports_each_evaluation_for_its_prompts(capsys):
+    rows = placement.main(
+        [
+            "--steps",
+            "2",
+            "--clips",
+            "8",
+            "--eval-every",
+            "1",
+            "--prompts",
+            "3",
+            "--draws",
+            "1",
+            "--one-direction",
+        ]
+    )
+    assert [r["step"] for r in rows] == [1, 2]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(printed) == 2
+    for row in rows:
+        assert row["prompts"] == 3 and row["truth_right"] == 3  # every prompt rewritten to left → right
+        assert abs(row["travel_px"]) < 32 and np.isfinite(row["loss"])
+    prompts = placement.held_out_prompts(3, 0)
+    want = np.mean([SPEEDS[placement.parse_caption(p)["speed"]] * CENTRE_RANGE for p in prompts])
+    assert rows[0]["truth_travel_px"] == pytest.approx(want, abs=0.5)
+
+
+def test_bad_counts_are_refused_by_name(capsys):
+    with pytest.raises(SystemExit) as e:
+        placement.main(["--steps", "0"])
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
