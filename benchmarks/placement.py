@@ -2,7 +2,7 @@
 in each frame? (Issue 14's open question; ``benchmarks/results/demo-2026-12-01.md``, session 6.)
 
     python -m benchmarks.placement [--steps 300] [--clips 1024] [--eval-every 50] [--pos-std S]
-        [--unit-embeddings] [--one-direction] [--one-clip] [--prompts 16] [--seed 0]
+        [--unit-embeddings] [--one-direction | --two-directions] [--one-clip] [--prompts 16] [--seed 0]
 
 On the built-in dataset's 32×32 8-frame clips, an object's position along its motion axis is fixed in every
 frame by its caption (only the cross-axis position is random), so at t = 1, where the input is pure noise,
@@ -17,7 +17,8 @@ truth (the mean of rendered clips of the same caption, measured the same way).
 Switches for the diagnosis: ``--pos-std`` re-draws the learned absolute position tables at that std (the
 model's own init is N(0, 0.02)); ``--unit-embeddings`` makes the timestep, fps and text projections
 Xavier and the text position table N(0, 0.5); ``--one-direction`` moves every clip (and prompt) from
-left to right; ``--one-clip`` trains on a single clip. One JSON line per evaluation on stdout.
+left to right, ``--two-directions`` turns vertical motion horizontal (left to right or right to left, one
+axis); ``--one-clip`` trains on a single clip. One JSON line per evaluation on stdout.
 """
 
 from __future__ import annotations
@@ -73,13 +74,26 @@ def left_to_right(caption: str) -> str:
     return re.sub(r"from \w+ to \w+", "from left to right", caption)
 
 
-def training_clips(n: int, seed: int, one_direction: bool, one_clip: bool) -> tuple[torch.Tensor, list[str]]:
+def horizontal(caption: str) -> str:
+    """Vertical motion turned horizontal (top to bottom → left to right, bottom to top → right to left)."""
+    return caption.replace("from top to bottom", "from left to right").replace(
+        "from bottom to top", "from right to left"
+    )
+
+
+def _directions(caption: str, one_direction: bool, two_directions: bool) -> str:
+    return left_to_right(caption) if one_direction else horizontal(caption) if two_directions else caption
+
+
+def training_clips(
+    n: int, seed: int, one_direction: bool, one_clip: bool, two_directions: bool = False
+) -> tuple[torch.Tensor, list[str]]:
     """``n`` rendered clips in [-1, 1] as the pixel codec's latents (N×48×8×8×8) and their captions."""
     n = 1 if one_clip else n
     captions, videos = [], []
     for i in range(n):
         caption = describe(np.random.default_rng([seed, i]), still=False)["caption"]
-        caption = left_to_right(caption) if one_direction else caption
+        caption = _directions(caption, one_direction, two_directions)
         captions.append(caption)
         videos.append(render(_spec(caption), np.random.default_rng([seed + 1, i])))
     video = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # N, 3, T, H, W
@@ -121,9 +135,11 @@ def mean_frames(model, codec: PixelCodec, states, mask, draws: int) -> np.ndarra
 
 def run(args) -> list[dict]:
     codec = PixelCodec(1, 4)
-    x0, captions = training_clips(args.clips, args.seed, args.one_direction, args.one_clip)
+    x0, captions = training_clips(
+        args.clips, args.seed, args.one_direction, args.one_clip, args.two_directions
+    )
     prompts = captions * args.prompts if args.one_clip else held_out_prompts(args.prompts, args.seed)
-    prompts = [left_to_right(c) for c in prompts] if args.one_direction else prompts
+    prompts = [_directions(c, args.one_direction, args.two_directions) for c in prompts]
     prompts = prompts[: args.prompts]
     encoder = TextEncoder(None, max_length=24)
     states, mask = encoder(captions)
@@ -171,7 +187,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--draws", type=int, default=4, help="noise draws averaged per prompt")
     ap.add_argument("--pos-std", type=float, default=None, help="re-draw the absolute position tables")
     ap.add_argument("--unit-embeddings", action="store_true")
-    ap.add_argument("--one-direction", action="store_true", help="every clip moves from left to right")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--one-direction", action="store_true", help="every clip moves from left to right")
+    only.add_argument("--two-directions", action="store_true", help="vertical motion made horizontal")
     ap.add_argument("--one-clip", action="store_true", help="train on a single clip")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

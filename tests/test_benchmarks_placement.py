@@ -55,7 +55,24 @@ def test_a_short_run_reports_each_evaluation_for_its_prompts(capsys):
     assert rows[0]["truth_travel_px"] == pytest.approx(want, abs=0.5)
 
 
+def test_two_directions_keep_one_axis_and_both_signs():
+    """``--two-directions``: every caption moves horizontally; a vertical one keeps its sign (top to bottom
+    → left to right) and nothing else in it changes."""
+    assert placement.horizontal("a red circle moves slowly from top to bottom on a blue background") == (
+        "a red circle moves slowly from left to right on a blue background"
+    )
+    assert placement.horizontal("a red circle moves slowly from bottom to top on a blue background") == (
+        "a red circle moves slowly from right to left on a blue background"
+    )
+    _, captions = placement.training_clips(40, 0, False, False, two_directions=True)
+    seen = {placement.parse_caption(c)["direction"] for c in captions}
+    assert seen == {"from left to right", "from right to left"}
+
+
 def test_bad_counts_are_refused_by_name(capsys):
     with pytest.raises(SystemExit) as e:
         placement.main(["--steps", "0"])
     assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        placement.main(["--one-direction", "--two-directions"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
