@@ -89,14 +89,18 @@ def wait_for(predicate, proc, timeout=180):
     return False
 
 
+def _every_step_once(run_dir, steps) -> dict[int, float]:
+    """step → loss of a finished uninterrupted run that logged each of its ``steps`` steps."""
+    want = {s: v[0] for s, v in losses_by_step(metrics(run_dir)).items()}
+    assert sorted(want) == list(range(1, steps + 1))
+    return want
+
+
 def reference_losses(cmd, steps):
     """step → loss of an uninterrupted run of ``cmd`` (which must log every step)."""
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("run.dir="))
-    want = {s: v[0] for s, v in losses_by_step(metrics(run_dir)).items()}
-    assert sorted(want) == list(range(1, steps + 1))
-    return want
+    return _every_step_once(next(a.split("=", 1)[1] for a in cmd if a.startswith("run.dir=")), steps)
 
 
 def assert_same_losses(run_dir, want, context=""):
@@ -146,26 +150,13 @@ def train_in_process(run_dir, *args, config=None) -> str:
 def reference_losses_in_process(run_dir, *args, steps: int) -> dict[int, float]:
     """:func:`reference_losses` of ``train_cmd(run_dir, *args)``, run by :func:`train_in_process`."""
     train_in_process(run_dir, *args)
-    want = {s: v[0] for s, v in losses_by_step(metrics(run_dir)).items()}
-    assert sorted(want) == list(range(1, steps + 1))
-    return want
+    return _every_step_once(run_dir, steps)
 
 
 def torchrun_cmd(run_dir, *extra, overrides=()):
     """``train_cmd`` under torchrun: 2 CPU processes (gloo) on this machine."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "launch.train",
-        f"run.dir={run_dir}",
-        *overrides,
-        *extra,
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return [*torchrun, *train_cmd(run_dir, *extra, overrides=overrides)[1:]]  # from "-m launch.train" on
 
 
 PREEMPT_STEPS = 30

@@ -97,15 +97,21 @@ def test_numeric_settings_out_of_range_are_errors_naming_the_key(bad, key):
         load_config(None, [bad])
 
 
-def test_lr_inf_on_the_command_line_stops_before_training(tmp_path, overrides, capsys):
-    """Through the CLI's ``main`` in this process (CI time; a config error exits as in
-    test_malformed_overrides_are_errors_naming_the_override's real processes)."""
+def _main_exits(capsys, *argv) -> tuple[int, str]:
+    """``python -m launch.train ARGV`` through its ``main`` in this process, for a run that must stop
+    before training: (exit status, stderr)."""
     from launch.train import main
 
     with pytest.raises(SystemExit) as stop:
-        main([f"run.dir={tmp_path / 'r'}", *overrides, "train.lr=inf"])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "train.lr=inf" in err, err[-2000:]
+        main(list(argv))
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_lr_inf_on_the_command_line_stops_before_training(tmp_path, overrides, capsys):
+    """Through the CLI's ``main`` in this process (CI time; a config error exits as in
+    test_malformed_overrides_are_errors_naming_the_override's real processes)."""
+    code, err = _main_exits(capsys, f"run.dir={tmp_path / 'r'}", *overrides, "train.lr=inf")
+    assert code == 2 and "train.lr=inf" in err, err[-2000:]
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
@@ -162,13 +168,9 @@ def test_a_run_dir_that_cannot_hold_a_lock_is_a_clear_error(tmp_path, capsys):
     """Through the CLI's ``main`` in this process (CI time; a refused lock exits as in
     test_a_second_run_on_the_same_directory_is_refused_and_the_first_is_untouched's real process): an
     error, not a traceback, is what escapes."""
-    from launch.train import main
-
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(SystemExit) as stop:
-        main([f"run.dir={tmp_path / 'afile' / 'run'}", "train.steps=1"])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "cannot create its lock file" in err, err[-2000:]
+    code, err = _main_exits(capsys, f"run.dir={tmp_path / 'afile' / 'run'}", "train.steps=1")
+    assert code == 2 and "cannot create its lock file" in err, err[-2000:]
     assert "Traceback" not in err
 
 
@@ -378,10 +380,6 @@ def test_malformed_overrides_are_errors_naming_the_override(tmp_path, capsys, ov
         proc = run(train_cmd(tmp_path / "r", override))
         code, err = proc.returncode, proc.stderr
     else:
-        from launch.train import main
-
-        with pytest.raises(SystemExit) as stop:
-            main([f"run.dir={tmp_path / 'r'}", override])
-        code, err = stop.value.code, capsys.readouterr().err
+        code, err = _main_exits(capsys, f"run.dir={tmp_path / 'r'}", override)
     assert code == 2 and says in err, err[-2000:]
     assert "Traceback" not in err

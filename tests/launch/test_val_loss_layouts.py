@@ -68,10 +68,14 @@ def val_sets(tmp_path_factory):
     }
 
 
-def _val_loss(proc, run_dir) -> float:
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _logged_val_loss(run_dir) -> float:
     (val,) = [r["val_loss"] for r in metrics(run_dir) if "val_loss" in r]
     return val
+
+
+def _val_loss(proc, run_dir) -> float:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _logged_val_loss(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +84,7 @@ def one_process(tmp_path_factory, overrides, val_sets):
     rd = tmp_path_factory.mktemp("one") / "run"
     logged = train_in_process(rd, *overrides, *EVAL, f"data.val_shards={val_sets['uneven']}")
     assert "held-out: 3 batches from data.val_shards, 3 per data-parallel rank" in logged, logged[-3000:]
-    (val,) = [r["val_loss"] for r in metrics(rd) if "val_loss" in r]
-    return val
+    return _logged_val_loss(rd)
 
 
 @pytest.mark.parametrize(
