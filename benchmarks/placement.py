@@ -36,6 +36,8 @@ from benchmarks.quality import held_out_prompts
 from data.encoders import PixelCodec, TextEncoder
 from data.probe import parse_caption
 from data.synthetic import COLOURS, DIRECTIONS, describe, render
+from dit.config import get_preset
+from dit.model import SpacetimeDiT
 
 SIZE, FRAMES = 32, 8  # the demo's clips
 
@@ -101,9 +103,6 @@ def training_clips(
 
 
 def build(pos_std: float | None, unit_embeddings: bool, seed: int) -> nn.Module:
-    from dit.config import get_preset
-    from dit.model import SpacetimeDiT
-
     torch.manual_seed(seed)
     model = SpacetimeDiT(get_preset("demo"))
     model.init_weights()
@@ -125,7 +124,8 @@ def mean_frames(model, codec: PixelCodec, states, mask, draws: int) -> np.ndarra
     """The mean one-step x0 at t = 1 over ``draws`` noise draws per prompt, as P×T×H×W×3 pixels."""
     model.eval()
     p = states.shape[0]
-    noise = torch.randn(p * draws, 48, FRAMES, SIZE // 4, SIZE // 4)
+    side = SIZE // codec.spatial
+    noise = torch.randn(p * draws, codec.latent_channels, FRAMES, side, side)
     rep = dict(context=states.repeat_interleave(draws, 0), context_mask=mask.repeat_interleave(draws, 0))
     v = model(noise, torch.full((p * draws,), 1000.0), fps=torch.full((p * draws,), 8.0), **rep)
     x0 = (noise - v).view(p, draws, *noise.shape[1:]).mean(1)  # t = 1: x0 = x_t - v
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if min(args.steps, args.clips, args.batch, args.eval_every, args.prompts, args.draws) < 1:
         ap.error("--steps, --clips, --batch, --eval-every, --prompts and --draws must be ≥ 1")
+    if args.pos_std is not None and not args.pos_std > 0:
+        ap.error(f"--pos-std={args.pos_std}: expected a standard deviation > 0")
     return run(args)
 
 

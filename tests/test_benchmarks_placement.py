@@ -73,6 +73,10 @@ def test_bad_counts_are_refused_by_name(capsys):
     with pytest.raises(SystemExit) as e:
         placement.main(["--steps", "0"])
     assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    for bad in ("0", "-0.5", "nan"):
+        with pytest.raises(SystemExit) as e:
+            placement.main(["--pos-std", bad])
+        assert e.value.code == 2 and f"--pos-std={float(bad)}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         placement.main(["--one-direction", "--two-directions"])
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
