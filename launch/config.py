@@ -487,6 +487,20 @@ def _rename_from(node) -> None:
         init["from_"] = init.pop("from")
 
 
+def _strings_as_written(schema, cli_cfg, overrides: list[str]) -> None:
+    """An override of a string field keeps what the user wrote. YAML reads ``key=`` (and ``key=null``) as
+    None, which a string field refuses, though it is how one clears a file's value
+    (``data.val_shards=``: no validation); and ``off``/``no``/``on``/``yes`` as bools, which OmegaConf
+    turns into ``'False'``/``'True'`` (``run.progress=off`` was refused as 'False')."""
+    for item in overrides:
+        key, _, text = item.partition("=")
+        key = "init.from_" if key.strip() == "init.from" else key.strip()
+        value = OmegaConf.select(cli_cfg, key, default=None)
+        default = OmegaConf.select(schema, key, default=None)
+        if isinstance(default, str) and (value is None or isinstance(value, bool)):
+            OmegaConf.update(cli_cfg, key, "" if value is None else text.strip(), merge=False)
+
+
 def _lookup(cfg, key: str):
     node = cfg
     for part in key.split("."):
@@ -610,6 +624,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     preset = OmegaConf.select(cli_cfg, "model.preset") or OmegaConf.select(file_cfg, "model.preset") or "tiny"
     arch = _preset_arch(preset, file_cfg, cli_cfg)
     schema = OmegaConf.structured(JobConfig(model=ModelConfig(preset=preset, arch=arch)))
+    _strings_as_written(schema, cli_cfg, overrides or [])
     try:
         # a ``???`` in the file means "the user must set this"; merging it would keep the schema default
         missing = sorted(k for k in OmegaConf.missing_keys(file_cfg) if OmegaConf.select(cli_cfg, k) is None)

@@ -95,6 +95,26 @@ def test_settings_that_contradict_each_other_fail_at_load_naming_both_keys():
         load_config(None, [*declared, "data.val_shards=''"])
 
 
+def test_a_string_override_keeps_what_was_written():
+    """YAML reads ``key=`` as None and ``off``/``yes`` as bools; for a string field the override means the
+    empty string or those words (OmegaConf alone refused the first and made 'False' of the second)."""
+    demo = CONFIG_DIR / "demo.yaml"  # it sets data.val_shards and init.from is a string field
+    cleared = load_config(demo, ["data.val_shards=", "eval.every=0", "eval.sample_metrics=no", "init.from="])
+    assert cleared.data.val_shards == "" and cleared.init.from_ == ""
+    off = ["eval.every=0", "eval.sample_metrics=false"]
+    assert load_config(demo, ["data.val_shards=null", *off]).data.val_shards == ""
+    with pytest.raises(ValueError, match=r"eval\.every=400 .*data\.val_shards is empty"):
+        load_config(demo, ["data.val_shards="])
+    with pytest.raises(ValueError, match=r"run\.progress='off': expected one of auto, bar, lines"):
+        load_config(demo, ["run.progress=off"])
+    assert load_config(demo, ["run.progress=lines"]).run.progress == "lines"
+    # a field that is not a string is not touched: a bool stays a bool, an empty int is refused by name
+    assert load_config(demo, ["eval.sample_metrics=no"]).eval.sample_metrics is False
+    assert load_config(demo, ["model.arch.qk_norm=false"]).model.arch.qk_norm == "none"  # the legacy bool
+    with pytest.raises(ValueError, match=r"train\.steps"):
+        load_config(demo, ["train.steps="])
+
+
 def test_a_bucket_override_wins_over_the_files_bucket_file():
     cfg = load_config(CONFIG_DIR / "video-1b3.yaml", WAN)
     assert len(cfg.data.buckets.buckets) == 25 and cfg.data.buckets.fps == 16  # wan-256px.json
