@@ -2,7 +2,8 @@
 in each frame? (Issue 14's open question; ``benchmarks/results/demo-2026-12-01.md``, session 6.)
 
     python -m benchmarks.placement [--steps 300] [--clips 1024] [--eval-every 50] [--pos-std S]
-        [--unit-embeddings] [--one-direction | --two-directions] [--one-clip] [--prompts 16] [--seed 0]
+        [--unit-embeddings] [--one-direction | --two-directions] [--one-clip] [--one-look]
+        [--oracle-direction STD] [--prompts 16] [--seed 0]
 
 On the built-in dataset's 32×32 8-frame clips, an object's position along its motion axis is fixed in every
 frame by its caption (only the cross-axis position is random), so at t = 1, where the input is pure noise,
@@ -18,7 +19,10 @@ Switches for the diagnosis: ``--pos-std`` re-draws the learned absolute position
 model's own init is N(0, 0.02)); ``--unit-embeddings`` makes the timestep, fps and text projections
 Xavier and the text position table N(0, 0.5); ``--one-direction`` moves every clip (and prompt) from
 left to right, ``--two-directions`` turns vertical motion horizontal (left to right or right to left, one
-axis); ``--one-clip`` trains on a single clip. One JSON line per evaluation on stdout.
+axis); ``--one-clip`` trains on a single clip; ``--one-look`` makes every clip and prompt a red circle moving
+slowly on white (only the direction varies); ``--oracle-direction STD`` hands the model each clip's direction:
+a table of the four directions, N(0, STD), trained with the model and added to the conditioning vector c
+that modulates every block (as a class label is). One JSON line per evaluation on stdout.
 """
 
 from __future__ import annotations
@@ -83,19 +87,46 @@ def horizontal(caption: str) -> str:
     )
 
 
-def _directions(caption: str, one_direction: bool, two_directions: bool) -> str:
-    return left_to_right(caption) if one_direction else horizontal(caption) if two_directions else caption
+ONE_LOOK = "a red circle moves slowly {} on a white background"
+
+
+def one_look(caption: str) -> str:
+    """The caption's direction on the one look of ``--one-look``."""
+    return ONE_LOOK.format(parse_caption(caption)["direction"])
+
+
+def _directions(caption: str, one_direction: bool, two_directions: bool, look: bool = False) -> str:
+    caption = left_to_right(caption) if one_direction else horizontal(caption) if two_directions else caption
+    return one_look(caption) if look else caption
+
+
+class OracleDirection(nn.Module):
+    """``--oracle-direction``: a learned row per direction, added to the model's conditioning vector c by a
+    hook on its timestep embedder (c = timestep + fps embeddings there). Set ``ids`` (B direction indices
+    into ``DIRECTIONS``) before each forward."""
+
+    def __init__(self, model: nn.Module, std: float):
+        super().__init__()
+        self.table = nn.Embedding(len(DIRECTIONS), model.cfg.hidden_size)
+        nn.init.normal_(self.table.weight, std=std)
+        self.ids: torch.Tensor | None = None
+        model.t_embedder.register_forward_hook(lambda mod, args, out: out + self.table(self.ids)[:, None])
+
+
+def direction_ids(captions: list[str]) -> torch.Tensor:
+    names = list(DIRECTIONS)
+    return torch.tensor([names.index(parse_caption(c)["direction"]) for c in captions])
 
 
 def training_clips(
-    n: int, seed: int, one_direction: bool, one_clip: bool, two_directions: bool = False
+    n: int, seed: int, one_direction: bool, one_clip: bool, two_directions: bool = False, look: bool = False
 ) -> tuple[torch.Tensor, list[str]]:
     """``n`` rendered clips in [-1, 1] as the pixel codec's latents (N×48×8×8×8) and their captions."""
     n = 1 if one_clip else n
     captions, videos = [], []
     for i in range(n):
         caption = describe(np.random.default_rng([seed, i]), still=False)["caption"]
-        caption = _directions(caption, one_direction, two_directions)
+        caption = _directions(caption, one_direction, two_directions, look)
         captions.append(caption)
         videos.append(render(_spec(caption), np.random.default_rng([seed + 1, i])))
     video = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # N, 3, T, H, W
@@ -136,16 +167,20 @@ def mean_frames(model, codec: PixelCodec, states, mask, draws: int) -> np.ndarra
 def run(args) -> list[dict]:
     codec = PixelCodec(1, 4)
     x0, captions = training_clips(
-        args.clips, args.seed, args.one_direction, args.one_clip, args.two_directions
+        args.clips, args.seed, args.one_direction, args.one_clip, args.two_directions, args.one_look
     )
     prompts = captions * args.prompts if args.one_clip else held_out_prompts(args.prompts, args.seed)
-    prompts = [_directions(c, args.one_direction, args.two_directions) for c in prompts]
+    prompts = [_directions(c, args.one_direction, args.two_directions, args.one_look) for c in prompts]
     prompts = prompts[: args.prompts]
     encoder = TextEncoder(None, max_length=24)
     states, mask = encoder(captions)
     p_states, p_mask = encoder(prompts)
     truth = [truth_travel(c) for c in prompts]
     model = build(args.pos_std, args.unit_embeddings, args.seed)
+    oracle = None
+    if args.oracle_direction is not None:
+        oracle = model.oracle_direction = OracleDirection(model, args.oracle_direction)  # trained with it
+        clip_ids, prompt_ids = direction_ids(captions), direction_ids(prompts).repeat_interleave(args.draws)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -154,6 +189,8 @@ def run(args) -> list[dict]:
             group["lr"] = args.lr * min(1.0, step / 50)  # the demo's 50 warm-up steps
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
         noise = torch.randn(args.batch, *x0.shape[1:], generator=gen)
+        if oracle is not None:
+            oracle.ids = clip_ids[idx]
         v = model(
             noise, torch.full((args.batch,), 1000.0), context=states[idx], context_mask=mask[idx],
             fps=torch.full((args.batch,), 8.0),
@@ -164,6 +201,8 @@ def run(args) -> list[dict]:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.eval_every == 0 or step == args.steps:
+            if oracle is not None:
+                oracle.ids = prompt_ids
             frames = mean_frames(model, codec, p_states, p_mask, args.draws)
             moved = [travel(f, c) for f, c in zip(frames, prompts, strict=True)]
             row = {
@@ -191,12 +230,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     only.add_argument("--one-direction", action="store_true", help="every clip moves from left to right")
     only.add_argument("--two-directions", action="store_true", help="vertical motion made horizontal")
     ap.add_argument("--one-clip", action="store_true", help="train on a single clip")
+    ap.add_argument(
+        "--one-look", action="store_true", help="a red circle, slowly, on white: only direction varies"
+    )
+    ap.add_argument(
+        "--oracle-direction", type=float, default=None, metavar="STD", help="hand c the direction"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if min(args.steps, args.clips, args.batch, args.eval_every, args.prompts, args.draws) < 1:
         ap.error("--steps, --clips, --batch, --eval-every, --prompts and --draws must be ≥ 1")
-    if args.pos_std is not None and not args.pos_std > 0:
-        ap.error(f"--pos-std={args.pos_std}: expected a standard deviation > 0")
+    for name in ("pos_std", "oracle_direction"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            ap.error(f"--{name.replace('_', '-')}={value}: expected a standard deviation > 0")
     return run(args)
 
 

@@ -4,9 +4,11 @@ direction (checked against the renderer's geometry), and a short run reports it 
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import placement
 from data.synthetic import SPEEDS
+from tests.dit.helpers import randomize
 
 CENTRE_RANGE = 32 - 2 * 0.14 * 32  # data.synthetic.render: the centre stays r = 0.14·size from the edges
 
@@ -78,5 +80,51 @@ def test_bad_counts_are_refused_by_name(capsys):
             placement.main(["--pos-std", bad])
         assert e.value.code == 2 and f"--pos-std={float(bad)}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
+        placement.main(["--oracle-direction", "0"])
+    assert e.value.code == 2 and "--oracle-direction=0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         placement.main(["--one-direction", "--two-directions"])
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_one_look_keeps_only_the_direction():
+    _, captions = placement.training_clips(40, 0, False, False, look=True)
+    parsed = [placement.parse_caption(c) for c in captions]
+    assert {p["direction"] for p in parsed} == set(placement.DIRECTIONS)  # all four still there
+    for p in parsed:
+        assert (p["colour"], p["shape"], p["speed"], p["background"]) == ("red", "circle", "slowly", "white")
+    # it composes with the axis switch: horizontal first, then the one look
+    assert (
+        placement._directions(
+            "a blue square moves quickly from bottom to top on a black background", False, True, True
+        )
+        == "a red circle moves slowly from right to left on a white background"
+    )
+
+
+def test_oracle_direction_adds_its_row_to_the_conditioning_vector():
+    """The hook adds each clip's direction row where the timestep embedding enters c (the same seed builds
+    the same model without it), and the model's output follows the ids."""
+    model, plain = placement.build(None, False, 0), placement.build(None, False, 0)
+    oracle = placement.OracleDirection(model, 1.0)
+    captions = [
+        "a red circle moves slowly from left to right on a white background",
+        "a red circle moves slowly from bottom to top on a white background",
+    ]
+    ids = placement.direction_ids(captions)
+    assert ids.tolist() == [
+        list(placement.DIRECTIONS).index(placement.parse_caption(c)["direction"]) for c in captions
+    ]
+    assert ids[0] != ids[1]
+    t = torch.full((2, 1), 1000.0)
+    oracle.ids = ids
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.t_embedder(t) - plain.t_embedder(t), oracle.table.weight[ids][:, None]
+        )
+        x = torch.randn(2, 48, 8, 8, 8)
+        kw = {"context": torch.randn(2, 24, 384), "fps": torch.full((2,), 8.0)}
+        randomize(model)  # adaLN-Zero: a fresh model's output is 0 whatever c is
+        same = model(x, t[:, 0], **kw)
+        oracle.ids = ids.flip(0)
+        assert (model(x, t[:, 0], **kw) - same).abs().max() > 1e-3
