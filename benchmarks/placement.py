@@ -3,7 +3,7 @@ in each frame? (Issue 14's open question; ``benchmarks/results/demo-2026-12-01.m
 
     python -m benchmarks.placement [--steps 300] [--clips 1024] [--eval-every 50] [--pos-std S]
         [--unit-embeddings] [--one-direction | --two-directions] [--one-clip] [--one-look]
-        [--oracle-direction STD] [--prompts 16] [--seed 0]
+        [--oracle-direction STD] [--text-pool] [--prompts 16] [--seed 0]
 
 On the built-in dataset's 32×32 8-frame clips, an object's position along its motion axis is fixed in every
 frame by its caption (only the cross-axis position is random), so at t = 1, where the input is pure noise,
@@ -22,7 +22,8 @@ left to right, ``--two-directions`` turns vertical motion horizontal (left to ri
 axis); ``--one-clip`` trains on a single clip; ``--one-look`` makes every clip and prompt a red circle moving
 slowly on white (only the direction varies); ``--oracle-direction STD`` hands the model each clip's direction:
 a table of the four directions, N(0, STD), trained with the model and added to the conditioning vector c
-that modulates every block (as a class label is). One JSON line per evaluation on stdout.
+that modulates every block (as a class label is); ``--text-pool`` builds the model with ``text_pool`` (the
+caption's pooled states in c). One JSON line per evaluation on stdout.
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def training_clips(
     return PixelCodec(1, 4).encode(video), captions
 
 
-def build(pos_std: float | None, unit_embeddings: bool, seed: int) -> nn.Module:
+def build(pos_std: float | None, unit_embeddings: bool, seed: int, text_pool: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    model = SpacetimeDiT(get_preset("demo"))
+    model = SpacetimeDiT(get_preset("demo").replace(text_pool=text_pool))
     model.init_weights()
     with torch.no_grad():
         if pos_std is not None:
@@ -176,7 +177,7 @@ def run(args) -> list[dict]:
     states, mask = encoder(captions)
     p_states, p_mask = encoder(prompts)
     truth = [truth_travel(c) for c in prompts]
-    model = build(args.pos_std, args.unit_embeddings, args.seed)
+    model = build(args.pos_std, args.unit_embeddings, args.seed, args.text_pool)
     oracle = None
     if args.oracle_direction is not None:
         oracle = model.oracle_direction = OracleDirection(model, args.oracle_direction)  # trained with it
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--draws", type=int, default=4, help="noise draws averaged per prompt")
     ap.add_argument("--pos-std", type=float, default=None, help="re-draw the absolute position tables")
     ap.add_argument("--unit-embeddings", action="store_true")
+    ap.add_argument("--text-pool", action="store_true", help="the model with model.arch.text_pool")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--one-direction", action="store_true", help="every clip moves from left to right")
     only.add_argument("--two-directions", action="store_true", help="vertical motion made horizontal")

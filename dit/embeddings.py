@@ -109,6 +109,27 @@ class TextProjection(nn.Module):
         return out + self.pos[: out.shape[1]]
 
 
+class TextPool(nn.Module):
+    """``DiTConfig.text_pool``: projected text states B×L×D and their mask B×L → one vector B×D.
+
+    Each real token goes through LayerNorm → Linear → SiLU before the masked mean (a mean of the linear
+    states alone would be the same for any order of the tokens); an all-masked caption (the null text of
+    CFG) pools to zeros, so its vector is the output bias.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        h = F.silu(self.fc1(self.norm(tokens)))  # B, L, D
+        keep = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.dtype)  # B, L
+        pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # B, D
+        return self.fc2(pooled)
+
+
 def grid_positions(grid: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
     """(t, h, w) integer coordinates of every token in (t h w) order: N×3."""
     t, h, w = grid

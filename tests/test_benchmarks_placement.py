@@ -105,6 +105,8 @@ def test_one_look_keeps_only_the_direction():
 def test_oracle_direction_adds_its_row_to_the_conditioning_vector():
     """The hook adds each clip's direction row where the timestep embedding enters c (the same seed builds
     the same model without it), and the model's output follows the ids."""
+    assert placement.build(None, False, 0).text_pool is None
+    assert placement.build(None, False, 0, text_pool=True).text_pool is not None  # --text-pool
     model, plain = placement.build(None, False, 0), placement.build(None, False, 0)
     oracle = placement.OracleDirection(model, 1.0)
     captions = [

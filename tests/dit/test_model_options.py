@@ -300,3 +300,74 @@ def test_text_pos_embed_adds_a_learned_row_per_text_position():
     fresh = build_model(DiTConfig(**{**vars(base), "text_pos_embed": True}), seed=0)
     assert fresh.text_proj.pos.shape[0] == 512
     assert 0.015 < float(fresh.text_proj.pos.detach().std()) < 0.025
+
+
+def _pooled_by_hand(model: SpacetimeDiT, kw: dict) -> torch.Tensor:
+    # the definition, written out: LayerNorm → fc1 → SiLU per projected token, mean over the real ones, fc2
+    pool = model.text_pool
+    tokens = model.text_proj(kw["context"])  # B, L, D
+    h = F.silu(pool.fc1(F.layer_norm(tokens, tokens.shape[-1:])))
+    rows = [h[i][kw["context_mask"][i]].mean(0) for i in range(h.shape[0])]
+    return pool.fc2(torch.stack(rows))  # B, D
+
+
+def test_text_pool_adds_the_pooled_caption_to_the_conditioning_vector():
+    """The option = the plain model with the pooled vector added where the timestep embedding enters c."""
+    assert DiTConfig().text_pool is False
+    base = DiTConfig(**{**vars(get_preset("tiny")), "text_pos_embed": True, "text_len": 7})
+    pooled = random_model(base.replace(text_pool=True))
+    plain = SpacetimeDiT(base)
+    extra = set(pooled.state_dict()) - set(plain.state_dict())
+    assert extra == {
+        "text_pool.fc1.weight",
+        "text_pool.fc1.bias",
+        "text_pool.fc2.weight",
+        "text_pool.fc2.bias",
+    }
+    plain.load_state_dict({k: v for k, v in pooled.state_dict().items() if k not in extra})
+    x, t, kw = inputs(base)
+    vec = _pooled_by_hand(pooled, kw).detach()
+    hook = plain.t_embedder.register_forward_hook(lambda mod, args, out: out + vec[:, None])
+    try:
+        want = plain(x, t, **kw)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(pooled(x, t, **kw), want, rtol=1e-5, atol=1e-5)
+    assert (pooled(x, t, **kw) - plain(x, t, **kw)).abs().max() > 1e-3  # the hook was not a no-op
+
+
+def test_text_pool_reads_word_order_ignores_padding_and_pools_the_null_caption_to_its_bias():
+    base = DiTConfig(**{**vars(get_preset("tiny")), "text_pos_embed": True, "text_len": 7, "text_pool": True})
+    model = random_model(base)
+    _, _, kw = inputs(base)
+    tokens = model.text_proj(kw["context"])
+    vec = model.text_pool(tokens, kw["context_mask"])
+    # the same states in another order: another vector (a mean of linear states could not tell)
+    flipped = _reversed_text(kw)
+    other = model.text_pool(model.text_proj(flipped["context"]), flipped["context_mask"])
+    assert (other - vec).abs().max() > 1e-2
+    # what stands in the masked positions does not count
+    junk = kw["context"].clone()
+    junk[~kw["context_mask"]] = 100.0
+    torch.testing.assert_close(model.text_pool(model.text_proj(junk), kw["context_mask"]), vec)
+    # the null caption of CFG (all masked) pools to zeros: its vector is fc2's bias
+    null = model.text_pool(tokens, torch.zeros_like(kw["context_mask"]))
+    torch.testing.assert_close(null, model.text_pool.fc2.bias.expand_as(null))
+    with pytest.raises(ValueError, match="text_pool=True .* conditioning='class'"):
+        base.replace(conditioning="class")
+
+
+def test_text_pool_starts_at_unit_scale():
+    """The point of the option: unlike the N(0, 0.02) embedding MLPs, a fresh model's pooled vector differs
+    between captions by an amount of the order of its own scale, so the modulation can read the caption
+    from the first steps (benchmarks/results/demo-2026-12-01.md, session 7)."""
+    cfg = get_preset("demo").replace(text_pool=True)
+    model = build_model(cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    context, mask = torch.randn(8, 24, cfg.text_dim, generator=g), torch.ones(8, 24, dtype=torch.bool)
+    with torch.no_grad():
+        vec = model.text_pool(model.text_proj(context), mask)  # 8, D
+        time = model.t_embedder(torch.full((8, 1), 1000.0))[:, 0]
+    spread = (vec - vec.mean(0)).pow(2).mean().sqrt()
+    assert spread > 0.05
+    assert spread > 2 * time.pow(2).mean().sqrt()  # larger than the whole timestep embedding

@@ -63,6 +63,10 @@ def test_mup_initialisation_keeps_input_layers_at_base_scale():
     assert float(wide[embed].std()) == pytest.approx(float(base[embed].std()), rel=0.1)
     ratio = float(base["t_embedder.fc2.weight"].std() / wide["t_embedder.fc2.weight"].std())
     assert ratio == pytest.approx(4.0, rel=0.1)
+    # the text pool's D→D layers are Xavier, μP's hidden scale already: std = 1/sqrt(D), not shrunk again
+    pooled = build_model(_cfg(512, "mup").replace(conditioning="text", text_pool=True), seed=0).state_dict()
+    for name in ("text_pool.fc1.weight", "text_pool.fc2.weight"):
+        assert float(pooled[name].std()) == pytest.approx(512**-0.5, rel=0.05)
 
 
 def _coordinates(width: int, parametrization: str, steps: int = 3, lr: float = 1e-2) -> dict[str, float]:
