@@ -167,7 +167,7 @@ def inexpressible(cfg: DiTConfig) -> list[str]:
         qk_norm="across_heads", block_norm="rmsnorm", pos_embed="rope_ltx", rope_theta=10000.0,
         rope_base=ROPE_BASE, modulation="shared", conditioning="text", cross_attn_norm=False,
         norm_eps=FINAL_EPS, qk_norm_eps=QK_EPS, freq_dim=256, fps_conditioning=False,
-        parametrization="standard",
+        parametrization="standard", abs_pos_embed="none", text_pos_embed=False, text_pool=False,
     )  # fmt: skip
     return [f"{k}={getattr(cfg, k)!r} (LTX: {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
 

@@ -162,6 +162,7 @@ def inexpressible(cfg: DiTConfig) -> list[str]:
         mlp="gelu_tanh", attention_layout="full", qk_norm="across_heads", block_norm="layernorm",
         pos_embed="rope3d", rope_theta=10000.0, modulation="shared", conditioning="text",
         fps_conditioning=False, parametrization="standard",
+        abs_pos_embed="none", text_pos_embed=False, text_pool=False,  # tables diffusers has no place for
         # WanTransformer3DModel takes no text mask: padded tokens are attended, as WanPipeline pads
         text_mask=False,
     )  # fmt: skip

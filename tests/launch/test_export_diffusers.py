@@ -17,7 +17,7 @@ import torch
 
 from dit.config import get_preset
 from dit.diffusion import DiffusionConfig
-from dit.model import build_model
+from dit.model import SpacetimeDiT, build_model
 from launch import interop
 from launch.config import JobConfig, ModelConfig, TrainData, to_yaml
 from launch.export import load_model, main, write_export
@@ -115,6 +115,15 @@ def test_what_diffusers_cannot_express_is_listed(tmp_path, capsys):
         main([str(export), str(tmp_path / "out"), "--format", "diffusers"])
     assert str(e.value) == f"error: {want.value}" and "fps_conditioning" in str(e.value)
     assert not (tmp_path / "out").exists()
+    # the tables of the demo's options are named too (not only as tensors with no place in the state)
+    for field, value in (("abs_pos_embed", "learned"), ("text_pos_embed", True), ("text_pool", True)):
+        for base in (
+            get_preset("tiny"),
+            get_preset("ltx-video-2b").replace(hidden_size=64, num_heads=2, depth=1),
+        ):
+            edited = base.replace(**{field: value})
+            with pytest.raises(ValueError, match=f"{field}={value!r}"):
+                interop.to_diffusers(edited, SpacetimeDiT(edited).state_dict())
 
 
 def test_exporting_again_into_a_folder_replaces_what_it_held(tmp_path):
