@@ -114,19 +114,21 @@ class TextPool(nn.Module):
 
     Each real token goes through LayerNorm → Linear → SiLU before the masked mean (a mean of the linear
     states alone would be the same for any order of the tokens); an all-masked caption (the null text of
-    CFG) pools to zeros, so its vector is the output bias.
+    CFG) pools to zeros, so its vector is the output bias. In fp32 whatever autocast says, like the
+    timestep embedding it is added to: the conditioning vector c stays fp32.
     """
 
     def __init__(self, dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.fc1 = nn.Linear(dim, dim)
-        self.fc2 = nn.Linear(dim, dim)
+        self.fc1 = Fp32Linear(dim, dim)
+        self.fc2 = Fp32Linear(dim, dim)
 
     def forward(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
-        h = F.silu(self.fc1(self.norm(tokens)))  # B, L, D
-        keep = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.dtype)  # B, L
-        pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # B, D
+        with torch.autocast(tokens.device.type, enabled=False):
+            h = F.silu(self.fc1(self.norm(tokens.float())))  # B, L, D
+            keep = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.float()  # B, L
+            pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # B, D
         return self.fc2(pooled)
 
 

@@ -357,6 +357,21 @@ def test_text_pool_reads_word_order_ignores_padding_and_pools_the_null_caption_t
         base.replace(conditioning="class")
 
 
+def test_text_pool_is_fp32_under_bf16_autocast():
+    """The pooled vector joins the fp32 conditioning vector: under CPU bf16 autocast (where CUDA's would
+    run) it is computed in fp32 from bf16 text states and equals the fp32 computation on those states.
+    Only a GPU can confirm CUDA autocast's own kernels; the dtype rule is the same."""
+    cfg = DiTConfig(**{**vars(get_preset("tiny")), "text_pool": True})
+    model = random_model(cfg)
+    _, _, kw = inputs(cfg)
+    tokens = model.text_proj(kw["context"]).bfloat16()
+    want = model.text_pool(tokens.float(), kw["context_mask"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.text_pool(tokens, kw["context_mask"])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_text_pool_starts_at_unit_scale():
     """The point of the option: unlike the N(0, 0.02) embedding MLPs, a fresh model's pooled vector differs
     between captions by an amount of the order of its own scale, so the modulation can read the caption
