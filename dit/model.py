@@ -186,6 +186,9 @@ class FinalLayer(nn.Module):
 class SpacetimeDiT(nn.Module):
     """The video/image DiT (see docs/design.md §3 for the contract)."""
 
+    SMALL_INIT = ("t_embedder", "fps_embedder", "text_proj", "label_embed", "pos_embed")
+    """The embedding MLPs and tables ``init_weights`` draws from N(0, 0.02) (μP rescales their D→D layers)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -348,8 +351,7 @@ class SpacetimeDiT(nn.Module):
                 isinstance(m, nn.LayerNorm | nn.RMSNorm) and m.weight is not None
             ):
                 m.reset_parameters()
-        small = [self.t_embedder, self.fps_embedder, self.text_proj, self.label_embed, self.pos_embed]
-        for m in filter(None, small):
+        for m in filter(None, (getattr(self, name) for name in self.SMALL_INIT)):
             for name, p in m.named_parameters():
                 if name.endswith("bias"):
                     nn.init.zeros_(p)

@@ -104,10 +104,6 @@ def lr_multipliers(cfg: DiTConfig) -> dict[str, float]:
     }
 
 
-SMALL_MLPS = ("t_embedder", "fps_embedder", "text_proj")
-"""The embedding MLPs ``init_weights`` draws from N(0, 0.02) (``text_pool`` is Xavier, already μP's)."""
-
-
 @torch.no_grad()
 def rescale_init(model: nn.Module) -> None:
     """Turn the standard initialisation of ``model`` (just done by ``init_weights``) into μP's.
@@ -125,7 +121,7 @@ def rescale_init(model: nn.Module) -> None:
         if kind == "input" and name == "patch_embed.proj.weight":
             fan_out, fan_in = p.shape
             p.mul_(math.sqrt((fan_in + fan_out) / (fan_in + fan_out / m)))  # Xavier at base fan_out
-        elif kind == "hidden" and name.split(".")[0] in SMALL_MLPS and name.endswith("fc2.weight"):
+        elif kind == "hidden" and name.split(".")[0] in model.SMALL_INIT and name.endswith("fc2.weight"):
             p.mul_(1 / math.sqrt(m))  # the timestep/fps/text MLPs' D→D layer: N(0, 0.02²/m)
 
 

@@ -493,12 +493,12 @@ def _strings_as_written(schema, cli_cfg, overrides: list[str]) -> None:
     (``data.val_shards=``: no validation); and ``off``/``no``/``on``/``yes`` as bools, which OmegaConf
     turns into ``'False'``/``'True'`` (``run.progress=off`` was refused as 'False')."""
     for item in overrides:
-        key, _, text = item.partition("=")
-        key = "init.from_" if key.strip() == "init.from" else key.strip()
+        key, _, text = (part.strip() for part in item.partition("="))
+        key = "init.from_" if key == "init.from" else key  # the field's name (see _rename_from)
         value = OmegaConf.select(cli_cfg, key, default=None)
         default = OmegaConf.select(schema, key, default=None)
         if isinstance(default, str) and (value is None or isinstance(value, bool)):
-            OmegaConf.update(cli_cfg, key, "" if value is None else text.strip(), merge=False)
+            OmegaConf.update(cli_cfg, key, "" if value is None else text, merge=False)
 
 
 def _lookup(cfg, key: str):
