@@ -60,6 +60,10 @@ class ReplicateParallel(ParallelStyle):
     it replicated, so DTensor sums nothing (torchtitan's ``NoParallel``).
     """
 
+    def __init__(self, hooks: bool = True):
+        super().__init__()
+        self.hooks = hooks  # False inside a replicated module: its forward passes DTensors in and out
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def wrap(t):
             if isinstance(t, Tensor) and not isinstance(t, DTensor):
@@ -74,6 +78,8 @@ class ReplicateParallel(ParallelStyle):
 
         # default partition_fn: every parameter of the module becomes a Replicate DTensor
         distribute_module(module, device_mesh)
+        if not self.hooks:
+            return module
         module.register_forward_pre_hook(pre, with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: tree_map(unwrap, out))
         return module
@@ -161,7 +167,13 @@ def tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Para
             # weight sums its gradient over the tp ranks
             styles[name] = SequenceParallel(use_local_output=True)
         else:  # replicate, or a residual norm on the whole (replicated) stream
-            styles[name] = ReplicateParallel()
+            # inside a replicated module (text_proj holds its position table next to fc1/fc2) a child
+            # computes on the DTensors its parent's forward hands it and returns DTensors: unwrapped,
+            # its output would meet the parent's own DTensor parameter as a plain tensor
+            inside = any(
+                name.startswith(f"{o}.") and isinstance(s, ReplicateParallel) for o, s in styles.items()
+            )
+            styles[name] = ReplicateParallel(hooks=not inside)
     return styles
 
 

@@ -50,10 +50,12 @@ class Case:
 
 def every_option(mlp: str, layout: str, qk_norm: str = "per_head") -> DiTConfig:
     """A tiny model with everything the plan names switched on: qk norm (per head or across heads),
-    text cross-attention with its affine norm, the given MLP kind and attention layout."""
+    text cross-attention with its affine norm, the given MLP kind and attention layout; and the
+    replicated root options of the demo model (text positions, the pooled caption in c)."""
     return DiTConfig(
         in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, patch_size=(1, 2, 2),
         mlp=mlp, attention_layout=layout, qk_norm=qk_norm, conditioning="text", cross_attn_norm=True,
+        text_pos_embed=True, text_pool=True,
     )  # fmt: skip
 
 
