@@ -88,7 +88,10 @@ def test_both_translations_split_the_same_modules(mlp, layout, sequence_parallel
 def test_plan_kinds_follow_the_options():
     with torch.device("meta"):
         plain = SpacetimeDiT(every_option("gelu_tanh", "full").replace(qk_norm=False, cross_attn_norm=False))
-        no_text = SpacetimeDiT(every_option("gelu_tanh", "full").replace(conditioning="class", num_classes=3, text_pool=False))
+        no_text_cfg = every_option("gelu_tanh", "full").replace(
+            conditioning="class", num_classes=3, text_pool=False
+        )
+        no_text = SpacetimeDiT(no_text_cfg)
     plan = resolve_plan(plain)
     assert "blocks.0.attn.norm_q" not in plan  # nn.Identity: the option is off
     assert "blocks.0.norm_cross" not in plan
