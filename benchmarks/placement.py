@@ -3,7 +3,7 @@ in each frame? (Issue 14's open question; ``benchmarks/results/demo-2026-12-01.m
 
     python -m benchmarks.placement [--steps 300] [--clips 1024] [--eval-every 50] [--pos-std S]
         [--unit-embeddings] [--one-direction | --two-directions] [--one-clip] [--one-look]
-        [--oracle-direction STD] [--text-pool] [--prompts 16] [--seed 0]
+        [--oracle-direction STD [--oracle-frames]] [--text-pool] [--patch-t 2] [--prompts 16] [--seed 0]
 
 On the built-in dataset's 32×32 8-frame clips, an object's position along its motion axis is fixed in every
 frame by its caption (only the cross-axis position is random), so at t = 1, where the input is pure noise,
@@ -22,8 +22,10 @@ left to right, ``--two-directions`` turns vertical motion horizontal (left to ri
 axis); ``--one-clip`` trains on a single clip; ``--one-look`` makes every clip and prompt a red circle moving
 slowly on white (only the direction varies); ``--oracle-direction STD`` hands the model each clip's direction:
 a table of the four directions, N(0, STD), trained with the model and added to the conditioning vector c
-that modulates every block (as a class label is); ``--text-pool`` builds the model with ``text_pool`` (the
-caption's pooled states in c). One JSON line per evaluation on stdout.
+that modulates every block (as a class label is), and ``--oracle-frames`` makes that oracle one row per
+(direction, speed, latent frame), so c is per frame; ``--text-pool`` builds the model with ``text_pool``
+(the caption's pooled states in c); ``--patch-t`` sets the temporal patch (the demo's is 2). One JSON line
+per evaluation on stdout.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import nn
 from benchmarks.quality import held_out_prompts
 from data.encoders import PixelCodec, TextEncoder
 from data.probe import parse_caption
-from data.synthetic import COLOURS, DIRECTIONS, describe, render
+from data.synthetic import COLOURS, DIRECTIONS, SPEEDS, describe, render
 from dit.config import get_preset
 from dit.model import SpacetimeDiT
 
@@ -103,20 +105,39 @@ def _directions(caption: str, one_direction: bool, two_directions: bool, look: b
 
 class OracleDirection(nn.Module):
     """``--oracle-direction``: a learned row per direction, added to the model's conditioning vector c by a
-    hook on its timestep embedder (c = timestep + fps embeddings there). Set ``ids`` (B direction indices
-    into ``DIRECTIONS``) before each forward."""
+    hook on its timestep embedder (c = timestep + fps embeddings there). Set ``ids`` (B indices from
+    :func:`direction_ids`) before each forward.
 
-    def __init__(self, model: nn.Module, std: float):
+    With ``frames`` (``--oracle-frames``) the rows are per (direction, speed, latent frame): frame f of a
+    clip gets its own row, so c becomes B×frames×D, the per-frame modulation that per-frame timesteps use,
+    and what the caption says about where the object is in each frame reaches that frame's modulation
+    directly instead of as a product of the frame's position and one clip-wide vector."""
+
+    def __init__(self, model: nn.Module, std: float, frames: int | None = None):
         super().__init__()
-        self.table = nn.Embedding(len(DIRECTIONS), model.cfg.hidden_size)
+        self.frames = frames
+        rows = len(DIRECTIONS) if frames is None else len(DIRECTIONS) * len(SPEEDS) * frames
+        self.table = nn.Embedding(rows, model.cfg.hidden_size)
         nn.init.normal_(self.table.weight, std=std)
         self.ids: torch.Tensor | None = None
-        model.t_embedder.register_forward_hook(lambda mod, args, out: out + self.table(self.ids)[:, None])
+        model.t_embedder.register_forward_hook(lambda mod, args, out: out + self.rows())
+
+    def rows(self) -> torch.Tensor:
+        """B×1×D (one row a clip) or B×frames×D (one a latent frame)."""
+        if self.frames is None:
+            return self.table(self.ids)[:, None]
+        return self.table(self.ids[:, None] * self.frames + torch.arange(self.frames))
 
 
-def direction_ids(captions: list[str]) -> torch.Tensor:
-    names = list(DIRECTIONS)
-    return torch.tensor([names.index(parse_caption(c)["direction"]) for c in captions])
+def direction_ids(captions: list[str], speeds: bool = False) -> torch.Tensor:
+    """Each caption's index into ``DIRECTIONS`` (or, with ``speeds``, into DIRECTIONS × SPEEDS)."""
+    names, rates = list(DIRECTIONS), list(SPEEDS)
+    parsed = [parse_caption(c) for c in captions]
+    if speeds:
+        return torch.tensor(
+            [names.index(p["direction"]) * len(rates) + rates.index(p["speed"]) for p in parsed]
+        )
+    return torch.tensor([names.index(p["direction"]) for p in parsed])
 
 
 def training_clips(
@@ -134,9 +155,11 @@ def training_clips(
     return PixelCodec(1, 4).encode(video), captions
 
 
-def build(pos_std: float | None, unit_embeddings: bool, seed: int, text_pool: bool = False) -> nn.Module:
+def build(
+    pos_std: float | None, unit_embeddings: bool, seed: int, text_pool: bool = False, patch_t: int = 2
+) -> nn.Module:
     torch.manual_seed(seed)
-    model = SpacetimeDiT(get_preset("demo").replace(text_pool=text_pool))
+    model = SpacetimeDiT(get_preset("demo").replace(text_pool=text_pool, patch_size=(patch_t, 1, 1)))
     model.init_weights()
     with torch.no_grad():
         if pos_std is not None:
@@ -177,11 +200,15 @@ def run(args) -> list[dict]:
     states, mask = encoder(captions)
     p_states, p_mask = encoder(prompts)
     truth = [truth_travel(c) for c in prompts]
-    model = build(args.pos_std, args.unit_embeddings, args.seed, args.text_pool)
+    model = build(args.pos_std, args.unit_embeddings, args.seed, args.text_pool, args.patch_t)
     oracle = None
     if args.oracle_direction is not None:
-        oracle = model.oracle_direction = OracleDirection(model, args.oracle_direction)  # trained with it
-        clip_ids, prompt_ids = direction_ids(captions), direction_ids(prompts).repeat_interleave(args.draws)
+        frames = FRAMES // args.patch_t if args.oracle_frames else None
+        oracle = model.oracle_direction = OracleDirection(
+            model, args.oracle_direction, frames
+        )  # trained with it
+        clip_ids = direction_ids(captions, args.oracle_frames)
+        prompt_ids = direction_ids(prompts, args.oracle_frames).repeat_interleave(args.draws)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -228,6 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--pos-std", type=float, default=None, help="re-draw the absolute position tables")
     ap.add_argument("--unit-embeddings", action="store_true")
     ap.add_argument("--text-pool", action="store_true", help="the model with model.arch.text_pool")
+    ap.add_argument("--patch-t", type=int, default=2, choices=(1, 2, 4, 8), help="temporal patch size")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--one-direction", action="store_true", help="every clip moves from left to right")
     only.add_argument("--two-directions", action="store_true", help="vertical motion made horizontal")
@@ -238,8 +266,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--oracle-direction", type=float, default=None, metavar="STD", help="hand c the direction"
     )
+    ap.add_argument(
+        "--oracle-frames", action="store_true", help="the oracle per (direction, speed, latent frame)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.oracle_frames and args.oracle_direction is None:
+        ap.error("--oracle-frames shapes the oracle of --oracle-direction STD: give both")
     if min(args.steps, args.clips, args.batch, args.eval_every, args.prompts, args.draws) < 1:
         ap.error("--steps, --clips, --batch, --eval-every, --prompts and --draws must be ≥ 1")
     for name in ("pos_std", "oracle_direction"):

@@ -127,3 +127,47 @@ def test_oracle_direction_adds_its_row_to_the_conditioning_vector():
         same = model(x, t[:, 0], **kw)
         oracle.ids = ids.flip(0)
         assert (model(x, t[:, 0], **kw) - same).abs().max() > 1e-3
+
+
+def test_oracle_frames_gives_each_latent_frame_its_own_row():
+    """``--oracle-frames``: c becomes B×F'×D with frame f of a clip getting the row of (its direction, its
+    speed, f); two clips that differ only in speed get different rows, and the model runs per frame."""
+    model, plain = placement.build(None, False, 0), placement.build(None, False, 0)
+    oracle = placement.OracleDirection(model, 1.0, frames=4)
+    captions = [
+        "a red circle moves slowly from top to bottom on a white background",
+        "a red circle moves quickly from top to bottom on a white background",
+    ]
+    ids = placement.direction_ids(captions, speeds=True)
+    names, rates = list(placement.DIRECTIONS), list(SPEEDS)
+    assert ids.tolist() == [
+        names.index("from top to bottom") * 2 + rates.index(s) for s in ("slowly", "quickly")
+    ]
+    oracle.ids = ids
+    t = torch.full((2, 1), 1000.0)
+    with torch.no_grad():
+        added = model.t_embedder(t) - plain.t_embedder(t)  # 2, 4, D
+        assert added.shape == (2, 4, model.cfg.hidden_size)
+        for b in range(2):
+            for f in range(4):
+                torch.testing.assert_close(added[b, f], oracle.table.weight[ids[b] * 4 + f])
+        x = torch.randn(2, 48, 8, 8, 8)
+        kw = {"context": torch.randn(2, 24, 384), "fps": torch.full((2,), 8.0)}
+        randomize(model)
+        same = model(x, t[:, 0], **kw)
+        with torch.no_grad():
+            oracle.table.weight[ids[0] * 4 + 3] += 1.0  # the last latent frame of clip 0 only
+        moved = (model(x, t[:, 0], **kw) - same).abs()
+        assert moved[1].max() == 0  # the other clip's rows are untouched
+        assert moved[0, :, 6:].max() > 1e-3  # frames 6-7 = latent frame 3 (pt = 2)
+    with pytest.raises(SystemExit) as e:
+        placement.main(["--oracle-frames"])
+    assert e.value.code == 2
+    argv = ["--steps", "1", "--clips", "4", "--prompts", "2", "--draws", "1", "--oracle-direction", "1"]
+    (row,) = placement.main([*argv, "--oracle-frames"])  # the run path: prompts' ids per frame too
+    assert row["prompts"] == 2 and np.isfinite(row["travel_px"])
+
+
+def test_patch_t_sets_the_temporal_patch():
+    assert placement.build(None, False, 0).cfg.patch_size == (2, 1, 1)  # the demo's
+    assert placement.build(None, False, 0, patch_t=8).cfg.patch_size == (8, 1, 1)
