@@ -126,7 +126,7 @@ class OracleDirection(nn.Module):
         """B×1×D (one row a clip) or B×frames×D (one a latent frame)."""
         if self.frames is None:
             return self.table(self.ids)[:, None]
-        return self.table(self.ids[:, None] * self.frames + torch.arange(self.frames))
+        return self.table(self.ids[:, None] * self.frames + torch.arange(self.frames, device=self.ids.device))
 
 
 def direction_ids(captions: list[str], speeds: bool = False) -> torch.Tensor:
@@ -204,9 +204,8 @@ def run(args) -> list[dict]:
     oracle = None
     if args.oracle_direction is not None:
         frames = FRAMES // args.patch_t if args.oracle_frames else None
-        oracle = model.oracle_direction = OracleDirection(
-            model, args.oracle_direction, frames
-        )  # trained with it
+        # registered as a submodule, so the optimiser below trains its table with the model
+        oracle = model.oracle_direction = OracleDirection(model, args.oracle_direction, frames)
         clip_ids = direction_ids(captions, args.oracle_frames)
         prompt_ids = direction_ids(prompts, args.oracle_frames).repeat_interleave(args.draws)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
