@@ -3,7 +3,8 @@ in each frame? (Issue 14's open question; ``benchmarks/results/demo-2026-12-01.m
 
     python -m benchmarks.placement [--steps 300] [--clips 1024] [--eval-every 50] [--pos-std S]
         [--unit-embeddings] [--one-direction | --two-directions] [--one-clip] [--one-look]
-        [--oracle-direction STD [--oracle-frames]] [--text-pool] [--patch-t 2] [--prompts 16] [--seed 0]
+        [--oracle-direction STD [--oracle-frames [--oracle-tokens]]] [--text-pool] [--text-frames]
+        [--patch-t 2] [--prompts 16] [--seed 0]
 
 On the built-in dataset's 32×32 8-frame clips, an object's position along its motion axis is fixed in every
 frame by its caption (only the cross-axis position is random), so at t = 1, where the input is pure noise,
@@ -23,8 +24,10 @@ axis); ``--one-clip`` trains on a single clip; ``--one-look`` makes every clip a
 slowly on white (only the direction varies); ``--oracle-direction STD`` hands the model each clip's direction:
 a table of the four directions, N(0, STD), trained with the model and added to the conditioning vector c
 that modulates every block (as a class label is), and ``--oracle-frames`` makes that oracle one row per
-(direction, speed, latent frame), so c is per frame; ``--text-pool`` builds the model with ``text_pool``
-(the caption's pooled states in c); ``--patch-t`` sets the temporal patch (the demo's is 2). One JSON line
+(direction, speed, latent frame), so c is per frame, and ``--oracle-tokens`` adds those rows to each latent
+frame's tokens instead of to c; ``--text-pool`` builds the model with ``text_pool`` (the caption's pooled
+states in c), ``--text-frames`` with ``text_pool_frames`` as well (c per latent frame from the caption);
+``--patch-t`` sets the temporal patch (the demo's is 2). One JSON line
 per evaluation on stdout.
 """
 
@@ -113,14 +116,19 @@ class OracleDirection(nn.Module):
     and what the caption says about where the object is in each frame reaches that frame's modulation
     directly instead of as a product of the frame's position and one clip-wide vector."""
 
-    def __init__(self, model: nn.Module, std: float, frames: int | None = None):
+    def __init__(self, model: nn.Module, std: float, frames: int | None = None, tokens: bool = False):
         super().__init__()
         self.frames = frames
         rows = len(DIRECTIONS) if frames is None else len(DIRECTIONS) * len(SPEEDS) * frames
         self.table = nn.Embedding(rows, model.cfg.hidden_size)
         nn.init.normal_(self.table.weight, std=std)
         self.ids: torch.Tensor | None = None
-        model.t_embedder.register_forward_hook(lambda mod, args, out: out + self.rows())
+        if tokens:  # --oracle-tokens: frame f's row added to frame f's tokens (after the patch embedding)
+            model.patch_embed.register_forward_hook(
+                lambda mod, args, out: out + self.rows().repeat_interleave(out.shape[1] // self.frames, 1)
+            )
+        else:
+            model.t_embedder.register_forward_hook(lambda mod, args, out: out + self.rows())
 
     def rows(self) -> torch.Tensor:
         """B×1×D (one row a clip) or B×frames×D (one a latent frame)."""
@@ -156,10 +164,16 @@ def training_clips(
 
 
 def build(
-    pos_std: float | None, unit_embeddings: bool, seed: int, text_pool: bool = False, patch_t: int = 2
+    pos_std: float | None,
+    unit_embeddings: bool,
+    seed: int,
+    text_pool: bool = False,
+    patch_t: int = 2,
+    text_frames: bool = False,
 ) -> nn.Module:
     torch.manual_seed(seed)
-    model = SpacetimeDiT(get_preset("demo").replace(text_pool=text_pool, patch_size=(patch_t, 1, 1)))
+    cfg = get_preset("demo").replace(text_pool=text_pool or text_frames, patch_size=(patch_t, 1, 1))
+    model = SpacetimeDiT(cfg.replace(text_pool_frames=FRAMES // patch_t if text_frames else 0))
     model.init_weights()
     with torch.no_grad():
         if pos_std is not None:
@@ -200,12 +214,16 @@ def run(args) -> list[dict]:
     states, mask = encoder(captions)
     p_states, p_mask = encoder(prompts)
     truth = [truth_travel(c) for c in prompts]
-    model = build(args.pos_std, args.unit_embeddings, args.seed, args.text_pool, args.patch_t)
+    model = build(
+        args.pos_std, args.unit_embeddings, args.seed, args.text_pool, args.patch_t, args.text_frames
+    )
     oracle = None
     if args.oracle_direction is not None:
         frames = FRAMES // args.patch_t if args.oracle_frames else None
         # registered as a submodule, so the optimiser below trains its table with the model
-        oracle = model.oracle_direction = OracleDirection(model, args.oracle_direction, frames)
+        oracle = model.oracle_direction = OracleDirection(
+            model, args.oracle_direction, frames, args.oracle_tokens
+        )
         clip_ids = direction_ids(captions, args.oracle_frames)
         prompt_ids = direction_ids(prompts, args.oracle_frames).repeat_interleave(args.draws)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -254,6 +272,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--pos-std", type=float, default=None, help="re-draw the absolute position tables")
     ap.add_argument("--unit-embeddings", action="store_true")
     ap.add_argument("--text-pool", action="store_true", help="the model with model.arch.text_pool")
+    ap.add_argument(
+        "--text-frames", action="store_true", help="model.arch.text_pool_frames: c per latent frame"
+    )
     ap.add_argument("--patch-t", type=int, default=2, choices=(1, 2, 4, 8), help="temporal patch size")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--one-direction", action="store_true", help="every clip moves from left to right")
@@ -269,9 +290,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--oracle-frames", action="store_true", help="the oracle per (direction, speed, latent frame)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--oracle-tokens",
+        action="store_true",
+        help="the per-frame oracle added to each frame's tokens, not c",
+    )
     args = ap.parse_args(argv)
     if args.oracle_frames and args.oracle_direction is None:
         ap.error("--oracle-frames shapes the oracle of --oracle-direction STD: give both")
+    if args.oracle_tokens and not args.oracle_frames:
+        ap.error("--oracle-tokens adds the per-frame rows of --oracle-frames to the tokens: give both")
     if min(args.steps, args.clips, args.batch, args.eval_every, args.prompts, args.draws) < 1:
         ap.error("--steps, --clips, --batch, --eval-every, --prompts and --draws must be ≥ 1")
     for name in ("pos_std", "oracle_direction"):

@@ -142,6 +142,13 @@ class DiTConfig:
     near zero; through c the caption reaches every modulation directly (the demo model at t = 1, one look,
     four directions: 7.9 of 9.3 px of the caption's motion at step 500 with it, 0.0 at 500 and 3.8 at 750
     without; benchmarks/results/demo-2026-12-01.md, session 7)."""
+    text_pool_frames: int = 0
+    """With ``text_pool``: give each latent frame (up to this many) its own linear map of the pooled
+    caption, so the conditioning vector c is per frame (B×F'×D, the per-frame modulation path of per-frame
+    timesteps). 0 (default): one vector for the whole clip. What a caption implies about each frame
+    ("from left to right": on the left in the first frame, on the right in the last) then reaches that
+    frame's modulation directly instead of as a product of the token's frame and one clip-wide vector
+    that the blocks have to learn. A clip with more latent frames than this is refused."""
     max_latent_size: tuple[int, int, int] = (64, 128, 128)
     """Largest (T, H, W) in patches a ``learned`` position table covers (``pos_embed`` or
     ``abs_pos_embed``)."""
@@ -260,6 +267,11 @@ class DiTConfig:
             raise ValueError(
                 f"DiTConfig.text_pool=True pools the caption's states; conditioning={self.conditioning!r} "
                 "has none"
+            )
+        if self.text_pool_frames < 0 or (self.text_pool_frames and not self.text_pool):
+            raise ValueError(
+                f"DiTConfig.text_pool_frames={self.text_pool_frames}: expected 0, or > 0 with text_pool=True "
+                f"(text_pool={self.text_pool})"
             )
         for name in ("rope_base", "rope_compression"):
             if len(getattr(self, name)) != 3 or min(getattr(self, name)) < 1:

@@ -118,18 +118,25 @@ class TextPool(nn.Module):
     timestep embedding it is added to: the conditioning vector c stays fp32.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, frames: int = 0):
         super().__init__()
+        self.frames = frames
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.fc1 = Fp32Linear(dim, dim)
-        self.fc2 = Fp32Linear(dim, dim)
+        # DiTConfig.text_pool_frames: one D-wide output per latent frame, so frame f's vector is its own
+        # linear map of the pooled caption
+        self.fc2 = Fp32Linear(dim, dim * max(frames, 1))
 
-    def forward(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor | None, frames: int = 1) -> Tensor:
+        """B×1×D, or B×``frames``×D (the first ``frames`` latent frames' vectors) with ``self.frames``."""
+        if self.frames and frames > self.frames:
+            raise ValueError(f"{frames} latent frames; DiTConfig.text_pool_frames={self.frames}")
         with torch.autocast(tokens.device.type, enabled=False):
             h = F.silu(self.fc1(self.norm(tokens.float())))  # B, L, D
             keep = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.float()  # B, L
             pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)  # B, D
-        return self.fc2(pooled)
+            out = self.fc2(pooled).unflatten(1, (-1, tokens.shape[-1]))  # B, max(frames, 1), D
+        return out[:, :frames] if self.frames else out
 
 
 def grid_positions(grid: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:

@@ -199,7 +199,7 @@ class SpacetimeDiT(nn.Module):
         self.label_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.conditioning == "class" else None
         rows = (cfg.text_len or 512) if cfg.text_pos_embed else 0  # the text position table
         self.text_proj = TextProjection(cfg.text_dim, d, rows) if cfg.conditioning == "text" else None
-        self.text_pool = TextPool(d) if cfg.text_pool else None
+        self.text_pool = TextPool(d, cfg.text_pool_frames) if cfg.text_pool else None
         # adaLN-single computes the six modulation vectors once for all blocks; per-block adaLN-Zero
         # hands every block the conditioning vector itself.
         self.t_proj = (
@@ -248,7 +248,7 @@ class SpacetimeDiT(nn.Module):
                 raise ValueError("SpacetimeDiT(conditioning='text') needs context (a null context for CFG)")
             context = self.text_proj(context)  # B, L, D
             if self.text_pool is not None:
-                c = c + self.text_pool(context, context_mask)[:, None]  # B, F', D
+                c = c + self.text_pool(context, context_mask, grid.frames)  # B, F', D
         mod = self.t_proj(c)  # B, F', 6D (shared) or B, F', D (per block)
 
         h, rope = self.seq_start(h, rope, grid, c.shape[1] > 1)

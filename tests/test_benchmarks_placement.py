@@ -170,3 +170,33 @@ def test_oracle_frames_gives_each_latent_frame_its_own_row():
 def test_patch_t_sets_the_temporal_patch():
     assert placement.build(None, False, 0).cfg.patch_size == (2, 1, 1)  # the demo's
     assert placement.build(None, False, 0, patch_t=8).cfg.patch_size == (8, 1, 1)
+
+
+def test_oracle_tokens_adds_each_frames_row_to_that_frames_tokens_not_to_c():
+    """``--oracle-tokens``: the patch embedding of latent frame f (64 tokens of 8×8, pt = 2) gets row
+    (direction, speed, f); the conditioning vector c is left alone."""
+    model, plain = placement.build(None, False, 0), placement.build(None, False, 0)
+    oracle = placement.OracleDirection(model, 1.0, frames=4, tokens=True)
+    oracle.ids = placement.direction_ids(
+        ["a red circle moves quickly from right to left on a white background"], speeds=True
+    )
+    x = torch.randn(1, 48, 8, 8, 8)
+    t = torch.full((1, 1), 1000.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.t_embedder(t), plain.t_embedder(t))
+        added = model.patch_embed(x) - plain.patch_embed(x)  # 1, 256, D in (f h w) order
+        for f in range(4):
+            want = oracle.table.weight[oracle.ids[0] * 4 + f].expand(64, -1)
+            torch.testing.assert_close(added[0, f * 64 : (f + 1) * 64], want)
+    with pytest.raises(SystemExit) as e:
+        placement.main(["--oracle-direction", "1", "--oracle-tokens"])
+    assert e.value.code == 2
+
+
+def test_text_frames_builds_a_per_frame_text_pool():
+    model = placement.build(None, False, 0, text_frames=True)
+    assert model.cfg.text_pool and model.cfg.text_pool_frames == 4  # 8 frames / pt 2
+    assert placement.build(None, False, 0, patch_t=4, text_frames=True).cfg.text_pool_frames == 2
+    argv = ["--steps", "1", "--clips", "4", "--prompts", "2", "--draws", "1", "--text-frames"]
+    (row,) = placement.main(argv)
+    assert row["prompts"] == 2 and np.isfinite(row["travel_px"])

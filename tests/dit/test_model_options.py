@@ -386,3 +386,49 @@ def test_text_pool_starts_at_unit_scale():
     spread = (vec - vec.mean(0)).pow(2).mean().sqrt()
     assert spread > 0.05
     assert spread > 2 * time.pow(2).mean().sqrt()  # larger than the whole timestep embedding
+
+
+def test_text_pool_frames_gives_each_latent_frame_its_own_map_of_the_pooled_caption():
+    """``text_pool_frames``: the plain model with frame f's vector, fc2's f-th D rows applied to the pooled
+    caption, added to frame f's conditioning vector (the per-frame modulation path of per-frame t)."""
+    assert DiTConfig().text_pool_frames == 0
+    base = DiTConfig(**{**vars(get_preset("tiny")), "text_pos_embed": True, "text_len": 7})
+    framed = random_model(base.replace(text_pool=True, text_pool_frames=5))
+    plain = SpacetimeDiT(base)
+    plain.load_state_dict({k: v for k, v in framed.state_dict().items() if not k.startswith("text_pool.")})
+    x, t, kw = inputs(base)  # 3 latent frames of the 5 the table covers
+    pool, d = framed.text_pool, base.hidden_size
+    assert pool.fc2.weight.shape == (5 * d, d)
+    tokens = framed.text_proj(kw["context"])
+    h = F.silu(pool.fc1(F.layer_norm(tokens, tokens.shape[-1:])))
+    pooled = torch.stack([h[i][kw["context_mask"][i]].mean(0) for i in range(h.shape[0])])  # B, D
+    per_frame = torch.stack(
+        [
+            pooled @ pool.fc2.weight[f * d : (f + 1) * d].T + pool.fc2.bias[f * d : (f + 1) * d]
+            for f in range(3)
+        ],
+        dim=1,
+    ).detach()  # B, 3, D
+    assert (per_frame[:, 0] - per_frame[:, 2]).abs().max() > 1e-2  # the frames do get different vectors
+    torch.testing.assert_close(framed.text_pool(tokens, kw["context_mask"], 3), per_frame)
+    hook = plain.t_embedder.register_forward_hook(lambda mod, args, out: out + per_frame)
+    try:
+        want = plain(x, t, **kw)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(framed(x, t, **kw), want, rtol=1e-5, atol=1e-5)
+    # per-frame timesteps still work next to it (both are B×F'×D)
+    t_frames = torch.rand(x.shape[0], x.shape[2]) * 1000
+    assert framed(x, t_frames, **kw).shape == x.shape
+    # a clip longer than the table is refused, naming the field
+    with pytest.raises(ValueError, match="6 latent frames; DiTConfig.text_pool_frames=5"):
+        framed(*inputs(base, t=6)[:1], t, **kw)
+
+
+def test_text_pool_frames_needs_text_pool_and_a_count():
+    base = get_preset("tiny")
+    with pytest.raises(ValueError, match="text_pool_frames=4: expected 0, or > 0 with text_pool=True"):
+        base.replace(text_pool_frames=4)
+    with pytest.raises(ValueError, match="text_pool_frames=-1"):
+        base.replace(text_pool=True, text_pool_frames=-1)
+    assert base.replace(text_pool=True, text_pool_frames=4).text_pool_frames == 4
