@@ -148,7 +148,9 @@ class DiTConfig:
     timesteps). 0 (default): one vector for the whole clip. What a caption implies about each frame
     ("from left to right": on the left in the first frame, on the right in the last) then reaches that
     frame's modulation directly instead of as a product of the token's frame and one clip-wide vector
-    that the blocks have to learn. A clip with more latent frames than this is refused."""
+    that the blocks have to learn. A clip with more latent frames than this is refused. Measured on the
+    demo model at t = 1 (benchmarks/results/demo-2026-12-01.md, sessions 9-10): not enough by itself to
+    place the object from the caption within 800 steps."""
     max_latent_size: tuple[int, int, int] = (64, 128, 128)
     """Largest (T, H, W) in patches a ``learned`` position table covers (``pos_embed`` or
     ``abs_pos_embed``)."""
