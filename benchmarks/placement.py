@@ -118,6 +118,8 @@ class OracleDirection(nn.Module):
 
     def __init__(self, model: nn.Module, std: float, frames: int | None = None, tokens: bool = False):
         super().__init__()
+        if tokens and frames is None:
+            raise ValueError("OracleDirection(tokens=True) adds per-frame rows: give frames")
         self.frames = frames
         rows = len(DIRECTIONS) if frames is None else len(DIRECTIONS) * len(SPEEDS) * frames
         self.table = nn.Embedding(rows, model.cfg.hidden_size)
@@ -172,8 +174,13 @@ def build(
     text_frames: bool = False,
 ) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = get_preset("demo").replace(text_pool=text_pool or text_frames, patch_size=(patch_t, 1, 1))
-    model = SpacetimeDiT(cfg.replace(text_pool_frames=FRAMES // patch_t if text_frames else 0))
+    model = SpacetimeDiT(
+        get_preset("demo").replace(
+            text_pool=text_pool or text_frames,
+            text_pool_frames=FRAMES // patch_t if text_frames else 0,
+            patch_size=(patch_t, 1, 1),
+        )
+    )
     model.init_weights()
     with torch.no_grad():
         if pos_std is not None:

@@ -188,6 +188,8 @@ def test_oracle_tokens_adds_each_frames_row_to_that_frames_tokens_not_to_c():
         for f in range(4):
             want = oracle.table.weight[oracle.ids[0] * 4 + f].expand(64, -1)
             torch.testing.assert_close(added[0, f * 64 : (f + 1) * 64], want)
+    with pytest.raises(ValueError, match="give frames"):
+        placement.OracleDirection(plain, 1.0, tokens=True)
     with pytest.raises(SystemExit) as e:
         placement.main(["--oracle-direction", "1", "--oracle-tokens"])
     assert e.value.code == 2

@@ -17,6 +17,15 @@ def _rms(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
     return x / torch.sqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
 
 
+def _output_with(model, module, added, x, t, kw: dict) -> torch.Tensor:
+    """``model``'s output with ``added`` summed onto ``module``'s output (a forward hook, removed after)."""
+    hook = module.register_forward_hook(lambda mod, args, out: out + added)
+    try:
+        return model(x, t, **kw)
+    finally:
+        hook.remove()
+
+
 def test_across_heads_norm_is_an_rmsnorm_over_all_heads():
     g = torch.Generator().manual_seed(0)
     b, n, h, dh, eps = 2, 5, 4, 6, 1e-6
@@ -242,11 +251,7 @@ def test_abs_pos_embed_adds_its_table_to_the_patch_embedding_and_keeps_the_rope(
     x, t, kw = inputs(both.cfg, t=4, h=6, w=8)
     grid = both.grid(x)
     table = both.pos_embed(grid, x.device)
-    hook = plain.patch_embed.register_forward_hook(lambda mod, args, out: out + table)
-    try:
-        want = plain(x, t, **kw)
-    finally:
-        hook.remove()
+    want = _output_with(plain, plain.patch_embed, table, x, t, kw)
     torch.testing.assert_close(both(x, t, **kw), want, rtol=1e-5, atol=1e-5)
     assert (both(x, t, **kw) - plain(x, t, **kw)).abs().max() > 1e-3  # the table changes the output
 
@@ -286,11 +291,7 @@ def test_text_pos_embed_adds_a_learned_row_per_text_position():
     table = torch.randn(9, base.hidden_size)
     withpos.load_state_dict({**plain.state_dict(), "text_proj.pos": table})
     x, t, kw = inputs(base, text_len=7)
-    hook = plain.text_proj.register_forward_hook(lambda mod, args, out: out + table[:7])
-    try:
-        want = plain(x, t, **kw)
-    finally:
-        hook.remove()
+    want = _output_with(plain, plain.text_proj, table[:7], x, t, kw)
     torch.testing.assert_close(withpos(x, t, **kw), want, rtol=1e-5, atol=1e-5)
     # now the order of the tokens matters
     assert (withpos(x, t, **_reversed_text(kw)) - withpos(x, t, **kw)).abs().max() > 1e-3
@@ -308,7 +309,7 @@ def _pooled_by_hand(model: SpacetimeDiT, kw: dict) -> torch.Tensor:
     tokens = model.text_proj(kw["context"])  # B, L, D
     h = F.silu(pool.fc1(F.layer_norm(tokens, tokens.shape[-1:])))
     rows = [h[i][kw["context_mask"][i]].mean(0) for i in range(h.shape[0])]
-    return pool.fc2(torch.stack(rows))  # B, D
+    return pool.fc2(torch.stack(rows))  # B, D (B, frames·D with text_pool_frames)
 
 
 def test_text_pool_adds_the_pooled_caption_to_the_conditioning_vector():
@@ -327,11 +328,7 @@ def test_text_pool_adds_the_pooled_caption_to_the_conditioning_vector():
     plain.load_state_dict({k: v for k, v in pooled.state_dict().items() if k not in extra})
     x, t, kw = inputs(base)
     vec = _pooled_by_hand(pooled, kw).detach()
-    hook = plain.t_embedder.register_forward_hook(lambda mod, args, out: out + vec[:, None])
-    try:
-        want = plain(x, t, **kw)
-    finally:
-        hook.remove()
+    want = _output_with(plain, plain.t_embedder, vec[:, None], x, t, kw)
     torch.testing.assert_close(pooled(x, t, **kw), want, rtol=1e-5, atol=1e-5)
     assert (pooled(x, t, **kw) - plain(x, t, **kw)).abs().max() > 1e-3  # the hook was not a no-op
 
@@ -357,11 +354,13 @@ def test_text_pool_reads_word_order_ignores_padding_and_pools_the_null_caption_t
         base.replace(conditioning="class")
 
 
-def test_text_pool_is_fp32_under_bf16_autocast():
-    """The pooled vector joins the fp32 conditioning vector: under CPU bf16 autocast (where CUDA's would
-    run) it is computed in fp32 from bf16 text states and equals the fp32 computation on those states.
-    Only a GPU can confirm CUDA autocast's own kernels; the dtype rule is the same."""
-    cfg = DiTConfig(**{**vars(get_preset("tiny")), "text_pool": True})
+@pytest.mark.parametrize("frames", [0, 4])
+def test_text_pool_is_fp32_under_bf16_autocast(frames):
+    """The pooled vector (with ``text_pool_frames``, each frame's) joins the fp32 conditioning vector:
+    under CPU bf16 autocast (where CUDA's would run) it is computed in fp32 from bf16 text states and equals
+    the fp32 computation on those states. Only a GPU can confirm CUDA autocast's own kernels; the dtype
+    rule is the same."""
+    cfg = DiTConfig(**{**vars(get_preset("tiny")), "text_pool": True, "text_pool_frames": frames})
     model = random_model(cfg)
     _, _, kw = inputs(cfg)
     tokens = model.text_proj(kw["context"]).bfloat16()
@@ -400,22 +399,10 @@ def test_text_pool_frames_gives_each_latent_frame_its_own_map_of_the_pooled_capt
     pool, d = framed.text_pool, base.hidden_size
     assert pool.fc2.weight.shape == (5 * d, d)
     tokens = framed.text_proj(kw["context"])
-    h = F.silu(pool.fc1(F.layer_norm(tokens, tokens.shape[-1:])))
-    pooled = torch.stack([h[i][kw["context_mask"][i]].mean(0) for i in range(h.shape[0])])  # B, D
-    per_frame = torch.stack(
-        [
-            pooled @ pool.fc2.weight[f * d : (f + 1) * d].T + pool.fc2.bias[f * d : (f + 1) * d]
-            for f in range(3)
-        ],
-        dim=1,
-    ).detach()  # B, 3, D
+    per_frame = _pooled_by_hand(framed, kw).unflatten(1, (5, d))[:, :3].detach()  # frame f: fc2's f-th D rows
     assert (per_frame[:, 0] - per_frame[:, 2]).abs().max() > 1e-2  # the frames do get different vectors
     torch.testing.assert_close(framed.text_pool(tokens, kw["context_mask"], 3), per_frame)
-    hook = plain.t_embedder.register_forward_hook(lambda mod, args, out: out + per_frame)
-    try:
-        want = plain(x, t, **kw)
-    finally:
-        hook.remove()
+    want = _output_with(plain, plain.t_embedder, per_frame, x, t, kw)
     torch.testing.assert_close(framed(x, t, **kw), want, rtol=1e-5, atol=1e-5)
     # per-frame timesteps still work next to it (both are B×F'×D)
     t_frames = torch.rand(x.shape[0], x.shape[2]) * 1000
